@@ -1,0 +1,159 @@
+//! The metric catalog: the only place a metric name, unit, description or label key is
+//! spelled. Dashboards and alert rules may use only names listed in [`ALL`] (a test checks).
+//!
+//! Names follow the OpenTelemetry `db.client.connection.*` conventions translated to
+//! Prometheus: dots become underscores, the unit is a suffix, counters end in `_total`.
+//! Every metric carries the [`POOL_NAME`] label.
+
+use metrics::Unit;
+
+/// Label key on every metric: the pool name given in [`Config::new`](crate::Config::new).
+pub const POOL_NAME: &str = "db_client_connection_pool_name";
+/// Label key of `db_client_connection_count`: `used` or `idle`.
+pub const CONNECTION_STATE: &str = "db_client_connection_state";
+/// Label key for a state from a fixed set (server session state, socket state).
+pub const STATE: &str = "state";
+/// Label key for a [`Cause`](crate::Cause).
+pub const CAUSE: &str = "cause";
+
+/// What kind of instrument a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up; the name ends in `_total`.
+    Counter,
+    /// A value sampled now.
+    Gauge,
+    /// A distribution of observations.
+    Histogram,
+}
+
+/// One metric: its name, kind, unit, description and label keys.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    /// The Prometheus name.
+    pub name: &'static str,
+    /// Counter, gauge or histogram.
+    pub kind: Kind,
+    /// The unit (also the name's suffix where it has one).
+    pub unit: Unit,
+    /// The help text.
+    pub help: &'static str,
+    /// Label keys besides [`POOL_NAME`].
+    pub labels: &'static [&'static str],
+}
+
+const fn gauge(name: &'static str, unit: Unit, help: &'static str, labels: &'static [&'static str]) -> Metric {
+    Metric { name, kind: Kind::Gauge, unit, help, labels }
+}
+const fn counter(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Metric {
+    Metric { name, kind: Kind::Counter, unit: Unit::Count, help, labels }
+}
+const fn histogram(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Metric {
+    Metric { name, kind: Kind::Histogram, unit: Unit::Seconds, help, labels }
+}
+
+/// Connections the pool counts, by state (`used` = checked out, `idle`).
+pub const CONNECTION_COUNT: Metric = gauge(
+    "db_client_connection_count",
+    Unit::Count,
+    "Connections the pool believes are open, by state (used = checked out, idle).",
+    &[CONNECTION_STATE],
+);
+/// The pool's `max_connections`.
+pub const CONNECTION_MAX: Metric =
+    gauge("db_client_connection_max", Unit::Count, "The pool's max_connections.", &[]);
+/// The pool's `min_connections`.
+pub const CONNECTION_IDLE_MIN: Metric =
+    gauge("db_client_connection_idle_min", Unit::Count, "The pool's min_connections.", &[]);
+/// Server sessions that really belong to this pool of this process, by `pg_stat_activity.state`.
+pub const SERVER_CONNECTIONS: Metric = gauge(
+    "poolwatch_server_connections",
+    Unit::Count,
+    "Server sessions (pg_stat_activity) that really belong to this pool of this process, by state.",
+    &[STATE],
+);
+/// Connections the pool counts as open minus those that really exist on the server.
+pub const PHANTOM_CONNECTIONS: Metric = gauge(
+    "poolwatch_phantom_connections",
+    Unit::Count,
+    "Connections the pool counts as open minus connections that really exist on the server (leaked or dead slots).",
+    &[],
+);
+/// 1 if the last server census succeeded, else 0.
+pub const CENSUS_UP: Metric =
+    gauge("poolwatch_census_up", Unit::Count, "1 if the last server census succeeded, else 0.", &[]);
+/// How long the last server census took.
+pub const CENSUS_DURATION: Metric = gauge(
+    "poolwatch_census_duration_seconds",
+    Unit::Seconds,
+    "How long the last server census took (connect included when it had to reconnect).",
+    &[],
+);
+/// Failed censuses, by cause.
+pub const CENSUS_ERRORS: Metric =
+    counter("poolwatch_census_errors_total", "Server censuses that failed, by cause.", &[CAUSE]);
+/// This process's TCP sockets to the database address, by TCP state (Linux only).
+pub const CLIENT_SOCKETS: Metric = gauge(
+    "poolwatch_client_sockets",
+    Unit::Count,
+    "This process's TCP sockets to the database address, by TCP state (Linux only). close_wait > 0: the server hung up and the app has not noticed.",
+    &[STATE],
+);
+
+/// Every metric poolwatch emits.
+pub const ALL: &[Metric] = &[
+    CONNECTION_COUNT,
+    CONNECTION_MAX,
+    CONNECTION_IDLE_MIN,
+    SERVER_CONNECTIONS,
+    PHANTOM_CONNECTIONS,
+    CENSUS_UP,
+    CENSUS_DURATION,
+    CENSUS_ERRORS,
+    CLIENT_SOCKETS,
+];
+
+/// Looks a metric up by its Prometheus name (a histogram's `_bucket`, `_sum` and `_count`
+/// series resolve to the histogram).
+pub fn find(series: &str) -> Option<&'static Metric> {
+    ALL.iter().find(|m| {
+        m.name == series
+            || (m.kind == Kind::Histogram
+                && ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|s| series.strip_suffix(s) == Some(m.name)))
+    })
+}
+
+/// Describes every metric (unit and help text) to the installed `metrics` recorder.
+/// Called by [`instrument_pool`](crate::instrument_pool); harmless to call again.
+pub fn describe() {
+    for m in ALL {
+        match m.kind {
+            Kind::Counter => metrics::describe_counter!(m.name, m.unit, m.help),
+            Kind::Gauge => metrics::describe_gauge!(m.name, m.unit, m.help),
+            Kind::Histogram => metrics::describe_histogram!(m.name, m.unit, m.help),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let mut seen = std::collections::HashSet::new();
+        for m in ALL {
+            assert!(seen.insert(m.name), "{} listed twice", m.name);
+            assert!(m.name.starts_with("db_client_connection_") || m.name.starts_with("poolwatch_"));
+            assert_eq!(m.kind == Kind::Counter, m.name.ends_with("_total"), "{}", m.name);
+            if m.unit == Unit::Seconds {
+                assert!(m.name.ends_with("_seconds"), "{} is in seconds", m.name);
+            }
+            assert!(!m.help.is_empty());
+        }
+        assert_eq!(find("poolwatch_phantom_connections").map(|m| m.name), Some(PHANTOM_CONNECTIONS.name));
+        assert!(find("poolwatch_phantom_connections_bucket").is_none());
+    }
+}

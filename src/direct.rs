@@ -1,0 +1,80 @@
+//! poolwatch's own dedicated connection, outside the pool: it still works when every pool
+//! slot is taken. Connect and statement timeouts bound every use; the server's
+//! `idle_session_timeout` is switched off for this session only.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::Connection;
+
+use crate::Cause;
+
+/// A lazily (re)connected connection that never takes a pool slot.
+#[derive(Debug)]
+pub(crate) struct DirectConnection {
+    options: PgConnectOptions,
+    timeout: Duration,
+    conn: Option<PgConnection>,
+    /// The local TCP port of the live connection (to leave it out of the socket census).
+    pub(crate) local_port: Option<u16>,
+}
+
+impl DirectConnection {
+    /// Derives the options from the pool's: same server and role, its own `application_name`.
+    pub(crate) fn new(pool_options: &PgConnectOptions, app_name: &str, timeout: Duration) -> Self {
+        let ms = timeout.as_millis().max(1).to_string();
+        let options = pool_options.clone().application_name(app_name).options([
+            ("statement_timeout", ms.as_str()),
+            ("idle_session_timeout", "0"),
+            ("idle_in_transaction_session_timeout", "0"),
+        ]);
+        DirectConnection { options, timeout, conn: None, local_port: None }
+    }
+
+    /// The connection, connecting first if there is none.
+    pub(crate) async fn get(&mut self) -> Result<&mut PgConnection, Cause> {
+        if self.conn.is_none() {
+            let mut conn = tokio::time::timeout(self.timeout, PgConnection::connect_with(&self.options))
+                .await
+                .map_err(|_| Cause::TimedOut)?
+                .map_err(|e| Cause::of(&e))?;
+            let port: Option<i32> = tokio::time::timeout(
+                self.timeout,
+                sqlx::query_scalar("SELECT inet_client_port()").fetch_one(&mut conn),
+            )
+            .await
+            .map_err(|_| Cause::TimedOut)?
+            .map_err(|e| Cause::of(&e))?;
+            self.local_port = port.and_then(|p| u16::try_from(p).ok());
+            self.conn = Some(conn);
+        }
+        self.conn.as_mut().ok_or(Cause::Other)
+    }
+
+    /// Runs `f` on the connection with the timeout; on any failure the connection is dropped
+    /// so the next call reconnects.
+    pub(crate) async fn run<T, F>(&mut self, f: F) -> Result<T, Cause>
+    where
+        F: AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    {
+        let timeout = self.timeout;
+        let conn = self.get().await?;
+        let result = match tokio::time::timeout(timeout, f(conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(Cause::of(&e)),
+            Err(_) => Err(Cause::TimedOut),
+        };
+        if result.is_err() {
+            self.conn = None;
+            self.local_port = None;
+        }
+        result
+    }
+
+    /// Closes the connection politely (bounded by the timeout).
+    pub(crate) async fn close(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let _ = tokio::time::timeout(self.timeout, conn.close()).await;
+        }
+    }
+}

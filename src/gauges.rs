@@ -1,0 +1,82 @@
+//! The metric handles of one watched pool, registered once with the pool label.
+
+use metrics::{Counter, Gauge, counter, gauge};
+
+use crate::catalog::{self, CAUSE, CONNECTION_STATE, POOL_NAME, STATE};
+use crate::census::SESSION_STATES;
+use crate::sockets::TCP_STATES;
+use crate::{Cause, PoolFigures, Snapshot};
+
+#[derive(Debug)]
+pub(crate) struct Gauges {
+    pool_name: String,
+    used: Gauge,
+    idle: Gauge,
+    max: Gauge,
+    min: Gauge,
+    server: Vec<Gauge>,
+    sockets: Vec<Gauge>,
+    phantom: Gauge,
+    census_up: Gauge,
+    census_duration: Gauge,
+}
+
+impl Gauges {
+    pub(crate) fn new(pool_name: &str) -> Gauges {
+        let p = pool_name.to_owned();
+        let by_state = |name: &'static str, key: &'static str, value: &'static str| {
+            gauge!(name, POOL_NAME => p.clone(), key => value)
+        };
+        let plain = |name: &'static str| gauge!(name, POOL_NAME => p.clone());
+        Gauges {
+            used: by_state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "used"),
+            idle: by_state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "idle"),
+            max: plain(catalog::CONNECTION_MAX.name),
+            min: plain(catalog::CONNECTION_IDLE_MIN.name),
+            server: SESSION_STATES.iter().map(|s| by_state(catalog::SERVER_CONNECTIONS.name, STATE, s)).collect(),
+            sockets: TCP_STATES.iter().map(|s| by_state(catalog::CLIENT_SOCKETS.name, STATE, s)).collect(),
+            phantom: plain(catalog::PHANTOM_CONNECTIONS.name),
+            census_up: plain(catalog::CENSUS_UP.name),
+            census_duration: plain(catalog::CENSUS_DURATION.name),
+            pool_name: p,
+        }
+    }
+
+    pub(crate) fn pool(&self, f: &PoolFigures) {
+        self.used.set(f.used);
+        self.idle.set(f.idle);
+        self.max.set(f.max);
+        self.min.set(f.min);
+    }
+
+    /// Publishes a successful census.
+    pub(crate) fn census(&self, s: &Snapshot, seconds: f64) {
+        self.pool(&s.pool);
+        if let Some(server) = &s.server {
+            for (g, n) in self.server.iter().zip(server.counts) {
+                g.set(n);
+            }
+        }
+        if let Some(sockets) = &s.sockets {
+            for (g, n) in self.sockets.iter().zip(sockets.counts) {
+                g.set(n);
+            }
+        }
+        if let Some(phantom) = s.phantom {
+            self.phantom.set(phantom as f64);
+        }
+        self.census_up.set(1);
+        self.census_duration.set(seconds);
+    }
+
+    /// Publishes a failed census.
+    pub(crate) fn census_failed(&self, cause: Cause, seconds: f64) {
+        self.census_up.set(0);
+        self.census_duration.set(seconds);
+        self.census_error(cause).increment(1);
+    }
+
+    fn census_error(&self, cause: Cause) -> Counter {
+        counter!(catalog::CENSUS_ERRORS.name, POOL_NAME => self.pool_name.clone(), CAUSE => cause.as_str())
+    }
+}

@@ -1,0 +1,37 @@
+//! # poolwatch
+//!
+//! Makes sqlx Postgres connection-pool failures visible before they take a service down.
+//! poolwatch compares what the pool *believes* (connections open, checked out, idle) with
+//! what *really exists* (the server's `pg_stat_activity`, the process's own sockets) and
+//! publishes both, and the gap, through the [`metrics`] facade.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use sqlx::postgres::PgPoolOptions;
+//! let pool = PgPoolOptions::new().max_connections(20).connect("postgres://app@db/app").await?;
+//! let watch = poolwatch::instrument_pool(&pool, poolwatch::Config::new("main"))?; // keep `watch` alive
+//! # drop(watch); Ok(()) }
+//! ```
+//!
+//! poolwatch only emits: install a recorder (e.g. `metrics-exporter-prometheus`) in the app.
+//! Every metric is listed once in [`catalog`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+pub mod attribution;
+pub mod catalog;
+mod cause;
+mod census;
+mod config;
+mod direct;
+mod gauges;
+mod snapshot;
+mod sockets;
+mod watch;
+
+pub use cause::Cause;
+pub use census::{SESSION_STATES, ServerCensus};
+pub use config::{Config, ConfigError};
+pub use snapshot::{PoolFigures, Snapshot};
+pub use sockets::{SocketCensus, TCP_STATES};
+pub use watch::{PoolWatch, instrument_pool};

@@ -1,0 +1,54 @@
+//! Plain structs of figures: what the pool believes, what really exists, and the gap.
+
+use sqlx::PgPool;
+
+use crate::census::ServerCensus;
+use crate::sockets::SocketCensus;
+
+/// What the pool believes, read from its own counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolFigures {
+    /// Connections the pool counts as open (idle + checked out, leaked ones included).
+    pub open: u32,
+    /// Idle connections.
+    pub idle: u32,
+    /// Checked-out connections (`open - idle`).
+    pub used: u32,
+    /// `max_connections`.
+    pub max: u32,
+    /// `min_connections`.
+    pub min: u32,
+}
+
+impl PoolFigures {
+    /// Reads the pool's counters now.
+    pub fn of(pool: &PgPool) -> PoolFigures {
+        let open = pool.size();
+        let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX).min(open);
+        PoolFigures {
+            open,
+            idle,
+            used: open - idle,
+            max: pool.options().get_max_connections(),
+            min: pool.options().get_min_connections(),
+        }
+    }
+}
+
+/// The latest figures of one watched pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The pool's own counters at the last sample or census.
+    pub pool: PoolFigures,
+    /// The server sessions of this pool at the last successful census (`None` before one).
+    pub server: Option<ServerCensus>,
+    /// This process's sockets to the database at the last census (`None`: unix socket,
+    /// not Linux, or no census yet).
+    pub sockets: Option<SocketCensus>,
+    /// `pool.open - server.total()` at the last successful census: connections the pool
+    /// counts that do not exist on the server. Negative: sessions the pool no longer counts
+    /// (e.g. `detach()`ed) are still open.
+    pub phantom: Option<i64>,
+    /// Whether the last census succeeded.
+    pub census_up: bool,
+}

@@ -1,0 +1,133 @@
+//! The socket census: this process's own TCP sockets to the database, by TCP state, read
+//! from `/proc/self/net/tcp{,6}` and matched to `/proc/self/fd` (Linux only; elsewhere the
+//! census is absent and `poolwatch_client_sockets` is not exported).
+
+use std::net::SocketAddr;
+
+/// TCP states as the kernel numbers them (1-11).
+pub const TCP_STATES: [&str; 11] = [
+    "established",
+    "syn_sent",
+    "syn_recv",
+    "fin_wait1",
+    "fin_wait2",
+    "time_wait",
+    "close",
+    "close_wait",
+    "last_ack",
+    "listen",
+    "closing",
+];
+
+/// Counts of the process's sockets to the database address, indexed like [`TCP_STATES`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SocketCensus {
+    /// `counts[i]` sockets are in state `TCP_STATES[i]`.
+    pub counts: [u32; 11],
+}
+
+impl SocketCensus {
+    /// Sockets in `state` (a name from [`TCP_STATES`]); 0 for an unknown name.
+    pub fn get(&self, state: &str) -> u32 {
+        TCP_STATES.iter().position(|s| *s == state).map_or(0, |i| self.counts[i])
+    }
+}
+
+/// Takes the census of sockets whose peer is one of `peers`, leaving out the socket whose
+/// local port is `exclude_local_port` (poolwatch's own connection).
+#[cfg(target_os = "linux")]
+pub(crate) fn take(peers: &[SocketAddr], exclude_local_port: Option<u16>) -> std::io::Result<SocketCensus> {
+    let own = own_socket_inodes()?;
+    let mut census = SocketCensus::default();
+    for file in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else { continue };
+        for row in text.lines().skip(1).filter_map(parse_row) {
+            let wanted = own.contains(&row.inode)
+                && peers.iter().any(|p| same_peer(p, &row.remote))
+                && Some(row.local_port) != exclude_local_port;
+            if wanted && (1..=11).contains(&row.state) {
+                census.counts[usize::from(row.state) - 1] += 1;
+            }
+        }
+    }
+    Ok(census)
+}
+
+/// Not Linux: no socket census.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn take(_: &[SocketAddr], _: Option<u16>) -> std::io::Result<SocketCensus> {
+    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "socket census needs Linux /proc"))
+}
+
+#[cfg(target_os = "linux")]
+fn own_socket_inodes() -> std::io::Result<std::collections::HashSet<u64>> {
+    let mut inodes = std::collections::HashSet::new();
+    for entry in std::fs::read_dir("/proc/self/fd")?.flatten() {
+        if let Ok(target) = std::fs::read_link(entry.path()) {
+            let t = target.to_string_lossy();
+            if let Some(n) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                inodes.extend(n.parse::<u64>().ok());
+            }
+        }
+    }
+    Ok(inodes)
+}
+
+fn same_peer(peer: &SocketAddr, remote: &SocketAddr) -> bool {
+    peer.port() == remote.port() && peer.ip().to_canonical() == remote.ip().to_canonical()
+}
+
+struct Row {
+    local_port: u16,
+    remote: SocketAddr,
+    state: u8,
+    inode: u64,
+}
+
+/// Parses one row of `/proc/net/tcp{,6}`: `sl local rem st queues tr retr uid timeout inode`.
+fn parse_row(line: &str) -> Option<Row> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let (_, local_port) = parse_addr(f.get(1)?)?;
+    let (ip, port) = parse_addr(f.get(2)?)?;
+    Some(Row {
+        local_port,
+        remote: SocketAddr::new(ip, port),
+        state: u8::from_str_radix(f.get(3)?, 16).ok()?,
+        inode: f.get(9)?.parse().ok()?,
+    })
+}
+
+/// `0100007F:1538` (IPv4) or 32 hex digits `:port` (IPv6); each 32-bit word is in host order.
+fn parse_addr(s: &str) -> Option<(std::net::IpAddr, u16)> {
+    let (hex, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok().map(u32::to_ne_bytes);
+    let ip = match hex.len() {
+        8 => std::net::IpAddr::from(word(0)?),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            std::net::IpAddr::from(b)
+        }
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kernel_rows() {
+        let v4 = "   1: 0100007F:D431 0100007F:1538 01 00000000:00000000 00:00000000 00000000   101        0 424242 1";
+        let r = parse_row(v4).expect("v4 row");
+        assert_eq!((r.local_port, r.remote, r.state, r.inode), (0xD431, "127.0.0.1:5432".parse().unwrap(), 1, 424242));
+        let v6 = "   0: 00000000000000000000000001000000:9C40 0000000000000000FFFF00000100007F:1538 08 00000000:00000000 00:00000000 00000000 0 0 7 1";
+        let r = parse_row(v6).expect("v6 row");
+        assert_eq!(r.state, 8);
+        assert!(same_peer(&"127.0.0.1:5432".parse().unwrap(), &r.remote), "v4-mapped peer {}", r.remote);
+    }
+}

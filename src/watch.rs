@@ -1,0 +1,263 @@
+//! [`instrument_pool`] and the [`PoolWatch`] handle that owns the background task.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+
+use crate::attribution::Tag;
+use crate::direct::DirectConnection;
+use crate::gauges::Gauges;
+use crate::{Cause, Config, ConfigError, PoolFigures, Snapshot, catalog, census, sockets};
+
+/// Starts watching `pool`: samples its counters, takes the server and socket census, and
+/// publishes both through the `metrics` facade (to whatever recorder the app installed).
+///
+/// Must be called inside a Tokio runtime. Keep the returned handle: dropping it (or
+/// [`PoolWatch::shutdown`]) stops the background task, and so does closing the pool.
+/// Call it before the app checks connections out: see [`attribution`](crate::attribution).
+pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, ConfigError> {
+    config.validate()?;
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+        ConfigError::new("runtime", "no Tokio runtime is running", "call instrument_pool inside a Tokio runtime")
+    })?;
+    catalog::describe();
+    let options = pool.connect_options();
+    let tag = Tag::new(options.get_application_name(), &config.pool_name);
+    pool.set_connect_options((*options).clone().application_name(&tag.pool_app_name));
+    // Take the idle, untagged connections now (no waiting, no ping) so the app cannot check
+    // them out before the task re-tags them.
+    let untagged: Vec<_> = std::iter::from_fn(|| pool.try_acquire()).take(pool.num_idle()).collect();
+    let checked_out = pool.size().saturating_sub(u32::try_from(untagged.len()).unwrap_or(u32::MAX));
+    if checked_out > 0 {
+        tracing::warn!(
+            pool = %config.pool_name,
+            checked_out,
+            "connections were checked out when the pool was instrumented; the census cannot see them \
+             until they close, so poolwatch_phantom_connections reads that much high. \
+             Call instrument_pool right after creating the pool."
+        );
+    }
+    let shared = Arc::new(Shared {
+        direct: tokio::sync::Mutex::new(DirectConnection::new(&options, &tag.census_app_name, config.census_timeout)),
+        gauges: Gauges::new(&config.pool_name),
+        latest: Mutex::new(Snapshot::default()),
+        untagged: Mutex::new(untagged),
+        retagged: tokio::sync::OnceCell::new(),
+        pool: pool.clone(),
+        tag,
+        config,
+    });
+    let (stop, stopped) = oneshot::channel();
+    let task = runtime.spawn(run(Arc::clone(&shared), stopped));
+    Ok(PoolWatch { shared, stop: Some(stop), task: Some(task) })
+}
+
+/// The handle of one watched pool. Dropping it stops the background task.
+#[derive(Debug)]
+pub struct PoolWatch {
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl PoolWatch {
+    /// The latest figures (from the last sample and census).
+    pub fn snapshot(&self) -> Snapshot {
+        self.shared.latest()
+    }
+
+    /// Takes a census now, publishes it, and returns the figures.
+    pub async fn census_now(&self) -> Result<Snapshot, Cause> {
+        self.shared.census().await
+    }
+
+    /// The `application_name` that marks this pool's connections on the server.
+    pub fn application_name(&self) -> &str {
+        &self.shared.tag.pool_app_name
+    }
+
+    /// Stops the background task and waits until it has closed its connection.
+    pub async fn shutdown(mut self) {
+        self.stop.take();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for PoolWatch {
+    fn drop(&mut self) {
+        // Dropping the sender wakes the task, which closes its connection and ends.
+        self.stop.take();
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    pool: PgPool,
+    config: Config,
+    tag: Tag,
+    gauges: Gauges,
+    direct: tokio::sync::Mutex<DirectConnection>,
+    latest: Mutex<Snapshot>,
+    untagged: Mutex<Vec<PoolConnection<Postgres>>>,
+    retagged: tokio::sync::OnceCell<()>,
+}
+
+impl Shared {
+    fn latest(&self) -> Snapshot {
+        self.latest.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Snapshot)) -> Snapshot {
+        match self.latest.lock() {
+            Ok(mut s) => {
+                f(&mut s);
+                s.clone()
+            }
+            Err(_) => Snapshot::default(),
+        }
+    }
+
+    fn sample(&self) {
+        let figures = PoolFigures::of(&self.pool);
+        self.gauges.pool(&figures);
+        self.update(|s| s.pool = figures);
+    }
+
+    async fn census(&self) -> Result<Snapshot, Cause> {
+        let started = Instant::now();
+        let result = self.take_census().await;
+        let seconds = started.elapsed().as_secs_f64();
+        match result {
+            Ok(snapshot) => {
+                let mut was_up = true;
+                self.update(|s| {
+                    was_up = s.census_up;
+                    *s = snapshot.clone();
+                });
+                if !was_up {
+                    tracing::info!(pool = %self.config.pool_name, "poolwatch census is up");
+                }
+                self.gauges.census(&snapshot, seconds);
+                Ok(snapshot)
+            }
+            Err(cause) => {
+                let mut was_up = false;
+                self.update(|s| was_up = std::mem::replace(&mut s.census_up, false));
+                if was_up {
+                    tracing::warn!(pool = %self.config.pool_name, %cause, "poolwatch census failed; figures are stale until it recovers");
+                } else {
+                    tracing::debug!(pool = %self.config.pool_name, %cause, "poolwatch census still failing");
+                }
+                self.gauges.census_failed(cause, seconds);
+                Err(cause)
+            }
+        }
+    }
+
+    async fn take_census(&self) -> Result<Snapshot, Cause> {
+        self.retagged.get_or_init(|| self.retag_idle()).await;
+        let mut direct = self.direct.lock().await;
+        let app_name = self.tag.pool_app_name.as_str();
+        // The pool may open or close a connection while the query runs: retry until its
+        // count is the same before and after, so both sides describe one moment.
+        let mut attempt = 0;
+        let (pool, server) = loop {
+            let before = self.pool.size();
+            let server = direct.run(async |c| census::take(c, app_name).await).await?;
+            let pool = PoolFigures::of(&self.pool);
+            attempt += 1;
+            if pool.open == before || attempt == 3 {
+                break (pool, server);
+            }
+        };
+        if server.get("unknown") > 0 {
+            warn_once_degraded(&self.config.pool_name);
+        }
+        let sockets = match self.peers().await {
+            Some(peers) => sockets::take(&peers, direct.local_port).ok(),
+            None => None,
+        };
+        Ok(Snapshot {
+            phantom: Some(i64::from(pool.open) - i64::from(server.total())),
+            pool,
+            server: Some(server),
+            sockets,
+            census_up: true,
+        })
+    }
+
+    /// The addresses the database host resolves to; `None` for a unix socket.
+    async fn peers(&self) -> Option<Vec<SocketAddr>> {
+        let options = self.pool.connect_options();
+        let host = options.get_host();
+        if options.get_socket().is_some() || host.starts_with('/') {
+            return None;
+        }
+        let lookup = tokio::net::lookup_host((host, options.get_port()));
+        match tokio::time::timeout(self.config.census_timeout, lookup).await {
+            Ok(Ok(addrs)) => Some(addrs.collect()),
+            _ => None,
+        }
+    }
+
+    /// Tags the connections that sat idle in the pool when it was instrumented, then returns
+    /// them to the pool.
+    async fn retag_idle(&self) {
+        let mut held = self.untagged.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
+        for conn in &mut held {
+            let set = sqlx::query("SELECT set_config('application_name', $1, false)")
+                .bind(&self.tag.pool_app_name)
+                .execute(&mut **conn);
+            if !matches!(tokio::time::timeout(self.config.census_timeout, set).await, Ok(Ok(_))) {
+                tracing::debug!(pool = %self.config.pool_name, "could not re-tag an idle connection");
+            }
+        }
+        drop(held);
+    }
+}
+
+fn warn_once_degraded(pool: &str) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(
+            pool,
+            "the census role cannot read other sessions' state in pg_stat_activity; states show as \
+             `unknown` (counts stay exact). Grant it pg_read_all_stats for per-state figures."
+        );
+    });
+}
+
+async fn run(shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
+    let closed = shared.pool.close_event();
+    tokio::pin!(closed);
+    tokio::select! {
+        _ = &mut stop => return,
+        _ = &mut closed => return,
+        _ = shared.retagged.get_or_init(|| shared.retag_idle()) => {}
+    }
+    let mut sample = tokio::time::interval(shared.config.sample_interval);
+    let mut census = tokio::time::interval(shared.config.census_interval);
+    sample.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    census.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = &mut closed => break,
+            _ = sample.tick() => shared.sample(),
+            _ = census.tick() => tokio::select! {
+                _ = &mut stop => break,
+                _ = &mut closed => break,
+                _ = shared.census() => {}
+            },
+        }
+    }
+    shared.direct.lock().await.close().await;
+}

@@ -1,0 +1,303 @@
+//! The acquired-vs-real ledger on a real server: incident 1 (leaked listener slots), two
+//! pools in one process, a healthy pool, a server restart, and the handle's lifecycle.
+
+mod support;
+
+use std::time::Duration;
+
+use poolwatch::{Cause, Config, instrument_pool};
+use sqlx::postgres::{PgConnection, PgPoolOptions};
+use sqlx::{Connection, Executor, PgPool};
+use support::{Cluster, eventually, metric, recorder};
+
+const POOL: &str = "db_client_connection_pool_name";
+
+fn config(name: &str) -> Config {
+    Config::new(name).sample_interval(Duration::from_millis(100)).census_interval(Duration::from_millis(300))
+}
+
+async fn admin(cluster: &Cluster) -> PgConnection {
+    PgConnection::connect_with(&cluster.options()).await.expect("admin connection")
+}
+
+async fn sessions_named(admin: &mut PgConnection, pattern: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE $1")
+        .bind(pattern)
+        .fetch_one(admin)
+        .await
+        .expect("count sessions")
+}
+
+/// Incident 1: a listener's connect step takes a pool connection and `leak()`s it; the
+/// server's `idle_session_timeout` kills it; every reconnect leaks one more slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_1_leaked_listener_slots_grow_the_phantom_gap() {
+    recorder();
+    let cluster = Cluster::start_with(&[("idle_session_timeout", "1s")]);
+    let pool = PgPoolOptions::new().max_connections(20).connect_with(cluster.options()).await.unwrap();
+    let census_interval = Duration::from_millis(300);
+    let watch = instrument_pool(&pool, config("incident1")).unwrap();
+    let mut admin = admin(&cluster).await;
+    // The admin session must outlive the 1 s idle timeout too.
+    admin.execute("SET idle_session_timeout = 0").await.unwrap();
+    let before = watch.census_now().await.unwrap();
+    let used_before = before.pool.used;
+
+    let cycles = 4;
+    for cycle in 1..=cycles {
+        // The listener's connect step: take a pool connection, LISTEN, keep the raw connection.
+        let mut conn = pool.acquire().await.unwrap();
+        conn.execute("LISTEN jobs").await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *conn).await.unwrap();
+        let mut listener = conn.leak();
+        eventually(Duration::from_secs(10), "the server kills the idle listener session", async || {
+            let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+                .bind(pid)
+                .fetch_one(&mut admin)
+                .await
+                .ok()?;
+            (alive == 0).then_some(())
+        })
+        .await;
+        let err = listener.execute("SELECT 1").await.expect_err("the session was killed");
+        assert_eq!(Cause::of(&err), Cause::IdleSessionTimeout, "{err}");
+        drop(listener);
+
+        let s = watch.census_now().await.unwrap();
+        assert_eq!(s.pool.used, used_before + cycle, "the pool counts every leaked slot as used");
+        assert_eq!(s.server.as_ref().unwrap().total(), 0, "no real session exists for them");
+        assert_eq!(s.phantom, Some(i64::from(s.pool.open)), "every slot the pool counts is a phantom");
+        assert!(s.phantom >= Some(i64::from(cycle)));
+    }
+
+    // The background census publishes the gap within one census interval of the last kill.
+    let labels = [(POOL, "incident1")];
+    let phantom = eventually(census_interval * 2, "phantom gauge reaches the leaked count", async || {
+        metric("poolwatch_phantom_connections", &labels).filter(|v| *v >= f64::from(cycles))
+    })
+    .await;
+    assert!(phantom >= f64::from(cycles));
+    let used = metric("db_client_connection_count", &[(POOL, "incident1"), ("db_client_connection_state", "used")]);
+    assert_eq!(used, Some(f64::from(used_before + cycles)));
+    let real: f64 = poolwatch::SESSION_STATES
+        .iter()
+        .filter_map(|s| metric("poolwatch_server_connections", &[(POOL, "incident1"), ("state", s)]))
+        .sum();
+    assert_eq!(real, 0.0, "server-real stays flat while the pool's count grows");
+}
+
+/// Two pools in one process, same database, same application_name: each census counts only
+/// its own pool's sessions, and killing one pool's sessions moves only that pool's gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pools_sharing_an_application_name_are_attributed_exactly() {
+    recorder();
+    let cluster = Cluster::start();
+    let options = cluster.options().application_name("api");
+    let a = PgPoolOptions::new().max_connections(5).connect_with(options.clone()).await.unwrap();
+    let b = PgPoolOptions::new().max_connections(5).connect_with(options).await.unwrap();
+    let wa = instrument_pool(&a, config("two_a")).unwrap();
+    let wb = instrument_pool(&b, config("two_b")).unwrap();
+    assert_ne!(wa.application_name(), wb.application_name());
+    assert!(wa.application_name().starts_with("api "), "{}", wa.application_name());
+
+    let held_a: Vec<_> = futures_join(&a, 3).await;
+    let held_b: Vec<_> = futures_join(&b, 1).await;
+    let (sa, sb) = (wa.census_now().await.unwrap(), wb.census_now().await.unwrap());
+    assert_eq!(sa.server.as_ref().unwrap().total(), a.size(), "{sa:?}");
+    assert_eq!(sb.server.as_ref().unwrap().total(), b.size(), "{sb:?}");
+    assert_eq!((sa.phantom, sb.phantom), (Some(0), Some(0)));
+    assert!(sa.pool.used >= 3 && sb.pool.used >= 1);
+
+    let mut admin = admin(&cluster).await;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(wa.application_name())
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(killed.len(), a.size() as usize);
+    let sa = eventually(Duration::from_secs(5), "pool a's sessions are gone", async || {
+        wa.census_now().await.ok().filter(|s| s.server.as_ref().is_some_and(|c| c.total() == 0))
+    })
+    .await;
+    let sb = wb.census_now().await.unwrap();
+    assert_eq!(sa.phantom, Some(i64::from(a.size())), "pool a still counts its dead connections");
+    assert_eq!(sb.phantom, Some(0), "pool b is untouched");
+    assert_eq!(sb.server.unwrap().total(), b.size());
+    drop((held_a, held_b));
+}
+
+async fn futures_join(pool: &PgPool, n: usize) -> Vec<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(pool.acquire().await.unwrap());
+    }
+    held
+}
+
+/// A healthy pool: the gap stays zero through 1,000 acquire/release cycles, growth to max
+/// and shrinking back to min, while a fast background census runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthy_pool_has_no_phantoms_through_churn_and_resizing() {
+    recorder();
+    let cluster = Cluster::start();
+    let pool = PgPoolOptions::new()
+        .min_connections(2)
+        .max_connections(10)
+        .idle_timeout(Duration::from_secs(1))
+        .connect_with(cluster.options())
+        .await
+        .unwrap();
+    let watch =
+        instrument_pool(&pool, Config::new("healthy").sample_interval(Duration::from_millis(20)).census_interval(Duration::from_millis(50)))
+            .unwrap();
+
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                for _ in 0..125 {
+                    let mut conn = pool.acquire().await.unwrap();
+                    conn.execute("SELECT 1").await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let s = watch.census_now().await.unwrap();
+    assert_eq!(s.phantom, Some(0), "after 1,000 cycles: {s:?}");
+    assert_eq!(s.server.as_ref().unwrap().total(), pool.size());
+
+    let held = futures_join(&pool, 10).await;
+    let s = watch.census_now().await.unwrap();
+    assert_eq!((s.pool.used, s.phantom), (10, Some(0)), "grown to max: {s:?}");
+    assert_eq!(s.server.as_ref().unwrap().get("idle"), 10, "checked out but idle on the server");
+    drop(held);
+
+    let s = eventually(Duration::from_secs(10), "the pool shrinks back to min_connections", async || {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = watch.census_now().await.ok()?;
+        (s.pool.open == 2).then_some(s)
+    })
+    .await;
+    assert_eq!(s.phantom, Some(0), "shrunk to min: {s:?}");
+    assert_eq!(s.server.unwrap().total(), 2);
+    let published = eventually(Duration::from_secs(2), "the background census publishes 0", async || {
+        metric("poolwatch_phantom_connections", &[(POOL, "healthy")]).filter(|v| *v == 0.0)
+    })
+    .await;
+    assert_eq!(published, 0.0);
+}
+
+/// The server stops: the census reports down with a cause, nothing panics; it comes back up
+/// on its own when the server restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn census_survives_a_server_restart() {
+    recorder();
+    let cluster = Cluster::start();
+    let pool = PgPoolOptions::new().max_connections(3).connect_with(cluster.options()).await.unwrap();
+    let watch = instrument_pool(&pool, config("restart").census_timeout(Duration::from_secs(1))).unwrap();
+    let up = [(POOL, "restart")];
+    eventually(Duration::from_secs(5), "census up", async || metric("poolwatch_census_up", &up).filter(|v| *v == 1.0))
+        .await;
+
+    tokio::task::block_in_place(|| cluster.stop());
+    eventually(Duration::from_secs(5), "census down", async || metric("poolwatch_census_up", &up).filter(|v| *v == 0.0))
+        .await;
+    assert!(!watch.snapshot().census_up);
+    let refused = [(POOL, "restart"), ("cause", "refused")];
+    eventually(Duration::from_secs(5), "census errors counted as refused", async || {
+        metric("poolwatch_census_errors_total", &refused).filter(|v| *v >= 1.0)
+    })
+    .await;
+    assert_eq!(watch.census_now().await.err(), Some(Cause::Refused));
+
+    tokio::task::block_in_place(|| cluster.start_server());
+    eventually(Duration::from_secs(10), "census up again", async || {
+        metric("poolwatch_census_up", &up).filter(|v| *v == 1.0)
+    })
+    .await;
+    assert!(watch.census_now().await.is_ok());
+}
+
+/// Dropping the handle, `shutdown()`, and closing the pool each end the background task and
+/// its dedicated connection; the pool closes normally while watched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handle_and_pool_close_stop_the_background_task() {
+    recorder();
+    let cluster = Cluster::start();
+    let mut admin = admin(&cluster).await;
+    let pool = PgPoolOptions::new().max_connections(3).connect_with(cluster.options()).await.unwrap();
+    let census_sessions = "poolwatch-census:%";
+
+    let watch = instrument_pool(&pool, config("lifecycle")).unwrap();
+    watch.census_now().await.unwrap();
+    assert_eq!(sessions_named(&mut admin, census_sessions).await, 1);
+    drop(watch);
+    eventually(Duration::from_secs(5), "drop closes the census connection", async || {
+        (sessions_named(&mut admin, census_sessions).await == 0).then_some(())
+    })
+    .await;
+
+    let watch = instrument_pool(&pool, config("lifecycle")).unwrap();
+    watch.census_now().await.unwrap();
+    watch.shutdown().await;
+    eventually(Duration::from_secs(5), "shutdown closes the census connection", async || {
+        (sessions_named(&mut admin, census_sessions).await == 0).then_some(())
+    })
+    .await;
+
+    let watch = instrument_pool(&pool, config("lifecycle")).unwrap();
+    watch.census_now().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), pool.close()).await.expect("pool.close() finishes while watched");
+    eventually(Duration::from_secs(5), "pool close ends the task", async || {
+        (sessions_named(&mut admin, census_sessions).await == 0).then_some(())
+    })
+    .await;
+    drop(watch);
+}
+
+/// The server ends idle sessions the app has not touched: the app's sockets sit in
+/// CLOSE_WAIT, and the socket census shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_census_sees_close_wait_after_the_server_hangs_up() {
+    recorder();
+    let cluster = Cluster::start();
+    let pool = PgPoolOptions::new().max_connections(3).connect_with(cluster.options()).await.unwrap();
+    let watch = instrument_pool(&pool, config("sockets")).unwrap();
+    drop(futures_join(&pool, 3).await);
+    let s = watch.census_now().await.unwrap();
+    assert_eq!(s.sockets.as_ref().map(|c| c.get("established")), Some(3), "{s:?}");
+
+    let mut admin = admin(&cluster).await;
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1")
+        .bind(watch.application_name())
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let s = eventually(Duration::from_secs(5), "three sockets in close_wait", async || {
+        let s = watch.census_now().await.ok()?;
+        (s.sockets.as_ref()?.get("close_wait") == 3).then_some(s)
+    })
+    .await;
+    assert_eq!(s.phantom, Some(3), "dead idle connections still count in the pool");
+    let published = eventually(Duration::from_secs(2), "close_wait gauge", async || {
+        metric("poolwatch_client_sockets", &[(POOL, "sockets"), ("state", "close_wait")]).filter(|v| *v == 3.0)
+    })
+    .await;
+    assert_eq!(published, 3.0);
+}
+
+/// Bad configuration is an error naming the field, never a panic.
+#[tokio::test]
+async fn bad_config_is_an_error_naming_the_field() {
+    let pool = PgPoolOptions::new().connect_lazy("postgres://u@127.0.0.1:1/db").unwrap();
+    let err = instrument_pool(&pool, Config::new("bad name")).unwrap_err();
+    assert_eq!(err.field, "pool_name");
+    let err = instrument_pool(&pool, Config::new("ok").census_interval(Duration::ZERO)).unwrap_err();
+    assert_eq!(err.field, "census_interval");
+    assert!(err.to_string().contains("fix:"));
+}

@@ -1,0 +1,196 @@
+//! A throwaway PostgreSQL cluster: `initdb` + `pg_ctl` into a temp dir, listening on a free
+//! loopback port. Stopped and removed on drop, also when a test panics. As root, the server
+//! binaries run as the `postgres` user (they refuse to run as root). With `DATABASE_URL` set,
+//! [`Cluster::start`] uses that server instead (settings need superuser; no restart).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use sqlx::postgres::PgConnectOptions;
+
+/// A running PostgreSQL server for one test (or the demo).
+#[derive(Debug)]
+pub struct Cluster {
+    dir: Option<PathBuf>,
+    bin: PathBuf,
+    port: u16,
+    external: Option<PgConnectOptions>,
+}
+
+impl Cluster {
+    /// A fresh cluster with default settings.
+    pub fn start() -> Cluster {
+        Cluster::start_with(&[])
+    }
+
+    /// A fresh cluster with extra `postgresql.conf` settings, e.g. `("idle_session_timeout", "1s")`.
+    pub fn start_with(settings: &[(&str, &str)]) -> Cluster {
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            let options: PgConnectOptions = url.parse().expect("DATABASE_URL is not a postgres:// URL");
+            let cluster = Cluster { dir: None, bin: PathBuf::new(), port: options.get_port(), external: Some(options) };
+            cluster.apply_external(settings);
+            return cluster;
+        }
+        let bin = server_bin_dir().unwrap_or_else(|| {
+            panic!(
+                "PostgreSQL server binaries (initdb, pg_ctl) not found in PATH or /usr/lib/postgresql/*/bin. \
+                 Install them: `apt-get install postgresql` (Debian/Ubuntu), or set DATABASE_URL to a server."
+            )
+        });
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir()
+            .join(format!("poolwatch-pg-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+        std::fs::create_dir_all(&dir).expect("create cluster dir");
+        let cluster = Cluster { dir: Some(dir.clone()), bin, port: free_port(), external: None };
+        if is_root() {
+            let status = Command::new("chown").arg("-R").arg("postgres:postgres").arg(&dir).status();
+            assert!(status.is_ok_and(|s| s.success()), "chown {} to postgres failed", dir.display());
+        }
+        let data = dir.join("data");
+        cluster.run("initdb", &["-D", s(&data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
+        let mut conf = format!(
+            "listen_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\nfsync = off\n\
+             synchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\nshared_buffers = 16MB\n\
+             log_min_messages = warning\n",
+            cluster.port,
+            dir.display()
+        );
+        for (k, v) in settings {
+            conf.push_str(&format!("{k} = '{v}'\n"));
+        }
+        let conf_path = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).expect("read postgresql.conf");
+        text.push_str(&conf);
+        std::fs::write(&conf_path, text).expect("write postgresql.conf");
+        cluster.start_server();
+        cluster
+    }
+
+    /// Connect options for the `postgres` superuser on this server.
+    pub fn options(&self) -> PgConnectOptions {
+        match &self.external {
+            Some(o) => o.clone(),
+            None => PgConnectOptions::new_without_pgpass()
+                .host("127.0.0.1")
+                .port(self.port)
+                .username("postgres")
+                .database("postgres"),
+        }
+    }
+
+    /// The server's URL (no password: the throwaway cluster trusts loopback).
+    pub fn url(&self) -> String {
+        match &self.external {
+            Some(_) => std::env::var("DATABASE_URL").unwrap_or_default(),
+            None => format!("postgres://postgres@127.0.0.1:{}/postgres", self.port),
+        }
+    }
+
+    /// The port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops the server (fast shutdown: sessions are terminated).
+    pub fn stop(&self) {
+        assert!(self.external.is_none(), "stopping the server needs the throwaway cluster: unset DATABASE_URL");
+        let data = self.data_dir();
+        self.run("pg_ctl", &["-D", s(&data), "-m", "fast", "-w", "stop"]);
+    }
+
+    /// Starts the server again after [`Cluster::stop`], on the same port.
+    pub fn start_server(&self) {
+        assert!(self.external.is_none(), "starting the server needs the throwaway cluster: unset DATABASE_URL");
+        let data = self.data_dir();
+        let log = self.dir.as_ref().expect("dir").join("server.log");
+        self.run("pg_ctl", &["-D", s(&data), "-l", s(&log), "-w", "-t", "60", "start"]);
+    }
+
+    /// The server log so far (for failing tests' messages).
+    pub fn log(&self) -> String {
+        self.dir.as_ref().and_then(|d| std::fs::read_to_string(d.join("server.log")).ok()).unwrap_or_default()
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.as_ref().expect("throwaway cluster").join("data")
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let program = self.bin.join(tool);
+        let mut cmd = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        let out = cmd.args(args).current_dir(std::env::temp_dir()).output().unwrap_or_else(|e| panic!("run {tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed: {}\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+
+    fn apply_external(&self, settings: &[(&str, &str)]) {
+        if settings.is_empty() {
+            return;
+        }
+        let mut sql = String::new();
+        for (k, v) in settings {
+            sql.push_str(&format!("ALTER SYSTEM SET {k} = '{v}'; "));
+        }
+        sql.push_str("SELECT pg_reload_conf();");
+        let status = Command::new("psql").arg(self.url()).args(["-v", "ON_ERROR_STOP=1", "-c", &sql]).status();
+        assert!(status.is_ok_and(|s| s.success()), "applying {settings:?} to DATABASE_URL failed (needs superuser)");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            let data = dir.join("data");
+            let mut cmd = if is_root() {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(self.bin.join("pg_ctl"));
+                c
+            } else {
+                Command::new(self.bin.join("pg_ctl"))
+            };
+            let _ = cmd.args(["-D", s(&data), "-m", "immediate", "-w", "stop"]).output();
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// The directory holding `initdb` and `pg_ctl`.
+fn server_bin_dir() -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("bin")).collect();
+        versions.sort();
+        candidates.extend(versions.into_iter().rev());
+    }
+    candidates.into_iter().find(|d| d.join("initdb").is_file() && d.join("pg_ctl").is_file()).map(|d| {
+        // Follow a symlinked initdb (e.g. /usr/local/bin) to the real bin dir, where `postgres` lives.
+        std::fs::canonicalize(d.join("initdb")).ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or(d)
+    })
+}

@@ -1,0 +1,45 @@
+//! Shared test support: the throwaway cluster and a reader for the exported metrics.
+
+#![allow(dead_code)]
+
+pub mod cluster;
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub use cluster::Cluster;
+
+/// The Prometheus recorder of this test binary, installed once, as an app would.
+pub fn recorder() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| PrometheusBuilder::new().install_recorder().expect("install the Prometheus recorder"))
+}
+
+/// The value of the series `name{labels}` in the rendered `/metrics` text, if present.
+/// `labels` must all match; other labels on the series are ignored.
+pub fn metric(name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let text = recorder().render();
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, rest) = series.split_once('{').unwrap_or((series, "}"));
+        if series_name != name {
+            return None;
+        }
+        let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        if all { value.parse().ok() } else { None }
+    })
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics after `within` with `what`.
+pub async fn eventually<T>(within: Duration, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
