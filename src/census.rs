@@ -48,12 +48,11 @@ fn state_index(state: Option<&str>) -> usize {
 
 /// Counts the sessions whose `application_name` is `app_name`.
 pub(crate) async fn take(conn: &mut PgConnection, app_name: &str) -> Result<ServerCensus, sqlx::Error> {
-    let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
-        "SELECT state, count(*) FROM pg_stat_activity WHERE application_name = $1 GROUP BY state",
-    )
-    .bind(app_name)
-    .fetch_all(conn)
-    .await?;
+    let rows: Vec<(Option<String>, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM pg_stat_activity WHERE application_name = $1 GROUP BY state")
+            .bind(app_name)
+            .fetch_all(conn)
+            .await?;
     let mut census = ServerCensus::default();
     for (state, n) in rows {
         census.counts[state_index(state.as_deref())] += u32::try_from(n).unwrap_or(u32::MAX);

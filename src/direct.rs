@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
 
 use crate::Cause;
 

@@ -24,9 +24,7 @@ pub(crate) struct Gauges {
 impl Gauges {
     pub(crate) fn new(pool_name: &str) -> Gauges {
         let p = pool_name.to_owned();
-        let by_state = |name: &'static str, key: &'static str, value: &'static str| {
-            gauge!(name, POOL_NAME => p.clone(), key => value)
-        };
+        let by_state = |name: &'static str, key: &'static str, value: &'static str| gauge!(name, POOL_NAME => p.clone(), key => value);
         let plain = |name: &'static str| gauge!(name, POOL_NAME => p.clone());
         Gauges {
             used: by_state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "used"),

@@ -9,6 +9,7 @@ use sqlx::{PgPool, Postgres};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
+use tracing::Instrument;
 
 use crate::attribution::Tag;
 use crate::direct::DirectConnection;
@@ -132,8 +133,18 @@ impl Shared {
     }
 
     async fn census(&self) -> Result<Snapshot, Cause> {
+        let span = tracing::debug_span!(
+            "poolwatch.census",
+            "db.client.connection.pool.name" = %self.config.pool_name,
+            "db.system.name" = "postgresql",
+            "error.type" = tracing::field::Empty,
+            "otel.status_code" = tracing::field::Empty,
+        );
         let started = Instant::now();
-        let result = self.take_census().await;
+        let result = self.take_census().instrument(span.clone()).await;
+        if let Err(cause) = &result {
+            span.record("error.type", cause.as_str()).record("otel.status_code", "ERROR");
+        }
         let seconds = started.elapsed().as_secs_f64();
         match result {
             Ok(snapshot) => {

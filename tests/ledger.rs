@@ -109,13 +109,12 @@ async fn two_pools_sharing_an_application_name_are_attributed_exactly() {
     assert!(sa.pool.used >= 3 && sb.pool.used >= 1);
 
     let mut admin = admin(&cluster).await;
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-    )
-    .bind(wa.application_name())
-    .fetch_all(&mut admin)
-    .await
-    .unwrap();
+    let killed: Vec<bool> =
+        sqlx::query_scalar("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1")
+            .bind(wa.application_name())
+            .fetch_all(&mut admin)
+            .await
+            .unwrap();
     assert_eq!(killed.len(), a.size() as usize);
     let sa = eventually(Duration::from_secs(5), "pool a's sessions are gone", async || {
         wa.census_now().await.ok().filter(|s| s.server.as_ref().is_some_and(|c| c.total() == 0))
@@ -149,9 +148,11 @@ async fn healthy_pool_has_no_phantoms_through_churn_and_resizing() {
         .connect_with(cluster.options())
         .await
         .unwrap();
-    let watch =
-        instrument_pool(&pool, Config::new("healthy").sample_interval(Duration::from_millis(20)).census_interval(Duration::from_millis(50)))
-            .unwrap();
+    let watch = instrument_pool(
+        &pool,
+        Config::new("healthy").sample_interval(Duration::from_millis(20)).census_interval(Duration::from_millis(50)),
+    )
+    .unwrap();
 
     let tasks: Vec<_> = (0..8)
         .map(|_| {
@@ -205,8 +206,10 @@ async fn census_survives_a_server_restart() {
         .await;
 
     tokio::task::block_in_place(|| cluster.stop());
-    eventually(Duration::from_secs(5), "census down", async || metric("poolwatch_census_up", &up).filter(|v| *v == 0.0))
-        .await;
+    eventually(Duration::from_secs(5), "census down", async || {
+        metric("poolwatch_census_up", &up).filter(|v| *v == 0.0)
+    })
+    .await;
     assert!(!watch.snapshot().census_up);
     let refused = [(POOL, "restart"), ("cause", "refused")];
     eventually(Duration::from_secs(5), "census errors counted as refused", async || {

@@ -41,8 +41,11 @@ impl Cluster {
             )
         });
         static SEQ: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir()
-            .join(format!("poolwatch-pg-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "poolwatch-pg-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).expect("create cluster dir");
         let cluster = Cluster { dir: Some(dir.clone()), bin, port: free_port(), external: None };
         if is_root() {
@@ -127,7 +130,8 @@ impl Cluster {
         } else {
             Command::new(&program)
         };
-        let out = cmd.args(args).current_dir(std::env::temp_dir()).output().unwrap_or_else(|e| panic!("run {tool}: {e}"));
+        let out =
+            cmd.args(args).current_dir(std::env::temp_dir()).output().unwrap_or_else(|e| panic!("run {tool}: {e}"));
         assert!(
             out.status.success(),
             "{tool} {args:?} failed: {}\n{}\n{}",
