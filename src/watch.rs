@@ -47,7 +47,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
     let shared = Arc::new(Shared {
         direct: tokio::sync::Mutex::new(DirectConnection::new(&options, &tag.census_app_name, config.census_timeout)),
         gauges: Gauges::new(&config.pool_name),
-        latest: Mutex::new(Snapshot::default()),
+        latest: Mutex::new(Snapshot { pool: PoolFigures::of(pool), ..Snapshot::default() }),
         untagged: Mutex::new(untagged),
         retagged: tokio::sync::OnceCell::new(),
         pool: pool.clone(),
@@ -211,6 +211,9 @@ impl Shared {
         let host = options.get_host();
         if options.get_socket().is_some() || host.starts_with('/') {
             return None;
+        }
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return Some(vec![SocketAddr::new(ip, options.get_port())]);
         }
         let lookup = tokio::net::lookup_host((host, options.get_port()));
         match tokio::time::timeout(self.config.census_timeout, lookup).await {
