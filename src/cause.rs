@@ -136,6 +136,8 @@ impl fmt::Display for Cause {
     }
 }
 
+impl std::error::Error for Cause {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,3 +35,8 @@ pub use config::{Config, ConfigError};
 pub use snapshot::{PoolFigures, Snapshot};
 pub use sockets::{SocketCensus, TCP_STATES};
 pub use watch::{PoolWatch, instrument_pool};
+
+/// The README's Rust examples, compiled as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
