@@ -1,6 +1,7 @@
 //! [`instrument_pool`] and the [`PoolWatch`] handle that owns the background task.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -50,6 +51,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         latest: Mutex::new(Snapshot { pool: PoolFigures::of(pool), ..Snapshot::default() }),
         untagged: Mutex::new(untagged),
         retagged: tokio::sync::OnceCell::new(),
+        census_failing: AtomicBool::new(false),
         pool: pool.clone(),
         tag,
         config,
@@ -109,6 +111,7 @@ struct Shared {
     latest: Mutex<Snapshot>,
     untagged: Mutex<Vec<PoolConnection<Postgres>>>,
     retagged: tokio::sync::OnceCell<()>,
+    census_failing: AtomicBool,
 }
 
 impl Shared {
@@ -116,13 +119,9 @@ impl Shared {
         self.latest.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    fn update(&self, f: impl FnOnce(&mut Snapshot)) -> Snapshot {
-        match self.latest.lock() {
-            Ok(mut s) => {
-                f(&mut s);
-                s.clone()
-            }
-            Err(_) => Snapshot::default(),
+    fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        if let Ok(mut s) = self.latest.lock() {
+            f(&mut s);
         }
     }
 
@@ -148,26 +147,19 @@ impl Shared {
         let seconds = started.elapsed().as_secs_f64();
         match result {
             Ok(snapshot) => {
-                let mut was_up = true;
-                self.update(|s| {
-                    was_up = s.census_up;
-                    *s = snapshot.clone();
-                });
-                if !was_up {
-                    tracing::info!(pool = %self.config.pool_name, "poolwatch census is up");
+                if self.census_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(pool = %self.config.pool_name, "poolwatch census recovered");
                 }
                 self.gauges.census(&snapshot, seconds);
+                self.update(|s| *s = snapshot.clone());
                 Ok(snapshot)
             }
             Err(cause) => {
-                let mut was_up = false;
-                self.update(|s| was_up = std::mem::replace(&mut s.census_up, false));
-                if was_up {
+                if !self.census_failing.swap(true, Ordering::Relaxed) {
                     tracing::warn!(pool = %self.config.pool_name, %cause, "poolwatch census failed; figures are stale until it recovers");
-                } else {
-                    tracing::debug!(pool = %self.config.pool_name, %cause, "poolwatch census still failing");
                 }
                 self.gauges.census_failed(cause, seconds);
+                self.update(|s| s.census_up = false);
                 Err(cause)
             }
         }
