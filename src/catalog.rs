@@ -100,6 +100,14 @@ pub const CLIENT_SOCKETS: Metric = gauge(
     &[STATE],
 );
 
+// --- progress (issue 7) ---
+/// Units of work the app reported done with this pool ([`Progress`](crate::Progress)).
+pub const PROGRESS: Metric = counter(
+    "poolwatch_progress_total",
+    "Units of work the app reported done with this pool (Progress::tick). Flat while connections stay checked out: work stalled.",
+    &[],
+);
+
 /// Every metric poolwatch emits.
 pub const ALL: &[Metric] = &[
     CONNECTION_COUNT,
@@ -111,6 +119,8 @@ pub const ALL: &[Metric] = &[
     CENSUS_DURATION,
     CENSUS_ERRORS,
     CLIENT_SOCKETS,
+    // --- progress (issue 7) ---
+    PROGRESS,
 ];
 
 /// Looks a metric up by its Prometheus name (a histogram's `_bucket`, `_sum` and `_count`

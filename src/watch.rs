@@ -85,6 +85,11 @@ impl PoolWatch {
         &self.shared.tag.pool_app_name
     }
 
+    /// A handle the app ticks per unit of work done with this pool: see [`Progress`](crate::Progress).
+    pub fn progress(&self) -> crate::Progress {
+        crate::Progress::new(&self.shared.config.pool_name)
+    }
+
     /// Stops the background task and waits until it has closed its connection.
     pub async fn shutdown(mut self) {
         self.stop.take();

@@ -1,0 +1,202 @@
+//! End to end on real parts: PostgreSQL, this process's `/metrics`, a real Prometheus loading
+//! `alerts/poolwatch.rules.yml` and a real Alertmanager running `alerts/alertmanager.yml`,
+//! delivering to a webhook in this test. A pool held at its max must page nobody but open a
+//! ticket for `PoolwatchPoolSaturated`, and the alert must clear when the pool frees up.
+//!
+//! The copies given to the daemons differ from the shipped files only in timing: every `for:`
+//! is 2 s (the thresholds themselves are unit-tested by promtool), Alertmanager's `group_wait`
+//! is 1 s, and the receivers' webhook URLs point at this test.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use poolwatch::{Config, instrument_pool};
+use serde_json::Value;
+use sqlx::postgres::PgPoolOptions;
+use support::prometheus::{Alertmanager, Prometheus, http_get, serve_metrics};
+use support::{Cluster, eventually, recorder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const ALERT: &str = "PoolwatchPoolSaturated";
+
+/// The shipped rule file with every `for:` shortened to 2 s.
+fn fast_rules() -> String {
+    let rules = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/alerts/poolwatch.rules.yml")).unwrap();
+    let mut out = String::new();
+    for line in rules.lines() {
+        match line.trim_start().strip_prefix("for: ") {
+            Some(_) => out.push_str(&format!("{}for: 2s\n", &line[..line.len() - line.trim_start().len()])),
+            None => out.push_str(&format!("{line}\n")),
+        }
+    }
+    assert!(out.contains("for: 2s") && !out.contains("for: 5m"));
+    out
+}
+
+/// The shipped Alertmanager config, delivering to `webhook` after a 1 s group wait.
+fn test_alertmanager_config(webhook: SocketAddr) -> String {
+    let config = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/alerts/alertmanager.yml")).unwrap();
+    assert!(config.contains("http://127.0.0.1:9095/") && config.contains("group_wait: 30s"));
+    config.replace("http://127.0.0.1:9095/", &format!("http://{webhook}/")).replace("group_wait: 30s", "group_wait: 1s")
+}
+
+/// A webhook receiver: records `(path, body)` of every POST.
+async fn webhook() -> (SocketAddr, Arc<Mutex<Vec<(String, String)>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&received);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let sink = Arc::clone(&sink);
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let text = String::from_utf8_lossy(&data).into_owned();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let length = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
+                            })
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if body.len() >= length {
+                            let path = head.split_whitespace().nth(1).unwrap_or_default().to_owned();
+                            sink.lock().unwrap().push((path, body.to_owned()));
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                                .await;
+                            return;
+                        }
+                    }
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => data.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+async fn json(addr: SocketAddr, path: &str) -> Option<Value> {
+    serde_json::from_str(&http_get(addr, path).await?).ok()
+}
+
+/// Prometheus's state of the alerting rule `name` ("inactive", "pending", "firing").
+async fn rule_state(prometheus: SocketAddr, name: &str) -> Option<String> {
+    let rules = json(prometheus, "/api/v1/rules?type=alert").await?;
+    rules["data"]["groups"]
+        .as_array()?
+        .iter()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .find_map(|r| (r["name"] == name).then(|| r["state"].as_str().unwrap_or_default().to_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_pool_reaches_alertmanager_as_a_ticket_and_clears() {
+    recorder();
+    let cluster = Cluster::start();
+    let pool = PgPoolOptions::new().max_connections(2).connect_with(cluster.options()).await.unwrap();
+    let config =
+        Config::new("e2e").sample_interval(Duration::from_millis(100)).census_interval(Duration::from_millis(300));
+    let watch = instrument_pool(&pool, config).unwrap();
+
+    let metrics = serve_metrics().await;
+    let (hook, received) = webhook().await;
+    let dir = std::env::temp_dir().join(format!("poolwatch-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let am_config = dir.join("alertmanager.yml");
+    std::fs::write(&am_config, test_alertmanager_config(hook)).unwrap();
+    let alertmanager = Alertmanager::start(&am_config);
+    let rules = fast_rules();
+    let alerts_in_file = rules.lines().filter(|l| l.trim_start().starts_with("- alert: ")).count();
+    let prometheus = Prometheus::start(metrics, &rules, alertmanager.addr);
+    let logs = || format!("prometheus log:\n{}\nalertmanager log:\n{}", prometheus.log(), alertmanager.log());
+
+    // Prometheus loaded every rule, scrapes the pool, and finds it healthy.
+    let loaded = eventually(Duration::from_secs(60), "Prometheus loads the rules", async || {
+        let rules = json(prometheus.addr, "/api/v1/rules?type=alert").await?;
+        let n = rules["data"]["groups"]
+            .as_array()?
+            .iter()
+            .map(|g| g["rules"].as_array().map_or(0, Vec::len))
+            .sum::<usize>();
+        (n > 0).then_some(n)
+    })
+    .await;
+    assert_eq!(loaded, alerts_in_file, "every alert of the rule file is loaded\n{}", logs());
+    eventually(Duration::from_secs(30), "Prometheus scrapes db_client_connection_max{pool=e2e} = 2", async || {
+        let v = json(prometheus.addr, "/api/v1/query?query=db_client_connection_max").await?;
+        v["data"]["result"]
+            .as_array()?
+            .iter()
+            .find(|r| r["metric"]["db_client_connection_pool_name"] == "e2e" && r["value"][1] == "2")
+            .map(|_| ())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // several evaluations with a free pool
+    assert_eq!(rule_state(prometheus.addr, ALERT).await.as_deref(), Some("inactive"), "{}", logs());
+    assert!(received.lock().unwrap().is_empty(), "nothing is notified while the pool is healthy");
+
+    // Saturate: hold both connections.
+    let held = [pool.acquire().await.unwrap(), pool.acquire().await.unwrap()];
+    let saturated_at = std::time::Instant::now();
+    let delivered = eventually(Duration::from_secs(60), "Alertmanager delivers PoolwatchPoolSaturated", async || {
+        let posts = received.lock().unwrap().clone();
+        posts.into_iter().find_map(|(path, body)| {
+            let v: Value = serde_json::from_str(&body).ok()?;
+            let alert = v["alerts"]
+                .as_array()?
+                .iter()
+                .find(|a| a["labels"]["alertname"] == ALERT && a["status"] == "firing")?
+                .clone();
+            Some((path, v["receiver"].clone(), alert))
+        })
+    })
+    .await;
+    let (path, receiver, alert) = delivered;
+    eprintln!("PoolwatchPoolSaturated delivered to the webhook {:?} after saturating the pool", saturated_at.elapsed());
+    assert_eq!(path, "/ticket", "a warning opens a ticket");
+    assert_eq!(receiver, "ticket");
+    assert_eq!(alert["labels"]["severity"], "warning");
+    assert_eq!(alert["labels"]["db_client_connection_pool_name"], "e2e");
+    assert_eq!(alert["labels"]["job"], "app");
+    assert_eq!(alert["annotations"]["summary"], format!("Pool e2e on {metrics}: all 2 connections checked out for 5m"));
+    assert!(
+        alert["annotations"]["runbook_url"].as_str().unwrap().ends_with("/docs/runbooks/PoolwatchPoolSaturated.md")
+    );
+    assert!(
+        !received.lock().unwrap().iter().any(|(path, _)| path == "/page"),
+        "nothing pages: no critical alert fired"
+    );
+    let in_alertmanager = json(alertmanager.addr, "/api/v2/alerts").await.unwrap();
+    let listed = in_alertmanager
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["labels"]["alertname"] == ALERT)
+        .expect("listed by Alertmanager");
+    assert_eq!(listed["receivers"][0]["name"], "ticket");
+
+    // Free the pool: the alert resolves in Prometheus.
+    drop(held);
+    eventually(Duration::from_secs(30), "PoolwatchPoolSaturated resolves", async || {
+        (rule_state(prometheus.addr, ALERT).await.as_deref() == Some("inactive")).then_some(())
+    })
+    .await;
+
+    drop(prometheus);
+    drop(alertmanager);
+    std::fs::remove_dir_all(&dir).ok();
+    watch.shutdown().await;
+    pool.close().await;
+    cluster.stop();
+}

@@ -1,0 +1,167 @@
+//! A real Prometheus and Alertmanager on free loopback ports with temp storage, and a tiny
+//! `/metrics` endpoint serving this test binary's recorder. Both daemons are killed (and their
+//! directories removed) on drop, also when a test panics.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Serves `GET /metrics` (the rendered recorder) on a free loopback port until the runtime ends.
+pub async fn serve_metrics() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind /metrics");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = super::recorder().render();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// `GET http://addr/path`; the body of a 200 response, else `None`.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.to_owned())
+        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_owned()))
+}
+
+/// A child process killed on drop.
+#[derive(Debug)]
+struct Daemon {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(program: &str, args: &[String], dir: PathBuf) -> Daemon {
+        let log = std::fs::File::create(dir.join("log")).expect("daemon log");
+        let child = Command::new(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program} ({e}); scripts/prereqs installs it"));
+        Daemon { child, dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn temp_dir(what: &str) -> PathBuf {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "poolwatch-{what}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port")
+}
+
+/// A real Alertmanager (`/usr/bin/prometheus-alertmanager`), clustering off.
+#[derive(Debug)]
+pub struct Alertmanager {
+    /// Its web/API address.
+    pub addr: SocketAddr,
+    daemon: Daemon,
+}
+
+impl Alertmanager {
+    /// Starts Alertmanager with the config file at `config`.
+    pub fn start(config: &Path) -> Alertmanager {
+        let dir = temp_dir("alertmanager");
+        let addr = free_addr();
+        let args = [
+            format!("--config.file={}", config.display()),
+            format!("--storage.path={}", dir.join("data").display()),
+            format!("--web.listen-address={addr}"),
+            "--cluster.listen-address=".to_owned(),
+            "--log.level=warn".to_owned(),
+        ];
+        Alertmanager { addr, daemon: Daemon::spawn("prometheus-alertmanager", &args, dir) }
+    }
+
+    /// Its log so far (for failure messages).
+    pub fn log(&self) -> String {
+        self.daemon.log()
+    }
+}
+
+/// A real Prometheus (`/usr/bin/prometheus`) scraping one target every second, evaluating
+/// `rules` every second and sending alerts to one Alertmanager.
+#[derive(Debug)]
+pub struct Prometheus {
+    /// Its web/API address.
+    pub addr: SocketAddr,
+    daemon: Daemon,
+}
+
+impl Prometheus {
+    /// Starts Prometheus; `rules` is copied into its directory.
+    pub fn start(target: SocketAddr, rules: &str, alertmanager: SocketAddr) -> Prometheus {
+        let dir = temp_dir("prometheus");
+        let addr = free_addr();
+        std::fs::write(dir.join("rules.yml"), rules).expect("write rules");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             rule_files: [rules.yml]\n\
+             alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['{alertmanager}']\n\
+             scrape_configs:\n  - job_name: app\n    static_configs:\n      - targets: ['{target}']\n"
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).expect("write prometheus.yml");
+        let args = [
+            format!("--config.file={}", dir.join("prometheus.yml").display()),
+            format!("--storage.tsdb.path={}", dir.join("data").display()),
+            format!("--web.listen-address={addr}"),
+            "--log.level=warn".to_owned(),
+        ];
+        Prometheus { addr, daemon: Daemon::spawn("prometheus", &args, dir) }
+    }
+
+    /// Its log so far (for failure messages).
+    pub fn log(&self) -> String {
+        self.daemon.log()
+    }
+}
