@@ -100,6 +100,14 @@ pub const CLIENT_SOCKETS: Metric = gauge(
     &[STATE],
 );
 
+// --- telemetry (issue 6) ---
+/// Bucket bounds (seconds) of every poolwatch histogram, from 1 ms (a healthy acquire) to
+/// 60 s (a connect stuck across several resolved addresses). `telemetry::init` applies them;
+/// with your own `PrometheusBuilder`, pass them to `set_buckets_for_metric` for each
+/// [`Kind::Histogram`] in [`ALL`].
+pub const SECONDS_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
 /// Every metric poolwatch emits.
 pub const ALL: &[Metric] = &[
     CONNECTION_COUNT,

@@ -27,6 +27,8 @@ mod direct;
 mod gauges;
 mod snapshot;
 mod sockets;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
 mod watch;
 
 pub use cause::Cause;
