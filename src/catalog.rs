@@ -9,7 +9,7 @@ use metrics::Unit;
 
 /// Label key on every metric: the pool name given in [`Config::new`](crate::Config::new).
 pub const POOL_NAME: &str = "db_client_connection_pool_name";
-/// Label key of `db_client_connection_count`: `used` or `idle`.
+/// Label key of `db_client_connection_usage`: `used` or `idle`.
 pub const CONNECTION_STATE: &str = "db_client_connection_state";
 /// Label key for a state from a fixed set (server session state, socket state).
 pub const STATE: &str = "state";
@@ -53,9 +53,11 @@ const fn histogram(name: &'static str, help: &'static str, labels: &'static [&'s
     Metric { name, kind: Kind::Histogram, unit: Unit::Seconds, help, labels }
 }
 
-/// Connections the pool counts, by state (`used` = checked out, `idle`).
+/// Connections the pool counts, by state (`used` = checked out, `idle`). OTel's
+/// `db.client.connection.count`; not `_count` here: Prometheus reserves that suffix for
+/// histograms and summaries (`promtool check metrics` rejects it).
 pub const CONNECTION_COUNT: Metric = gauge(
-    "db_client_connection_count",
+    "db_client_connection_usage",
     Unit::Count,
     "Connections the pool believes are open, by state (used = checked out, idle).",
     &[CONNECTION_STATE],
@@ -154,6 +156,8 @@ mod tests {
             assert!(seen.insert(m.name), "{} listed twice", m.name);
             assert!(m.name.starts_with("db_client_connection_") || m.name.starts_with("poolwatch_"));
             assert_eq!(m.kind == Kind::Counter, m.name.ends_with("_total"), "{}", m.name);
+            let reserved = ["_count", "_sum", "_bucket"].iter().any(|s| m.name.ends_with(s));
+            assert!(!reserved, "{}: suffix reserved for histograms (promtool)", m.name);
             if m.unit == Unit::Seconds {
                 assert!(m.name.ends_with("_seconds"), "{} is in seconds", m.name);
             }

@@ -262,8 +262,9 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
                 "use EnvFilter syntax, e.g. `info,poolwatch=debug`",
             )
         })?;
+        let ansi = config.log_writer.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
         let writer = config.log_writer.unwrap_or_else(|| BoxMakeWriter::new(std::io::stderr));
-        let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_filter(log_filter);
+        let fmt = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer).with_filter(log_filter);
         let otlp = spans.as_ref().map(|p| p.layer()).transpose()?;
         let subscriber = Registry::default().with(fmt).with(otlp);
         tracing::subscriber::set_global_default(subscriber).map_err(|_| {

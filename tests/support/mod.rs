@@ -3,6 +3,9 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+#[cfg(feature = "telemetry")]
+pub mod otlp;
+pub mod password;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
