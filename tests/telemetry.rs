@@ -207,6 +207,47 @@ async fn telemetry_pipeline_end_to_end() {
     println!("guard dropped in {:?}", started.elapsed());
 }
 
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` alone
+/// configure the export (default protocol HTTP/protobuf), in a child process of this binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standard_env_vars_configure_the_export() {
+    let http = Receiver::http().await;
+    let exe = std::env::current_exe().unwrap();
+    let child = tokio::process::Command::new(exe)
+        .args(["--exact", "env_child", "--include-ignored", "--nocapture", "--test-threads=1"])
+        .env("POOLWATCH_TELEMETRY_CHILD", "1")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", http.endpoint())
+        .env("OTEL_SERVICE_NAME", "env-service")
+        .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=test,team=db")
+        .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .output();
+    let out = within(Duration::from_secs(60), child).await.unwrap();
+    assert!(
+        out.status.success(),
+        "child: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let span = http.spans_named("poolwatch.test.env").pop().expect("the child's span at the HTTP receiver");
+    assert_eq!(span.resource.get("service.name").map(String::as_str), Some("env-service"), "{span:?}");
+    assert_eq!(span.resource.get("deployment.environment.name").map(String::as_str), Some("test"), "{span:?}");
+    assert_eq!(span.resource.get("team").map(String::as_str), Some("db"), "{span:?}");
+}
+
+/// The child of [`standard_env_vars_configure_the_export`]: one-call setup from the
+/// environment, one span, flushed when the guard drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by standard_env_vars_configure_the_export in a child process"]
+async fn env_child() {
+    if std::env::var_os("POOLWATCH_TELEMETRY_CHILD").is_none() {
+        return;
+    }
+    let guard = telemetry::init(TelemetryConfig::default().prometheus_listen(None)).expect("init from env");
+    tracing::info_span!("poolwatch.test.env").in_scope(|| tracing::info!("inside"));
+    drop(guard);
+}
+
 fn assert_census_span(span: &ReceivedSpan) {
     assert_eq!(span.attr("db.system.name"), Some("postgresql"), "{span:?}");
     assert_eq!(span.attr("db.client.connection.pool.name"), Some(POOL), "{span:?}");
