@@ -446,10 +446,20 @@ impl SpanPipeline {
         let _ = blocking(|| self.provider.force_flush());
     }
 
-    /// Flushes and stops the exporter (blocks up to the export timeout).
+    /// Flushes and stops the exporter (blocks up to the export timeout), then logs how many
+    /// spans were dropped, if any.
     pub fn shutdown(self) {
         let timeout = self.timeout;
         let _ = blocking(|| self.provider.shutdown_with_timeout(timeout));
+        let stats = self.stats();
+        if stats.dropped > 0 || stats.failed > 0 {
+            tracing::warn!(
+                dropped = stats.dropped,
+                failed = stats.failed,
+                exported = stats.exported,
+                "poolwatch dropped spans: the export queue was full or the collector failed"
+            );
+        }
     }
 }
 
@@ -580,10 +590,6 @@ impl SpanExporter for CountingExporter {
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        let dropped = self.counts.dropped.load(Ordering::Relaxed);
-        if dropped > 0 {
-            tracing::warn!(dropped, "poolwatch dropped spans because the export queue was full");
-        }
         self.inner.shutdown_with_timeout(timeout)
     }
 
