@@ -162,7 +162,21 @@ async fn telemetry_pipeline_end_to_end() {
     assert!(stats.dropped > 25_000, "spans should be dropped, not buffered: {stats:?}");
     assert!(rss_after.saturating_sub(rss_before) < 64 * 1024, "RSS grew {rss_before} -> {rss_after} KiB");
     assert!(stats.exported >= exported_before);
-    drop(hole);
+    hole.stop().await;
+
+    // The collector is back on the same address: export resumes by itself.
+    let back = Receiver::grpc_on(grpc.addr()).await;
+    let started = Instant::now();
+    eventually(Duration::from_secs(20), "spans reach the collector again", async || {
+        tracing::info_span!("poolwatch.test.marker", "test.step" = "back").in_scope(|| {});
+        (!back.spans_named("poolwatch.test.marker").is_empty()).then_some(())
+    })
+    .await;
+    println!("export resumed {:?} after the collector came back", started.elapsed());
+    eventually(Duration::from_secs(10), "the recovery in the logs", async || {
+        logs.text().contains("poolwatch OTLP span export recovered").then_some(())
+    })
+    .await;
 
     // The same spans over OTLP/HTTP, through a pipeline added to one's own subscriber.
     let http = Receiver::http().await;
@@ -199,7 +213,7 @@ async fn telemetry_pipeline_end_to_end() {
     println!("guard dropped in {:?}", started.elapsed());
 
     // No secret anywhere: /metrics, every exported span, every log line (shutdown's included).
-    let spans: Vec<ReceivedSpan> = grpc.received_spans().into_iter().chain(http.received_spans()).collect();
+    let spans: Vec<ReceivedSpan> = [&grpc, &back, &http].iter().flat_map(|r| r.received_spans()).collect();
     let logged = logs.text();
     assert!(spans.len() >= 3 && logged.lines().count() > 10, "too little to scan: {} spans", spans.len());
     assert!(logged.contains("poolwatch census failed"), "the census failure was not logged");

@@ -82,7 +82,12 @@ pub struct Receiver {
 impl Receiver {
     /// A gRPC receiver (`TraceService/Export`) on a free loopback port.
     pub async fn grpc() -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the gRPC receiver");
+        Receiver::grpc_on("127.0.0.1:0".parse().expect("address")).await
+    }
+
+    /// A gRPC receiver on `addr` (e.g. where a stopped one listened: the collector is back).
+    pub async fn grpc_on(addr: SocketAddr) -> Receiver {
+        let listener = bind(addr).await;
         let addr = listener.local_addr().expect("receiver address");
         let spans = Store::default();
         let requests = Arc::new(Mutex::new(0));
@@ -292,7 +297,7 @@ pub struct Blackhole {
 impl Blackhole {
     /// Listens on `addr` (e.g. a stopped receiver's address).
     pub async fn bind(addr: SocketAddr) -> Blackhole {
-        let listener = TcpListener::bind(addr).await.expect("bind the blackhole");
+        let listener = bind(addr).await;
         let task = tokio::spawn(async move {
             let mut held = Vec::new();
             while let Ok((stream, _)) = listener.accept().await {
@@ -300,6 +305,30 @@ impl Blackhole {
             }
         });
         Blackhole { task }
+    }
+}
+
+impl Blackhole {
+    /// Stops listening and closes the held connections; returns once the port is free.
+    pub async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Binds `addr`, retrying for a while: the previous listener on a reused port may still be
+/// closing.
+async fn bind(addr: SocketAddr) -> TcpListener {
+    let mut tries = 0;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return listener,
+            Err(_) if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("bind {addr}: {e}"),
+        }
     }
 }
 
