@@ -21,7 +21,7 @@ pub async fn password_role(cluster: &Cluster, role: &str, password: &str) -> Str
     admin.close().await.ok();
     let without = cluster.options().username(role);
     let mut refused = false;
-    for _ in 0..50 {
+    for _ in 0..250 {
         if PgConnection::connect_with(&without).await.is_err() {
             refused = true;
             break;
