@@ -53,7 +53,9 @@ const fn histogram(name: &'static str, help: &'static str, labels: &'static [&'s
     Metric { name, kind: Kind::Histogram, unit: Unit::Seconds, help, labels }
 }
 
-/// Connections the pool counts, by state (`used` = checked out, `idle`).
+/// Connections the pool counts, by state (`used` = checked out, `idle`). OTel's
+/// `db.client.connection.count`; not `_count` here: Prometheus reserves that suffix for
+/// histograms and summaries (`promtool check metrics` rejects it).
 pub const CONNECTION_COUNT: Metric = gauge(
     "db_client_connection_count",
     Unit::Count,
@@ -108,6 +110,21 @@ pub const PROGRESS: Metric = counter(
     &[],
 );
 
+// --- telemetry (issue 6) ---
+/// Bucket bounds (seconds) of every poolwatch histogram, from 1 ms (a healthy acquire) to
+/// 60 s (a connect stuck across several resolved addresses). `telemetry::init` applies them;
+/// with your own `PrometheusBuilder`, pass them to `set_buckets_for_metric` for each
+/// [`Kind::Histogram`] in [`ALL`].
+pub const SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Names kept in their OpenTelemetry form although `promtool check metrics` reserves the
+/// `_count` suffix for histograms: `db.client.connection.count` becomes
+/// `db_client_connection_count`, the name OTel-instrumented services share. promtool's only
+/// finding on poolwatch's output is this one (tests/telemetry.rs checks).
+pub const LINT_EXCEPTIONS: &[&str] = &["db_client_connection_count"];
+
 /// Every metric poolwatch emits.
 pub const ALL: &[Metric] = &[
     CONNECTION_COUNT,
@@ -156,6 +173,9 @@ mod tests {
             assert!(seen.insert(m.name), "{} listed twice", m.name);
             assert!(m.name.starts_with("db_client_connection_") || m.name.starts_with("poolwatch_"));
             assert_eq!(m.kind == Kind::Counter, m.name.ends_with("_total"), "{}", m.name);
+            let reserved = ["_count", "_sum", "_bucket"].iter().any(|s| m.name.ends_with(s))
+                && !LINT_EXCEPTIONS.contains(&m.name);
+            assert!(!reserved, "{}: suffix reserved for histograms (promtool)", m.name);
             if m.unit == Unit::Seconds {
                 assert!(m.name.ends_with("_seconds"), "{} is in seconds", m.name);
             }

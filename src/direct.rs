@@ -10,13 +10,26 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use crate::Cause;
 
 /// A lazily (re)connected connection that never takes a pool slot.
-#[derive(Debug)]
 pub(crate) struct DirectConnection {
     options: PgConnectOptions,
     timeout: Duration,
     conn: Option<PgConnection>,
     /// The local TCP port of the live connection (to leave it out of the socket census).
     pub(crate) local_port: Option<u16>,
+}
+
+/// Written by hand: `PgConnectOptions`'s own `Debug` prints the password.
+impl std::fmt::Debug for DirectConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectConnection")
+            .field("host", &self.options.get_host())
+            .field("port", &self.options.get_port())
+            .field("username", &self.options.get_username())
+            .field("timeout", &self.timeout)
+            .field("connected", &self.conn.is_some())
+            .field("local_port", &self.local_port)
+            .finish()
+    }
 }
 
 impl DirectConnection {

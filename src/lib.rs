@@ -28,6 +28,8 @@ mod gauges;
 mod progress;
 mod snapshot;
 mod sockets;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
 mod watch;
 
 pub use cause::Cause;

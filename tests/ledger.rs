@@ -77,7 +77,10 @@ async fn incident_1_leaked_listener_slots_grow_the_phantom_gap() {
     })
     .await;
     assert!(phantom >= f64::from(cycles));
-    let used = metric("db_client_connection_count", &[(POOL, "incident1"), ("db_client_connection_state", "used")]);
+    let used = metric(
+        poolwatch::catalog::CONNECTION_COUNT.name,
+        &[(POOL, "incident1"), ("db_client_connection_state", "used")],
+    );
     assert_eq!(used, Some(f64::from(used_before + cycles)));
     let real: f64 = poolwatch::SESSION_STATES
         .iter()

@@ -4,6 +4,9 @@
 
 pub mod cluster;
 pub mod prometheus;
+#[cfg(feature = "telemetry")]
+pub mod otlp;
+pub mod password;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
