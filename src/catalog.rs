@@ -173,8 +173,8 @@ mod tests {
             assert!(seen.insert(m.name), "{} listed twice", m.name);
             assert!(m.name.starts_with("db_client_connection_") || m.name.starts_with("poolwatch_"));
             assert_eq!(m.kind == Kind::Counter, m.name.ends_with("_total"), "{}", m.name);
-            let reserved = ["_count", "_sum", "_bucket"].iter().any(|s| m.name.ends_with(s))
-                && !LINT_EXCEPTIONS.contains(&m.name);
+            let reserved =
+                ["_count", "_sum", "_bucket"].iter().any(|s| m.name.ends_with(s)) && !LINT_EXCEPTIONS.contains(&m.name);
             assert!(!reserved, "{}: suffix reserved for histograms (promtool)", m.name);
             if m.unit == Unit::Seconds {
                 assert!(m.name.ends_with("_seconds"), "{} is in seconds", m.name);

@@ -3,10 +3,10 @@
 #![allow(dead_code)]
 
 pub mod cluster;
-pub mod prometheus;
 #[cfg(feature = "telemetry")]
 pub mod otlp;
 pub mod password;
+pub mod prometheus;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
