@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod proxy;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
