@@ -13,11 +13,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_core::Stream;
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
-use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgListener, PgNotification, PgPoolOptions, PgSeverity};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgNotification, PgPoolOptions};
 use sqlx::{Acquire, PgPool};
 use tokio::time::Instant;
 
 use crate::catalog::{self, CAUSE, LISTENER, POOL_NAME};
+use crate::cause::connection_lost;
 use crate::config::check_name;
 use crate::loss::{Basis, ServerFacts, explain_silent_loss};
 use crate::{Cause, ConfigError};
@@ -89,7 +90,8 @@ pub struct WatchedListener {
     metrics: Handles,
     /// Read at the last (re)connect: the lost session's settings and the counters before the loss.
     facts: ServerFacts,
-    /// When the listener last sent a command (LISTEN, keepalive): the server's idle clock starts there.
+    /// When the listener last sent a command (LISTEN, keepalive, the facts query), taken just
+    /// before sending: the server's idle clock starts after it, so the silence is never underestimated.
     last_command: Instant,
     lost: Option<Box<Loss>>,
     /// Notifications read from a dead connection before it was dropped, not yet returned.
@@ -143,6 +145,7 @@ impl WatchedListener {
         // The loss is seen by `try_recv`; the reconnect is ours, so it can be timed.
         inner.eager_reconnect(false);
         let conn = inner.acquire().await.map_err(|e| metrics.down(e))?;
+        let sent = Instant::now();
         let facts = ServerFacts::read(conn).await.map_err(|e| metrics.down(e))?;
         if let Some(timeout) = facts.idle_session_timeout
             && config.keepalive.is_none_or(|k| k >= timeout)
@@ -157,15 +160,7 @@ impl WatchedListener {
             );
         }
         metrics.connected.set(1);
-        Ok(WatchedListener {
-            inner,
-            config,
-            metrics,
-            facts,
-            last_command: Instant::now(),
-            lost: None,
-            pending: VecDeque::new(),
-        })
+        Ok(WatchedListener { inner, config, metrics, facts, last_command: sent, lost: None, pending: VecDeque::new() })
     }
 
     /// The listener's name (the `listener` label).
@@ -181,15 +176,17 @@ impl WatchedListener {
     /// Starts listening on `channel` (as `PgListener::listen`).
     pub async fn listen(&mut self, channel: &str) -> Result<(), sqlx::Error> {
         self.reconnect_if_lost().await?;
+        let sent = Instant::now();
         let result = self.inner.listen(channel).await;
-        self.after_command(result)
+        self.after_command(sent, result)
     }
 
     /// Starts listening on every channel in `channels` (as `PgListener::listen_all`).
     pub async fn listen_all(&mut self, channels: impl IntoIterator<Item = &str>) -> Result<(), sqlx::Error> {
         self.reconnect_if_lost().await?;
+        let sent = Instant::now();
         let result = self.inner.listen_all(channels).await;
-        self.after_command(result)
+        self.after_command(sent, result)
     }
 
     /// The next notification; reconnects (visibly, in the metrics) as often as needed.
@@ -218,7 +215,13 @@ impl WatchedListener {
                 self.reconnect().await?;
                 return Ok(None);
             }
-            let received = match self.keepalive_due() {
+            let due = self.keepalive_due();
+            if due.is_some_and(|at| at <= Instant::now()) {
+                // Due: run it before reading, so a steady flow of notifications cannot starve it.
+                self.keepalive().await;
+                continue;
+            }
+            let received = match due {
                 // Cancelling `try_recv` here is safe: with a live connection and eager reconnect
                 // off, it only awaits sqlx's low-level read, which keeps partial messages buffered.
                 Some(at) => tokio::select! {
@@ -232,8 +235,13 @@ impl WatchedListener {
                 None => self.keepalive().await,
                 Some(Ok(Some(n))) => return Ok(Some(self.delivered(n))),
                 Some(Ok(None)) => self.lose(None, false),
-                Some(Err(e)) if is_lost(&e) => self.lose(Some(Cause::of(&e)), true),
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) if connection_lost(&e) => self.lose(Some(Cause::of(&e)), true),
+                Some(Err(e)) => {
+                    if matches!(e, sqlx::Error::PoolClosed) {
+                        self.metrics.connected.set(0);
+                    }
+                    return Err(e);
+                }
             }
         }
     }
@@ -256,16 +264,17 @@ impl WatchedListener {
     /// `SELECT 1` on the listener's connection. Notifications that arrive meanwhile are
     /// buffered by sqlx and returned by the next `try_recv`.
     async fn keepalive(&mut self) {
+        let sent = Instant::now();
         let result = sqlx::query("SELECT 1").execute(&mut self.inner).await.map(|_| ());
-        if let Err(e) = self.after_command(result) {
+        if let Err(e) = self.after_command(sent, result) {
             tracing::debug!(listener = %self.config.listener, cause = %Cause::of(&e), "listener keepalive failed");
         }
     }
 
-    fn after_command(&mut self, result: Result<(), sqlx::Error>) -> Result<(), sqlx::Error> {
+    fn after_command(&mut self, sent: Instant, result: Result<(), sqlx::Error>) -> Result<(), sqlx::Error> {
         match &result {
-            Ok(()) => self.last_command = Instant::now(),
-            Err(e) if is_lost(e) => self.lose(Some(Cause::of(e)), true),
+            Ok(()) => self.last_command = sent,
+            Err(e) if connection_lost(e) => self.lose(Some(Cause::of(e)), true),
             Err(_) => {}
         }
         result
@@ -345,8 +354,9 @@ impl WatchedListener {
         };
         // LISTEN is re-established: the data-loss window ends here.
         let downtime = loss.since.elapsed();
+        let sent = Instant::now();
         let facts = ServerFacts::read(conn).await.unwrap_or_default();
-        self.last_command = Instant::now();
+        self.last_command = sent;
         let Some(loss) = self.lost.take() else { return Ok(()) };
         let (cause, basis) = match loss.observed {
             Some(cause) => (cause, Basis::Observed),
@@ -377,17 +387,6 @@ impl WatchedListener {
 impl Drop for WatchedListener {
     fn drop(&mut self) {
         self.metrics.connected.set(0);
-    }
-}
-
-/// The connection is gone: any socket error, or a FATAL from the server.
-fn is_lost(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_) => true,
-        sqlx::Error::Database(db) => db
-            .try_downcast_ref::<PgDatabaseError>()
-            .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic)),
-        _ => false,
     }
 }
 

@@ -81,9 +81,9 @@ impl Basis {
 }
 
 /// The rule for a connection lost with no error surfaced (documented in docs/listener.md):
-/// 1. the session had been idle for at least `idle_session_timeout` (10% tolerance for
-///    clock and scheduling skew) and the database's FATAL count grew (or the counters are
-///    unavailable) → `idle_session_timeout`;
+/// 1. the session had been idle for at least `idle_session_timeout` (measured from just
+///    before the last command was sent, so never underestimated) and the database's FATAL
+///    count grew (or the counters are unavailable) → `idle_session_timeout`;
 /// 2. else the database's killed count grew → `admin_shutdown`;
 /// 3. else → `connection_ended` (the server did not end a session: a pooler, proxy or the
 ///    network closed it).
@@ -96,7 +96,7 @@ pub(crate) fn explain_silent_loss(
     before: Option<SessionEnds>,
     after: Option<SessionEnds>,
 ) -> (Cause, Basis) {
-    let idle_expired = idle_session_timeout.is_some_and(|t| idle_for + t / 10 >= t);
+    let idle_expired = idle_session_timeout.is_some_and(|t| idle_for >= t);
     let grew = match (before, after) {
         (Some(b), Some(a)) if a.killed >= b.killed && a.fatal >= b.fatal => {
             Some((a.killed > b.killed, a.fatal > b.fatal))
@@ -127,7 +127,8 @@ mod tests {
         let explain = explain_silent_loss;
         // Idle for the timeout and a FATAL counted: the server's idle-session timeout.
         assert_eq!(explain(S, Some(S), ends(0, 0), ends(0, 1)), (Cause::IdleSessionTimeout, Basis::ServerCounters));
-        assert_eq!(explain(S * 95 / 100, Some(S), ends(0, 0), ends(0, 3)).0, Cause::IdleSessionTimeout);
+        assert_eq!(explain(S * 3, Some(S), ends(0, 0), ends(0, 3)).0, Cause::IdleSessionTimeout);
+        assert_eq!(explain(S * 99 / 100, Some(S), ends(0, 0), ends(0, 1)).0, Cause::ConnectionEnded);
         // Idle long enough, but the server ended no session: not the timeout.
         assert_eq!(explain(S * 2, Some(S), ends(0, 0), ends(0, 0)), (Cause::ConnectionEnded, Basis::NoServerEvidence));
         // A session killed, not idle long enough: an operator or a shutdown.

@@ -9,6 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use poolwatch::{Cause, ListenerConfig, WatchedListener};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor};
@@ -155,10 +156,7 @@ fn receive_until_stop(mut listener: WatchedListener) -> JoinHandle<(Vec<String>,
 }
 
 /// Sends `stop` until the receiver has it (a single one could fall into a downtime window).
-async fn stop(
-    admin: &mut PgConnection,
-    task: JoinHandle<(Vec<String>, WatchedListener)>,
-) -> (Vec<String>, WatchedListener) {
+async fn stop<T>(admin: &mut PgConnection, task: JoinHandle<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !task.is_finished() {
         assert!(Instant::now() < deadline, "the receiver never got `stop`");
@@ -315,7 +313,10 @@ async fn pg_terminate_backend_is_admin_shutdown() {
     let mut listener = WatchedListener::connect_with(&pool, ListenerConfig::new("main", "term")).await.unwrap();
     listener.listen("jobs").await.unwrap();
     let mut admin = admin(&cluster).await;
-    let task = receive_until_stop(listener);
+    let within = Duration::from_secs(20);
+    notify(&mut admin, "before").await;
+    let n = tokio::time::timeout(within, listener.try_recv()).await.unwrap().unwrap();
+    assert_eq!(n.map(|n| n.payload().to_owned()).as_deref(), Some("before"));
 
     let killed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -325,16 +326,19 @@ async fn pg_terminate_backend_is_admin_shutdown() {
     .await
     .unwrap();
     assert_eq!(killed, 1, "the listener's session was found and terminated");
-    eventually(Duration::from_secs(20), "reconnect counted as admin_shutdown", async || {
-        (reconnects("term", Cause::AdminShutdown) == 1.0).then_some(())
-    })
-    .await;
-    send_after_until_received(&mut admin, "term").await;
-    let (_got, _listener) = stop(&mut admin, task).await;
-
+    // As sqlx's eager try_recv: Ok(None) once, after LISTEN is re-established.
+    let n = tokio::time::timeout(within, listener.try_recv()).await.expect("try_recv returns");
+    assert!(matches!(n, Ok(None)), "{n:?}");
+    assert!(listener.is_connected());
+    assert_eq!(reconnects("term", Cause::AdminShutdown), 1.0);
     assert_eq!(all_reconnects("term"), 1.0);
     assert_eq!(connected("term"), Some(1.0));
     assert_one_reconnect_span("term", Cause::AdminShutdown, "server_counters");
+    // Re-established: a notification sent now arrives.
+    notify(&mut admin, "after").await;
+    let n = tokio::time::timeout(within, listener.try_recv()).await.unwrap().unwrap();
+    assert_eq!(n.map(|n| n.payload().to_owned()).as_deref(), Some("after"));
+    assert_eq!(metric("poolwatch_listener_notifications_total", &labels("term")), Some(2.0));
 }
 
 /// A proxy resets the connection (RST): sqlx returns `Io(ConnectionReset)` once; the
@@ -346,7 +350,7 @@ async fn proxy_reset_is_connection_reset() {
     let proxy = Proxy::start(cluster.port()).await;
     let options = cluster.options().port(proxy.port());
     let mut listener = WatchedListener::connect(options, ListenerConfig::new("main", "rst")).await.unwrap();
-    listener.listen("jobs").await.unwrap();
+    listener.listen_all(["other", "jobs"]).await.unwrap();
     let mut admin = admin(&cluster).await;
     let task = receive_until_stop(listener);
     assert_eq!(proxy.live(), 1);
@@ -375,7 +379,15 @@ async fn proxy_half_close_is_connection_ended() {
     let mut listener = WatchedListener::connect(options, ListenerConfig::new("main", "fin")).await.unwrap();
     listener.listen("jobs").await.unwrap();
     let mut admin = admin(&cluster).await;
-    let task = receive_until_stop(listener);
+    let mut stream = listener.into_stream();
+    let task = tokio::spawn(async move {
+        while let Some(n) = stream.next().await {
+            if n.expect("the stream yields no error on a lost connection").payload() == "stop" {
+                return true;
+            }
+        }
+        false
+    });
 
     proxy.cut_all(Cut::HalfClose);
     eventually(Duration::from_secs(20), "reconnect counted as connection_ended", async || {
@@ -383,7 +395,7 @@ async fn proxy_half_close_is_connection_ended() {
     })
     .await;
     send_after_until_received(&mut admin, "fin").await;
-    let (_got, _listener) = stop(&mut admin, task).await;
+    assert!(stop(&mut admin, task).await, "the stream delivered `stop`");
 
     assert_eq!(all_reconnects("fin"), 1.0);
     assert_one_reconnect_span("fin", Cause::ConnectionEnded, "no_server_evidence");
