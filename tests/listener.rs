@@ -35,6 +35,19 @@ fn closed_spans() -> &'static Mutex<Vec<SpanRecord>> {
     SPANS.get_or_init(Default::default)
 }
 
+fn warnings() -> &'static Mutex<Vec<HashMap<String, String>>> {
+    static EVENTS: OnceLock<Mutex<Vec<HashMap<String, String>>>> = OnceLock::new();
+    EVENTS.get_or_init(Default::default)
+}
+
+/// Whether poolwatch warned at connect that `idle_session_timeout` will end `listener`'s session.
+fn warned_about_idle_timeout(listener: &str) -> bool {
+    warnings().lock().unwrap().iter().any(|f| {
+        f.get("listener").map(String::as_str) == Some(listener)
+            && f.get("message").is_some_and(|m| m.contains("idle_session_timeout"))
+    })
+}
+
 /// The reconnect spans of `listener` closed so far.
 fn spans_of(listener: &str) -> Vec<SpanRecord> {
     let spans = closed_spans().lock().unwrap();
@@ -84,6 +97,13 @@ mod capture {
                 && let Some(open) = span.extensions_mut().get_mut::<Open>()
             {
                 values.record(&mut Fields(&mut open.0.fields));
+            }
+        }
+        fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+            if event.metadata().target().starts_with("poolwatch") && *event.metadata().level() == tracing::Level::WARN {
+                let mut fields = HashMap::new();
+                event.record(&mut Fields(&mut fields));
+                warnings().lock().unwrap().push(fields);
             }
         }
         fn on_close(&self, id: Id, ctx: Context<'_, S>) {
@@ -204,6 +224,7 @@ async fn idle_session_timeout_reconnects_lose_only_the_downtime_window() {
     let pool = PgPoolOptions::new().max_connections(3).connect_with(cluster.options()).await.unwrap();
     let mut listener = WatchedListener::connect_with(&pool, ListenerConfig::new("main", "idle")).await.unwrap();
     listener.listen("jobs").await.unwrap();
+    assert!(warned_about_idle_timeout("idle"), "start-up warns that the idle timeout will end the listener");
     let mut admin = admin(&cluster).await;
     let task = receive_until_stop(listener);
 
@@ -266,6 +287,7 @@ async fn keepalive_below_the_idle_timeout_prevents_every_reconnect() {
     let config = ListenerConfig::new("main", "keepalive").keepalive(Duration::from_millis(300));
     let mut listener = WatchedListener::connect(options, config).await.unwrap();
     listener.listen("jobs").await.unwrap();
+    assert!(!warned_about_idle_timeout("keepalive"), "a keepalive below the idle timeout needs no warning");
     let mut admin = admin(&cluster).await;
     let task = receive_until_stop(listener);
 
@@ -413,8 +435,8 @@ async fn server_restart_takes_connected_to_zero_and_back() {
     assert_eq!(connected("restart"), Some(1.0));
     let task = receive_until_stop(listener);
 
-    tokio::task::block_in_place(|| cluster.stop());
     let stopped = Instant::now();
+    tokio::task::block_in_place(|| cluster.stop());
     eventually(Duration::from_secs(20), "connected goes to 0", async || {
         (connected("restart") == Some(0.0)).then_some(())
     })
