@@ -358,9 +358,10 @@ impl WatchedListener {
         let facts = ServerFacts::read(conn).await.unwrap_or_default();
         self.last_command = sent;
         let Some(loss) = self.lost.take() else { return Ok(()) };
+        // A bare end of file says no more than sqlx's silent `Ok(None)`: explain both the same way.
         let (cause, basis) = match loss.observed {
-            Some(cause) => (cause, Basis::Observed),
-            None => explain_silent_loss(loss.idle_for, self.facts.idle_session_timeout, self.facts.ends, facts.ends),
+            Some(cause) if cause != Cause::ConnectionEnded => (cause, Basis::Observed),
+            _ => explain_silent_loss(loss.idle_for, self.facts.idle_session_timeout, self.facts.ends, facts.ends),
         };
         self.facts = facts;
         self.metrics.reconnected(cause, downtime);
