@@ -189,6 +189,20 @@ impl WatchedListener {
         self.after_command(sent, result)
     }
 
+    /// Stops listening on `channel` (as `PgListener::unlisten`: no reconnect for it).
+    pub async fn unlisten(&mut self, channel: &str) -> Result<(), sqlx::Error> {
+        let sent = Instant::now();
+        let result = self.inner.unlisten(channel).await;
+        self.after_command(sent, result)
+    }
+
+    /// Stops listening on every channel (as `PgListener::unlisten_all`).
+    pub async fn unlisten_all(&mut self) -> Result<(), sqlx::Error> {
+        let sent = Instant::now();
+        let result = self.inner.unlisten_all().await;
+        self.after_command(sent, result)
+    }
+
     /// The next notification; reconnects (visibly, in the metrics) as often as needed.
     /// Errors as `PgListener::recv`: a failed reconnect, a closed pool.
     pub async fn recv(&mut self) -> Result<PgNotification, sqlx::Error> {
@@ -268,6 +282,8 @@ impl WatchedListener {
         let result = sqlx::query("SELECT 1").execute(&mut self.inner).await.map(|_| ());
         if let Err(e) = self.after_command(sent, result) {
             tracing::debug!(listener = %self.config.listener, cause = %Cause::of(&e), "listener keepalive failed");
+            // Not a lost connection: try again one interval later, not at once.
+            self.last_command = sent;
         }
     }
 
