@@ -174,4 +174,13 @@ mod tests {
         assert_eq!(Cause::of_io(ErrorKind::ConnectionReset), Cause::ConnectionReset);
         assert_eq!(Cause::of(&sqlx::Error::PoolTimedOut), Cause::PoolTimedOut);
     }
+
+    #[test]
+    fn socket_errors_lose_the_connection_pool_errors_do_not() {
+        let io = |kind| sqlx::Error::Io(std::io::Error::from(kind));
+        assert!(connection_lost(&io(ErrorKind::UnexpectedEof)));
+        assert!(connection_lost(&io(ErrorKind::ConnectionReset)));
+        assert!(!connection_lost(&sqlx::Error::PoolTimedOut));
+        assert!(!connection_lost(&sqlx::Error::PoolClosed));
+    }
 }
