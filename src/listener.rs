@@ -337,15 +337,20 @@ impl WatchedListener {
     /// After an error on a connection sqlx still holds: its `try_recv` reads what is left
     /// (kept in `pending`), sees the end and drops the connection, keeping its notification
     /// buffer for the next one.
+    /// A reset socket reports `ConnectionReset` once before end of file, which sqlx returns as
+    /// an error without dropping the connection: a few such errors are read past.
     async fn drop_dead(&mut self) -> Result<(), sqlx::Error> {
+        let mut errors = 0;
         while self.lost.as_ref().is_some_and(|l| l.dead_held) {
-            match self.inner.try_recv().await? {
-                Some(n) => self.pending.push_back(n),
-                None => {
+            match self.inner.try_recv().await {
+                Ok(Some(n)) => self.pending.push_back(n),
+                Ok(None) => {
                     if let Some(l) = self.lost.as_mut() {
                         l.dead_held = false;
                     }
                 }
+                Err(e) if connection_lost(&e) && errors < 3 => errors += 1,
+                Err(e) => return Err(e),
             }
         }
         Ok(())

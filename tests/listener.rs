@@ -363,6 +363,33 @@ async fn pg_terminate_backend_is_admin_shutdown() {
     assert_eq!(metric("poolwatch_listener_notifications_total", &labels("term")), Some(2.0));
 }
 
+/// A command on a session the server has already ended reads the FATAL itself: the cause is
+/// observed (not inferred), and the dead connection is dropped before the reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_read_by_a_command_is_observed() {
+    setup();
+    let cluster = Cluster::start_with(&[("idle_session_timeout", "1s")]);
+    let mut listener = WatchedListener::connect(cluster.options(), ListenerConfig::new("main", "fatal")).await.unwrap();
+    listener.listen("jobs").await.unwrap();
+    let mut admin = admin(&cluster).await;
+    let within = Duration::from_secs(20);
+    // Not receiving: the loss is not seen until the next command.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let err = listener.listen("other").await.expect_err("the server ended the idle session");
+    assert_eq!(Cause::of(&err), Cause::IdleSessionTimeout, "{err}");
+    assert!(!listener.is_connected());
+    assert_eq!(connected("fatal"), Some(0.0));
+
+    let n = tokio::time::timeout(within, listener.try_recv()).await.expect("try_recv returns");
+    assert!(matches!(n, Ok(None)), "{n:?}");
+    assert_eq!(reconnects("fatal", Cause::IdleSessionTimeout), 1.0);
+    assert_eq!(all_reconnects("fatal"), 1.0);
+    assert_one_reconnect_span("fatal", Cause::IdleSessionTimeout, "observed");
+    notify(&mut admin, "after").await;
+    let n = tokio::time::timeout(within, listener.try_recv()).await.unwrap().unwrap();
+    assert_eq!(n.map(|n| n.payload().to_owned()).as_deref(), Some("after"), "`jobs` is listened to again");
+}
+
 /// A proxy resets the connection (RST): sqlx returns `Io(ConnectionReset)` once; the
 /// watched listener counts `connection_reset` and keeps receiving, no error to the app.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
