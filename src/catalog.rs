@@ -125,6 +125,39 @@ pub const SECONDS_BUCKETS: &[f64] = &[
 /// finding on poolwatch's output is this one (tests/telemetry.rs checks).
 pub const LINT_EXCEPTIONS: &[&str] = &["db_client_connection_count"];
 
+// --- listener reconnects (issue 4) ---
+/// Label key of the listener metrics: the name given to a [`WatchedListener`](crate::WatchedListener).
+pub const LISTENER: &str = "listener";
+/// 1 while a watched listener's connection is up and LISTENing, else 0.
+pub const LISTENER_CONNECTED: Metric = gauge(
+    "poolwatch_listener_connected",
+    Unit::Count,
+    "1 while the LISTEN/NOTIFY listener's connection is up and listening, else 0 (notifications sent at 0 are lost).",
+    &[LISTENER],
+);
+/// Listener connections lost and re-established, by cause.
+pub const LISTENER_RECONNECTS: Metric = counter(
+    "poolwatch_listener_reconnects_total",
+    "LISTEN/NOTIFY listener connections lost and re-established, by cause of the loss.",
+    &[LISTENER, CAUSE],
+);
+/// Time from a listener's lost connection to LISTEN re-established: the data-loss window.
+pub const LISTENER_DOWNTIME: Metric = histogram(
+    "poolwatch_listener_downtime_seconds",
+    "Time from a listener's lost connection to LISTEN re-established; notifications sent in that window are lost.",
+    &[LISTENER],
+);
+/// Notifications a watched listener delivered.
+pub const LISTENER_NOTIFICATIONS: Metric =
+    counter("poolwatch_listener_notifications_total", "Notifications the listener delivered to the app.", &[LISTENER]);
+/// Unix time of the last notification a watched listener delivered.
+pub const LISTENER_LAST_NOTIFICATION: Metric = gauge(
+    "poolwatch_listener_last_notification_timestamp_seconds",
+    Unit::Seconds,
+    "Unix time of the last notification the listener delivered.",
+    &[LISTENER],
+);
+
 /// Every metric poolwatch emits.
 pub const ALL: &[Metric] = &[
     CONNECTION_COUNT,
@@ -138,6 +171,12 @@ pub const ALL: &[Metric] = &[
     CLIENT_SOCKETS,
     // --- progress (issue 7) ---
     PROGRESS,
+    // --- listener reconnects (issue 4) ---
+    LISTENER_CONNECTED,
+    LISTENER_RECONNECTS,
+    LISTENER_DOWNTIME,
+    LISTENER_NOTIFICATIONS,
+    LISTENER_LAST_NOTIFICATION,
 ];
 
 /// Looks a metric up by its Prometheus name (a histogram's `_bucket`, `_sum` and `_count`

@@ -130,6 +130,19 @@ impl Cause {
     }
 }
 
+/// Whether `err` means the connection is gone: any socket error, or a FATAL (or PANIC)
+/// from the server, which closes the session after sending it.
+pub(crate) fn connection_lost(err: &sqlx::Error) -> bool {
+    use sqlx::postgres::{PgDatabaseError, PgSeverity};
+    match err {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<PgDatabaseError>()
+            .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic)),
+        _ => false,
+    }
+}
+
 impl fmt::Display for Cause {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -162,5 +175,14 @@ mod tests {
         assert_eq!(Cause::of_io(ErrorKind::UnexpectedEof), Cause::ConnectionEnded);
         assert_eq!(Cause::of_io(ErrorKind::ConnectionReset), Cause::ConnectionReset);
         assert_eq!(Cause::of(&sqlx::Error::PoolTimedOut), Cause::PoolTimedOut);
+    }
+
+    #[test]
+    fn socket_errors_lose_the_connection_pool_errors_do_not() {
+        let io = |kind| sqlx::Error::Io(std::io::Error::from(kind));
+        assert!(connection_lost(&io(ErrorKind::UnexpectedEof)));
+        assert!(connection_lost(&io(ErrorKind::ConnectionReset)));
+        assert!(!connection_lost(&sqlx::Error::PoolTimedOut));
+        assert!(!connection_lost(&sqlx::Error::PoolClosed));
     }
 }

@@ -50,17 +50,7 @@ impl Config {
 
     /// Checks every field; the error names the first bad one and how to fix it.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let name = &self.pool_name;
-        if name.is_empty() {
-            return Err(ConfigError::new("pool_name", "is empty", "name the pool, e.g. Config::new(\"main\")"));
-        }
-        if name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c)) {
-            return Err(ConfigError::new(
-                "pool_name",
-                format!("{name:?} is not a valid label value"),
-                "use 1-64 characters from A-Z a-z 0-9 _ - . :",
-            ));
-        }
+        check_name("pool_name", &self.pool_name, "name the pool, e.g. Config::new(\"main\")")?;
         for (field, value) in [
             ("sample_interval", self.sample_interval),
             ("census_interval", self.census_interval),
@@ -72,6 +62,22 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Checks a user-given name used as a label value (pool, listener): 1-64 characters from
+/// `A-Z a-z 0-9 _ - . :`. `fix_empty` says how to name it.
+pub(crate) fn check_name(field: &'static str, name: &str, fix_empty: &'static str) -> Result<(), ConfigError> {
+    if name.is_empty() {
+        return Err(ConfigError::new(field, "is empty", fix_empty));
+    }
+    if name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c)) {
+        return Err(ConfigError::new(
+            field,
+            format!("{name:?} is not a valid label value"),
+            "use 1-64 characters from A-Z a-z 0-9 _ - . :",
+        ));
+    }
+    Ok(())
 }
 
 /// A [`Config`] value poolwatch cannot use, or a setup it cannot run in.

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod otlp;
 pub mod password;
 pub mod prometheus;
+pub mod proxy;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
