@@ -135,11 +135,14 @@ pub const LISTENER_CONNECTED: Metric = gauge(
     "1 while the LISTEN/NOTIFY listener's connection is up and listening, else 0 (notifications sent at 0 are lost).",
     &[LISTENER],
 );
-/// Listener connections lost and re-established, by cause.
+/// Label key saying how a listener's loss cause is known: `observed` (the error was read),
+/// `server_counters` or `idle_time` (inferred), `no_server_evidence`.
+pub const EVIDENCE: &str = "evidence";
+/// Listener connections lost and re-established, by cause and by how the cause is known.
 pub const LISTENER_RECONNECTS: Metric = counter(
     "poolwatch_listener_reconnects_total",
-    "LISTEN/NOTIFY listener connections lost and re-established, by cause of the loss.",
-    &[LISTENER, CAUSE],
+    "LISTEN/NOTIFY listener connections lost and re-established, by cause of the loss and how it is known (evidence: observed, server_counters, idle_time, no_server_evidence).",
+    &[LISTENER, CAUSE, EVIDENCE],
 );
 /// Time from a listener's lost connection to LISTEN re-established: the data-loss window.
 pub const LISTENER_DOWNTIME: Metric = histogram(

@@ -17,7 +17,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgNotification, PgPoolOptions
 use sqlx::{Acquire, PgPool};
 use tokio::time::Instant;
 
-use crate::catalog::{self, CAUSE, LISTENER, POOL_NAME};
+use crate::catalog::{self, CAUSE, EVIDENCE, LISTENER, POOL_NAME};
 use crate::cause::connection_lost;
 use crate::config::check_name;
 use crate::loss::{Basis, ServerFacts, explain_silent_loss};
@@ -385,7 +385,7 @@ impl WatchedListener {
             _ => explain_silent_loss(loss.idle_for, self.facts.idle_session_timeout, self.facts.ends, facts.ends),
         };
         self.facts = facts;
-        self.metrics.reconnected(cause, downtime);
+        self.metrics.reconnected(cause, basis, downtime);
         let seconds = downtime.as_secs_f64();
         loss.span
             .record("error.type", cause.as_str())
@@ -441,9 +441,15 @@ impl Handles {
         e
     }
 
-    fn reconnected(&self, cause: Cause, downtime: Duration) {
-        counter!(catalog::LISTENER_RECONNECTS.name, POOL_NAME => self.pool_name.clone(), LISTENER => self.listener.clone(), CAUSE => cause.as_str())
-            .increment(1);
+    fn reconnected(&self, cause: Cause, basis: Basis, downtime: Duration) {
+        counter!(
+            catalog::LISTENER_RECONNECTS.name,
+            POOL_NAME => self.pool_name.clone(),
+            LISTENER => self.listener.clone(),
+            CAUSE => cause.as_str(),
+            EVIDENCE => basis.as_str()
+        )
+        .increment(1);
         self.downtime.record(downtime.as_secs_f64());
         self.connected.set(1);
     }

@@ -14,7 +14,7 @@ use poolwatch::{Cause, ListenerConfig, WatchedListener};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor};
 use support::proxy::{Cut, Proxy};
-use support::{Cluster, eventually, metric, recorder};
+use support::{Cluster, eventually, metric, metric_sum, recorder};
 use tokio::task::JoinHandle;
 
 const POOL: &str = "db_client_connection_pool_name";
@@ -137,7 +137,13 @@ fn labels(listener: &str) -> Vec<(&'static str, &str)> {
 fn reconnects(listener: &str, cause: Cause) -> f64 {
     let mut l = labels(listener);
     l.push(("cause", cause.as_str()));
-    metric("poolwatch_listener_reconnects_total", &l).unwrap_or(0.0)
+    metric_sum("poolwatch_listener_reconnects_total", &l)
+}
+
+fn reconnects_with_evidence(listener: &str, cause: Cause, evidence: &str) -> f64 {
+    let mut l = labels(listener);
+    l.extend([("cause", cause.as_str()), ("evidence", evidence)]);
+    metric_sum("poolwatch_listener_reconnects_total", &l)
 }
 
 fn all_reconnects(listener: &str) -> f64 {
@@ -353,6 +359,7 @@ async fn pg_terminate_backend_is_admin_shutdown() {
     assert!(matches!(n, Ok(None)), "{n:?}");
     assert!(listener.is_connected());
     assert_eq!(reconnects("term", Cause::AdminShutdown), 1.0);
+    assert_eq!(reconnects_with_evidence("term", Cause::AdminShutdown, "server_counters"), 1.0, "inferred, and says so");
     assert_eq!(all_reconnects("term"), 1.0);
     assert_eq!(connected("term"), Some(1.0));
     assert_one_reconnect_span("term", Cause::AdminShutdown, "server_counters");
@@ -383,6 +390,7 @@ async fn a_fatal_read_by_a_command_is_observed() {
     let n = tokio::time::timeout(within, listener.try_recv()).await.expect("try_recv returns");
     assert!(matches!(n, Ok(None)), "{n:?}");
     assert_eq!(reconnects("fatal", Cause::IdleSessionTimeout), 1.0);
+    assert_eq!(reconnects_with_evidence("fatal", Cause::IdleSessionTimeout, "observed"), 1.0, "read, not inferred");
     assert_eq!(all_reconnects("fatal"), 1.0);
     assert_one_reconnect_span("fatal", Cause::IdleSessionTimeout, "observed");
     notify(&mut admin, "after").await;

@@ -37,6 +37,20 @@ pub fn metric(name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     })
 }
 
+/// The sum of every series `name{labels..}` (other labels free), 0 when none is present.
+pub fn metric_sum(name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = recorder().render();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let all = series_name == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            if all { value.parse::<f64>().ok() } else { None }
+        })
+        .sum()
+}
+
 /// Polls `f` every 20 ms until it returns `Some`, or panics after `within` with `what`.
 pub async fn eventually<T>(within: Duration, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + within;
