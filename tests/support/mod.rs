@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod pgbouncer;
+pub mod spans;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
