@@ -8,8 +8,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use sqlx::PgConnection;
 use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgConnection, Row};
 
 use crate::Config;
 
@@ -220,19 +220,22 @@ impl ServerSettings {
         }
     }
 
-    /// Reads the settings on `conn` (one query; unnamed statement, so it works through a
+    /// Reads the settings on `conn` (one simple-protocol query, so it works through a
     /// transaction-mode pooler).
     pub(crate) async fn read(conn: &mut PgConnection) -> Result<ServerSettings, sqlx::Error> {
-        let rows: Vec<(String, String)> = sqlx::query_as(
+        let rows = sqlx::raw_sql(
             "SELECT name, setting FROM pg_settings WHERE name IN ('idle_session_timeout', \
              'idle_in_transaction_session_timeout', 'tcp_keepalives_idle', 'max_connections', \
              'superuser_reserved_connections', 'reserved_connections') \
              UNION ALL SELECT 'rolsuper', rolsuper::text FROM pg_roles WHERE rolname = current_user \
              UNION ALL SELECT 'rolconnlimit', rolconnlimit::text FROM pg_roles WHERE rolname = current_user",
         )
-        .persistent(false)
         .fetch_all(conn)
         .await?;
+        let rows = rows
+            .iter()
+            .map(|row| Ok((row.try_get::<String, _>(0)?, row.try_get::<String, _>(1)?)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
         let mut s = ServerSettings::default();
         for (name, value) in rows {
             let n: i64 = value.parse().unwrap_or(0);

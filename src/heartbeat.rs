@@ -80,16 +80,32 @@ pub struct HeartbeatFigures {
 }
 
 impl HeartbeatFigures {
-    /// The verdict when the two paths disagree: `Some("pool exhausted or leaked")` when the
-    /// pool fails while direct succeeds, `Some("database or network")` when both fail.
-    pub fn diagnosis(&self) -> Option<&'static str> {
+    /// What the two paths together say, once both have run.
+    pub fn diagnosis(&self) -> Option<Diagnosis> {
         match (self.pool.up, self.direct.up) {
-            (Some(false), Some(true)) => Some("pool exhausted or leaked"),
-            (Some(false), Some(false)) => Some("database or network"),
-            (Some(true), Some(false)) => Some("poolwatch's dedicated connection is failing"),
+            (Some(false), Some(true)) => Some(Diagnosis::PoolSide),
+            (Some(false), Some(false)) => Some(Diagnosis::DatabaseOrNetwork),
+            (Some(true), Some(false)) => Some(Diagnosis::DirectOnly),
+            (Some(true), Some(true)) => Some(Diagnosis::Healthy),
             _ => None,
         }
     }
+}
+
+/// The verdict of the two heartbeat paths side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Diagnosis {
+    /// Both paths succeed.
+    Healthy,
+    /// The pool path fails while the database answers the direct path: the pool is exhausted
+    /// or leaking slots (or, behind a pooler, the pooler in between is failing).
+    PoolSide,
+    /// Both paths fail: the database or the network.
+    DatabaseOrNetwork,
+    /// Only poolwatch's dedicated connection fails (e.g. its role, its route, or a pooler
+    /// refusing its startup options): the app is not affected.
+    DirectOnly,
 }
 
 #[derive(Debug, Default)]

@@ -35,7 +35,7 @@ pub use cause::Cause;
 pub use census::{SESSION_STATES, ServerCensus};
 pub use config::{Config, ConfigError};
 pub use hazards::{Finding, Hazard, ServerSettings};
-pub use heartbeat::{DirectOptions, HEARTBEAT_BUCKETS, HeartbeatFigures, PATHS, PathFigures};
+pub use heartbeat::{Diagnosis, DirectOptions, HEARTBEAT_BUCKETS, HeartbeatFigures, PATHS, PathFigures};
 pub use snapshot::{PoolFigures, Snapshot};
 pub use sockets::{SocketCensus, TCP_STATES};
 pub use watch::{PoolWatch, instrument_pool};

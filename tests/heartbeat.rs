@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use poolwatch::{Cause, Config, PoolWatch, instrument_pool};
+use poolwatch::{Cause, Config, Diagnosis, PoolWatch, instrument_pool};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use support::spans::spans_named;
@@ -91,7 +91,7 @@ async fn healthy_pool_has_figures_on_both_paths() {
     }
     assert_eq!(failures("hb_healthy", "pool").0, 0.0);
     assert_eq!(failures("hb_healthy", "direct").0, 0.0);
-    assert_eq!(h.diagnosis(), None);
+    assert_eq!(h.diagnosis(), Some(Diagnosis::Healthy));
     // The pool heartbeat returns its connection at once: nothing stays checked out.
     eventually(Duration::from_secs(5), "no slot held between heartbeats", async || {
         (pool.size() == pool.num_idle() as u32).then_some(())
@@ -124,7 +124,7 @@ async fn exhausted_pool_fails_the_pool_path_only() {
     .await;
     let h = watch.heartbeat();
     assert_eq!(h.pool.last_cause, Some(Cause::PoolTimedOut));
-    assert_eq!(h.diagnosis(), Some("pool exhausted or leaked"));
+    assert_eq!(h.diagnosis(), Some(Diagnosis::PoolSide));
     assert_eq!(up("hb_exhausted", "pool"), Some(0.0));
     assert_eq!(up("hb_exhausted", "direct"), Some(1.0));
     let (n, causes) = failures("hb_exhausted", "pool");
@@ -181,7 +181,7 @@ async fn stopped_server_fails_both_paths_and_both_recover() {
     })
     .await;
     let h = watch.heartbeat();
-    assert_eq!(h.diagnosis(), Some("database or network"));
+    assert_eq!(h.diagnosis(), Some(Diagnosis::DatabaseOrNetwork));
     assert_eq!(up("hb_stopped", "pool"), Some(0.0));
     assert_eq!(up("hb_stopped", "direct"), Some(0.0));
     let (pool_failures, pool_causes) = failures("hb_stopped", "pool");
