@@ -12,7 +12,9 @@
 //!
 //! The [hazard lint](crate::hazards) runs at start-up and again after each reconnect of the
 //! dedicated connection, on a short-lived connection with the pool's own connect options
-//! (same role, database and pooler, so per-role settings apply), never on a pool slot.
+//! (same role, database and pooler, so per-role settings apply; `application_name`
+//! `poolwatch-lint:<pool>:<nonce>`), never on a pool slot. The dedicated connection cannot
+//! serve: it switches `idle_session_timeout` off for itself, so it would read 0.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -209,7 +211,7 @@ impl Heartbeat {
                     self.record(Path::Direct, result, took);
                 }
                 if lint_due && (direct_ok || first) {
-                    lint_due = !self.lint(pool, config, lint_app_name).await;
+                    lint_due = !self.lint(pool, direct, config, lint_app_name).await;
                 }
                 first = false;
             };
@@ -336,9 +338,17 @@ impl Heartbeat {
 
     /// Reads the server settings on a short-lived connection and publishes the hazards.
     /// Returns whether the settings could be read.
-    async fn lint(&self, pool: &PgPool, config: &Config, app_name: &str) -> bool {
+    async fn lint(
+        &self,
+        pool: &PgPool,
+        direct: &tokio::sync::Mutex<DirectConnection>,
+        config: &Config,
+        app_name: &str,
+    ) -> bool {
         let options = pool.connect_options().as_ref().clone().application_name(app_name);
         let timeout = config.heartbeat_timeout;
+        // Holding the census's lock keeps the census from counting this short-lived socket.
+        let Ok(_census) = tokio::time::timeout(timeout, direct.lock()).await else { return false };
         let read = async {
             let mut conn = PgConnection::connect_with(&options).await?;
             let settings = ServerSettings::read(&mut conn).await;

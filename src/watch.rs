@@ -68,7 +68,10 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
     let (stop_heartbeat, heartbeat_stopped) = oneshot::channel();
     let s = Arc::clone(&shared);
     let heartbeat = runtime.spawn(async move {
-        s.heartbeat.run(&s.pool, &s.direct, &s.config, &s.tag.census_app_name, heartbeat_stopped).await
+        // Not before the idle connections are re-tagged and back in the pool.
+        s.retagged.get_or_init(|| s.retag_idle()).await;
+        let lint_app_name = s.tag.census_app_name.replacen("poolwatch-census:", "poolwatch-lint:", 1);
+        s.heartbeat.run(&s.pool, &s.direct, &s.config, &lint_app_name, heartbeat_stopped).await
     });
     Ok(PoolWatch {
         shared,
