@@ -52,6 +52,7 @@ async fn pool(options: PgPoolOptions, cluster: &Cluster) -> PgPool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_setup_has_none_and_alter_system_is_seen_after_a_reconnect() {
     recorder();
+    support::spans::install();
     let cluster = Cluster::start();
     let pool = pool(PgPoolOptions::new().max_connections(5), &cluster).await;
     let watch = instrument_pool(&pool, config("hz_clean")).unwrap();
@@ -91,6 +92,35 @@ async fn clean_setup_has_none_and_alter_system_is_seen_after_a_reconnect() {
     assert_gauges("hz_clean", &want);
     let detail = &watch.hazards()[0].detail;
     assert!(detail.contains("idle_session_timeout=2s"), "{detail}");
+
+    // Another reconnect re-lints, but each hazard is reported only once, with its fix.
+    let lints_before = warns_for("hz_clean");
+    let failures_before = watch.heartbeat().direct.failures;
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'poolwatch-census:hz_clean:%'")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(20), "the direct heartbeat reconnected", async || {
+        let h = watch.heartbeat();
+        (h.direct.failures > failures_before && h.direct.up == Some(true)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let warns = warns_for("hz_clean");
+    assert_eq!(warns, lints_before, "no second WARN for the same hazards");
+    assert_eq!(warns.iter().map(|(h, _)| h.as_str()).collect::<BTreeSet<_>>(), want);
+    for (hazard, message) in &warns {
+        assert!(message.contains("Fix:") && message.contains(hazard.as_str()), "{message}");
+    }
+}
+
+/// The hazard WARNs logged for one pool: (hazard, message).
+fn warns_for(pool_name: &str) -> Vec<(String, String)> {
+    support::spans::events_at(tracing::Level::WARN)
+        .into_iter()
+        .filter(|e| e.fields.get("pool").map(String::as_str) == Some(pool_name))
+        .filter_map(|e| Some((e.fields.get("hazard")?.clone(), e.name)))
+        .collect()
 }
 
 /// Incident 1's settings in postgresql.conf: a 1 s `idle_session_timeout` against minimum

@@ -1,5 +1,5 @@
-//! Captures the spans poolwatch opens (name, level, fields) through a global `tracing`
-//! subscriber installed once per test binary, as an app would install its own.
+//! Captures the spans poolwatch opens and the events it logs (name, level, fields) through a
+//! global `tracing` subscriber installed once per test binary, as an app would install its own.
 
 #![allow(dead_code)]
 
@@ -23,6 +23,14 @@ pub struct CapturedSpan {
 }
 
 static SPANS: Mutex<Vec<CapturedSpan>> = Mutex::new(Vec::new());
+static EVENTS: Mutex<Vec<CapturedSpan>> = Mutex::new(Vec::new());
+
+/// Installs the capturing subscriber (once) and returns every poolwatch event (log line) at
+/// `level` so far; `name` is the event's `message`.
+pub fn events_at(level: Level) -> Vec<CapturedSpan> {
+    install();
+    EVENTS.lock().unwrap().iter().filter(|e| e.level == level).cloned().collect()
+}
 
 /// Installs the capturing subscriber (once) and returns every span named `name` so far.
 pub fn spans_named(name: &str) -> Vec<CapturedSpan> {
@@ -51,6 +59,17 @@ impl<S: Subscriber> Layer<S> for Capture {
         attrs.record(&mut fields);
         let span = CapturedSpan { name: meta.name().to_owned(), level: *meta.level(), fields: fields.0 };
         SPANS.lock().unwrap().push(span);
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+        let meta = event.metadata();
+        if !meta.target().starts_with("poolwatch") {
+            return;
+        }
+        let mut fields = Fields(BTreeMap::new());
+        event.record(&mut fields);
+        let message = fields.0.get("message").cloned().unwrap_or_default();
+        EVENTS.lock().unwrap().push(CapturedSpan { name: message, level: *meta.level(), fields: fields.0 });
     }
 }
 
