@@ -177,10 +177,12 @@ impl Heartbeat {
         tokio::pin!(closed);
         let mut tick = tokio::time::interval(config.heartbeat_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut backoff = Backoff::new(config.heartbeat_interval, config.heartbeat_max_backoff);
-        let mut seen_connects = 0;
-        let mut lint_due = true;
-        let mut first = true;
+        let mut cycle = Cycle {
+            backoff: Backoff::new(config.heartbeat_interval, config.heartbeat_max_backoff),
+            seen_connects: 0,
+            lint_due: true,
+            first: true,
+        };
         loop {
             tokio::select! {
                 biased;
@@ -188,40 +190,50 @@ impl Heartbeat {
                 _ = &mut closed => break,
                 _ = tick.tick() => {}
             }
-            let beat = async {
-                let direct_beat = async {
-                    if !backoff.ready() {
-                        return None;
-                    }
-                    let (result, connects) = self.direct_once(direct, config.heartbeat_timeout).await;
-                    backoff.record(result.0.is_ok());
-                    Some((result, connects))
-                };
-                let ((pool_result, pool_took), direct_outcome) =
-                    tokio::join!(self.pool_once(pool, config.heartbeat_timeout), direct_beat);
-                self.record(Path::Pool, pool_result, pool_took);
-                let mut direct_ok = false;
-                if let Some(((result, took), connects)) = direct_outcome {
-                    direct_ok = result.is_ok();
-                    if connects != seen_connects {
-                        // The dedicated connection (re)connected: the server may have changed.
-                        seen_connects = connects;
-                        lint_due = true;
-                    }
-                    self.record(Path::Direct, result, took);
-                }
-                if lint_due && (direct_ok || first) {
-                    lint_due = !self.lint(pool, direct, config, lint_app_name).await;
-                }
-                first = false;
-            };
             tokio::select! {
                 biased;
                 _ = &mut stop => break,
                 _ = &mut closed => break,
-                _ = beat => {}
+                _ = self.beat(&mut cycle, pool, direct, config, lint_app_name) => {}
             }
         }
+    }
+
+    /// One tick: both heartbeats at once, then the lint if it is due.
+    async fn beat(
+        &self,
+        cycle: &mut Cycle,
+        pool: &PgPool,
+        direct: &tokio::sync::Mutex<DirectConnection>,
+        config: &Config,
+        lint_app_name: &str,
+    ) {
+        let backoff = &mut cycle.backoff;
+        let direct_beat = async {
+            if !backoff.ready() {
+                return None;
+            }
+            let (result, connects) = self.direct_once(direct, config.heartbeat_timeout).await;
+            backoff.record(result.0.is_ok());
+            Some((result, connects))
+        };
+        let ((pool_result, pool_took), direct_outcome) =
+            tokio::join!(self.pool_once(pool, config.heartbeat_timeout), direct_beat);
+        self.record(Path::Pool, pool_result, pool_took);
+        let mut direct_ok = false;
+        if let Some(((result, took), connects)) = direct_outcome {
+            direct_ok = result.is_ok();
+            if let Some(connects) = connects.filter(|c| *c != cycle.seen_connects) {
+                // The dedicated connection (re)connected: the server may have changed.
+                cycle.seen_connects = connects;
+                cycle.lint_due = true;
+            }
+            self.record(Path::Direct, result, took);
+        }
+        if cycle.lint_due && (direct_ok || cycle.first) {
+            cycle.lint_due = !self.lint(pool, direct, config, lint_app_name).await;
+        }
+        cycle.first = false;
     }
 
     /// One pool heartbeat: acquire + `SELECT 1` within `timeout`.
@@ -251,15 +263,16 @@ impl Heartbeat {
         (result, started.elapsed())
     }
 
-    /// One direct heartbeat; also returns the connection's connect count.
+    /// One direct heartbeat; also returns the connection's connect count (`None` when the
+    /// connection could not be reached: the census held it past the timeout).
     async fn direct_once(
         &self,
         direct: &tokio::sync::Mutex<DirectConnection>,
         timeout: Duration,
-    ) -> ((Result<(), Cause>, Duration), u64) {
+    ) -> ((Result<(), Cause>, Duration), Option<u64>) {
         // The census may hold the connection for up to its own timeout.
         let Ok(mut conn) = tokio::time::timeout(timeout, direct.lock()).await else {
-            return ((Err(Cause::TimedOut), timeout), 0);
+            return ((Err(Cause::TimedOut), timeout), None);
         };
         let started = Instant::now();
         let run = conn.run(async |c: &mut PgConnection| c.execute(sqlx::raw_sql("SELECT 1")).await.map(|_| ()));
@@ -270,7 +283,7 @@ impl Heartbeat {
                 Err(Cause::TimedOut)
             }
         };
-        ((result, started.elapsed()), conn.connects)
+        ((result, started.elapsed()), Some(conn.connects))
     }
 
     fn record(&self, path: Path, result: Result<(), Cause>, took: Duration) {
@@ -411,6 +424,17 @@ fn failure_hint(path: Path) -> &'static str {
             "poolwatch direct heartbeat failed: the database or the network is failing (poolwatch's own connection, outside the pool)"
         }
     }
+}
+
+/// What one heartbeat tick carries over to the next.
+#[derive(Debug)]
+struct Cycle {
+    backoff: Backoff,
+    /// The dedicated connection's connect count at the last direct heartbeat.
+    seen_connects: u64,
+    /// The lint has to run (start-up, or the dedicated connection reconnected).
+    lint_due: bool,
+    first: bool,
 }
 
 /// Capped exponential backoff between attempts after failures.
