@@ -15,10 +15,7 @@ use crate::attribution::Tag;
 use crate::direct::DirectConnection;
 use crate::gauges::Gauges;
 use crate::heartbeat::Heartbeat;
-use crate::{
-    Cause, Config, ConfigError, Finding, HeartbeatFigures, PoolFigures, ServerSettings, Snapshot, catalog, census,
-    sockets,
-};
+use crate::{Cause, Config, ConfigError, PoolFigures, Snapshot, catalog, census, sockets};
 
 /// Starts watching `pool`: samples its counters, takes the server and socket census, and
 /// publishes both through the `metrics` facade (to whatever recorder the app installed).
@@ -94,18 +91,18 @@ pub struct PoolWatch {
 
 impl PoolWatch {
     /// The latest heartbeat figures of both paths (`pool` and `direct`).
-    pub fn heartbeat(&self) -> HeartbeatFigures {
+    pub fn heartbeat(&self) -> crate::HeartbeatFigures {
         self.shared.heartbeat.figures()
     }
 
     /// The configuration hazards found by the last lint (start-up, or the last reconnect of
     /// the dedicated connection). Empty before the first lint and on a clean setup.
-    pub fn hazards(&self) -> Vec<Finding> {
+    pub fn hazards(&self) -> Vec<crate::Finding> {
         self.shared.heartbeat.hazards()
     }
 
     /// The server settings the last lint read (`None` before it could read them).
-    pub fn server_settings(&self) -> Option<ServerSettings> {
+    pub fn server_settings(&self) -> Option<crate::ServerSettings> {
         self.shared.heartbeat.server_settings()
     }
 
