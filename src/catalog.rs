@@ -161,6 +161,35 @@ pub const LISTENER_LAST_NOTIFICATION: Metric = gauge(
     &[LISTENER],
 );
 
+// --- heartbeats and config hazards (issue 5) ---
+/// Label key of the heartbeat metrics: `pool` (acquire + `SELECT 1`) or `direct` (the
+/// dedicated connection outside the pool).
+pub const PATH: &str = "path";
+/// Label key of `poolwatch_config_hazard`: a [`Hazard`](crate::Hazard) name.
+pub const HAZARD: &str = "hazard";
+/// How long each heartbeat took, by path.
+pub const HEARTBEAT_DURATION: Metric = histogram(
+    "poolwatch_heartbeat_duration_seconds",
+    "How long each SELECT 1 heartbeat took, by path (pool = acquire + query, direct = dedicated connection), failures included.",
+    &[PATH],
+);
+/// Failed heartbeats, by path and cause.
+pub const HEARTBEAT_FAILURES: Metric = counter(
+    "poolwatch_heartbeat_failures_total",
+    "Heartbeats that failed, by path and cause. pool failing while direct succeeds: pool exhausted or leaked; both: database or network.",
+    &[PATH, CAUSE],
+);
+/// 1 if the last heartbeat on the path succeeded, else 0.
+pub const HEARTBEAT_UP: Metric =
+    gauge("poolwatch_heartbeat_up", Unit::Count, "1 if the last heartbeat on the path succeeded, else 0.", &[PATH]);
+/// 1 for each configuration hazard found at start-up or after a reconnect, 0 for the others.
+pub const CONFIG_HAZARD: Metric = gauge(
+    "poolwatch_config_hazard",
+    Unit::Count,
+    "1 if the server, pool or declared settings combine into a known failure mode (see the hazard's WARN log and docs), else 0.",
+    &[HAZARD],
+);
+
 /// Every metric poolwatch emits.
 pub const ALL: &[Metric] = &[
     CONNECTION_COUNT,
@@ -180,6 +209,11 @@ pub const ALL: &[Metric] = &[
     LISTENER_DOWNTIME,
     LISTENER_NOTIFICATIONS,
     LISTENER_LAST_NOTIFICATION,
+    // --- heartbeats and config hazards (issue 5) ---
+    HEARTBEAT_DURATION,
+    HEARTBEAT_FAILURES,
+    HEARTBEAT_UP,
+    CONFIG_HAZARD,
 ];
 
 /// Looks a metric up by its Prometheus name (a histogram's `_bucket`, `_sum` and `_count`

@@ -17,6 +17,30 @@ pub struct Config {
     pub census_interval: Duration,
     /// Connect and statement timeout of the census's dedicated connection. Default 5 s.
     pub census_timeout: Duration,
+    /// How often both heartbeats run (`SELECT 1` through the pool and on the dedicated
+    /// connection). Default 10 s.
+    pub heartbeat_interval: Duration,
+    /// The bound of each heartbeat (acquire + query). Default 5 s.
+    pub heartbeat_timeout: Duration,
+    /// The longest wait between two reconnect attempts of the direct heartbeat (the wait
+    /// doubles from `heartbeat_interval` after each failure). Default 60 s.
+    pub heartbeat_max_backoff: Duration,
+    /// Declared: the app refreshes something on a pool connection this often (a lock
+    /// refresh, a job heartbeat). Default `None` (nothing declared).
+    pub expect_refresh_every: Option<Duration>,
+    /// Declared: how many processes run this pool against the same server. Default 1.
+    pub replicas: u32,
+    /// Declared: the pool goes through a pooler (PgBouncer `server_idle_timeout` /
+    /// `client_idle_timeout`, Supavisor, an L7 proxy) that ends connections idle this long.
+    /// Default `None` (no pooler declared).
+    pub pooler_idle_timeout: Option<Duration>,
+    /// Declared: the app runs a LISTEN listener on this server. `None`: no listener declared
+    /// (default); `Some(None)`: a listener without keepalive; `Some(Some(d))`: a listener
+    /// that runs `SELECT 1` every `d`.
+    pub listener_keepalive: Option<Option<Duration>>,
+    /// Where poolwatch's dedicated connection goes. Default `None`: the pool's own server and
+    /// role. Set it when the pool goes through a pooler (see [`Config::direct_connect_options`]).
+    pub direct_connect_options: Option<crate::heartbeat::DirectOptions>,
 }
 
 impl Config {
@@ -27,7 +51,66 @@ impl Config {
             sample_interval: Duration::from_secs(5),
             census_interval: Duration::from_secs(15),
             census_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(10),
+            heartbeat_timeout: Duration::from_secs(5),
+            heartbeat_max_backoff: Duration::from_secs(60),
+            expect_refresh_every: None,
+            replicas: 1,
+            pooler_idle_timeout: None,
+            listener_keepalive: None,
+            direct_connect_options: None,
         }
+    }
+
+    /// Sets [`Config::heartbeat_interval`].
+    pub fn heartbeat_interval(mut self, every: Duration) -> Self {
+        self.heartbeat_interval = every;
+        self
+    }
+
+    /// Sets [`Config::heartbeat_timeout`].
+    pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
+        self.heartbeat_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Config::heartbeat_max_backoff`].
+    pub fn heartbeat_max_backoff(mut self, max: Duration) -> Self {
+        self.heartbeat_max_backoff = max;
+        self
+    }
+
+    /// Declares [`Config::expect_refresh_every`].
+    pub fn expect_refresh_every(mut self, every: Duration) -> Self {
+        self.expect_refresh_every = Some(every);
+        self
+    }
+
+    /// Declares [`Config::replicas`].
+    pub fn replicas(mut self, n: u32) -> Self {
+        self.replicas = n;
+        self
+    }
+
+    /// Declares [`Config::pooler_idle_timeout`].
+    pub fn pooler_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.pooler_idle_timeout = Some(timeout);
+        self
+    }
+
+    /// Declares a listener and its keepalive period ([`Config::listener_keepalive`]).
+    pub fn listener_keepalive(mut self, every: Option<Duration>) -> Self {
+        self.listener_keepalive = Some(every);
+        self
+    }
+
+    /// Points poolwatch's dedicated connection (census + direct heartbeat) straight at the
+    /// database server, e.g. when the pool goes through PgBouncer in transaction mode: the
+    /// census then reads the real server, and the direct heartbeat tells the pooler's health
+    /// from the server's. The password, if any, is never logged.
+    pub fn direct_connect_options(mut self, options: sqlx::postgres::PgConnectOptions) -> Self {
+        self.direct_connect_options = Some(crate::heartbeat::DirectOptions(options));
+        self
     }
 
     /// Sets [`Config::sample_interval`].
@@ -55,10 +138,29 @@ impl Config {
             ("sample_interval", self.sample_interval),
             ("census_interval", self.census_interval),
             ("census_timeout", self.census_timeout),
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("heartbeat_timeout", self.heartbeat_timeout),
+            ("heartbeat_max_backoff", self.heartbeat_max_backoff),
+            ("expect_refresh_every", self.expect_refresh_every.unwrap_or(Duration::MAX)),
+            ("pooler_idle_timeout", self.pooler_idle_timeout.unwrap_or(Duration::MAX)),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::new(field, "is zero", "use a positive duration (see the field's default)"));
             }
+        }
+        if self.replicas == 0 {
+            return Err(ConfigError::new(
+                "replicas",
+                "is zero",
+                "declare how many processes run this pool (at least 1)",
+            ));
+        }
+        if self.listener_keepalive == Some(Some(Duration::ZERO)) {
+            return Err(ConfigError::new(
+                "listener_keepalive",
+                "is zero",
+                "use a positive period, or None for a listener without keepalive",
+            ));
         }
         Ok(())
     }
@@ -123,6 +225,13 @@ mod tests {
             (Config::new("a").sample_interval(Duration::ZERO), "sample_interval"),
             (Config::new("a").census_interval(Duration::ZERO), "census_interval"),
             (Config::new("a").census_timeout(Duration::ZERO), "census_timeout"),
+            (Config::new("a").heartbeat_interval(Duration::ZERO), "heartbeat_interval"),
+            (Config::new("a").heartbeat_timeout(Duration::ZERO), "heartbeat_timeout"),
+            (Config::new("a").heartbeat_max_backoff(Duration::ZERO), "heartbeat_max_backoff"),
+            (Config::new("a").expect_refresh_every(Duration::ZERO), "expect_refresh_every"),
+            (Config::new("a").pooler_idle_timeout(Duration::ZERO), "pooler_idle_timeout"),
+            (Config::new("a").replicas(0), "replicas"),
+            (Config::new("a").listener_keepalive(Some(Duration::ZERO)), "listener_keepalive"),
         ];
         for (config, field) in cases {
             let err = config.validate().expect_err(field);

@@ -16,6 +16,8 @@ pub(crate) struct DirectConnection {
     conn: Option<PgConnection>,
     /// The local TCP port of the live connection (to leave it out of the socket census).
     pub(crate) local_port: Option<u16>,
+    /// How many times it has connected (a change means it reconnected).
+    pub(crate) connects: u64,
 }
 
 /// Written by hand: `PgConnectOptions`'s own `Debug` prints the password.
@@ -41,7 +43,7 @@ impl DirectConnection {
             ("idle_session_timeout", "0"),
             ("idle_in_transaction_session_timeout", "0"),
         ]);
-        DirectConnection { options, timeout, conn: None, local_port: None }
+        DirectConnection { options, timeout, conn: None, local_port: None, connects: 0 }
     }
 
     /// The connection, connecting first if there is none.
@@ -60,6 +62,7 @@ impl DirectConnection {
             .map_err(|e| Cause::of(&e))?;
             self.local_port = port.and_then(|p| u16::try_from(p).ok());
             self.conn = Some(conn);
+            self.connects += 1;
         }
         self.conn.as_mut().ok_or(Cause::Other)
     }
@@ -82,6 +85,12 @@ impl DirectConnection {
             self.local_port = None;
         }
         result
+    }
+
+    /// Drops the connection without a goodbye (after a cancelled use); the next call reconnects.
+    pub(crate) fn discard(&mut self) {
+        self.conn = None;
+        self.local_port = None;
     }
 
     /// Closes the connection politely (bounded by the timeout).

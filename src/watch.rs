@@ -15,6 +15,7 @@ use tracing::Instrument;
 use crate::attribution::Tag;
 use crate::direct::DirectConnection;
 use crate::gauges::Gauges;
+use crate::heartbeat::Heartbeat;
 use crate::{Cause, Config, ConfigError, PoolFigures, Snapshot, catalog, census, sockets};
 
 /// Starts watching `pool`: samples its counters, takes the server and socket census, and
@@ -46,7 +47,12 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         );
     }
     let shared = Arc::new(Shared {
-        direct: tokio::sync::Mutex::new(DirectConnection::new(&options, &tag.census_app_name, config.census_timeout)),
+        direct: tokio::sync::Mutex::new(DirectConnection::new(
+            config.direct_connect_options.as_ref().map_or(&*options, |d| &d.0),
+            &tag.census_app_name,
+            config.census_timeout,
+        )),
+        heartbeat: Heartbeat::new(&config.pool_name),
         gauges: Gauges::new(&config.pool_name),
         latest: Mutex::new(Snapshot { pool: PoolFigures::of(pool), ..Snapshot::default() }),
         untagged: Mutex::new(untagged),
@@ -58,7 +64,21 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
     });
     let (stop, stopped) = oneshot::channel();
     let task = runtime.spawn(run(Arc::clone(&shared), stopped));
-    Ok(PoolWatch { shared, stop: Some(stop), task: Some(task) })
+    let (stop_heartbeat, heartbeat_stopped) = oneshot::channel();
+    let s = Arc::clone(&shared);
+    let heartbeat = runtime.spawn(async move {
+        // Not before the idle connections are re-tagged and back in the pool.
+        s.retagged.get_or_init(|| s.retag_idle()).await;
+        let lint_app_name = s.tag.census_app_name.replacen("poolwatch-census:", "poolwatch-lint:", 1);
+        s.heartbeat.run(&s.pool, &s.direct, &s.config, &lint_app_name, heartbeat_stopped).await
+    });
+    Ok(PoolWatch {
+        shared,
+        stop: Some(stop),
+        task: Some(task),
+        stop_heartbeat: Some(stop_heartbeat),
+        heartbeat: Some(heartbeat),
+    })
 }
 
 /// The handle of one watched pool. Dropping it stops the background task.
@@ -67,9 +87,27 @@ pub struct PoolWatch {
     shared: Arc<Shared>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    stop_heartbeat: Option<oneshot::Sender<()>>,
+    heartbeat: Option<JoinHandle<()>>,
 }
 
 impl PoolWatch {
+    /// The latest heartbeat figures of both paths (`pool` and `direct`).
+    pub fn heartbeat(&self) -> crate::HeartbeatFigures {
+        self.shared.heartbeat.figures()
+    }
+
+    /// The configuration hazards found by the last lint (start-up, or the last reconnect of
+    /// the dedicated connection). Empty before the first lint and on a clean setup.
+    pub fn hazards(&self) -> Vec<crate::Finding> {
+        self.shared.heartbeat.hazards()
+    }
+
+    /// The server settings the last lint read (`None` before it could read them).
+    pub fn server_settings(&self) -> Option<crate::ServerSettings> {
+        self.shared.heartbeat.server_settings()
+    }
+
     /// The latest figures (from the last sample and census).
     pub fn snapshot(&self) -> Snapshot {
         self.shared.latest()
@@ -93,6 +131,10 @@ impl PoolWatch {
     /// Stops the background task and waits until it has closed its connection.
     pub async fn shutdown(mut self) {
         self.stop.take();
+        self.stop_heartbeat.take();
+        if let Some(task) = self.heartbeat.take() {
+            let _ = task.await;
+        }
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
@@ -101,7 +143,8 @@ impl PoolWatch {
 
 impl Drop for PoolWatch {
     fn drop(&mut self) {
-        // Dropping the sender wakes the task, which closes its connection and ends.
+        // Dropping the senders wakes the tasks; the census task closes its connection and ends.
+        self.stop_heartbeat.take();
         self.stop.take();
     }
 }
@@ -112,6 +155,7 @@ struct Shared {
     config: Config,
     tag: Tag,
     gauges: Gauges,
+    heartbeat: Heartbeat,
     direct: tokio::sync::Mutex<DirectConnection>,
     latest: Mutex<Snapshot>,
     untagged: Mutex<Vec<PoolConnection<Postgres>>>,

@@ -6,8 +6,10 @@ pub mod cluster;
 #[cfg(feature = "telemetry")]
 pub mod otlp;
 pub mod password;
+pub mod pgbouncer;
 pub mod prometheus;
 pub mod proxy;
+pub mod spans;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};

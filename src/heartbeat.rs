@@ -1,0 +1,508 @@
+//! Heartbeats on two paths, side by side, and the hazard lint they trigger.
+//!
+//! Every `heartbeat_interval`, both at once, each bounded by `heartbeat_timeout`:
+//! - `path="pool"`: `pool.acquire()` + `SELECT 1`, the connection released at once. This is
+//!   poolwatch's one use of a pool slot: it measures what the app experiences.
+//! - `path="direct"`: `SELECT 1` on poolwatch's dedicated connection outside the pool (the
+//!   census's, shared behind its lock; the time waiting for the lock is not measured).
+//!
+//! Pool failing while direct succeeds: the pool is exhausted or leaked. Both failing: the
+//! database or the network. After a direct failure the next attempts wait
+//! `heartbeat_interval` × 2ⁿ, capped at `heartbeat_max_backoff`.
+//!
+//! The [hazard lint](crate::hazards) runs at start-up and again after each reconnect of the
+//! dedicated connection, on a short-lived connection with the pool's own connect options
+//! (same role, database and pooler, so per-role settings apply; `application_name`
+//! `poolwatch-lint:<pool>:<nonce>`), never on a pool slot. The dedicated connection cannot
+//! serve: it switches `idle_session_timeout` off for itself, so it would read 0.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use metrics::{Gauge, Histogram, counter, gauge, histogram};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{Connection, Executor, PgPool};
+use tokio::sync::oneshot;
+use tokio::time::MissedTickBehavior;
+
+use crate::catalog::{self, CAUSE, HAZARD, PATH, POOL_NAME};
+use crate::direct::DirectConnection;
+use crate::hazards::{self, Finding, Hazard, PoolSettings, ServerSettings};
+use crate::{Cause, Config};
+
+/// Recommended buckets for `poolwatch_heartbeat_duration_seconds`, 100 µs to 30 s. The
+/// `metrics` facade carries no buckets: give these to your exporter, e.g.
+/// `PrometheusBuilder::set_buckets_for_metric(Matcher::Full(HEARTBEAT_DURATION.name.into()), HEARTBEAT_BUCKETS)`.
+pub const HEARTBEAT_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// The two heartbeat paths (the `path` label values).
+pub const PATHS: [&str; 2] = ["pool", "direct"];
+
+/// Connect options for poolwatch's dedicated connection ([`Config::direct_connect_options`]).
+/// Its `Debug` shows host, port, database and user, never the password.
+#[derive(Clone)]
+pub struct DirectOptions(pub(crate) PgConnectOptions);
+
+impl fmt::Debug for DirectOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirectOptions")
+            .field("host", &self.0.get_host())
+            .field("port", &self.0.get_port())
+            .field("database", &self.0.get_database())
+            .field("username", &self.0.get_username())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The heartbeat figures of one path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathFigures {
+    /// Whether the last heartbeat succeeded (`None` before the first).
+    pub up: Option<bool>,
+    /// How long the last heartbeat took (failures included).
+    pub last_duration: Option<Duration>,
+    /// The cause of the last failure, if the last heartbeat failed.
+    pub last_cause: Option<Cause>,
+    /// Heartbeats that succeeded so far.
+    pub successes: u64,
+    /// Heartbeats that failed so far.
+    pub failures: u64,
+}
+
+/// The heartbeat figures of both paths.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeartbeatFigures {
+    /// `path="pool"`: acquire + `SELECT 1`.
+    pub pool: PathFigures,
+    /// `path="direct"`: `SELECT 1` on the dedicated connection.
+    pub direct: PathFigures,
+}
+
+impl HeartbeatFigures {
+    /// What the two paths together say, once both have run.
+    pub fn diagnosis(&self) -> Option<Diagnosis> {
+        match (self.pool.up, self.direct.up) {
+            (Some(false), Some(true)) => Some(Diagnosis::PoolSide),
+            (Some(false), Some(false)) => Some(Diagnosis::DatabaseOrNetwork),
+            (Some(true), Some(false)) => Some(Diagnosis::DirectOnly),
+            (Some(true), Some(true)) => Some(Diagnosis::Healthy),
+            _ => None,
+        }
+    }
+}
+
+/// The verdict of the two heartbeat paths side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Diagnosis {
+    /// Both paths succeed.
+    Healthy,
+    /// The pool path fails while the database answers the direct path: the pool is exhausted
+    /// or leaking slots (or, behind a pooler, the pooler in between is failing).
+    PoolSide,
+    /// Both paths fail: the database or the network.
+    DatabaseOrNetwork,
+    /// Only poolwatch's dedicated connection fails (e.g. its role, its route, or a pooler
+    /// refusing its startup options): the app is not affected.
+    DirectOnly,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    figures: HeartbeatFigures,
+    hazards: Vec<Finding>,
+    settings: Option<ServerSettings>,
+    warned: HashSet<Hazard>,
+}
+
+/// The heartbeats' state and metric handles for one watched pool.
+#[derive(Debug)]
+pub(crate) struct Heartbeat {
+    pool_name: String,
+    state: Mutex<State>,
+    duration: [Histogram; 2],
+    up: [Gauge; 2],
+    hazard: Vec<Gauge>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Path {
+    Pool = 0,
+    Direct = 1,
+}
+
+impl Heartbeat {
+    pub(crate) fn new(pool_name: &str) -> Heartbeat {
+        let p = || pool_name.to_owned();
+        Heartbeat {
+            duration: PATHS.map(|path| histogram!(catalog::HEARTBEAT_DURATION.name, POOL_NAME => p(), PATH => path)),
+            up: PATHS.map(|path| gauge!(catalog::HEARTBEAT_UP.name, POOL_NAME => p(), PATH => path)),
+            hazard: Hazard::ALL
+                .iter()
+                .map(|h| gauge!(catalog::CONFIG_HAZARD.name, POOL_NAME => p(), HAZARD => h.as_str()))
+                .collect(),
+            pool_name: p(),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// The latest figures of both paths.
+    pub(crate) fn figures(&self) -> HeartbeatFigures {
+        self.state.lock().map(|s| s.figures).unwrap_or_default()
+    }
+
+    /// The hazards found by the last successful lint.
+    pub(crate) fn hazards(&self) -> Vec<Finding> {
+        self.state.lock().map(|s| s.hazards.clone()).unwrap_or_default()
+    }
+
+    /// The server settings read by the last successful lint.
+    pub(crate) fn server_settings(&self) -> Option<ServerSettings> {
+        self.state.lock().ok().and_then(|s| s.settings.clone())
+    }
+
+    /// Runs until `stop` fires or the pool closes. Never panics; every wait is bounded.
+    pub(crate) async fn run(
+        &self,
+        pool: &PgPool,
+        direct: &tokio::sync::Mutex<DirectConnection>,
+        config: &Config,
+        lint_app_name: &str,
+        mut stop: oneshot::Receiver<()>,
+    ) {
+        let closed = pool.close_event();
+        tokio::pin!(closed);
+        let mut tick = tokio::time::interval(config.heartbeat_interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut cycle = Cycle {
+            backoff: Backoff::new(config.heartbeat_interval, config.heartbeat_max_backoff),
+            seen_connects: 0,
+            lint_due: true,
+            first: true,
+        };
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut stop => break,
+                _ = &mut closed => break,
+                _ = tick.tick() => {}
+            }
+            tokio::select! {
+                biased;
+                _ = &mut stop => break,
+                _ = &mut closed => break,
+                _ = self.beat(&mut cycle, pool, direct, config, lint_app_name) => {}
+            }
+        }
+    }
+
+    /// One tick: both heartbeats at once, then the lint if it is due.
+    async fn beat(
+        &self,
+        cycle: &mut Cycle,
+        pool: &PgPool,
+        direct: &tokio::sync::Mutex<DirectConnection>,
+        config: &Config,
+        lint_app_name: &str,
+    ) {
+        let backoff = &mut cycle.backoff;
+        let direct_beat = async {
+            if !backoff.ready() {
+                return None;
+            }
+            let (result, connects) = self.direct_once(direct, config.heartbeat_timeout).await;
+            backoff.record(result.0.is_ok());
+            Some((result, connects))
+        };
+        let ((pool_result, pool_took), direct_outcome) =
+            tokio::join!(self.pool_once(pool, config.heartbeat_timeout), direct_beat);
+        self.record(Path::Pool, pool_result, pool_took);
+        let mut direct_ok = false;
+        if let Some(((result, took), connects)) = direct_outcome {
+            direct_ok = result.is_ok();
+            if let Some(connects) = connects.filter(|c| *c != cycle.seen_connects) {
+                // The dedicated connection (re)connected: the server may have changed.
+                cycle.seen_connects = connects;
+                cycle.lint_due = true;
+            }
+            self.record(Path::Direct, result, took);
+        }
+        if cycle.lint_due && (direct_ok || cycle.first) {
+            cycle.lint_due = !self.lint(pool, direct, config, lint_app_name).await;
+        }
+        cycle.first = false;
+    }
+
+    /// One pool heartbeat: acquire + `SELECT 1` within `timeout`.
+    async fn pool_once(&self, pool: &PgPool, timeout: Duration) -> (Result<(), Cause>, Duration) {
+        let started = Instant::now();
+        let result = async {
+            // A wait that outlasts our bound is what the app sees as a full pool.
+            let mut conn = match tokio::time::timeout(timeout, pool.acquire()).await {
+                Err(_) => return Err(Cause::PoolTimedOut),
+                Ok(Err(e)) => return Err(Cause::of(&e)),
+                Ok(Ok(conn)) => conn,
+            };
+            let left = timeout.saturating_sub(started.elapsed());
+            let query = tokio::time::timeout(left, conn.execute(sqlx::raw_sql("SELECT 1"))).await;
+            let result = match query {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(Cause::of(&e)),
+                Err(_) => Err(Cause::TimedOut),
+            };
+            if result.is_err() {
+                // Never hand a connection in an unknown state back to the app.
+                conn.close_on_drop();
+            }
+            result
+        }
+        .await;
+        (result, started.elapsed())
+    }
+
+    /// One direct heartbeat; also returns the connection's connect count (`None` when the
+    /// connection could not be reached: the census held it past the timeout).
+    async fn direct_once(
+        &self,
+        direct: &tokio::sync::Mutex<DirectConnection>,
+        timeout: Duration,
+    ) -> ((Result<(), Cause>, Duration), Option<u64>) {
+        // The census may hold the connection for up to its own timeout.
+        let Ok(mut conn) = tokio::time::timeout(timeout, direct.lock()).await else {
+            return ((Err(Cause::TimedOut), timeout), None);
+        };
+        let started = Instant::now();
+        let run = conn.run(async |c: &mut PgConnection| c.execute(sqlx::raw_sql("SELECT 1")).await.map(|_| ()));
+        let result = match tokio::time::timeout(timeout, run).await {
+            Ok(r) => r,
+            Err(_) => {
+                conn.discard();
+                Err(Cause::TimedOut)
+            }
+        };
+        ((result, started.elapsed()), Some(conn.connects))
+    }
+
+    fn record(&self, path: Path, result: Result<(), Cause>, took: Duration) {
+        let i = path as usize;
+        let name = PATHS[i];
+        self.duration[i].record(took.as_secs_f64());
+        self.up[i].set(if result.is_ok() { 1.0 } else { 0.0 });
+        let was_up = match self.state.lock() {
+            Ok(mut s) => {
+                let f = match path {
+                    Path::Pool => &mut s.figures.pool,
+                    Path::Direct => &mut s.figures.direct,
+                };
+                let was_up = f.up;
+                f.up = Some(result.is_ok());
+                f.last_duration = Some(took);
+                f.last_cause = result.err();
+                match result {
+                    Ok(()) => f.successes += 1,
+                    Err(_) => f.failures += 1,
+                }
+                was_up
+            }
+            Err(_) => None,
+        };
+        let pool = self.pool_name.as_str();
+        let seconds = took.as_secs_f64();
+        match result {
+            Ok(()) => {
+                let span = tracing::debug_span!(
+                    "poolwatch.heartbeat",
+                    "db.client.connection.pool.name" = pool,
+                    "db.system.name" = "postgresql",
+                    path = name,
+                    duration_s = seconds,
+                );
+                span.in_scope(|| {
+                    if was_up == Some(false) {
+                        tracing::info!(pool, path = name, "poolwatch heartbeat is up again");
+                    }
+                });
+            }
+            Err(cause) => {
+                counter!(catalog::HEARTBEAT_FAILURES.name, POOL_NAME => pool.to_owned(), PATH => name, CAUSE => cause.as_str())
+                    .increment(1);
+                let span = tracing::warn_span!(
+                    "poolwatch.heartbeat",
+                    "db.client.connection.pool.name" = pool,
+                    "db.system.name" = "postgresql",
+                    "error.type" = cause.as_str(),
+                    "otel.status_code" = "ERROR",
+                    path = name,
+                    duration_s = seconds,
+                );
+                span.in_scope(|| {
+                    if was_up != Some(false) {
+                        tracing::warn!(pool, path = name, %cause, "{}", failure_hint(path));
+                    } else {
+                        tracing::debug!(pool, path = name, %cause, "poolwatch heartbeat still failing");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Reads the server settings on a short-lived connection and publishes the hazards.
+    /// Returns whether the settings could be read.
+    async fn lint(
+        &self,
+        pool: &PgPool,
+        direct: &tokio::sync::Mutex<DirectConnection>,
+        config: &Config,
+        app_name: &str,
+    ) -> bool {
+        let options = pool.connect_options().as_ref().clone().application_name(app_name);
+        let timeout = config.heartbeat_timeout;
+        // Holding the census's lock keeps the census from counting this short-lived socket.
+        let Ok(_census) = tokio::time::timeout(timeout, direct.lock()).await else { return false };
+        let read = async {
+            let mut conn = PgConnection::connect_with(&options).await?;
+            let settings = ServerSettings::read(&mut conn).await;
+            let _ = conn.close().await;
+            settings
+        };
+        let settings = match tokio::time::timeout(timeout, read).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(pool = %self.pool_name, cause = %Cause::of(&e), "poolwatch could not read the server settings; the hazard lint will retry");
+                return false;
+            }
+            Err(_) => {
+                tracing::debug!(pool = %self.pool_name, "reading the server settings timed out; the hazard lint will retry");
+                return false;
+            }
+        };
+        let found = hazards::lint(&settings, &PoolSettings::of(pool.options()), config);
+        self.publish(found, settings);
+        true
+    }
+
+    fn publish(&self, found: Vec<Finding>, settings: ServerSettings) {
+        for (gauge, hazard) in self.hazard.iter().zip(Hazard::ALL) {
+            gauge.set(if found.iter().any(|f| f.hazard == hazard) { 1.0 } else { 0.0 });
+        }
+        let Ok(mut state) = self.state.lock() else { return };
+        let pool = self.pool_name.as_str();
+        for f in &found {
+            if state.warned.insert(f.hazard) {
+                tracing::warn!(
+                    pool,
+                    hazard = f.hazard.as_str(),
+                    detail = %f.detail,
+                    "poolwatch config hazard {}: {}; {}. Fix: {}.",
+                    f.hazard,
+                    f.detail,
+                    f.hazard.consequence(),
+                    f.hazard.fix()
+                );
+            }
+        }
+        let cleared: Vec<Hazard> =
+            state.warned.iter().copied().filter(|h| !found.iter().any(|f| f.hazard == *h)).collect();
+        for h in cleared {
+            state.warned.remove(&h);
+            tracing::info!(pool, hazard = h.as_str(), "poolwatch config hazard {h} is gone");
+        }
+        state.hazards = found;
+        state.settings = Some(settings);
+    }
+}
+
+fn failure_hint(path: Path) -> &'static str {
+    match path {
+        Path::Pool => {
+            "poolwatch pool heartbeat failed; if the direct heartbeat still succeeds, the pool is exhausted or leaking slots"
+        }
+        Path::Direct => {
+            "poolwatch direct heartbeat failed: the database or the network is failing (poolwatch's own connection, outside the pool)"
+        }
+    }
+}
+
+/// What one heartbeat tick carries over to the next.
+#[derive(Debug)]
+struct Cycle {
+    backoff: Backoff,
+    /// The dedicated connection's connect count at the last direct heartbeat.
+    seen_connects: u64,
+    /// The lint has to run (start-up, or the dedicated connection reconnected).
+    lint_due: bool,
+    first: bool,
+}
+
+/// Capped exponential backoff between attempts after failures.
+#[derive(Debug)]
+struct Backoff {
+    base: Duration,
+    max: Duration,
+    failures: u32,
+    next: Option<Instant>,
+}
+
+impl Backoff {
+    fn new(base: Duration, max: Duration) -> Backoff {
+        Backoff { base, max: max.max(base), failures: 0, next: None }
+    }
+
+    fn ready(&self) -> bool {
+        // A tenth of a tick of slack, so tick jitter does not skip a whole tick.
+        self.next.is_none_or(|at| Instant::now() + self.base / 10 >= at)
+    }
+
+    fn record(&mut self, ok: bool) {
+        if ok {
+            self.failures = 0;
+            self.next = None;
+        } else {
+            // 1st failure: retry at the next tick; then wait base × 2, × 4 … up to max.
+            self.failures = self.failures.saturating_add(1);
+            let wait = self.delay();
+            self.next = Some(Instant::now() + wait);
+        }
+    }
+
+    fn delay(&self) -> Duration {
+        let exp = self.failures.saturating_sub(1).min(20);
+        self.base.saturating_mul(1 << exp).min(self.max).saturating_sub(self.base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let mut b = Backoff::new(Duration::from_secs(10), Duration::from_secs(60));
+        let waits: Vec<u64> = (0..6)
+            .map(|_| {
+                b.record(false);
+                b.delay().as_secs() + 10
+            })
+            .collect();
+        assert_eq!(waits, [10, 20, 40, 60, 60, 60], "extra wait on top of the 10 s tick");
+        b.record(true);
+        assert!(b.ready());
+    }
+
+    #[test]
+    fn buckets_span_100_microseconds_to_30_seconds() {
+        assert_eq!(HEARTBEAT_BUCKETS.first(), Some(&0.0001));
+        assert_eq!(HEARTBEAT_BUCKETS.last(), Some(&30.0));
+        assert!(HEARTBEAT_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn direct_options_never_show_the_password() {
+        let o = DirectOptions(PgConnectOptions::new_without_pgpass().host("db").password("s3cret"));
+        let shown = format!("{o:?}");
+        assert!(shown.contains("db") && !shown.contains("s3cret"), "{shown}");
+    }
+}

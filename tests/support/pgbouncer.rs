@@ -1,0 +1,121 @@
+//! A real PgBouncer in front of a [`Cluster`](super::Cluster): an ini + userlist written
+//! into a temp dir, listening on a free loopback port, `pool_mode = transaction` by default.
+//! As root it runs as the `postgres` user (pgbouncer refuses root) via `setpriv`, which
+//! execs, so the child *is* pgbouncer and [`Drop`] stops it for sure.
+
+#![allow(dead_code)]
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgConnectOptions;
+
+/// The pgbouncer binary (Debian package `pgbouncer`).
+pub const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
+
+/// A running PgBouncer; stopped and its temp dir removed on drop.
+#[derive(Debug)]
+pub struct PgBouncer {
+    dir: PathBuf,
+    port: u16,
+    child: Child,
+}
+
+impl PgBouncer {
+    /// PgBouncer in transaction mode in front of the server on `server_port` (database
+    /// `postgres`, trust auth), with extra `[pgbouncer]` settings, e.g. `("server_idle_timeout", "5")`.
+    pub fn start(server_port: u16, settings: &[(&str, &str)]) -> PgBouncer {
+        assert!(
+            std::path::Path::new(PGBOUNCER).is_file(),
+            "{PGBOUNCER} not found: `apt-get install pgbouncer` (scripts/prereqs does)"
+        );
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "poolwatch-pgbouncer-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create pgbouncer dir");
+        let port = free_port();
+        let mut ini = format!(
+            "[databases]\npostgres = host=127.0.0.1 port={server_port} dbname=postgres\n\n[pgbouncer]\n\
+             listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = trust\n\
+             auth_file = {auth}\npool_mode = transaction\nignore_startup_parameters = extra_float_digits\n\
+             max_client_conn = 200\ndefault_pool_size = 10\nlogfile = {log}\n",
+            auth = dir.join("userlist.txt").display(),
+            log = dir.join("pgbouncer.log").display(),
+        );
+        for (k, v) in settings {
+            ini.push_str(&format!("{k} = {v}\n"));
+        }
+        std::fs::write(dir.join("pgbouncer.ini"), ini).expect("write pgbouncer.ini");
+        std::fs::write(dir.join("userlist.txt"), "\"postgres\" \"\"\n").expect("write userlist.txt");
+        let root = is_root();
+        if root {
+            let status = Command::new("chown").arg("-R").arg("postgres:postgres").arg(&dir).status();
+            assert!(status.is_ok_and(|s| s.success()), "chown {} to postgres failed", dir.display());
+        }
+        let mut cmd = if root {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", PGBOUNCER]);
+            c
+        } else {
+            Command::new(PGBOUNCER)
+        };
+        let child = cmd
+            .arg(dir.join("pgbouncer.ini"))
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run pgbouncer: {e}"));
+        let mut bouncer = PgBouncer { dir, port, child };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = bouncer.child.try_wait() {
+                panic!("pgbouncer exited ({status}):\n{}", bouncer.log());
+            }
+            assert!(Instant::now() < deadline, "pgbouncer did not listen on {port}:\n{}", bouncer.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bouncer
+    }
+
+    /// Connect options for the `postgres` user through this PgBouncer.
+    pub fn options(&self) -> PgConnectOptions {
+        PgConnectOptions::new_without_pgpass()
+            .host("127.0.0.1")
+            .port(self.port)
+            .username("postgres")
+            .database("postgres")
+    }
+
+    /// The port PgBouncer listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// PgBouncer's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
