@@ -18,6 +18,9 @@ use crate::gauges::Gauges;
 use crate::heartbeat::Heartbeat;
 use crate::{Cause, Config, ConfigError, PoolFigures, Snapshot, catalog, census, sockets};
 
+/// Pause before a census re-reads an unsettled or gapped reading.
+const CENSUS_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Starts watching `pool`: samples its counters, takes the server and socket census, and
 /// publishes both through the `metrics` facade (to whatever recorder the app installed).
 ///
@@ -218,17 +221,21 @@ impl Shared {
         self.retagged.get_or_init(|| self.retag_idle()).await;
         let mut direct = self.direct.lock().await;
         let app_name = self.tag.pool_app_name.as_str();
-        // The pool may open or close a connection while the query runs: retry until its
-        // count is the same before and after, so both sides describe one moment.
+        // Both sides must describe one moment. A connection being opened counts in the pool
+        // before its session shows on the server; a closed one leaves its session for a few
+        // ms. So a reading is taken again when the pool's count moved during the query, or
+        // when it shows a gap: a real leak is still there 50 ms later, a transient is not.
         let mut attempt = 0;
         let (pool, server) = loop {
             let before = self.pool.size();
             let server = direct.run(async |c| census::take(c, app_name).await).await?;
             let pool = PoolFigures::of(&self.pool);
             attempt += 1;
-            if pool.open == before || attempt == 3 {
+            let settled = pool.open == before && pool.open == server.total();
+            if settled || attempt == 3 {
                 break (pool, server);
             }
+            tokio::time::sleep(CENSUS_RECHECK).await;
         };
         if server.get("unknown") > 0 {
             warn_once_degraded(&self.config.pool_name);

@@ -65,9 +65,10 @@ async fn incident_1_leaked_listener_slots_grow_the_phantom_gap() {
 
         let s = watch.census_now().await.unwrap();
         assert_eq!(s.pool.used, used_before + cycle, "the pool counts every leaked slot as used");
-        assert_eq!(s.server.as_ref().unwrap().total(), 0, "no real session exists for them");
-        assert_eq!(s.phantom, Some(i64::from(s.pool.open)), "every slot the pool counts is a phantom");
-        assert!(s.phantom >= Some(i64::from(cycle)));
+        // Only idle connections (e.g. the pool heartbeat's) may still have a live session.
+        let real = s.server.as_ref().unwrap().total();
+        assert!(real <= s.pool.idle, "no real session exists for the used slots: {s:?}");
+        assert!(s.phantom >= Some(i64::from(cycle)), "every leaked slot is a phantom: {s:?}");
     }
 
     // The background census publishes the gap within one census interval of the last kill.
@@ -77,16 +78,19 @@ async fn incident_1_leaked_listener_slots_grow_the_phantom_gap() {
     })
     .await;
     assert!(phantom >= f64::from(cycles));
-    let used = metric(
-        poolwatch::catalog::CONNECTION_COUNT.name,
-        &[(POOL, "incident1"), ("db_client_connection_state", "used")],
-    );
-    assert_eq!(used, Some(f64::from(used_before + cycles)));
+    let state = |st| [(POOL, "incident1"), ("db_client_connection_state", st)];
+    let count = poolwatch::catalog::CONNECTION_COUNT.name;
+    let want = f64::from(used_before + cycles);
+    eventually(Duration::from_secs(2), "the used gauge counts every leaked slot", async || {
+        metric(count, &state("used")).filter(|v| *v == want)
+    })
+    .await;
     let real: f64 = poolwatch::SESSION_STATES
         .iter()
         .filter_map(|s| metric("poolwatch_server_connections", &[(POOL, "incident1"), ("state", s)]))
         .sum();
-    assert_eq!(real, 0.0, "server-real stays flat while the pool's count grows");
+    let idle = metric(count, &state("idle")).unwrap_or(0.0);
+    assert!(real <= idle, "server-real stays flat (only idle sessions) while used grows: real {real}, idle {idle}");
 }
 
 /// Two pools in one process, same database, same application_name: each census counts only
@@ -181,14 +185,17 @@ async fn healthy_pool_has_no_phantoms_through_churn_and_resizing() {
     assert_eq!(s.server.as_ref().unwrap().get("idle"), 10, "checked out but idle on the server");
     drop(held);
 
-    let s = eventually(Duration::from_secs(10), "the pool shrinks back to min_connections", async || {
+    eventually(Duration::from_secs(10), "the pool shrinks back to min_connections", async || {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let s = watch.census_now().await.ok()?;
-        (s.pool.open == 2).then_some(s)
+        (pool.size() == 2).then_some(())
     })
     .await;
-    assert_eq!(s.phantom, Some(0), "shrunk to min: {s:?}");
-    assert_eq!(s.server.unwrap().total(), 2);
+    // The reaper's closes end their server sessions a few ms later: the gap must settle to 0.
+    let s = eventually(Duration::from_secs(3), "the gap settles to 0 at min_connections", async || {
+        watch.census_now().await.ok().filter(|s| s.phantom == Some(0))
+    })
+    .await;
+    assert_eq!((s.pool.open, s.server.unwrap().total()), (2, 2), "shrunk to min");
     let published = eventually(Duration::from_secs(2), "the background census publishes 0", async || {
         metric("poolwatch_phantom_connections", &[(POOL, "healthy")]).filter(|v| *v == 0.0)
     })
