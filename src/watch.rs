@@ -61,6 +61,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         untagged: Mutex::new(untagged),
         retagged: tokio::sync::OnceCell::new(),
         census_failing: AtomicBool::new(false),
+        degraded_warned: AtomicBool::new(false),
         pool: pool.clone(),
         tag,
         config,
@@ -164,6 +165,7 @@ struct Shared {
     untagged: Mutex<Vec<PoolConnection<Postgres>>>,
     retagged: tokio::sync::OnceCell<()>,
     census_failing: AtomicBool,
+    degraded_warned: AtomicBool,
 }
 
 impl Shared {
@@ -237,8 +239,12 @@ impl Shared {
             }
             tokio::time::sleep(CENSUS_RECHECK).await;
         };
-        if server.get("unknown") > 0 {
-            warn_once_degraded(&self.config.pool_name);
+        if server.get("unknown") > 0 && !self.degraded_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                pool = %self.config.pool_name,
+                "the census role cannot read these sessions' state in pg_stat_activity; states show as \
+                 `unknown` (counts stay exact). Grant it pg_read_all_stats for per-state figures."
+            );
         }
         let sockets = match self.peers().await {
             Some(peers) => sockets::take(&peers, direct.local_port).ok(),
@@ -284,17 +290,6 @@ impl Shared {
         }
         drop(held);
     }
-}
-
-fn warn_once_degraded(pool: &str) {
-    static WARNED: std::sync::Once = std::sync::Once::new();
-    WARNED.call_once(|| {
-        tracing::warn!(
-            pool,
-            "the census role cannot read other sessions' state in pg_stat_activity; states show as \
-             `unknown` (counts stay exact). Grant it pg_read_all_stats for per-state figures."
-        );
-    });
 }
 
 async fn run(shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {

@@ -314,3 +314,37 @@ async fn bad_config_is_an_error_naming_the_field() {
     assert_eq!(err.field, "census_interval");
     assert!(err.to_string().contains("fix:"));
 }
+
+/// The census runs as a monitoring role without `pg_read_all_stats`: counts stay exact, the
+/// states read `unknown`, one WARN says how to fix it; granting the role fixes the states.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn census_role_without_stats_privilege_degrades_to_unknown_states() {
+    recorder();
+    support::spans::install();
+    let cluster = Cluster::start();
+    let mut admin = admin(&cluster).await;
+    admin.execute("CREATE ROLE app LOGIN; CREATE ROLE monitor LOGIN").await.unwrap();
+    let pool = PgPoolOptions::new().max_connections(3).connect_with(cluster.options().username("app")).await.unwrap();
+    let census_role = cluster.options().username("monitor");
+    let watch = instrument_pool(&pool, config("degraded").direct_connect_options(census_role)).unwrap();
+    let held = futures_join(&pool, 2).await;
+
+    for _ in 0..2 {
+        let s = watch.census_now().await.expect("a degraded census still succeeds");
+        let server = s.server.clone().unwrap();
+        assert_eq!(server.total(), pool.size(), "counts stay exact: {s:?}");
+        assert_eq!(server.get("unknown"), pool.size(), "states are hidden from the monitor role");
+        assert_eq!(s.phantom, Some(0));
+    }
+    let warnings: Vec<_> = support::spans::events_at(tracing::Level::WARN)
+        .into_iter()
+        .filter(|e| e.name.contains("pg_read_all_stats") && e.fields.get("pool").is_some_and(|p| p == "degraded"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning, naming the fix: {warnings:?}");
+
+    admin.execute("GRANT pg_read_all_stats TO monitor").await.unwrap();
+    let s = watch.census_now().await.unwrap();
+    let server = s.server.unwrap();
+    assert_eq!((server.get("unknown"), server.get("idle")), (0, pool.size()), "states visible after the grant");
+    drop(held);
+}
