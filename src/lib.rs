@@ -47,7 +47,18 @@ pub use snapshot::{PoolFigures, Snapshot};
 pub use sockets::{SocketCensus, TCP_STATES};
 pub use watch::{PoolWatch, instrument_pool};
 
-/// The README's Rust examples, compiled as doctests.
-#[doc = include_str!("../README.md")]
+/// The README's and docs' Rust examples, compiled as doctests.
 #[cfg(doctest)]
-pub struct ReadmeDoctests;
+mod doc_examples {
+    #[doc = include_str!("../README.md")]
+    struct Readme;
+    #[doc = include_str!("../docs/listener.md")]
+    struct Listener;
+    #[doc = include_str!("../docs/heartbeat.md")]
+    struct Heartbeat;
+    #[doc = include_str!("../docs/progress.md")]
+    struct Progress;
+    #[cfg(feature = "telemetry")]
+    #[doc = include_str!("../docs/telemetry.md")]
+    struct Telemetry;
+}
