@@ -17,6 +17,9 @@ pub struct Config {
     pub census_interval: Duration,
     /// Connect and statement timeout of the census's dedicated connection. Default 5 s.
     pub census_timeout: Duration,
+    /// How long a connection checked out through [`WatchedPool`](crate::WatchedPool) may be
+    /// held before it is reported as a leak or stuck suspect. Default `None` (off).
+    pub leak_threshold: Option<Duration>,
 }
 
 impl Config {
@@ -27,6 +30,7 @@ impl Config {
             sample_interval: Duration::from_secs(5),
             census_interval: Duration::from_secs(15),
             census_timeout: Duration::from_secs(5),
+            leak_threshold: None,
         }
     }
 
@@ -48,6 +52,12 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::leak_threshold`], e.g. `Some(Duration::from_secs(30))`.
+    pub fn leak_threshold(mut self, threshold: Option<Duration>) -> Self {
+        self.leak_threshold = threshold;
+        self
+    }
+
     /// Checks every field; the error names the first bad one and how to fix it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let name = &self.pool_name;
@@ -65,6 +75,7 @@ impl Config {
             ("sample_interval", self.sample_interval),
             ("census_interval", self.census_interval),
             ("census_timeout", self.census_timeout),
+            ("leak_threshold", self.leak_threshold.unwrap_or(Duration::MAX)),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::new(field, "is zero", "use a positive duration (see the field's default)"));
@@ -117,6 +128,7 @@ mod tests {
             (Config::new("a").sample_interval(Duration::ZERO), "sample_interval"),
             (Config::new("a").census_interval(Duration::ZERO), "census_interval"),
             (Config::new("a").census_timeout(Duration::ZERO), "census_timeout"),
+            (Config::new("a").leak_threshold(Some(Duration::ZERO)), "leak_threshold"),
         ];
         for (config, field) in cases {
             let err = config.validate().expect_err(field);

@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+mod acquire_spans;
 pub mod attribution;
 pub mod catalog;
 mod cause;
@@ -25,13 +26,18 @@ mod census;
 mod config;
 mod direct;
 mod gauges;
+mod leak;
+mod probe;
 mod snapshot;
 mod sockets;
 mod watch;
+mod watched_pool;
 
 pub use cause::Cause;
 pub use census::{SESSION_STATES, ServerCensus};
 pub use config::{Config, ConfigError};
+pub use probe::{DURATION_BUCKETS, instrument_options, mark_connected};
 pub use snapshot::{PoolFigures, Snapshot};
 pub use sockets::{SocketCensus, TCP_STATES};
 pub use watch::{PoolWatch, instrument_pool};
+pub use watched_pool::{Watched, WatchedConnection, WatchedPool, WatchedTransaction};

@@ -1,0 +1,204 @@
+//! The figures of acquires made through a [`WatchedPool`](crate::WatchedPool): wait,
+//! waiters, timeouts, use time and create time, recorded on the hot path with pre-registered
+//! metric handles (a few atomic operations and clock reads per acquire).
+
+use std::cell::Cell;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_core::future::BoxFuture;
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnection, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+use tracing::Instrument;
+
+use crate::catalog::{self, POOL_NAME};
+use crate::leak::{Leaks, Origin};
+use crate::{Cause, Config, acquire_spans};
+
+/// Recommended histogram buckets (seconds) for the wait, use and create time histograms:
+/// 100 µs to 60 s. poolwatch only emits; set them on your recorder, e.g.
+/// `PrometheusBuilder::new().set_buckets_for_metric(Matcher::Suffix("_time_seconds".into()), DURATION_BUCKETS)`.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+thread_local! {
+    /// Set by the `after_connect` hook when a connection was just opened on this thread.
+    static CONNECTED: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Installs the `after_connect` hook that lets a [`WatchedPool`](crate::WatchedPool) measure
+/// `db_client_connection_create_time_seconds` and emit `db.pool.connect` spans.
+///
+/// It replaces any `after_connect` hook set before. If you need your own hook, call
+/// [`mark_connected`] first thing in it instead.
+pub fn instrument_options(options: PgPoolOptions) -> PgPoolOptions {
+    options.after_connect(|_conn: &mut PgConnection, _meta| -> BoxFuture<'_, Result<(), sqlx::Error>> {
+        mark_connected();
+        Box::pin(std::future::ready(Ok(())))
+    })
+}
+
+/// Tells poolwatch that a new connection was just opened. Call it at the start of your own
+/// `after_connect` hook if you do not use [`instrument_options`].
+pub fn mark_connected() {
+    CONNECTED.with(|c| c.set(Some(Instant::now())));
+}
+
+/// The metric handles and settings of one watched pool.
+#[derive(Debug)]
+pub(crate) struct Probe {
+    pub(crate) pool_name: String,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    wait: Histogram,
+    pending: Gauge,
+    timeouts: Counter,
+    use_time: Histogram,
+    create: Histogram,
+    pub(crate) leaks: Leaks,
+}
+
+impl Probe {
+    pub(crate) fn new(pool: &PgPool, config: &Config) -> Probe {
+        let p = config.pool_name.clone();
+        let options = pool.connect_options();
+        Probe {
+            wait: histogram!(catalog::WAIT_TIME.name, POOL_NAME => p.clone()),
+            pending: gauge!(catalog::PENDING_REQUESTS.name, POOL_NAME => p.clone()),
+            timeouts: counter!(catalog::TIMEOUTS.name, POOL_NAME => p.clone()),
+            use_time: histogram!(catalog::USE_TIME.name, POOL_NAME => p.clone()),
+            create: histogram!(catalog::CREATE_TIME.name, POOL_NAME => p.clone()),
+            leaks: Leaks::new(&p, config.leak_threshold),
+            host: options.get_host().to_owned(),
+            port: options.get_port(),
+            pool_name: p,
+        }
+    }
+
+    /// Waits for `acquire` (a `PgPool::acquire()` future), recording waiters, wait time,
+    /// timeouts, a new connection's create time and the `db.pool.acquire` span.
+    pub(crate) async fn acquire(
+        self: Arc<Self>,
+        acquire: impl Future<Output = Result<PoolConnection<Postgres>, sqlx::Error>>,
+        origin: Origin,
+    ) -> Result<(PoolConnection<Postgres>, Ticket), sqlx::Error> {
+        let span = acquire_spans::acquire(&self);
+        let started = Instant::now();
+        let (result, connected) = {
+            let _waiting = Waiting::new(&self.pending);
+            catch_connect(acquire).instrument(span.clone()).await
+        };
+        let now = Instant::now();
+        let waited = now - started;
+        if let Some(at) = connected {
+            let took = at.saturating_duration_since(started);
+            self.create.record(took.as_secs_f64());
+            acquire_spans::connected(&self, &span, took, None);
+        }
+        match result {
+            Ok(conn) => {
+                self.wait.record(waited.as_secs_f64());
+                acquire_spans::acquired(&span, waited);
+                Ok((conn, self.checkout(now, origin)))
+            }
+            Err(err) => {
+                let cause = Cause::of(&err);
+                match cause {
+                    Cause::PoolTimedOut => self.timeouts.increment(1),
+                    Cause::PoolClosed => {}
+                    // Any other acquire error comes from opening a new connection.
+                    _ => acquire_spans::connected(&self, &span, waited, Some(cause)),
+                }
+                acquire_spans::failed(&self, &span, waited, cause);
+                Err(err)
+            }
+        }
+    }
+
+    /// Records a connection taken without waiting (`try_acquire`).
+    pub(crate) fn took(self: Arc<Self>, origin: Origin) -> Ticket {
+        self.wait.record(0.0);
+        self.checkout(Instant::now(), origin)
+    }
+
+    fn checkout(self: Arc<Self>, acquired: Instant, origin: Origin) -> Ticket {
+        let slot = self.leaks.checkout(acquired, origin);
+        Ticket { probe: self, acquired, slot, origin, escaped: false }
+    }
+}
+
+/// Polls `acquire`, and reports when the pool's `after_connect` hook ran inside it (the
+/// connect runs in the acquiring task, so within one of these polls, on this thread).
+async fn catch_connect<T>(acquire: impl Future<Output = T>) -> (T, Option<Instant>) {
+    let mut acquire = pin!(acquire);
+    let mut connected = None;
+    let out = std::future::poll_fn(|cx| {
+        CONNECTED.with(|c| c.set(None));
+        let poll = acquire.as_mut().poll(cx);
+        if let Some(at) = CONNECTED.with(Cell::take) {
+            connected = Some(at);
+        }
+        poll
+    })
+    .await;
+    (out, connected)
+}
+
+/// Counts one waiter in `db_client_connection_pending_requests` until dropped, so a
+/// cancelled acquire (its future dropped) leaves the gauge exact.
+struct Waiting<'a>(&'a Gauge);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a Gauge) -> Self {
+        gauge.increment(1.0);
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// One checked-out connection: records its use time and ends its leak watch when dropped.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    probe: Arc<Probe>,
+    acquired: Instant,
+    slot: Option<usize>,
+    origin: Origin,
+    escaped: bool,
+}
+
+impl Ticket {
+    /// The connection left the pool for good (`leak()` or `detach()`).
+    #[track_caller]
+    pub(crate) fn escape(mut self, leaked: bool) {
+        self.escaped = true;
+        let at = std::panic::Location::caller();
+        self.probe.leaks.escaped(self.slot.take(), self.origin, at, leaked, self.acquired.elapsed());
+    }
+
+    /// How long the connection has been checked out.
+    pub(crate) fn held(&self) -> Duration {
+        self.acquired.elapsed()
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.escaped {
+            return;
+        }
+        let held = self.acquired.elapsed();
+        self.probe.use_time.record(held.as_secs_f64());
+        if let Some(slot) = self.slot {
+            self.probe.leaks.returned(slot, held);
+        }
+    }
+}
