@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod histograms;
+pub mod logs;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
