@@ -1,0 +1,189 @@
+//! What the watched pool handle costs, measured in one run against the bare pool on a
+//! throwaway local server (a bench binary: `cargo bench --bench acquire_overhead`).
+//!
+//! (a) acquire + release of an idle connection, one task: ns per pair, and the difference.
+//!     The pool has far more idle connections than the loop can use up while sqlx's release
+//!     task pings returned connections, so an acquire never waits.
+//! (b) acquire + `SELECT 1` + release, 16 tasks over 8 connections: queries per second.
+//!
+//! The app's side is set up as in production: a Prometheus recorder with the recommended
+//! buckets and an INFO `tracing` subscriber (the DEBUG spans are off). Rounds alternate
+//! between variants so machine noise hits all of them; the median round is reported.
+
+#[path = "../tests/support/cluster.rs"]
+mod cluster;
+
+use std::time::{Duration, Instant};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use poolwatch::{Config, WatchedPool, instrument_pool};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+const PAIRS: u32 = 20_000;
+const ROUNDS: usize = 7;
+const TASKS: usize = 16;
+const CONNECTIONS: u32 = 8;
+const THROUGHPUT_WINDOW: Duration = Duration::from_secs(2);
+
+#[derive(Clone)]
+enum Handle {
+    Bare(PgPool),
+    Watched(WatchedPool),
+}
+
+impl Handle {
+    async fn pair(&self) {
+        match self {
+            Handle::Bare(p) => drop(p.acquire().await.expect("acquire")),
+            Handle::Watched(p) => drop(p.acquire().await.expect("acquire")),
+        }
+    }
+
+    async fn select_1(&self) {
+        match self {
+            Handle::Bare(p) => {
+                let mut c = p.acquire().await.expect("acquire");
+                sqlx::query("SELECT 1").execute(&mut *c).await.expect("select");
+            }
+            Handle::Watched(p) => {
+                let mut c = p.acquire().await.expect("acquire");
+                sqlx::query("SELECT 1").execute(&mut *c).await.expect("select");
+            }
+        }
+    }
+}
+
+/// ns per acquire + release pair, one round.
+async fn pairs(h: &Handle) -> f64 {
+    let started = Instant::now();
+    for _ in 0..PAIRS {
+        h.pair().await;
+    }
+    started.elapsed().as_nanos() as f64 / f64::from(PAIRS)
+}
+
+/// Queries per second with 16 tasks, one round.
+async fn throughput(h: &Handle) -> f64 {
+    let deadline = Instant::now() + THROUGHPUT_WINDOW;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    h.select_1().await;
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("task");
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+async fn watched_pair(cluster: &cluster::Cluster, max: u32, name: &str, leak: bool) -> (PgPool, poolwatch::PoolWatch) {
+    let pool = PgPoolOptions::new()
+        .max_connections(max)
+        .min_connections(max)
+        .connect_with(cluster.options())
+        .await
+        .expect("connect");
+    let config = Config::new(name).leak_threshold(leak.then_some(Duration::from_secs(30)));
+    let watch = instrument_pool(&pool, config).expect("instrument");
+    (pool, watch)
+}
+
+async fn warm(pool: &PgPool) {
+    let conns: Vec<_> = futures_all(pool).await;
+    drop(conns);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+async fn futures_all(pool: &PgPool) -> Vec<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+    let mut v = Vec::new();
+    for _ in 0..pool.options().get_max_connections() {
+        v.push(pool.acquire().await.expect("warm"));
+    }
+    v
+}
+
+fn main() {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_time_seconds".into()), poolwatch::DURATION_BUCKETS)
+        .expect("buckets")
+        .install_recorder()
+        .expect("recorder");
+    tracing_subscriber::fmt().with_max_level(tracing::Level::INFO).with_writer(std::io::sink).init();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let cluster = cluster::Cluster::start();
+
+        // (a) idle acquire + release.
+        let (bare, _w0) = watched_pair(&cluster, 100, "bench_bare", false).await;
+        let (plain, w1) = watched_pair(&cluster, 100, "bench_watched", false).await;
+        let (leaky, w2) = watched_pair(&cluster, 100, "bench_leak", true).await;
+        for p in [&bare, &plain, &leaky] {
+            warm(p).await;
+        }
+        let variants = [
+            ("bare PgPool", Handle::Bare(bare.clone())),
+            ("WatchedPool", Handle::Watched(w1.pool())),
+            ("WatchedPool + leak_threshold", Handle::Watched(w2.pool())),
+        ];
+        for (_, h) in &variants {
+            pairs(h).await; // warm-up
+        }
+        let mut rounds = vec![Vec::new(); variants.len()];
+        for _ in 0..ROUNDS {
+            for (i, (_, h)) in variants.iter().enumerate() {
+                rounds[i].push(pairs(h).await);
+            }
+        }
+        let medians: Vec<f64> = rounds.into_iter().map(median).collect();
+        println!("(a) acquire + release of an idle connection, 1 task, {PAIRS} pairs x {ROUNDS} rounds (median)");
+        for ((name, _), ns) in variants.iter().zip(&medians) {
+            println!("    {name:<30} {ns:>8.0} ns/pair   added {:>+6.0} ns", ns - medians[0]);
+        }
+        drop(variants);
+        for p in [bare, plain, leaky] {
+            p.close().await;
+        }
+
+        // (b) 16 tasks, 8 connections, SELECT 1.
+        let (bare, _w3) = watched_pair(&cluster, CONNECTIONS, "bench_bare_q", false).await;
+        let (watched, w4) = watched_pair(&cluster, CONNECTIONS, "bench_watched_q", false).await;
+        let variants = [("bare PgPool", Handle::Bare(bare.clone())), ("WatchedPool", Handle::Watched(w4.pool()))];
+        let mut rounds = vec![Vec::new(); variants.len()];
+        for r in 0..4 {
+            for (i, (_, h)) in variants.iter().enumerate() {
+                let qps = throughput(h).await;
+                if r > 0 {
+                    rounds[i].push(qps); // round 0 is the warm-up
+                }
+            }
+        }
+        let medians: Vec<f64> = rounds.into_iter().map(median).collect();
+        println!(
+            "(b) acquire + SELECT 1 + release, {TASKS} tasks over {CONNECTIONS} connections, {} s x 3 rounds (median)",
+            THROUGHPUT_WINDOW.as_secs()
+        );
+        for ((name, _), qps) in variants.iter().zip(&medians) {
+            println!("    {name:<30} {qps:>8.0} queries/s");
+        }
+        println!("    throughput loss: {:.2} %", (1.0 - medians[1] / medians[0]) * 100.0);
+        bare.close().await;
+        watched.close().await;
+        drop((w1, w2, w4));
+    });
+}
