@@ -20,11 +20,12 @@ use poolwatch::{Config, WatchedPool, instrument_pool};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
-const PAIRS: u32 = 20_000;
-const ROUNDS: usize = 7;
+const PAIRS: u32 = 10_000;
+const ROUNDS: usize = 21;
+const THROUGHPUT_ROUNDS: usize = 8;
 const TASKS: usize = 16;
 const CONNECTIONS: u32 = 8;
-const THROUGHPUT_WINDOW: Duration = Duration::from_secs(2);
+const THROUGHPUT_WINDOW: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 enum Handle {
@@ -92,9 +93,18 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-async fn watched_pair(cluster: &cluster::Cluster, max: u32, name: &str, leak: bool) -> (PgPool, poolwatch::PoolWatch) {
+/// A pool of `max` connections, all opened, and its watch. `test_before_acquire` is off for
+/// (a) so an idle acquire does no I/O and the pair measures the handles themselves.
+async fn watched_pair(
+    cluster: &cluster::Cluster,
+    max: u32,
+    name: &str,
+    leak: bool,
+    test_before_acquire: bool,
+) -> (PgPool, poolwatch::PoolWatch) {
     let pool = PgPoolOptions::new()
         .max_connections(max)
+        .test_before_acquire(test_before_acquire)
         .min_connections(max)
         .connect_with(cluster.options())
         .await
@@ -119,69 +129,94 @@ async fn futures_all(pool: &PgPool) -> Vec<sqlx::pool::PoolConnection<sqlx::Post
 }
 
 fn main() {
-    PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_time_seconds".into()), poolwatch::DURATION_BUCKETS)
-        .expect("buckets")
-        .install_recorder()
-        .expect("recorder");
-    tracing_subscriber::fmt().with_max_level(tracing::Level::INFO).with_writer(std::io::sink).init();
+    if std::env::var_os("BENCH_NO_RECORDER").is_none() {
+        PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_time_seconds".into()), poolwatch::DURATION_BUCKETS)
+            .expect("buckets")
+            .install_recorder()
+            .expect("recorder");
+    }
+    if std::env::var_os("BENCH_NO_SUBSCRIBER").is_none() {
+        tracing_subscriber::fmt().with_max_level(tracing::Level::INFO).with_writer(std::io::sink).init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         let cluster = cluster::Cluster::start();
 
         // (a) idle acquire + release.
-        let (bare, _w0) = watched_pair(&cluster, 100, "bench_bare", false).await;
-        let (plain, w1) = watched_pair(&cluster, 100, "bench_watched", false).await;
-        let (leaky, w2) = watched_pair(&cluster, 100, "bench_leak", true).await;
+        let (bare, _w0) = watched_pair(&cluster, 48, "bench_bare", false, false).await;
+        let (plain, w1) = watched_pair(&cluster, 48, "bench_watched", false, false).await;
+        let (leaky, w2) = watched_pair(&cluster, 48, "bench_leak", true, false).await;
         for p in [&bare, &plain, &leaky] {
             warm(p).await;
         }
+        println!(
+            "future sizes: PgPool::acquire {} B, WatchedPool::acquire {} B",
+            std::mem::size_of_val(&bare.acquire()),
+            std::mem::size_of_val(&w1.pool().acquire())
+        );
         let variants = [
             ("bare PgPool", Handle::Bare(bare.clone())),
             ("WatchedPool", Handle::Watched(w1.pool())),
             ("WatchedPool + leak_threshold", Handle::Watched(w2.pool())),
+            ("control: bare acquire, 2nd pool", Handle::Bare(plain.clone())),
         ];
         for (_, h) in &variants {
             pairs(h).await; // warm-up
         }
         let mut rounds = vec![Vec::new(); variants.len()];
-        for _ in 0..ROUNDS {
-            for (i, (_, h)) in variants.iter().enumerate() {
-                rounds[i].push(pairs(h).await);
+        for r in 0..ROUNDS {
+            for k in 0..variants.len() {
+                let i = (r + k) % variants.len(); // rotate the order so drift hits all variants
+                rounds[i].push(pairs(&variants[i].1).await);
             }
         }
-        let medians: Vec<f64> = rounds.into_iter().map(median).collect();
-        println!("(a) acquire + release of an idle connection, 1 task, {PAIRS} pairs x {ROUNDS} rounds (median)");
-        for ((name, _), ns) in variants.iter().zip(&medians) {
-            println!("    {name:<30} {ns:>8.0} ns/pair   added {:>+6.0} ns", ns - medians[0]);
+        println!("(a) acquire + release of an idle connection, 1 task, {PAIRS} pairs x {ROUNDS} rounds");
+        for (i, (name, _)) in variants.iter().enumerate() {
+            let added: Vec<f64> = rounds[i].iter().zip(&rounds[0]).map(|(w, b)| w - b).collect();
+            println!(
+                "    {name:<30} median {:>7.0} ns/pair (min {:>6.0})   added vs bare: median {:>+6.0} ns",
+                median(rounds[i].clone()),
+                rounds[i].iter().copied().fold(f64::MAX, f64::min),
+                median(added)
+            );
         }
         drop(variants);
         for p in [bare, plain, leaky] {
             p.close().await;
         }
 
+        if std::env::var_os("BENCH_ONLY_A").is_some() {
+            return;
+        }
         // (b) 16 tasks, 8 connections, SELECT 1.
-        let (bare, _w3) = watched_pair(&cluster, CONNECTIONS, "bench_bare_q", false).await;
-        let (watched, w4) = watched_pair(&cluster, CONNECTIONS, "bench_watched_q", false).await;
+        let (bare, _w3) = watched_pair(&cluster, CONNECTIONS, "bench_bare_q", false, true).await;
+        let (watched, w4) = watched_pair(&cluster, CONNECTIONS, "bench_watched_q", false, true).await;
         let variants = [("bare PgPool", Handle::Bare(bare.clone())), ("WatchedPool", Handle::Watched(w4.pool()))];
+        for (_, h) in &variants {
+            throughput(h).await; // warm-up
+        }
         let mut rounds = vec![Vec::new(); variants.len()];
-        for r in 0..4 {
-            for (i, (_, h)) in variants.iter().enumerate() {
-                let qps = throughput(h).await;
-                if r > 0 {
-                    rounds[i].push(qps); // round 0 is the warm-up
-                }
+        for r in 0..THROUGHPUT_ROUNDS {
+            for k in 0..variants.len() {
+                let i = (r + k) % variants.len();
+                rounds[i].push(throughput(&variants[i].1).await);
             }
         }
-        let medians: Vec<f64> = rounds.into_iter().map(median).collect();
         println!(
-            "(b) acquire + SELECT 1 + release, {TASKS} tasks over {CONNECTIONS} connections, {} s x 3 rounds (median)",
+            "(b) acquire + SELECT 1 + release, {TASKS} tasks over {CONNECTIONS} connections, {} s x {THROUGHPUT_ROUNDS} rounds",
             THROUGHPUT_WINDOW.as_secs()
         );
-        for ((name, _), qps) in variants.iter().zip(&medians) {
-            println!("    {name:<30} {qps:>8.0} queries/s");
+        for (i, (name, _)) in variants.iter().enumerate() {
+            let qps: Vec<String> = rounds[i].iter().map(|q| format!("{q:.0}")).collect();
+            println!("    {name:<30} median {:>8.0} queries/s   rounds: {}", median(rounds[i].clone()), qps.join(" "));
         }
-        println!("    throughput loss: {:.2} %", (1.0 - medians[1] / medians[0]) * 100.0);
+        let loss: Vec<f64> = rounds[1].iter().zip(&rounds[0]).map(|(w, b)| (1.0 - w / b) * 100.0).collect();
+        println!(
+            "    throughput loss: {:.2} % (medians), {:.2} % (median of per-round pairs)",
+            (1.0 - median(rounds[1].clone()) / median(rounds[0].clone())) * 100.0,
+            median(loss)
+        );
         bare.close().await;
         watched.close().await;
         drop((w1, w2, w4));

@@ -3,16 +3,18 @@
 //! metric handles (a few atomic operations and clock reads per acquire).
 
 use std::cell::Cell;
-use std::pin::pin;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_core::future::BoxFuture;
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use pin_project_lite::pin_project;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
-use tracing::Instrument;
+use tracing::Span;
 
 use crate::catalog::{self, POOL_NAME};
 use crate::leak::{Leaks, Origin};
@@ -79,31 +81,41 @@ impl Probe {
         }
     }
 
-    /// Waits for `acquire` (a `PgPool::acquire()` future), recording waiters, wait time,
-    /// timeouts, a new connection's create time and the `db.pool.acquire` span.
-    pub(crate) async fn acquire(
+    /// Wraps `acquire` (a `PgPool::acquire()` future): while it runs it counts as a waiter;
+    /// when it ends it records the wait, a timeout, a new connection's create time and the
+    /// `db.pool.acquire` span, and `finish` turns the connection and its [`Ticket`] into `T`.
+    pub(crate) fn acquire<F, T>(
         self: Arc<Self>,
-        acquire: impl Future<Output = Result<PoolConnection<Postgres>, sqlx::Error>>,
+        acquire: F,
+        origin: Origin,
+        finish: fn(PoolConnection<Postgres>, Ticket) -> T,
+    ) -> Acquiring<F, T>
+    where
+        F: Future<Output = Result<PoolConnection<Postgres>, sqlx::Error>>,
+    {
+        Acquiring { inner: acquire, probe: self, origin, finish, span: Span::none(), started: None, connected: None }
+    }
+
+    fn acquired(
+        self: &Arc<Self>,
+        span: &Span,
+        started: Instant,
+        connected: Option<Instant>,
+        result: Result<PoolConnection<Postgres>, sqlx::Error>,
         origin: Origin,
     ) -> Result<(PoolConnection<Postgres>, Ticket), sqlx::Error> {
-        let span = acquire_spans::acquire(&self);
-        let started = Instant::now();
-        let (result, connected) = {
-            let _waiting = Waiting::new(&self.pending);
-            catch_connect(acquire).instrument(span.clone()).await
-        };
         let now = Instant::now();
         let waited = now - started;
         if let Some(at) = connected {
             let took = at.saturating_duration_since(started);
             self.create.record(took.as_secs_f64());
-            acquire_spans::connected(&self, &span, took, None);
+            acquire_spans::connected(self, span, took, None);
         }
         match result {
             Ok(conn) => {
                 self.wait.record(waited.as_secs_f64());
-                acquire_spans::acquired(&span, waited);
-                Ok((conn, self.checkout(now, origin)))
+                acquire_spans::acquired(span, waited);
+                Ok((conn, Arc::clone(self).checkout(now, origin)))
             }
             Err(err) => {
                 let cause = Cause::of(&err);
@@ -111,9 +123,9 @@ impl Probe {
                     Cause::PoolTimedOut => self.timeouts.increment(1),
                     Cause::PoolClosed => {}
                     // Any other acquire error comes from opening a new connection.
-                    _ => acquire_spans::connected(&self, &span, waited, Some(cause)),
+                    _ => acquire_spans::connected(self, span, waited, Some(cause)),
                 }
-                acquire_spans::failed(&self, &span, waited, cause);
+                acquire_spans::failed(self, span, waited, cause);
                 Err(err)
             }
         }
@@ -131,37 +143,67 @@ impl Probe {
     }
 }
 
-/// Polls `acquire`, and reports when the pool's `after_connect` hook ran inside it (the
-/// connect runs in the acquiring task, so within one of these polls, on this thread).
-async fn catch_connect<T>(acquire: impl Future<Output = T>) -> (T, Option<Instant>) {
-    let mut acquire = pin!(acquire);
-    let mut connected = None;
-    let out = std::future::poll_fn(|cx| {
-        CONNECTED.with(|c| c.set(None));
-        let poll = acquire.as_mut().poll(cx);
-        if let Some(at) = CONNECTED.with(Cell::take) {
-            connected = Some(at);
+pin_project! {
+    /// The future of a watched acquire. Hand-written rather than an `async fn` so it holds
+    /// sqlx's acquire future once, in place: nested `async` layers each kept a copy of it and
+    /// made the future six times larger, which cost microseconds of copying per acquire.
+    pub(crate) struct Acquiring<F, T> {
+        #[pin]
+        inner: F,
+        probe: Arc<Probe>,
+        origin: Origin,
+        finish: fn(PoolConnection<Postgres>, Ticket) -> T,
+        span: Span,
+        // Set at the first poll, when the caller starts waiting (and counts in the gauge).
+        started: Option<Instant>,
+        connected: Option<Instant>,
+    }
+
+    impl<F, T> PinnedDrop for Acquiring<F, T> {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped while waiting (cancelled): the waiter leaves the gauge.
+            if this.started.is_some() {
+                this.probe.pending.decrement(1.0);
+            }
         }
-        poll
-    })
-    .await;
-    (out, connected)
-}
-
-/// Counts one waiter in `db_client_connection_pending_requests` until dropped, so a
-/// cancelled acquire (its future dropped) leaves the gauge exact.
-struct Waiting<'a>(&'a Gauge);
-
-impl<'a> Waiting<'a> {
-    fn new(gauge: &'a Gauge) -> Self {
-        gauge.increment(1.0);
-        Waiting(gauge)
     }
 }
 
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.decrement(1.0);
+impl<F, T> Future for Acquiring<F, T>
+where
+    F: Future<Output = Result<PoolConnection<Postgres>, sqlx::Error>>,
+{
+    type Output = Result<T, sqlx::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let started = match *this.started {
+            Some(at) => at,
+            None => {
+                // The origin's span is current here: the caller is polling us.
+                *this.span = acquire_spans::acquire(this.probe);
+                this.probe.pending.increment(1.0);
+                *this.started.insert(Instant::now())
+            }
+        };
+        let entered = this.span.enter();
+        // The pool's `after_connect` hook runs inside this poll, on this thread, when the
+        // acquire opens a connection: it stamps CONNECTED.
+        CONNECTED.with(|c| c.set(None));
+        let poll = this.inner.poll(cx);
+        if let Some(at) = CONNECTED.with(Cell::take) {
+            *this.connected = Some(at);
+        }
+        drop(entered);
+        let Poll::Ready(result) = poll else { return Poll::Pending };
+        *this.started = None;
+        this.probe.pending.decrement(1.0);
+        let finish = *this.finish;
+        Poll::Ready(
+            this.probe
+                .acquired(this.span, started, this.connected.take(), result, *this.origin)
+                .map(|(conn, ticket)| finish(conn, ticket)),
+        )
     }
 }
 

@@ -271,8 +271,8 @@ async fn use_time_create_time_and_executor() {
     .await;
     drop(bare);
     assert_eq!(value("db_client_connection_wait_time_seconds_count", "usage"), 9.0);
-    let connect = logs::lines_with("db.pool.connect");
-    assert!(connect.is_empty(), "a successful connect logs nothing at INFO/WARN: {connect:?}");
+    let connect = logs::lines_with("db.client.connection.pool.name=usage");
+    assert!(connect.is_empty(), "successful acquires and connects log nothing at INFO/WARN: {connect:?}");
 }
 
 async fn futures_join3(pool: &WatchedPool) -> Vec<poolwatch::WatchedConnection> {
@@ -317,4 +317,43 @@ async fn figures_stay_exact_under_64_tasks_and_100k_cycles() {
     assert_eq!(value("db_client_connection_timeouts_total", "load"), 0.0);
     assert_eq!(value("poolwatch_leak_suspects", "load"), 0.0);
     assert_eq!(value("poolwatch_leak_suspects_total", "load"), 0.0);
+}
+
+/// Failed acquires are classified in the span and logged once at WARN: a connect error
+/// (`db.pool.connect` with `error.type`), and a closed pool. A detached connection is a
+/// suspect reported once; it leaves the gauge since its slot is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_classified_and_detach_is_reported() {
+    setup();
+    let cluster = Cluster::start();
+    let options = instrument_options(PgPoolOptions::new().max_connections(2));
+    let broken = options.connect_lazy_with(cluster.options().database("no_such_database"));
+    let watch = instrument_pool(&broken, config("broken")).unwrap();
+    let err = watch.pool().acquire().await.expect_err("the database does not exist");
+    assert_eq!(err.as_database_error().and_then(|e| e.code()).as_deref(), Some("3D000"), "{err}");
+    let connect = logs::lines_with("opening a new connection failed");
+    let connect = connect.iter().find(|l| l.contains("db.client.connection.pool.name=broken")).expect("connect WARN");
+    assert!(connect.contains("db.pool.connect{") && connect.contains("error.type=\"other\""), "{connect}");
+    let failed = logs::lines_with("acquire failed");
+    let failed = failed.iter().find(|l| l.contains("pool=broken")).expect("acquire WARN");
+    assert!(failed.contains("poolwatch.outcome=\"error\""), "{failed}");
+    assert_eq!(value("db_client_connection_timeouts_total", "broken"), 0.0);
+    assert_eq!(value("db_client_connection_pending_requests", "broken"), 0.0);
+
+    let config = config("closing").leak_threshold(Some(Duration::from_secs(60)));
+    let (pool, _watch, wpool) = watched(&cluster, PgPoolOptions::new().max_connections(2), config).await;
+    let conn = wpool.acquire().await.unwrap();
+    let (raw, line) = (conn.detach(), line!());
+    assert_eq!(value("poolwatch_leak_suspects_total", "closing"), 1.0);
+    assert_eq!(value("poolwatch_leak_suspects", "closing"), 0.0, "detach() frees the slot");
+    let warns = logs::lines_with("detach()");
+    let warn = warns.iter().find(|l| l.contains("pool=closing")).expect("a WARN for detach()");
+    assert!(warn.contains(&format!("taken_out_at=tests/acquire.rs:{line}")), "{warn}");
+    drop(raw);
+
+    pool.close().await;
+    let err = wpool.acquire().await.expect_err("the pool is closed");
+    assert!(matches!(err, sqlx::Error::PoolClosed), "{err}");
+    let failed = logs::lines_with("acquire failed");
+    assert!(failed.iter().any(|l| l.contains("pool=closing") && l.contains("outcome=\"closed\"")), "{failed:#?}");
 }
