@@ -22,7 +22,7 @@ use sqlx::postgres::PgPoolOptions;
 
 const PAIRS: u32 = 10_000;
 const ROUNDS: usize = 21;
-const THROUGHPUT_ROUNDS: usize = 8;
+const THROUGHPUT_ROUNDS: usize = 16;
 const TASKS: usize = 16;
 const CONNECTIONS: u32 = 8;
 const THROUGHPUT_WINDOW: Duration = Duration::from_secs(1);
@@ -55,17 +55,30 @@ impl Handle {
     }
 }
 
-/// ns per acquire + release pair, one round.
-async fn pairs(h: &Handle) -> f64 {
+/// Wall ns and client CPU ns per acquire + release pair, one round.
+async fn pairs(h: &Handle) -> (f64, f64) {
+    let cpu = cpu_ns();
     let started = Instant::now();
     for _ in 0..PAIRS {
         h.pair().await;
     }
-    started.elapsed().as_nanos() as f64 / f64::from(PAIRS)
+    let wall = started.elapsed().as_nanos() as f64 / f64::from(PAIRS);
+    (wall, (cpu_ns() - cpu) as f64 / f64::from(PAIRS))
 }
 
-/// Queries per second with 16 tasks, one round.
-async fn throughput(h: &Handle) -> f64 {
+/// CPU time this process has used so far (all live threads), in ns (Linux).
+fn cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Queries per second with 16 tasks, and this process's CPU µs per query, one round.
+async fn throughput(h: &Handle) -> (f64, f64) {
+    let cpu = cpu_ns();
     let deadline = Instant::now() + THROUGHPUT_WINDOW;
     let started = Instant::now();
     let tasks: Vec<_> = (0..TASKS)
@@ -85,7 +98,8 @@ async fn throughput(h: &Handle) -> f64 {
     for t in tasks {
         total += t.await.expect("task");
     }
-    total as f64 / started.elapsed().as_secs_f64()
+    let cpu_us = (cpu_ns() - cpu) as f64 / 1000.0 / total as f64;
+    (total as f64 / started.elapsed().as_secs_f64(), cpu_us)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -159,26 +173,32 @@ fn main() {
             ("bare PgPool", Handle::Bare(bare.clone())),
             ("WatchedPool", Handle::Watched(w1.pool())),
             ("WatchedPool + leak_threshold", Handle::Watched(w2.pool())),
-            ("control: bare acquire, 2nd pool", Handle::Bare(plain.clone())),
+            ("control: bare, 2nd pool", Handle::Bare(plain.clone())),
         ];
         for (_, h) in &variants {
-            pairs(h).await; // warm-up
+            let _ = pairs(h).await; // warm-up
         }
         let mut rounds = vec![Vec::new(); variants.len()];
+        let mut cpu = vec![Vec::new(); variants.len()];
         for r in 0..ROUNDS {
             for k in 0..variants.len() {
                 let i = (r + k) % variants.len(); // rotate the order so drift hits all variants
-                rounds[i].push(pairs(&variants[i].1).await);
+                let (wall, cpu_ns) = pairs(&variants[i].1).await;
+                rounds[i].push(wall);
+                cpu[i].push(cpu_ns);
             }
         }
         println!("(a) acquire + release of an idle connection, 1 task, {PAIRS} pairs x {ROUNDS} rounds");
         for (i, (name, _)) in variants.iter().enumerate() {
             let added: Vec<f64> = rounds[i].iter().zip(&rounds[0]).map(|(w, b)| w - b).collect();
+            let cpu_added: Vec<f64> = cpu[i].iter().zip(&cpu[0]).map(|(w, b)| w - b).collect();
             println!(
-                "    {name:<30} median {:>7.0} ns/pair (min {:>6.0})   added vs bare: median {:>+6.0} ns",
+                "    {name:<32} median {:>6.0} ns/pair (min {:>6.0}), added {:>+5.0} ns;  client CPU {:>6.0} ns/pair, added {:>+5.0} ns",
                 median(rounds[i].clone()),
                 rounds[i].iter().copied().fold(f64::MAX, f64::min),
-                median(added)
+                median(added),
+                median(cpu[i].clone()),
+                median(cpu_added),
             );
         }
         drop(variants);
@@ -194,13 +214,16 @@ fn main() {
         let (watched, w4) = watched_pair(&cluster, CONNECTIONS, "bench_watched_q", false, true).await;
         let variants = [("bare PgPool", Handle::Bare(bare.clone())), ("WatchedPool", Handle::Watched(w4.pool()))];
         for (_, h) in &variants {
-            throughput(h).await; // warm-up
+            let _ = throughput(h).await; // warm-up
         }
         let mut rounds = vec![Vec::new(); variants.len()];
+        let mut cpu = vec![Vec::new(); variants.len()];
         for r in 0..THROUGHPUT_ROUNDS {
             for k in 0..variants.len() {
                 let i = (r + k) % variants.len();
-                rounds[i].push(throughput(&variants[i].1).await);
+                let (qps, cpu_us) = throughput(&variants[i].1).await;
+                rounds[i].push(qps);
+                cpu[i].push(cpu_us);
             }
         }
         println!(
@@ -209,7 +232,12 @@ fn main() {
         );
         for (i, (name, _)) in variants.iter().enumerate() {
             let qps: Vec<String> = rounds[i].iter().map(|q| format!("{q:.0}")).collect();
-            println!("    {name:<30} median {:>8.0} queries/s   rounds: {}", median(rounds[i].clone()), qps.join(" "));
+            println!(
+                "    {name:<30} median {:>8.0} queries/s, {:.2} µs client CPU/query   rounds: {}",
+                median(rounds[i].clone()),
+                median(cpu[i].clone()),
+                qps.join(" ")
+            );
         }
         let loss: Vec<f64> = rounds[1].iter().zip(&rounds[0]).map(|(w, b)| (1.0 - w / b) * 100.0).collect();
         println!(
@@ -217,6 +245,8 @@ fn main() {
             (1.0 - median(rounds[1].clone()) / median(rounds[0].clone())) * 100.0,
             median(loss)
         );
+        let added: Vec<f64> = cpu[1].iter().zip(&cpu[0]).map(|(w, b)| (w - b) * 1000.0).collect();
+        println!("    client CPU added per query: median of per-round pairs {:+.0} ns", median(added));
         bare.close().await;
         watched.close().await;
         drop((w1, w2, w4));

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use futures_core::future::BoxFuture;
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
-use pin_project_lite::pin_project;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
@@ -81,19 +80,25 @@ impl Probe {
         }
     }
 
-    /// Wraps `acquire` (a `PgPool::acquire()` future): while it runs it counts as a waiter;
-    /// when it ends it records the wait, a timeout, a new connection's create time and the
-    /// `db.pool.acquire` span, and `finish` turns the connection and its [`Ticket`] into `T`.
-    pub(crate) fn acquire<F, T>(
+    /// A watched acquire on `pool`: while it runs it counts as a waiter; when it ends it
+    /// records the wait, a timeout, a new connection's create time and the `db.pool.acquire`
+    /// span, and `finish` turns the connection and its [`Ticket`] into `T`.
+    pub(crate) fn acquire<T>(
         self: Arc<Self>,
-        acquire: F,
+        pool: &PgPool,
         origin: Origin,
         finish: fn(PoolConnection<Postgres>, Ticket) -> T,
-    ) -> Acquiring<F, T>
-    where
-        F: Future<Output = Result<PoolConnection<Postgres>, sqlx::Error>>,
-    {
-        Acquiring { inner: acquire, probe: self, origin, finish, span: Span::none(), started: None, connected: None }
+    ) -> Acquiring<T> {
+        Acquiring {
+            pool: pool.clone(),
+            inner: None,
+            probe: self,
+            origin,
+            finish,
+            span: Span::none(),
+            started: Instant::now(),
+            connected: None,
+        }
     }
 
     fn acquired(
@@ -143,67 +148,66 @@ impl Probe {
     }
 }
 
-pin_project! {
-    /// The future of a watched acquire. Hand-written rather than an `async fn` so it holds
-    /// sqlx's acquire future once, in place: nested `async` layers each kept a copy of it and
-    /// made the future six times larger, which cost microseconds of copying per acquire.
-    pub(crate) struct Acquiring<F, T> {
-        #[pin]
-        inner: F,
-        probe: Arc<Probe>,
-        origin: Origin,
-        finish: fn(PoolConnection<Postgres>, Ticket) -> T,
-        span: Span,
-        // Set at the first poll, when the caller starts waiting (and counts in the gauge).
-        started: Option<Instant>,
-        connected: Option<Instant>,
-    }
+type PoolAcquire = Pin<Box<dyn Future<Output = Result<PoolConnection<Postgres>, sqlx::Error>> + Send>>;
 
-    impl<F, T> PinnedDrop for Acquiring<F, T> {
-        fn drop(this: Pin<&mut Self>) {
-            // Dropped while waiting (cancelled): the waiter leaves the gauge.
-            if this.started.is_some() {
-                this.probe.pending.decrement(1.0);
-            }
-        }
-    }
+/// The future of a watched acquire. sqlx's acquire future (8.6 KB) is boxed at the first
+/// poll, so this future stays small: moving it, and the caller's future that holds it, copies
+/// about a hundred bytes instead of kilobytes.
+pub(crate) struct Acquiring<T> {
+    pool: PgPool,
+    /// sqlx's acquire; `Some` from the first poll until it finishes (the caller is waiting
+    /// and counts in the gauge meanwhile).
+    inner: Option<PoolAcquire>,
+    probe: Arc<Probe>,
+    origin: Origin,
+    finish: fn(PoolConnection<Postgres>, Ticket) -> T,
+    span: Span,
+    started: Instant,
+    connected: Option<Instant>,
 }
 
-impl<F, T> Future for Acquiring<F, T>
-where
-    F: Future<Output = Result<PoolConnection<Postgres>, sqlx::Error>>,
-{
+impl<T> Future for Acquiring<T> {
     type Output = Result<T, sqlx::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let started = match *this.started {
-            Some(at) => at,
+        let this = self.get_mut();
+        let inner = match &mut this.inner {
+            Some(inner) => inner,
             None => {
-                // The origin's span is current here: the caller is polling us.
-                *this.span = acquire_spans::acquire(this.probe);
+                // The caller's span is current here: it is polling us.
+                this.span = acquire_spans::acquire(&this.probe);
                 this.probe.pending.increment(1.0);
-                *this.started.insert(Instant::now())
+                this.started = Instant::now();
+                this.inner.insert(Box::pin(this.pool.acquire()))
             }
         };
         let entered = this.span.enter();
         // The pool's `after_connect` hook runs inside this poll, on this thread, when the
         // acquire opens a connection: it stamps CONNECTED.
         CONNECTED.with(|c| c.set(None));
-        let poll = this.inner.poll(cx);
+        let poll = inner.as_mut().poll(cx);
         if let Some(at) = CONNECTED.with(Cell::take) {
-            *this.connected = Some(at);
+            this.connected = Some(at);
         }
         drop(entered);
         let Poll::Ready(result) = poll else { return Poll::Pending };
-        *this.started = None;
+        this.inner = None;
         this.probe.pending.decrement(1.0);
-        let finish = *this.finish;
+        let finish = this.finish;
         Poll::Ready(
             this.probe
-                .acquired(this.span, started, this.connected.take(), result, *this.origin)
+                .acquired(&this.span, this.started, this.connected.take(), result, this.origin)
                 .map(|(conn, ticket)| finish(conn, ticket)),
         )
+    }
+}
+
+impl<T> Drop for Acquiring<T> {
+    fn drop(&mut self) {
+        // Dropped while waiting (cancelled): the waiter leaves the gauge.
+        if self.inner.is_some() {
+            self.probe.pending.decrement(1.0);
+        }
     }
 }
 

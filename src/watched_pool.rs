@@ -57,7 +57,7 @@ impl WatchedPool {
     }
 
     fn acquire_from(&self, origin: Origin) -> impl Future<Output = Result<WatchedConnection, sqlx::Error>> + 'static {
-        Arc::clone(&self.probe).acquire(self.pool.acquire(), origin, |inner, ticket| Watched { inner, ticket })
+        Arc::clone(&self.probe).acquire(&self.pool, origin, |inner, ticket| Watched { inner, ticket })
     }
 
     /// Takes an idle connection if one is available now, like `PgPool::try_acquire`.
@@ -72,8 +72,7 @@ impl WatchedPool {
     /// counts as in use until the transaction is committed, rolled back or dropped.
     #[track_caller]
     pub fn begin(&self) -> impl Future<Output = Result<WatchedTransaction, sqlx::Error>> + Send + 'static {
-        // Boxed: the transaction's own future follows it in the same state.
-        let acquire = Box::pin(self.acquire_from(Origin::Caller(Location::caller())));
+        let acquire = self.acquire_from(Origin::Caller(Location::caller()));
         async move {
             let Watched { inner, ticket } = acquire.await?;
             let inner = Transaction::begin(inner, None).await?;
