@@ -144,9 +144,10 @@ impl Leaks {
         );
     }
 
-    /// Reports every checkout held past the threshold that was not reported yet.
-    pub(crate) fn scan(&self) {
-        let Some(threshold) = self.threshold else { return };
+    /// Reports every checkout held past the threshold that was not reported yet; returns
+    /// how many it reported.
+    pub(crate) fn scan(&self) -> usize {
+        let Some(threshold) = self.threshold else { return 0 };
         let now = Instant::now();
         let mut found = Vec::new();
         if let Ok(mut slab) = self.slab.lock() {
@@ -160,6 +161,7 @@ impl Leaks {
                 }
             }
         }
+        let reported = found.len();
         for (origin, span, held) in found {
             tracing::warn!(
                 parent: &span,
@@ -170,5 +172,37 @@ impl Leaks {
                 "connection checked out longer than leak_threshold: leak or stuck suspect"
             );
         }
+        reported
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suspects_are_reported_once_and_slots_are_reused() {
+        let leaks = Leaks::new("unit", Some(Duration::from_millis(50)));
+        let here = Origin::Caller(Location::caller());
+        let old = Instant::now() - Duration::from_secs(1);
+        let a = leaks.checkout(old, here).unwrap();
+        let b = leaks.checkout(Instant::now(), here).unwrap();
+        assert_eq!(leaks.scan(), 1, "only the connection held past the threshold");
+        assert_eq!(leaks.scan(), 0, "reported once");
+        leaks.returned(a, Duration::from_secs(1));
+        leaks.returned(b, Duration::ZERO);
+        for _ in 0..1000 {
+            let s = leaks.checkout(Instant::now(), here).unwrap();
+            leaks.returned(s, Duration::ZERO);
+        }
+        assert_eq!(leaks.slab.lock().unwrap().entries.len(), 2, "memory is bounded by checkouts at once");
+    }
+
+    #[test]
+    fn nothing_is_registered_when_off() {
+        let leaks = Leaks::new("unit", None);
+        assert_eq!(leaks.checkout(Instant::now(), Origin::Executor), None);
+        assert_eq!(leaks.scan(), 0);
+        assert_eq!(leaks.scan_every(), None);
     }
 }

@@ -52,6 +52,7 @@ pub fn mark_connected() {
 /// The metric handles and settings of one watched pool.
 #[derive(Debug)]
 pub(crate) struct Probe {
+    pub(crate) pool: PgPool,
     pub(crate) pool_name: String,
     pub(crate) host: String,
     pub(crate) port: u16,
@@ -76,6 +77,7 @@ impl Probe {
             leaks: Leaks::new(&p, config.leak_threshold),
             host: options.get_host().to_owned(),
             port: options.get_port(),
+            pool: pool.clone(),
             pool_name: p,
         }
     }
@@ -85,12 +87,10 @@ impl Probe {
     /// span, and `finish` turns the connection and its [`Ticket`] into `T`.
     pub(crate) fn acquire<T>(
         self: Arc<Self>,
-        pool: &PgPool,
         origin: Origin,
         finish: fn(PoolConnection<Postgres>, Ticket) -> T,
     ) -> Acquiring<T> {
         Acquiring {
-            pool: pool.clone(),
             inner: None,
             probe: self,
             origin,
@@ -154,7 +154,6 @@ type PoolAcquire = Pin<Box<dyn Future<Output = Result<PoolConnection<Postgres>, 
 /// poll, so this future stays small: moving it, and the caller's future that holds it, copies
 /// about a hundred bytes instead of kilobytes.
 pub(crate) struct Acquiring<T> {
-    pool: PgPool,
     /// sqlx's acquire; `Some` from the first poll until it finishes (the caller is waiting
     /// and counts in the gauge meanwhile).
     inner: Option<PoolAcquire>,
@@ -178,7 +177,7 @@ impl<T> Future for Acquiring<T> {
                 this.span = acquire_spans::acquire(&this.probe);
                 this.probe.pending.increment(1.0);
                 this.started = Instant::now();
-                this.inner.insert(Box::pin(this.pool.acquire()))
+                this.inner.insert(Box::pin(this.probe.pool.acquire()))
             }
         };
         let entered = this.span.enter();

@@ -83,7 +83,7 @@ impl PoolWatch {
     /// The watched pool handle: use it instead of the bare pool so acquires are timed and
     /// watched for leaks. Leak suspects are scanned for while this `PoolWatch` lives.
     pub fn pool(&self) -> WatchedPool {
-        WatchedPool::new(self.shared.pool.clone(), Arc::clone(&self.shared.probe))
+        WatchedPool::new(Arc::clone(&self.shared.probe))
     }
 
     /// The `application_name` that marks this pool's connections on the server.
@@ -275,7 +275,7 @@ async fn run(shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
             _ = &mut stop => break,
             _ = &mut closed => break,
             _ = sample.tick() => shared.sample(),
-            _ = leak_scan.tick(), if scan_every.is_some() => shared.probe.leaks.scan(),
+            _ = leak_scan.tick(), if scan_every.is_some() => { shared.probe.leaks.scan(); }
             _ = census.tick() => tokio::select! {
                 _ = &mut stop => break,
                 _ = &mut closed => break,

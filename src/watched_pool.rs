@@ -19,7 +19,7 @@ use crate::leak::Origin;
 use crate::probe::{Probe, Ticket};
 
 /// A watched `PgPool`: get it with [`PoolWatch::pool`](crate::PoolWatch::pool). Cheap to
-/// clone (two `Arc`s). Use it where you used the pool: `acquire()`, `begin()`,
+/// clone (one `Arc`). Use it where you used the pool: `acquire()`, `begin()`,
 /// `try_acquire()`, and `sqlx::query(..).fetch_one(&pool)` (it is an [`Executor`]).
 ///
 /// Acquires through it record `db_client_connection_wait_time_seconds`,
@@ -27,9 +27,19 @@ use crate::probe::{Probe, Ticket};
 /// (with [`instrument_options`](crate::instrument_options)), the `db.pool.acquire` span, and
 /// leak suspects when [`Config::leak_threshold`](crate::Config::leak_threshold) is set.
 /// Acquires made with the bare pool still show in the sampled `db_client_connection_count`.
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// let watch = poolwatch::instrument_pool(&pool, poolwatch::Config::new("main"))?;
+/// let db = watch.pool();
+/// let mut conn = db.acquire().await?;
+/// sqlx::query("SELECT 1").execute(&mut *conn).await?;
+/// drop(conn); // use time recorded
+/// let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&db).await?;
+/// # let _ = one; Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct WatchedPool {
-    pool: PgPool,
     probe: Arc<Probe>,
 }
 
@@ -40,13 +50,13 @@ impl fmt::Debug for WatchedPool {
 }
 
 impl WatchedPool {
-    pub(crate) fn new(pool: PgPool, probe: Arc<Probe>) -> Self {
-        WatchedPool { pool, probe }
+    pub(crate) fn new(probe: Arc<Probe>) -> Self {
+        WatchedPool { probe }
     }
 
     /// The bare pool (its acquires are not timed).
     pub fn inner(&self) -> &PgPool {
-        &self.pool
+        &self.probe.pool
     }
 
     /// Waits for a connection, like `PgPool::acquire`. The caller's source location is kept
@@ -57,14 +67,14 @@ impl WatchedPool {
     }
 
     fn acquire_from(&self, origin: Origin) -> impl Future<Output = Result<WatchedConnection, sqlx::Error>> + 'static {
-        Arc::clone(&self.probe).acquire(&self.pool, origin, |inner, ticket| Watched { inner, ticket })
+        Arc::clone(&self.probe).acquire(origin, |inner, ticket| Watched { inner, ticket })
     }
 
     /// Takes an idle connection if one is available now, like `PgPool::try_acquire`.
     #[track_caller]
     pub fn try_acquire(&self) -> Option<WatchedConnection> {
         let origin = Origin::Caller(Location::caller());
-        let inner = self.pool.try_acquire()?;
+        let inner = self.probe.pool.try_acquire()?;
         Some(Watched { inner, ticket: Arc::clone(&self.probe).took(origin) })
     }
 
