@@ -92,6 +92,7 @@ impl Probe {
     ) -> Acquiring<T> {
         Acquiring {
             inner: None,
+            waiting: false,
             probe: self,
             origin,
             finish,
@@ -154,9 +155,12 @@ type PoolAcquire = Pin<Box<dyn Future<Output = Result<PoolConnection<Postgres>, 
 /// poll, so this future stays small: moving it, and the caller's future that holds it, copies
 /// about a hundred bytes instead of kilobytes.
 pub(crate) struct Acquiring<T> {
-    /// sqlx's acquire; `Some` from the first poll until it finishes (the caller is waiting
-    /// and counts in the gauge meanwhile).
+    /// sqlx's acquire, from the first poll until it finishes.
     inner: Option<PoolAcquire>,
+    /// The first poll found no connection ready: the caller waits and counts in
+    /// `pending_requests` until it gets one, fails, or drops this future. (An acquire that
+    /// completes at its first poll never waited and skips the gauge.)
+    waiting: bool,
     probe: Arc<Probe>,
     origin: Origin,
     finish: fn(PoolConnection<Postgres>, Ticket) -> T,
@@ -175,7 +179,6 @@ impl<T> Future for Acquiring<T> {
             None => {
                 // The caller's span is current here: it is polling us.
                 this.span = acquire_spans::acquire(&this.probe);
-                this.probe.pending.increment(1.0);
                 this.started = Instant::now();
                 this.inner.insert(Box::pin(this.probe.pool.acquire()))
             }
@@ -189,9 +192,17 @@ impl<T> Future for Acquiring<T> {
             this.connected = Some(at);
         }
         drop(entered);
-        let Poll::Ready(result) = poll else { return Poll::Pending };
+        let Poll::Ready(result) = poll else {
+            if !this.waiting {
+                this.waiting = true;
+                this.probe.pending.increment(1.0);
+            }
+            return Poll::Pending;
+        };
         this.inner = None;
-        this.probe.pending.decrement(1.0);
+        if std::mem::take(&mut this.waiting) {
+            this.probe.pending.decrement(1.0);
+        }
         let finish = this.finish;
         Poll::Ready(
             this.probe
@@ -204,7 +215,7 @@ impl<T> Future for Acquiring<T> {
 impl<T> Drop for Acquiring<T> {
     fn drop(&mut self) {
         // Dropped while waiting (cancelled): the waiter leaves the gauge.
-        if self.inner.is_some() {
+        if self.waiting {
             self.probe.pending.decrement(1.0);
         }
     }
