@@ -291,6 +291,19 @@ async fn figures_stay_exact_under_64_tasks_and_100k_cycles() {
 
     const TASKS: usize = 64;
     const CYCLES: usize = 100_000;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let stop = Arc::clone(&stop);
+        async move {
+            let (mut lowest, mut highest) = (f64::MAX, f64::MIN);
+            while !stop.load(Ordering::Relaxed) {
+                let v = value("db_client_connection_pending_requests", "load");
+                (lowest, highest) = (lowest.min(v), highest.max(v));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (lowest, highest)
+        }
+    });
     let started = Instant::now();
     let tasks: Vec<_> = (0..TASKS)
         .map(|t| {
@@ -310,6 +323,11 @@ async fn figures_stay_exact_under_64_tasks_and_100k_cycles() {
     }
     assert_eq!(done, CYCLES);
     eprintln!("{CYCLES} cycles in {:?}", started.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    let (lowest, highest) = sampler.await.unwrap();
+    assert!(lowest >= 0.0, "pending_requests went negative: {lowest}");
+    assert!(highest <= TASKS as f64, "more waiters than tasks: {highest}");
+    assert!(highest > 0.0, "64 tasks over 8 connections must wait at times");
     let cycles = CYCLES as f64;
     assert_eq!(value("db_client_connection_wait_time_seconds_count", "load"), cycles);
     assert_eq!(value("db_client_connection_use_time_seconds_count", "load"), cycles);
