@@ -271,6 +271,11 @@ async fn use_time_create_time_and_executor() {
     .await;
     drop(bare);
     assert_eq!(value("db_client_connection_wait_time_seconds_count", "usage"), 9.0);
+    // try_acquire: recorded with no wait once an idle connection is back.
+    let taken = eventually(Duration::from_secs(2), "an idle connection", async || wpool.try_acquire()).await;
+    drop(taken);
+    assert_eq!(value("db_client_connection_wait_time_seconds_count", "usage"), 10.0);
+    assert_eq!(value("db_client_connection_pending_requests", "usage"), 0.0);
     let connect = logs::lines_with("db.client.connection.pool.name=usage");
     assert!(connect.is_empty(), "successful acquires and connects log nothing at INFO/WARN: {connect:?}");
 }
