@@ -82,7 +82,7 @@ impl Probe {
         }
     }
 
-    /// A watched acquire on `pool`: while it runs it counts as a waiter; when it ends it
+    /// A watched acquire on the pool: while it waits it counts as a waiter; when it ends it
     /// records the wait, a timeout, a new connection's create time and the `db.pool.acquire`
     /// span, and `finish` turns the connection and its [`Ticket`] into `T`.
     pub(crate) fn acquire<T>(
