@@ -190,6 +190,52 @@ pub const CONFIG_HAZARD: Metric = gauge(
     &[HAZARD],
 );
 
+// --- acquire, use and connect (issue 3) ---
+/// How long `WatchedPool` acquires waited for a connection (successful acquires).
+pub const WAIT_TIME: Metric = histogram(
+    "db_client_connection_wait_time_seconds",
+    "How long an acquire through the watched pool waited to obtain a connection (successful acquires).",
+    &[],
+);
+/// Callers waiting for a connection now.
+pub const PENDING_REQUESTS: Metric = gauge(
+    "db_client_connection_pending_requests",
+    Unit::Count,
+    "Acquires through the watched pool that are waiting for a connection now.",
+    &[],
+);
+/// Acquires that timed out (`acquire_timeout` passed with no connection).
+pub const TIMEOUTS: Metric = counter(
+    "db_client_connection_timeouts_total",
+    "Acquires through the watched pool that waited acquire_timeout and got no connection.",
+    &[],
+);
+/// How long connections were checked out (acquire to release).
+pub const USE_TIME: Metric = histogram(
+    "db_client_connection_use_time_seconds",
+    "How long a connection acquired through the watched pool was checked out (acquire to release).",
+    &[],
+);
+/// How long opening a new connection took.
+pub const CREATE_TIME: Metric = histogram(
+    "db_client_connection_create_time_seconds",
+    "How long a watched acquire that opened a new connection took until the connection was ready (needs instrument_options).",
+    &[],
+);
+/// Connections checked out longer than `leak_threshold` now (plus slots lost to `leak()`).
+pub const LEAK_SUSPECTS: Metric = gauge(
+    "poolwatch_leak_suspects",
+    Unit::Count,
+    "Connections checked out longer than leak_threshold now, plus pool slots lost to leak().",
+    &[],
+);
+/// Connections ever reported as leak or stuck suspects.
+pub const LEAK_SUSPECTS_TOTAL: Metric = counter(
+    "poolwatch_leak_suspects_total",
+    "Connections reported as leak or stuck suspects (held past leak_threshold, leak() or detach()).",
+    &[],
+);
+
 /// Every metric poolwatch emits.
 pub const ALL: &[Metric] = &[
     CONNECTION_COUNT,
@@ -214,6 +260,14 @@ pub const ALL: &[Metric] = &[
     HEARTBEAT_FAILURES,
     HEARTBEAT_UP,
     CONFIG_HAZARD,
+    // --- acquire, use and connect (issue 3) ---
+    WAIT_TIME,
+    PENDING_REQUESTS,
+    TIMEOUTS,
+    USE_TIME,
+    CREATE_TIME,
+    LEAK_SUSPECTS,
+    LEAK_SUSPECTS_TOTAL,
 ];
 
 /// Looks a metric up by its Prometheus name (a histogram's `_bucket`, `_sum` and `_count`

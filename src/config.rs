@@ -41,6 +41,9 @@ pub struct Config {
     /// Where poolwatch's dedicated connection goes. Default `None`: the pool's own server and
     /// role. Set it when the pool goes through a pooler (see [`Config::direct_connect_options`]).
     pub direct_connect_options: Option<crate::heartbeat::DirectOptions>,
+    /// How long a connection checked out through [`WatchedPool`](crate::WatchedPool) may be
+    /// held before it is reported as a leak or stuck suspect. Default `None` (off).
+    pub leak_threshold: Option<Duration>,
 }
 
 impl Config {
@@ -59,6 +62,7 @@ impl Config {
             pooler_idle_timeout: None,
             listener_keepalive: None,
             direct_connect_options: None,
+            leak_threshold: None,
         }
     }
 
@@ -131,6 +135,12 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::leak_threshold`], e.g. `Some(Duration::from_secs(30))`.
+    pub fn leak_threshold(mut self, threshold: Option<Duration>) -> Self {
+        self.leak_threshold = threshold;
+        self
+    }
+
     /// Checks every field; the error names the first bad one and how to fix it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_name("pool_name", &self.pool_name, "name the pool, e.g. Config::new(\"main\")")?;
@@ -143,6 +153,7 @@ impl Config {
             ("heartbeat_max_backoff", self.heartbeat_max_backoff),
             ("expect_refresh_every", self.expect_refresh_every.unwrap_or(Duration::MAX)),
             ("pooler_idle_timeout", self.pooler_idle_timeout.unwrap_or(Duration::MAX)),
+            ("leak_threshold", self.leak_threshold.unwrap_or(Duration::MAX)),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::new(field, "is zero", "use a positive duration (see the field's default)"));
@@ -232,6 +243,7 @@ mod tests {
             (Config::new("a").pooler_idle_timeout(Duration::ZERO), "pooler_idle_timeout"),
             (Config::new("a").replicas(0), "replicas"),
             (Config::new("a").listener_keepalive(Some(Duration::ZERO)), "listener_keepalive"),
+            (Config::new("a").leak_threshold(Some(Duration::ZERO)), "leak_threshold"),
         ];
         for (config, field) in cases {
             let err = config.validate().expect_err(field);

@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+mod acquire_spans;
 pub mod attribution;
 pub mod catalog;
 mod cause;
@@ -27,14 +28,17 @@ mod direct;
 mod gauges;
 pub mod hazards;
 mod heartbeat;
+mod leak;
 mod listener;
 mod loss;
+mod probe;
 mod progress;
 mod snapshot;
 mod sockets;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
 mod watch;
+mod watched_pool;
 
 pub use cause::Cause;
 pub use census::{SESSION_STATES, ServerCensus};
@@ -42,10 +46,12 @@ pub use config::{Config, ConfigError};
 pub use hazards::{Finding, Hazard, ServerSettings};
 pub use heartbeat::{Diagnosis, DirectOptions, HEARTBEAT_BUCKETS, HeartbeatFigures, PATHS, PathFigures};
 pub use listener::{ListenerConfig, WatchedListener};
+pub use probe::{DURATION_BUCKETS, instrument_options, mark_connected};
 pub use progress::Progress;
 pub use snapshot::{PoolFigures, Snapshot};
 pub use sockets::{SocketCensus, TCP_STATES};
 pub use watch::{PoolWatch, instrument_pool};
+pub use watched_pool::{Watched, WatchedConnection, WatchedPool, WatchedTransaction};
 
 /// The README's and docs' Rust examples, compiled as doctests.
 #[cfg(doctest)]
@@ -58,6 +64,8 @@ mod doc_examples {
     struct Heartbeat;
     #[doc = include_str!("../docs/progress.md")]
     struct Progress;
+    #[doc = include_str!("../docs/acquire.md")]
+    struct Acquire;
     #[cfg(feature = "telemetry")]
     #[doc = include_str!("../docs/telemetry.md")]
     struct Telemetry;

@@ -16,7 +16,8 @@ use crate::attribution::Tag;
 use crate::direct::DirectConnection;
 use crate::gauges::Gauges;
 use crate::heartbeat::Heartbeat;
-use crate::{Cause, Config, ConfigError, PoolFigures, Snapshot, catalog, census, sockets};
+use crate::probe::Probe;
+use crate::{Cause, Config, ConfigError, PoolFigures, Snapshot, WatchedPool, catalog, census, sockets};
 
 /// Pause before a census re-reads an unsettled or gapped reading.
 const CENSUS_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
@@ -57,6 +58,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         )),
         heartbeat: Heartbeat::new(&config.pool_name),
         gauges: Gauges::new(&config.pool_name),
+        probe: Arc::new(Probe::new(pool, &config)),
         latest: Mutex::new(Snapshot { pool: PoolFigures::of(pool), ..Snapshot::default() }),
         untagged: Mutex::new(untagged),
         retagged: tokio::sync::OnceCell::new(),
@@ -122,6 +124,12 @@ impl PoolWatch {
         self.shared.census().await
     }
 
+    /// The watched pool handle: use it instead of the bare pool so acquires are timed and
+    /// watched for leaks. Leak suspects are scanned for while this `PoolWatch` lives.
+    pub fn pool(&self) -> WatchedPool {
+        WatchedPool::new(Arc::clone(&self.shared.probe))
+    }
+
     /// The `application_name` that marks this pool's connections on the server.
     pub fn application_name(&self) -> &str {
         &self.shared.tag.pool_app_name
@@ -160,6 +168,7 @@ struct Shared {
     tag: Tag,
     gauges: Gauges,
     heartbeat: Heartbeat,
+    probe: Arc<Probe>,
     direct: tokio::sync::Mutex<DirectConnection>,
     latest: Mutex<Snapshot>,
     untagged: Mutex<Vec<PoolConnection<Postgres>>>,
@@ -304,11 +313,15 @@ async fn run(shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
     let mut census = tokio::time::interval(shared.config.census_interval);
     sample.set_missed_tick_behavior(MissedTickBehavior::Delay);
     census.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let scan_every = shared.probe.leaks.scan_every();
+    let mut leak_scan = tokio::time::interval(scan_every.unwrap_or(std::time::Duration::from_secs(3600)));
+    leak_scan.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = &mut stop => break,
             _ = &mut closed => break,
             _ = sample.tick() => shared.sample(),
+            _ = leak_scan.tick(), if scan_every.is_some() => { shared.probe.leaks.scan(); }
             _ = census.tick() => tokio::select! {
                 _ = &mut stop => break,
                 _ = &mut closed => break,

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod histograms;
+pub mod logs;
 #[cfg(feature = "telemetry")]
 pub mod otlp;
 pub mod password;

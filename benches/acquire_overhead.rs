@@ -1,0 +1,257 @@
+//! What the watched pool handle costs, measured in one run against the bare pool on a
+//! throwaway local server (a bench binary: `cargo bench --bench acquire_overhead`).
+//!
+//! (a) acquire + release of an idle connection, one task: ns per pair, and the difference.
+//!     The pool has far more idle connections than the loop can use up while sqlx's release
+//!     task pings returned connections, so an acquire never waits.
+//! (b) acquire + `SELECT 1` + release, 16 tasks over 8 connections: queries per second.
+//!
+//! The app's side is set up as in production: a Prometheus recorder with the recommended
+//! buckets and an INFO `tracing` subscriber (the DEBUG spans are off). Rounds alternate
+//! between variants so machine noise hits all of them; the median round is reported.
+
+#[path = "../tests/support/cluster.rs"]
+mod cluster;
+
+use std::time::{Duration, Instant};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use poolwatch::{Config, WatchedPool, instrument_pool};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+const PAIRS: u32 = 10_000;
+const ROUNDS: usize = 21;
+const THROUGHPUT_ROUNDS: usize = 30;
+const TASKS: usize = 16;
+const CONNECTIONS: u32 = 8;
+const THROUGHPUT_WINDOW: Duration = Duration::from_millis(500);
+
+#[derive(Clone)]
+enum Handle {
+    Bare(PgPool),
+    Watched(WatchedPool),
+}
+
+impl Handle {
+    async fn pair(&self) {
+        match self {
+            Handle::Bare(p) => drop(p.acquire().await.expect("acquire")),
+            Handle::Watched(p) => drop(p.acquire().await.expect("acquire")),
+        }
+    }
+
+    async fn select_1(&self) {
+        match self {
+            Handle::Bare(p) => {
+                let mut c = p.acquire().await.expect("acquire");
+                sqlx::query("SELECT 1").execute(&mut *c).await.expect("select");
+            }
+            Handle::Watched(p) => {
+                let mut c = p.acquire().await.expect("acquire");
+                sqlx::query("SELECT 1").execute(&mut *c).await.expect("select");
+            }
+        }
+    }
+}
+
+/// Wall ns and client CPU ns per acquire + release pair, one round.
+async fn pairs(h: &Handle) -> (f64, f64) {
+    let cpu = cpu_ns();
+    let started = Instant::now();
+    for _ in 0..PAIRS {
+        h.pair().await;
+    }
+    let wall = started.elapsed().as_nanos() as f64 / f64::from(PAIRS);
+    (wall, (cpu_ns() - cpu) as f64 / f64::from(PAIRS))
+}
+
+/// CPU time this process has used so far (all live threads), in ns (Linux).
+fn cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Queries per second with 16 tasks, and this process's CPU µs per query, one round.
+async fn throughput(h: &Handle) -> (f64, f64) {
+    let cpu = cpu_ns();
+    let deadline = Instant::now() + THROUGHPUT_WINDOW;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    h.select_1().await;
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("task");
+    }
+    let cpu_us = (cpu_ns() - cpu) as f64 / 1000.0 / total as f64;
+    (total as f64 / started.elapsed().as_secs_f64(), cpu_us)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// A pool of `max` connections, all opened, and its watch. `test_before_acquire` is off for
+/// (a) so an idle acquire does no I/O and the pair measures the handles themselves.
+async fn watched_pair(
+    cluster: &cluster::Cluster,
+    max: u32,
+    name: &str,
+    leak: bool,
+    test_before_acquire: bool,
+) -> (PgPool, poolwatch::PoolWatch) {
+    let pool = PgPoolOptions::new()
+        .max_connections(max)
+        .test_before_acquire(test_before_acquire)
+        .min_connections(max)
+        .connect_with(cluster.options())
+        .await
+        .expect("connect");
+    let config = Config::new(name).leak_threshold(leak.then_some(Duration::from_secs(30)));
+    let watch = instrument_pool(&pool, config).expect("instrument");
+    (pool, watch)
+}
+
+async fn warm(pool: &PgPool) {
+    let conns: Vec<_> = futures_all(pool).await;
+    drop(conns);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+async fn futures_all(pool: &PgPool) -> Vec<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+    let mut v = Vec::new();
+    for _ in 0..pool.options().get_max_connections() {
+        v.push(pool.acquire().await.expect("warm"));
+    }
+    v
+}
+
+fn main() {
+    if std::env::var_os("BENCH_NO_RECORDER").is_none() {
+        PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_time_seconds".into()), poolwatch::DURATION_BUCKETS)
+            .expect("buckets")
+            .install_recorder()
+            .expect("recorder");
+    }
+    if std::env::var_os("BENCH_NO_SUBSCRIBER").is_none() {
+        tracing_subscriber::fmt().with_max_level(tracing::Level::INFO).with_writer(std::io::sink).init();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let cluster = cluster::Cluster::start();
+
+        // (a) idle acquire + release.
+        if std::env::var_os("BENCH_ONLY_B").is_none() {
+        let (bare, _w0) = watched_pair(&cluster, 48, "bench_bare", false, false).await;
+        let (plain, w1) = watched_pair(&cluster, 48, "bench_watched", false, false).await;
+        let (leaky, w2) = watched_pair(&cluster, 48, "bench_leak", true, false).await;
+        for p in [&bare, &plain, &leaky] {
+            warm(p).await;
+        }
+        println!(
+            "future sizes: PgPool::acquire {} B, WatchedPool::acquire {} B",
+            std::mem::size_of_val(&bare.acquire()),
+            std::mem::size_of_val(&w1.pool().acquire())
+        );
+        let variants = [
+            ("bare PgPool", Handle::Bare(bare.clone())),
+            ("WatchedPool", Handle::Watched(w1.pool())),
+            ("WatchedPool + leak_threshold", Handle::Watched(w2.pool())),
+            ("control: bare, 2nd pool", Handle::Bare(plain.clone())),
+        ];
+        for (_, h) in &variants {
+            let _ = pairs(h).await; // warm-up
+        }
+        let mut rounds = vec![Vec::new(); variants.len()];
+        let mut cpu = vec![Vec::new(); variants.len()];
+        for r in 0..ROUNDS {
+            for k in 0..variants.len() {
+                let i = (r + k) % variants.len(); // rotate the order so drift hits all variants
+                let (wall, cpu_ns) = pairs(&variants[i].1).await;
+                rounds[i].push(wall);
+                cpu[i].push(cpu_ns);
+            }
+        }
+        println!("(a) acquire + release of an idle connection, 1 task, {PAIRS} pairs x {ROUNDS} rounds");
+        for (i, (name, _)) in variants.iter().enumerate() {
+            let added: Vec<f64> = rounds[i].iter().zip(&rounds[0]).map(|(w, b)| w - b).collect();
+            let cpu_added: Vec<f64> = cpu[i].iter().zip(&cpu[0]).map(|(w, b)| w - b).collect();
+            println!(
+                "    {name:<32} median {:>6.0} ns/pair (min {:>6.0}), added {:>+5.0} ns;  client CPU {:>6.0} ns/pair, added {:>+5.0} ns",
+                median(rounds[i].clone()),
+                rounds[i].iter().copied().fold(f64::MAX, f64::min),
+                median(added),
+                median(cpu[i].clone()),
+                median(cpu_added),
+            );
+        }
+        drop(variants);
+        for p in [bare, plain, leaky] {
+            p.close().await;
+        }
+        drop((w1, w2));
+        }
+
+        if std::env::var_os("BENCH_ONLY_A").is_some() {
+            return;
+        }
+        // (b) 16 tasks, 8 connections, SELECT 1.
+        let (bare, _w3) = watched_pair(&cluster, CONNECTIONS, "bench_bare_q", false, true).await;
+        let (watched, w4) = watched_pair(&cluster, CONNECTIONS, "bench_watched_q", false, true).await;
+        let variants = [("bare PgPool", Handle::Bare(bare.clone())), ("WatchedPool", Handle::Watched(w4.pool()))];
+        for (_, h) in &variants {
+            let _ = throughput(h).await; // warm-up
+        }
+        let mut rounds = vec![Vec::new(); variants.len()];
+        let mut cpu = vec![Vec::new(); variants.len()];
+        for r in 0..THROUGHPUT_ROUNDS {
+            for k in 0..variants.len() {
+                let i = (r + k) % variants.len();
+                let (qps, cpu_us) = throughput(&variants[i].1).await;
+                rounds[i].push(qps);
+                cpu[i].push(cpu_us);
+            }
+        }
+        println!(
+            "(b) acquire + SELECT 1 + release, {TASKS} tasks over {CONNECTIONS} connections, {} ms x {THROUGHPUT_ROUNDS} rounds",
+            THROUGHPUT_WINDOW.as_millis()
+        );
+        for (i, (name, _)) in variants.iter().enumerate() {
+            let qps: Vec<String> = rounds[i].iter().map(|q| format!("{q:.0}")).collect();
+            println!(
+                "    {name:<30} median {:>8.0} queries/s, {:.2} µs client CPU/query   rounds: {}",
+                median(rounds[i].clone()),
+                median(cpu[i].clone()),
+                qps.join(" ")
+            );
+        }
+        let loss: Vec<f64> = rounds[1].iter().zip(&rounds[0]).map(|(w, b)| (1.0 - w / b) * 100.0).collect();
+        println!(
+            "    throughput loss: {:.2} % (medians), {:.2} % (median of per-round pairs)",
+            (1.0 - median(rounds[1].clone()) / median(rounds[0].clone())) * 100.0,
+            median(loss)
+        );
+        let added: Vec<f64> = cpu[1].iter().zip(&cpu[0]).map(|(w, b)| (w - b) * 1000.0).collect();
+        println!("    client CPU added per query: median of per-round pairs {:+.0} ns", median(added));
+        bare.close().await;
+        watched.close().await;
+        drop(w4);
+    });
+}

@@ -1,0 +1,382 @@
+//! Acquire, use and connect through the `WatchedPool` on a real server: incident 4
+//! (exhaustion), leak suspects with the acquirer's location (incident 3), cancelled acquires,
+//! use time, create time, the `Executor` impl, and exact figures under load.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use poolwatch::{Config, PoolWatch, WatchedPool, instrument_options, instrument_pool};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Executor, PgPool, Row};
+use support::histograms::{metric, recorder};
+use support::{Cluster, eventually, logs};
+use tracing::Instrument;
+
+const POOL: &str = "db_client_connection_pool_name";
+
+fn setup() {
+    recorder();
+    logs::capture("poolwatch=debug,acquire=info,sqlx=warn");
+}
+
+fn config(name: &str) -> Config {
+    Config::new(name).sample_interval(Duration::from_millis(100)).census_interval(Duration::from_secs(60))
+}
+
+async fn watched(cluster: &Cluster, options: PgPoolOptions, config: Config) -> (PgPool, PoolWatch, WatchedPool) {
+    let pool = options.connect_with(cluster.options()).await.expect("connect");
+    let watch = instrument_pool(&pool, config).expect("instrument");
+    let handle = watch.pool();
+    (pool, watch, handle)
+}
+
+/// A series of `name` for pool `pool`, 0 when absent.
+fn value(name: &str, pool: &str) -> f64 {
+    metric(name, &[(POOL, pool)]).unwrap_or(0.0)
+}
+
+/// Incident 4: 10 callers want 2 connections for 300 ms each with a 200 ms acquire timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_4_exhaustion_counts_waiters_waits_and_timeouts() {
+    setup();
+    let cluster = Cluster::start();
+    let options = PgPoolOptions::new().max_connections(2).acquire_timeout(Duration::from_millis(200));
+    let (_pool, _watch, pool) = watched(&cluster, options, config("exhaust")).await;
+
+    let start = Arc::new(tokio::sync::Barrier::new(10));
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (pool, start) = (pool.clone(), Arc::clone(&start));
+            tokio::spawn(async move {
+                start.wait().await;
+                let conn = pool.acquire().await?;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                drop(conn);
+                Ok::<_, sqlx::Error>(())
+            })
+        })
+        .collect();
+    let waiting = eventually(Duration::from_secs(2), "waiters show in pending_requests", async || {
+        Some(value("db_client_connection_pending_requests", "exhaust")).filter(|n| *n > 0.0)
+    })
+    .await;
+    // Callers opening a new connection are pending too, so up to all 10 at first.
+    assert!(waiting <= 10.0, "at most 10 callers can wait, saw {waiting}");
+
+    let mut ok = 0u32;
+    let mut timed_out = 0u32;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(sqlx::Error::PoolTimedOut) => timed_out += 1,
+            Err(e) => panic!("unexpected acquire error: {e}"),
+        }
+    }
+    assert!(timed_out >= 1, "with 2 connections held 300 ms, 200 ms waiters must time out");
+    assert_eq!(ok + timed_out, 10);
+    assert_eq!(value("db_client_connection_timeouts_total", "exhaust"), f64::from(timed_out));
+    assert_eq!(value("db_client_connection_wait_time_seconds_count", "exhaust"), f64::from(ok));
+    assert!(value("db_client_connection_wait_time_seconds_sum", "exhaust") >= 0.0);
+    let le = |le: &str| metric("db_client_connection_wait_time_seconds_bucket", &[(POOL, "exhaust"), ("le", le)]);
+    assert_eq!(le("60"), Some(f64::from(ok)), "every successful wait is in the 60 s bucket");
+    assert!(le("0.0001").is_some(), "the recommended buckets start at 100 µs");
+    assert_eq!(value("db_client_connection_pending_requests", "exhaust"), 0.0, "no waiter left");
+    assert_eq!(value("db_client_connection_use_time_seconds_count", "exhaust"), f64::from(ok));
+
+    let warns = logs::lines_with("pool=exhaust");
+    let timeouts: Vec<_> = warns.iter().filter(|l| l.contains("acquire failed")).collect();
+    assert_eq!(timeouts.len(), timed_out as usize, "one WARN per timeout: {warns:#?}");
+    let line = timeouts[0];
+    assert!(line.contains("WARN") && line.contains("db.pool.acquire{"), "{line}");
+    for attr in [
+        "db.client.connection.pool.name=exhaust",
+        "db.system.name=\"postgresql\"",
+        "server.address=127.0.0.1",
+        &format!("server.port={}", cluster.port()),
+        "poolwatch.outcome=\"timeout\"",
+        "error.type=\"pool_timed_out\"",
+    ] {
+        assert!(line.contains(attr), "{attr} missing in {line}");
+    }
+}
+
+/// Incident 3: a connection held past `leak_threshold` is reported once, with the place that
+/// acquired it and the caller's span; the gauge goes back to 0 when it is returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_held_past_the_threshold_is_a_suspect_with_its_location() {
+    setup();
+    let cluster = Cluster::start();
+    let config = config("leaky").leak_threshold(Some(Duration::from_millis(300)));
+    let (_pool, _watch, pool) = watched(&cluster, PgPoolOptions::new().max_connections(4), config).await;
+
+    let job = tracing::info_span!("checkout_job", job = 7);
+    let (acquire, line) = (pool.acquire(), line!());
+    let mut conn = acquire.instrument(job).await.unwrap();
+    sqlx::query("SELECT 1").execute(&mut *conn).await.unwrap();
+    // A connection returned before the threshold is no suspect.
+    let quick = pool.acquire().await.unwrap();
+    drop(quick);
+
+    eventually(Duration::from_secs(3), "the held connection becomes a suspect", async || {
+        (value("poolwatch_leak_suspects", "leaky") == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(value("poolwatch_leak_suspects_total", "leaky"), 1.0);
+    let warns = logs::lines_with("leak_threshold");
+    let warn = warns.iter().find(|l| l.contains("pool=leaky")).expect("a WARN for the suspect");
+    assert!(warn.contains("WARN"), "{warn}");
+    assert!(warn.contains(&format!("acquired_at=tests/acquire.rs:{line}")), "{warn}");
+    assert!(warn.contains("checkout_job{job=7}"), "the caller's span: {warn}");
+
+    // Reported once, not at every scan.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(value("poolwatch_leak_suspects_total", "leaky"), 1.0);
+    assert_eq!(logs::lines_with("leak_threshold").iter().filter(|l| l.contains("pool=leaky")).count(), 1);
+
+    drop(conn);
+    assert_eq!(value("poolwatch_leak_suspects", "leaky"), 0.0, "the gauge drops when it is returned");
+    let info = logs::lines_with("leak suspect returned");
+    let info = info.iter().find(|l| l.contains("pool=leaky")).expect("an INFO on return");
+    assert!(info.contains("INFO"), "{info}");
+    let held: f64 = info.split("held_seconds=").nth(1).and_then(|v| v.split(' ').next()).unwrap().parse().unwrap();
+    assert!((0.3..5.0).contains(&held), "held {held} s past the 300 ms threshold: {info}");
+
+    // leak(): the slot is lost for good, so it stays a suspect.
+    let conn = pool.acquire().await.unwrap();
+    let (raw, leak_line) = (conn.leak(), line!());
+    assert_eq!(value("poolwatch_leak_suspects", "leaky"), 1.0);
+    assert_eq!(value("poolwatch_leak_suspects_total", "leaky"), 2.0);
+    let warns = logs::lines_with("leak()");
+    let warn = warns.iter().find(|l| l.contains("pool=leaky")).expect("a WARN for leak()");
+    assert!(warn.contains(&format!("taken_out_at=tests/acquire.rs:{leak_line}")), "{warn}");
+    drop(raw);
+}
+
+/// Acquires dropped while they wait (cancelled) leave `pending_requests` exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_acquires_leave_pending_requests_exact() {
+    setup();
+    let cluster = Cluster::start();
+    let options = PgPoolOptions::new().max_connections(1).acquire_timeout(Duration::from_secs(30));
+    let (_pool, _watch, pool) = watched(&cluster, options, config("cancel")).await;
+    let held = pool.acquire().await.unwrap();
+
+    let mut waiters = Vec::new();
+    for i in 0..20u64 {
+        let pool = pool.clone();
+        // Each waiter gives up (its acquire future is dropped) after 300-680 ms.
+        waiters.push(tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_millis(300 + 20 * i), pool.acquire()).await.is_err()
+        }));
+    }
+    eventually(Duration::from_secs(2), "20 waiters", async || {
+        (value("db_client_connection_pending_requests", "cancel") == 20.0).then_some(())
+    })
+    .await;
+    // Sample the gauge all along: it must never go below 0.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let stop = Arc::clone(&stop);
+        async move {
+            let mut lowest = f64::MAX;
+            while !stop.load(Ordering::Relaxed) {
+                lowest = lowest.min(value("db_client_connection_pending_requests", "cancel"));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            lowest
+        }
+    });
+    for w in waiters {
+        assert!(w.await.unwrap(), "every waiter was cancelled by its timeout");
+    }
+    assert_eq!(value("db_client_connection_pending_requests", "cancel"), 0.0, "no drift after 20 cancels");
+    stop.store(true, Ordering::Relaxed);
+    let lowest = sampler.await.unwrap();
+    assert!(lowest >= 0.0, "pending_requests went negative: {lowest}");
+    assert_eq!(value("db_client_connection_timeouts_total", "cancel"), 0.0, "a cancel is not a pool timeout");
+
+    // The pool still works and the gauge still counts.
+    let next = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.acquire().await.map(drop) }
+    });
+    eventually(Duration::from_secs(2), "one waiter", async || {
+        (value("db_client_connection_pending_requests", "cancel") == 1.0).then_some(())
+    })
+    .await;
+    drop(held);
+    next.await.unwrap().unwrap();
+    assert_eq!(value("db_client_connection_pending_requests", "cancel"), 0.0);
+}
+
+/// Use time is acquire to release, for connections and transactions; create time is measured
+/// for connections a watched acquire opened; the `Executor` impl runs queries unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_time_create_time_and_executor() {
+    setup();
+    let cluster = Cluster::start();
+    let options = instrument_options(PgPoolOptions::new().max_connections(4));
+    let pool = options.connect_lazy_with(cluster.options());
+    let watch = instrument_pool(&pool, config("usage")).unwrap();
+    let wpool = watch.pool();
+
+    let conn = wpool.acquire().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let held = conn.held();
+    drop(conn);
+    assert_eq!(value("db_client_connection_use_time_seconds_count", "usage"), 1.0);
+    let sum = value("db_client_connection_use_time_seconds_sum", "usage");
+    assert!((sum - held.as_secs_f64()).abs() < 0.005, "use time {sum} vs held {held:?}");
+    assert!((0.25..0.5).contains(&sum), "use time {sum} for a 250 ms hold");
+    assert_eq!(value("db_client_connection_create_time_seconds_count", "usage"), 1.0, "the first acquire connected");
+
+    let mut tx = wpool.begin().await.unwrap();
+    sqlx::query("CREATE TEMP TABLE t (x int)").execute(&mut *tx).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tx.commit().await.unwrap();
+    assert_eq!(value("db_client_connection_use_time_seconds_count", "usage"), 2.0);
+    let sum = value("db_client_connection_use_time_seconds_sum", "usage");
+    assert!((0.35..0.7).contains(&sum), "use time {sum} after 250 + 100 ms");
+
+    // Executor for &WatchedPool: each query is one acquire.
+    let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&wpool).await.unwrap();
+    assert_eq!(one, 1);
+    let rows = sqlx::query("SELECT generate_series(1, 5) AS n").fetch_all(&wpool).await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.get::<i32, _>("n")).sum::<i32>(), 15);
+    (&wpool).execute("SELECT 1").await.unwrap();
+    let err = sqlx::query("SELECT * FROM missing_table").fetch_optional(&wpool).await.unwrap_err();
+    assert!(err.as_database_error().is_some(), "{err}");
+    assert_eq!(value("db_client_connection_wait_time_seconds_count", "usage"), 6.0);
+    eventually(Duration::from_secs(2), "Executor connections are released", async || {
+        (value("db_client_connection_use_time_seconds_count", "usage") == 6.0).then_some(())
+    })
+    .await;
+
+    // Three connections held at once: two more were opened, each timed.
+    let held: Vec<_> = futures_join3(&wpool).await;
+    assert_eq!(value("db_client_connection_create_time_seconds_count", "usage"), 3.0);
+    let create = value("db_client_connection_create_time_seconds_sum", "usage");
+    assert!(create > 0.0 && create < 5.0, "create time sum {create}");
+    drop(held);
+
+    // Bare-pool acquires are not timed but still show in the sampled gauges.
+    let bare = pool.acquire().await.unwrap();
+    eventually(Duration::from_secs(2), "bare checkout in db_client_connection_count", async || {
+        let used = metric("db_client_connection_count", &[(POOL, "usage"), ("db_client_connection_state", "used")]);
+        (used == Some(1.0)).then_some(())
+    })
+    .await;
+    drop(bare);
+    assert_eq!(value("db_client_connection_wait_time_seconds_count", "usage"), 9.0);
+    // try_acquire: recorded with no wait once an idle connection is back.
+    let taken = eventually(Duration::from_secs(2), "an idle connection", async || wpool.try_acquire()).await;
+    drop(taken);
+    assert_eq!(value("db_client_connection_wait_time_seconds_count", "usage"), 10.0);
+    assert_eq!(value("db_client_connection_pending_requests", "usage"), 0.0);
+    let connect = logs::lines_with("db.client.connection.pool.name=usage");
+    assert!(connect.is_empty(), "successful acquires and connects log nothing at INFO/WARN: {connect:?}");
+}
+
+async fn futures_join3(pool: &WatchedPool) -> Vec<poolwatch::WatchedConnection> {
+    let (a, b, c) = tokio::join!(pool.acquire(), pool.acquire(), pool.acquire());
+    vec![a.unwrap(), b.unwrap(), c.unwrap()]
+}
+
+/// 64 tasks, 100,000 acquire/release cycles over 8 connections: every figure exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn figures_stay_exact_under_64_tasks_and_100k_cycles() {
+    setup();
+    let cluster = Cluster::start();
+    let options = PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(60));
+    let config = config("load").leak_threshold(Some(Duration::from_secs(60)));
+    let (_pool, _watch, pool) = watched(&cluster, options, config).await;
+
+    const TASKS: usize = 64;
+    const CYCLES: usize = 100_000;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let stop = Arc::clone(&stop);
+        async move {
+            let (mut lowest, mut highest) = (f64::MAX, f64::MIN);
+            while !stop.load(Ordering::Relaxed) {
+                let v = value("db_client_connection_pending_requests", "load");
+                (lowest, highest) = (lowest.min(v), highest.max(v));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (lowest, highest)
+        }
+    });
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let n = CYCLES / TASKS + usize::from(t < CYCLES % TASKS);
+                for _ in 0..n {
+                    drop(pool.acquire().await.unwrap());
+                }
+                n
+            })
+        })
+        .collect();
+    let mut done = 0;
+    for t in tasks {
+        done += t.await.unwrap();
+    }
+    assert_eq!(done, CYCLES);
+    eprintln!("{CYCLES} cycles in {:?}", started.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    let (lowest, highest) = sampler.await.unwrap();
+    assert!(lowest >= 0.0, "pending_requests went negative: {lowest}");
+    assert!(highest <= TASKS as f64, "more waiters than tasks: {highest}");
+    assert!(highest > 0.0, "64 tasks over 8 connections must wait at times");
+    let cycles = CYCLES as f64;
+    assert_eq!(value("db_client_connection_wait_time_seconds_count", "load"), cycles);
+    assert_eq!(value("db_client_connection_use_time_seconds_count", "load"), cycles);
+    assert_eq!(value("db_client_connection_pending_requests", "load"), 0.0);
+    assert_eq!(value("db_client_connection_timeouts_total", "load"), 0.0);
+    assert_eq!(value("poolwatch_leak_suspects", "load"), 0.0);
+    assert_eq!(value("poolwatch_leak_suspects_total", "load"), 0.0);
+}
+
+/// Failed acquires are classified in the span and logged once at WARN: a connect error
+/// (`db.pool.connect` with `error.type`), and a closed pool. A detached connection is a
+/// suspect reported once; it leaves the gauge since its slot is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_classified_and_detach_is_reported() {
+    setup();
+    let cluster = Cluster::start();
+    let options = instrument_options(PgPoolOptions::new().max_connections(2));
+    let broken = options.connect_lazy_with(cluster.options().database("no_such_database"));
+    let watch = instrument_pool(&broken, config("broken")).unwrap();
+    let err = watch.pool().acquire().await.expect_err("the database does not exist");
+    assert_eq!(err.as_database_error().and_then(|e| e.code()).as_deref(), Some("3D000"), "{err}");
+    let connect = logs::lines_with("opening a new connection failed");
+    let connect = connect.iter().find(|l| l.contains("db.client.connection.pool.name=broken")).expect("connect WARN");
+    assert!(connect.contains("db.pool.connect{") && connect.contains("error.type=\"other\""), "{connect}");
+    let failed = logs::lines_with("acquire failed");
+    let failed = failed.iter().find(|l| l.contains("pool=broken")).expect("acquire WARN");
+    assert!(failed.contains("poolwatch.outcome=\"error\""), "{failed}");
+    assert_eq!(value("db_client_connection_timeouts_total", "broken"), 0.0);
+    assert_eq!(value("db_client_connection_pending_requests", "broken"), 0.0);
+
+    let config = config("closing").leak_threshold(Some(Duration::from_secs(60)));
+    let (pool, _watch, wpool) = watched(&cluster, PgPoolOptions::new().max_connections(2), config).await;
+    let conn = wpool.acquire().await.unwrap();
+    let (raw, line) = (conn.detach(), line!());
+    assert_eq!(value("poolwatch_leak_suspects_total", "closing"), 1.0);
+    assert_eq!(value("poolwatch_leak_suspects", "closing"), 0.0, "detach() frees the slot");
+    let warns = logs::lines_with("detach()");
+    let warn = warns.iter().find(|l| l.contains("pool=closing")).expect("a WARN for detach()");
+    assert!(warn.contains(&format!("taken_out_at=tests/acquire.rs:{line}")), "{warn}");
+    drop(raw);
+
+    pool.close().await;
+    let err = wpool.acquire().await.expect_err("the pool is closed");
+    assert!(matches!(err, sqlx::Error::PoolClosed), "{err}");
+    let failed = logs::lines_with("acquire failed");
+    assert!(failed.iter().any(|l| l.contains("pool=closing") && l.contains("outcome=\"closed\"")), "{failed:#?}");
+}
