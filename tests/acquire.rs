@@ -220,8 +220,15 @@ async fn use_time_create_time_and_executor() {
     let cluster = Cluster::start();
     let options = instrument_options(PgPoolOptions::new().max_connections(4));
     let pool = options.connect_lazy_with(cluster.options());
-    let watch = instrument_pool(&pool, config("usage")).unwrap();
+    let watch = instrument_pool(&pool, config("usage").heartbeat_interval(Duration::from_secs(3600))).unwrap();
     let wpool = watch.pool();
+    // poolwatch's own pool heartbeat opens a connection through the bare pool at start (not
+    // timed): let it finish and park that connection, so the watched acquires below open their own.
+    eventually(Duration::from_secs(5), "the first pool heartbeat", async || {
+        (watch.heartbeat().pool.successes >= 1).then_some(())
+    })
+    .await;
+    let parked = pool.acquire().await.unwrap();
 
     let conn = wpool.acquire().await.unwrap();
     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -261,6 +268,7 @@ async fn use_time_create_time_and_executor() {
     let create = value("db_client_connection_create_time_seconds_sum", "usage");
     assert!(create > 0.0 && create < 5.0, "create time sum {create}");
     drop(held);
+    drop(parked);
 
     // Bare-pool acquires are not timed but still show in the sampled gauges.
     let bare = pool.acquire().await.unwrap();
