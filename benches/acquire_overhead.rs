@@ -145,7 +145,7 @@ async fn futures_all(pool: &PgPool) -> Vec<sqlx::pool::PoolConnection<sqlx::Post
 fn main() {
     if std::env::var_os("BENCH_NO_RECORDER").is_none() {
         PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_time_seconds".into()), poolwatch::DURATION_BUCKETS)
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), poolwatch::catalog::SECONDS_BUCKETS)
             .expect("buckets")
             .install_recorder()
             .expect("recorder");

@@ -111,8 +111,9 @@ pub const PROGRESS: Metric = counter(
 );
 
 // --- telemetry (issue 6) ---
-/// Bucket bounds (seconds) of every poolwatch histogram, from 1 ms (a healthy acquire) to
-/// 60 s (a connect stuck across several resolved addresses). `telemetry::init` applies them;
+/// Bucket bounds (seconds) of every poolwatch histogram (wait, use, create, heartbeat,
+/// listener downtime), from 100 µs (an idle acquire) to 60 s (a connect stuck across several
+/// resolved addresses). `telemetry::init` applies them;
 /// with your own `PrometheusBuilder`, pass them to `set_buckets_for_metric` for each
 /// [`Kind::Histogram`] in [`ALL`].
 pub const SECONDS_BUCKETS: &[f64] = &[
@@ -313,5 +314,7 @@ mod tests {
         }
         assert_eq!(find("poolwatch_phantom_connections").map(|m| m.name), Some(PHANTOM_CONNECTIONS.name));
         assert!(find("poolwatch_phantom_connections_bucket").is_none());
+        assert_eq!((SECONDS_BUCKETS.first(), SECONDS_BUCKETS.last()), (Some(&0.0001), Some(&60.0)));
+        assert!(SECONDS_BUCKETS.windows(2).all(|w| w[0] < w[1]));
     }
 }

@@ -32,12 +32,6 @@ use crate::direct::DirectConnection;
 use crate::hazards::{self, Finding, Hazard, PoolSettings, ServerSettings};
 use crate::{Cause, Config};
 
-/// Recommended buckets for `poolwatch_heartbeat_duration_seconds`, 100 µs to 30 s. The
-/// `metrics` facade carries no buckets: give these to your exporter, e.g.
-/// `PrometheusBuilder::set_buckets_for_metric(Matcher::Full(HEARTBEAT_DURATION.name.into()), HEARTBEAT_BUCKETS)`.
-pub const HEARTBEAT_BUCKETS: &[f64] =
-    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-
 /// The two heartbeat paths (the `path` label values).
 pub const PATHS: [&str; 2] = ["pool", "direct"];
 
@@ -490,13 +484,6 @@ mod tests {
         assert_eq!(waits, [10, 20, 40, 60, 60, 60], "extra wait on top of the 10 s tick");
         b.record(true);
         assert!(b.ready());
-    }
-
-    #[test]
-    fn buckets_span_100_microseconds_to_30_seconds() {
-        assert_eq!(HEARTBEAT_BUCKETS.first(), Some(&0.0001));
-        assert_eq!(HEARTBEAT_BUCKETS.last(), Some(&30.0));
-        assert!(HEARTBEAT_BUCKETS.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[test]

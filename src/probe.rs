@@ -19,13 +19,6 @@ use crate::catalog::{self, POOL_NAME};
 use crate::leak::{Leaks, Origin};
 use crate::{Cause, Config, acquire_spans};
 
-/// Recommended histogram buckets (seconds) for the wait, use and create time histograms:
-/// 100 µs to 60 s. poolwatch only emits; set them on your recorder, e.g.
-/// `PrometheusBuilder::new().set_buckets_for_metric(Matcher::Suffix("_time_seconds".into()), DURATION_BUCKETS)`.
-pub const DURATION_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-];
-
 thread_local! {
     /// Set by the `after_connect` hook when a connection was just opened on this thread.
     static CONNECTED: Cell<Option<Instant>> = const { Cell::new(None) };

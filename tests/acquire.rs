@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use poolwatch::{Config, PoolWatch, WatchedPool, instrument_options, instrument_pool};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Executor, PgPool, Row};
-use support::histograms::{metric, recorder};
 use support::{Cluster, eventually, logs};
+use support::{metric, recorder};
 use tracing::Instrument;
 
 const POOL: &str = "db_client_connection_pool_name";

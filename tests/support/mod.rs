@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 pub mod cluster;
-pub mod histograms;
 pub mod logs;
 #[cfg(feature = "telemetry")]
 pub mod otlp;
@@ -16,14 +15,23 @@ pub mod spans;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub use cluster::Cluster;
 
-/// The Prometheus recorder of this test binary, installed once, as an app would.
+/// The Prometheus recorder of this test binary, installed once, as an app would: with
+/// poolwatch's histogram buckets, so histograms render as histograms.
 pub fn recorder() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| PrometheusBuilder::new().install_recorder().expect("install the Prometheus recorder"))
+    HANDLE.get_or_init(|| {
+        let mut builder = PrometheusBuilder::new();
+        for m in poolwatch::catalog::ALL.iter().filter(|m| m.kind == poolwatch::catalog::Kind::Histogram) {
+            builder = builder
+                .set_buckets_for_metric(Matcher::Full(m.name.to_owned()), poolwatch::catalog::SECONDS_BUCKETS)
+                .expect("valid buckets");
+        }
+        builder.install_recorder().expect("install the Prometheus recorder")
+    })
 }
 
 /// The value of the series `name{labels}` in the rendered `/metrics` text, if present.
