@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use poolwatch::telemetry::{self, OtlpProtocol, SpanPipeline, TelemetryConfig};
-use poolwatch::{Cause, Config, catalog, instrument_pool};
+use poolwatch::{Cause, Config, ListenerConfig, WatchedListener, catalog, instrument_pool};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use support::otlp::{Blackhole, ReceivedSpan, Receiver};
@@ -29,9 +29,20 @@ const POOL: &str = "telemetry";
 const SERVICE: &str = "poolwatch-telemetry-test";
 const QUEUE: usize = 256;
 
-/// The catalogued families this test makes poolwatch emit (the core's census and pool
-/// gauges). Other features' families join this list when their scenario runs here.
+/// The catalogued families this test makes poolwatch emit: the ledger, heartbeats, watched
+/// acquires and a listener.
 const EXERCISED: &[catalog::Metric] = &[
+    catalog::HEARTBEAT_DURATION,
+    catalog::HEARTBEAT_FAILURES,
+    catalog::HEARTBEAT_UP,
+    catalog::CONFIG_HAZARD,
+    catalog::WAIT_TIME,
+    catalog::PENDING_REQUESTS,
+    catalog::TIMEOUTS,
+    catalog::USE_TIME,
+    catalog::LISTENER_CONNECTED,
+    catalog::LISTENER_RECONNECTS,
+    catalog::LISTENER_DOWNTIME,
     catalog::CONNECTION_COUNT,
     catalog::CONNECTION_MAX,
     catalog::CONNECTION_IDLE_MIN,
@@ -76,10 +87,19 @@ async fn telemetry_pipeline_end_to_end() {
     assert_eq!(again.field, "install_subscriber", "{again}");
 
     // A pool that logs in with a password in its URL.
-    let pool = PgPoolOptions::new().max_connections(5).connect(&url).await.expect("pool with a password");
+    let pool = PgPoolOptions::new()
+        .max_connections(5)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(&url)
+        .await
+        .expect("pool with a password");
     let watch = instrument_pool(
         &pool,
-        Config::new(POOL).sample_interval(Duration::from_millis(100)).census_interval(Duration::from_millis(200)),
+        Config::new(POOL)
+            .sample_interval(Duration::from_millis(100))
+            .census_interval(Duration::from_millis(200))
+            .heartbeat_interval(Duration::from_millis(200))
+            .heartbeat_timeout(Duration::from_millis(500)),
     )
     .unwrap();
     assert!(!format!("{watch:?}").contains(SECRET), "PoolWatch's Debug prints the password");
@@ -102,6 +122,15 @@ async fn telemetry_pipeline_end_to_end() {
         assert!(error_type.is_none() || Cause::ALL.iter().any(|c| Some(c.as_str()) == error_type), "{span:?}");
     }
     assert_eq!(failed.resource.get("service.name").map(String::as_str), Some(SERVICE));
+    // ... and so does a failed heartbeat, on either path.
+    let beat = eventually(Duration::from_secs(10), "a failed poolwatch.heartbeat span", async || {
+        grpc.spans_named("poolwatch.heartbeat").into_iter().find(|s| s.is_error())
+    })
+    .await;
+    assert_eq!(beat.attr("db.client.connection.pool.name"), Some(POOL), "{beat:?}");
+    assert_eq!(beat.attr("db.system.name"), Some("postgresql"), "{beat:?}");
+    assert!(beat.attr("path").is_some_and(|p| poolwatch::PATHS.contains(&p)), "{beat:?}");
+    assert!(Cause::ALL.iter().any(|c| beat.attr("error.type") == Some(c.as_str())), "{beat:?}");
     cluster.start_server();
     eventually(Duration::from_secs(20), "the census recovers", async || watch.census_now().await.ok()).await;
     queries(&pool, 20).await;
@@ -112,6 +141,39 @@ async fn telemetry_pipeline_end_to_end() {
     assert_census_span(&ok);
     assert!(!ok.is_error(), "{ok:?}");
     assert!(grpc.spans_named("poolwatch.test.marker").len() == 1, "test span not received");
+
+    // An acquire timeout through the watched pool arrives as a failed `db.pool.acquire`.
+    let db = watch.pool();
+    let held: Vec<_> = futures_held(&db, 5).await;
+    let err = db.acquire().await.expect_err("every slot is held");
+    assert_eq!(Cause::of(&err), Cause::PoolTimedOut);
+    drop(held);
+    let acquire = eventually(Duration::from_secs(10), "a failed db.pool.acquire span", async || {
+        grpc.spans_named("db.pool.acquire").into_iter().find(|s| s.is_error())
+    })
+    .await;
+    assert_eq!(acquire.attr("error.type"), Some("pool_timed_out"), "{acquire:?}");
+    assert_eq!(acquire.attr("poolwatch.outcome"), Some("timeout"), "{acquire:?}");
+    assert_eq!(acquire.attr("db.client.connection.pool.name"), Some(POOL), "{acquire:?}");
+    assert_eq!(acquire.attr("server.address"), Some("127.0.0.1"), "{acquire:?}");
+
+    // A listener whose session is terminated arrives as a `db.listener.reconnect` span.
+    let mut listener = WatchedListener::connect_with(&pool, ListenerConfig::new(POOL, "jobs")).await.unwrap();
+    listener.listen("jobs").await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query ILIKE 'listen%'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let after = within(Duration::from_secs(10), listener.try_recv()).await.expect("reconnects on its own");
+    assert!(after.is_none(), "a lost connection reads as Ok(None), as in sqlx");
+    let reconnect = eventually(Duration::from_secs(10), "a db.listener.reconnect span", async || {
+        grpc.spans_named("db.listener.reconnect").into_iter().next()
+    })
+    .await;
+    assert_eq!(reconnect.attr("error.type"), Some("admin_shutdown"), "{reconnect:?}");
+    assert_eq!(reconnect.attr("db.client.connection.pool.name"), Some(POOL), "{reconnect:?}");
+    assert_eq!(reconnect.attr("db.system.name"), Some("postgresql"), "{reconnect:?}");
+    drop(listener);
 
     // /metrics over real HTTP: every exercised family, all catalogued, and promtool-clean.
     let text = eventually(Duration::from_secs(10), "every exercised family on /metrics", async || {
@@ -271,6 +333,14 @@ async fn env_child() {
 fn assert_census_span(span: &ReceivedSpan) {
     assert_eq!(span.attr("db.system.name"), Some("postgresql"), "{span:?}");
     assert_eq!(span.attr("db.client.connection.pool.name"), Some(POOL), "{span:?}");
+}
+
+async fn futures_held(db: &poolwatch::WatchedPool, n: usize) -> Vec<poolwatch::WatchedConnection> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(db.acquire().await.expect("a free slot"));
+    }
+    held
 }
 
 async fn queries(pool: &PgPool, n: usize) {
