@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusBuilder;
-use poolwatch::{Cause, Config, Snapshot, instrument_pool};
+use poolwatch::{Cause, Config, Diagnosis, HeartbeatFigures, Snapshot, instrument_pool};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool};
 
@@ -55,7 +55,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         PgPoolOptions::new().max_connections(10).acquire_timeout(Duration::from_secs(2)).connect_with(options).await?;
     let watch = instrument_pool(
         &pool,
-        Config::new("demo").sample_interval(Duration::from_millis(500)).census_interval(Duration::from_secs(1)),
+        Config::new("demo")
+            .sample_interval(Duration::from_millis(500))
+            .census_interval(Duration::from_secs(1))
+            .heartbeat_interval(Duration::from_secs(1))
+            .heartbeat_timeout(Duration::from_millis(800)),
     )?;
     println!("poolwatch is watching pool \"demo\" (max 10); metrics at http://{}/metrics", args.metrics_addr);
     println!(
@@ -75,7 +79,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             _ = tick.tick() => {
                 let s = watch.snapshot();
                 first.get_or_insert_with(|| s.clone());
-                println!("{}", line(started.elapsed(), &s, &counts));
+                println!("{}", line(started.elapsed(), &s, &watch.heartbeat(), &counts));
                 if started.elapsed() >= args.duration {
                     break "time is up";
                 }
@@ -88,7 +92,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     listener.abort();
     app.abort();
     let last = watch.census_now().await.unwrap_or_else(|_| watch.snapshot());
-    summary(reason, started.elapsed(), &last, &counts);
+    summary(reason, started.elapsed(), &last, &watch.heartbeat(), &counts);
     watch.shutdown().await;
     // Every slot is leaked: pool.close() would wait forever (that is the incident), so don't.
     Ok(())
@@ -131,24 +135,34 @@ async fn app_traffic(pool: PgPool, counts: Arc<Counts>) {
     }
 }
 
-fn line(t: Duration, s: &Snapshot, c: &Counts) -> String {
+fn up(p: &poolwatch::PathFigures) -> &'static str {
+    match p.up {
+        Some(true) => "ok",
+        Some(false) => "FAIL",
+        None => "?",
+    }
+}
+
+fn line(t: Duration, s: &Snapshot, hb: &HeartbeatFigures, c: &Counts) -> String {
     let real = s.server.as_ref().map_or("?".into(), |r| r.total().to_string());
     let phantom = s.phantom.map_or("?".into(), |p| p.to_string());
     format!(
-        "t={:>3}s  pool used {:>2}/{} idle {:>2} | server real {:>2} | phantom gap {:>2} | listener reconnects {:>2} | app queries ok {:>4} failed {:>3}",
+        "t={:>3}s  pool used {:>2}/{} idle {:>2} | server real {:>2} | phantom gap {:>2} | heartbeat pool {:<4} direct {:<4} | listener reconnects {:>2} | app queries ok {:>4} failed {:>3}",
         t.as_secs(),
         s.pool.used,
         s.pool.max,
         s.pool.idle,
         real,
         phantom,
+        up(&hb.pool),
+        up(&hb.direct),
         c.reconnects.load(Ordering::Relaxed),
         c.app_ok.load(Ordering::Relaxed),
         c.app_failed.load(Ordering::Relaxed),
     )
 }
 
-fn summary(reason: &str, t: Duration, s: &Snapshot, c: &Counts) {
+fn summary(reason: &str, t: Duration, s: &Snapshot, hb: &HeartbeatFigures, c: &Counts) {
     println!("\n--- summary ({reason}, after {}s) ---", t.as_secs());
     println!("pool believes: {} open, {} used, {} idle (max {})", s.pool.open, s.pool.used, s.pool.idle, s.pool.max);
     match &s.server {
@@ -167,6 +181,15 @@ fn summary(reason: &str, t: Duration, s: &Snapshot, c: &Counts) {
         c.killed_idle.load(Ordering::Relaxed)
     );
     println!("app queries: {} ok, {} failed", c.app_ok.load(Ordering::Relaxed), c.app_failed.load(Ordering::Relaxed));
+    let diagnosis = match hb.diagnosis() {
+        Some(Diagnosis::PoolSide) => {
+            "pool path fails, direct path fine: the POOL is exhausted or leaking, the database is healthy"
+        }
+        Some(Diagnosis::DatabaseOrNetwork) => "both paths fail: the database or the network",
+        Some(Diagnosis::Healthy) => "both paths fine",
+        _ => "not enough heartbeats yet",
+    };
+    println!("heartbeats: {diagnosis}");
     println!("In production the gap grows one slot per server kill; alert on its growth long before it reaches max.");
 }
 
