@@ -5,10 +5,10 @@
 
 #![allow(dead_code)]
 
+use super::cluster::{free_port, is_root, temp_dir};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgConnectOptions;
@@ -32,13 +32,7 @@ impl PgBouncer {
             std::path::Path::new(PGBOUNCER).is_file(),
             "{PGBOUNCER} not found: `apt-get install pgbouncer` (scripts/prereqs does)"
         );
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "poolwatch-pgbouncer-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create pgbouncer dir");
+        let dir = temp_dir("pgbouncer");
         let port = free_port();
         let mut ini = format!(
             "[databases]\npostgres = host=127.0.0.1 port={server_port} dbname=postgres\n\n[pgbouncer]\n\
@@ -110,12 +104,4 @@ impl Drop for PgBouncer {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
