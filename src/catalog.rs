@@ -81,6 +81,34 @@ pub const PHANTOM_CONNECTIONS: Metric = gauge(
     "Connections the pool counts as open minus connections that really exist on the server (leaked or dead slots).",
     &[],
 );
+/// The longest any of the pool's sessions has been in its state, by state.
+pub const SERVER_LONGEST_IN_STATE: Metric = gauge(
+    "poolwatch_server_longest_in_state_seconds",
+    Unit::Seconds,
+    "The longest any of this pool's server sessions has been in its current state, by state. Long idle_in_transaction: a transaction left open; long active: a stuck statement.",
+    &[STATE],
+);
+/// The pool's sessions waiting for a lock now.
+pub const SERVER_LOCK_WAITERS: Metric = gauge(
+    "poolwatch_server_lock_waiters",
+    Unit::Count,
+    "This pool's server sessions waiting for a lock now (wait_event_type = Lock).",
+    &[],
+);
+/// Advisory locks held by the pool's sessions.
+pub const SERVER_ADVISORY_LOCKS: Metric = gauge(
+    "poolwatch_server_advisory_locks",
+    Unit::Count,
+    "Advisory locks held by this pool's server sessions (session- and transaction-scoped).",
+    &[],
+);
+/// The most advisory locks one of the pool's sessions holds.
+pub const SERVER_ADVISORY_LOCKS_MAX: Metric = gauge(
+    "poolwatch_server_advisory_locks_max_per_session",
+    Unit::Count,
+    "The most advisory locks any one of this pool's server sessions holds: work groups tied to one session.",
+    &[],
+);
 /// 1 if the last server census succeeded, else 0.
 pub const CENSUS_UP: Metric =
     gauge("poolwatch_census_up", Unit::Count, "1 if the last server census succeeded, else 0.", &[]);
@@ -248,6 +276,10 @@ pub const ALL: &[Metric] = &[
     CENSUS_DURATION,
     CENSUS_ERRORS,
     CLIENT_SOCKETS,
+    SERVER_LONGEST_IN_STATE,
+    SERVER_LOCK_WAITERS,
+    SERVER_ADVISORY_LOCKS,
+    SERVER_ADVISORY_LOCKS_MAX,
     // --- progress (issue 7) ---
     PROGRESS,
     // --- listener reconnects (issue 4) ---

@@ -1,6 +1,8 @@
 //! The server census: which backends in `pg_stat_activity` really belong to this pool of this
 //! process (see [`attribution`](crate::attribution) for how they are told apart).
 
+use std::time::Duration;
+
 use sqlx::postgres::PgConnection;
 
 /// `pg_stat_activity.state` values, as label values (a fixed set); `unknown` is a NULL state,
@@ -20,6 +22,16 @@ pub const SESSION_STATES: [&str; 7] = [
 pub struct ServerCensus {
     /// `counts[i]` sessions are in state `SESSION_STATES[i]`.
     pub counts: [u32; 7],
+    /// `longest[i]`: the longest any of those sessions has been in that state (since
+    /// `state_change`). A long `idle_in_transaction` is a transaction left open; a long
+    /// `active` a stuck or slow statement (incident 3). Zero where the role may not see it.
+    pub longest: [Duration; 7],
+    /// Sessions waiting for a lock now (`wait_event_type = 'Lock'`).
+    pub lock_waiters: u32,
+    /// Advisory locks the pool's sessions hold (session- and transaction-scoped).
+    pub advisory_locks: u32,
+    /// The most advisory locks any one of the pool's sessions holds.
+    pub advisory_locks_max_per_session: u32,
 }
 
 impl ServerCensus {
@@ -31,6 +43,11 @@ impl ServerCensus {
     /// Sessions in `state` (a name from [`SESSION_STATES`]); 0 for an unknown name.
     pub fn get(&self, state: &str) -> u32 {
         SESSION_STATES.iter().position(|s| *s == state).map_or(0, |i| self.counts[i])
+    }
+
+    /// The longest any session has been in `state`; zero for an unknown name.
+    pub fn longest_in(&self, state: &str) -> Duration {
+        SESSION_STATES.iter().position(|s| *s == state).map_or(Duration::ZERO, |i| self.longest[i])
     }
 }
 
@@ -46,16 +63,35 @@ fn state_index(state: Option<&str>) -> usize {
     SESSION_STATES.iter().position(|s| *s == label).unwrap_or(SESSION_STATES.len() - 1)
 }
 
+/// The query the census runs, with the pool's tagged `application_name` as `$1` (shown here
+/// for DBAs): one row per state of the pool's sessions: how many, the longest in that state,
+/// how many wait for a lock, and the advisory locks they hold (total and most in one session).
+pub const CENSUS_SQL: &str = "\
+    SELECT a.state, count(*), \
+           max(extract(epoch FROM clock_timestamp() - a.state_change))::float8, \
+           count(*) FILTER (WHERE a.wait_event_type = 'Lock'), \
+           coalesce(sum(l.n), 0)::int8, coalesce(max(l.n), 0)::int8 \
+    FROM pg_stat_activity a \
+    LEFT JOIN (SELECT pid, count(*) AS n FROM pg_locks \
+               WHERE locktype = 'advisory' AND granted GROUP BY pid) l USING (pid) \
+    WHERE a.application_name = $1 \
+    GROUP BY a.state";
+
+type Row = (Option<String>, i64, Option<f64>, i64, i64, i64);
+
 /// Counts the sessions whose `application_name` is `app_name`.
 pub(crate) async fn take(conn: &mut PgConnection, app_name: &str) -> Result<ServerCensus, sqlx::Error> {
-    let rows: Vec<(Option<String>, i64)> =
-        sqlx::query_as("SELECT state, count(*) FROM pg_stat_activity WHERE application_name = $1 GROUP BY state")
-            .bind(app_name)
-            .fetch_all(conn)
-            .await?;
+    let rows: Vec<Row> = sqlx::query_as(CENSUS_SQL).bind(app_name).fetch_all(conn).await?;
     let mut census = ServerCensus::default();
-    for (state, n) in rows {
-        census.counts[state_index(state.as_deref())] += u32::try_from(n).unwrap_or(u32::MAX);
+    let count = |n: i64| u32::try_from(n).unwrap_or(u32::MAX);
+    for (state, n, longest, waiters, advisory, advisory_max) in rows {
+        let i = state_index(state.as_deref());
+        census.counts[i] += count(n);
+        let longest = Duration::try_from_secs_f64(longest.unwrap_or(0.0).max(0.0)).unwrap_or(Duration::ZERO);
+        census.longest[i] = census.longest[i].max(longest);
+        census.lock_waiters += count(waiters);
+        census.advisory_locks += count(advisory);
+        census.advisory_locks_max_per_session = census.advisory_locks_max_per_session.max(count(advisory_max));
     }
     Ok(census)
 }

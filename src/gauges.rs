@@ -15,6 +15,10 @@ pub(crate) struct Gauges {
     max: Gauge,
     min: Gauge,
     server: Vec<Gauge>,
+    longest: Vec<Gauge>,
+    lock_waiters: Gauge,
+    advisory_locks: Gauge,
+    advisory_locks_max: Gauge,
     sockets: Vec<Gauge>,
     phantom: Gauge,
     census_up: Gauge,
@@ -32,6 +36,10 @@ impl Gauges {
             max: plain(catalog::CONNECTION_MAX.name),
             min: plain(catalog::CONNECTION_IDLE_MIN.name),
             server: SESSION_STATES.iter().map(|s| by_state(catalog::SERVER_CONNECTIONS.name, STATE, s)).collect(),
+            longest: SESSION_STATES.iter().map(|s| by_state(catalog::SERVER_LONGEST_IN_STATE.name, STATE, s)).collect(),
+            lock_waiters: plain(catalog::SERVER_LOCK_WAITERS.name),
+            advisory_locks: plain(catalog::SERVER_ADVISORY_LOCKS.name),
+            advisory_locks_max: plain(catalog::SERVER_ADVISORY_LOCKS_MAX.name),
             sockets: TCP_STATES.iter().map(|s| by_state(catalog::CLIENT_SOCKETS.name, STATE, s)).collect(),
             phantom: plain(catalog::PHANTOM_CONNECTIONS.name),
             census_up: plain(catalog::CENSUS_UP.name),
@@ -54,6 +62,12 @@ impl Gauges {
             for (g, n) in self.server.iter().zip(server.counts) {
                 g.set(n);
             }
+            for (g, d) in self.longest.iter().zip(server.longest) {
+                g.set(d.as_secs_f64());
+            }
+            self.lock_waiters.set(server.lock_waiters);
+            self.advisory_locks.set(server.advisory_locks);
+            self.advisory_locks_max.set(server.advisory_locks_max_per_session);
         }
         if let Some(sockets) = &s.sockets {
             for (g, n) in self.sockets.iter().zip(sockets.counts) {

@@ -41,7 +41,7 @@ mod watch;
 mod watched_pool;
 
 pub use cause::Cause;
-pub use census::{SESSION_STATES, ServerCensus};
+pub use census::{CENSUS_SQL, SESSION_STATES, ServerCensus};
 pub use config::{Config, ConfigError};
 pub use hazards::{Finding, Hazard, ServerSettings};
 pub use heartbeat::{Diagnosis, DirectOptions, HeartbeatFigures, PATHS, PathFigures};
