@@ -1,12 +1,17 @@
 //! One-call telemetry: `/metrics` on 127.0.0.1:9184 and OTLP spans to the collector named by
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` (none set: logs only).
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (none set: logs only). With `DATABASE_URL` unset it starts a
+//! throwaway PostgreSQL cluster, like the demo.
 //!
 //! ```sh
+//! cargo run --example telemetry --features telemetry
 //! DATABASE_URL=postgres://app:secret@127.0.0.1/app \
 //! OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 OTEL_SERVICE_NAME=demo \
 //!   cargo run --example telemetry --features telemetry
 //! curl -s 127.0.0.1:9184/metrics   # while it runs
 //! ```
+
+#[path = "../tests/support/cluster.rs"]
+mod cluster;
 
 use std::time::Duration;
 
@@ -16,8 +21,12 @@ use sqlx::postgres::PgPoolOptions;
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let telemetry = telemetry::init(TelemetryConfig::default())?; // keep it: flushes spans on drop
-    let url = std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL=postgres://user:password@host/db")?;
-    let pool = PgPoolOptions::new().max_connections(5).connect(&url).await?;
+    let mut _cluster = None; // a throwaway server when DATABASE_URL is unset, removed at exit
+    let options = match std::env::var("DATABASE_URL") {
+        Ok(url) => url.parse()?,
+        Err(_) => _cluster.insert(cluster::Cluster::start()).options(),
+    };
+    let pool = PgPoolOptions::new().max_connections(5).connect_with(options).await?;
     let watch = poolwatch::instrument_pool(&pool, poolwatch::Config::new("main"))?;
     for _ in 0..10 {
         sqlx::query("SELECT 1").execute(&pool).await?;
