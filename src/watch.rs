@@ -301,7 +301,14 @@ impl Shared {
     }
 }
 
-async fn run(shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
+async fn run(shared: Arc<Shared>, stop: oneshot::Receiver<()>) {
+    watch_until_stopped(&shared, stop).await;
+    // Stopped before the re-tag ran: give the idle connections back, or `pool.close()` waits.
+    drop(shared.untagged.lock().map(|mut held| std::mem::take(&mut *held)));
+    shared.direct.lock().await.close().await;
+}
+
+async fn watch_until_stopped(shared: &Shared, mut stop: oneshot::Receiver<()>) {
     let closed = shared.pool.close_event();
     tokio::pin!(closed);
     tokio::select! {
@@ -329,5 +336,4 @@ async fn run(shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
             },
         }
     }
-    shared.direct.lock().await.close().await;
 }

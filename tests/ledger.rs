@@ -271,6 +271,16 @@ async fn the_handle_and_pool_close_stop_the_background_task() {
     })
     .await;
     drop(watch);
+
+    // Closed right after being instrumented, while poolwatch may still hold the idle
+    // connections it re-tags: the close still completes.
+    for _ in 0..5 {
+        let pool =
+            PgPoolOptions::new().min_connections(2).max_connections(3).connect_with(cluster.options()).await.unwrap();
+        let watch = instrument_pool(&pool, config("lifecycle")).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), pool.close()).await.expect("close right after instrumenting");
+        drop(watch);
+    }
 }
 
 /// The server ends idle sessions the app has not touched: the app's sockets sit in
