@@ -85,7 +85,8 @@ impl Reachability {
 }
 
 /// Opens a TCP connection to each address at once (closed as soon as it is up), each bounded
-/// by `timeout`; returns when all have answered or timed out, in the order given.
+/// by `timeout`; returns when all have answered or timed out, in the order given. Call it
+/// inside a Tokio runtime (each probe is a task, aborted if this future is dropped).
 pub async fn probe_addresses(addresses: &[SocketAddr], timeout: Duration) -> Vec<AddressFigures> {
     let mut probes = JoinSet::new();
     for (i, &address) in addresses.iter().enumerate() {
@@ -210,10 +211,12 @@ impl Reach {
         // Registered at the first probe: a unix-socket pool never exports it.
         gauge!(catalog::SERVER_ADDRESSES.name, POOL_NAME => self.pool_name.clone()).set(reach.resolved as f64);
         let Ok(mut series) = self.series.lock() else { return };
-        for g in series.values() {
-            // Not probed this time (left the DNS answer): no value until it comes back.
-            g.up.set(f64::NAN);
-            g.connect.set(f64::NAN);
+        for (address, g) in series.iter() {
+            if reach.get(*address).is_none() {
+                // Not probed this time (left the DNS answer): no value until it comes back.
+                g.up.set(f64::NAN);
+                g.connect.set(f64::NAN);
+            }
         }
         for a in &reach.addresses {
             if !series.contains_key(&a.address) && series.len() >= MAX_SERIES {
@@ -254,6 +257,24 @@ mod tests {
         let localhost = resolve("localhost", 5432, Duration::from_secs(5)).await.unwrap();
         let unique: std::collections::HashSet<_> = localhost.iter().collect();
         assert!(!localhost.is_empty() && unique.len() == localhost.len(), "{localhost:?}");
+    }
+
+    #[test]
+    fn series_stop_at_the_cap() {
+        let reach = Reach::new("cap");
+        for round in 0..5u16 {
+            let addresses = (0..MAX_ADDRESSES as u16)
+                .map(|i| AddressFigures {
+                    address: SocketAddr::from(([10, 0, round as u8, i as u8], 5432)),
+                    up: true,
+                    connect_time: Duration::from_millis(1),
+                    error: None,
+                })
+                .collect();
+            reach.publish(&Reachability { resolved: MAX_ADDRESSES, addresses, resolve_error: None });
+        }
+        assert_eq!(reach.series.lock().unwrap().len(), MAX_SERIES);
+        assert!(reach.over_cap_warned.load(Ordering::Relaxed));
     }
 
     #[tokio::test]
