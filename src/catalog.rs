@@ -265,6 +265,34 @@ pub const LEAK_SUSPECTS_TOTAL: Metric = counter(
     &[],
 );
 
+// --- per-address reachability (branch reach, incident 4) ---
+/// Label key of the per-address metrics: one address the database host resolves to, as
+/// `IP:port`. The one label whose values come from outside poolwatch (the DNS answer); bounded
+/// by [`reach::MAX_ADDRESSES`](crate::reach::MAX_ADDRESSES) per probe and
+/// [`reach::MAX_SERIES`](crate::reach::MAX_SERIES) per pool.
+pub const SERVER_ADDRESS: &str = "server_address";
+/// How many addresses the pool's database host resolved to at the last probe.
+pub const SERVER_ADDRESSES: Metric = gauge(
+    "poolwatch_server_addresses",
+    Unit::Count,
+    "How many addresses the pool's database host resolved to at the last probe (0: resolution failed).",
+    &[],
+);
+/// 1 if a TCP connect to the address succeeded within census_timeout at the last probe, else 0.
+pub const SERVER_ADDRESS_UP: Metric = gauge(
+    "poolwatch_server_address_up",
+    Unit::Count,
+    "1 if a TCP connect to this resolved address of the database host succeeded within census_timeout at the last probe, else 0 (NaN: no longer in the DNS answer).",
+    &[SERVER_ADDRESS],
+);
+/// How long the last TCP connect to the address took (until it failed or timed out when down).
+pub const SERVER_ADDRESS_CONNECT_TIME: Metric = gauge(
+    "poolwatch_server_address_connect_seconds",
+    Unit::Seconds,
+    "How long the last TCP connect (handshake only) to this resolved address took; when down, until it was refused or timed out (NaN: no longer in the DNS answer).",
+    &[SERVER_ADDRESS],
+);
+
 /// Every metric poolwatch emits.
 pub const ALL: &[Metric] = &[
     CONNECTION_COUNT,
@@ -301,6 +329,10 @@ pub const ALL: &[Metric] = &[
     CREATE_TIME,
     LEAK_SUSPECTS,
     LEAK_SUSPECTS_TOTAL,
+    // --- per-address reachability (branch reach, incident 4) ---
+    SERVER_ADDRESSES,
+    SERVER_ADDRESS_UP,
+    SERVER_ADDRESS_CONNECT_TIME,
 ];
 
 /// Looks a metric up by its Prometheus name (a histogram's `_bucket`, `_sum` and `_count`

@@ -33,6 +33,7 @@ mod listener;
 mod loss;
 mod probe;
 mod progress;
+pub mod reach;
 mod snapshot;
 mod sockets;
 #[cfg(feature = "telemetry")]
@@ -48,6 +49,7 @@ pub use heartbeat::{Diagnosis, DirectOptions, HeartbeatFigures, PATHS, PathFigur
 pub use listener::{ListenerConfig, WatchedListener};
 pub use probe::{instrument_options, mark_connected};
 pub use progress::Progress;
+pub use reach::{AddressFigures, Reachability, probe_addresses, probe_host};
 pub use snapshot::{PoolFigures, Snapshot};
 pub use sockets::{SocketCensus, TCP_STATES};
 pub use watch::{PoolWatch, instrument_pool};

@@ -17,6 +17,7 @@ use crate::direct::DirectConnection;
 use crate::gauges::Gauges;
 use crate::heartbeat::Heartbeat;
 use crate::probe::Probe;
+use crate::reach::Reach;
 use crate::{Cause, Config, ConfigError, PoolFigures, Snapshot, WatchedPool, catalog, census, sockets};
 
 /// Pause before a census re-reads an unsettled or gapped reading.
@@ -58,6 +59,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         )),
         heartbeat: Heartbeat::new(&config.pool_name),
         gauges: Gauges::new(&config.pool_name),
+        reach: Reach::new(&config.pool_name),
         probe: Arc::new(Probe::new(pool, &config)),
         latest: Mutex::new(Snapshot { pool: PoolFigures::of(pool), ..Snapshot::default() }),
         untagged: Mutex::new(untagged),
@@ -114,6 +116,12 @@ impl PoolWatch {
         self.shared.heartbeat.server_settings()
     }
 
+    /// Every address the database host resolved to at the last census tick and whether a TCP
+    /// connect to each succeeded: see [`reach`](crate::reach).
+    pub fn reachability(&self) -> crate::Reachability {
+        self.shared.reach.figures()
+    }
+
     /// The latest figures (from the last sample and census).
     pub fn snapshot(&self) -> Snapshot {
         self.shared.latest()
@@ -167,6 +175,7 @@ struct Shared {
     config: Config,
     tag: Tag,
     gauges: Gauges,
+    reach: Reach,
     heartbeat: Heartbeat,
     probe: Arc<Probe>,
     direct: tokio::sync::Mutex<DirectConnection>,
@@ -332,7 +341,11 @@ async fn watch_until_stopped(shared: &Shared, mut stop: oneshot::Receiver<()>) {
             _ = census.tick() => tokio::select! {
                 _ = &mut stop => break,
                 _ = &mut closed => break,
-                _ = shared.census() => {}
+                _ = async {
+                    let _ = shared.census().await;
+                    // After the census, so its socket count never sees the probes' sockets.
+                    shared.reach.run(&shared.pool.connect_options(), shared.config.census_timeout).await;
+                } => {}
             },
         }
     }

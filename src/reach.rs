@@ -1,0 +1,286 @@
+//! Reachability of every address the database host resolves to (incident 4).
+//!
+//! sqlx connects by trying each resolved address in turn, with no per-address timeout: one
+//! address that drops SYNs makes some connects hang for minutes while others take 3 ms. So,
+//! after each census, poolwatch resolves the pool's host and opens a bare TCP connection to
+//! each address (the handshake only: no startup packet, closed at once), all at once, each
+//! bounded by `census_timeout`. It never uses a pool slot and never delays the census (the
+//! probes run after it). Unix-socket hosts are skipped.
+//!
+//! Exported per pool: `poolwatch_server_addresses` (how many addresses the host resolved to)
+//! and, per probed address, `poolwatch_server_address_up` and
+//! `poolwatch_server_address_connect_seconds`, labelled `server_address` = `IP:port`.
+//!
+//! `server_address` is the one label whose values come from outside poolwatch (the DNS
+//! answer). It stays bounded: at most [`MAX_ADDRESSES`] addresses are probed per census, and
+//! at most [`MAX_SERIES`] distinct addresses ever get series per pool (further new addresses
+//! are probed and show in [`Reachability`], but get no series; one WARN says so). The
+//! `metrics` facade cannot delete a series: an address that left the DNS answer keeps its
+//! series with the value NaN ("not probed any more"), which `== 0` / `== 1` never match, so
+//! alerts resolve once a dead address is removed from DNS.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use std::time::Duration;
+//! let reach = poolwatch::probe_host("db.internal", 5432, Duration::from_secs(2)).await;
+//! for a in &reach.addresses {
+//!     println!("{} up={} in {:?}", a.address, a.up, a.connect_time);
+//! }
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use metrics::{Gauge, gauge};
+use sqlx::postgres::PgConnectOptions;
+use tokio::task::JoinSet;
+
+use crate::Cause;
+use crate::catalog::{self, POOL_NAME, SERVER_ADDRESS};
+
+/// At most this many resolved addresses are probed per census (the first ones, in DNS order).
+pub const MAX_ADDRESSES: usize = 16;
+/// At most this many distinct addresses get metric series per pool over the process's life.
+pub const MAX_SERIES: usize = 4 * MAX_ADDRESSES;
+
+/// The outcome of one TCP connect to one resolved address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressFigures {
+    /// The address probed.
+    pub address: SocketAddr,
+    /// Whether the TCP handshake completed within the timeout.
+    pub up: bool,
+    /// How long the attempt took: the handshake when up, else until it failed or timed out.
+    pub connect_time: Duration,
+    /// Why it failed (`Refused`, `TimedOut`, ...); `None` when up.
+    pub error: Option<Cause>,
+}
+
+/// Every address the database host resolved to at the last probe, and how each answered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reachability {
+    /// How many addresses the host resolved to (all of them, beyond [`MAX_ADDRESSES`] too);
+    /// 0 before the first probe, for a unix socket, or when resolution failed.
+    pub resolved: usize,
+    /// The probed addresses, in DNS order (at most [`MAX_ADDRESSES`]).
+    pub addresses: Vec<AddressFigures>,
+    /// Why resolving the host failed, if it did.
+    pub resolve_error: Option<Cause>,
+}
+
+impl Reachability {
+    /// The probed addresses that answered.
+    pub fn up(&self) -> usize {
+        self.addresses.iter().filter(|a| a.up).count()
+    }
+
+    /// The figures of `address`, if it was probed.
+    pub fn get(&self, address: SocketAddr) -> Option<&AddressFigures> {
+        self.addresses.iter().find(|a| a.address == address)
+    }
+}
+
+/// Opens a TCP connection to each address at once (closed as soon as it is up), each bounded
+/// by `timeout`; returns when all have answered or timed out, in the order given. Call it
+/// inside a Tokio runtime (each probe is a task, aborted if this future is dropped).
+pub async fn probe_addresses(addresses: &[SocketAddr], timeout: Duration) -> Vec<AddressFigures> {
+    let mut probes = JoinSet::new();
+    for (i, &address) in addresses.iter().enumerate() {
+        probes.spawn(async move { (i, probe_one(address, timeout).await) });
+    }
+    let mut found: Vec<Option<AddressFigures>> = vec![None; addresses.len()];
+    while let Some(joined) = probes.join_next().await {
+        if let Ok((i, figures)) = joined {
+            found[i] = Some(figures);
+        }
+    }
+    // A probe task cannot panic; should one be lost anyway, its address reads down.
+    found
+        .into_iter()
+        .zip(addresses)
+        .map(|(f, &address)| {
+            f.unwrap_or(AddressFigures { address, up: false, connect_time: timeout, error: Some(Cause::Other) })
+        })
+        .collect()
+}
+
+async fn probe_one(address: SocketAddr, timeout: Duration) -> AddressFigures {
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await;
+    let connect_time = started.elapsed();
+    let error = match outcome {
+        Ok(Ok(stream)) => {
+            drop(stream); // FIN, no startup packet: PostgreSQL logs nothing for an empty connection
+            None
+        }
+        Ok(Err(e)) => Some(Cause::of_io(e.kind())),
+        Err(_) => Some(Cause::TimedOut),
+    };
+    AddressFigures { address, up: error.is_none(), connect_time, error }
+}
+
+/// Resolves `host` (bounded by `timeout`) and probes the first [`MAX_ADDRESSES`] addresses
+/// with [`probe_addresses`]. An IP literal is probed without a lookup.
+pub async fn probe_host(host: &str, port: u16, timeout: Duration) -> Reachability {
+    let resolved = match resolve(host, port, timeout).await {
+        Ok(addresses) => addresses,
+        Err(cause) => return Reachability { resolve_error: Some(cause), ..Reachability::default() },
+    };
+    let probed = &resolved[..resolved.len().min(MAX_ADDRESSES)];
+    Reachability { resolved: resolved.len(), addresses: probe_addresses(probed, timeout).await, resolve_error: None }
+}
+
+async fn resolve(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAddr>, Cause> {
+    let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if let Ok(ip) = literal.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let found = match tokio::time::timeout(timeout, tokio::net::lookup_host((host, port))).await {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return Err(Cause::of_io(e.kind())),
+        Err(_) => return Err(Cause::TimedOut),
+    };
+    let mut unique: Vec<SocketAddr> = Vec::new();
+    for address in found {
+        if !unique.contains(&address) {
+            unique.push(address);
+        }
+    }
+    Ok(unique)
+}
+
+/// The reachability probe of one watched pool: its gauges and latest figures.
+#[derive(Debug)]
+pub(crate) struct Reach {
+    pool_name: String,
+    series: Mutex<HashMap<SocketAddr, AddressGauges>>,
+    latest: Mutex<Reachability>,
+    over_cap_warned: AtomicBool,
+    resolve_failing: AtomicBool,
+}
+
+#[derive(Debug)]
+struct AddressGauges {
+    up: Gauge,
+    connect: Gauge,
+}
+
+impl Reach {
+    pub(crate) fn new(pool_name: &str) -> Reach {
+        Reach {
+            pool_name: pool_name.to_owned(),
+            series: Mutex::new(HashMap::new()),
+            latest: Mutex::new(Reachability::default()),
+            over_cap_warned: AtomicBool::new(false),
+            resolve_failing: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn figures(&self) -> Reachability {
+        self.latest.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Probes the addresses of the host in `options` and publishes the figures. Does nothing
+    /// for a unix socket.
+    pub(crate) async fn run(&self, options: &PgConnectOptions, timeout: Duration) {
+        let host = options.get_host();
+        if options.get_socket().is_some() || host.starts_with('/') {
+            return;
+        }
+        let reach = probe_host(host, options.get_port(), timeout).await;
+        match reach.resolve_error {
+            Some(cause) if !self.resolve_failing.swap(true, Ordering::Relaxed) => {
+                tracing::warn!(pool = %self.pool_name, %cause, "poolwatch could not resolve the database host");
+            }
+            None if self.resolve_failing.swap(false, Ordering::Relaxed) => {
+                tracing::info!(pool = %self.pool_name, "poolwatch resolves the database host again");
+            }
+            _ => {}
+        }
+        self.publish(&reach);
+        if let Ok(mut latest) = self.latest.lock() {
+            *latest = reach;
+        }
+    }
+
+    fn publish(&self, reach: &Reachability) {
+        // Registered at the first probe: a unix-socket pool never exports it.
+        gauge!(catalog::SERVER_ADDRESSES.name, POOL_NAME => self.pool_name.clone()).set(reach.resolved as f64);
+        let Ok(mut series) = self.series.lock() else { return };
+        for (address, g) in series.iter() {
+            if reach.get(*address).is_none() {
+                // Not probed this time (left the DNS answer): no value until it comes back.
+                g.up.set(f64::NAN);
+                g.connect.set(f64::NAN);
+            }
+        }
+        for a in &reach.addresses {
+            if !series.contains_key(&a.address) && series.len() >= MAX_SERIES {
+                if !self.over_cap_warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        pool = %self.pool_name,
+                        max = MAX_SERIES,
+                        "the database host has resolved to more distinct addresses than poolwatch exports \
+                         series for; newer addresses show only in PoolWatch::reachability()"
+                    );
+                }
+                continue;
+            }
+            let g = series.entry(a.address).or_insert_with(|| {
+                let p = self.pool_name.clone();
+                let address = a.address.to_string();
+                AddressGauges {
+                    up: gauge!(catalog::SERVER_ADDRESS_UP.name, POOL_NAME => p.clone(), SERVER_ADDRESS => address.clone()),
+                    connect: gauge!(catalog::SERVER_ADDRESS_CONNECT_TIME.name, POOL_NAME => p, SERVER_ADDRESS => address),
+                }
+            });
+            g.up.set(if a.up { 1.0 } else { 0.0 });
+            g.connect.set(a.connect_time.as_secs_f64());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ip_literals_skip_the_lookup_and_duplicates_are_dropped() {
+        let v4 = resolve("127.0.0.1", 5432, Duration::from_secs(1)).await;
+        assert_eq!(v4, Ok(vec!["127.0.0.1:5432".parse().unwrap()]));
+        let v6 = resolve("[::1]", 5432, Duration::from_secs(1)).await;
+        assert_eq!(v6, Ok(vec!["[::1]:5432".parse().unwrap()]));
+        let localhost = resolve("localhost", 5432, Duration::from_secs(5)).await.unwrap();
+        let unique: std::collections::HashSet<_> = localhost.iter().collect();
+        assert!(!localhost.is_empty() && unique.len() == localhost.len(), "{localhost:?}");
+    }
+
+    #[test]
+    fn series_stop_at_the_cap() {
+        let reach = Reach::new("cap");
+        for round in 0..5u16 {
+            let addresses = (0..MAX_ADDRESSES as u16)
+                .map(|i| AddressFigures {
+                    address: SocketAddr::from(([10, 0, round as u8, i as u8], 5432)),
+                    up: true,
+                    connect_time: Duration::from_millis(1),
+                    error: None,
+                })
+                .collect();
+            reach.publish(&Reachability { resolved: MAX_ADDRESSES, addresses, resolve_error: None });
+        }
+        assert_eq!(reach.series.lock().unwrap().len(), MAX_SERIES);
+        assert!(reach.over_cap_warned.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_host_is_a_resolve_error() {
+        let reach = probe_host("no-such-host.invalid", 5432, Duration::from_secs(5)).await;
+        assert!(reach.resolve_error.is_some(), "{reach:?}");
+        assert_eq!((reach.resolved, reach.addresses.len()), (0, 0));
+    }
+}
