@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Connection};
 
 use crate::Cause;
 
@@ -43,6 +43,8 @@ impl DirectConnection {
             ("idle_session_timeout", "0"),
             ("idle_in_transaction_session_timeout", "0"),
         ]);
+        // poolwatch's own queries stay out of the app's sqlx statement log.
+        let options = options.disable_statement_logging();
         DirectConnection { options, timeout, conn: None, local_port: None, connects: 0 }
     }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use metrics::{Gauge, Histogram, counter, gauge, histogram};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{Connection, Executor, PgPool};
+use sqlx::{ConnectOptions, Connection, Executor, PgPool};
 use tokio::sync::oneshot;
 use tokio::time::MissedTickBehavior;
 
@@ -352,7 +352,7 @@ impl Heartbeat {
         config: &Config,
         app_name: &str,
     ) -> bool {
-        let options = pool.connect_options().as_ref().clone().application_name(app_name);
+        let options = pool.connect_options().as_ref().clone().application_name(app_name).disable_statement_logging();
         let timeout = config.heartbeat_timeout;
         // Holding the census's lock keeps the census from counting this short-lived socket.
         let Ok(_census) = tokio::time::timeout(timeout, direct.lock()).await else { return false };

@@ -358,3 +358,30 @@ async fn census_role_without_stats_privilege_degrades_to_unknown_states() {
     assert_eq!((server.get("unknown"), server.get("idle")), (0, pool.size()), "states visible after the grant");
     drop(held);
 }
+
+/// poolwatch's own queries (census, heartbeats, lint) never reach the app's sqlx statement
+/// log, while the app's own statements still do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poolwatch_queries_stay_out_of_the_sqlx_statement_log() {
+    recorder();
+    support::spans::install();
+    let cluster = Cluster::start();
+    let pool = PgPoolOptions::new().max_connections(2).connect_with(cluster.options()).await.unwrap();
+    let watch = instrument_pool(&pool, config("quiet").heartbeat_interval(Duration::from_millis(100))).unwrap();
+    for _ in 0..3 {
+        watch.census_now().await.unwrap();
+    }
+    eventually(Duration::from_secs(5), "heartbeats on both paths and the lint ran", async || {
+        let hb = watch.heartbeat();
+        (hb.pool.successes >= 2 && hb.direct.successes >= 2 && watch.server_settings().is_some()).then_some(())
+    })
+    .await;
+    // Control: the app's statements are logged, so the capture works.
+    sqlx::query("SELECT 'statement-log-control'").execute(&pool).await.unwrap();
+    let logged = support::spans::sqlx_events();
+    assert!(logged.iter().any(|e| e.contains("statement-log-control")), "sqlx statement log not captured");
+    for ours in ["pg_locks", "pg_settings", "inet_client_port"] {
+        let hits: Vec<_> = logged.iter().filter(|e| e.contains(ours)).collect();
+        assert!(hits.is_empty(), "poolwatch's query ({ours}) is in the app's sqlx log: {hits:?}");
+    }
+}

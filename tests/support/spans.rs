@@ -24,6 +24,14 @@ pub struct CapturedSpan {
 
 static SPANS: Mutex<Vec<CapturedSpan>> = Mutex::new(Vec::new());
 static EVENTS: Mutex<Vec<CapturedSpan>> = Mutex::new(Vec::new());
+static SQLX_EVENTS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Installs the capturing subscriber (once) and returns every event sqlx logged so far (its
+/// statement log included), each as its fields' text.
+pub fn sqlx_events() -> Vec<String> {
+    install();
+    SQLX_EVENTS.lock().unwrap().clone()
+}
 
 /// Installs the capturing subscriber (once) and returns every poolwatch event (log line) at
 /// `level` so far; `name` is the event's `message`.
@@ -63,6 +71,12 @@ impl<S: Subscriber> Layer<S> for Capture {
 
     fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
         let meta = event.metadata();
+        if meta.target().starts_with("sqlx") {
+            let mut fields = Fields(BTreeMap::new());
+            event.record(&mut fields);
+            SQLX_EVENTS.lock().unwrap().push(format!("{:?}", fields.0));
+            return;
+        }
         if !meta.target().starts_with("poolwatch") {
             return;
         }
