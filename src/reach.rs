@@ -108,15 +108,26 @@ pub async fn probe_addresses(addresses: &[SocketAddr], timeout: Duration) -> Vec
         .collect()
 }
 
+/// A TCP handshake with `address`, then close: FIN, no startup packet, so PostgreSQL logs
+/// nothing. The socket is bound first so its local port is known, and marked as poolwatch's
+/// own until it is closed: the socket census never counts it.
+async fn connect_and_close(address: SocketAddr) -> std::io::Result<()> {
+    let (socket, any) = match address {
+        SocketAddr::V4(_) => (tokio::net::TcpSocket::new_v4()?, SocketAddr::from(([0, 0, 0, 0], 0))),
+        SocketAddr::V6(_) => (tokio::net::TcpSocket::new_v6()?, SocketAddr::from(([0u16; 8], 0))),
+    };
+    socket.bind(any)?;
+    let _own = crate::sockets::OwnPort::new(socket.local_addr()?.port());
+    drop(socket.connect(address).await?);
+    Ok(())
+}
+
 async fn probe_one(address: SocketAddr, timeout: Duration) -> AddressFigures {
     let started = Instant::now();
-    let outcome = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await;
+    let outcome = tokio::time::timeout(timeout, connect_and_close(address)).await;
     let connect_time = started.elapsed();
     let error = match outcome {
-        Ok(Ok(stream)) => {
-            drop(stream); // FIN, no startup packet: PostgreSQL logs nothing for an empty connection
-            None
-        }
+        Ok(Ok(())) => None,
         Ok(Err(e)) => Some(Cause::of_io(e.kind())),
         Err(_) => Some(Cause::TimedOut),
     };

@@ -33,8 +33,39 @@ impl SocketCensus {
     }
 }
 
+/// Local ports of poolwatch's own short-lived sockets open now (reachability probes): the
+/// socket census leaves them out.
+static OWN_PORTS: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// Marks a local port as poolwatch's own while it lives.
+#[derive(Debug)]
+pub(crate) struct OwnPort(u16);
+
+impl OwnPort {
+    pub(crate) fn new(port: u16) -> OwnPort {
+        if let Ok(mut ports) = OWN_PORTS.lock() {
+            ports.push(port);
+        }
+        OwnPort(port)
+    }
+}
+
+impl Drop for OwnPort {
+    fn drop(&mut self) {
+        if let Ok(mut ports) = OWN_PORTS.lock()
+            && let Some(i) = ports.iter().position(|p| *p == self.0)
+        {
+            ports.swap_remove(i);
+        }
+    }
+}
+
+fn is_own(port: u16) -> bool {
+    OWN_PORTS.lock().is_ok_and(|ports| ports.contains(&port))
+}
+
 /// Takes the census of sockets whose peer is one of `peers`, leaving out the socket whose
-/// local port is `exclude_local_port` (poolwatch's own connection).
+/// local port is `exclude_local_port` (poolwatch's own connection) and poolwatch's probes.
 #[cfg(target_os = "linux")]
 pub(crate) fn take(peers: &[SocketAddr], exclude_local_port: Option<u16>) -> std::io::Result<SocketCensus> {
     let own = own_socket_inodes()?;
@@ -50,7 +81,8 @@ pub(crate) fn take(peers: &[SocketAddr], exclude_local_port: Option<u16>) -> std
         for row in text.lines().skip(1).filter_map(parse_row) {
             let wanted = own.contains(&row.inode)
                 && peers.iter().any(|p| same_peer(p, &row.remote))
-                && Some(row.local_port) != exclude_local_port;
+                && Some(row.local_port) != exclude_local_port
+                && !is_own(row.local_port);
             if wanted && (1..=11).contains(&row.state) {
                 census.counts[usize::from(row.state) - 1] += 1;
             }
@@ -125,6 +157,20 @@ fn parse_addr(s: &str) -> Option<(std::net::IpAddr, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn own_probe_sockets_are_left_out() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(peer).unwrap();
+        let (_server_side, _) = listener.accept().unwrap();
+        assert_eq!(take(&[peer], None).unwrap().get("established"), 1, "a real socket to the peer is counted");
+        let own = OwnPort::new(client.local_addr().unwrap().port());
+        assert_eq!(take(&[peer], None).unwrap().get("established"), 0, "poolwatch's own probe is not");
+        drop(own);
+        assert_eq!(take(&[peer], None).unwrap().get("established"), 1);
+    }
 
     #[test]
     fn parses_kernel_rows() {

@@ -343,7 +343,7 @@ async fn watch_until_stopped(shared: &Shared, mut stop: oneshot::Receiver<()>) {
                 _ = &mut closed => break,
                 _ = async {
                     let _ = shared.census().await;
-                    // After the census, so its socket count never sees the probes' sockets.
+                    // After the census; the probes' sockets are left out of any census by port (`OwnPort`).
                     shared.reach.run(&shared.pool.connect_options(), shared.config.census_timeout).await;
                 } => {}
             },
