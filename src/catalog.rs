@@ -268,8 +268,8 @@ pub const LEAK_SUSPECTS_TOTAL: Metric = counter(
 // --- per-address reachability (branch reach, incident 4) ---
 /// Label key of the per-address metrics: one address the database host resolves to, as
 /// `IP:port`. The one label whose values come from outside poolwatch (the DNS answer); bounded
-/// by [`reach::MAX_ADDRESSES`](crate::reach::MAX_ADDRESSES) per probe and
-/// [`reach::MAX_SERIES`](crate::reach::MAX_SERIES) per pool.
+/// by [`reach::MAX_ADDRESSES`](crate::health::reach::MAX_ADDRESSES) per probe and
+/// [`reach::MAX_SERIES`](crate::health::reach::MAX_SERIES) per pool.
 pub const SERVER_ADDRESS: &str = "server_address";
 /// How many addresses the pool's database host resolved to at the last probe.
 pub const SERVER_ADDRESSES: Metric = gauge(

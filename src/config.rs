@@ -40,7 +40,7 @@ pub struct Config {
     pub listener_keepalive: Option<Option<Duration>>,
     /// Where poolwatch's dedicated connection goes. Default `None`: the pool's own server and
     /// role. Set it when the pool goes through a pooler (see [`Config::direct_connect_options`]).
-    pub direct_connect_options: Option<crate::heartbeat::DirectOptions>,
+    pub direct_connect_options: Option<crate::health::heartbeat::DirectOptions>,
     /// How long a connection checked out through [`WatchedPool`](crate::WatchedPool) may be
     /// held before it is reported as a leak or stuck suspect. Default `None` (off).
     pub leak_threshold: Option<Duration>,
@@ -113,7 +113,7 @@ impl Config {
     /// census then reads the real server, and the direct heartbeat tells the pooler's health
     /// from the server's. The password, if any, is never logged.
     pub fn direct_connect_options(mut self, options: sqlx::postgres::PgConnectOptions) -> Self {
-        self.direct_connect_options = Some(crate::heartbeat::DirectOptions(options));
+        self.direct_connect_options = Some(crate::health::heartbeat::DirectOptions(options));
         self
     }
 

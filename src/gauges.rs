@@ -3,8 +3,8 @@
 use metrics::{Counter, Gauge, counter, gauge};
 
 use crate::catalog::{self, CAUSE, CONNECTION_STATE, POOL_NAME, STATE};
-use crate::census::SESSION_STATES;
-use crate::sockets::TCP_STATES;
+use crate::ledger::census::SESSION_STATES;
+use crate::ledger::sockets::TCP_STATES;
 use crate::{Cause, PoolFigures, Snapshot};
 
 #[derive(Debug)]

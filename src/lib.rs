@@ -18,42 +18,35 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
-mod acquire_spans;
-pub mod attribution;
+mod acquire;
 pub mod catalog;
 mod cause;
-mod census;
 mod config;
 mod direct;
 mod gauges;
-pub mod hazards;
-mod heartbeat;
-mod leak;
+mod health;
+mod ledger;
 mod listener;
-mod loss;
-mod probe;
-mod progress;
-pub mod reach;
-mod snapshot;
-mod sockets;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
 mod watch;
-mod watched_pool;
 
+pub use health::{hazards, reach};
+pub use ledger::attribution;
+
+pub use acquire::probe::{instrument_options, mark_connected};
+pub use acquire::watched_pool::{Watched, WatchedConnection, WatchedPool, WatchedTransaction};
 pub use cause::Cause;
-pub use census::{CENSUS_SQL, SESSION_STATES, ServerCensus};
 pub use config::{Config, ConfigError};
-pub use hazards::{Finding, Hazard, ServerSettings};
-pub use heartbeat::{Diagnosis, DirectOptions, HeartbeatFigures, PATHS, PathFigures};
-pub use listener::{ListenerConfig, WatchedListener};
-pub use probe::{instrument_options, mark_connected};
-pub use progress::Progress;
-pub use reach::{AddressFigures, Reachability, probe_addresses, probe_host};
-pub use snapshot::{PoolFigures, Snapshot};
-pub use sockets::{SocketCensus, TCP_STATES};
+pub use health::hazards::{Finding, Hazard, ServerSettings};
+pub use health::heartbeat::{Diagnosis, DirectOptions, HeartbeatFigures, PATHS, PathFigures};
+pub use health::progress::Progress;
+pub use health::reach::{AddressFigures, Reachability, probe_addresses, probe_host};
+pub use ledger::census::{CENSUS_SQL, SESSION_STATES, ServerCensus};
+pub use ledger::snapshot::{PoolFigures, Snapshot};
+pub use ledger::sockets::{SocketCensus, TCP_STATES};
+pub use listener::watched::{ListenerConfig, WatchedListener};
 pub use watch::{PoolWatch, instrument_pool};
-pub use watched_pool::{Watched, WatchedConnection, WatchedPool, WatchedTransaction};
 
 /// The README's and docs' Rust examples, compiled as doctests.
 #[cfg(doctest)]

@@ -12,13 +12,14 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tracing::Instrument;
 
-use crate::attribution::Tag;
+use crate::acquire::probe::Probe;
 use crate::direct::DirectConnection;
 use crate::gauges::Gauges;
-use crate::heartbeat::Heartbeat;
-use crate::probe::Probe;
-use crate::reach::Reach;
-use crate::{Cause, Config, ConfigError, PoolFigures, Snapshot, WatchedPool, catalog, census, sockets};
+use crate::health::heartbeat::Heartbeat;
+use crate::health::reach::Reach;
+use crate::ledger::attribution::Tag;
+use crate::ledger::{census, sockets};
+use crate::{Cause, Config, ConfigError, PoolFigures, Snapshot, WatchedPool, catalog};
 
 /// Pause before a census re-reads an unsettled or gapped reading.
 const CENSUS_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
@@ -28,7 +29,7 @@ const CENSUS_RECHECK: std::time::Duration = std::time::Duration::from_millis(50)
 ///
 /// Must be called inside a Tokio runtime. Keep the returned handle: dropping it (or
 /// [`PoolWatch::shutdown`]) stops the background task, and so does closing the pool.
-/// Call it before the app checks connections out: see [`attribution`](crate::attribution).
+/// Call it before the app checks connections out: see [`attribution`](crate::ledger::attribution).
 pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, ConfigError> {
     config.validate()?;
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
@@ -117,7 +118,7 @@ impl PoolWatch {
     }
 
     /// Every address the database host resolved to at the last census tick and whether a TCP
-    /// connect to each succeeded: see [`reach`](crate::reach).
+    /// connect to each succeeded: see [`reach`](crate::health::reach).
     pub fn reachability(&self) -> crate::Reachability {
         self.shared.reach.figures()
     }

@@ -15,9 +15,10 @@ use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 use tracing::Span;
 
+use crate::acquire::leak::{Leaks, Origin};
+use crate::acquire::spans as acquire_spans;
 use crate::catalog::{self, POOL_NAME};
-use crate::leak::{Leaks, Origin};
-use crate::{Cause, Config, acquire_spans};
+use crate::{Cause, Config};
 
 thread_local! {
     /// Set by the `after_connect` hook when a connection was just opened on this thread.

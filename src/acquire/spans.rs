@@ -10,7 +10,7 @@ use tracing::Span;
 use tracing::field::Empty;
 
 use crate::Cause;
-use crate::probe::Probe;
+use crate::acquire::probe::Probe;
 
 /// The span of one acquire, entered while it waits.
 pub(crate) fn acquire(p: &Probe) -> Span {

@@ -1,5 +1,5 @@
 //! The server census: which backends in `pg_stat_activity` really belong to this pool of this
-//! process (see [`attribution`](crate::attribution) for how they are told apart).
+//! process (see [`attribution`](crate::ledger::attribution) for how they are told apart).
 
 use std::time::Duration;
 

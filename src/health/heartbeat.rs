@@ -10,7 +10,7 @@
 //! database or the network. After a direct failure the next attempts wait
 //! `heartbeat_interval` × 2ⁿ, capped at `heartbeat_max_backoff`.
 //!
-//! The [hazard lint](crate::hazards) runs at start-up and again after each reconnect of the
+//! The [hazard lint](crate::health::hazards) runs at start-up and again after each reconnect of the
 //! dedicated connection, on a short-lived connection with the pool's own connect options
 //! (same role, database and pooler, so per-role settings apply; `application_name`
 //! `poolwatch-lint:<pool>:<nonce>`), never on a pool slot. The dedicated connection cannot
@@ -29,7 +29,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::catalog::{self, CAUSE, HAZARD, PATH, POOL_NAME};
 use crate::direct::DirectConnection;
-use crate::hazards::{self, Finding, Hazard, PoolSettings, ServerSettings};
+use crate::health::hazards::{self, Finding, Hazard, PoolSettings, ServerSettings};
 use crate::{Cause, Config};
 
 /// The two heartbeat paths (the `path` label values).

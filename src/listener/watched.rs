@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::catalog::{self, CAUSE, EVIDENCE, LISTENER, POOL_NAME};
 use crate::cause::connection_lost;
 use crate::config::check_name;
-use crate::loss::{Basis, ServerFacts, explain_silent_loss};
+use crate::listener::loss::{Basis, ServerFacts, explain_silent_loss};
 use crate::{Cause, ConfigError};
 
 /// How a [`WatchedListener`] is named and kept alive.

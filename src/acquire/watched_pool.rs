@@ -15,8 +15,8 @@ use sqlx::postgres::{PgConnection, PgQueryResult, PgRow, PgStatement, PgTypeInfo
 use sqlx::{Describe, Either, Execute, Executor, PgPool, Postgres, SqlStr, Transaction};
 use sqlx_core::ext::async_stream::TryAsyncStream;
 
-use crate::leak::Origin;
-use crate::probe::{Probe, Ticket};
+use crate::acquire::leak::Origin;
+use crate::acquire::probe::{Probe, Ticket};
 
 /// A watched `PgPool`: get it with [`PoolWatch::pool`](crate::PoolWatch::pool). Cheap to
 /// clone (one `Arc`). Use it where you used the pool: `acquire()`, `begin()`,

@@ -2,8 +2,8 @@
 
 use sqlx::PgPool;
 
-use crate::census::ServerCensus;
-use crate::sockets::SocketCensus;
+use crate::ledger::census::ServerCensus;
+use crate::ledger::sockets::SocketCensus;
 
 /// What the pool believes, read from its own counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

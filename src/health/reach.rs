@@ -117,7 +117,7 @@ async fn connect_and_close(address: SocketAddr) -> std::io::Result<()> {
         SocketAddr::V6(_) => (tokio::net::TcpSocket::new_v6()?, SocketAddr::from(([0u16; 8], 0))),
     };
     socket.bind(any)?;
-    let _own = crate::sockets::OwnPort::new(socket.local_addr()?.port());
+    let _own = crate::ledger::sockets::OwnPort::new(socket.local_addr()?.port());
     drop(socket.connect(address).await?);
     Ok(())
 }
