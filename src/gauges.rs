@@ -25,12 +25,45 @@ pub(crate) struct Gauges {
     census_duration: Gauge,
 }
 
+/// The causes whose `poolwatch_sessions_ended_total` series exist at 0 from the start (the
+/// ones the alert uses); any other cause's series appears at its first count.
+pub(crate) const ENDED_AT_ZERO: [Cause; 4] =
+    [Cause::IdleSessionTimeout, Cause::AdminShutdown, Cause::ConnectionEnded, Cause::PoolerIdleTimeout];
+
+/// The pooler's view of the pool: four series, only when a pooler admin console is declared.
+#[derive(Debug)]
+pub(crate) struct PoolerGauges {
+    waiting: Gauge,
+    max_wait: Gauge,
+    active: Gauge,
+    idle: Gauge,
+}
+
+impl PoolerGauges {
+    pub(crate) fn new(pool_name: &str) -> PoolerGauges {
+        let p = || pool_name.to_owned();
+        PoolerGauges {
+            waiting: gauge!(catalog::POOLER_WAITING_CLIENTS.name, POOL_NAME => p()),
+            max_wait: gauge!(catalog::POOLER_MAX_WAIT.name, POOL_NAME => p()),
+            active: gauge!(catalog::POOLER_SERVER_CONNECTIONS.name, POOL_NAME => p(), STATE => "active"),
+            idle: gauge!(catalog::POOLER_SERVER_CONNECTIONS.name, POOL_NAME => p(), STATE => "idle"),
+        }
+    }
+
+    pub(crate) fn set(&self, f: &crate::PoolerFigures) {
+        self.waiting.set(f.waiting_clients);
+        self.max_wait.set(f.max_wait.as_secs_f64());
+        self.active.set(f.servers_active);
+        self.idle.set(f.servers_idle);
+    }
+}
+
 impl Gauges {
     pub(crate) fn new(pool_name: &str) -> Gauges {
         let p = pool_name.to_owned();
         let by_state = |name: &'static str, key: &'static str, value: &'static str| gauge!(name, POOL_NAME => p.clone(), key => value);
         let plain = |name: &'static str| gauge!(name, POOL_NAME => p.clone());
-        Gauges {
+        let gauges = Gauges {
             used: by_state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "used"),
             idle: by_state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "idle"),
             max: plain(catalog::CONNECTION_MAX.name),
@@ -45,7 +78,22 @@ impl Gauges {
             census_up: plain(catalog::CENSUS_UP.name),
             census_duration: plain(catalog::CENSUS_DURATION.name),
             pool_name: p,
+        };
+        for cause in ENDED_AT_ZERO {
+            gauges.ended(cause).absolute(0);
         }
+        gauges
+    }
+
+    /// Counts sessions of the pool that ended without the pool closing them.
+    pub(crate) fn sessions_ended(&self, causes: &[Cause]) {
+        for cause in causes {
+            self.ended(*cause).increment(1);
+        }
+    }
+
+    fn ended(&self, cause: Cause) -> Counter {
+        counter!(catalog::SESSIONS_ENDED.name, POOL_NAME => self.pool_name.clone(), CAUSE => cause.as_str())
     }
 
     pub(crate) fn pool(&self, f: &PoolFigures) {

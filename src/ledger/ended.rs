@@ -1,0 +1,127 @@
+//! Sessions of the pool that ended without the pool closing them: a server kill
+//! (`pg_terminate_backend`, `idle_session_timeout`), a pooler kill (`client_idle_timeout`), a
+//! proxy. sqlx replaces such a connection on the next acquire without a word; the census sees it.
+//!
+//! Between two censuses a session of the pool (matched by port) vanishes from the server (or
+//! from the pooler's `SHOW CLIENTS`). Who closed it first is in the kernel: the side that
+//! closes first keeps a `time_wait` socket (~60 s on Linux); the side that is closed on sits
+//! in `close_wait` until it closes too. So a vanished session is counted when this process's
+//! socket of it is in `close_wait` (nobody noticed yet), or is gone without leaving a
+//! `time_wait` behind (the pool noticed, after the peer). One the pool closed itself
+//! (`idle_timeout`, `max_lifetime`, `close()`) leaves a `time_wait` and is not counted.
+//! Censuses further apart than [`MAX_GAP`] count only the `close_wait` case (a `time_wait`
+//! may have expired).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::Cause;
+use crate::ledger::sockets::{CLOSE_WAIT, Socket};
+use crate::listener::loss::{SessionEnds, explain_silent_loss};
+
+/// Censuses further apart than this cannot trust a missing `time_wait` (Linux keeps one 60 s).
+pub(crate) const MAX_GAP: Duration = Duration::from_secs(50);
+
+/// What the last census saw of one session: how long it had been idle (server), or whether
+/// it was linked to a server connection (pooler).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Seen {
+    /// A server session; `Some(d)`: idle for `d` at the census.
+    Server(Option<Duration>),
+    /// A pooler client; `true`: linked to a server connection.
+    PoolerClient(bool),
+}
+
+/// What the server or pooler says about why sessions end (read at each census).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Evidence {
+    /// The database's session-end counters (PostgreSQL 14+).
+    pub(crate) ends: Option<SessionEnds>,
+    /// The server's `idle_session_timeout` for the pool's sessions.
+    pub(crate) idle_session_timeout: Option<Duration>,
+    /// The pooler's `client_idle_timeout`.
+    pub(crate) client_idle_timeout: Option<Duration>,
+}
+
+/// The previous census's sessions of the pool, by local port.
+#[derive(Debug, Default)]
+pub(crate) struct Ledger {
+    last: Option<(Instant, HashMap<u16, Seen>, Option<SessionEnds>)>,
+}
+
+impl Ledger {
+    /// Records this census's sessions and returns the causes of those that ended without the
+    /// pool closing them since the last one.
+    pub(crate) fn update(&mut self, now: HashMap<u16, Seen>, sockets: &[Socket], evidence: Evidence) -> Vec<Cause> {
+        let at = Instant::now();
+        let mut ended = Vec::new();
+        if let Some((then, before, ends_before)) = self.last.take() {
+            let gap = at.duration_since(then);
+            for (port, seen) in before.iter().filter(|(p, _)| !now.contains_key(p)) {
+                let mine = sockets.iter().find(|s| s.owned && s.local.port() == *port);
+                let time_wait = sockets.iter().any(|s| !s.owned && s.local.port() == *port);
+                let by_peer = match mine {
+                    Some(s) => s.state == CLOSE_WAIT,
+                    None => !time_wait && gap <= MAX_GAP,
+                };
+                if by_peer {
+                    ended.push(cause(*seen, gap, ends_before, evidence));
+                }
+            }
+        }
+        self.last = Some((at, now, evidence.ends));
+        ended
+    }
+
+    /// Forgets the last census (it failed: the next one starts afresh).
+    pub(crate) fn forget(&mut self) {
+        self.last = None;
+    }
+}
+
+fn cause(seen: Seen, gap: Duration, ends_before: Option<SessionEnds>, evidence: Evidence) -> Cause {
+    match seen {
+        Seen::Server(idle_for) => {
+            // Idle since at least that census: idle for the gap more, at most.
+            let idle_for = idle_for.map_or(Duration::ZERO, |d| d + gap);
+            explain_silent_loss(idle_for, evidence.idle_session_timeout, ends_before, evidence.ends).0
+        }
+        Seen::PoolerClient(linked) => match evidence.client_idle_timeout {
+            // PgBouncer applies client_idle_timeout only to clients not linked to a server.
+            Some(_) if !linked => Cause::PoolerIdleTimeout,
+            _ => Cause::ConnectionEnded,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn socket(port: u16, state: usize, owned: bool) -> Socket {
+        Socket { local: std::net::SocketAddr::from(([127, 0, 0, 1], port)), state, owned }
+    }
+
+    #[test]
+    fn vanished_sessions_count_only_when_the_peer_closed_first() {
+        let idle = Seen::Server(Some(Duration::from_secs(5)));
+        let mut ledger = Ledger::default();
+        let first: HashMap<u16, Seen> = [(1, idle), (2, idle), (3, idle), (4, idle)].into();
+        assert!(ledger.update(first, &[], Evidence::default()).is_empty(), "nothing before the first census");
+        let sockets = [
+            socket(1, CLOSE_WAIT, true),            // the server closed it, the pool has not noticed
+            socket(2, crate::ledger::sockets::TIME_WAIT, false), // the pool closed it first
+            socket(4, 0, true),                     // still established: not counted
+        ];
+        let evidence = Evidence { idle_session_timeout: Some(Duration::from_secs(1)), ..Evidence::default() };
+        let ended = ledger.update(HashMap::new(), &sockets, evidence);
+        // 1 (close_wait) and 3 (gone, no time_wait: the pool dropped it after the peer closed).
+        assert_eq!(ended, vec![Cause::IdleSessionTimeout; 2]);
+        let clients: HashMap<u16, Seen> = [(7, Seen::PoolerClient(false)), (8, Seen::PoolerClient(true))].into();
+        ledger.update(clients, &[], Evidence::default());
+        let evidence = Evidence { client_idle_timeout: Some(Duration::from_secs(1)), ..Evidence::default() };
+        let mut ended = ledger.update(HashMap::new(), &[], evidence);
+        ended.sort_by_key(|c| c.as_str());
+        assert_eq!(ended, vec![Cause::ConnectionEnded, Cause::PoolerIdleTimeout]);
+    }
+}
