@@ -18,7 +18,7 @@ use crate::gauges::{Gauges, PoolerGauges};
 use crate::health::heartbeat::Heartbeat;
 use crate::health::reach::Reach;
 use crate::ledger::attribution::Tag;
-use crate::ledger::ended::{Evidence, Ledger, Seen};
+use crate::ledger::ended::{Evidence, Ledger, Seen, Vanished};
 use crate::ledger::pooler::{self, PoolerConnection};
 use crate::ledger::{census, sockets};
 use crate::listener::loss::ServerFacts;
@@ -387,16 +387,28 @@ impl Shared {
                 ),
                 _ => None,
             };
+            let mut vanished = Vanished::default();
+            if let (Some(seen), Some(list)) = (seen, &list)
+                && let Ok(mut ended) = self.ended.lock()
+            {
+                vanished = ended.update(seen, list, facts.ends);
+            }
             let mut ended_now = Vec::new();
-            if let (Some(seen), Some(list)) = (seen, &list) {
-                let evidence = Evidence {
-                    ends: facts.ends,
+            if !vanished.is_empty() {
+                // A backend leaves pg_stat_activity a moment before its session-end counters
+                // are flushed: read them again after a pause.
+                let mut ends = facts.ends;
+                if self.path == NetworkPath::Direct {
+                    tokio::time::sleep(CENSUS_RECHECK).await;
+                    if let Ok(later) = direct.run(async |c| ServerFacts::read(c).await).await {
+                        ends = later.ends;
+                    }
+                }
+                ended_now = vanished.causes(Evidence {
+                    ends,
                     idle_session_timeout: self.heartbeat.server_settings().and_then(|s| s.idle_session_timeout),
                     client_idle_timeout: pooler_view.as_ref().and_then(|(_, _, t)| *t),
-                };
-                if let Ok(mut ended) = self.ended.lock() {
-                    ended_now = ended.update(seen, list, evidence);
-                }
+                });
             }
             self.gauges.sessions_ended(&ended_now);
             if let (Some(g), Some((figures, _, _))) = (&self.pooler_gauges, &pooler_view) {

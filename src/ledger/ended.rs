@@ -7,8 +7,9 @@
 //! closes first keeps a `time_wait` socket (~60 s on Linux); the side that is closed on sits
 //! in `close_wait` until it closes too. So a vanished session is counted when this process's
 //! socket of it is in `close_wait` (nobody noticed yet), or is gone without leaving a
-//! `time_wait` behind (the pool noticed, after the peer). One the pool closed itself
-//! (`idle_timeout`, `max_lifetime`, `close()`) leaves a `time_wait` and is not counted.
+//! `time_wait` behind (the pool noticed, after the peer), or lingers in `last_ack`. One the
+//! pool closed itself (`idle_timeout`, `max_lifetime`, `close()`) lingers in `fin_wait1`,
+//! `fin_wait2`, `closing` or `time_wait` and is not counted.
 //! Censuses further apart than [`MAX_GAP`] count only the `close_wait` case (a `time_wait`
 //! may have expired).
 
@@ -16,7 +17,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::Cause;
-use crate::ledger::sockets::{CLOSE_WAIT, Socket};
+use crate::ledger::sockets::{CLOSE_WAIT, LAST_ACK, Socket};
 use crate::listener::loss::{SessionEnds, explain_silent_loss};
 
 /// Censuses further apart than this cannot trust a missing `time_wait` (Linux keeps one 60 s).
@@ -49,28 +50,49 @@ pub(crate) struct Ledger {
     last: Option<(Instant, HashMap<u16, Seen>, Option<SessionEnds>)>,
 }
 
+/// Sessions that ended without the pool closing them since the last census.
+#[derive(Debug, Default)]
+pub(crate) struct Vanished {
+    seen: Vec<Seen>,
+    gap: Duration,
+    ends_before: Option<SessionEnds>,
+}
+
+impl Vanished {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// Their causes, from what the server or pooler says now.
+    pub(crate) fn causes(&self, evidence: Evidence) -> Vec<Cause> {
+        self.seen.iter().map(|seen| cause(*seen, self.gap, self.ends_before, evidence)).collect()
+    }
+}
+
 impl Ledger {
-    /// Records this census's sessions and returns the causes of those that ended without the
-    /// pool closing them since the last one.
-    pub(crate) fn update(&mut self, now: HashMap<u16, Seen>, sockets: &[Socket], evidence: Evidence) -> Vec<Cause> {
+    /// Records this census's sessions (and the server's session-end counters) and returns those
+    /// that ended without the pool closing them since the last one.
+    pub(crate) fn update(&mut self, now: HashMap<u16, Seen>, sockets: &[Socket], ends: Option<SessionEnds>) -> Vanished {
         let at = Instant::now();
-        let mut ended = Vec::new();
+        let mut vanished = Vanished::default();
         if let Some((then, before, ends_before)) = self.last.take() {
             let gap = at.duration_since(then);
+            vanished.gap = gap;
+            vanished.ends_before = ends_before;
             for (port, seen) in before.iter().filter(|(p, _)| !now.contains_key(p)) {
-                let mine = sockets.iter().find(|s| s.owned && s.local.port() == *port);
-                let time_wait = sockets.iter().any(|s| !s.owned && s.local.port() == *port);
-                let by_peer = match mine {
-                    Some(s) => s.state == CLOSE_WAIT,
-                    None => !time_wait && gap <= MAX_GAP,
+                let by_peer = match sockets.iter().find(|s| s.local.port() == *port) {
+                    // Closed on by the peer: close_wait (still open here) or last_ack (closed after).
+                    Some(s) => s.state == CLOSE_WAIT || s.state == LAST_ACK,
+                    // Gone without a time_wait: the pool closed it after the peer did.
+                    None => gap <= MAX_GAP,
                 };
                 if by_peer {
-                    ended.push(cause(*seen, gap, ends_before, evidence));
+                    vanished.seen.push(*seen);
                 }
             }
         }
-        self.last = Some((at, now, evidence.ends));
-        ended
+        self.last = Some((at, now, ends));
+        vanished
     }
 
     /// Forgets the last census (it failed: the next one starts afresh).
@@ -79,11 +101,15 @@ impl Ledger {
     }
 }
 
+/// Slack on the idle time of a vanished session: the server's clock against ours, and the
+/// census's own duration, so a session killed right at `idle_session_timeout` is named so.
+const IDLE_SLACK: Duration = Duration::from_millis(250);
+
 fn cause(seen: Seen, gap: Duration, ends_before: Option<SessionEnds>, evidence: Evidence) -> Cause {
     match seen {
         Seen::Server(idle_for) => {
-            // Idle since at least that census: idle for the gap more, at most.
-            let idle_for = idle_for.map_or(Duration::ZERO, |d| d + gap);
+            // Idle at the last census: idle for up to the gap more when it ended.
+            let idle_for = idle_for.map_or(Duration::ZERO, |d| d + gap + IDLE_SLACK);
             explain_silent_loss(idle_for, evidence.idle_session_timeout, ends_before, evidence.ends).0
         }
         Seen::PoolerClient(linked) => match evidence.client_idle_timeout {
@@ -107,20 +133,20 @@ mod tests {
         let idle = Seen::Server(Some(Duration::from_secs(5)));
         let mut ledger = Ledger::default();
         let first: HashMap<u16, Seen> = [(1, idle), (2, idle), (3, idle), (4, idle)].into();
-        assert!(ledger.update(first, &[], Evidence::default()).is_empty(), "nothing before the first census");
+        assert!(ledger.update(first, &[], None).is_empty(), "nothing before the first census");
         let sockets = [
             socket(1, CLOSE_WAIT, true),            // the server closed it, the pool has not noticed
             socket(2, crate::ledger::sockets::TIME_WAIT, false), // the pool closed it first
             socket(4, 0, true),                     // still established: not counted
         ];
         let evidence = Evidence { idle_session_timeout: Some(Duration::from_secs(1)), ..Evidence::default() };
-        let ended = ledger.update(HashMap::new(), &sockets, evidence);
+        let ended = ledger.update(HashMap::new(), &sockets, None).causes(evidence);
         // 1 (close_wait) and 3 (gone, no time_wait: the pool dropped it after the peer closed).
         assert_eq!(ended, vec![Cause::IdleSessionTimeout; 2]);
         let clients: HashMap<u16, Seen> = [(7, Seen::PoolerClient(false)), (8, Seen::PoolerClient(true))].into();
-        ledger.update(clients, &[], Evidence::default());
+        ledger.update(clients, &[], None);
         let evidence = Evidence { client_idle_timeout: Some(Duration::from_secs(1)), ..Evidence::default() };
-        let mut ended = ledger.update(HashMap::new(), &[], evidence);
+        let mut ended = ledger.update(HashMap::new(), &[], None).causes(evidence);
         ended.sort_by_key(|c| c.as_str());
         assert_eq!(ended, vec![Cause::ConnectionEnded, Cause::PoolerIdleTimeout]);
     }

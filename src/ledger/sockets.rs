@@ -97,8 +97,9 @@ pub(crate) fn take(peers: &[SocketAddr], exclude_local_port: Option<u16>) -> std
 }
 
 /// This process's sockets whose peer is one of `peers` (leaving out `exclude_local_port` and
-/// poolwatch's probes), plus the host's `time_wait` sockets to those peers: a socket this
-/// process closed first lingers there ~60 s, one the peer closed first never does.
+/// poolwatch's probes), plus the sockets to those peers no process holds any more (inode 0:
+/// closed, still in the kernel): one closed here first lingers in `fin_wait*` / `time_wait`
+/// (~60 s), one the peer closed first only in `last_ack`, briefly.
 #[cfg(target_os = "linux")]
 pub(crate) fn list(peers: &[SocketAddr], exclude_local_port: Option<u16>) -> std::io::Result<Vec<Socket>> {
     let own = own_socket_inodes()?;
@@ -113,8 +114,7 @@ pub(crate) fn list(peers: &[SocketAddr], exclude_local_port: Option<u16>) -> std
         let Ok(text) = std::fs::read_to_string(file) else { continue };
         for row in text.lines().skip(1).filter_map(parse_row) {
             let owned = own.contains(&row.inode);
-            let time_wait = usize::from(row.state) == TIME_WAIT + 1;
-            let wanted = (owned || time_wait)
+            let wanted = (owned || row.inode == 0)
                 && peers.iter().any(|p| same_peer(p, &row.remote))
                 && Some(row.local.port()) != exclude_local_port
                 && !is_own(row.local.port());
@@ -133,9 +133,12 @@ pub(crate) fn list(_: &[SocketAddr], _: Option<u16>) -> std::io::Result<Vec<Sock
 }
 
 /// Index of `time_wait` in [`TCP_STATES`].
+#[cfg(test)]
 pub(crate) const TIME_WAIT: usize = 5;
 /// Index of `close_wait` in [`TCP_STATES`].
 pub(crate) const CLOSE_WAIT: usize = 7;
+/// Index of `last_ack` in [`TCP_STATES`].
+pub(crate) const LAST_ACK: usize = 8;
 
 #[cfg(target_os = "linux")]
 fn own_socket_inodes() -> std::io::Result<std::collections::HashSet<u64>> {
