@@ -13,7 +13,7 @@
 //! The [hazard lint](crate::health::hazards) runs at start-up and again after each reconnect of the
 //! dedicated connection, on a short-lived connection with the pool's own connect options
 //! (same role, database and pooler, so per-role settings apply; `application_name`
-//! `poolwatch-lint:<pool>:<nonce>`), never on a pool slot. The dedicated connection cannot
+//! `poolwatch-lint:<pool>`), never on a pool slot. The dedicated connection cannot
 //! serve: it switches `idle_session_timeout` off for itself, so it would read 0.
 
 use std::collections::HashSet;
