@@ -26,7 +26,9 @@ async fn main() {
     let processes = 4;
     let cluster = cluster::Cluster::start_with(&[("log_statement", "all")]);
     let bouncer = pgbouncer::PgBouncer::start(cluster.port(), &[("default_pool_size", "4")]);
-    println!("SET application_name sent by PgBouncer 1.x (transaction mode, pool size 4), {processes} processes x {per_pool} transactions:");
+    println!(
+        "SET application_name sent by PgBouncer 1.x (transaction mode, pool size 4), {processes} processes x {per_pool} transactions:"
+    );
     let cases: [(&str, Option<NetworkPath>, bool); 3] = [
         ("before: per-process nonce tag", Some(NetworkPath::Nat), false),
         ("after: stable tag", None, false),
@@ -38,9 +40,8 @@ async fn main() {
         let mut tasks = Vec::new();
         let mut watches = Vec::new();
         for p in 0..processes {
-            let pool = PgPoolOptions::new()
-                .max_connections(2)
-                .connect_lazy_with(bouncer.options().application_name("api"));
+            let pool =
+                PgPoolOptions::new().max_connections(2).connect_lazy_with(bouncer.options().application_name("api"));
             // Two pools per process: two pool names, so two tags.
             let name = if two_pools && p % 2 == 1 { "jobs" } else { "main" };
             let mut config = Config::new(name)

@@ -317,7 +317,9 @@ mod tests {
             (Config::new("a").leak_threshold(Some(Duration::ZERO)), "leak_threshold"),
             (Config::new("a").pooler_admin("not a url"), "pooler_admin"),
             (
-                Config::new("a").pooler_admin("postgres://s@127.0.0.1:6432/pgbouncer").network_path(crate::NetworkPath::Direct),
+                Config::new("a")
+                    .pooler_admin("postgres://s@127.0.0.1:6432/pgbouncer")
+                    .network_path(crate::NetworkPath::Direct),
                 "network_path",
             ),
         ];

@@ -376,15 +376,16 @@ impl Shared {
                      `unknown` (counts stay exact). Grant it pg_read_all_stats for per-state figures."
                 );
             }
-            let list = list.map(|l| {
-                l.into_iter().filter(|s| !admin_ports.contains(&s.local.port())).collect::<Vec<_>>()
-            });
+            let list =
+                list.map(|l| l.into_iter().filter(|s| !admin_ports.contains(&s.local.port())).collect::<Vec<_>>());
             // Sessions the pool did not close: by port, on the server or at the pooler.
             let seen: Option<std::collections::HashMap<u16, Seen>> = match (&pooler_view, self.path) {
-                (Some((_, clients, _)), _) => Some(clients.iter().map(|c| (c.port, Seen::PoolerClient(c.linked))).collect()),
-                (None, NetworkPath::Direct) if keys.is_some() && !hidden => Some(
-                    sessions.iter().filter_map(|s| s.port.map(|p| (p, Seen::Server(s.idle_for())))).collect(),
-                ),
+                (Some((_, clients, _)), _) => {
+                    Some(clients.iter().map(|c| (c.port, Seen::PoolerClient(c.linked))).collect())
+                }
+                (None, NetworkPath::Direct) if keys.is_some() && !hidden => {
+                    Some(sessions.iter().filter_map(|s| s.port.map(|p| (p, Seen::Server(s.idle_for())))).collect())
+                }
                 _ => None,
             };
             let mut vanished = Vanished::default();

@@ -30,7 +30,8 @@ fn watch(pool: &sqlx::PgPool, name: &str, cluster: &Cluster, every: Duration) ->
 /// The pool-path heartbeat failed with `cause`: counted under that cause and a WARN span says so.
 async fn heartbeat_named(name: &str, cause: Cause) {
     eventually(Duration::from_secs(30), &format!("a pool heartbeat failure counted as {cause}"), async || {
-        let n = metric("poolwatch_heartbeat_failures_total", &[(POOL, name), ("path", "pool"), ("cause", cause.as_str())]);
+        let n =
+            metric("poolwatch_heartbeat_failures_total", &[(POOL, name), ("path", "pool"), ("cause", cause.as_str())]);
         n.filter(|n| *n >= 1.0)
     })
     .await;
@@ -203,10 +204,11 @@ async fn server_gone_behind_the_pooler() {
     let query = tokio::spawn(async move { app.execute("SELECT pg_sleep(30)").await.map(|_| ()) });
     eventually(Duration::from_secs(20), "the query reached the server", async || {
         let mut c = PgConnection::connect_with(&cluster.options()).await.ok()?;
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(30)%'")
-            .fetch_one(&mut c)
-            .await
-            .ok()?;
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(30)%'")
+                .fetch_one(&mut c)
+                .await
+                .ok()?;
         (n >= 1).then_some(())
     })
     .await;

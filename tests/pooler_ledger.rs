@@ -120,7 +120,10 @@ async fn pooler_idle_kills_are_counted_and_the_poolers_view_exported() {
     let p = s.pooler.unwrap();
     assert_eq!(p.servers_active, 2, "{p:?}");
     assert_eq!(metric("poolwatch_pooler_waiting_clients", &[(POOL, "pgb_idle_kills")]), Some(1.0));
-    assert_eq!(metric("poolwatch_pooler_server_connections", &[(POOL, "pgb_idle_kills"), ("state", "active")]), Some(2.0));
+    assert_eq!(
+        metric("poolwatch_pooler_server_connections", &[(POOL, "pgb_idle_kills"), ("state", "active")]),
+        Some(2.0)
+    );
     assert!(metric("poolwatch_pooler_max_wait_seconds", &[(POOL, "pgb_idle_kills")]).is_some());
     for mut h in holders {
         h.execute("COMMIT").await.unwrap();

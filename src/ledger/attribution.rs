@@ -64,7 +64,10 @@ impl Tag {
             true => format!("pw:{pool}:{}", random_nonce()),
             false => format!("pw:{pool}"),
         };
-        Tag { pool_app_name: with_user_name(user_app_name, &suffix), census_app_name: format!("poolwatch-census:{pool}") }
+        Tag {
+            pool_app_name: with_user_name(user_app_name, &suffix),
+            census_app_name: format!("poolwatch-census:{pool}"),
+        }
     }
 }
 
@@ -78,7 +81,10 @@ pub fn stable_tag(user_app_name: Option<&str>, pool_name: &str) -> String {
 }
 
 fn with_user_name(user_app_name: Option<&str>, suffix: &str) -> String {
-    match user_app_name.map(str::trim).filter(|s| !s.is_empty()) {
+    // A pool instrumented twice keeps the user's name, not a tag on a tag.
+    let user = user_app_name.map(|u| u.split_once(" pw:").map_or(u, |(user, _)| user));
+    let user = user.filter(|u| !u.starts_with("pw:"));
+    match user.map(str::trim).filter(|s| !s.is_empty()) {
         Some(user) => format!("{} {suffix}", truncate(user, MAX_APP_NAME - suffix.len() - 1)),
         None => suffix.to_owned(),
     }
@@ -109,6 +115,8 @@ mod tests {
         assert_eq!(stable_tag(None, "main"), "pw:main");
         assert_eq!(Tag::new(Some("api"), "main", false).pool_app_name, stable_tag(Some("api"), "main"));
         assert_ne!(stable_tag(Some("api"), "main"), stable_tag(Some("api"), "other"));
+        assert_eq!(stable_tag(Some("api pw:main"), "main"), "api pw:main", "no tag on a tag");
+        assert_eq!(stable_tag(Some("pw:main"), "main"), "pw:main");
         let a = Tag::new(Some("api"), "main", true);
         let b = Tag::new(Some("api"), "main", true);
         assert_ne!(a.pool_app_name, b.pool_app_name);

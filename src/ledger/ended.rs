@@ -72,7 +72,12 @@ impl Vanished {
 impl Ledger {
     /// Records this census's sessions (and the server's session-end counters) and returns those
     /// that ended without the pool closing them since the last one.
-    pub(crate) fn update(&mut self, now: HashMap<u16, Seen>, sockets: &[Socket], ends: Option<SessionEnds>) -> Vanished {
+    pub(crate) fn update(
+        &mut self,
+        now: HashMap<u16, Seen>,
+        sockets: &[Socket],
+        ends: Option<SessionEnds>,
+    ) -> Vanished {
         let at = Instant::now();
         let mut vanished = Vanished::default();
         if let Some((then, before, ends_before)) = self.last.take() {
@@ -135,9 +140,9 @@ mod tests {
         let first: HashMap<u16, Seen> = [(1, idle), (2, idle), (3, idle), (4, idle)].into();
         assert!(ledger.update(first, &[], None).is_empty(), "nothing before the first census");
         let sockets = [
-            socket(1, CLOSE_WAIT, true),            // the server closed it, the pool has not noticed
+            socket(1, CLOSE_WAIT, true), // the server closed it, the pool has not noticed
             socket(2, crate::ledger::sockets::TIME_WAIT, false), // the pool closed it first
-            socket(4, 0, true),                     // still established: not counted
+            socket(4, 0, true),          // still established: not counted
         ];
         let evidence = Evidence { idle_session_timeout: Some(Duration::from_secs(1)), ..Evidence::default() };
         let ended = ledger.update(HashMap::new(), &sockets, None).causes(evidence);

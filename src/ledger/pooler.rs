@@ -142,7 +142,8 @@ impl PoolerConnection {
                 admin_ports.push(end.1);
             }
         }
-        let mut figures = PoolerFigures { clients: u32::try_from(mine.len()).unwrap_or(u32::MAX), ..Default::default() };
+        let mut figures =
+            PoolerFigures { clients: u32::try_from(mine.len()).unwrap_or(u32::MAX), ..Default::default() };
         let n = |r: &PgRow, c: &str| text(r, c).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         let count = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
         if let Some(row) = pools

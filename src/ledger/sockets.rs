@@ -219,7 +219,10 @@ mod tests {
     fn parses_kernel_rows() {
         let v4 = "   1: 0100007F:D431 0100007F:1538 01 00000000:00000000 00:00000000 00000000   101        0 424242 1";
         let r = parse_row(v4).expect("v4 row");
-        assert_eq!((r.local.port(), r.remote, r.state, r.inode), (0xD431, "127.0.0.1:5432".parse().unwrap(), 1, 424242));
+        assert_eq!(
+            (r.local.port(), r.remote, r.state, r.inode),
+            (0xD431, "127.0.0.1:5432".parse().unwrap(), 1, 424242)
+        );
         let v6 = "   0: 00000000000000000000000001000000:9C40 0000000000000000FFFF00000100007F:1538 08 00000000:00000000 00:00000000 00000000 0 0 7 1";
         let r = parse_row(v6).expect("v6 row");
         assert_eq!(r.state, 8);

@@ -60,7 +60,8 @@ impl PgBouncer {
                 None => all.push((k, v)),
             }
         }
-        let mut ini = format!("[databases]\npostgres = host=127.0.0.1 port={server_port} dbname=postgres\n\n[pgbouncer]\n");
+        let mut ini =
+            format!("[databases]\npostgres = host=127.0.0.1 port={server_port} dbname=postgres\n\n[pgbouncer]\n");
         for (k, v) in &all {
             ini.push_str(&format!("{k} = {v}\n"));
         }
