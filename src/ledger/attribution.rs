@@ -8,8 +8,8 @@
 //! hands a server connection over. The tag tells the pools of one process apart; the process
 //! is told apart from its replicas by matching `pg_stat_activity`'s (`client_addr`,
 //! `client_port`) to the local address and port of this process's own sockets toward the
-//! database (the socket list of [`sockets`](crate::ledger::sockets)), or, behind a pooler, the
-//! pooler's `SHOW CLIENTS` rows (see [`pooler`](crate::ledger::pooler)).
+//! database (the socket census's per-socket list), or, behind a pooler, the
+//! pooler's `SHOW CLIENTS` rows ([`Config::pooler_admin`](crate::Config::pooler_admin)).
 //!
 //! Where ports cannot be matched (a NAT or proxy that rewrites them, a unix socket, a system
 //! without the socket list), the tag ends in a per-process nonce instead,
