@@ -11,13 +11,15 @@
 //! pool closed itself (`idle_timeout`, `max_lifetime`, `close()`) lingers in `fin_wait1`,
 //! `fin_wait2`, `closing` or `time_wait` and is not counted.
 //! Censuses further apart than [`MAX_GAP`] count only the `close_wait` case (a `time_wait`
-//! may have expired).
+//! may have expired). A server session whose socket is already gone is counted only if the
+//! database's session-end counters (killed, FATAL) grew meanwhile, where they can be read: a
+//! pool's own close can race the server's reply to it.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::Cause;
-use crate::ledger::sockets::{CLOSE_WAIT, LAST_ACK, Socket};
+use crate::ledger::sockets::{CLOSE, CLOSE_WAIT, LAST_ACK, Socket};
 use crate::listener::loss::{SessionEnds, explain_silent_loss};
 
 /// Censuses further apart than this cannot trust a missing `time_wait` (Linux keeps one 60 s).
@@ -53,7 +55,10 @@ pub(crate) struct Ledger {
 /// Sessions that ended without the pool closing them since the last census.
 #[derive(Debug, Default)]
 pub(crate) struct Vanished {
-    seen: Vec<Seen>,
+    /// Each session, and whether this process still holds its socket closed by the peer
+    /// (sure) or the socket is gone (the pool dropped it: a close of its own may have raced
+    /// the server's, so a server session then needs the server's counters to agree).
+    seen: Vec<(Seen, bool)>,
     gap: Duration,
     ends_before: Option<SessionEnds>,
 }
@@ -65,7 +70,17 @@ impl Vanished {
 
     /// Their causes, from what the server or pooler says now.
     pub(crate) fn causes(&self, evidence: Evidence) -> Vec<Cause> {
-        self.seen.iter().map(|seen| cause(*seen, self.gap, self.ends_before, evidence)).collect()
+        let ended_on_server = match (self.ends_before, evidence.ends) {
+            (Some(b), Some(a)) if a.killed >= b.killed && a.fatal >= b.fatal => {
+                Some(a.killed + a.fatal > b.killed + b.fatal)
+            }
+            _ => None,
+        };
+        self.seen
+            .iter()
+            .filter(|(seen, sure)| *sure || !matches!(seen, Seen::Server(_)) || ended_on_server != Some(false))
+            .map(|(seen, _)| cause(*seen, self.gap, self.ends_before, evidence))
+            .collect()
     }
 }
 
@@ -85,14 +100,18 @@ impl Ledger {
             vanished.gap = gap;
             vanished.ends_before = ends_before;
             for (port, seen) in before.iter().filter(|(p, _)| !now.contains_key(p)) {
-                let by_peer = match sockets.iter().find(|s| s.local.port() == *port) {
-                    // Closed on by the peer: close_wait (still open here) or last_ack (closed after).
-                    Some(s) => s.state == CLOSE_WAIT || s.state == LAST_ACK,
+                let (by_peer, sure) = match sockets.iter().find(|s| s.local.port() == *port) {
+                    // Closed on by the peer: close_wait / close (reset) still open here, or
+                    // last_ack (closed here after).
+                    Some(s) => {
+                        let by_peer = [CLOSE_WAIT, CLOSE, LAST_ACK].contains(&s.state);
+                        (by_peer, by_peer && s.owned)
+                    }
                     // Gone without a time_wait: the pool closed it after the peer did.
-                    None => gap <= MAX_GAP,
+                    None => (gap <= MAX_GAP, false),
                 };
                 if by_peer {
-                    vanished.seen.push(*seen);
+                    vanished.seen.push((*seen, sure));
                 }
             }
         }
@@ -148,6 +167,14 @@ mod tests {
         let ended = ledger.update(HashMap::new(), &sockets, None).causes(evidence);
         // 1 (close_wait) and 3 (gone, no time_wait: the pool dropped it after the peer closed).
         assert_eq!(ended, vec![Cause::IdleSessionTimeout; 2]);
+        // Gone socket, counters readable and flat: the pool's own close raced the server's.
+        let ends = Some(SessionEnds { killed: 3, fatal: 4 });
+        ledger.update([(5, idle), (6, idle)].into(), &[], ends);
+        let flat = Evidence { ends, ..Evidence::default() };
+        assert!(ledger.update(HashMap::new(), &[], ends).causes(flat).is_empty());
+        ledger.update([(5, idle)].into(), &[], ends);
+        let grew = Evidence { ends: Some(SessionEnds { killed: 4, fatal: 4 }), ..Evidence::default() };
+        assert_eq!(ledger.update(HashMap::new(), &[], ends).causes(grew), vec![Cause::AdminShutdown]);
         let clients: HashMap<u16, Seen> = [(7, Seen::PoolerClient(false)), (8, Seen::PoolerClient(true))].into();
         ledger.update(clients, &[], None);
         let evidence = Evidence { client_idle_timeout: Some(Duration::from_secs(1)), ..Evidence::default() };

@@ -135,6 +135,8 @@ pub(crate) fn list(_: &[SocketAddr], _: Option<u16>) -> std::io::Result<Vec<Sock
 /// Index of `time_wait` in [`TCP_STATES`].
 #[cfg(test)]
 pub(crate) const TIME_WAIT: usize = 5;
+/// Index of `close` in [`TCP_STATES`] (an owned socket the peer reset).
+pub(crate) const CLOSE: usize = 6;
 /// Index of `close_wait` in [`TCP_STATES`].
 pub(crate) const CLOSE_WAIT: usize = 7;
 /// Index of `last_ack` in [`TCP_STATES`].
