@@ -21,20 +21,21 @@ async fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let (backends, rounds) = if full { (200, 500) } else { (10, 5) };
     let cluster = cluster::Cluster::start();
-    let pool =
-        PgPoolOptions::new().max_connections(5).min_connections(5).connect_with(cluster.options()).await.unwrap();
+    // README's order: instrument the pool before it opens connections, so all are tagged.
+    let pool = PgPoolOptions::new().max_connections(5).min_connections(5).connect_lazy_with(cluster.options());
     let watch = instrument_pool(&pool, Config::new("bench").census_interval(Duration::from_secs(3600))).unwrap();
+    fill(&pool).await;
 
     println!("census cost ({rounds} censuses each, watched pool of 5):");
     let mut probe = PgConnection::connect_with(&cluster.options()).await.unwrap();
     let app_name = watch.application_name().to_owned();
-    measure(&watch, 0, rounds).await;
+    measure(&watch, "idle backends", 0, rounds).await;
     query_alone(&mut probe, &app_name, 0, rounds).await;
     let mut idle = Vec::new();
     for _ in 0..backends {
         idle.push(PgConnection::connect_with(&cluster.options()).await.unwrap());
     }
-    measure(&watch, backends, rounds).await;
+    measure(&watch, "idle backends", backends, rounds).await;
     query_alone(&mut probe, &app_name, backends, rounds).await;
     let s = watch.census_now().await.unwrap();
     assert_eq!(s.server.map(|c| c.total()), Some(5), "the census counts only the watched pool");
@@ -42,25 +43,34 @@ async fn main() {
     through_the_pooler(&cluster, backends, rounds).await;
 }
 
+/// Opens the pool's 5 connections and returns them to the pool.
+async fn fill(pool: &sqlx::PgPool) {
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(pool.acquire().await.unwrap());
+    }
+}
+
 /// The census through PgBouncer with `pooler_admin`, and the admin console's two SHOWs alone.
 async fn through_the_pooler(cluster: &cluster::Cluster, clients: usize, rounds: usize) {
     let bouncer = pgbouncer::PgBouncer::start(cluster.port(), &[("max_client_conn", "400")]);
-    let pool =
-        PgPoolOptions::new().max_connections(5).min_connections(5).connect_with(bouncer.options()).await.unwrap();
+    let pool = PgPoolOptions::new().max_connections(5).min_connections(5).connect_lazy_with(bouncer.options());
     let config = Config::new("bench_pooler")
         .census_interval(Duration::from_secs(3600))
         .direct_connect_options(cluster.options())
         .pooler_admin(bouncer.admin_url());
     let watch = instrument_pool(&pool, config).unwrap();
+    fill(&pool).await;
+    assert_eq!(watch.census_now().await.unwrap().phantom, Some(0), "the pooler census matches every connection");
     let mut admin = PgConnection::connect_with(&bouncer.admin_options()).await.unwrap();
     println!("through PgBouncer (transaction mode) with pooler_admin, watched pool of 5:");
-    measure(&watch, 0, rounds).await;
+    measure(&watch, "pooler clients", 0, rounds).await;
     shows_alone(&mut admin, 0, rounds).await;
     let mut others = Vec::new();
     for _ in 0..clients {
         others.push(PgConnection::connect_with(&bouncer.options()).await.unwrap());
     }
-    measure(&watch, clients, rounds).await;
+    measure(&watch, "pooler clients", clients, rounds).await;
     shows_alone(&mut admin, clients, rounds).await;
     let s = watch.census_now().await.unwrap();
     assert_eq!(s.pooler.map(|p| p.clients), Some(5), "the pooler census counts only the watched pool");
@@ -94,7 +104,7 @@ async fn query_alone(conn: &mut PgConnection, app_name: &str, backends: usize, r
     report(&format!("  {backends:>3} other idle backends, the SQL alone:"), ms);
 }
 
-async fn measure(watch: &poolwatch::PoolWatch, backends: usize, rounds: usize) {
+async fn measure(watch: &poolwatch::PoolWatch, what: &str, backends: usize, rounds: usize) {
     for _ in 0..rounds.min(20) {
         watch.census_now().await.unwrap();
     }
@@ -104,7 +114,7 @@ async fn measure(watch: &poolwatch::PoolWatch, backends: usize, rounds: usize) {
         watch.census_now().await.unwrap();
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    report(&format!("  {backends:>3} other idle backends, whole census:"), ms);
+    report(&format!("  {backends:>3} other {what}, whole census:"), ms);
 }
 
 fn report(what: &str, mut ms: Vec<f64>) {
