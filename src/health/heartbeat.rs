@@ -202,6 +202,10 @@ impl Heartbeat {
         config: &Config,
         lint_app_name: &str,
     ) {
+        if pool.is_closed() {
+            // Nothing new is opened for a closed pool.
+            return;
+        }
         let backoff = &mut cycle.backoff;
         let direct_beat = async {
             if !backoff.ready() {
