@@ -42,6 +42,11 @@ pub struct Config {
     /// Where poolwatch's dedicated connection goes. Default `None`: the pool's own server and
     /// role. Set it when the pool goes through a pooler (see [`Config::direct_connect_options`]).
     pub direct_connect_options: Option<crate::health::heartbeat::DirectOptions>,
+    /// How often the [hazard lint](crate::health::hazards) re-reads the server settings while
+    /// poolwatch's connection stays up, so a live `ALTER ROLE .. SET` or `ALTER SYSTEM` + reload
+    /// is flagged within `hazard_recheck_interval` + `heartbeat_interval` + `heartbeat_timeout`.
+    /// Each re-read is one short-lived connection and one query. Default 60 s.
+    pub hazard_recheck_interval: Duration,
     /// How long a connection checked out through [`WatchedPool`](crate::WatchedPool) may be
     /// held before it is reported as a leak or stuck suspect. Default `None` (off).
     pub leak_threshold: Option<Duration>,
@@ -64,7 +69,14 @@ impl Config {
             listener_keepalive: None,
             direct_connect_options: None,
             leak_threshold: None,
+            hazard_recheck_interval: Duration::from_secs(60),
         }
+    }
+
+    /// Sets [`Config::hazard_recheck_interval`].
+    pub fn hazard_recheck_interval(mut self, every: Duration) -> Self {
+        self.hazard_recheck_interval = every;
+        self
     }
 
     /// Sets [`Config::heartbeat_interval`].
@@ -155,6 +167,7 @@ impl Config {
             ("expect_refresh_every", self.expect_refresh_every.unwrap_or(Duration::MAX)),
             ("pooler_idle_timeout", self.pooler_idle_timeout.unwrap_or(Duration::MAX)),
             ("leak_threshold", self.leak_threshold.unwrap_or(Duration::MAX)),
+            ("hazard_recheck_interval", self.hazard_recheck_interval),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::new(field, "is zero", "use a positive duration (see the field's default)"));
@@ -265,6 +278,7 @@ mod tests {
             (Config::new("a").replicas(0), "replicas"),
             (Config::new("a").listener_keepalive(Some(Duration::ZERO)), "listener_keepalive"),
             (Config::new("a").leak_threshold(Some(Duration::ZERO)), "leak_threshold"),
+            (Config::new("a").hazard_recheck_interval(Duration::ZERO), "hazard_recheck_interval"),
             (Config::new("a").census_timeout(Duration::from_millis(2_147_483_648)), "census_timeout"),
             (Config::new("a").census_timeout(Duration::MAX), "census_timeout"),
         ];

@@ -130,7 +130,7 @@ impl PoolWatch {
         self.shared.heartbeat.figures()
     }
 
-    /// The configuration hazards found by the last lint (start-up, or the last reconnect of
+    /// The configuration hazards found by the last lint (start-up, a periodic re-check, or the last reconnect of
     /// the dedicated connection). Empty before the first lint and on a clean setup.
     pub fn hazards(&self) -> Vec<crate::Finding> {
         self.shared.heartbeat.hazards()
