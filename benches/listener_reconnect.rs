@@ -13,8 +13,8 @@ mod cluster;
 use std::time::{Duration, Instant};
 
 use poolwatch::{ListenerConfig, WatchedListener};
+use sqlx::Connection;
 use sqlx::postgres::{PgConnection, PgListener, PgPoolOptions};
-use sqlx::{Connection, PgPool};
 
 #[tokio::main]
 async fn main() {
@@ -70,12 +70,12 @@ async fn main() {
         mid - before,
         after - mid
     );
-    check_alive(&bare_pool, &mut bare, &mut watched).await;
+    check_alive(&mut admin, &mut bare, &mut watched).await;
 }
 
 /// Both listeners still receive after all the cycles.
-async fn check_alive(pool: &PgPool, bare: &mut PgListener, watched: &mut WatchedListener) {
-    sqlx::query("NOTIFY bench, 'done'").execute(pool).await.unwrap();
+async fn check_alive(admin: &mut PgConnection, bare: &mut PgListener, watched: &mut WatchedListener) {
+    sqlx::query("NOTIFY bench, 'done'").execute(admin).await.unwrap();
     let a = tokio::time::timeout(Duration::from_secs(30), bare.recv()).await.unwrap().unwrap();
     let b = tokio::time::timeout(Duration::from_secs(30), watched.recv()).await.unwrap().unwrap();
     assert_eq!((a.payload(), b.payload()), ("done", "done"));
