@@ -81,13 +81,24 @@ pub fn stable_tag(user_app_name: Option<&str>, pool_name: &str) -> String {
 }
 
 fn with_user_name(user_app_name: Option<&str>, suffix: &str) -> String {
-    // A pool instrumented twice keeps the user's name, not a tag on a tag.
-    let user = user_app_name.map(|u| u.split_once(" pw:").map_or(u, |(user, _)| user));
-    let user = user.filter(|u| !u.starts_with("pw:"));
-    match user.map(str::trim).filter(|s| !s.is_empty()) {
+    // A pool instrumented again keeps the user's name, not a tag on a tag.
+    match user_app_name.map(without_tag).map(str::trim).filter(|s| !s.is_empty()) {
         Some(user) => format!("{} {suffix}", truncate(user, MAX_APP_NAME - suffix.len() - 1)),
         None => suffix.to_owned(),
     }
+}
+
+/// `app_name` without a poolwatch tag at its end (a pool instrumented again after its first
+/// watch was dropped keeps one tag, not two).
+pub(crate) fn without_tag(app_name: &str) -> &str {
+    let (head, last) = app_name.rsplit_once(' ').unwrap_or(("", app_name));
+    let mut parts = last.split(':');
+    // `pw:<pool>` (stable) or `pw:<pool>:<nonce>` (10 hex digits).
+    let tagged = parts.next() == Some("pw")
+        && parts.next().is_some_and(|pool| !pool.is_empty())
+        && parts.next().is_none_or(|n| n.len() == 10 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        && parts.next().is_none();
+    if tagged { head } else { app_name }
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -126,5 +137,10 @@ mod tests {
         assert!(long.pool_app_name.len() <= MAX_APP_NAME, "{}", long.pool_app_name.len());
         assert!(long.census_app_name.len() <= MAX_APP_NAME);
         assert_ne!(long.pool_app_name, long.census_app_name);
+        assert_eq!(without_tag(&a.pool_app_name), "api");
+        assert_eq!(without_tag(&Tag::new(None, "main", true).pool_app_name), "");
+        assert_eq!(without_tag("api pw:main"), "api");
+        assert_eq!(without_tag("api pw:main:nothex"), "api pw:main:nothex");
+        assert_eq!(without_tag("api"), "api");
     }
 }
