@@ -71,7 +71,9 @@ pub(crate) fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Arg
     match argv.next().as_deref() {
         Some("doctor") => {}
         Some("-h" | "--help") | None => return Ok(None),
-        Some(other) => return Err(format!("unknown command `{other}`; the command is `poolwatch doctor <DATABASE_URL>`")),
+        Some(other) => {
+            return Err(format!("unknown command `{other}`; the command is `poolwatch doctor <DATABASE_URL>`"));
+        }
     }
     let mut url = None;
     let mut a = Args {
@@ -118,7 +120,9 @@ pub(crate) fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Arg
             "--pooler-admin" => {
                 let v = value()?;
                 let options = v.parse::<PgConnectOptions>().map_err(|e| {
-                    format!("--pooler-admin is not a postgres:// URL ({e}); e.g. postgres://admin@127.0.0.1:6432/pgbouncer")
+                    format!(
+                        "--pooler-admin is not a postgres:// URL ({e}); e.g. postgres://admin@127.0.0.1:6432/pgbouncer"
+                    )
                 })?;
                 a.pooler_admin = Some(options);
             }

@@ -183,7 +183,10 @@ pub(crate) async fn run(args: &Args) -> Report {
             continue;
         }
         let up: Vec<SocketAddr> = reach.addresses.iter().filter(|a| a.up).map(|a| a.address).collect();
-        let startups = futures_join(up.iter().map(|a| startup::probe(*a, &report.target.user, &report.target.database, args.startup_timeout))).await;
+        let startups = futures_join(
+            up.iter().map(|a| startup::probe(*a, &report.target.user, &report.target.database, args.startup_timeout)),
+        )
+        .await;
         for a in &reach.addresses {
             let startup = up.iter().position(|u| *u == a.address).map(|i| startups[i].clone());
             let tcp = match a.error {
@@ -219,7 +222,9 @@ pub(crate) async fn run(args: &Args) -> Report {
     // 2. Log in on a live address and read the server.
     let settings = match live {
         None => {
-            report.problems.push("no address answered the PostgreSQL startup: the server could not be examined".to_owned());
+            report
+                .problems
+                .push("no address answered the PostgreSQL startup: the server could not be examined".to_owned());
             None
         }
         Some(address) => match examine(args, address, &mut report).await {
@@ -371,11 +376,7 @@ async fn examine_on(
     .await?;
     report.sessions = groups
         .iter()
-        .map(|r| SessionGroup {
-            application_name: text(r, 0),
-            state: text(r, 1),
-            count: r.try_get(2).unwrap_or(0),
-        })
+        .map(|r| SessionGroup { application_name: text(r, 0), state: text(r, 1), count: r.try_get(2).unwrap_or(0) })
         .collect();
     let client_sessions: i64 = report.sessions.iter().map(|g| g.count).sum();
     let hidden: i64 = report.sessions.iter().filter(|g| g.state == "hidden").map(|g| g.count).sum();

@@ -26,7 +26,9 @@ pub(crate) async fn probe(address: SocketAddr, user: &str, database: &str, timeo
     let seconds = started.elapsed().as_secs_f64();
     match result {
         Ok(Ok((outcome, detail))) => Startup { outcome, detail, seconds },
-        Ok(Err(e)) => Startup { outcome: "failed", detail: format!("{} ({e})", poolwatch::Cause::of_io(e.kind())), seconds },
+        Ok(Err(e)) => {
+            Startup { outcome: "failed", detail: format!("{} ({e})", poolwatch::Cause::of_io(e.kind())), seconds }
+        }
         Err(_) => Startup {
             outcome: "failed",
             detail: format!("timed out after {} ms waiting for the server's answer", timeout.as_millis()),
