@@ -43,10 +43,10 @@ pub use health::heartbeat::{Diagnosis, DirectOptions, HeartbeatFigures, PATHS, P
 pub use health::progress::Progress;
 pub use health::reach::{AddressFigures, Reachability, probe_addresses, probe_host};
 pub use health::report::{HealthReport, HealthStatus};
-pub use listener::status::ListenerHealth;
 pub use ledger::census::{CENSUS_SQL, SESSION_STATES, ServerCensus};
 pub use ledger::snapshot::{PoolFigures, Snapshot};
 pub use ledger::sockets::{SocketCensus, SocketQueue, TCP_STATES};
+pub use listener::status::ListenerHealth;
 pub use listener::watched::{ListenerConfig, WatchedListener};
 pub use watch::{PoolWatch, instrument_pool};
 

@@ -14,11 +14,11 @@ use tracing::Instrument;
 
 use crate::acquire::probe::Probe;
 use crate::acquire::stranded::Stranded;
-use crate::health::report::{self, GapHealth, WaitHealth};
 use crate::direct::DirectConnection;
 use crate::gauges::Gauges;
 use crate::health::heartbeat::Heartbeat;
 use crate::health::reach::Reach;
+use crate::health::report::{self, GapHealth, WaitHealth};
 use crate::ledger::attribution::Tag;
 use crate::ledger::{census, sockets};
 use crate::{Cause, Config, ConfigError, PoolFigures, Snapshot, WatchedPool, catalog};
@@ -142,7 +142,12 @@ impl PoolWatch {
         report::judge(report::Inputs {
             pool_name: s.config.pool_name.clone(),
             pool: PoolFigures::of(&s.pool),
-            gap: GapHealth { phantom: latest.phantom, growing: report::growing(&recent), recent, census_up: latest.census_up },
+            gap: GapHealth {
+                phantom: latest.phantom,
+                growing: report::growing(&recent),
+                recent,
+                census_up: latest.census_up,
+            },
             heartbeat: s.heartbeat.figures(),
             listeners: crate::listener::status::of_pool(&s.config.pool_name),
             hazards: s.heartbeat.hazards(),

@@ -61,7 +61,8 @@ async fn an_acquire_timeout_says_who_holds_the_pool_who_waits_and_what_the_censu
         async move { db.acquire().await.map(drop) }
     });
     let oldest = || metric("poolwatch_acquire_oldest_wait_seconds", &[(POOL, "snap")]).unwrap_or(0.0);
-    eventually(Duration::from_secs(3), "the oldest wait shows as a gauge", async || (oldest() >= 1.0).then_some(())).await;
+    eventually(Duration::from_secs(3), "the oldest wait shows as a gauge", async || (oldest() >= 1.0).then_some(()))
+        .await;
     let second = tokio::spawn({
         let db = db.clone();
         async move { db.acquire().await.map(drop) }

@@ -48,6 +48,9 @@ impl Stranded {
 
     /// The last published figure.
     pub(crate) fn figure(&self) -> u32 {
-        self.readings.lock().map(|r| if r.len() == READINGS { r.iter().copied().min().unwrap_or(0) } else { 0 }).unwrap_or(0)
+        self.readings
+            .lock()
+            .map(|r| if r.len() == READINGS { r.iter().copied().min().unwrap_or(0) } else { 0 })
+            .unwrap_or(0)
     }
 }

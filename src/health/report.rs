@@ -225,7 +225,10 @@ pub(crate) fn judge(i: Inputs) -> HealthReport {
             add(
                 HealthStatus::Degraded,
                 "phantom_gap_growing",
-                format!("the pool counts {p} connections the server does not have, and the gap grows ({:?})", i.gap.recent),
+                format!(
+                    "the pool counts {p} connections the server does not have, and the gap grows ({:?})",
+                    i.gap.recent
+                ),
             );
         } else {
             add(
@@ -249,7 +252,10 @@ pub(crate) fn judge(i: Inputs) -> HealthReport {
         add(
             HealthStatus::Degraded,
             "send_queue_stuck",
-            format!("{} socket(s) to the database have unacknowledged data that never drains: a silent peer", i.send_queue_stuck),
+            format!(
+                "{} socket(s) to the database have unacknowledged data that never drains: a silent peer",
+                i.send_queue_stuck
+            ),
         );
     }
     if i.waits.waiters > 0 && i.waits.oldest_wait_seconds >= LONG_WAIT.as_secs_f64() {
@@ -260,7 +266,11 @@ pub(crate) fn judge(i: Inputs) -> HealthReport {
         );
     }
     for l in i.listeners.iter().filter(|l| !l.connected) {
-        add(HealthStatus::Degraded, "listener_down", format!("listener {} is not connected: notifications are lost", l.name));
+        add(
+            HealthStatus::Degraded,
+            "listener_down",
+            format!("listener {} is not connected: notifications are lost", l.name),
+        );
     }
     for h in &i.hazards {
         add(HealthStatus::Degraded, "config_hazard", format!("{}: {}", h.hazard, h.detail));

@@ -61,7 +61,8 @@ pub(crate) struct StuckSendQueues {
 
 impl StuckSendQueues {
     pub(crate) fn new(pool_name: &str, bound: std::time::Duration) -> StuckSendQueues {
-        let gauge = metrics::gauge!(crate::catalog::SEND_QUEUE_STUCK.name, crate::catalog::POOL_NAME => pool_name.to_owned());
+        let gauge =
+            metrics::gauge!(crate::catalog::SEND_QUEUE_STUCK.name, crate::catalog::POOL_NAME => pool_name.to_owned());
         StuckSendQueues { bound, since: std::sync::Mutex::new(std::collections::HashMap::new()), gauge }
     }
 
@@ -84,7 +85,8 @@ impl StuckSendQueues {
     pub(crate) fn figure(&self) -> u32 {
         let now = std::time::Instant::now();
         self.since.lock().map_or(0, |s| {
-            u32::try_from(s.values().filter(|at| now.saturating_duration_since(**at) >= self.bound).count()).unwrap_or(0)
+            u32::try_from(s.values().filter(|at| now.saturating_duration_since(**at) >= self.bound).count())
+                .unwrap_or(0)
         })
     }
 }
