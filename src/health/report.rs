@@ -283,7 +283,7 @@ pub(crate) fn judge(i: Inputs) -> HealthReport {
             format!("{down} of {} resolved address(es) of the database host do not answer", i.reach.addresses.len()),
         );
     }
-    reasons.sort_by(|a, b| b.status.cmp(&a.status));
+    reasons.sort_by_key(|r| std::cmp::Reverse(r.status));
     HealthReport {
         pool_name: i.pool_name,
         status: reasons.first().map_or(HealthStatus::Ok, |r| r.status),
