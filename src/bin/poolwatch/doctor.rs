@@ -163,14 +163,25 @@ pub(crate) async fn run(args: &Args) -> Report {
         took_seconds: 0.0,
     };
 
-    // 1. Every address of every host: TCP, then the startup up to authentication.
-    let mut live: Option<SocketAddr> = None;
-    for (host, port) in &args.hosts {
-        if host.starts_with('/') {
-            report.not_seen.push(format!("{host}: a unix socket directory, not probed over TCP"));
-            continue;
+    // 1. Every address of every host, all at once (one dead host must not delay the others:
+    //    that is incident 4's timeout × addresses): TCP, then the startup up to authentication.
+    let (user, database) = (report.target.user.clone(), report.target.database.clone());
+    let probes = futures_join(args.hosts.iter().filter(|(h, _)| !h.starts_with('/')).map(|(host, port)| {
+        let (user, database) = (&user, &database);
+        async move {
+            let reach = probe_host(host, *port, args.connect_timeout).await;
+            let up: Vec<SocketAddr> = reach.addresses.iter().filter(|a| a.up).map(|a| a.address).collect();
+            let startups =
+                futures_join(up.iter().map(|a| startup::probe(*a, user, database, args.startup_timeout))).await;
+            (host, reach, up, startups)
         }
-        let reach = probe_host(host, *port, args.connect_timeout).await;
+    }))
+    .await;
+    for (host, _) in args.hosts.iter().filter(|(h, _)| h.starts_with('/')) {
+        report.not_seen.push(format!("{host}: a unix socket directory, not probed over TCP"));
+    }
+    let mut live: Option<SocketAddr> = None;
+    for (host, reach, up, startups) in probes {
         if let Some(cause) = reach.resolve_error {
             report.problems.push(format!("{host} did not resolve ({cause})"));
             report.addresses.push(Address {
@@ -182,11 +193,6 @@ pub(crate) async fn run(args: &Args) -> Report {
             });
             continue;
         }
-        let up: Vec<SocketAddr> = reach.addresses.iter().filter(|a| a.up).map(|a| a.address).collect();
-        let startups = futures_join(
-            up.iter().map(|a| startup::probe(*a, &report.target.user, &report.target.database, args.startup_timeout)),
-        )
-        .await;
         for a in &reach.addresses {
             let startup = up.iter().position(|u| *u == a.address).map(|i| startups[i].clone());
             let tcp = match a.error {
