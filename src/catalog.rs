@@ -251,6 +251,27 @@ pub const CREATE_TIME: Metric = histogram(
     "How long a watched acquire that opened a new connection took until the connection was ready (needs instrument_options).",
     &[],
 );
+/// The longest any acquire through the watched pool has been waiting now (PgBouncer's `maxwait`).
+pub const OLDEST_WAIT: Metric = gauge(
+    "poolwatch_acquire_oldest_wait_seconds",
+    Unit::Seconds,
+    "How long the oldest acquire through the watched pool that is still waiting has waited (0: nobody waits). PgBouncer's maxwait, for the app's own pool.",
+    &[],
+);
+/// Slots the pool counts as checked out that the app does not hold through the watched pool.
+pub const STRANDED_SLOTS: Metric = gauge(
+    "poolwatch_stranded_slots",
+    Unit::Count,
+    "Connections the pool counts as checked out that the app does not hold through the watched pool, at each of the last 3 samples (e.g. stuck in sqlx's return-to-pool ping after the peer went silent; bare-pool acquires count too).",
+    &[],
+);
+/// Sockets to the database whose send queue stayed non-empty for `send_queue_stuck_after`.
+pub const SEND_QUEUE_STUCK: Metric = gauge(
+    "poolwatch_client_sockets_send_queue_stuck",
+    Unit::Count,
+    "This process's sockets to the database whose send queue has stayed non-empty at every census for send_queue_stuck_after: the peer stopped acknowledging (silent peer, dropped NAT flow). Linux only.",
+    &[],
+);
 /// Connections checked out longer than `leak_threshold` now (plus slots lost to `leak()`).
 pub const LEAK_SUSPECTS: Metric = gauge(
     "poolwatch_leak_suspects",
@@ -356,6 +377,9 @@ pub const ALL: &[Metric] = &[
     TIMEOUTS,
     USE_TIME,
     CREATE_TIME,
+    OLDEST_WAIT,
+    STRANDED_SLOTS,
+    SEND_QUEUE_STUCK,
     LEAK_SUSPECTS,
     LEAK_SUSPECTS_TOTAL,
     // --- per-address reachability (branch reach, incident 4) ---

@@ -60,6 +60,10 @@ pub struct Config {
     /// How long a connection checked out through [`WatchedPool`](crate::WatchedPool) may be
     /// held before it is reported as a leak or stuck suspect. Default `None` (off).
     pub leak_threshold: Option<Duration>,
+    /// How long a socket to the database may keep unacknowledged bytes in its send queue,
+    /// census after census, before it counts in `poolwatch_client_sockets_send_queue_stuck`
+    /// (a silent peer). Default 30 s.
+    pub send_queue_stuck_after: Duration,
 }
 
 impl Config {
@@ -82,6 +86,7 @@ impl Config {
             direct_connect_options: None,
             leak_threshold: None,
             hazard_recheck_interval: Duration::from_secs(60),
+            send_queue_stuck_after: Duration::from_secs(30),
         }
     }
 
@@ -180,6 +185,12 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::send_queue_stuck_after`].
+    pub fn send_queue_stuck_after(mut self, bound: Duration) -> Self {
+        self.send_queue_stuck_after = bound;
+        self
+    }
+
     /// Checks every field; the error names the first bad one and how to fix it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_name("pool_name", &self.pool_name, "name the pool, e.g. Config::new(\"main\")")?;
@@ -194,6 +205,7 @@ impl Config {
             ("pooler_idle_timeout", self.pooler_idle_timeout.unwrap_or(Duration::MAX)),
             ("leak_threshold", self.leak_threshold.unwrap_or(Duration::MAX)),
             ("hazard_recheck_interval", self.hazard_recheck_interval),
+            ("send_queue_stuck_after", self.send_queue_stuck_after),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::new(field, "is zero", "use a positive duration (see the field's default)"));
@@ -359,6 +371,7 @@ mod tests {
             (Config::new("a").hazard_recheck_interval(Duration::ZERO), "hazard_recheck_interval"),
             (Config::new("a").census_timeout(Duration::from_millis(2_147_483_648)), "census_timeout"),
             (Config::new("a").census_timeout(Duration::MAX), "census_timeout"),
+            (Config::new("a").send_queue_stuck_after(Duration::ZERO), "send_queue_stuck_after"),
         ];
         for (config, field) in cases {
             let err = config.validate().expect_err(field);

@@ -31,7 +31,7 @@ mod listener;
 pub mod telemetry;
 mod watch;
 
-pub use health::{hazards, reach};
+pub use health::{hazards, reach, report};
 pub use ledger::attribution;
 
 pub use acquire::probe::{instrument_options, mark_connected};
@@ -42,11 +42,13 @@ pub use health::hazards::{Finding, Hazard, ServerSettings};
 pub use health::heartbeat::{Diagnosis, DirectOptions, HeartbeatFigures, PATHS, PathFigures};
 pub use health::progress::Progress;
 pub use health::reach::{AddressFigures, Reachability, probe_addresses, probe_host};
+pub use health::report::{HealthReport, HealthStatus};
 pub use ledger::attribution::NetworkPath;
 pub use ledger::census::{CENSUS_SQL, SESSION_STATES, ServerCensus};
 pub use ledger::pooler::PoolerFigures;
 pub use ledger::snapshot::{PoolFigures, Snapshot};
-pub use ledger::sockets::{SocketCensus, TCP_STATES};
+pub use ledger::sockets::{SocketCensus, SocketQueue, TCP_STATES};
+pub use listener::status::ListenerHealth;
 pub use listener::watched::{ListenerConfig, WatchedListener};
 pub use watch::{PoolWatch, instrument_pool};
 

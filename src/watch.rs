@@ -14,10 +14,12 @@ use tokio::time::MissedTickBehavior;
 use tracing::Instrument;
 
 use crate::acquire::probe::Probe;
+use crate::acquire::stranded::Stranded;
 use crate::direct::DirectConnection;
 use crate::gauges::{Gauges, PoolerGauges};
 use crate::health::heartbeat::Heartbeat;
 use crate::health::reach::Reach;
+use crate::health::report::{self, GapHealth, WaitHealth};
 use crate::ledger::attribution::Tag;
 use crate::ledger::ended::{Evidence, Ledger, Seen, Vanished};
 use crate::ledger::pooler::{self, PoolerConnection};
@@ -28,6 +30,9 @@ use crate::{Cause, Config, ConfigError, NetworkPath, PoolFigures, Snapshot, Watc
 /// The `application_name` tags of the pools watched by a live [`PoolWatch`] in this process:
 /// a pool is watched by at most one.
 static LIVE: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// How many censuses' gaps the health report looks at for a trend.
+const GAP_READINGS: usize = 5;
 
 /// Pause before a census re-reads an unsettled or gapped reading.
 const CENSUS_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
@@ -114,6 +119,9 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         by_port: !nonce,
         ended: Mutex::new(Ledger::default()),
         reach: Reach::new(&config.pool_name),
+        stranded: Stranded::new(&config.pool_name),
+        send_queues: sockets::StuckSendQueues::new(&config.pool_name, config.send_queue_stuck_after),
+        gaps: Mutex::new(std::collections::VecDeque::new()),
         probe: Arc::new(Probe::new(pool, &config)),
         latest: Mutex::new(Snapshot { pool: PoolFigures::of(pool), ..Snapshot::default() }),
         untagged: Mutex::new(untagged),
@@ -175,6 +183,33 @@ impl PoolWatch {
     /// connect to each succeeded: see [`reach`](crate::health::reach).
     pub fn reachability(&self) -> crate::Reachability {
         self.shared.reach.figures()
+    }
+
+    /// A plain health report for a readiness endpoint: `ok` / `degraded` / `failing`, the
+    /// reasons and the figures behind them (see [`report`](crate::report)). No I/O: it reads
+    /// what the background tasks last measured. With the `serde` feature it is `Serialize`.
+    pub fn health(&self) -> crate::HealthReport {
+        let s = &self.shared;
+        let latest = s.latest();
+        let recent: Vec<i64> = s.gaps.lock().map(|g| g.iter().copied().collect()).unwrap_or_default();
+        let (waiters, oldest) = s.probe.sample_waiters();
+        report::judge(report::Inputs {
+            pool_name: s.config.pool_name.clone(),
+            pool: PoolFigures::of(&s.pool),
+            gap: GapHealth {
+                phantom: latest.phantom,
+                growing: report::growing(&recent),
+                recent,
+                census_up: latest.census_up,
+            },
+            heartbeat: s.heartbeat.figures(),
+            listeners: crate::listener::status::of_pool(&s.config.pool_name),
+            hazards: s.heartbeat.hazards(),
+            stranded: s.stranded.figure(),
+            send_queue_stuck: s.send_queues.figure(),
+            waits: WaitHealth { waiters, oldest_wait_seconds: oldest.as_secs_f64() },
+            reach: s.reach.figures(),
+        })
     }
 
     /// The latest figures (from the last sample and census).
@@ -242,6 +277,10 @@ struct Shared {
     tag: Tag,
     gauges: Gauges,
     reach: Reach,
+    stranded: Stranded,
+    send_queues: sockets::StuckSendQueues,
+    /// The phantom gap at the last censuses, oldest first (at most [`GAP_READINGS`]).
+    gaps: Mutex<std::collections::VecDeque<i64>>,
     heartbeat: Heartbeat,
     probe: Arc<Probe>,
     direct: tokio::sync::Mutex<DirectConnection>,
@@ -289,6 +328,8 @@ impl Shared {
         let figures = PoolFigures::of(&self.pool);
         self.gauges.pool(&figures);
         self.update(|s| s.pool = figures);
+        self.probe.sample_waiters();
+        self.stranded.sample(&self.pool, self.probe.leaks.checked_out());
     }
 
     async fn census(&self) -> Result<Snapshot, Cause> {
@@ -315,6 +356,16 @@ impl Shared {
                     tracing::info!(pool = %self.config.pool_name, "poolwatch census recovered");
                 }
                 self.gauges.census(&snapshot, seconds);
+                self.probe.census_seen(&snapshot);
+                if let Some(sockets) = &snapshot.sockets {
+                    self.send_queues.update(sockets);
+                }
+                if let (Some(p), Ok(mut gaps)) = (snapshot.phantom, self.gaps.lock()) {
+                    if gaps.len() == GAP_READINGS {
+                        gaps.pop_front();
+                    }
+                    gaps.push_back(p);
+                }
                 self.update(|s| *s = snapshot.clone());
                 Ok(snapshot)
             }

@@ -3,4 +3,5 @@
 pub(crate) mod leak;
 pub(crate) mod probe;
 pub(crate) mod spans;
+pub(crate) mod stranded;
 pub(crate) mod watched_pool;

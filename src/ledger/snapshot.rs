@@ -7,6 +7,7 @@ use crate::ledger::sockets::SocketCensus;
 
 /// What the pool believes, read from its own counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct PoolFigures {
     /// Connections the pool counts as open (idle + checked out, leaked ones included).
     pub open: u32,

@@ -25,12 +25,70 @@ pub const TCP_STATES: [&str; 11] = [
 pub struct SocketCensus {
     /// `counts[i]` sockets are in state `TCP_STATES[i]`.
     pub counts: [u32; 11],
+    /// The sockets with bytes in their send queue (sent, not yet acknowledged by the peer)
+    /// at this census; a queue that never drains is a silent peer.
+    pub send_queued: Vec<SocketQueue>,
+}
+
+/// One socket's queues, from the kernel's socket table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketQueue {
+    /// The socket's inode (stable while it lives).
+    pub inode: u64,
+    /// Its local port.
+    pub local_port: u16,
+    /// Bytes sent and not yet acknowledged.
+    pub send: u32,
+    /// Bytes received and not yet read by the app.
+    pub recv: u32,
 }
 
 impl SocketCensus {
     /// Sockets in `state` (a name from [`TCP_STATES`]); 0 for an unknown name.
     pub fn get(&self, state: &str) -> u32 {
         TCP_STATES.iter().position(|s| *s == state).map_or(0, |i| self.counts[i])
+    }
+}
+
+/// Sockets whose send queue stays non-empty from census to census: the peer stopped
+/// acknowledging (a silent peer: no RST, no FIN, e.g. a NAT that dropped the flow). A busy
+/// socket drains between censuses; a silent one never does.
+#[derive(Debug)]
+pub(crate) struct StuckSendQueues {
+    bound: std::time::Duration,
+    since: std::sync::Mutex<std::collections::HashMap<u64, std::time::Instant>>,
+    gauge: metrics::Gauge,
+}
+
+impl StuckSendQueues {
+    pub(crate) fn new(pool_name: &str, bound: std::time::Duration) -> StuckSendQueues {
+        let gauge =
+            metrics::gauge!(crate::catalog::SEND_QUEUE_STUCK.name, crate::catalog::POOL_NAME => pool_name.to_owned());
+        StuckSendQueues { bound, since: std::sync::Mutex::new(std::collections::HashMap::new()), gauge }
+    }
+
+    /// Takes this census's queues; returns and publishes how many sockets have had a
+    /// non-empty send queue at every census for at least the bound.
+    pub(crate) fn update(&self, census: &SocketCensus) -> u32 {
+        let now = std::time::Instant::now();
+        let Ok(mut since) = self.since.lock() else { return 0 };
+        since.retain(|inode, _| census.send_queued.iter().any(|q| q.inode == *inode));
+        for q in &census.send_queued {
+            since.entry(q.inode).or_insert(now);
+        }
+        let stuck = since.values().filter(|at| now.saturating_duration_since(**at) >= self.bound).count();
+        let stuck = u32::try_from(stuck).unwrap_or(u32::MAX);
+        self.gauge.set(f64::from(stuck));
+        stuck
+    }
+
+    /// The figure of the last census.
+    pub(crate) fn figure(&self) -> u32 {
+        let now = std::time::Instant::now();
+        self.since.lock().map_or(0, |s| {
+            u32::try_from(s.values().filter(|at| now.saturating_duration_since(**at) >= self.bound).count())
+                .unwrap_or(0)
+        })
     }
 }
 
@@ -76,6 +134,11 @@ pub(crate) struct Socket {
     pub(crate) state: usize,
     /// Whether this process holds it (an open fd). A `time_wait` socket belongs to no one.
     pub(crate) owned: bool,
+    /// The socket's inode: its identity while it lives.
+    pub(crate) inode: u64,
+    /// Bytes queued to send (not yet acknowledged by the peer) and received but unread.
+    pub(crate) send: u32,
+    pub(crate) recv: u32,
 }
 
 impl SocketCensus {
@@ -84,6 +147,9 @@ impl SocketCensus {
         let mut census = SocketCensus::default();
         for s in sockets.iter().filter(|s| s.owned) {
             census.counts[s.state] += 1;
+            if s.send > 0 {
+                census.send_queued.push(SocketQueue { inode: s.inode, local_port: s.local.port(), send: s.send, recv: s.recv });
+            }
         }
         census
     }
@@ -119,7 +185,14 @@ pub(crate) fn list(peers: &[SocketAddr], exclude_local_port: Option<u16>) -> std
                 && Some(row.local.port()) != exclude_local_port
                 && !is_own(row.local.port());
             if wanted && (1..=11).contains(&row.state) {
-                sockets.push(Socket { local: row.local, state: usize::from(row.state) - 1, owned });
+                sockets.push(Socket {
+                    local: row.local,
+                    state: usize::from(row.state) - 1,
+                    owned,
+                    inode: row.inode,
+                    send: row.send,
+                    recv: row.recv,
+                });
             }
         }
     }
@@ -164,6 +237,8 @@ struct Row {
     local: SocketAddr,
     remote: SocketAddr,
     state: u8,
+    send: u32,
+    recv: u32,
     inode: u64,
 }
 
@@ -172,10 +247,13 @@ fn parse_row(line: &str) -> Option<Row> {
     let f: Vec<&str> = line.split_whitespace().collect();
     let (local_ip, local_port) = parse_addr(f.get(1)?)?;
     let (ip, port) = parse_addr(f.get(2)?)?;
+    let (send, recv) = f.get(4)?.split_once(':')?;
     Some(Row {
         local: SocketAddr::new(local_ip, local_port),
         remote: SocketAddr::new(ip, port),
         state: u8::from_str_radix(f.get(3)?, 16).ok()?,
+        send: u32::from_str_radix(send, 16).ok()?,
+        recv: u32::from_str_radix(recv, 16).ok()?,
         inode: f.get(9)?.parse().ok()?,
     })
 }
@@ -219,12 +297,13 @@ mod tests {
 
     #[test]
     fn parses_kernel_rows() {
-        let v4 = "   1: 0100007F:D431 0100007F:1538 01 00000000:00000000 00:00000000 00000000   101        0 424242 1";
+        let v4 = "   1: 0100007F:D431 0100007F:1538 01 002AC800:00000010 04:00000003 00000000   101        0 424242 1";
         let r = parse_row(v4).expect("v4 row");
         assert_eq!(
             (r.local.port(), r.remote, r.state, r.inode),
             (0xD431, "127.0.0.1:5432".parse().unwrap(), 1, 424242)
         );
+        assert_eq!((r.send, r.recv), (0x2AC800, 16), "tx_queue:rx_queue");
         let v6 = "   0: 00000000000000000000000001000000:9C40 0000000000000000FFFF00000100007F:1538 08 00000000:00000000 00:00000000 00000000 0 0 7 1";
         let r = parse_row(v6).expect("v6 row");
         assert_eq!(r.state, 8);

@@ -21,6 +21,7 @@ use crate::catalog::{self, CAUSE, EVIDENCE, LISTENER, POOL_NAME};
 use crate::cause::connection_lost;
 use crate::config::check_name;
 use crate::listener::loss::{Basis, ServerFacts, explain_silent_loss};
+use crate::listener::status::Registered;
 use crate::{Cause, ConfigError};
 
 /// How a [`WatchedListener`] is named and kept alive.
@@ -159,7 +160,7 @@ impl WatchedListener {
                  Set ListenerConfig::keepalive below it."
             );
         }
-        metrics.connected.set(1);
+        metrics.set_connected(true);
         Ok(WatchedListener { inner, config, metrics, facts, last_command: sent, lost: None, pending: VecDeque::new() })
     }
 
@@ -252,7 +253,7 @@ impl WatchedListener {
                 Some(Err(e)) if connection_lost(&e) => self.lose(Some(Cause::of(&e)), true),
                 Some(Err(e)) => {
                     if matches!(e, sqlx::Error::PoolClosed) {
-                        self.metrics.connected.set(0);
+                        self.metrics.set_connected(false);
                     }
                     return Err(e);
                 }
@@ -310,7 +311,7 @@ impl WatchedListener {
             loss.dead_held |= dead_held;
             return;
         }
-        self.metrics.connected.set(0);
+        self.metrics.set_connected(false);
         let now = Instant::now();
         let span = tracing::warn_span!(
             "db.listener.reconnect",
@@ -429,7 +430,7 @@ impl WatchedListener {
 
 impl Drop for WatchedListener {
     fn drop(&mut self) {
-        self.metrics.connected.set(0);
+        self.metrics.set_connected(false);
     }
 }
 
@@ -441,6 +442,7 @@ struct Handles {
     notifications: Counter,
     last_notification: Gauge,
     downtime: Histogram,
+    status: Registered,
 }
 
 impl Handles {
@@ -451,6 +453,7 @@ impl Handles {
             notifications: counter!(catalog::LISTENER_NOTIFICATIONS.name, POOL_NAME => p.clone(), LISTENER => l.clone()),
             last_notification: gauge!(catalog::LISTENER_LAST_NOTIFICATION.name, POOL_NAME => p.clone(), LISTENER => l.clone()),
             downtime: histogram!(catalog::LISTENER_DOWNTIME.name, POOL_NAME => p.clone(), LISTENER => l.clone()),
+            status: Registered::new(&p, &l),
             pool_name: p,
             listener: l,
         }
@@ -458,8 +461,13 @@ impl Handles {
 
     /// Marks the listener down and hands `e` back (for a failed first connect).
     fn down(&self, e: sqlx::Error) -> sqlx::Error {
-        self.connected.set(0);
+        self.set_connected(false);
         e
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.connected.set(if up { 1.0 } else { 0.0 });
+        self.status.connected(up);
     }
 
     fn reconnected(&self, cause: Cause, basis: Basis, downtime: Duration) {
@@ -473,5 +481,6 @@ impl Handles {
         .increment(1);
         self.downtime.record(downtime.as_secs_f64());
         self.connected.set(1);
+        self.status.reconnected(cause);
     }
 }
