@@ -472,8 +472,14 @@ impl Shared {
                      `unknown` (counts stay exact). Grant it pg_read_all_stats for per-state figures."
                 );
             }
-            let list =
-                list.map(|l| l.into_iter().filter(|s| !admin_ports.contains(&s.local.port())).collect::<Vec<_>>());
+            // poolwatch's own connections: the admin console's, and the dedicated one if it
+            // (re)connected after the listing.
+            let own_port = direct.local_port;
+            let list = list.map(|l| {
+                l.into_iter()
+                    .filter(|s| !admin_ports.contains(&s.local.port()) && Some(s.local.port()) != own_port)
+                    .collect::<Vec<_>>()
+            });
             // Sessions the pool did not close: by port, on the server or at the pooler.
             let seen: Option<std::collections::HashMap<u16, Seen>> = match (&pooler_view, self.path) {
                 (Some((_, clients, _)), _) => {

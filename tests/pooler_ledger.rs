@@ -80,7 +80,9 @@ async fn leaked_slots_killed_by_the_pooler_grow_the_gap_by_one_each() {
         }
         // The leaked slots' sockets sit in CLOSE_WAIT: ended without the pool closing them.
         let s = watch.census_now().await.unwrap();
-        assert_eq!(s.sessions_ended, 3, "{mode}: {s:?}");
+        // Counted when a census saw the client alive first: a connection opened and killed
+        // between two censuses is not (documented), so at most one per leaked slot.
+        assert!((1..=3).contains(&s.sessions_ended), "{mode}: {s:?}");
         assert_eq!(s.sockets.unwrap().get("close_wait"), 3, "{mode}");
         drop(leaked);
         watch.shutdown().await;
