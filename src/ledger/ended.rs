@@ -149,7 +149,7 @@ mod tests {
     use super::*;
 
     fn socket(port: u16, state: usize, owned: bool) -> Socket {
-        Socket { local: std::net::SocketAddr::from(([127, 0, 0, 1], port)), state, owned }
+        Socket { local: std::net::SocketAddr::from(([127, 0, 0, 1], port)), state, owned, inode: 0, send: 0, recv: 0 }
     }
 
     #[test]

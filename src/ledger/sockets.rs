@@ -148,7 +148,12 @@ impl SocketCensus {
         for s in sockets.iter().filter(|s| s.owned) {
             census.counts[s.state] += 1;
             if s.send > 0 {
-                census.send_queued.push(SocketQueue { inode: s.inode, local_port: s.local.port(), send: s.send, recv: s.recv });
+                census.send_queued.push(SocketQueue {
+                    inode: s.inode,
+                    local_port: s.local.port(),
+                    send: s.send,
+                    recv: s.recv,
+                });
             }
         }
         census
