@@ -44,6 +44,26 @@ pub struct Config {
     /// How long a connection checked out through [`WatchedPool`](crate::WatchedPool) may be
     /// held before it is reported as a leak or stuck suspect. Default `None` (off).
     pub leak_threshold: Option<Duration>,
+    /// How many series poolwatch exports for this pool. Default [`Detail::Standard`]: the
+    /// set every shipped alert and dashboard needs (about 60 series per pool).
+    pub detail: Detail,
+}
+
+/// How much detail poolwatch exports for a pool ("how to watch", not a fact about your
+/// deployment). The shipped alerts and dashboards work at both levels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Detail {
+    /// The series budget (README, "Series budget"): states only once seen non-zero, a count
+    /// of configuration hazards instead of one series per hazard, a count of reachable
+    /// addresses instead of series per address, coarse histogram buckets
+    /// ([`catalog::buckets`](crate::catalog::buckets)).
+    #[default]
+    Standard,
+    /// Every breakdown from the start: every session and TCP state, every hazard, every
+    /// resolved address, and (with [`export`](crate::export) helpers) the fine
+    /// [`SECONDS_BUCKETS`](crate::catalog::SECONDS_BUCKETS).
+    Full,
 }
 
 impl Config {
@@ -63,6 +83,7 @@ impl Config {
             listener_keepalive: None,
             direct_connect_options: None,
             leak_threshold: None,
+            detail: Detail::Standard,
         }
     }
 
@@ -138,6 +159,13 @@ impl Config {
     /// Sets [`Config::leak_threshold`], e.g. `Some(Duration::from_secs(30))`.
     pub fn leak_threshold(mut self, threshold: Option<Duration>) -> Self {
         self.leak_threshold = threshold;
+        self
+    }
+
+    /// Sets [`Config::detail`], e.g. `Detail::Full` for every per-state, per-hazard and
+    /// per-address series.
+    pub fn detail(mut self, detail: Detail) -> Self {
+        self.detail = detail;
         self
     }
 

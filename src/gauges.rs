@@ -1,11 +1,74 @@
 //! The metric handles of one watched pool, registered once with the pool label.
 
+use std::sync::OnceLock;
+
 use metrics::{Counter, Gauge, counter, gauge};
 
 use crate::catalog::{self, CAUSE, CONNECTION_STATE, POOL_NAME, STATE};
 use crate::ledger::census::SESSION_STATES;
 use crate::ledger::sockets::TCP_STATES;
-use crate::{Cause, PoolFigures, Snapshot};
+use crate::{Cause, Detail, PoolFigures, Snapshot};
+
+/// Session states whose count is exported from the start at [`Detail::Standard`] (the others
+/// once seen non-zero): the dashboard's ledger.
+const EAGER_SESSION_STATES: &[&str] = &["idle", "active"];
+/// Session states whose longest time is exported from the start at [`Detail::Standard`]:
+/// what `PoolwatchTransactionStuck` and `PoolwatchWorkStalled` read.
+const EAGER_LONGEST_STATES: &[&str] = &["idle_in_transaction", "active"];
+/// TCP states exported from the start at [`Detail::Standard`]: `PoolwatchClientSocketsCloseWait`.
+const EAGER_TCP_STATES: &[&str] = &["established", "close_wait"];
+
+/// A gauge registered at the first non-zero value (or at once when `eager`): keeps a family
+/// with a fixed set of label values down to the values that ever happen.
+#[derive(Debug)]
+pub(crate) struct LazyGauge {
+    name: &'static str,
+    labels: Vec<(&'static str, String)>,
+    cell: OnceLock<Gauge>,
+}
+
+impl LazyGauge {
+    pub(crate) fn new(name: &'static str, labels: Vec<(&'static str, String)>, eager: bool) -> LazyGauge {
+        let lazy = LazyGauge { name, labels, cell: OnceLock::new() };
+        if eager {
+            lazy.handle();
+        }
+        lazy
+    }
+
+    fn handle(&self) -> &Gauge {
+        self.cell.get_or_init(|| {
+            let labels: Vec<metrics::Label> =
+                self.labels.iter().map(|(k, v)| metrics::Label::new(*k, v.clone())).collect();
+            gauge!(self.name, labels)
+        })
+    }
+
+    pub(crate) fn set(&self, value: f64) {
+        if value != 0.0 || self.cell.get().is_some() {
+            self.handle().set(value);
+        }
+    }
+}
+
+/// One gauge per state of `states`, labelled `key`; eager where `detail` is full or the state
+/// is in `eager`.
+fn by_state(
+    name: &'static str,
+    pool: &str,
+    key: &'static str,
+    states: &[&'static str],
+    eager: &[&str],
+    detail: Detail,
+) -> Vec<LazyGauge> {
+    states
+        .iter()
+        .map(|s| {
+            let labels = vec![(POOL_NAME, pool.to_owned()), (key, (*s).to_owned())];
+            LazyGauge::new(name, labels, detail == Detail::Full || eager.contains(s))
+        })
+        .collect()
+}
 
 #[derive(Debug)]
 pub(crate) struct Gauges {
@@ -14,33 +77,39 @@ pub(crate) struct Gauges {
     idle: Gauge,
     max: Gauge,
     min: Gauge,
-    server: Vec<Gauge>,
-    longest: Vec<Gauge>,
+    server: Vec<LazyGauge>,
+    longest: Vec<LazyGauge>,
     lock_waiters: Gauge,
     advisory_locks: Gauge,
-    advisory_locks_max: Gauge,
-    sockets: Vec<Gauge>,
+    advisory_locks_max: LazyGauge,
+    sockets: Vec<LazyGauge>,
     phantom: Gauge,
     census_up: Gauge,
     census_duration: Gauge,
 }
 
 impl Gauges {
-    pub(crate) fn new(pool_name: &str) -> Gauges {
+    pub(crate) fn new(pool_name: &str, detail: Detail) -> Gauges {
         let p = pool_name.to_owned();
-        let by_state = |name: &'static str, key: &'static str, value: &'static str| gauge!(name, POOL_NAME => p.clone(), key => value);
+        let state = |name: &'static str, key: &'static str, value: &'static str| gauge!(name, POOL_NAME => p.clone(), key => value);
         let plain = |name: &'static str| gauge!(name, POOL_NAME => p.clone());
+        let sessions = |name, eager| by_state(name, &p, STATE, &SESSION_STATES, eager, detail);
         Gauges {
-            used: by_state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "used"),
-            idle: by_state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "idle"),
+            used: state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "used"),
+            idle: state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "idle"),
             max: plain(catalog::CONNECTION_MAX.name),
             min: plain(catalog::CONNECTION_IDLE_MIN.name),
-            server: SESSION_STATES.iter().map(|s| by_state(catalog::SERVER_CONNECTIONS.name, STATE, s)).collect(),
-            longest: SESSION_STATES.iter().map(|s| by_state(catalog::SERVER_LONGEST_IN_STATE.name, STATE, s)).collect(),
+            server: sessions(catalog::SERVER_CONNECTIONS.name, EAGER_SESSION_STATES),
+            longest: sessions(catalog::SERVER_LONGEST_IN_STATE.name, EAGER_LONGEST_STATES),
             lock_waiters: plain(catalog::SERVER_LOCK_WAITERS.name),
             advisory_locks: plain(catalog::SERVER_ADVISORY_LOCKS.name),
-            advisory_locks_max: plain(catalog::SERVER_ADVISORY_LOCKS_MAX.name),
-            sockets: TCP_STATES.iter().map(|s| by_state(catalog::CLIENT_SOCKETS.name, STATE, s)).collect(),
+            // Standard detail: once a session held an advisory lock.
+            advisory_locks_max: LazyGauge::new(
+                catalog::SERVER_ADVISORY_LOCKS_MAX.name,
+                vec![(POOL_NAME, p.clone())],
+                detail == Detail::Full,
+            ),
+            sockets: by_state(catalog::CLIENT_SOCKETS.name, &p, STATE, &TCP_STATES, EAGER_TCP_STATES, detail),
             phantom: plain(catalog::PHANTOM_CONNECTIONS.name),
             census_up: plain(catalog::CENSUS_UP.name),
             census_duration: plain(catalog::CENSUS_DURATION.name),
@@ -60,18 +129,18 @@ impl Gauges {
         self.pool(&s.pool);
         if let Some(server) = &s.server {
             for (g, n) in self.server.iter().zip(server.counts) {
-                g.set(n);
+                g.set(n as f64);
             }
             for (g, d) in self.longest.iter().zip(server.longest) {
                 g.set(d.as_secs_f64());
             }
             self.lock_waiters.set(server.lock_waiters);
             self.advisory_locks.set(server.advisory_locks);
-            self.advisory_locks_max.set(server.advisory_locks_max_per_session);
+            self.advisory_locks_max.set(f64::from(server.advisory_locks_max_per_session));
         }
         if let Some(sockets) = &s.sockets {
             for (g, n) in self.sockets.iter().zip(sockets.counts) {
-                g.set(n);
+                g.set(n as f64);
             }
         }
         if let Some(phantom) = s.phantom {
