@@ -317,11 +317,12 @@ pub const SERVER_ADDRESSES: Metric = gauge(
     "How many addresses the pool's database host resolved to at the last probe (0: resolution failed).",
     &[],
 );
-/// How many resolved addresses answered a TCP connect at the last probe.
-pub const SERVER_ADDRESSES_UP: Metric = gauge(
-    "poolwatch_server_addresses_up",
+/// How many probed addresses failed a TCP connect at the last probe (always present, unlike
+/// the per-address series of [`Detail::Full`](crate::Detail::Full)).
+pub const SERVER_ADDRESSES_DOWN: Metric = gauge(
+    "poolwatch_server_addresses_down",
     Unit::Count,
-    "How many of the addresses the database host resolved to answered a TCP connect within census_timeout at the last probe.",
+    "How many of the addresses the database host resolved to failed a TCP connect within census_timeout at the last probe (poolwatch_server_address_up names them with Detail::Full).",
     &[],
 );
 /// 1 if a TCP connect to the address succeeded within census_timeout at the last probe, else 0.
@@ -378,7 +379,7 @@ pub const ALL: &[Metric] = &[
     LEAK_SUSPECTS_TOTAL,
     // --- per-address reachability (branch reach, incident 4) ---
     SERVER_ADDRESSES,
-    SERVER_ADDRESSES_UP,
+    SERVER_ADDRESSES_DOWN,
     SERVER_ADDRESS_UP,
     SERVER_ADDRESS_CONNECT_TIME,
 ];

@@ -103,7 +103,7 @@ async fn settled(addr: SocketAddr, watch: &poolwatch::PoolWatch, name: &str) -> 
         let ready = has("poolwatch_census_up")
             && has("poolwatch_heartbeat_up{")
             && has("poolwatch_config_hazards")
-            && has("poolwatch_server_addresses_up")
+            && has("poolwatch_server_addresses_down")
             && watch.heartbeat().pool.successes > 0
             && watch.heartbeat().direct.successes > 0;
         ready.then_some(text)

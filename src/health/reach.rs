@@ -224,8 +224,8 @@ impl Reach {
     fn publish(&self, reach: &Reachability) {
         // Registered at the first probe: a unix-socket pool never exports it.
         gauge!(catalog::SERVER_ADDRESSES.name, POOL_NAME => self.pool_name.clone()).set(reach.resolved as f64);
-        let up = reach.addresses.iter().filter(|a| a.up).count();
-        gauge!(catalog::SERVER_ADDRESSES_UP.name, POOL_NAME => self.pool_name.clone()).set(up as f64);
+        let down = reach.addresses.iter().filter(|a| !a.up).count();
+        gauge!(catalog::SERVER_ADDRESSES_DOWN.name, POOL_NAME => self.pool_name.clone()).set(down as f64);
         if !self.per_address {
             return;
         }
