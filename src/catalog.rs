@@ -139,11 +139,11 @@ pub const PROGRESS: Metric = counter(
 );
 
 // --- telemetry (issue 6) ---
-/// Bucket bounds (seconds) of every poolwatch histogram (wait, use, create, heartbeat,
-/// listener downtime), from 100 µs (an idle acquire) to 60 s (a connect stuck across several
-/// resolved addresses). `telemetry::init` applies them;
-/// with your own `PrometheusBuilder`, pass them to `set_buckets_for_metric` for each
-/// [`Kind::Histogram`] in [`ALL`].
+/// The fine bucket bounds (seconds) of every poolwatch histogram at
+/// [`Detail::Full`](crate::Detail::Full) (wait, use, create, heartbeat, listener downtime),
+/// from 100 µs (an idle acquire) to 60 s (a connect stuck across several resolved addresses):
+/// 21 series per histogram. [`buckets`] gives the coarse default set per histogram;
+/// `export::with_buckets(builder, Detail::Full)` applies these.
 pub const SECONDS_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];

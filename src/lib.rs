@@ -52,6 +52,8 @@ pub use watch::{PoolWatch, instrument_pool};
 /// The README's and docs' Rust examples, compiled as doctests.
 #[cfg(doctest)]
 mod doc_examples {
+    // The README's setup uses the `prometheus` feature (CI runs doctests with every feature).
+    #[cfg(feature = "prometheus")]
     #[doc = include_str!("../README.md")]
     struct Readme;
     #[doc = include_str!("../docs/listener.md")]
