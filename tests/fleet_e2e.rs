@@ -68,6 +68,9 @@ async fn fleet_of_20_replicas_names_the_leaking_one() {
     let cluster = Cluster::start_with(&[("max_connections", "200")]);
     let ports: Vec<u16> = (0..REPLICAS).map(|_| support::cluster::free_port()).collect();
     let exe = std::env::current_exe().expect("test binary");
+    // The leaking replica starts leaking once this file exists: after Prometheus scrapes the
+    // whole fleet, so the growth is seen from its start on a loaded machine too.
+    let go = support::cluster::temp_dir("fleet-go").join("leak");
     let mut fleet = Fleet(Vec::new());
     for (i, port) in ports.iter().enumerate() {
         let child = Command::new(&exe)
@@ -76,6 +79,7 @@ async fn fleet_of_20_replicas_names_the_leaking_one() {
             .env("POOLWATCH_REPLICA_LEAKS", if i == LEAKER { "1" } else { "0" })
             .env("POOLWATCH_REPLICA_METRICS", format!("127.0.0.1:{port}"))
             .env("POOLWATCH_REPLICA_DB", cluster.url())
+            .env("POOLWATCH_REPLICA_GO", &go)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -93,6 +97,18 @@ async fn fleet_of_20_replicas_names_the_leaking_one() {
     println!("{REPLICAS} replicas up in {:.1}s", started.elapsed().as_secs_f64());
 
     let prometheus = Prometheus::start_fleet("api", &targets, &fleet_rules());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let up = query(prometheus.addr, r#"count(up{job="api"} == 1)"#).await;
+        if up.first().and_then(|u| u["value"][1].as_str()) == Some(&REPLICAS.to_string()) {
+            break;
+        }
+        let raw = http_get(prometheus.addr, "/api/v1/query?query=up").await;
+        assert!(Instant::now() < deadline, "Prometheus does not scrape the fleet: {raw:?}\n{}", prometheus.log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    std::fs::write(&go, "go").expect("signal the leak");
+    let leak_started = Instant::now();
     let leaker = targets[LEAKER].to_string();
     let deadline = Instant::now() + Duration::from_secs(240);
     let fired = loop {
@@ -196,6 +212,7 @@ async fn replica() {
     let leaks = std::env::var("POOLWATCH_REPLICA_LEAKS").as_deref() == Ok("1");
     let metrics: SocketAddr = std::env::var("POOLWATCH_REPLICA_METRICS").expect("addr").parse().expect("addr");
     let db: sqlx::postgres::PgConnectOptions = std::env::var("POOLWATCH_REPLICA_DB").expect("db").parse().expect("url");
+    let go = std::path::PathBuf::from(std::env::var("POOLWATCH_REPLICA_GO").expect("go file"));
     poolwatch::export::prometheus_builder().with_http_listener(metrics).install().expect("recorder");
     let pool =
         PgPoolOptions::new().max_connections(10).min_connections(0).connect_with(db.clone()).await.expect("pool");
@@ -211,16 +228,16 @@ async fn replica() {
     listener.listen("jobs").await.expect("LISTEN");
     let db = watch.pool();
     let mut held = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(240);
+    let deadline = Instant::now() + Duration::from_secs(300);
     let mut tick = 0u32;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
         tick += 1;
         let _ = sqlx::query("SELECT 1").execute(&db).await;
-        // The leaking replica: from 40 s on (Prometheus scrapes the fleet by then), every 3 s a
-        // connection is checked out, its server session ends (as incident 1's listener slot
-        // did) and the app keeps holding it; at most 8 of its 10 slots.
-        if leaks && tick >= 80 && tick % 6 == 0 && held.len() < 8 {
+        // The leaking replica, once told to: every 3 s a connection is checked out, its server
+        // session ends (as incident 1's listener slot did) and the app keeps holding it; at
+        // most 8 of its 10 slots.
+        if leaks && tick % 6 == 0 && held.len() < 8 && go.exists() {
             if let Ok(mut conn) = db.acquire().await {
                 let pid: Result<i32, _> = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *conn).await;
                 if let Ok(pid) = pid {
