@@ -217,6 +217,24 @@ local alert = import 'lib/alert.libsonnet';
             'A TCP connect to some resolved address of the database host fails or times out while other addresses answer. New connections that try it first hang or fail; some connects are fast and others very slow. poolwatch_server_address_up (Detail::Full) or PoolWatch::reachability() names the address.'),
         ],
       },
+      // Pooler kills (issue 10): PgBouncer closes the pool's idle connections or fails its queries.
+      {
+        name: 'poolwatch-pooler',
+        rules: [
+          // The pooler (PgBouncer client_idle_timeout) ended the pool's connections, or a
+          // heartbeat through it failed on client_idle_timeout / query_wait_timeout, in 30 min.
+          // Incident 1 behind a pooler: sqlx replaces the dead connections silently, a held one
+          // fails the app's next query.
+          a('PoolwatchSessionsEndedByPooler', 'warning', |||
+            sum by (%(poolLabelsJoined)s, cause) (
+              increase(poolwatch_sessions_ended_total{%(s)s, cause=~"pooler_.*"}[30m])
+              or increase(poolwatch_heartbeat_failures_total{%(s)s, cause=~"pooler_.*"}[30m])
+            ) > 0
+          |||,
+            'Pooler ended connections of pool {{ $labels.db_client_connection_pool_name }} on {{ $labels.instance }} ({{ $labels.cause }})',
+            'PgBouncer closed the pool\'s connections (pooler_idle_timeout: client_idle_timeout) or made its queries give up waiting for a server connection (pooler_wait_timeout: query_wait_timeout). Held connections fail the app\'s next query.'),
+        ],
+      },
     ],
   },
 }

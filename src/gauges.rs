@@ -73,32 +73,37 @@ fn by_state(
 #[derive(Debug)]
 pub(crate) struct Gauges {
     pool_name: String,
+    detail: Detail,
     used: Gauge,
     idle: Gauge,
     max: Gauge,
     min: Gauge,
+    census_up: Gauge,
+    /// Registered at the first census attempt: no duration before one ran.
+    census_duration: OnceLock<Gauge>,
+    /// Registered at the first successful census: a figure nobody has measured yet is absent
+    /// from `/metrics`, not 0 (a 0 phantom count would read "healthy").
+    measured: OnceLock<Measured>,
+}
+
+/// The census-derived gauges; at [`Detail::Standard`] the state families register their
+/// always-needed values at the first census and the others once seen non-zero.
+#[derive(Debug)]
+struct Measured {
     server: Vec<LazyGauge>,
     longest: Vec<LazyGauge>,
     lock_waiters: Gauge,
     advisory_locks: Gauge,
     advisory_locks_max: LazyGauge,
-    sockets: Vec<LazyGauge>,
+    sockets: OnceLock<Vec<LazyGauge>>,
     phantom: Gauge,
-    census_up: Gauge,
-    census_duration: Gauge,
 }
 
-impl Gauges {
-    pub(crate) fn new(pool_name: &str, detail: Detail) -> Gauges {
-        let p = pool_name.to_owned();
-        let state = |name: &'static str, key: &'static str, value: &'static str| gauge!(name, POOL_NAME => p.clone(), key => value);
-        let plain = |name: &'static str| gauge!(name, POOL_NAME => p.clone());
-        let sessions = |name, eager| by_state(name, &p, STATE, &SESSION_STATES, eager, detail);
-        Gauges {
-            used: state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "used"),
-            idle: state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "idle"),
-            max: plain(catalog::CONNECTION_MAX.name),
-            min: plain(catalog::CONNECTION_IDLE_MIN.name),
+impl Measured {
+    fn new(p: &str, detail: Detail) -> Measured {
+        let plain = |name: &'static str| gauge!(name, POOL_NAME => p.to_owned());
+        let sessions = |name, eager| by_state(name, p, STATE, &SESSION_STATES, eager, detail);
+        Measured {
             server: sessions(catalog::SERVER_CONNECTIONS.name, EAGER_SESSION_STATES),
             longest: sessions(catalog::SERVER_LONGEST_IN_STATE.name, EAGER_LONGEST_STATES),
             lock_waiters: plain(catalog::SERVER_LOCK_WAITERS.name),
@@ -106,15 +111,35 @@ impl Gauges {
             // Standard detail: once a session held an advisory lock.
             advisory_locks_max: LazyGauge::new(
                 catalog::SERVER_ADVISORY_LOCKS_MAX.name,
-                vec![(POOL_NAME, p.clone())],
+                vec![(POOL_NAME, p.to_owned())],
                 detail == Detail::Full,
             ),
-            sockets: by_state(catalog::CLIENT_SOCKETS.name, &p, STATE, &TCP_STATES, EAGER_TCP_STATES, detail),
+            sockets: OnceLock::new(),
             phantom: plain(catalog::PHANTOM_CONNECTIONS.name),
-            census_up: plain(catalog::CENSUS_UP.name),
-            census_duration: plain(catalog::CENSUS_DURATION.name),
-            pool_name: p,
         }
+    }
+}
+
+impl Gauges {
+    pub(crate) fn new(pool_name: &str, detail: Detail) -> Gauges {
+        let p = pool_name.to_owned();
+        let state = |name: &'static str, key: &'static str, value: &'static str| gauge!(name, POOL_NAME => p.clone(), key => value);
+        let plain = |name: &'static str| gauge!(name, POOL_NAME => p.clone());
+        Gauges {
+            used: state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "used"),
+            idle: state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "idle"),
+            max: plain(catalog::CONNECTION_MAX.name),
+            min: plain(catalog::CONNECTION_IDLE_MIN.name),
+            census_up: plain(catalog::CENSUS_UP.name),
+            census_duration: OnceLock::new(),
+            measured: OnceLock::new(),
+            pool_name: p,
+            detail,
+        }
+    }
+
+    fn census_duration(&self) -> &Gauge {
+        self.census_duration.get_or_init(|| gauge!(catalog::CENSUS_DURATION.name, POOL_NAME => self.pool_name.clone()))
     }
 
     pub(crate) fn pool(&self, f: &PoolFigures) {
@@ -127,33 +152,37 @@ impl Gauges {
     /// Publishes a successful census.
     pub(crate) fn census(&self, s: &Snapshot, seconds: f64) {
         self.pool(&s.pool);
+        let m = self.measured.get_or_init(|| Measured::new(&self.pool_name, self.detail));
         if let Some(server) = &s.server {
-            for (g, n) in self.server.iter().zip(server.counts) {
-                g.set(n as f64);
+            for (g, n) in m.server.iter().zip(server.counts) {
+                g.set(f64::from(n));
             }
-            for (g, d) in self.longest.iter().zip(server.longest) {
+            for (g, d) in m.longest.iter().zip(server.longest) {
                 g.set(d.as_secs_f64());
             }
-            self.lock_waiters.set(server.lock_waiters);
-            self.advisory_locks.set(server.advisory_locks);
-            self.advisory_locks_max.set(f64::from(server.advisory_locks_max_per_session));
+            m.lock_waiters.set(server.lock_waiters);
+            m.advisory_locks.set(server.advisory_locks);
+            m.advisory_locks_max.set(f64::from(server.advisory_locks_max_per_session));
         }
         if let Some(sockets) = &s.sockets {
-            for (g, n) in self.sockets.iter().zip(sockets.counts) {
-                g.set(n as f64);
+            let gauges = m.sockets.get_or_init(|| {
+                by_state(catalog::CLIENT_SOCKETS.name, &self.pool_name, STATE, &TCP_STATES, EAGER_TCP_STATES, self.detail)
+            });
+            for (g, n) in gauges.iter().zip(sockets.counts) {
+                g.set(f64::from(n));
             }
         }
         if let Some(phantom) = s.phantom {
-            self.phantom.set(phantom as f64);
+            m.phantom.set(phantom as f64);
         }
         self.census_up.set(1);
-        self.census_duration.set(seconds);
+        self.census_duration().set(seconds);
     }
 
     /// Publishes a failed census.
     pub(crate) fn census_failed(&self, cause: Cause, seconds: f64) {
         self.census_up.set(0);
-        self.census_duration.set(seconds);
+        self.census_duration().set(seconds);
         self.census_error(cause).increment(1);
     }
 
