@@ -340,6 +340,35 @@ pub const SERVER_ADDRESS_CONNECT_TIME: Metric = gauge(
     &[SERVER_ADDRESS],
 );
 
+// --- the ledger behind a pooler, ended sessions (issue 10) ---
+/// Sessions of this pool that ended without the pool closing them, by cause.
+pub const SESSIONS_ENDED: Metric = counter(
+    "poolwatch_sessions_ended_total",
+    "Sessions of this pool (this process) that ended without the pool closing them (server or pooler kill, proxy), by cause where known; sqlx replaces them silently.",
+    &[CAUSE],
+);
+/// Clients waiting for a server connection in the pooler's pool of this app's database and user.
+pub const POOLER_WAITING_CLIENTS: Metric = gauge(
+    "poolwatch_pooler_waiting_clients",
+    Unit::Count,
+    "Clients waiting for a server connection in the pooler's pool of this pool's database and user (PgBouncer cl_waiting; all replicas).",
+    &[],
+);
+/// How long the oldest waiting client of the pooler's pool has waited.
+pub const POOLER_MAX_WAIT: Metric = gauge(
+    "poolwatch_pooler_max_wait_seconds",
+    Unit::Seconds,
+    "How long the oldest client waiting in the pooler's pool of this pool's database and user has waited (PgBouncer maxwait).",
+    &[],
+);
+/// The pooler's server connections for this app's database and user, `active` or `idle`.
+pub const POOLER_SERVER_CONNECTIONS: Metric = gauge(
+    "poolwatch_pooler_server_connections",
+    Unit::Count,
+    "The pooler's server connections for this pool's database and user: active (linked to a client) or idle (PgBouncer sv_active; sv_idle + sv_used + sv_tested).",
+    &[STATE],
+);
+
 /// Every metric poolwatch emits.
 pub const ALL: &[Metric] = &[
     CONNECTION_COUNT,
@@ -382,6 +411,11 @@ pub const ALL: &[Metric] = &[
     SERVER_ADDRESSES_DOWN,
     SERVER_ADDRESS_UP,
     SERVER_ADDRESS_CONNECT_TIME,
+    // --- the ledger behind a pooler, ended sessions (issue 10) ---
+    SESSIONS_ENDED,
+    POOLER_WAITING_CLIENTS,
+    POOLER_MAX_WAIT,
+    POOLER_SERVER_CONNECTIONS,
 ];
 
 /// Looks a metric up by its Prometheus name (a histogram's `_bucket`, `_sum` and `_count`

@@ -35,6 +35,16 @@ pub struct Config {
     /// `client_idle_timeout`, Supavisor, an L7 proxy) that ends connections idle this long.
     /// Default `None` (no pooler declared).
     pub pooler_idle_timeout: Option<Duration>,
+    /// Declared: what lies between the pool and the server: decides how sessions are attributed
+    /// to this process (see [`NetworkPath`](crate::NetworkPath)). Default `None`: inferred:
+    /// `Pooler` when [`Config::pooler_admin`] is set or [`Config::direct_connect_options`] points
+    /// at another host or port than the pool; otherwise `Direct` over TCP, and `Nat` (a nonce)
+    /// for a unix socket or a system without the socket list (not Linux).
+    pub network_path: Option<crate::NetworkPath>,
+    /// Declared: the pooler's admin console (PgBouncer: database `pgbouncer`, a user in
+    /// `stats_users`), as a URL. With it the census reads `SHOW CLIENTS` and `SHOW POOLS` and
+    /// the phantom gap stays exact behind the pooler. Default `None`.
+    pub pooler_admin: Option<PoolerAdmin>,
     /// Declared: the app runs a LISTEN listener on this server. `None`: no listener declared
     /// (default); `Some(None)`: a listener without keepalive; `Some(Some(d))`: a listener
     /// that runs `SELECT 1` every `d`.
@@ -86,6 +96,8 @@ impl Config {
             expect_refresh_every: None,
             replicas: 1,
             pooler_idle_timeout: None,
+            network_path: None,
+            pooler_admin: None,
             listener_keepalive: None,
             direct_connect_options: None,
             leak_threshold: None,
@@ -133,6 +145,20 @@ impl Config {
     /// Declares [`Config::pooler_idle_timeout`].
     pub fn pooler_idle_timeout(mut self, timeout: Duration) -> Self {
         self.pooler_idle_timeout = Some(timeout);
+        self
+    }
+
+    /// Declares [`Config::network_path`].
+    pub fn network_path(mut self, path: crate::NetworkPath) -> Self {
+        self.network_path = Some(path);
+        self
+    }
+
+    /// Declares the pooler's admin console URL ([`Config::pooler_admin`]), e.g.
+    /// `postgres://stats@pgbouncer:6432/pgbouncer`. Implies [`NetworkPath::Pooler`](crate::NetworkPath::Pooler).
+    /// The password, if any, is never logged.
+    pub fn pooler_admin(mut self, url: impl Into<String>) -> Self {
+        self.pooler_admin = Some(PoolerAdmin(url.into()));
         self
     }
 
@@ -222,6 +248,16 @@ impl Config {
                 "declare how many processes run this pool (at least 1)",
             ));
         }
+        if let Some(admin) = &self.pooler_admin {
+            admin.options()?;
+            if matches!(self.network_path, Some(crate::NetworkPath::Direct | crate::NetworkPath::Nat)) {
+                return Err(ConfigError::new(
+                    "network_path",
+                    "contradicts pooler_admin (a pooler's console is declared)",
+                    "declare NetworkPath::Pooler, or drop pooler_admin",
+                ));
+            }
+        }
         if self.listener_keepalive == Some(Some(Duration::ZERO)) {
             return Err(ConfigError::new(
                 "listener_keepalive",
@@ -230,6 +266,33 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// The pooler admin console's URL; its `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PoolerAdmin(String);
+
+impl PoolerAdmin {
+    /// The connect options the URL gives (with the same `ignore_startup_parameters`-safe
+    /// defaults as any sqlx connection).
+    pub(crate) fn options(&self) -> Result<sqlx::postgres::PgConnectOptions, ConfigError> {
+        self.0.parse::<sqlx::postgres::PgConnectOptions>().map_err(|_| {
+            ConfigError::new(
+                "pooler_admin",
+                "is not a postgres:// URL",
+                "give the admin console as postgres://user[:password]@host:port/pgbouncer",
+            )
+        })
+    }
+}
+
+impl fmt::Debug for PoolerAdmin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.options() {
+            Ok(o) => write!(f, "PoolerAdmin({}:{}/{})", o.get_host(), o.get_port(), o.get_database().unwrap_or("")),
+            Err(_) => f.write_str("PoolerAdmin(<not a URL>)"),
+        }
     }
 }
 
@@ -290,6 +353,14 @@ mod tests {
     }
 
     #[test]
+    fn pooler_admin_debug_hides_the_password() {
+        let c = Config::new("a").pooler_admin("postgres://stats:s3cret@127.0.0.1:6432/pgbouncer");
+        assert_eq!(c.validate(), Ok(()));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret") && shown.contains("6432"), "{shown}");
+    }
+
+    #[test]
     fn each_bad_value_names_its_field() {
         let cases = [
             (Config::new(""), "pool_name"),
@@ -306,6 +377,13 @@ mod tests {
             (Config::new("a").replicas(0), "replicas"),
             (Config::new("a").listener_keepalive(Some(Duration::ZERO)), "listener_keepalive"),
             (Config::new("a").leak_threshold(Some(Duration::ZERO)), "leak_threshold"),
+            (Config::new("a").pooler_admin("not a url"), "pooler_admin"),
+            (
+                Config::new("a")
+                    .pooler_admin("postgres://s@127.0.0.1:6432/pgbouncer")
+                    .network_path(crate::NetworkPath::Direct),
+                "network_path",
+            ),
             (Config::new("a").hazard_recheck_interval(Duration::ZERO), "hazard_recheck_interval"),
             (Config::new("a").census_timeout(Duration::from_millis(2_147_483_648)), "census_timeout"),
             (Config::new("a").census_timeout(Duration::MAX), "census_timeout"),

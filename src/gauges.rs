@@ -96,7 +96,8 @@ struct Measured {
     advisory_locks: Gauge,
     advisory_locks_max: LazyGauge,
     sockets: OnceLock<Vec<LazyGauge>>,
-    phantom: Gauge,
+    /// Only once a census gives a gap (behind a pooler without its console it never does).
+    phantom: std::sync::OnceLock<Gauge>,
 }
 
 impl Measured {
@@ -115,8 +116,41 @@ impl Measured {
                 detail == Detail::Full,
             ),
             sockets: OnceLock::new(),
-            phantom: plain(catalog::PHANTOM_CONNECTIONS.name),
+            phantom: std::sync::OnceLock::new(),
         }
+    }
+}
+
+/// The causes whose `poolwatch_sessions_ended_total` series exist at 0 from the start (the
+/// ones the alert uses); any other cause's series appears at its first count.
+pub(crate) const ENDED_AT_ZERO: [Cause; 4] =
+    [Cause::IdleSessionTimeout, Cause::AdminShutdown, Cause::ConnectionEnded, Cause::PoolerIdleTimeout];
+
+/// The pooler's view of the pool: four series, only when a pooler admin console is declared.
+#[derive(Debug)]
+pub(crate) struct PoolerGauges {
+    waiting: Gauge,
+    max_wait: Gauge,
+    active: Gauge,
+    idle: Gauge,
+}
+
+impl PoolerGauges {
+    pub(crate) fn new(pool_name: &str) -> PoolerGauges {
+        let p = || pool_name.to_owned();
+        PoolerGauges {
+            waiting: gauge!(catalog::POOLER_WAITING_CLIENTS.name, POOL_NAME => p()),
+            max_wait: gauge!(catalog::POOLER_MAX_WAIT.name, POOL_NAME => p()),
+            active: gauge!(catalog::POOLER_SERVER_CONNECTIONS.name, POOL_NAME => p(), STATE => "active"),
+            idle: gauge!(catalog::POOLER_SERVER_CONNECTIONS.name, POOL_NAME => p(), STATE => "idle"),
+        }
+    }
+
+    pub(crate) fn set(&self, f: &crate::PoolerFigures) {
+        self.waiting.set(f.waiting_clients);
+        self.max_wait.set(f.max_wait.as_secs_f64());
+        self.active.set(f.servers_active);
+        self.idle.set(f.servers_idle);
     }
 }
 
@@ -125,7 +159,7 @@ impl Gauges {
         let p = pool_name.to_owned();
         let state = |name: &'static str, key: &'static str, value: &'static str| gauge!(name, POOL_NAME => p.clone(), key => value);
         let plain = |name: &'static str| gauge!(name, POOL_NAME => p.clone());
-        Gauges {
+        let gauges = Gauges {
             used: state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "used"),
             idle: state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "idle"),
             max: plain(catalog::CONNECTION_MAX.name),
@@ -135,7 +169,22 @@ impl Gauges {
             measured: OnceLock::new(),
             pool_name: p,
             detail,
+        };
+        for cause in ENDED_AT_ZERO {
+            gauges.ended(cause).absolute(0);
         }
+        gauges
+    }
+
+    /// Counts sessions of the pool that ended without the pool closing them.
+    pub(crate) fn sessions_ended(&self, causes: &[Cause]) {
+        for cause in causes {
+            self.ended(*cause).increment(1);
+        }
+    }
+
+    fn ended(&self, cause: Cause) -> Counter {
+        counter!(catalog::SESSIONS_ENDED.name, POOL_NAME => self.pool_name.clone(), CAUSE => cause.as_str())
     }
 
     fn census_duration(&self) -> &Gauge {
@@ -166,14 +215,24 @@ impl Gauges {
         }
         if let Some(sockets) = &s.sockets {
             let gauges = m.sockets.get_or_init(|| {
-                by_state(catalog::CLIENT_SOCKETS.name, &self.pool_name, STATE, &TCP_STATES, EAGER_TCP_STATES, self.detail)
+                by_state(
+                    catalog::CLIENT_SOCKETS.name,
+                    &self.pool_name,
+                    STATE,
+                    &TCP_STATES,
+                    EAGER_TCP_STATES,
+                    self.detail,
+                )
             });
             for (g, n) in gauges.iter().zip(sockets.counts) {
                 g.set(f64::from(n));
             }
         }
         if let Some(phantom) = s.phantom {
-            m.phantom.set(phantom as f64);
+            let p = &self.pool_name;
+            m.phantom
+                .get_or_init(|| gauge!(catalog::PHANTOM_CONNECTIONS.name, POOL_NAME => p.clone()))
+                .set(phantom as f64);
         }
         self.census_up.set(1);
         self.census_duration().set(seconds);

@@ -15,12 +15,15 @@ use tracing::Instrument;
 
 use crate::acquire::probe::Probe;
 use crate::direct::DirectConnection;
-use crate::gauges::Gauges;
+use crate::gauges::{Gauges, PoolerGauges};
 use crate::health::heartbeat::Heartbeat;
 use crate::health::reach::Reach;
 use crate::ledger::attribution::Tag;
+use crate::ledger::ended::{Evidence, Ledger, Seen, Vanished};
+use crate::ledger::pooler::{self, PoolerConnection};
 use crate::ledger::{census, sockets};
-use crate::{Cause, Config, ConfigError, PoolFigures, Snapshot, WatchedPool, catalog};
+use crate::listener::loss::ServerFacts;
+use crate::{Cause, Config, ConfigError, NetworkPath, PoolFigures, Snapshot, WatchedPool, catalog};
 
 /// The `application_name` tags of the pools watched by a live [`PoolWatch`] in this process:
 /// a pool is watched by at most one.
@@ -41,7 +44,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         ConfigError::new("runtime", "no Tokio runtime is running", "call instrument_pool inside a Tokio runtime")
     })?;
     catalog::describe();
-    let (options, tag) = {
+    let (options, tag, path, nonce) = {
         // Checked and tagged under one lock, so two racing calls cannot both succeed.
         let mut live = LIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let options = pool.connect_options();
@@ -58,10 +61,31 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
                  shut down the first PoolWatch before calling instrument_pool again",
             ));
         }
-        let tag = Tag::new(current.map(crate::ledger::attribution::without_tag), &config.pool_name);
+        let path = network_path(&options, &config);
+        let unix = options.get_socket().is_some() || options.get_host().starts_with('/');
+        // Ports cannot be matched through a NAT, over a unix socket, or without the socket list.
+        let nonce = path == NetworkPath::Nat || (path == NetworkPath::Direct && (unix || !cfg!(target_os = "linux")));
+        let tag = Tag::new(current.map(crate::ledger::attribution::without_tag), &config.pool_name, nonce);
+        if live.contains(&tag.pool_app_name) {
+            // The stable tag is per pool name: two pools of one process under one name would
+            // count each other's sessions.
+            return Err(ConfigError::new(
+                "pool_name",
+                format!("{:?} is already used by another live PoolWatch in this process", config.pool_name),
+                "give each pool its own name, e.g. Config::new(\"main\") and Config::new(\"jobs\")",
+            ));
+        }
         pool.set_connect_options((*options).clone().application_name(&tag.pool_app_name));
         live.insert(tag.pool_app_name.clone());
-        (options, tag)
+        (options, tag, path, nonce)
+    };
+    let pooler = match &config.pooler_admin {
+        Some(admin) => Some(tokio::sync::Mutex::new(PoolerConnection::new(
+            admin.options()?,
+            &pooler::admin_app_name(&config.pool_name),
+            config.census_timeout,
+        ))),
+        None => None,
     };
     // Take the idle, untagged connections now (no waiting, no ping) so the app cannot check
     // them out before the task re-tags them.
@@ -84,6 +108,11 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         )),
         heartbeat: Heartbeat::new(&config.pool_name, config.detail),
         gauges: Gauges::new(&config.pool_name, config.detail),
+        pooler_gauges: pooler.as_ref().map(|_| PoolerGauges::new(&config.pool_name)),
+        pooler,
+        path,
+        by_port: !nonce,
+        ended: Mutex::new(Ledger::default()),
         reach: Reach::new(&config.pool_name, config.detail),
         probe: Arc::new(Probe::new(pool, &config)),
         latest: Mutex::new(Snapshot { pool: PoolFigures::of(pool), ..Snapshot::default() }),
@@ -91,6 +120,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         retagged: tokio::sync::OnceCell::new(),
         census_failing: AtomicBool::new(false),
         degraded_warned: AtomicBool::new(false),
+        hidden_warned: AtomicBool::new(false),
         pool: pool.clone(),
         tag,
         config,
@@ -163,9 +193,16 @@ impl PoolWatch {
         WatchedPool::new(Arc::clone(&self.shared.probe))
     }
 
-    /// The `application_name` that marks this pool's connections on the server.
+    /// The `application_name` that marks this pool's connections on the server: the stable
+    /// [`stable_tag`](crate::attribution::stable_tag) (a per-process nonce only where ports
+    /// cannot be matched: see [`attribution`](crate::ledger::attribution)).
     pub fn application_name(&self) -> &str {
         &self.shared.tag.pool_app_name
+    }
+
+    /// How this watch attributes sessions: the declared or inferred [`NetworkPath`].
+    pub fn network_path(&self) -> NetworkPath {
+        self.shared.path
     }
 
     /// A handle the app ticks per unit of work done with this pool: see [`Progress`](crate::Progress).
@@ -213,6 +250,28 @@ struct Shared {
     retagged: tokio::sync::OnceCell<()>,
     census_failing: AtomicBool,
     degraded_warned: AtomicBool,
+    hidden_warned: AtomicBool,
+    path: NetworkPath,
+    /// Sessions are matched to this process by client address and port (no nonce).
+    by_port: bool,
+    pooler: Option<tokio::sync::Mutex<PoolerConnection>>,
+    pooler_gauges: Option<PoolerGauges>,
+    ended: Mutex<Ledger>,
+}
+
+/// The declared network path, or the one inferred from the config (see `Config::network_path`).
+fn network_path(options: &sqlx::postgres::PgConnectOptions, config: &Config) -> NetworkPath {
+    if let Some(path) = config.network_path {
+        return path;
+    }
+    if config.pooler_admin.is_some() {
+        return NetworkPath::Pooler;
+    }
+    let elsewhere = config
+        .direct_connect_options
+        .as_ref()
+        .is_some_and(|d| d.0.get_host() != options.get_host() || d.0.get_port() != options.get_port());
+    if elsewhere { NetworkPath::Pooler } else { NetworkPath::Direct }
 }
 
 impl Shared {
@@ -272,46 +331,146 @@ impl Shared {
 
     async fn take_census(&self) -> Result<Snapshot, Cause> {
         self.retagged.get_or_init(|| self.retag_idle()).await;
+        let result = self.read_census().await;
+        if result.is_err()
+            && let Ok(mut ended) = self.ended.lock()
+        {
+            ended.forget();
+        }
+        result
+    }
+
+    async fn read_census(&self) -> Result<Snapshot, Cause> {
         let mut direct = self.direct.lock().await;
         if self.pool.is_closed() {
             // Closed while waiting for the lock: the task has closed (or will close) the connection.
             return Err(Cause::PoolClosed);
         }
         let app_name = self.tag.pool_app_name.as_str();
+        let peers = self.peers().await;
+        let options = self.pool.connect_options();
+        let database = options.get_database().unwrap_or(options.get_username()).to_owned();
+        let user = options.get_username().to_owned();
         // Both sides must describe one moment. A connection being opened counts in the pool
         // before its session shows on the server; a closed one leaves its session for a few
         // ms. So a reading is taken again when the pool's count moved during the query, or
         // when it shows a gap: a real leak is still there 50 ms later, a transient is not.
         let mut attempt = 0;
-        let (pool, server) = loop {
+        loop {
             let before = self.pool.size();
-            let server = direct.run(async |c| census::take(c, app_name).await).await?;
+            // This process's sockets toward the pool's address, listed before the queries: a
+            // connection opened after the listing moves the pool's count and forces a re-read.
+            let list = peers.as_ref().and_then(|p| sockets::list(p, direct.local_port).ok());
+            let owned: Vec<SocketAddr> = list.iter().flatten().filter(|s| s.owned).map(|s| s.local).collect();
+            let keys = match (self.by_port && self.path == NetworkPath::Direct, &list) {
+                (true, Some(_)) => Some(census::port_keys(owned.iter().copied())),
+                // Ports cannot be read (not Linux): the tag alone, as with a nonce.
+                _ => None,
+            };
+            let (sessions, facts) = direct
+                .run(async |c| {
+                    let sessions = census::take(c, app_name, keys.as_deref()).await?;
+                    let facts = ServerFacts::read(c).await?;
+                    Ok((sessions, facts))
+                })
+                .await?;
+            // A census role without pg_read_all_stats sees other roles' sessions without their
+            // address: they cannot be matched by port. With one declared replica the tag alone
+            // is exact; with more, the count is unknown.
+            let hidden = keys.is_some() && sessions.iter().any(|s| s.port.is_none());
+            let exact = !hidden || self.config.replicas == 1;
+            if hidden && !self.hidden_warned.swap(true, Ordering::Relaxed) {
+                // One warning for the missing privilege: it also hides the states.
+                self.degraded_warned.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    pool = %self.config.pool_name,
+                    replicas = self.config.replicas,
+                    "the census role cannot read the pool's sessions' client_addr/client_port in pg_stat_activity, \
+                     so they cannot be matched to this process by port ({}), and their states show as `unknown`. \
+                     Grant it pg_read_all_stats.",
+                    if exact { "with one declared replica the tag alone counts them" } else { "the phantom gap is not exported" }
+                );
+            }
+            let server = census::aggregate(sessions.iter());
+            let mut pooler_view = None;
+            let mut admin_ports = Vec::new();
+            if let Some(conn) = &self.pooler {
+                let mut conn = conn.lock().await;
+                let admin_name = pooler::admin_app_name(&self.config.pool_name);
+                let (figures, clients, admin) = conn.take(app_name, &admin_name, &database, &user, &owned).await?;
+                admin_ports = admin;
+                pooler_view = Some((figures, clients, conn.client_idle_timeout));
+            }
             let pool = PoolFigures::of(&self.pool);
             attempt += 1;
-            let settled = pool.open == before && pool.open == server.total();
-            if settled || attempt == 3 {
-                break (pool, server);
+            let real = match (&pooler_view, self.path) {
+                (Some((figures, _, _)), _) => Some(figures.clients),
+                (None, NetworkPath::Pooler) => None,
+                (None, _) if !exact => None,
+                (None, _) => Some(server.total()),
+            };
+            let settled = pool.open == before && real.is_none_or(|r| r == pool.open);
+            if !settled && attempt < 3 {
+                tokio::time::sleep(CENSUS_RECHECK).await;
+                continue;
             }
-            tokio::time::sleep(CENSUS_RECHECK).await;
-        };
-        if server.get("unknown") > 0 && !self.degraded_warned.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                pool = %self.config.pool_name,
-                "the census role cannot read these sessions' state in pg_stat_activity; states show as \
-                 `unknown` (counts stay exact). Grant it pg_read_all_stats for per-state figures."
-            );
+            if server.get("unknown") > 0 && !self.degraded_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    pool = %self.config.pool_name,
+                    "the census role cannot read these sessions' state in pg_stat_activity; states show as \
+                     `unknown` (counts stay exact). Grant it pg_read_all_stats for per-state figures."
+                );
+            }
+            let list =
+                list.map(|l| l.into_iter().filter(|s| !admin_ports.contains(&s.local.port())).collect::<Vec<_>>());
+            // Sessions the pool did not close: by port, on the server or at the pooler.
+            let seen: Option<std::collections::HashMap<u16, Seen>> = match (&pooler_view, self.path) {
+                (Some((_, clients, _)), _) => {
+                    Some(clients.iter().map(|c| (c.port, Seen::PoolerClient(c.linked))).collect())
+                }
+                (None, NetworkPath::Direct) if keys.is_some() && !hidden => {
+                    Some(sessions.iter().filter_map(|s| s.port.map(|p| (p, Seen::Server(s.idle_for())))).collect())
+                }
+                _ => None,
+            };
+            let mut vanished = Vanished::default();
+            if let (Some(seen), Some(list)) = (seen, &list)
+                && let Ok(mut ended) = self.ended.lock()
+            {
+                vanished = ended.update(seen, list, facts.ends);
+            }
+            let mut ended_now = Vec::new();
+            if !vanished.is_empty() {
+                // A backend leaves pg_stat_activity a moment before its session-end counters
+                // are flushed: read them again after a pause.
+                let mut ends = facts.ends;
+                if self.path == NetworkPath::Direct {
+                    tokio::time::sleep(CENSUS_RECHECK).await;
+                    if let Ok(later) = direct.run(async |c| ServerFacts::read(c).await).await {
+                        ends = later.ends;
+                    }
+                }
+                ended_now = vanished.causes(Evidence {
+                    ends,
+                    idle_session_timeout: self.heartbeat.server_settings().and_then(|s| s.idle_session_timeout),
+                    client_idle_timeout: pooler_view.as_ref().and_then(|(_, _, t)| *t),
+                });
+            }
+            self.gauges.sessions_ended(&ended_now);
+            if let (Some(g), Some((figures, _, _))) = (&self.pooler_gauges, &pooler_view) {
+                g.set(figures);
+            }
+            let ended_total = self.latest().sessions_ended + ended_now.len() as u64;
+            return Ok(Snapshot {
+                phantom: real.map(|r| i64::from(pool.open) - i64::from(r)),
+                pool,
+                server: Some(server),
+                sockets: list.map(|l| sockets::SocketCensus::of(&l)),
+                census_up: true,
+                pooler: pooler_view.map(|(f, _, _)| f),
+                sessions_ended: ended_total,
+            });
         }
-        let sockets = match self.peers().await {
-            Some(peers) => sockets::take(&peers, direct.local_port).ok(),
-            None => None,
-        };
-        Ok(Snapshot {
-            phantom: Some(i64::from(pool.open) - i64::from(server.total())),
-            pool,
-            server: Some(server),
-            sockets,
-            census_up: true,
-        })
     }
 
     /// The addresses the database host resolves to; `None` for a unix socket.
@@ -352,6 +511,9 @@ async fn run(shared: Arc<Shared>, stop: oneshot::Receiver<()>) {
     // Stopped before the re-tag ran: give the idle connections back, or `pool.close()` waits.
     drop(shared.untagged.lock().map(|mut held| std::mem::take(&mut *held)));
     shared.direct.lock().await.close().await;
+    if let Some(pooler) = &shared.pooler {
+        pooler.lock().await.close().await;
+    }
 }
 
 async fn watch_until_stopped(shared: &Shared, mut stop: oneshot::Receiver<()>) {

@@ -265,5 +265,35 @@ local d = import '../lib/dashboard.libsonnet';
         ),
       ],
     },
+    {
+      title: "Pooler: sessions ended and PgBouncer's view",
+      panels: [
+        d.panel(
+          "Sessions ended without the pool closing them",
+          "Sessions of the pool that the server, a pooler or a proxy ended while the pool still counted them (sqlx replaces them silently), by cause, per 5 min. idle_session_timeout / pooler_idle_timeout: an idle limit on the path is shorter than the pool's idle lifetime (PoolwatchSessionsEndedByPooler); admin_shutdown: pg_terminate_backend or a restart.",
+          "short",
+          [
+            ["sum by (db_client_connection_pool_name, cause) (increase(poolwatch_sessions_ended_total{%(sel)s}[$__rate_interval]))", "{{db_client_connection_pool_name}} {{cause}}"],
+          ],
+        ),
+        d.panel(
+          "Pooler: waiting clients and oldest wait",
+          "With pooler_admin: clients waiting in PgBouncer's pool of this database and user (all replicas) and how long the oldest has waited (maxwait). Waiters with idle app pools: PgBouncer's default_pool_size is the bottleneck, not the app's pool.",
+          "short",
+          [
+            ["max by (db_client_connection_pool_name) (poolwatch_pooler_waiting_clients{%(sel)s})", "{{db_client_connection_pool_name}} waiting"],
+            ["max by (db_client_connection_pool_name) (poolwatch_pooler_max_wait_seconds{%(sel)s})", "{{db_client_connection_pool_name}} max wait (s)"],
+          ],
+        ),
+        d.panel(
+          "Pooler: server connections",
+          "With pooler_admin: PgBouncer's server connections for this database and user, active (linked to a client) and idle. Active at the pool size with waiting clients: the pooler's pool is exhausted.",
+          "short",
+          [
+            ["max by (db_client_connection_pool_name, state) (poolwatch_pooler_server_connections{%(sel)s})", "{{db_client_connection_pool_name}} {{state}}"],
+          ],
+        ),
+      ],
+    },
   ]),
 }

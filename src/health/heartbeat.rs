@@ -14,7 +14,7 @@
 //! dedicated connection, and every [`Config::hazard_recheck_interval`] (so a live settings change
 //! is flagged within that interval plus one heartbeat tick), on a short-lived connection with the pool's own connect options
 //! (same role, database and pooler, so per-role settings apply; `application_name`
-//! `poolwatch-lint:<pool>:<nonce>`), never on a pool slot. The dedicated connection cannot
+//! `poolwatch-lint:<pool>`), never on a pool slot. The dedicated connection cannot
 //! serve: it switches `idle_session_timeout` off for itself, so it would read 0.
 
 use std::collections::HashSet;

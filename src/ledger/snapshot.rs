@@ -45,10 +45,15 @@ pub struct Snapshot {
     /// This process's sockets to the database at the last census (`None`: unix socket,
     /// not Linux, or no census yet).
     pub sockets: Option<SocketCensus>,
-    /// `pool.open - server.total()` at the last successful census: connections the pool
-    /// counts that do not exist on the server. Negative: sessions the pool no longer counts
+    /// `pool.open - server.total()` at the last successful census (behind a pooler:
+    /// `pool.open - pooler.clients`; `None` behind a pooler without its admin console):
+    /// connections the pool counts that do not exist on the server. Negative: sessions the pool no longer counts
     /// (e.g. `detach()`ed) are still open.
     pub phantom: Option<i64>,
     /// Whether the last census succeeded.
     pub census_up: bool,
+    /// The pooler's view at the last census (`None`: no pooler admin console declared).
+    pub pooler: Option<crate::PoolerFigures>,
+    /// Sessions of this pool that ended without the pool closing them, since instrumented.
+    pub sessions_ended: u64,
 }

@@ -1,6 +1,7 @@
 //! The socket census: this process's own TCP sockets to the database, by TCP state, read
 //! from `/proc/self/net/tcp{,6}` and matched to `/proc/self/fd` (Linux only; elsewhere the
-//! census is absent and `poolwatch_client_sockets` is not exported).
+//! census is absent and `poolwatch_client_sockets` is not exported). The per-socket list
+//! ([`list`]) also feeds attribution by port and the ledger of sessions the peer ended.
 
 use std::net::SocketAddr;
 
@@ -64,12 +65,45 @@ fn is_own(port: u16) -> bool {
     OWN_PORTS.lock().is_ok_and(|ports| ports.contains(&port))
 }
 
+/// One TCP socket toward the database: what attribution (local address and port matched to
+/// the server's `client_addr`/`client_port`, or a pooler's `SHOW CLIENTS`) and the ledger of
+/// ended sessions need. How the list is read is this module's business (`/proc` today).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Socket {
+    /// The local end: what the server (or pooler) sees as the client's address and port.
+    pub(crate) local: SocketAddr,
+    /// The TCP state, an index into [`TCP_STATES`].
+    pub(crate) state: usize,
+    /// Whether this process holds it (an open fd). A `time_wait` socket belongs to no one.
+    pub(crate) owned: bool,
+}
+
+impl SocketCensus {
+    /// Counts the owned sockets of `sockets` by state.
+    pub(crate) fn of(sockets: &[Socket]) -> SocketCensus {
+        let mut census = SocketCensus::default();
+        for s in sockets.iter().filter(|s| s.owned) {
+            census.counts[s.state] += 1;
+        }
+        census
+    }
+}
+
 /// Takes the census of sockets whose peer is one of `peers`, leaving out the socket whose
 /// local port is `exclude_local_port` (poolwatch's own connection) and poolwatch's probes.
-#[cfg(target_os = "linux")]
+#[cfg(test)]
 pub(crate) fn take(peers: &[SocketAddr], exclude_local_port: Option<u16>) -> std::io::Result<SocketCensus> {
+    list(peers, exclude_local_port).map(|sockets| SocketCensus::of(&sockets))
+}
+
+/// This process's sockets whose peer is one of `peers` (leaving out `exclude_local_port` and
+/// poolwatch's probes), plus the sockets to those peers no process holds any more (inode 0:
+/// closed, still in the kernel): one closed here first lingers in `fin_wait*` / `time_wait`
+/// (~60 s), one the peer closed first only in `last_ack`, briefly.
+#[cfg(target_os = "linux")]
+pub(crate) fn list(peers: &[SocketAddr], exclude_local_port: Option<u16>) -> std::io::Result<Vec<Socket>> {
     let own = own_socket_inodes()?;
-    let mut census = SocketCensus::default();
+    let mut sockets = Vec::new();
     // Each read makes the kernel walk its whole TCP hash table (~1.5 ms here): read only the
     // table of the peers' address family (an IPv4 peer is reached over an AF_INET socket).
     let files = [
@@ -79,23 +113,34 @@ pub(crate) fn take(peers: &[SocketAddr], exclude_local_port: Option<u16>) -> std
     for (file, _) in files.iter().filter(|(_, wanted)| *wanted) {
         let Ok(text) = std::fs::read_to_string(file) else { continue };
         for row in text.lines().skip(1).filter_map(parse_row) {
-            let wanted = own.contains(&row.inode)
+            let owned = own.contains(&row.inode);
+            let wanted = (owned || row.inode == 0)
                 && peers.iter().any(|p| same_peer(p, &row.remote))
-                && Some(row.local_port) != exclude_local_port
-                && !is_own(row.local_port);
+                && Some(row.local.port()) != exclude_local_port
+                && !is_own(row.local.port());
             if wanted && (1..=11).contains(&row.state) {
-                census.counts[usize::from(row.state) - 1] += 1;
+                sockets.push(Socket { local: row.local, state: usize::from(row.state) - 1, owned });
             }
         }
     }
-    Ok(census)
+    Ok(sockets)
 }
 
-/// Not Linux: no socket census.
+/// Not Linux: no socket list.
 #[cfg(not(target_os = "linux"))]
-pub(crate) fn take(_: &[SocketAddr], _: Option<u16>) -> std::io::Result<SocketCensus> {
-    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "socket census needs Linux /proc"))
+pub(crate) fn list(_: &[SocketAddr], _: Option<u16>) -> std::io::Result<Vec<Socket>> {
+    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "the socket list needs Linux /proc"))
 }
+
+/// Index of `time_wait` in [`TCP_STATES`].
+#[cfg(test)]
+pub(crate) const TIME_WAIT: usize = 5;
+/// Index of `close` in [`TCP_STATES`] (an owned socket the peer reset).
+pub(crate) const CLOSE: usize = 6;
+/// Index of `close_wait` in [`TCP_STATES`].
+pub(crate) const CLOSE_WAIT: usize = 7;
+/// Index of `last_ack` in [`TCP_STATES`].
+pub(crate) const LAST_ACK: usize = 8;
 
 #[cfg(target_os = "linux")]
 fn own_socket_inodes() -> std::io::Result<std::collections::HashSet<u64>> {
@@ -116,7 +161,7 @@ fn same_peer(peer: &SocketAddr, remote: &SocketAddr) -> bool {
 }
 
 struct Row {
-    local_port: u16,
+    local: SocketAddr,
     remote: SocketAddr,
     state: u8,
     inode: u64,
@@ -125,10 +170,10 @@ struct Row {
 /// Parses one row of `/proc/net/tcp{,6}`: `sl local rem st queues tr retr uid timeout inode`.
 fn parse_row(line: &str) -> Option<Row> {
     let f: Vec<&str> = line.split_whitespace().collect();
-    let (_, local_port) = parse_addr(f.get(1)?)?;
+    let (local_ip, local_port) = parse_addr(f.get(1)?)?;
     let (ip, port) = parse_addr(f.get(2)?)?;
     Some(Row {
-        local_port,
+        local: SocketAddr::new(local_ip, local_port),
         remote: SocketAddr::new(ip, port),
         state: u8::from_str_radix(f.get(3)?, 16).ok()?,
         inode: f.get(9)?.parse().ok()?,
@@ -176,7 +221,10 @@ mod tests {
     fn parses_kernel_rows() {
         let v4 = "   1: 0100007F:D431 0100007F:1538 01 00000000:00000000 00:00000000 00000000   101        0 424242 1";
         let r = parse_row(v4).expect("v4 row");
-        assert_eq!((r.local_port, r.remote, r.state, r.inode), (0xD431, "127.0.0.1:5432".parse().unwrap(), 1, 424242));
+        assert_eq!(
+            (r.local.port(), r.remote, r.state, r.inode),
+            (0xD431, "127.0.0.1:5432".parse().unwrap(), 1, 424242)
+        );
         let v6 = "   0: 00000000000000000000000001000000:9C40 0000000000000000FFFF00000100007F:1538 08 00000000:00000000 00:00000000 00000000 0 0 7 1";
         let r = parse_row(v6).expect("v6 row");
         assert_eq!(r.state, 8);
