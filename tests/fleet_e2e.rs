@@ -141,8 +141,8 @@ async fn fleet_of_20_replicas_names_the_leaking_one() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     println!(
-        "PoolwatchFleetPhantomGapGrowing firing {:.1}s after start, naming {fired:?}",
-        started.elapsed().as_secs_f64()
+        "PoolwatchFleetPhantomGapGrowing firing {:.1}s after the leak started, naming {fired:?}",
+        leak_started.elapsed().as_secs_f64()
     );
     assert_eq!(fired, vec![leaker.clone()], "the fleet alert names the leaking replica, and only it");
 
