@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use metrics_exporter_prometheus::PrometheusBuilder;
 use poolwatch::{Cause, Config, Diagnosis, HeartbeatFigures, Snapshot, instrument_pool};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool};
@@ -46,7 +45,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             o
         }
     };
-    PrometheusBuilder::new()
+    // The README's setup: a Prometheus recorder with poolwatch's histogram buckets.
+    poolwatch::export::prometheus_builder()
         .with_http_listener(args.metrics_addr)
         .install()
         .map_err(|e| format!("cannot serve /metrics on {} ({e}); pass --metrics-addr", args.metrics_addr))?;

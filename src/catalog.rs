@@ -139,14 +139,45 @@ pub const PROGRESS: Metric = counter(
 );
 
 // --- telemetry (issue 6) ---
-/// Bucket bounds (seconds) of every poolwatch histogram (wait, use, create, heartbeat,
-/// listener downtime), from 100 µs (an idle acquire) to 60 s (a connect stuck across several
-/// resolved addresses). `telemetry::init` applies them;
-/// with your own `PrometheusBuilder`, pass them to `set_buckets_for_metric` for each
-/// [`Kind::Histogram`] in [`ALL`].
+/// The fine bucket bounds (seconds) of every poolwatch histogram at
+/// [`Detail::Full`](crate::Detail::Full) (wait, use, create, heartbeat, listener downtime),
+/// from 100 µs (an idle acquire) to 60 s (a connect stuck across several resolved addresses):
+/// 21 series per histogram. [`buckets`] gives the coarse default set per histogram;
+/// `export::with_buckets(builder, Detail::Full)` applies these.
 pub const SECONDS_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
+
+/// The coarse buckets of [`Detail::Standard`](crate::Detail::Standard), chosen per histogram
+/// for what its alert or panel asks: few enough that one pool stays within its series budget.
+/// Acquire wait: 1 ms (idle acquire) to 10 s (near `acquire_timeout`).
+pub const WAIT_BUCKETS: &[f64] = &[0.001, 0.01, 0.1, 1.0, 10.0];
+/// Connection use: a query (10 ms) to a held connection (1 min).
+pub const USE_BUCKETS: &[f64] = &[0.01, 0.1, 1.0, 10.0];
+/// Connect: `PoolwatchSlowConnects` reads the share above 2.5 s.
+pub const CREATE_BUCKETS: &[f64] = &[0.01, 0.1, 0.5, 2.5];
+/// Heartbeat `SELECT 1`: healthy (< 10 ms), slow (< 1 s), near `heartbeat_timeout`.
+pub const HEARTBEAT_BUCKETS: &[f64] = &[0.01, 1.0];
+/// Listener downtime: a clean reconnect (< 1 s) to a long outage.
+pub const DOWNTIME_BUCKETS: &[f64] = &[1.0, 10.0, 60.0];
+
+/// The bucket bounds of the histogram `name` at `detail`: [`SECONDS_BUCKETS`] for
+/// [`Detail::Full`](crate::Detail::Full), the coarse per-histogram set for
+/// [`Detail::Standard`](crate::Detail::Standard); `None` for a name that is not a histogram.
+/// [`export::prometheus_builder`](crate::export) applies them; give the same bounds to any
+/// other recorder (an OpenTelemetry `View`).
+pub fn buckets(name: &str, detail: crate::Detail) -> Option<&'static [f64]> {
+    let coarse = match name {
+        n if n == WAIT_TIME.name => WAIT_BUCKETS,
+        n if n == USE_TIME.name => USE_BUCKETS,
+        n if n == CREATE_TIME.name => CREATE_BUCKETS,
+        n if n == HEARTBEAT_DURATION.name => HEARTBEAT_BUCKETS,
+        n if n == LISTENER_DOWNTIME.name => DOWNTIME_BUCKETS,
+        n if find(n).is_some_and(|m| m.kind == Kind::Histogram) => SECONDS_BUCKETS,
+        _ => return None,
+    };
+    Some(if detail == crate::Detail::Full { SECONDS_BUCKETS } else { coarse })
+}
 
 /// Names kept in their OpenTelemetry form although `promtool check metrics` reserves the
 /// `_count` suffix for histograms: `db.client.connection.count` becomes
@@ -201,6 +232,14 @@ pub const HEARTBEAT_DURATION: Metric = histogram(
     "poolwatch_heartbeat_duration_seconds",
     "How long each SELECT 1 heartbeat took, by path (pool = acquire + query, direct = dedicated connection), failures included.",
     &[PATH],
+);
+/// How many configuration hazards the last lint found (always present, unlike the
+/// per-hazard series of [`Detail::Standard`](crate::Detail::Standard)).
+pub const CONFIG_HAZARDS: Metric = gauge(
+    "poolwatch_config_hazards",
+    Unit::Count,
+    "How many configuration hazards the last lint found (poolwatch_config_hazard names each one found).",
+    &[],
 );
 /// Failed heartbeats, by path and cause.
 pub const HEARTBEAT_FAILURES: Metric = counter(
@@ -299,6 +338,14 @@ pub const SERVER_ADDRESSES: Metric = gauge(
     "How many addresses the pool's database host resolved to at the last probe (0: resolution failed).",
     &[],
 );
+/// How many probed addresses failed a TCP connect at the last probe (always present, unlike
+/// the per-address series of [`Detail::Full`](crate::Detail::Full)).
+pub const SERVER_ADDRESSES_DOWN: Metric = gauge(
+    "poolwatch_server_addresses_down",
+    Unit::Count,
+    "How many of the addresses the database host resolved to failed a TCP connect within census_timeout at the last probe (poolwatch_server_address_up names them with Detail::Full).",
+    &[],
+);
 /// 1 if a TCP connect to the address succeeded within census_timeout at the last probe, else 0.
 pub const SERVER_ADDRESS_UP: Metric = gauge(
     "poolwatch_server_address_up",
@@ -371,6 +418,7 @@ pub const ALL: &[Metric] = &[
     HEARTBEAT_FAILURES,
     HEARTBEAT_UP,
     CONFIG_HAZARD,
+    CONFIG_HAZARDS,
     // --- acquire, use and connect (issue 3) ---
     WAIT_TIME,
     PENDING_REQUESTS,
@@ -384,6 +432,7 @@ pub const ALL: &[Metric] = &[
     LEAK_SUSPECTS_TOTAL,
     // --- per-address reachability (branch reach, incident 4) ---
     SERVER_ADDRESSES,
+    SERVER_ADDRESSES_DOWN,
     SERVER_ADDRESS_UP,
     SERVER_ADDRESS_CONNECT_TIME,
     // --- the ledger behind a pooler, ended sessions (issue 10) ---
@@ -438,5 +487,11 @@ mod tests {
         assert!(find("poolwatch_phantom_connections_bucket").is_none());
         assert_eq!((SECONDS_BUCKETS.first(), SECONDS_BUCKETS.last()), (Some(&0.0001), Some(&60.0)));
         assert!(SECONDS_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        for m in ALL {
+            let coarse = buckets(m.name, crate::Detail::Standard);
+            assert_eq!(coarse.is_some(), m.kind == Kind::Histogram, "{}", m.name);
+            let coarse = coarse.unwrap_or(&[1.0]);
+            assert!(coarse.len() <= 5 && coarse.windows(2).all(|w| w[0] < w[1]), "{}", m.name);
+        }
     }
 }

@@ -64,6 +64,26 @@ pub struct Config {
     /// census after census, before it counts in `poolwatch_client_sockets_send_queue_stuck`
     /// (a silent peer). Default 30 s.
     pub send_queue_stuck_after: Duration,
+    /// How many series poolwatch exports for this pool. Default [`Detail::Standard`]: the
+    /// set every shipped alert and dashboard needs (about 60 series per pool).
+    pub detail: Detail,
+}
+
+/// How much detail poolwatch exports for a pool ("how to watch", not a fact about your
+/// deployment). The shipped alerts and dashboards work at both levels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Detail {
+    /// The series budget (README, "Series budget"): states only once seen non-zero, a count
+    /// of configuration hazards instead of one series per hazard, a count of reachable
+    /// addresses instead of series per address, coarse histogram buckets
+    /// ([`catalog::buckets`](crate::catalog::buckets)).
+    #[default]
+    Standard,
+    /// Every breakdown from the start: every session and TCP state, every hazard, every
+    /// resolved address, and (with [`export`](crate::export) helpers) the fine
+    /// [`SECONDS_BUCKETS`](crate::catalog::SECONDS_BUCKETS).
+    Full,
 }
 
 impl Config {
@@ -85,6 +105,7 @@ impl Config {
             listener_keepalive: None,
             direct_connect_options: None,
             leak_threshold: None,
+            detail: Detail::Standard,
             hazard_recheck_interval: Duration::from_secs(60),
             send_queue_stuck_after: Duration::from_secs(30),
         }
@@ -188,6 +209,13 @@ impl Config {
     /// Sets [`Config::send_queue_stuck_after`].
     pub fn send_queue_stuck_after(mut self, bound: Duration) -> Self {
         self.send_queue_stuck_after = bound;
+        self
+    }
+
+    /// Sets [`Config::detail`], e.g. `Detail::Full` for every per-state, per-hazard and
+    /// per-address series.
+    pub fn detail(mut self, detail: Detail) -> Self {
+        self.detail = detail;
         self
     }
 

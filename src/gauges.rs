@@ -7,11 +7,73 @@ use metrics::{Counter, Gauge, counter, gauge};
 use crate::catalog::{self, CAUSE, CONNECTION_STATE, POOL_NAME, STATE};
 use crate::ledger::census::SESSION_STATES;
 use crate::ledger::sockets::TCP_STATES;
-use crate::{Cause, PoolFigures, Snapshot};
+use crate::{Cause, Detail, PoolFigures, Snapshot};
+
+/// Session states whose count is exported from the start at [`Detail::Standard`] (the others
+/// once seen non-zero): the dashboard's ledger.
+const EAGER_SESSION_STATES: &[&str] = &["idle", "active"];
+/// Session states whose longest time is exported from the start at [`Detail::Standard`]:
+/// what `PoolwatchTransactionStuck` and `PoolwatchWorkStalled` read.
+const EAGER_LONGEST_STATES: &[&str] = &["idle_in_transaction", "active"];
+/// TCP states exported from the start at [`Detail::Standard`]: `PoolwatchClientSocketsCloseWait`.
+const EAGER_TCP_STATES: &[&str] = &["established", "close_wait"];
+
+/// A gauge registered at the first non-zero value (or at once when `eager`): keeps a family
+/// with a fixed set of label values down to the values that ever happen.
+#[derive(Debug)]
+pub(crate) struct LazyGauge {
+    name: &'static str,
+    labels: Vec<(&'static str, String)>,
+    cell: OnceLock<Gauge>,
+}
+
+impl LazyGauge {
+    pub(crate) fn new(name: &'static str, labels: Vec<(&'static str, String)>, eager: bool) -> LazyGauge {
+        let lazy = LazyGauge { name, labels, cell: OnceLock::new() };
+        if eager {
+            lazy.handle();
+        }
+        lazy
+    }
+
+    fn handle(&self) -> &Gauge {
+        self.cell.get_or_init(|| {
+            let labels: Vec<metrics::Label> =
+                self.labels.iter().map(|(k, v)| metrics::Label::new(*k, v.clone())).collect();
+            gauge!(self.name, labels)
+        })
+    }
+
+    pub(crate) fn set(&self, value: f64) {
+        if value != 0.0 || self.cell.get().is_some() {
+            self.handle().set(value);
+        }
+    }
+}
+
+/// One gauge per state of `states`, labelled `key`; eager where `detail` is full or the state
+/// is in `eager`.
+fn by_state(
+    name: &'static str,
+    pool: &str,
+    key: &'static str,
+    states: &[&'static str],
+    eager: &[&str],
+    detail: Detail,
+) -> Vec<LazyGauge> {
+    states
+        .iter()
+        .map(|s| {
+            let labels = vec![(POOL_NAME, pool.to_owned()), (key, (*s).to_owned())];
+            LazyGauge::new(name, labels, detail == Detail::Full || eager.contains(s))
+        })
+        .collect()
+}
 
 #[derive(Debug)]
 pub(crate) struct Gauges {
     pool_name: String,
+    detail: Detail,
     used: Gauge,
     idle: Gauge,
     max: Gauge,
@@ -24,29 +86,35 @@ pub(crate) struct Gauges {
     measured: OnceLock<Measured>,
 }
 
-/// The census-derived gauges.
+/// The census-derived gauges; at [`Detail::Standard`] the state families register their
+/// always-needed values at the first census and the others once seen non-zero.
 #[derive(Debug)]
 struct Measured {
-    server: Vec<Gauge>,
-    longest: Vec<Gauge>,
+    server: Vec<LazyGauge>,
+    longest: Vec<LazyGauge>,
     lock_waiters: Gauge,
     advisory_locks: Gauge,
-    advisory_locks_max: Gauge,
-    sockets: OnceLock<Vec<Gauge>>,
+    advisory_locks_max: LazyGauge,
+    sockets: OnceLock<Vec<LazyGauge>>,
     /// Only once a census gives a gap (behind a pooler without its console it never does).
     phantom: std::sync::OnceLock<Gauge>,
 }
 
 impl Measured {
-    fn new(p: &str) -> Measured {
-        let by_state = |name: &'static str, key: &'static str, value: &'static str| gauge!(name, POOL_NAME => p.to_owned(), key => value);
+    fn new(p: &str, detail: Detail) -> Measured {
         let plain = |name: &'static str| gauge!(name, POOL_NAME => p.to_owned());
+        let sessions = |name, eager| by_state(name, p, STATE, &SESSION_STATES, eager, detail);
         Measured {
-            server: SESSION_STATES.iter().map(|s| by_state(catalog::SERVER_CONNECTIONS.name, STATE, s)).collect(),
-            longest: SESSION_STATES.iter().map(|s| by_state(catalog::SERVER_LONGEST_IN_STATE.name, STATE, s)).collect(),
+            server: sessions(catalog::SERVER_CONNECTIONS.name, EAGER_SESSION_STATES),
+            longest: sessions(catalog::SERVER_LONGEST_IN_STATE.name, EAGER_LONGEST_STATES),
             lock_waiters: plain(catalog::SERVER_LOCK_WAITERS.name),
             advisory_locks: plain(catalog::SERVER_ADVISORY_LOCKS.name),
-            advisory_locks_max: plain(catalog::SERVER_ADVISORY_LOCKS_MAX.name),
+            // Standard detail: once a session held an advisory lock.
+            advisory_locks_max: LazyGauge::new(
+                catalog::SERVER_ADVISORY_LOCKS_MAX.name,
+                vec![(POOL_NAME, p.to_owned())],
+                detail == Detail::Full,
+            ),
             sockets: OnceLock::new(),
             phantom: std::sync::OnceLock::new(),
         }
@@ -87,19 +155,20 @@ impl PoolerGauges {
 }
 
 impl Gauges {
-    pub(crate) fn new(pool_name: &str) -> Gauges {
+    pub(crate) fn new(pool_name: &str, detail: Detail) -> Gauges {
         let p = pool_name.to_owned();
-        let by_state = |name: &'static str, key: &'static str, value: &'static str| gauge!(name, POOL_NAME => p.clone(), key => value);
+        let state = |name: &'static str, key: &'static str, value: &'static str| gauge!(name, POOL_NAME => p.clone(), key => value);
         let plain = |name: &'static str| gauge!(name, POOL_NAME => p.clone());
         let gauges = Gauges {
-            used: by_state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "used"),
-            idle: by_state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "idle"),
+            used: state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "used"),
+            idle: state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "idle"),
             max: plain(catalog::CONNECTION_MAX.name),
             min: plain(catalog::CONNECTION_IDLE_MIN.name),
             census_up: plain(catalog::CENSUS_UP.name),
             census_duration: OnceLock::new(),
             measured: OnceLock::new(),
             pool_name: p,
+            detail,
         };
         for cause in ENDED_AT_ZERO {
             gauges.ended(cause).absolute(0);
@@ -132,28 +201,31 @@ impl Gauges {
     /// Publishes a successful census.
     pub(crate) fn census(&self, s: &Snapshot, seconds: f64) {
         self.pool(&s.pool);
-        let m = self.measured.get_or_init(|| Measured::new(&self.pool_name));
+        let m = self.measured.get_or_init(|| Measured::new(&self.pool_name, self.detail));
         if let Some(server) = &s.server {
             for (g, n) in m.server.iter().zip(server.counts) {
-                g.set(n);
+                g.set(f64::from(n));
             }
             for (g, d) in m.longest.iter().zip(server.longest) {
                 g.set(d.as_secs_f64());
             }
             m.lock_waiters.set(server.lock_waiters);
             m.advisory_locks.set(server.advisory_locks);
-            m.advisory_locks_max.set(server.advisory_locks_max_per_session);
+            m.advisory_locks_max.set(f64::from(server.advisory_locks_max_per_session));
         }
         if let Some(sockets) = &s.sockets {
             let gauges = m.sockets.get_or_init(|| {
-                let p = &self.pool_name;
-                TCP_STATES
-                    .iter()
-                    .map(|st| gauge!(catalog::CLIENT_SOCKETS.name, POOL_NAME => p.clone(), STATE => *st))
-                    .collect()
+                by_state(
+                    catalog::CLIENT_SOCKETS.name,
+                    &self.pool_name,
+                    STATE,
+                    &TCP_STATES,
+                    EAGER_TCP_STATES,
+                    self.detail,
+                )
             });
             for (g, n) in gauges.iter().zip(sockets.counts) {
-                g.set(n);
+                g.set(f64::from(n));
             }
         }
         if let Some(phantom) = s.phantom {

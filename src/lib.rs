@@ -23,6 +23,7 @@ pub mod catalog;
 mod cause;
 mod config;
 mod direct;
+pub mod export;
 mod gauges;
 mod health;
 mod ledger;
@@ -37,7 +38,7 @@ pub use ledger::attribution;
 pub use acquire::probe::{instrument_options, mark_connected};
 pub use acquire::watched_pool::{Watched, WatchedConnection, WatchedPool, WatchedTransaction};
 pub use cause::Cause;
-pub use config::{Config, ConfigError, PoolerAdmin};
+pub use config::{Config, ConfigError, Detail, PoolerAdmin};
 pub use health::hazards::{Finding, Hazard, ServerSettings};
 pub use health::heartbeat::{Diagnosis, DirectOptions, HeartbeatFigures, PATHS, PathFigures};
 pub use health::progress::Progress;
@@ -55,6 +56,8 @@ pub use watch::{PoolWatch, instrument_pool};
 /// The README's and docs' Rust examples, compiled as doctests.
 #[cfg(doctest)]
 mod doc_examples {
+    // The README's setup uses the `prometheus` feature (CI runs doctests with every feature).
+    #[cfg(feature = "prometheus")]
     #[doc = include_str!("../README.md")]
     struct Readme;
     #[doc = include_str!("../docs/listener.md")]

@@ -120,7 +120,8 @@ pub(crate) struct Heartbeat {
     state: Mutex<State>,
     duration: [Histogram; 2],
     up: [Gauge; 2],
-    hazard: Vec<Gauge>,
+    hazard: Vec<crate::gauges::LazyGauge>,
+    hazards_found: Gauge,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -130,15 +131,21 @@ enum Path {
 }
 
 impl Heartbeat {
-    pub(crate) fn new(pool_name: &str) -> Heartbeat {
+    pub(crate) fn new(pool_name: &str, detail: crate::Detail) -> Heartbeat {
         let p = || pool_name.to_owned();
         Heartbeat {
             duration: PATHS.map(|path| histogram!(catalog::HEARTBEAT_DURATION.name, POOL_NAME => p(), PATH => path)),
             up: PATHS.map(|path| gauge!(catalog::HEARTBEAT_UP.name, POOL_NAME => p(), PATH => path)),
+            // Standard detail: a hazard's series exists once it was found (then 1, or 0 once
+            // fixed); the count is always there.
             hazard: Hazard::ALL
                 .iter()
-                .map(|h| gauge!(catalog::CONFIG_HAZARD.name, POOL_NAME => p(), HAZARD => h.as_str()))
+                .map(|h| {
+                    let labels = vec![(POOL_NAME, p()), (HAZARD, h.as_str().to_owned())];
+                    crate::gauges::LazyGauge::new(catalog::CONFIG_HAZARD.name, labels, detail == crate::Detail::Full)
+                })
                 .collect(),
+            hazards_found: gauge!(catalog::CONFIG_HAZARDS.name, POOL_NAME => p()),
             pool_name: p(),
             state: Mutex::new(State::default()),
         }
@@ -396,6 +403,7 @@ impl Heartbeat {
         for (gauge, hazard) in self.hazard.iter().zip(Hazard::ALL) {
             gauge.set(if found.iter().any(|f| f.hazard == hazard) { 1.0 } else { 0.0 });
         }
+        self.hazards_found.set(found.len() as f64);
         let Ok(mut state) = self.state.lock() else { return };
         let pool = self.pool_name.as_str();
         for f in &found {

@@ -434,6 +434,9 @@ impl Drop for WatchedListener {
     }
 }
 
+/// The ways an idle-session kill can be known (see `loss::explain_silent_loss`).
+const ZERO_BASES: [Basis; 3] = [Basis::Observed, Basis::ServerCounters, Basis::IdleTime];
+
 #[derive(Debug)]
 struct Handles {
     pool_name: String,
@@ -448,6 +451,18 @@ struct Handles {
 impl Handles {
     fn new(config: &ListenerConfig) -> Handles {
         let (p, l) = (config.pool_name.clone(), config.listener.clone());
+        // At 0 from the start, so `increase()` sees the first idle-session kill
+        // (PoolwatchListenerIdleSessionTimeout), whichever way its cause is known.
+        for basis in ZERO_BASES {
+            counter!(
+                catalog::LISTENER_RECONNECTS.name,
+                POOL_NAME => p.clone(),
+                LISTENER => l.clone(),
+                CAUSE => Cause::IdleSessionTimeout.as_str(),
+                EVIDENCE => basis.as_str()
+            )
+            .increment(0);
+        }
         Handles {
             connected: gauge!(catalog::LISTENER_CONNECTED.name, POOL_NAME => p.clone(), LISTENER => l.clone()),
             notifications: counter!(catalog::LISTENER_NOTIFICATIONS.name, POOL_NAME => p.clone(), LISTENER => l.clone()),

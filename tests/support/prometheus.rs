@@ -154,3 +154,38 @@ impl Prometheus {
         self.daemon.log()
     }
 }
+
+impl Prometheus {
+    /// Starts Prometheus scraping every target in `targets` as job `job` each second, evaluating
+    /// `rules` each second, with no Alertmanager (alerts are read from its API).
+    pub fn start_fleet(job: &str, targets: &[SocketAddr], rules: &str) -> Prometheus {
+        let dir = temp_dir("prometheus-fleet");
+        let addr = free_addr();
+        std::fs::write(dir.join("rules.yml"), rules).expect("write rules");
+        let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             rule_files: [rules.yml]\n\
+             scrape_configs:\n  - job_name: {job}\n    static_configs:\n      - targets: [{}]\n",
+            list.join(", ")
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).expect("write prometheus.yml");
+        let args = [
+            format!("--config.file={}", dir.join("prometheus.yml").display()),
+            format!("--storage.tsdb.path={}", dir.join("data").display()),
+            format!("--web.listen-address={addr}"),
+            "--log.level=warn".to_owned(),
+        ];
+        Prometheus { addr, daemon: Daemon::spawn("prometheus", &args, dir) }
+    }
+}
+
+/// `s` percent-encoded for a URL query value.
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
