@@ -293,6 +293,26 @@ pub const SERVER_ADDRESS_CONNECT_TIME: Metric = gauge(
     &[SERVER_ADDRESS],
 );
 
+// --- the ledger at fleet scale (issue 14) ---
+/// Label key of [`POOL_INFO`]: the pool's stable `application_name` tag
+/// ([`attribution::fleet_tag`](crate::attribution::fleet_tag)).
+pub const APPLICATION_NAME: &str = "application_name";
+/// The pool's connections without an established socket, read on every sample.
+pub const CLIENT_GAP: Metric = gauge(
+    "poolwatch_client_gap",
+    Unit::Count,
+    "Connections the pool counts as open minus its established TCP sockets, on every sample (no server cost). Above 0: slots whose connection the server or a pooler closed.",
+    &[],
+);
+/// 1, labelled with the pool's stable `application_name` tag: joins the pool's own counts
+/// with postgres_exporter's per-`application_name` counts (`alerts/fleet.rules.yml`).
+pub const POOL_INFO: Metric = gauge(
+    "poolwatch_pool_info",
+    Unit::Count,
+    "Always 1; application_name is the pool's stable tag on the server (the same in every replica), for joins with postgres_exporter.",
+    &[APPLICATION_NAME],
+);
+
 /// Every metric poolwatch emits.
 pub const ALL: &[Metric] = &[
     CONNECTION_COUNT,
@@ -333,7 +353,15 @@ pub const ALL: &[Metric] = &[
     SERVER_ADDRESSES,
     SERVER_ADDRESS_UP,
     SERVER_ADDRESS_CONNECT_TIME,
+    // --- the ledger at fleet scale (issue 14) ---
+    CLIENT_GAP,
+    POOL_INFO,
 ];
+
+/// Series the fleet rules read from postgres_exporter with poolwatch's query file
+/// (`alerts/postgres_exporter/queries.yaml`), not from poolwatch: server sessions by the
+/// pool's stable tag (`application_name`) and `state`.
+pub const EXPORTER_SESSIONS: &str = "poolwatch_pg_sessions_count";
 
 /// Looks a metric up by its Prometheus name (a histogram's `_bucket`, `_sum` and `_count`
 /// series resolve to the histogram).

@@ -11,10 +11,18 @@ pub struct Config {
     /// The `db_client_connection_pool_name` label value. 1-64 characters from
     /// `A-Z a-z 0-9 _ - . :`. No default: you name the pool.
     pub pool_name: String,
-    /// How often the pool's own gauges are sampled. Default 5 s.
+    /// How often the pool's own gauges and its client-side ledger (its sockets against its
+    /// count; no server cost) are sampled. Default 5 s.
     pub sample_interval: Duration,
-    /// How often the server census runs (`pg_stat_activity` + own sockets). Default 15 s.
+    /// How often the server census (`pg_stat_activity`) runs, each wait drawn within ±20 % so
+    /// replicas spread out. It also runs at once when the client-side ledger disagrees with
+    /// the pool. Default 300 s (see README "Performance" for the cost per replica).
     pub census_interval: Duration,
+    /// How often the per-address reachability probe runs when nothing is wrong (±20 %); it
+    /// also runs when connects fail or slow down (census or heartbeat connect failures,
+    /// acquire errors and timeouts, creates slower than 1 s). Each probe costs the server a
+    /// forked backend. Default 3600 s.
+    pub reach_interval: Duration,
     /// Connect and statement timeout of the census's dedicated connection. Default 5 s.
     pub census_timeout: Duration,
     /// How often both heartbeats run (`SELECT 1` through the pool and on the dedicated
@@ -52,7 +60,8 @@ impl Config {
         Config {
             pool_name: pool_name.into(),
             sample_interval: Duration::from_secs(5),
-            census_interval: Duration::from_secs(15),
+            census_interval: Duration::from_secs(300),
+            reach_interval: Duration::from_secs(3600),
             census_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(5),
@@ -129,6 +138,12 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::reach_interval`].
+    pub fn reach_interval(mut self, every: Duration) -> Self {
+        self.reach_interval = every;
+        self
+    }
+
     /// Sets [`Config::census_timeout`].
     pub fn census_timeout(mut self, timeout: Duration) -> Self {
         self.census_timeout = timeout;
@@ -147,6 +162,7 @@ impl Config {
         for (field, value) in [
             ("sample_interval", self.sample_interval),
             ("census_interval", self.census_interval),
+            ("reach_interval", self.reach_interval),
             ("census_timeout", self.census_timeout),
             ("heartbeat_interval", self.heartbeat_interval),
             ("heartbeat_timeout", self.heartbeat_timeout),
@@ -235,6 +251,7 @@ mod tests {
             (Config::new("x".repeat(65)), "pool_name"),
             (Config::new("a").sample_interval(Duration::ZERO), "sample_interval"),
             (Config::new("a").census_interval(Duration::ZERO), "census_interval"),
+            (Config::new("a").reach_interval(Duration::ZERO), "reach_interval"),
             (Config::new("a").census_timeout(Duration::ZERO), "census_timeout"),
             (Config::new("a").heartbeat_interval(Duration::ZERO), "heartbeat_interval"),
             (Config::new("a").heartbeat_timeout(Duration::ZERO), "heartbeat_timeout"),

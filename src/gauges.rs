@@ -2,9 +2,9 @@
 
 use metrics::{Counter, Gauge, counter, gauge};
 
-use crate::catalog::{self, CAUSE, CONNECTION_STATE, POOL_NAME, STATE};
+use crate::catalog::{self, APPLICATION_NAME, CAUSE, CONNECTION_STATE, POOL_NAME, STATE};
 use crate::ledger::census::SESSION_STATES;
-use crate::ledger::sockets::TCP_STATES;
+use crate::ledger::sockets::{SocketCensus, TCP_STATES};
 use crate::{Cause, PoolFigures, Snapshot};
 
 #[derive(Debug)]
@@ -20,6 +20,7 @@ pub(crate) struct Gauges {
     advisory_locks: Gauge,
     advisory_locks_max: Gauge,
     sockets: Vec<Gauge>,
+    client_gap: Gauge,
     phantom: Gauge,
     census_up: Gauge,
     census_duration: Gauge,
@@ -41,6 +42,7 @@ impl Gauges {
             advisory_locks: plain(catalog::SERVER_ADVISORY_LOCKS.name),
             advisory_locks_max: plain(catalog::SERVER_ADVISORY_LOCKS_MAX.name),
             sockets: TCP_STATES.iter().map(|s| by_state(catalog::CLIENT_SOCKETS.name, STATE, s)).collect(),
+            client_gap: plain(catalog::CLIENT_GAP.name),
             phantom: plain(catalog::PHANTOM_CONNECTIONS.name),
             census_up: plain(catalog::CENSUS_UP.name),
             census_duration: plain(catalog::CENSUS_DURATION.name),
@@ -53,6 +55,20 @@ impl Gauges {
         self.idle.set(f.idle);
         self.max.set(f.max);
         self.min.set(f.min);
+    }
+
+    /// Publishes the pool's stable tag (one series per pool).
+    pub(crate) fn info(&self, fleet_tag: &str) {
+        gauge!(catalog::POOL_INFO.name, POOL_NAME => self.pool_name.clone(), APPLICATION_NAME => fleet_tag.to_owned())
+            .set(1);
+    }
+
+    /// Publishes the client-side ledger of one sample.
+    pub(crate) fn sockets(&self, sockets: &SocketCensus, gap: i64) {
+        for (g, n) in self.sockets.iter().zip(sockets.counts) {
+            g.set(n);
+        }
+        self.client_gap.set(gap as f64);
     }
 
     /// Publishes a successful census.
@@ -68,11 +84,6 @@ impl Gauges {
             self.lock_waiters.set(server.lock_waiters);
             self.advisory_locks.set(server.advisory_locks);
             self.advisory_locks_max.set(server.advisory_locks_max_per_session);
-        }
-        if let Some(sockets) = &s.sockets {
-            for (g, n) in self.sockets.iter().zip(sockets.counts) {
-                g.set(n);
-            }
         }
         if let Some(phantom) = s.phantom {
             self.phantom.set(phantom as f64);

@@ -1,9 +1,9 @@
 //! [`instrument_pool`] and the [`PoolWatch`] handle that owns the background task.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
@@ -17,12 +17,13 @@ use crate::direct::DirectConnection;
 use crate::gauges::Gauges;
 use crate::health::heartbeat::Heartbeat;
 use crate::health::reach::Reach;
-use crate::ledger::attribution::Tag;
-use crate::ledger::{census, sockets};
+use crate::ledger::attribution::{Tag, fleet_tag};
+use crate::ledger::census;
+use crate::ledger::client::ClientLedger;
 use crate::{Cause, Config, ConfigError, PoolFigures, Snapshot, WatchedPool, catalog};
 
-/// Pause before a census re-reads an unsettled or gapped reading.
-const CENSUS_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
+/// Pause before a census or a sample re-reads an unsettled or gapped reading.
+const CENSUS_RECHECK: Duration = Duration::from_millis(50);
 
 /// Starts watching `pool`: samples its counters, takes the server and socket census, and
 /// publishes both through the `metrics` facade (to whatever recorder the app installed).
@@ -52,14 +53,22 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
              Call instrument_pool right after creating the pool."
         );
     }
+    let direct = DirectConnection::new(
+        config.direct_connect_options.as_ref().map_or(&*options, |d| &d.0),
+        &tag.census_app_name,
+        config.census_timeout,
+    );
+    let client = ClientLedger::new(Arc::clone(&direct.port_cell));
+    let gauges = Gauges::new(&config.pool_name);
+    gauges.info(fleet_tag(&tag.pool_app_name));
     let shared = Arc::new(Shared {
-        direct: tokio::sync::Mutex::new(DirectConnection::new(
-            config.direct_connect_options.as_ref().map_or(&*options, |d| &d.0),
-            &tag.census_app_name,
-            config.census_timeout,
-        )),
+        direct: tokio::sync::Mutex::new(direct),
+        client,
+        census_wanted: tokio::sync::Notify::new(),
+        disagreement: Mutex::new((0, 0)),
+        reach_seen: AtomicU64::new(u64::MAX),
         heartbeat: Heartbeat::new(&config.pool_name),
-        gauges: Gauges::new(&config.pool_name),
+        gauges,
         reach: Reach::new(&config.pool_name),
         probe: Arc::new(Probe::new(pool, &config)),
         latest: Mutex::new(Snapshot { pool: PoolFigures::of(pool), ..Snapshot::default() }),
@@ -128,9 +137,12 @@ impl PoolWatch {
         self.shared.latest()
     }
 
-    /// Takes a census now, publishes it, and returns the figures.
+    /// Takes a server census and a sample (the client-side ledger) now, publishes both, and
+    /// returns the figures.
     pub async fn census_now(&self) -> Result<Snapshot, Cause> {
-        self.shared.census().await
+        self.shared.census().await?;
+        self.shared.sample().await;
+        Ok(self.shared.latest())
     }
 
     /// The watched pool handle: use it instead of the bare pool so acquires are timed and
@@ -142,6 +154,21 @@ impl PoolWatch {
     /// The `application_name` that marks this pool's connections on the server.
     pub fn application_name(&self) -> &str {
         &self.shared.tag.pool_app_name
+    }
+
+    /// The part of [`application_name`](Self::application_name) every replica shares (the
+    /// `application_name` label of `poolwatch_pool_info`): see
+    /// [`fleet_tag`](crate::attribution::fleet_tag).
+    pub fn fleet_tag(&self) -> &str {
+        fleet_tag(&self.shared.tag.pool_app_name)
+    }
+
+    /// Samples now: the pool's counters and its client-side ledger (its sockets; no server
+    /// cost), published like a background sample. The socket read runs on Tokio's blocking
+    /// pool.
+    pub async fn sample_now(&self) -> Snapshot {
+        self.shared.sample().await;
+        self.shared.latest()
     }
 
     /// A handle the app ticks per unit of work done with this pool: see [`Progress`](crate::Progress).
@@ -180,6 +207,13 @@ struct Shared {
     heartbeat: Heartbeat,
     probe: Arc<Probe>,
     direct: tokio::sync::Mutex<DirectConnection>,
+    client: ClientLedger,
+    /// Woken when the client-side ledger disagrees with the pool: a census runs at once.
+    census_wanted: tokio::sync::Notify,
+    /// The (client gap, unattributed sockets) that last woke a census.
+    disagreement: Mutex<(i64, u32)>,
+    /// The connect-trouble count when the reachability probe last ran.
+    reach_seen: AtomicU64,
     latest: Mutex<Snapshot>,
     untagged: Mutex<Vec<PoolConnection<Postgres>>>,
     retagged: tokio::sync::OnceCell<()>,
@@ -198,10 +232,62 @@ impl Shared {
         }
     }
 
-    fn sample(&self) {
-        let figures = PoolFigures::of(&self.pool);
+    /// The pool's counters and its client-side ledger. A gap is read again 50 ms later (a
+    /// connection being opened or closed disagrees for a moment); a gap still there that
+    /// differs from the last one wakes a census.
+    async fn sample(&self) {
+        let mut figures = PoolFigures::of(&self.pool);
         self.gauges.pool(&figures);
-        self.update(|s| s.pool = figures);
+        let mut sockets = self.client.read().await;
+        let gap = |f: &PoolFigures, s: &Option<crate::SocketCensus>| {
+            s.as_ref().map(|s| i64::from(f.open) - i64::from(s.get("established")))
+        };
+        if gap(&figures, &sockets).is_some_and(|g| g != 0) {
+            tokio::time::sleep(CENSUS_RECHECK).await;
+            figures = PoolFigures::of(&self.pool);
+            self.gauges.pool(&figures);
+            sockets = self.client.read().await;
+        }
+        let client_gap = gap(&figures, &sockets);
+        if let (Some(s), Some(g)) = (&sockets, client_gap) {
+            self.gauges.sockets(s, g);
+            let now = (g, s.unattributed);
+            let wake = self.disagreement.lock().is_ok_and(|mut last| {
+                let changed = *last != now;
+                *last = now;
+                changed && now != (0, 0)
+            });
+            if wake {
+                tracing::debug!(pool = %self.config.pool_name, client_gap = g, unattributed = s.unattributed, "client-side ledger disagrees with the pool; census now");
+                self.census_wanted.notify_one();
+            }
+        }
+        self.update(|s| {
+            s.pool = figures;
+            s.sockets = sockets;
+            s.client_gap = client_gap;
+        });
+    }
+
+    /// Connect trouble seen since the last reachability probe (census or heartbeat connect
+    /// failures, acquire errors, slow creates).
+    fn connect_trouble(&self) -> u64 {
+        let hb = self.heartbeat.figures();
+        let census = u64::from(self.census_failing.load(Ordering::Relaxed));
+        self.probe.trouble.load(Ordering::Relaxed) + hb.pool.failures + hb.direct.failures + census
+    }
+
+    /// Probes reachability when connects failed or slowed down since the last probe, or when
+    /// `scheduled`.
+    async fn reach_if_due(&self, scheduled: bool) -> bool {
+        let trouble = self.connect_trouble();
+        if !scheduled && self.reach_seen.load(Ordering::Relaxed) == trouble {
+            return false;
+        }
+        self.reach_seen.store(trouble, Ordering::Relaxed);
+        // The probes' sockets are left out of any socket census by port (`OwnPort`).
+        self.reach.run(&self.pool.connect_options(), self.config.census_timeout).await;
+        true
     }
 
     async fn census(&self) -> Result<Snapshot, Cause> {
@@ -224,8 +310,16 @@ impl Shared {
                     tracing::info!(pool = %self.config.pool_name, "poolwatch census recovered");
                 }
                 self.gauges.census(&snapshot, seconds);
-                self.update(|s| *s = snapshot.clone());
-                Ok(snapshot)
+                if let Some(server) = &snapshot.server {
+                    self.client.learn_ports(&server.client_ports);
+                }
+                self.update(|s| {
+                    let (sockets, client_gap) = (s.sockets.take(), s.client_gap);
+                    *s = snapshot.clone();
+                    s.sockets = sockets;
+                    s.client_gap = client_gap;
+                });
+                Ok(self.latest())
             }
             Err(cause) => {
                 if !self.census_failing.swap(true, Ordering::Relaxed) {
@@ -265,16 +359,15 @@ impl Shared {
                  `unknown` (counts stay exact). Grant it pg_read_all_stats for per-state figures."
             );
         }
-        let sockets = match self.peers().await {
-            Some(peers) => sockets::take(&peers, direct.local_port).ok(),
-            None => None,
-        };
+        drop(direct);
+        // Peers are resolved here, rarely; every sample reuses them.
+        self.client.set_peers(&self.peers().await.unwrap_or_default());
         Ok(Snapshot {
             phantom: Some(i64::from(pool.open) - i64::from(server.total())),
             pool,
             server: Some(server),
-            sockets,
             census_up: true,
+            ..Snapshot::default()
         })
     }
 
@@ -327,27 +420,79 @@ async fn watch_until_stopped(shared: &Shared, mut stop: oneshot::Receiver<()>) {
         _ = shared.retagged.get_or_init(|| shared.retag_idle()) => {}
     }
     let mut sample = tokio::time::interval(shared.config.sample_interval);
-    let mut census = tokio::time::interval(shared.config.census_interval);
     sample.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    census.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let scan_every = shared.probe.leaks.scan_every();
-    let mut leak_scan = tokio::time::interval(scan_every.unwrap_or(std::time::Duration::from_secs(3600)));
+    let mut leak_scan = tokio::time::interval(scan_every.unwrap_or(Duration::from_secs(3600)));
     leak_scan.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The first census and probe at once (they learn the peers and the ports), then each
+    // on its own jittered schedule.
+    let census_at = tokio::time::sleep(Duration::ZERO);
+    let reach_at = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(census_at, reach_at);
+    let mut first_census = true;
     loop {
         tokio::select! {
             _ = &mut stop => break,
             _ = &mut closed => break,
-            _ = sample.tick() => shared.sample(),
-            _ = leak_scan.tick(), if scan_every.is_some() => { shared.probe.leaks.scan(); }
-            _ = census.tick() => tokio::select! {
+            _ = sample.tick() => tokio::select! {
                 _ = &mut stop => break,
                 _ = &mut closed => break,
                 _ = async {
-                    let _ = shared.census().await;
-                    // After the census; the probes' sockets are left out of any census by port (`OwnPort`).
-                    shared.reach.run(&shared.pool.connect_options(), shared.config.census_timeout).await;
+                    shared.sample().await;
+                    shared.reach_if_due(false).await;
                 } => {}
             },
+            _ = leak_scan.tick(), if scan_every.is_some() => { shared.probe.leaks.scan(); }
+            _ = &mut reach_at, if !first_census => tokio::select! {
+                _ = &mut stop => break,
+                _ = &mut closed => break,
+                _ = shared.reach_if_due(true) => {
+                    reach_at.as_mut().reset(tokio::time::Instant::now() + jitter(shared.config.reach_interval));
+                }
+            },
+            wanted = async {
+                tokio::select! {
+                    _ = &mut census_at => false,
+                    _ = shared.census_wanted.notified() => true,
+                }
+            } => tokio::select! {
+                _ = &mut stop => break,
+                _ = &mut closed => break,
+                _ = shared.census() => {
+                    if wanted {
+                        tracing::debug!(pool = %shared.config.pool_name, "census run by the client-side ledger");
+                    }
+                    census_at.as_mut().reset(tokio::time::Instant::now() + jitter(shared.config.census_interval));
+                    if std::mem::take(&mut first_census) {
+                        // The first census resolved the peers: the ledger can read sockets now.
+                        shared.sample().await;
+                    }
+                }
+            },
         }
+    }
+}
+
+/// `every` ±20 %, drawn afresh each time, so replicas started together spread out.
+fn jitter(every: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    let unit = (h.finish() >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+    every.mul_f64(0.8 + 0.4 * unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_20_percent_and_varies() {
+        let every = Duration::from_secs(300);
+        let draws: Vec<Duration> = (0..200).map(|_| jitter(every)).collect();
+        assert!(draws.iter().all(|d| *d >= every.mul_f64(0.8) && *d <= every.mul_f64(1.2)), "{draws:?}");
+        let distinct: std::collections::HashSet<_> = draws.iter().collect();
+        assert!(distinct.len() > 100, "draws vary: {}", distinct.len());
     }
 }

@@ -107,6 +107,7 @@ async fn watched_pool_exports_each_address_up_down_and_connect_time() {
     let config = Config::new("reach")
         .sample_interval(Duration::from_millis(100))
         .census_interval(Duration::from_millis(200))
+        .reach_interval(Duration::from_millis(200))
         .census_timeout(timeout);
     let watch = instrument_pool(&pool, config).unwrap();
     let server = format!("127.0.0.1:{}", cluster.port());
@@ -170,6 +171,7 @@ async fn watched_pool_at_localhost_resolves_the_name() {
     let options = cluster.options().host("localhost");
     let pool = PgPoolOptions::new().max_connections(2).connect_with(options).await.unwrap();
     let config = Config::new("reach_localhost").census_interval(Duration::from_millis(200));
+    // The first census is followed by a probe at once (no reach_interval needed).
     let watch = instrument_pool(&pool, config).unwrap();
     let server = format!("127.0.0.1:{}", cluster.port());
     let labels = [(POOL, "reach_localhost"), (ADDRESS, server.as_str())];

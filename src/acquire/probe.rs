@@ -56,7 +56,13 @@ pub(crate) struct Probe {
     use_time: Histogram,
     create: Histogram,
     pub(crate) leaks: Leaks,
+    /// Connect trouble seen by acquires (errors, timeouts, creates over [`SLOW_CREATE`]):
+    /// a change makes the reachability probe run.
+    pub(crate) trouble: std::sync::atomic::AtomicU64,
 }
+
+/// A new connection slower than this is connect trouble worth a reachability probe.
+const SLOW_CREATE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Probe {
     pub(crate) fn new(pool: &PgPool, config: &Config) -> Probe {
@@ -69,6 +75,7 @@ impl Probe {
             use_time: histogram!(catalog::USE_TIME.name, POOL_NAME => p.clone()),
             create: histogram!(catalog::CREATE_TIME.name, POOL_NAME => p.clone()),
             leaks: Leaks::new(&p, config.leak_threshold),
+            trouble: std::sync::atomic::AtomicU64::new(0),
             host: options.get_host().to_owned(),
             port: options.get_port(),
             pool: pool.clone(),
@@ -109,6 +116,9 @@ impl Probe {
         if let Some(at) = connected {
             let took = at.saturating_duration_since(started);
             self.create.record(took.as_secs_f64());
+            if took > SLOW_CREATE {
+                self.trouble.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             acquire_spans::connected(self, span, took, None);
         }
         match result {
@@ -119,6 +129,9 @@ impl Probe {
             }
             Err(err) => {
                 let cause = Cause::of(&err);
+                if cause != Cause::PoolClosed {
+                    self.trouble.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 match cause {
                     Cause::PoolTimedOut => self.timeouts.increment(1),
                     Cause::PoolClosed => {}

@@ -37,6 +37,33 @@ impl Tag {
     }
 }
 
+/// The part of a pool's `application_name` that is the same in every replica and across
+/// restarts: `<your application_name> pw:<pool>`, without a per-process suffix. The fleet
+/// join (`alerts/fleet.rules.yml`) matches it with the `application_name` label of the
+/// postgres_exporter query in `alerts/postgres_exporter/queries.yaml`, which strips the same
+/// suffix; `poolwatch_pool_info` carries it. A name without poolwatch's tag is returned whole.
+///
+/// ```
+/// use poolwatch::attribution::fleet_tag;
+/// assert_eq!(fleet_tag("api pw:main:0123456789"), "api pw:main");
+/// assert_eq!(fleet_tag("api pw:main"), "api pw:main");
+/// assert_eq!(fleet_tag("psql"), "psql");
+/// ```
+pub fn fleet_tag(application_name: &str) -> &str {
+    let Some(at) = application_name.rfind("pw:") else { return application_name };
+    match application_name.rsplit_once(':') {
+        Some((head, nonce))
+            if head.len() > at + 3 && nonce.len() == NONCE_LEN && nonce.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) =>
+        {
+            head
+        }
+        _ => application_name,
+    }
+}
+
+/// Hex digits of the per-process suffix (40 random bits).
+const NONCE_LEN: usize = 10;
+
 fn truncate(s: &str, max: usize) -> &str {
     let mut end = max.min(s.len());
     while !s.is_char_boundary(end) {
@@ -66,5 +93,17 @@ mod tests {
         assert!(long.pool_app_name.len() <= MAX_APP_NAME, "{}", long.pool_app_name.len());
         assert!(long.census_app_name.len() <= MAX_APP_NAME);
         assert_ne!(long.pool_app_name, long.census_app_name);
+    }
+
+    #[test]
+    fn the_fleet_tag_drops_only_the_per_process_suffix() {
+        let a = Tag::new(Some("api"), "main");
+        let b = Tag::new(Some("api"), "main");
+        assert_eq!(fleet_tag(&a.pool_app_name), "api pw:main");
+        assert_eq!(fleet_tag(&a.pool_app_name), fleet_tag(&b.pool_app_name));
+        assert_eq!(fleet_tag(&Tag::new(None, "a:b").pool_app_name), "pw:a:b");
+        assert_eq!(fleet_tag("pw:a:b"), "pw:a:b", "a pool name with a colon is not a suffix");
+        assert_eq!(fleet_tag("x pw:0123456789"), "x pw:0123456789", "no pool part before it");
+        assert_eq!(fleet_tag("poolwatch-census:main:0123456789"), "poolwatch-census:main:0123456789");
     }
 }

@@ -32,6 +32,9 @@ pub struct ServerCensus {
     pub advisory_locks: u32,
     /// The most advisory locks any one of the pool's sessions holds.
     pub advisory_locks_max_per_session: u32,
+    /// The client ports of the pool's sessions (TCP only), sorted: the client-side ledger
+    /// tells apart the sockets of two pools to one address by them.
+    pub client_ports: Vec<u16>,
 }
 
 impl ServerCensus {
@@ -65,26 +68,29 @@ fn state_index(state: Option<&str>) -> usize {
 
 /// The query the census runs, with the pool's tagged `application_name` as `$1` (shown here
 /// for DBAs): one row per state of the pool's sessions: how many, the longest in that state,
-/// how many wait for a lock, and the advisory locks they hold (total and most in one session).
+/// how many wait for a lock, the advisory locks they hold (total and most in one session) and
+/// the sessions' client ports.
 pub const CENSUS_SQL: &str = "\
     SELECT a.state, count(*), \
            max(extract(epoch FROM clock_timestamp() - a.state_change))::float8, \
            count(*) FILTER (WHERE a.wait_event_type = 'Lock'), \
-           coalesce(sum(l.n), 0)::int8, coalesce(max(l.n), 0)::int8 \
+           coalesce(sum(l.n), 0)::int8, coalesce(max(l.n), 0)::int8, \
+           array_remove(array_agg(a.client_port), NULL) \
     FROM pg_stat_activity a \
     LEFT JOIN (SELECT pid, count(*) AS n FROM pg_locks \
                WHERE locktype = 'advisory' AND granted GROUP BY pid) l USING (pid) \
     WHERE a.application_name = $1 \
     GROUP BY a.state";
 
-type Row = (Option<String>, i64, Option<f64>, i64, i64, i64);
+type Row = (Option<String>, i64, Option<f64>, i64, i64, i64, Vec<i32>);
 
 /// Counts the sessions whose `application_name` is `app_name`.
 pub(crate) async fn take(conn: &mut PgConnection, app_name: &str) -> Result<ServerCensus, sqlx::Error> {
     let rows: Vec<Row> = sqlx::query_as(CENSUS_SQL).bind(app_name).fetch_all(conn).await?;
     let mut census = ServerCensus::default();
     let count = |n: i64| u32::try_from(n).unwrap_or(u32::MAX);
-    for (state, n, longest, waiters, advisory, advisory_max) in rows {
+    for (state, n, longest, waiters, advisory, advisory_max, ports) in rows {
+        census.client_ports.extend(ports.into_iter().filter_map(|p| u16::try_from(p).ok()));
         let i = state_index(state.as_deref());
         census.counts[i] += count(n);
         let longest = Duration::try_from_secs_f64(longest.unwrap_or(0.0).max(0.0)).unwrap_or(Duration::ZERO);
@@ -93,6 +99,7 @@ pub(crate) async fn take(conn: &mut PgConnection, app_name: &str) -> Result<Serv
         census.advisory_locks += count(advisory);
         census.advisory_locks_max_per_session = census.advisory_locks_max_per_session.max(count(advisory_max));
     }
+    census.client_ports.sort_unstable();
     Ok(census)
 }
 
