@@ -361,7 +361,7 @@ pub const ALL: &[Metric] = &[
 /// Series the fleet rules read from postgres_exporter with poolwatch's query file
 /// (`alerts/postgres_exporter/queries.yaml`), not from poolwatch: server sessions by the
 /// pool's stable tag (`application_name`) and `state`.
-pub const EXPORTER_SESSIONS: &str = "poolwatch_pg_sessions_count";
+pub const EXPORTER_SESSIONS: &str = "pg_stat_activity_by_app_count";
 
 /// Looks a metric up by its Prometheus name (a histogram's `_bucket`, `_sum` and `_count`
 /// series resolve to the histogram).

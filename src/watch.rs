@@ -238,6 +238,12 @@ impl Shared {
     async fn sample(&self) {
         let mut figures = PoolFigures::of(&self.pool);
         self.gauges.pool(&figures);
+        let linting = || self.heartbeat.linting.load(Ordering::Relaxed);
+        if linting() {
+            // The lint's short-lived connection would read as a socket the pool does not count.
+            self.update(|s| s.pool = figures);
+            return;
+        }
         let mut sockets = self.client.read().await;
         let gap = |f: &PoolFigures, s: &Option<crate::SocketCensus>| {
             s.as_ref().map(|s| i64::from(f.open) - i64::from(s.get("established")))
@@ -247,6 +253,10 @@ impl Shared {
             figures = PoolFigures::of(&self.pool);
             self.gauges.pool(&figures);
             sockets = self.client.read().await;
+        }
+        if linting() {
+            self.update(|s| s.pool = figures);
+            return;
         }
         let client_gap = gap(&figures, &sockets);
         if let (Some(s), Some(g)) = (&sockets, client_gap) {
@@ -310,9 +320,6 @@ impl Shared {
                     tracing::info!(pool = %self.config.pool_name, "poolwatch census recovered");
                 }
                 self.gauges.census(&snapshot, seconds);
-                if let Some(server) = &snapshot.server {
-                    self.client.learn_ports(&server.client_ports);
-                }
                 self.update(|s| {
                     let (sockets, client_gap) = (s.sockets.take(), s.client_gap);
                     *s = snapshot.clone();
@@ -362,6 +369,10 @@ impl Shared {
         drop(direct);
         // Peers are resolved here, rarely; every sample reuses them.
         self.client.set_peers(&self.peers().await.unwrap_or_default());
+        // The process's sockets right after: established ones that are none of the pool's
+        // sessions belong to other clients of the app (only while the pool's count stood still).
+        let then = self.client.read_all().await.filter(|_| self.pool.size() == pool.open);
+        self.client.learn(&server.client_ports, then.as_ref());
         Ok(Snapshot {
             phantom: Some(i64::from(pool.open) - i64::from(server.total())),
             pool,

@@ -19,8 +19,10 @@
 //! unattributed sockets make poolwatch run a census at once to attribute them. Sockets whose
 //! server session is already gone (`close_wait`) cannot be attributed by any census: they
 //! count in each sharing pool's `close_wait`. Connections the app opens to the same address
-//! outside any watched pool (a raw `PgConnection`, a `PgListener`) count as the pool's and
-//! read as a negative gap; the server census (`poolwatch_phantom_connections`) is exact.
+//! outside any watched pool (a raw `PgConnection`, a `PgListener`)
+//! are told apart the same way: each census marks the established sockets that are none of
+//! the pool's sessions as another client's, and leaves them out from then on. One opened
+//! since the last census reads as a negative gap until the census it triggers has seen it.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -40,6 +42,9 @@ struct Entry {
     peers: Vec<SocketAddr>,
     direct_port: Arc<AtomicU32>,
     ports: HashSet<u16>,
+    /// Local ports of this process's sockets to the peers that the last census found were
+    /// no session of this pool (another client of the app: a `PgListener`, a raw connection).
+    foreign: HashSet<u16>,
 }
 
 /// One watched pool's client-side ledger.
@@ -55,7 +60,7 @@ impl ClientLedger {
     pub(crate) fn new(direct_port: Arc<AtomicU32>) -> ClientLedger {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut pools) = POOLS.lock() {
-            pools.push(Entry { id, peers: Vec::new(), direct_port, ports: HashSet::new() });
+            pools.push(Entry { id, peers: Vec::new(), direct_port, ports: HashSet::new(), foreign: HashSet::new() });
         }
         ClientLedger { id, reader: Arc::new(Mutex::new(SocketReader::default())) }
     }
@@ -76,9 +81,31 @@ impl ClientLedger {
         peers
     }
 
-    /// Records the local ports a server census found for this pool's sessions.
-    pub(crate) fn learn_ports(&self, ports: &[u16]) {
-        self.with_entry(|e| e.ports = ports.iter().copied().collect());
+    /// Records the local ports a server census found for this pool's sessions, and, when
+    /// `sockets_then` (the process's sockets to the peers read right after that census, with
+    /// the pool's count unchanged) is given, the ports of the other established ones: not
+    /// the pool's. A wrong call (a connection that completed in between) heals at the next
+    /// census, which the gap it causes runs at once.
+    pub(crate) fn learn(&self, ports: &[u16], sockets_then: Option<&SocketCensus>) {
+        self.with_entry(|e| {
+            e.ports = ports.iter().copied().collect();
+            let Some(then) = sockets_then else { return };
+            let local: HashSet<u16> = then.sockets.iter().map(|s| s.local.port()).collect();
+            if e.ports.iter().all(|p| local.contains(p)) {
+                e.foreign = then
+                    .sockets
+                    .iter()
+                    .filter(|s| s.state == "established")
+                    .map(|s| s.local.port())
+                    .filter(|p| !e.ports.contains(p))
+                    .collect();
+            } else {
+                // The sessions' client ports are not this process's (a pooler or NAT in
+                // between): ports tell nothing here.
+                e.ports.clear();
+                e.foreign.clear();
+            }
+        });
     }
 
     fn with_entry(&self, f: impl FnOnce(&mut Entry)) {
@@ -92,6 +119,12 @@ impl ClientLedger {
     /// Reads the pool's sockets on Tokio's blocking pool (never on a runtime worker).
     /// `None`: no known peers (unix socket, not resolved yet) or the read failed.
     pub(crate) async fn read(&self) -> Option<SocketCensus> {
+        let census = self.read_all().await?;
+        Some(attribute(self.id, census, true))
+    }
+
+    /// Every socket of the process to the peers, but poolwatch's own.
+    pub(crate) async fn read_all(&self) -> Option<SocketCensus> {
         let peers = self.peers();
         if peers.is_empty() {
             return None;
@@ -104,7 +137,7 @@ impl ClientLedger {
         })
         .await
         .ok()??;
-        Some(attribute(id, census))
+        Some(attribute(id, census, false))
     }
 }
 
@@ -116,8 +149,9 @@ impl Drop for ClientLedger {
     }
 }
 
-/// Keeps the sockets of pool `id`: not poolwatch's own, not attributed to a sibling pool.
-fn attribute(id: u64, mut census: SocketCensus) -> SocketCensus {
+/// Keeps the sockets of pool `id`: not poolwatch's own and, with `by_pool`, neither known as
+/// another client's nor attributed to a sibling pool.
+fn attribute(id: u64, mut census: SocketCensus, by_pool: bool) -> SocketCensus {
     let Ok(pools) = POOLS.lock() else { return census };
     let Some(me) = pools.iter().find(|e| e.id == id) else { return census };
     let direct: HashSet<u16> = pools
@@ -136,7 +170,13 @@ fn attribute(id: u64, mut census: SocketCensus) -> SocketCensus {
             if direct.contains(&port) || sockets::is_own(port) {
                 return false;
             }
-            if siblings.is_empty() || me.ports.contains(&port) {
+            if !by_pool || me.ports.contains(&port) {
+                return true;
+            }
+            if me.foreign.contains(&port) {
+                return false;
+            }
+            if siblings.is_empty() {
                 return true;
             }
             if siblings.iter().any(|e| e.ports.contains(&port)) {
@@ -179,20 +219,26 @@ mod tests {
         };
         a.set_peers(&[peer.parse().unwrap()]);
         // Alone on the address: every socket but its dedicated connection is the pool's.
-        let alone = attribute(a.id, all());
+        let alone = attribute(a.id, all(), true);
         assert_eq!((alone.get("established"), alone.unattributed), (3, 0), "{alone:?}");
 
         let b = ClientLedger::new(Arc::new(AtomicU32::new(0)));
         b.set_peers(&[peer.parse().unwrap()]);
-        let shared = attribute(a.id, all());
+        let shared = attribute(a.id, all(), true);
         assert_eq!((shared.get("established"), shared.unattributed), (3, 3), "nothing attributed yet");
-        a.learn_ports(&[40001]);
-        b.learn_ports(&[40002]);
-        let sa = attribute(a.id, all());
-        let sb = attribute(b.id, all());
+        a.learn(&[40001], None);
+        b.learn(&[40002], None);
+        let sa = attribute(a.id, all(), true);
+        let sb = attribute(b.id, all(), true);
         assert_eq!((sa.get("established"), sa.unattributed), (2, 1), "40001 + the unseen 40003: {sa:?}");
         assert_eq!((sb.get("established"), sb.unattributed), (2, 1), "40002 + the unseen 40003: {sb:?}");
         drop(b);
-        assert_eq!(attribute(a.id, all()).unattributed, 0, "alone again");
+        assert_eq!(attribute(a.id, all(), true).unattributed, 0, "alone again");
+        // A census that saw 40003 established and not among the pool's sessions: another
+        // client of the app (a listener, a raw connection), left out from then on.
+        a.learn(&[40001, 40002], Some(&all()));
+        let sa = attribute(a.id, all(), true);
+        assert_eq!(sa.sockets.iter().map(|s| s.local.port()).collect::<Vec<_>>(), [40001, 40002], "{sa:?}");
+        assert_eq!(attribute(a.id, all(), false).sockets.len(), 3, "the raw read keeps it");
     }
 }
