@@ -32,12 +32,11 @@ async fn main() {
     let watch = instrument_pool(&pool, Config::new("bench").census_interval(Duration::from_secs(3600))).unwrap();
     watch.census_now().await.unwrap();
     let mut probe = PgConnection::connect_with(&cluster.options()).await.unwrap();
-    let census_pid: i32 = sqlx::query_scalar(
-        "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'poolwatch-census:bench:%'",
-    )
-    .fetch_one(&mut probe)
-    .await
-    .unwrap();
+    let census_pid: i32 =
+        sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'poolwatch-census:bench:%'")
+            .fetch_one(&mut probe)
+            .await
+            .unwrap();
     let app_name = watch.application_name().to_owned();
     println!("server cost of watching ({rounds} censuses per step; watched pool of 5; PostgreSQL on loopback):");
     println!("  load: {}", uptime());
@@ -82,7 +81,9 @@ async fn main() {
     // Let the last forked backends exit and be reaped.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let probe_ms = (process_cpu_with_children_ms(postmaster) - before) / probes as f64;
-    println!("  reachability probe, 1 address: server CPU {probe_ms:.2} ms per probe (postmaster + forked backend), {wall:.2} ms per round incl. a 10 ms pause");
+    println!(
+        "  reachability probe, 1 address: server CPU {probe_ms:.2} ms per probe (postmaster + forked backend), {wall:.2} ms per round incl. a 10 ms pause"
+    );
 
     // The direct heartbeat's SELECT 1 on the dedicated connection, for scale.
     let my_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut probe).await.unwrap();
@@ -107,7 +108,11 @@ async fn main() {
         probe_ms / 1e3 / reach_every * REPLICAS,
         (census_cpu_at_1000 + probe_ms) / 1e3 / 15.0 * REPLICAS,
     );
-    println!("  besides: the direct heartbeat's SELECT 1 every {} s: {:.4} cores", defaults.heartbeat_interval.as_secs(), heartbeat * REPLICAS);
+    println!(
+        "  besides: the direct heartbeat's SELECT 1 every {} s: {:.4} cores",
+        defaults.heartbeat_interval.as_secs(),
+        heartbeat * REPLICAS
+    );
     println!("  load: {}", uptime());
 }
 
@@ -157,7 +162,9 @@ fn parent_pid(pid: i32) -> i32 {
 }
 
 fn uptime() -> String {
-    std::fs::read_to_string("/proc/loadavg").map(|l| format!("load average {}", l.split_whitespace().take(3).collect::<Vec<_>>().join(", "))).unwrap_or_default()
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| format!("load average {}", l.split_whitespace().take(3).collect::<Vec<_>>().join(", ")))
+        .unwrap_or_default()
 }
 
 fn report(what: &str, mut ms: Vec<f64>) {

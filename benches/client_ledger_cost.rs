@@ -3,16 +3,15 @@
 //! `/proc/self/fd` lookup too), and how long it stalls a runtime worker, side by side with the
 //! whole-table read of `/proc/self/net/tcp` the socket census used before.
 //!
-//! `cargo bench --bench client_ledger_cost`. The stall is measured on a current-thread
-//! runtime: a task that only yields records the longest gap between two of its turns while
-//! the watch samples; any blocking work on the worker shows up as that gap. Under
-//! `cargo test` it runs a quick smoke pass.
+//! `cargo bench --bench client_ledger_cost`. CPU time is this thread's
+//! (`/proc/thread-self/schedstat`), so the figures hold on a loaded machine where wall times do
+//! not. The worker stall is the longest single poll of `sample_now()` on a current-thread
+//! runtime: the time the worker could run nothing else. Under `cargo test` it runs a quick
+//! smoke pass.
 
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use poolwatch::{Config, instrument_pool};
@@ -35,7 +34,8 @@ async fn run(pairs: usize, samples: usize) {
     }
     let pool =
         PgPoolOptions::new().max_connections(10).min_connections(10).connect_with(cluster.options()).await.unwrap();
-    let config = Config::new("bench").sample_interval(Duration::from_secs(3600)).census_interval(Duration::from_secs(3600));
+    let config =
+        Config::new("bench").sample_interval(Duration::from_secs(3600)).census_interval(Duration::from_secs(3600));
     let watch = instrument_pool(&pool, config).unwrap();
     let s = watch.census_now().await.unwrap();
     let sockets = s.sockets.as_ref().expect("the ledger reads sockets");
@@ -50,78 +50,122 @@ async fn run(pairs: usize, samples: usize) {
     );
     println!("  load: {}", load());
 
-    // The raw read, on this thread: what a blocking thread spends per sample.
+    // The raw reads, on this thread: wall time and this thread's CPU time.
     let peers = [std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port()))];
-    let mut ms = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        let t = Instant::now();
+    let cold = measure(samples, || {
         let c = poolwatch::process_sockets(&peers).unwrap();
-        ms.push(t.elapsed().as_secs_f64() * 1e3);
         assert!(c.get("established") >= 10);
-    }
-    report("  netlink read, cold (new netlink socket, /proc/self/fd scanned):", &mut ms);
-
-    let stall = Stall::start();
-    let mut ms = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        let t = Instant::now();
-        let s = watch.sample_now().await;
-        ms.push(t.elapsed().as_secs_f64() * 1e3);
-        assert_eq!(s.client_gap, Some(0));
-    }
-    let (longest, turns) = stall.stop().await;
-    report("  sample_now() (pool counters + the ledger on the blocking pool, steady):", &mut ms);
-    println!("    longest runtime-worker stall while sampling: {longest:.3} ms ({turns} turns of the yielding task)");
-
-    let stall = Stall::start();
-    let mut ms = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        let t = Instant::now();
-        // The old socket census: the whole table, read inline on the worker.
+    });
+    cold.report("  cold read (new netlink socket, /proc/self/fd scanned):");
+    let mut reader = poolwatch::SocketReader::new();
+    let steady = measure(samples, || {
+        let c = reader.read(&peers).unwrap();
+        assert!(c.get("established") >= 10);
+    });
+    steady.report("  steady read (one filtered netlink dump), what each sample costs:");
+    let old = measure(samples, || {
         let text = std::fs::read_to_string("/proc/self/net/tcp").unwrap();
         std::hint::black_box(text.len());
-        ms.push(t.elapsed().as_secs_f64() * 1e3);
-        tokio::task::yield_now().await;
+    });
+    old.report("  before: one read of /proc/self/net/tcp (the old socket census's read):");
+
+    // The worker's share of a sample: the time spent inside polls of sample_now() on the
+    // (single) runtime worker. The socket read itself is on the blocking pool.
+    let mut polls = Vec::with_capacity(samples);
+    let mut walls = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let t = Instant::now();
+        let timed = Timed::new(watch.sample_now());
+        let (s, longest) = timed.await;
+        walls.push(t.elapsed().as_secs_f64() * 1e3);
+        polls.push(longest.as_secs_f64() * 1e3);
+        assert_eq!(s.client_gap, Some(0));
     }
-    let (longest, turns) = stall.stop().await;
-    report("  before: read /proc/self/net/tcp inline (the old socket census's read):", &mut ms);
-    println!("    longest runtime-worker stall: {longest:.3} ms ({turns} turns)");
+    report("  sample_now() wall (pool counters + the ledger on the blocking pool):", &mut walls);
+    report("    longest poll on the runtime worker per sample (the worker stall):", &mut polls);
+    let mut inline = Vec::with_capacity(samples);
+    for _ in 0..samples.min(200) {
+        let (_, longest) = Timed::new(async {
+            // The old socket census: the whole table, read inside the async census.
+            let text = std::fs::read_to_string("/proc/self/net/tcp").unwrap();
+            std::hint::black_box(text.len());
+        })
+        .await;
+        inline.push(longest.as_secs_f64() * 1e3);
+    }
+    report("    before: the worker stall of the inline /proc/self/net/tcp read:", &mut inline);
+    println!(
+        "  ratio: steady netlink read {:.3} ms CPU vs /proc/self/net/tcp {:.3} ms CPU ({:.0}x less)",
+        steady.cpu_mean(),
+        old.cpu_mean(),
+        old.cpu_mean() / steady.cpu_mean().max(1e-6)
+    );
     println!("  load: {}", load());
     watch.shutdown().await;
     drop(held);
 }
 
-/// A task that only yields, recording the longest gap between two of its turns.
-struct Stall {
-    stop: Arc<AtomicBool>,
-    longest_ns: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<u64>,
+/// Wall and this thread's CPU time of `n` runs of `f`.
+struct Measured {
+    wall: Vec<f64>,
+    cpu: Vec<f64>,
 }
 
-impl Stall {
-    fn start() -> Stall {
-        let stop = Arc::new(AtomicBool::new(false));
-        let longest_ns = Arc::new(AtomicU64::new(0));
-        let (s, l) = (Arc::clone(&stop), Arc::clone(&longest_ns));
-        let task = tokio::spawn(async move {
-            let mut turns = 0;
-            let mut last = Instant::now();
-            while !s.load(Ordering::Relaxed) {
-                tokio::task::yield_now().await;
-                let now = Instant::now();
-                l.fetch_max((now - last).as_nanos() as u64, Ordering::Relaxed);
-                last = now;
-                turns += 1;
-            }
-            turns
-        });
-        Stall { stop, longest_ns, task }
+fn measure(n: usize, mut f: impl FnMut()) -> Measured {
+    let mut m = Measured { wall: Vec::with_capacity(n), cpu: Vec::with_capacity(n) };
+    for _ in 0..n {
+        let (c, t) = (thread_cpu_ns(), Instant::now());
+        f();
+        m.wall.push(t.elapsed().as_secs_f64() * 1e3);
+        m.cpu.push((thread_cpu_ns() - c) as f64 / 1e6);
+    }
+    m
+}
+
+impl Measured {
+    fn cpu_mean(&self) -> f64 {
+        self.cpu.iter().sum::<f64>() / self.cpu.len() as f64
     }
 
-    async fn stop(self) -> (f64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        let turns = self.task.await.unwrap();
-        (self.longest_ns.load(Ordering::Relaxed) as f64 / 1e6, turns)
+    fn report(mut self, what: &str) {
+        println!("{what}");
+        report("    wall:", &mut self.wall);
+        report("    CPU (this thread, /proc/thread-self/schedstat, includes that read):", &mut self.cpu);
+    }
+}
+
+/// This thread's time on CPU, in ns.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// A future that records the longest single poll of the future it wraps.
+struct Timed<F: std::future::Future> {
+    inner: std::pin::Pin<Box<F>>,
+    longest: Duration,
+}
+
+impl<F: std::future::Future> Timed<F> {
+    fn new(inner: F) -> Self {
+        Timed { inner: Box::pin(inner), longest: Duration::ZERO }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Timed<F> {
+    type Output = (F::Output, Duration);
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let t = Instant::now();
+        let r = self.inner.as_mut().poll(cx);
+        let took = t.elapsed();
+        self.longest = self.longest.max(took);
+        match r {
+            std::task::Poll::Ready(v) => std::task::Poll::Ready((v, self.longest)),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
     }
 }
 

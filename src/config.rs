@@ -16,7 +16,8 @@ pub struct Config {
     pub sample_interval: Duration,
     /// How often the server census (`pg_stat_activity`) runs, each wait drawn within ±20 % so
     /// replicas spread out. It also runs at once when the client-side ledger disagrees with
-    /// the pool. Default 300 s (see README "Performance" for the cost per replica).
+    /// the pool (at most once per 10 `sample_interval`s). Default 300 s (see README
+    /// "Performance" for the cost per replica).
     pub census_interval: Duration,
     /// How often the per-address reachability probe runs when nothing is wrong (±20 %); it
     /// also runs when connects fail or slow down (census or heartbeat connect failures,

@@ -44,7 +44,7 @@ pub use health::progress::Progress;
 pub use health::reach::{AddressFigures, Reachability, probe_addresses, probe_host};
 pub use ledger::census::{CENSUS_SQL, SESSION_STATES, ServerCensus};
 pub use ledger::snapshot::{PoolFigures, Snapshot};
-pub use ledger::sockets::{ClientSocket, SocketCensus, SocketSource, TCP_STATES, process_sockets};
+pub use ledger::sockets::{ClientSocket, SocketCensus, SocketReader, SocketSource, TCP_STATES, process_sockets};
 pub use listener::watched::{ListenerConfig, WatchedListener};
 pub use watch::{PoolWatch, instrument_pool};
 

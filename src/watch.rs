@@ -441,6 +441,8 @@ async fn watch_until_stopped(shared: &Shared, mut stop: oneshot::Receiver<()>) {
     let reach_at = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(census_at, reach_at);
     let mut first_census = true;
+    let floor = shared.config.sample_interval * 10;
+    let mut last_census: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = &mut stop => break,
@@ -466,20 +468,32 @@ async fn watch_until_stopped(shared: &Shared, mut stop: oneshot::Receiver<()>) {
                     _ = &mut census_at => false,
                     _ = shared.census_wanted.notified() => true,
                 }
-            } => tokio::select! {
-                _ = &mut stop => break,
-                _ = &mut closed => break,
-                _ = shared.census() => {
-                    if wanted {
-                        tracing::debug!(pool = %shared.config.pool_name, "census run by the client-side ledger");
+            } => {
+                let now = tokio::time::Instant::now();
+                if let Some(at) = last_census.filter(|at| wanted && now < *at + floor) {
+                    // Censuses run by disagreements: at most one per 10 samples; later ones
+                    // wait for that (a flapping gap cannot turn into a census per sample).
+                    if census_at.deadline() > at + floor {
+                        census_at.as_mut().reset(at + floor);
                     }
-                    census_at.as_mut().reset(tokio::time::Instant::now() + jitter(shared.config.census_interval));
-                    if std::mem::take(&mut first_census) {
-                        // The first census resolved the peers: the ledger can read sockets now.
-                        shared.sample().await;
+                    continue;
+                }
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = &mut closed => break,
+                    _ = shared.census() => {
+                        last_census = Some(tokio::time::Instant::now());
+                        if wanted {
+                            tracing::debug!(pool = %shared.config.pool_name, "census run by the client-side ledger");
+                        }
+                        census_at.as_mut().reset(tokio::time::Instant::now() + jitter(shared.config.census_interval));
+                        if std::mem::take(&mut first_census) {
+                            // The first census resolved the peers: the ledger can read sockets now.
+                            shared.sample().await;
+                        }
                     }
                 }
-            },
+            }
         }
     }
 }

@@ -73,8 +73,7 @@ async fn query(prometheus: SocketAddr, q: &str) -> Option<Vec<(Json, f64)>> {
 async fn the_fleet_gap_equals_the_leaked_slots_and_the_alert_fires() {
     let cluster = Cluster::start();
     let leaked = 2;
-    let replicas: Vec<Replica> =
-        [0, leaked, 0].iter().map(|&leak| Replica::spawn(&cluster.url(), leak)).collect();
+    let replicas: Vec<Replica> = [0, leaked, 0].iter().map(|&leak| Replica::spawn(&cluster.url(), leak)).collect();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let exporter = PostgresExporter::start(&cluster.url(), &root.join("alerts/postgres_exporter/queries.yaml"));
     let rules = std::fs::read_to_string(root.join("alerts/fleet.rules.yml")).expect("read fleet rules");

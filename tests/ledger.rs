@@ -102,7 +102,8 @@ async fn incident_1_client_ledger_sees_each_killed_slot_without_a_scheduled_cens
     let cluster = Cluster::start();
     let pool = PgPoolOptions::new().max_connections(20).connect_with(cluster.options()).await.unwrap();
     let sample_interval = Duration::from_millis(200);
-    let config = Config::new("incident1_client").sample_interval(sample_interval).census_interval(Duration::from_secs(3600));
+    let config =
+        Config::new("incident1_client").sample_interval(sample_interval).census_interval(Duration::from_secs(3600));
     let watch = instrument_pool(&pool, config).unwrap();
     let mut admin = admin(&cluster).await;
     let labels = [(POOL, "incident1_client")];
@@ -135,10 +136,14 @@ async fn incident_1_client_ledger_sees_each_killed_slot_without_a_scheduled_cens
             metric("poolwatch_client_gap", &labels).filter(|v| *v >= f64::from(cycle))
         })
         .await;
-        println!("cycle {cycle}: client gap {gap} {:?} after the kill (sample interval {sample_interval:?})", killed.elapsed());
+        println!(
+            "cycle {cycle}: client gap {gap} {:?} after the kill (sample interval {sample_interval:?})",
+            killed.elapsed()
+        );
         let s = watch.snapshot();
         let sockets = s.sockets.as_ref().expect("sockets read");
-        let leaked = sockets.sockets.iter().find(|k| i32::from(k.local.port()) == port).expect("the leaked socket is listed");
+        let leaked =
+            sockets.sockets.iter().find(|k| i32::from(k.local.port()) == port).expect("the leaked socket is listed");
         assert_eq!(leaked.state, "close_wait", "the server ended it, the app did not notice: {leaked:?}");
         drop(listener);
         // The disagreement ran a server census although the next scheduled one is an hour away.

@@ -53,7 +53,9 @@ pub fn fleet_tag(application_name: &str) -> &str {
     let Some(at) = application_name.rfind("pw:") else { return application_name };
     match application_name.rsplit_once(':') {
         Some((head, nonce))
-            if head.len() > at + 3 && nonce.len() == NONCE_LEN && nonce.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) =>
+            if head.len() > at + 3
+                && nonce.len() == NONCE_LEN
+                && nonce.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) =>
         {
             head
         }

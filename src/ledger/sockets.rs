@@ -66,8 +66,8 @@ pub struct SocketCensus {
     /// Each socket counted, in no particular order.
     pub sockets: Vec<ClientSocket>,
     /// Sockets counted here that may belong to another watched pool of this process with the
-    /// same database address (not yet told apart by a server census): see
-    /// [`ledger`](crate::ledger) for how pools sharing an address are told apart.
+    /// same database address, not yet told apart by a server census (README: "Sockets of two
+    /// pools to the same address").
     pub unattributed: u32,
     /// How the sockets were read.
     pub source: SocketSource,
@@ -123,8 +123,9 @@ pub(crate) fn is_own(port: u16) -> bool {
 }
 
 /// Every TCP socket of this process whose peer is one of `peers` (poolwatch's own sockets
-/// included), read with one filtered netlink dump per address family, or from `/proc` where
-/// netlink is refused. Blocking: call it from a blocking thread (`spawn_blocking`).
+/// included; `time_wait` and `listen` ones have no file descriptor and are never listed), read
+/// with one filtered netlink dump per address family, or from `/proc` where netlink is
+/// refused. Blocking: call it from a blocking thread (`spawn_blocking`).
 ///
 /// ```no_run
 /// let peers = ["127.0.0.1:5432".parse().unwrap()];
@@ -133,12 +134,14 @@ pub(crate) fn is_own(port: u16) -> bool {
 /// }
 /// ```
 pub fn process_sockets(peers: &[SocketAddr]) -> std::io::Result<SocketCensus> {
-    SocketReader::default().read(peers)
+    SocketReader::new().read(peers)
 }
 
-/// Reads this process's sockets to some peers, remembering which inodes are its own.
+/// Reads this process's sockets to some peers again and again: keeps its netlink socket and
+/// remembers which inodes are the process's, so a steady set of sockets costs one dump per
+/// read ([`process_sockets`] is one cold read). Blocking: use it from a blocking thread.
 #[derive(Debug, Default)]
-pub(crate) struct SocketReader {
+pub struct SocketReader {
     #[cfg(target_os = "linux")]
     netlink: Option<netlink::Dumper>,
     /// Netlink was refused once: use `/proc` from now on.
@@ -160,9 +163,14 @@ struct Row {
 }
 
 impl SocketReader {
-    /// This process's sockets to `peers`. Blocking.
+    /// A reader with no netlink socket yet (opened at the first read).
+    pub fn new() -> SocketReader {
+        SocketReader::default()
+    }
+
+    /// This process's sockets to `peers` (poolwatch's own included). Blocking.
     #[cfg(target_os = "linux")]
-    pub(crate) fn read(&mut self, peers: &[SocketAddr]) -> std::io::Result<SocketCensus> {
+    pub fn read(&mut self, peers: &[SocketAddr]) -> std::io::Result<SocketCensus> {
         let peers: Vec<SocketAddr> = peers.iter().map(|p| SocketAddr::new(p.ip().to_canonical(), p.port())).collect();
         let (rows, source) = match self.dump(&peers) {
             Ok(rows) => (rows, SocketSource::Netlink),
@@ -208,7 +216,7 @@ impl SocketReader {
 
     /// Not Linux: no socket census.
     #[cfg(not(target_os = "linux"))]
-    pub(crate) fn read(&mut self, _: &[SocketAddr]) -> std::io::Result<SocketCensus> {
+    pub fn read(&mut self, _: &[SocketAddr]) -> std::io::Result<SocketCensus> {
         let _ = (&self.ours, &self.foreign, self.netlink_refused);
         Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "socket census needs Linux"))
     }
@@ -527,8 +535,11 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn bytecode_jumps_land_on_ops_and_the_end() {
-        let peers: Vec<SocketAddr> =
-            vec!["127.0.0.1:5432".parse().unwrap(), "127.0.0.2:5432".parse().unwrap(), "127.0.0.3:6432".parse().unwrap()];
+        let peers: Vec<SocketAddr> = vec![
+            "127.0.0.1:5432".parse().unwrap(),
+            "127.0.0.2:5432".parse().unwrap(),
+            "127.0.0.3:6432".parse().unwrap(),
+        ];
         let code = netlink::bytecode(&peers);
         assert_eq!(code.len(), 3 * 16 + 2 * 4);
         // First cond: yes -> its JMP (16), no -> the second cond (20); JMP to the end.
@@ -543,7 +554,10 @@ mod tests {
     fn parses_kernel_rows() {
         let v4 = "   1: 0100007F:D431 0100007F:1538 01 00000010:00000002 00:00000000 00000000   101        0 424242 1";
         let r = parse_row(v4).expect("v4 row");
-        assert_eq!((r.local.port(), r.remote, r.state, r.inode), (0xD431, "127.0.0.1:5432".parse().unwrap(), 1, 424242));
+        assert_eq!(
+            (r.local.port(), r.remote, r.state, r.inode),
+            (0xD431, "127.0.0.1:5432".parse().unwrap(), 1, 424242)
+        );
         assert_eq!((r.send_queue, r.recv_queue), (16, 2));
         let v6 = "   0: 00000000000000000000000001000000:9C40 0000000000000000FFFF00000100007F:1538 08 00000000:00000000 00:00000000 00000000 0 0 7 1";
         let r = parse_row(v6).expect("v6 row");
