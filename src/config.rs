@@ -16,13 +16,13 @@ pub struct Config {
     pub sample_interval: Duration,
     /// How often the server census (`pg_stat_activity`) runs, each wait drawn within ±20 % so
     /// replicas spread out. It also runs at once when the client-side ledger disagrees with
-    /// the pool (at most once per 10 `sample_interval`s). Default 300 s (see README
+    /// the pool (at most once per 10 `sample_interval`s). Default 900 s (see README
     /// "Performance" for the cost per replica).
     pub census_interval: Duration,
     /// How often the per-address reachability probe runs when nothing is wrong (±20 %); it
     /// also runs when connects fail or slow down (census or heartbeat connect failures,
     /// acquire errors and timeouts, creates slower than 1 s). Each probe costs the server a
-    /// forked backend. Default 3600 s.
+    /// forked backend. Default 10800 s (3 h).
     pub reach_interval: Duration,
     /// Connect and statement timeout of the census's dedicated connection. Default 5 s.
     pub census_timeout: Duration,
@@ -61,8 +61,8 @@ impl Config {
         Config {
             pool_name: pool_name.into(),
             sample_interval: Duration::from_secs(5),
-            census_interval: Duration::from_secs(300),
-            reach_interval: Duration::from_secs(3600),
+            census_interval: Duration::from_secs(900),
+            reach_interval: Duration::from_secs(10800),
             census_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(5),

@@ -244,7 +244,7 @@ impl Shared {
             self.update(|s| s.pool = figures);
             return;
         }
-        let mut sockets = self.client.read().await;
+        let mut sockets = self.client.read(figures.open).await;
         let gap = |f: &PoolFigures, s: &Option<crate::SocketCensus>| {
             s.as_ref().map(|s| i64::from(f.open) - i64::from(s.get("established")))
         };
@@ -252,7 +252,7 @@ impl Shared {
             tokio::time::sleep(CENSUS_RECHECK).await;
             figures = PoolFigures::of(&self.pool);
             self.gauges.pool(&figures);
-            sockets = self.client.read().await;
+            sockets = self.client.read(figures.open).await;
         }
         if linting() {
             self.update(|s| s.pool = figures);

@@ -118,13 +118,18 @@ impl ClientLedger {
 
     /// Reads the pool's sockets on Tokio's blocking pool (never on a runtime worker).
     /// `None`: no known peers (unix socket, not resolved yet) or the read failed.
-    pub(crate) async fn read(&self) -> Option<SocketCensus> {
-        let census = self.read_all().await?;
+    /// `pool_size` lets a steady pool's sockets be looked up one by one instead of dumped.
+    pub(crate) async fn read(&self, pool_size: u32) -> Option<SocketCensus> {
+        let census = self.read_sockets(Some(pool_size)).await?;
         Some(attribute(self.id, census, true))
     }
 
-    /// Every socket of the process to the peers, but poolwatch's own.
+    /// Every socket of the process to the peers, but poolwatch's own (a full read).
     pub(crate) async fn read_all(&self) -> Option<SocketCensus> {
+        self.read_sockets(None).await
+    }
+
+    async fn read_sockets(&self, hint: Option<u32>) -> Option<SocketCensus> {
         let peers = self.peers();
         if peers.is_empty() {
             return None;
@@ -133,7 +138,10 @@ impl ClientLedger {
         let id = self.id;
         let census = tokio::task::spawn_blocking(move || {
             let mut reader = reader.lock().ok()?;
-            reader.read(&peers).ok()
+            match hint {
+                Some(size) => reader.read_with_hint(&peers, size).ok(),
+                None => reader.read(&peers).ok(),
+            }
         })
         .await
         .ok()??;

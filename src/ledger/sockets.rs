@@ -150,6 +150,9 @@ pub struct SocketReader {
     ours: HashSet<u64>,
     /// Inodes of sockets to the peers known to be another process's.
     foreign: HashSet<u64>,
+    /// The process's sockets found by the last full read, and the hint it was taken with.
+    known: Vec<Row>,
+    known_hint: Option<(u32, Vec<SocketAddr>)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -160,6 +163,8 @@ struct Row {
     send_queue: u32,
     recv_queue: u32,
     inode: u64,
+    /// `inet_diag_sockid.idiag_cookie`: names the socket in an exact lookup.
+    cookie: [u8; 8],
 }
 
 impl SocketReader {
@@ -168,9 +173,37 @@ impl SocketReader {
         SocketReader::default()
     }
 
+    /// Like [`read`](Self::read), but cheaper while nothing changed: when `hint` (e.g. the
+    /// pool's `size()`) and `peers` are those of the last full read, each socket that read
+    /// found is looked up by its exact address pair (a hash lookup in the kernel) instead of
+    /// a dump (which walks the kernel's whole TCP hash table). Any socket gone, or another
+    /// hint, means a full read. Blocking.
+    #[cfg(target_os = "linux")]
+    pub fn read_with_hint(&mut self, peers: &[SocketAddr], hint: u32) -> std::io::Result<SocketCensus> {
+        let key = (hint, peers.to_vec());
+        if self.known_hint.as_ref() == Some(&key)
+            && !self.known.is_empty()
+            && let Some(dumper) = self.netlink.as_mut()
+            && let Ok(rows) = dumper.lookup(&self.known)
+            && rows.len() == self.known.len()
+        {
+            return Ok(SocketCensus::of(rows.iter().filter_map(client_socket).collect(), SocketSource::Netlink));
+        }
+        let census = self.read(peers)?;
+        self.known_hint = Some(key);
+        Ok(census)
+    }
+
+    /// Not Linux: no socket census.
+    #[cfg(not(target_os = "linux"))]
+    pub fn read_with_hint(&mut self, peers: &[SocketAddr], _: u32) -> std::io::Result<SocketCensus> {
+        self.read(peers)
+    }
+
     /// This process's sockets to `peers` (poolwatch's own included). Blocking.
     #[cfg(target_os = "linux")]
     pub fn read(&mut self, peers: &[SocketAddr]) -> std::io::Result<SocketCensus> {
+        self.known_hint = None;
         let peers: Vec<SocketAddr> = peers.iter().map(|p| SocketAddr::new(p.ip().to_canonical(), p.port())).collect();
         let (rows, source) = match self.dump(&peers) {
             Ok(rows) => (rows, SocketSource::Netlink),
@@ -199,18 +232,9 @@ impl SocketReader {
         let alive: HashSet<u64> = candidates.iter().map(|r| r.inode).collect();
         self.ours.retain(|i| alive.contains(i));
         self.foreign.retain(|i| alive.contains(i));
-        let sockets = candidates
-            .iter()
-            .filter(|r| self.ours.contains(&r.inode) && (1..=11).contains(&r.state))
-            .map(|r| ClientSocket {
-                local: r.local,
-                peer: r.remote,
-                state: TCP_STATES[usize::from(r.state) - 1],
-                send_queue: r.send_queue,
-                recv_queue: r.recv_queue,
-                inode: r.inode,
-            })
-            .collect();
+        let ours: Vec<Row> = candidates.iter().filter(|r| self.ours.contains(&r.inode)).map(|r| **r).collect();
+        let sockets = ours.iter().filter_map(client_socket).collect();
+        self.known = if source == SocketSource::Netlink { ours } else { Vec::new() };
         Ok(SocketCensus::of(sockets, source))
     }
 
@@ -239,6 +263,17 @@ impl SocketReader {
         }
         Ok(rows)
     }
+}
+
+fn client_socket(r: &Row) -> Option<ClientSocket> {
+    (1..=11).contains(&r.state).then(|| ClientSocket {
+        local: r.local,
+        peer: r.remote,
+        state: TCP_STATES[usize::from(r.state) - 1],
+        send_queue: r.send_queue,
+        recv_queue: r.recv_queue,
+        inode: r.inode,
+    })
 }
 
 fn same_peer(peer: &SocketAddr, remote: &SocketAddr) -> bool {
@@ -287,6 +322,7 @@ fn parse_row(line: &str) -> Option<Row> {
         send_queue: u32::from_str_radix(tx, 16).ok()?,
         recv_queue: u32::from_str_radix(rx, 16).ok()?,
         inode: f.get(9)?.parse().ok()?,
+        cookie: [0xff; 8],
     })
 }
 
@@ -381,6 +417,62 @@ mod netlink {
         }
     }
 
+    impl Dumper {
+        /// Each of `known` looked up by its exact address pair and cookie (no dump); a socket
+        /// that is gone, or another socket on the same pair, is left out.
+        pub(super) fn lookup(&mut self, known: &[Row]) -> std::io::Result<Vec<Row>> {
+            let mut found = Vec::with_capacity(known.len());
+            for k in known {
+                self.seq = self.seq.wrapping_add(1);
+                self.socket.send(&exact(k, self.seq), 0)?;
+                // The kernel answers an exact lookup while handling the request: never wait.
+                self.socket.set_non_blocking(true)?;
+                let received = self.socket.recv(&mut &mut self.buf[..], 0);
+                self.socket.set_non_blocking(false)?;
+                let n = received?;
+                let b = &self.buf[..n];
+                if n < 16 {
+                    continue;
+                }
+                let len = (u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize).min(n);
+                if u16::from_ne_bytes([b[4], b[5]]) == SOCK_DIAG_BY_FAMILY
+                    && let Some(row) = parse(&b[16..len]).filter(|r| r.inode == k.inode)
+                {
+                    found.push(row);
+                }
+            }
+            Ok(found)
+        }
+    }
+
+    /// `nlmsghdr` + `inet_diag_req_v2` naming one socket by its addresses, ports and cookie.
+    fn exact(k: &Row, seq: u32) -> Vec<u8> {
+        let family = if k.remote.is_ipv6() { AF_INET6 } else { AF_INET };
+        let addr = |a: &SocketAddr| -> [u8; 16] {
+            let mut b = [0u8; 16];
+            match a.ip() {
+                IpAddr::V4(ip) => b[..4].copy_from_slice(&ip.octets()),
+                IpAddr::V6(ip) => b.copy_from_slice(&ip.octets()),
+            }
+            b
+        };
+        let mut m = Vec::with_capacity(72);
+        m.extend_from_slice(&72u32.to_ne_bytes());
+        m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        m.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
+        m.extend_from_slice(&u32::MAX.to_ne_bytes());
+        m.extend_from_slice(&k.local.port().to_be_bytes());
+        m.extend_from_slice(&k.remote.port().to_be_bytes());
+        m.extend_from_slice(&addr(&k.local));
+        m.extend_from_slice(&addr(&k.remote));
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&k.cookie);
+        m
+    }
+
     /// `nlmsghdr` + `inet_diag_req_v2` + an `INET_DIAG_REQ_BYTECODE` attribute that keeps
     /// sockets whose destination is one of `peers`.
     fn request(peers: &[SocketAddr], seq: u32) -> Vec<u8> {
@@ -460,6 +552,7 @@ mod netlink {
             recv_queue: u32_at(56),
             send_queue: u32_at(60),
             inode: u64::from(u32_at(68)),
+            cookie: [m[44], m[45], m[46], m[47], m[48], m[49], m[50], m[51]],
         })
     }
 }
@@ -518,6 +611,31 @@ mod tests {
         drop(server_a);
         let closed = eventually_state(&mut reader, &peers, "close_wait");
         assert_eq!(closed, 1, "the peer hung up: close_wait");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn exact_lookups_follow_known_sockets_and_fall_back_to_a_dump() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = listener.local_addr().unwrap();
+        let a = std::net::TcpStream::connect(peer).unwrap();
+        let (_sa, _) = listener.accept().unwrap();
+        let mut reader = SocketReader::new();
+        let first = reader.read_with_hint(&[peer], 1).unwrap();
+        assert_eq!(first.get("established"), 1, "{first:?}");
+        assert!(reader.known_hint.is_some() && reader.known.len() == 1);
+        let steady = reader.read_with_hint(&[peer], 1).unwrap();
+        assert_eq!(steady, first, "looked up, same figures");
+        // A new socket with the same hint is not seen by lookups (that is what the hint
+        // promises); a socket gone is, and forces a dump.
+        let b = std::net::TcpStream::connect(peer).unwrap();
+        let (_sb, _) = listener.accept().unwrap();
+        assert_eq!(reader.read_with_hint(&[peer], 1).unwrap().get("established"), 1);
+        assert_eq!(reader.read_with_hint(&[peer], 2).unwrap().get("established"), 2, "a new hint dumps");
+        drop(a);
+        let after = reader.read_with_hint(&[peer], 2).unwrap();
+        assert_eq!(after.get("established"), 1, "a's socket left: {after:?}");
+        assert_eq!(after.sockets[0].local, b.local_addr().unwrap());
     }
 
     #[cfg(target_os = "linux")]
