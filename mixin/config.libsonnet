@@ -34,6 +34,7 @@
       PoolwatchStrandedSlots: '10m',
       PoolwatchFleetPhantomGapShare: '15m',
       PoolwatchFleetPhantomGapGrowing: '15m',
+      PoolwatchFleetGap: '10m',
     },
     // Leak drift: the gap grew in each of two consecutive windows this long (one pooler
     // reap is one step, not drift).

@@ -4,4 +4,5 @@
 (import 'config.libsonnet') +
 (import 'alerts.libsonnet') +
 (import 'rules.libsonnet') +
+(import 'fleet_gap.libsonnet') +
 (import 'dashboards/dashboards.libsonnet')

@@ -390,6 +390,26 @@ pub const POOLER_SERVER_CONNECTIONS: Metric = gauge(
     &[STATE],
 );
 
+// --- the ledger at fleet scale (issue 14) ---
+/// Label key of [`POOL_INFO`]: the pool's stable `application_name` tag
+/// ([`attribution::fleet_tag`](crate::attribution::fleet_tag)).
+pub const APPLICATION_NAME: &str = "application_name";
+/// The pool's connections without an established socket, read on every sample.
+pub const CLIENT_GAP: Metric = gauge(
+    "poolwatch_client_gap",
+    Unit::Count,
+    "Connections the pool counts as open minus its established TCP sockets, on every sample (no server cost). Above 0: slots whose connection the server or a pooler closed.",
+    &[],
+);
+/// 1, labelled with the pool's stable `application_name` tag: joins the pool's own counts
+/// with postgres_exporter's per-`application_name` counts (`alerts/fleet.rules.yml`).
+pub const POOL_INFO: Metric = gauge(
+    "poolwatch_pool_info",
+    Unit::Count,
+    "Always 1; application_name is the pool's stable tag on the server (the same in every replica), for joins with postgres_exporter.",
+    &[APPLICATION_NAME],
+);
+
 /// Every metric poolwatch emits.
 pub const ALL: &[Metric] = &[
     CONNECTION_COUNT,
@@ -440,7 +460,15 @@ pub const ALL: &[Metric] = &[
     POOLER_WAITING_CLIENTS,
     POOLER_MAX_WAIT,
     POOLER_SERVER_CONNECTIONS,
+    // --- the ledger at fleet scale (issue 14) ---
+    CLIENT_GAP,
+    POOL_INFO,
 ];
+
+/// Series the fleet rules read from postgres_exporter with poolwatch's query file
+/// (`alerts/postgres_exporter/queries.yaml`), not from poolwatch: server sessions by the
+/// pool's stable tag (`application_name`) and `state`.
+pub const EXPORTER_SESSIONS: &str = "pg_stat_activity_by_app_count";
 
 /// Looks a metric up by its Prometheus name (a histogram's `_bucket`, `_sum` and `_count`
 /// series resolve to the histogram).

@@ -11,10 +11,19 @@ pub struct Config {
     /// The `db_client_connection_pool_name` label value. 1-64 characters from
     /// `A-Z a-z 0-9 _ - . :`. No default: you name the pool.
     pub pool_name: String,
-    /// How often the pool's own gauges are sampled. Default 5 s.
+    /// How often the pool's own gauges and its client-side ledger (its sockets against its
+    /// count; no server cost) are sampled. Default 5 s.
     pub sample_interval: Duration,
-    /// How often the server census runs (`pg_stat_activity` + own sockets). Default 15 s.
+    /// How often the server census (`pg_stat_activity`) runs, each wait drawn within ±20 % so
+    /// replicas spread out. It also runs at once when the client-side ledger disagrees with
+    /// the pool (at most once per 10 `sample_interval`s). Default 900 s (see README
+    /// "Performance" for the cost per replica).
     pub census_interval: Duration,
+    /// How often the per-address reachability probe runs when nothing is wrong (±20 %); it
+    /// also runs when connects fail or slow down (census or heartbeat connect failures,
+    /// acquire errors and timeouts, creates slower than 1 s). Each probe costs the server a
+    /// forked backend. Default 10800 s (3 h).
+    pub reach_interval: Duration,
     /// Connect and statement timeout of the census's dedicated connection. Default 5 s; at
     /// most 2,147,483,647 ms (PostgreSQL's limit for `statement_timeout`).
     pub census_timeout: Duration,
@@ -92,7 +101,8 @@ impl Config {
         Config {
             pool_name: pool_name.into(),
             sample_interval: Duration::from_secs(5),
-            census_interval: Duration::from_secs(15),
+            census_interval: Duration::from_secs(900),
+            reach_interval: Duration::from_secs(10800),
             census_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(5),
@@ -194,6 +204,12 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::reach_interval`].
+    pub fn reach_interval(mut self, every: Duration) -> Self {
+        self.reach_interval = every;
+        self
+    }
+
     /// Sets [`Config::census_timeout`].
     pub fn census_timeout(mut self, timeout: Duration) -> Self {
         self.census_timeout = timeout;
@@ -225,6 +241,7 @@ impl Config {
         for (field, value) in [
             ("sample_interval", self.sample_interval),
             ("census_interval", self.census_interval),
+            ("reach_interval", self.reach_interval),
             ("census_timeout", self.census_timeout),
             ("heartbeat_interval", self.heartbeat_interval),
             ("heartbeat_timeout", self.heartbeat_timeout),
@@ -380,6 +397,7 @@ mod tests {
             (Config::new("x".repeat(65)), "pool_name"),
             (Config::new("a").sample_interval(Duration::ZERO), "sample_interval"),
             (Config::new("a").census_interval(Duration::ZERO), "census_interval"),
+            (Config::new("a").reach_interval(Duration::ZERO), "reach_interval"),
             (Config::new("a").census_timeout(Duration::ZERO), "census_timeout"),
             (Config::new("a").heartbeat_interval(Duration::ZERO), "heartbeat_interval"),
             (Config::new("a").heartbeat_timeout(Duration::ZERO), "heartbeat_timeout"),

@@ -4,9 +4,9 @@ use std::sync::OnceLock;
 
 use metrics::{Counter, Gauge, counter, gauge};
 
-use crate::catalog::{self, CAUSE, CONNECTION_STATE, POOL_NAME, STATE};
+use crate::catalog::{self, APPLICATION_NAME, CAUSE, CONNECTION_STATE, POOL_NAME, STATE};
 use crate::ledger::census::SESSION_STATES;
-use crate::ledger::sockets::TCP_STATES;
+use crate::ledger::sockets::{SocketCensus, TCP_STATES};
 use crate::{Cause, Detail, PoolFigures, Snapshot};
 
 /// Session states whose count is exported from the start at [`Detail::Standard`] (the others
@@ -84,6 +84,9 @@ pub(crate) struct Gauges {
     /// Registered at the first successful census: a figure nobody has measured yet is absent
     /// from `/metrics`, not 0 (a 0 phantom count would read "healthy").
     measured: OnceLock<Measured>,
+    /// Registered at the first sample that read the pool's sockets (absent for a unix socket
+    /// or off Linux): `poolwatch_client_sockets` by state and `poolwatch_client_gap`.
+    client: OnceLock<(Vec<LazyGauge>, Gauge)>,
 }
 
 /// The census-derived gauges; at [`Detail::Standard`] the state families register their
@@ -95,7 +98,6 @@ struct Measured {
     lock_waiters: Gauge,
     advisory_locks: Gauge,
     advisory_locks_max: LazyGauge,
-    sockets: OnceLock<Vec<LazyGauge>>,
     /// Only once a census gives a gap (behind a pooler without its console it never does).
     phantom: std::sync::OnceLock<Gauge>,
 }
@@ -115,7 +117,6 @@ impl Measured {
                 vec![(POOL_NAME, p.to_owned())],
                 detail == Detail::Full,
             ),
-            sockets: OnceLock::new(),
             phantom: std::sync::OnceLock::new(),
         }
     }
@@ -167,6 +168,7 @@ impl Gauges {
             census_up: plain(catalog::CENSUS_UP.name),
             census_duration: OnceLock::new(),
             measured: OnceLock::new(),
+            client: OnceLock::new(),
             pool_name: p,
             detail,
         };
@@ -198,6 +200,25 @@ impl Gauges {
         self.min.set(f.min);
     }
 
+    /// Publishes the pool's stable tag (one series per pool).
+    pub(crate) fn info(&self, fleet_tag: &str) {
+        gauge!(catalog::POOL_INFO.name, POOL_NAME => self.pool_name.clone(), APPLICATION_NAME => fleet_tag.to_owned())
+            .set(1);
+    }
+
+    /// Publishes the client-side ledger of one sample.
+    pub(crate) fn sockets(&self, sockets: &SocketCensus, gap: i64) {
+        let (by_state, client_gap) = self.client.get_or_init(|| {
+            let p = &self.pool_name;
+            let by_state = by_state(catalog::CLIENT_SOCKETS.name, p, STATE, &TCP_STATES, EAGER_TCP_STATES, self.detail);
+            (by_state, gauge!(catalog::CLIENT_GAP.name, POOL_NAME => p.clone()))
+        });
+        for (g, n) in by_state.iter().zip(sockets.counts) {
+            g.set(f64::from(n));
+        }
+        client_gap.set(gap as f64);
+    }
+
     /// Publishes a successful census.
     pub(crate) fn census(&self, s: &Snapshot, seconds: f64) {
         self.pool(&s.pool);
@@ -212,21 +233,6 @@ impl Gauges {
             m.lock_waiters.set(server.lock_waiters);
             m.advisory_locks.set(server.advisory_locks);
             m.advisory_locks_max.set(f64::from(server.advisory_locks_max_per_session));
-        }
-        if let Some(sockets) = &s.sockets {
-            let gauges = m.sockets.get_or_init(|| {
-                by_state(
-                    catalog::CLIENT_SOCKETS.name,
-                    &self.pool_name,
-                    STATE,
-                    &TCP_STATES,
-                    EAGER_TCP_STATES,
-                    self.detail,
-                )
-            });
-            for (g, n) in gauges.iter().zip(sockets.counts) {
-                g.set(f64::from(n));
-            }
         }
         if let Some(phantom) = s.phantom {
             let p = &self.pool_name;

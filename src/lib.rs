@@ -48,7 +48,9 @@ pub use ledger::attribution::NetworkPath;
 pub use ledger::census::{CENSUS_SQL, SESSION_STATES, ServerCensus};
 pub use ledger::pooler::PoolerFigures;
 pub use ledger::snapshot::{PoolFigures, Snapshot};
-pub use ledger::sockets::{SocketCensus, SocketQueue, TCP_STATES};
+pub use ledger::sockets::{
+    ClientSocket, SocketCensus, SocketQueue, SocketReader, SocketSource, TCP_STATES, process_sockets,
+};
 pub use listener::status::ListenerHealth;
 pub use listener::watched::{ListenerConfig, WatchedListener};
 pub use watch::{PoolWatch, instrument_pool};

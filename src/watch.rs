@@ -2,9 +2,9 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
@@ -21,6 +21,7 @@ use crate::health::heartbeat::Heartbeat;
 use crate::health::reach::Reach;
 use crate::health::report::{self, GapHealth, WaitHealth};
 use crate::ledger::attribution::Tag;
+use crate::ledger::client::ClientLedger;
 use crate::ledger::ended::{Evidence, Ledger, Seen, Vanished};
 use crate::ledger::pooler::{self, PoolerConnection};
 use crate::ledger::{census, sockets};
@@ -34,8 +35,8 @@ static LIVE: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 /// How many censuses' gaps the health report looks at for a trend.
 const GAP_READINGS: usize = 5;
 
-/// Pause before a census re-reads an unsettled or gapped reading.
-const CENSUS_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
+/// Pause before a census or a sample re-reads an unsettled or gapped reading.
+const CENSUS_RECHECK: Duration = Duration::from_millis(50);
 
 /// Starts watching `pool`: samples its counters, takes the server and socket census, and
 /// publishes both through the `metrics` facade (to whatever recorder the app installed).
@@ -105,14 +106,22 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
              Call instrument_pool right after creating the pool."
         );
     }
+    let direct = DirectConnection::new(
+        config.direct_connect_options.as_ref().map_or(&*options, |d| &d.0),
+        &tag.census_app_name,
+        config.census_timeout,
+    );
+    let client = ClientLedger::new(Arc::clone(&direct.port_cell));
+    let gauges = Gauges::new(&config.pool_name, config.detail);
+    gauges.info(&tag.stable);
     let shared = Arc::new(Shared {
-        direct: tokio::sync::Mutex::new(DirectConnection::new(
-            config.direct_connect_options.as_ref().map_or(&*options, |d| &d.0),
-            &tag.census_app_name,
-            config.census_timeout,
-        )),
+        direct: tokio::sync::Mutex::new(direct),
+        client,
+        census_wanted: tokio::sync::Notify::new(),
+        disagreement: Mutex::new((0, 0)),
+        reach_seen: AtomicU64::new(u64::MAX),
         heartbeat: Heartbeat::new(&config.pool_name, config.detail),
-        gauges: Gauges::new(&config.pool_name, config.detail),
+        gauges,
         pooler_gauges: pooler.as_ref().map(|_| PoolerGauges::new(&config.pool_name)),
         pooler,
         path,
@@ -217,9 +226,12 @@ impl PoolWatch {
         self.shared.latest()
     }
 
-    /// Takes a census now, publishes it, and returns the figures.
+    /// Takes a server census and a sample (the client-side ledger) now, publishes both, and
+    /// returns the figures.
     pub async fn census_now(&self) -> Result<Snapshot, Cause> {
-        self.shared.census().await
+        self.shared.census().await?;
+        self.shared.sample().await;
+        Ok(self.shared.latest())
     }
 
     /// The watched pool handle: use it instead of the bare pool so acquires are timed and
@@ -238,6 +250,21 @@ impl PoolWatch {
     /// How this watch attributes sessions: the declared or inferred [`NetworkPath`].
     pub fn network_path(&self) -> NetworkPath {
         self.shared.path
+    }
+
+    /// The part of [`application_name`](Self::application_name) every replica shares (the
+    /// `application_name` label of `poolwatch_pool_info`): see
+    /// [`fleet_tag`](crate::attribution::fleet_tag).
+    pub fn fleet_tag(&self) -> &str {
+        &self.shared.tag.stable
+    }
+
+    /// Samples now: the pool's counters and its client-side ledger (its sockets; no server
+    /// cost), published like a background sample. The socket read runs on Tokio's blocking
+    /// pool.
+    pub async fn sample_now(&self) -> Snapshot {
+        self.shared.sample().await;
+        self.shared.latest()
     }
 
     /// A handle the app ticks per unit of work done with this pool: see [`Progress`](crate::Progress).
@@ -284,6 +311,13 @@ struct Shared {
     heartbeat: Heartbeat,
     probe: Arc<Probe>,
     direct: tokio::sync::Mutex<DirectConnection>,
+    client: ClientLedger,
+    /// Woken when the client-side ledger disagrees with the pool: a census runs at once.
+    census_wanted: tokio::sync::Notify,
+    /// The (client gap, unattributed sockets) that last woke a census.
+    disagreement: Mutex<(i64, u32)>,
+    /// The connect-trouble count when the reachability probe last ran.
+    reach_seen: AtomicU64,
     latest: Mutex<Snapshot>,
     untagged: Mutex<Vec<PoolConnection<Postgres>>>,
     retagged: tokio::sync::OnceCell<()>,
@@ -324,12 +358,78 @@ impl Shared {
         }
     }
 
-    fn sample(&self) {
-        let figures = PoolFigures::of(&self.pool);
+    /// The pool's counters and its client-side ledger. A gap is read again 50 ms later (a
+    /// connection being opened or closed disagrees for a moment); a gap still there that
+    /// differs from the last one wakes a census.
+    async fn sample(&self) {
+        let mut figures = PoolFigures::of(&self.pool);
         self.gauges.pool(&figures);
-        self.update(|s| s.pool = figures);
+        let linting = || self.heartbeat.linting.load(Ordering::Relaxed);
+        if linting() {
+            // The lint's short-lived connection would read as a socket the pool does not count.
+            self.update(|s| s.pool = figures);
+            return;
+        }
         self.probe.sample_waiters();
         self.stranded.sample(&self.pool, self.probe.leaks.checked_out());
+        let mut sockets = self.client.read(figures.open).await;
+        let gap = |f: &PoolFigures, s: &Option<crate::SocketCensus>| {
+            s.as_ref().map(|s| i64::from(f.open) - i64::from(s.get("established")))
+        };
+        if gap(&figures, &sockets).is_some_and(|g| g != 0) {
+            tokio::time::sleep(CENSUS_RECHECK).await;
+            figures = PoolFigures::of(&self.pool);
+            self.gauges.pool(&figures);
+            sockets = self.client.read(figures.open).await;
+        }
+        if linting() {
+            self.update(|s| s.pool = figures);
+            return;
+        }
+        let client_gap = gap(&figures, &sockets);
+        if let Some(s) = &sockets {
+            // Send queues are watched at every sample (a census is rare).
+            self.send_queues.update(s);
+        }
+        if let (Some(s), Some(g)) = (&sockets, client_gap) {
+            self.gauges.sockets(s, g);
+            let now = (g, s.unattributed);
+            let wake = self.disagreement.lock().is_ok_and(|mut last| {
+                let changed = *last != now;
+                *last = now;
+                changed && now != (0, 0)
+            });
+            if wake {
+                tracing::debug!(pool = %self.config.pool_name, client_gap = g, unattributed = s.unattributed, "client-side ledger disagrees with the pool; census now");
+                self.census_wanted.notify_one();
+            }
+        }
+        self.update(|s| {
+            s.pool = figures;
+            s.sockets = sockets;
+            s.client_gap = client_gap;
+        });
+    }
+
+    /// Connect trouble seen since the last reachability probe (census or heartbeat connect
+    /// failures, acquire errors, slow creates).
+    fn connect_trouble(&self) -> u64 {
+        let hb = self.heartbeat.figures();
+        let census = u64::from(self.census_failing.load(Ordering::Relaxed));
+        self.probe.trouble.load(Ordering::Relaxed) + hb.pool.failures + hb.direct.failures + census
+    }
+
+    /// Probes reachability when connects failed or slowed down since the last probe, or when
+    /// `scheduled`.
+    async fn reach_if_due(&self, scheduled: bool) -> bool {
+        let trouble = self.connect_trouble();
+        if !scheduled && self.reach_seen.load(Ordering::Relaxed) == trouble {
+            return false;
+        }
+        self.reach_seen.store(trouble, Ordering::Relaxed);
+        // The probes' sockets are left out of any socket census by port (`OwnPort`).
+        self.reach.run(&self.pool.connect_options(), self.config.census_timeout).await;
+        true
     }
 
     async fn census(&self) -> Result<Snapshot, Cause> {
@@ -357,17 +457,23 @@ impl Shared {
                 }
                 self.gauges.census(&snapshot, seconds);
                 self.probe.census_seen(&snapshot);
-                if let Some(sockets) = &snapshot.sockets {
-                    self.send_queues.update(sockets);
-                }
                 if let (Some(p), Ok(mut gaps)) = (snapshot.phantom, self.gaps.lock()) {
                     if gaps.len() == GAP_READINGS {
                         gaps.pop_front();
                     }
                     gaps.push_back(p);
                 }
-                self.update(|s| *s = snapshot.clone());
-                Ok(snapshot)
+                self.update(|s| {
+                    // The sample's sockets (the client-side ledger) stay; the census's own
+                    // listing stands in until a sample has read them.
+                    let (sockets, client_gap) = (s.sockets.take(), s.client_gap);
+                    *s = snapshot.clone();
+                    if sockets.is_some() {
+                        s.sockets = sockets;
+                    }
+                    s.client_gap = client_gap;
+                });
+                Ok(self.latest())
             }
             Err(cause) => {
                 if !self.census_failing.swap(true, Ordering::Relaxed) {
@@ -518,14 +624,23 @@ impl Shared {
                 g.set(figures);
             }
             let ended_total = self.latest().sessions_ended + ended_now.len() as u64;
+            let peer = peers.as_ref().and_then(|p| p.first().copied());
+            drop(direct);
+            // Peers are resolved here, rarely; every sample reuses them.
+            self.client.set_peers(peers.as_deref().unwrap_or_default());
+            // The process's sockets right after: established ones that are none of the pool's
+            // sessions belong to other clients of the app (only while the pool's count stood still).
+            let then = self.client.read_all().await.filter(|_| self.pool.size() == pool.open);
+            self.client.learn(&server.client_ports, then.as_ref());
             return Ok(Snapshot {
                 phantom: real.map(|r| i64::from(pool.open) - i64::from(r)),
                 pool,
                 server: Some(server),
-                sockets: list.map(|l| sockets::SocketCensus::of(&l)),
+                sockets: list.zip(peer).map(|(l, peer)| sockets::SocketCensus::of_list(&l, peer)),
                 census_up: true,
                 pooler: pooler_view.map(|(f, _, _)| f),
                 sessions_ended: ended_total,
+                client_gap: None,
             });
         }
     }
@@ -582,27 +697,93 @@ async fn watch_until_stopped(shared: &Shared, mut stop: oneshot::Receiver<()>) {
         _ = shared.retagged.get_or_init(|| shared.retag_idle()) => {}
     }
     let mut sample = tokio::time::interval(shared.config.sample_interval);
-    let mut census = tokio::time::interval(shared.config.census_interval);
     sample.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    census.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let scan_every = shared.probe.leaks.scan_every();
-    let mut leak_scan = tokio::time::interval(scan_every.unwrap_or(std::time::Duration::from_secs(3600)));
+    let mut leak_scan = tokio::time::interval(scan_every.unwrap_or(Duration::from_secs(3600)));
     leak_scan.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The first census and probe at once (they learn the peers and the ports), then each
+    // on its own jittered schedule.
+    let census_at = tokio::time::sleep(Duration::ZERO);
+    let reach_at = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(census_at, reach_at);
+    let mut first_census = true;
+    let floor = shared.config.sample_interval * 10;
+    let mut last_census: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = &mut stop => break,
             _ = &mut closed => break,
-            _ = sample.tick() => shared.sample(),
-            _ = leak_scan.tick(), if scan_every.is_some() => { shared.probe.leaks.scan(); }
-            _ = census.tick() => tokio::select! {
+            _ = sample.tick() => tokio::select! {
                 _ = &mut stop => break,
                 _ = &mut closed => break,
                 _ = async {
-                    let _ = shared.census().await;
-                    // After the census; the probes' sockets are left out of any census by port (`OwnPort`).
-                    shared.reach.run(&shared.pool.connect_options(), shared.config.census_timeout).await;
+                    shared.sample().await;
+                    shared.reach_if_due(false).await;
                 } => {}
             },
+            _ = leak_scan.tick(), if scan_every.is_some() => { shared.probe.leaks.scan(); }
+            _ = &mut reach_at, if !first_census => tokio::select! {
+                _ = &mut stop => break,
+                _ = &mut closed => break,
+                _ = shared.reach_if_due(true) => {
+                    reach_at.as_mut().reset(tokio::time::Instant::now() + jitter(shared.config.reach_interval));
+                }
+            },
+            wanted = async {
+                tokio::select! {
+                    _ = &mut census_at => false,
+                    _ = shared.census_wanted.notified() => true,
+                }
+            } => {
+                let now = tokio::time::Instant::now();
+                if let Some(at) = last_census.filter(|at| wanted && now < *at + floor) {
+                    // Censuses run by disagreements: at most one per 10 samples; later ones
+                    // wait for that (a flapping gap cannot turn into a census per sample).
+                    if census_at.deadline() > at + floor {
+                        census_at.as_mut().reset(at + floor);
+                    }
+                    continue;
+                }
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = &mut closed => break,
+                    _ = shared.census() => {
+                        last_census = Some(tokio::time::Instant::now());
+                        if wanted {
+                            tracing::debug!(pool = %shared.config.pool_name, "census run by the client-side ledger");
+                        }
+                        census_at.as_mut().reset(tokio::time::Instant::now() + jitter(shared.config.census_interval));
+                        if std::mem::take(&mut first_census) {
+                            // The first census resolved the peers: the ledger can read sockets now.
+                            shared.sample().await;
+                        }
+                    }
+                }
+            }
         }
+    }
+}
+
+/// `every` ±20 %, drawn afresh each time, so replicas started together spread out.
+fn jitter(every: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    let unit = (h.finish() >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+    every.mul_f64(0.8 + 0.4 * unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_20_percent_and_varies() {
+        let every = Duration::from_secs(300);
+        let draws: Vec<Duration> = (0..200).map(|_| jitter(every)).collect();
+        assert!(draws.iter().all(|d| *d >= every.mul_f64(0.8) && *d <= every.mul_f64(1.2)), "{draws:?}");
+        let distinct: std::collections::HashSet<_> = draws.iter().collect();
+        assert!(distinct.len() > 100, "draws vary: {}", distinct.len());
     }
 }

@@ -10,7 +10,7 @@ mod support;
 
 use std::time::Duration;
 
-use poolwatch::{Config, HealthStatus, instrument_pool};
+use poolwatch::{Config, HealthStatus, NetworkPath, instrument_pool};
 use sqlx::Executor;
 use sqlx::postgres::PgPoolOptions;
 use support::proxy::{Cut, Proxy};
@@ -29,7 +29,9 @@ async fn a_silent_peer_strands_a_slot_and_its_send_queue_never_drains() {
         .connect_with(cluster.options().port(proxy.port()))
         .await
         .unwrap();
+    // A TCP proxy rewrites the client ports the server sees: declared, as README says.
     let config = Config::new("silent")
+        .network_path(NetworkPath::Nat)
         .sample_interval(Duration::from_millis(50))
         .census_interval(Duration::from_millis(100))
         .send_queue_stuck_after(Duration::from_millis(500))

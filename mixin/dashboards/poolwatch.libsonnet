@@ -318,5 +318,26 @@ local d = import '../lib/dashboard.libsonnet';
         ),
       ],
     },
+    {
+      title: "Fleet: the ledger on every sample and across every replica",
+      panels: [
+        d.panel(
+          "Client gap (pool open − established sockets), every sample",
+          "Per instance: connections the pool counts minus its established TCP sockets, read on every sample from the kernel (no server cost). Above 0: slots whose connection the server or a pooler closed (a leaked slot, incident 1) or half-closed (close_wait). Below 0: sockets to the database the pool does not count, until the next census tells them apart. A change runs a server census at once.",
+          "short",
+          [
+            ["max by (db_client_connection_pool_name, instance) (poolwatch_client_gap{%(sel)s})", "{{db_client_connection_pool_name}} {{instance}}"],
+          ],
+        ),
+        d.panel(
+          "Fleet gap per pool (all replicas believed − server real, via postgres_exporter)",
+          "Per pool across every replica: what the pools believe open minus the server sessions postgres_exporter counts for the pool's stable tag (application_name). Needs alerts/fleet.rules.yml and postgres_exporter with alerts/postgres_exporter/queries.yaml. Above 0 for 10 min: PoolwatchFleetGap; find the replica with the client gap above.",
+          "short",
+          [
+            ["max by (db_client_connection_pool_name, application_name) (application_name:poolwatch_fleet_gap_connections:sum * on (application_name) group_left () max by (application_name) (poolwatch_pool_info{%(sel)s}))", "{{db_client_connection_pool_name}} ({{application_name}})"],
+          ],
+        ),
+      ],
+    },
   ]),
 }

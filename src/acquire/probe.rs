@@ -67,6 +67,9 @@ pub(crate) struct Probe {
     census: Mutex<Option<(Instant, Snapshot)>>,
     last_warn: Mutex<Option<Instant>>,
     suppressed: AtomicU64,
+    /// Connect trouble seen by acquires (errors, timeouts, creates over [`SLOW_CREATE`]):
+    /// a change makes the reachability probe run.
+    pub(crate) trouble: std::sync::atomic::AtomicU64,
 }
 
 /// Acquires waiting now and since when: entered only when an acquire has to wait, so an
@@ -119,6 +122,9 @@ pub(crate) struct Exhaustion {
     pub(crate) census: String,
 }
 
+/// A new connection slower than this is connect trouble worth a reachability probe.
+const SLOW_CREATE: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Probe {
     pub(crate) fn new(pool: &PgPool, config: &Config) -> Probe {
         let p = config.pool_name.clone();
@@ -135,6 +141,7 @@ impl Probe {
             census: Mutex::new(None),
             last_warn: Mutex::new(None),
             suppressed: AtomicU64::new(0),
+            trouble: std::sync::atomic::AtomicU64::new(0),
             host: options.get_host().to_owned(),
             port: options.get_port(),
             pool: pool.clone(),
@@ -175,6 +182,9 @@ impl Probe {
         if let Some(at) = connected {
             let took = at.saturating_duration_since(started);
             self.create.record(took.as_secs_f64());
+            if took > SLOW_CREATE {
+                self.trouble.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             acquire_spans::connected(self, span, took, None);
         }
         match result {
@@ -185,6 +195,9 @@ impl Probe {
             }
             Err(err) => {
                 let cause = Cause::of(&err);
+                if cause != Cause::PoolClosed {
+                    self.trouble.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 match cause {
                     Cause::PoolTimedOut => {
                         self.timeouts.increment(1);

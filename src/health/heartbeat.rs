@@ -117,6 +117,8 @@ struct State {
 #[derive(Debug)]
 pub(crate) struct Heartbeat {
     pool_name: String,
+    /// While the lint's short-lived connection is open (the client-side ledger would count it).
+    pub(crate) linting: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     duration: [Histogram; 2],
     up: [Gauge; 2],
@@ -134,6 +136,7 @@ impl Heartbeat {
     pub(crate) fn new(pool_name: &str, detail: crate::Detail) -> Heartbeat {
         let p = || pool_name.to_owned();
         Heartbeat {
+            linting: std::sync::atomic::AtomicBool::new(false),
             duration: PATHS.map(|path| histogram!(catalog::HEARTBEAT_DURATION.name, POOL_NAME => p(), PATH => path)),
             up: PATHS.map(|path| gauge!(catalog::HEARTBEAT_UP.name, POOL_NAME => p(), PATH => path)),
             // Standard detail: a hazard's series exists once it was found (then 1, or 0 once
@@ -383,7 +386,10 @@ impl Heartbeat {
             let _ = conn.close().await;
             settings
         };
-        let settings = match tokio::time::timeout(timeout, read).await {
+        self.linting.store(true, std::sync::atomic::Ordering::Relaxed);
+        let outcome = tokio::time::timeout(timeout, read).await;
+        self.linting.store(false, std::sync::atomic::Ordering::Relaxed);
+        let settings = match outcome {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::debug!(pool = %self.pool_name, cause = %Cause::of(&e), "poolwatch could not read the server settings; the hazard lint will retry");

@@ -51,6 +51,8 @@ const MAX_APP_NAME: usize = 63;
 pub(crate) struct Tag {
     /// The full `application_name` of the pool's connections.
     pub(crate) pool_app_name: String,
+    /// The stable part of it ([`stable_tag`]): `pool_app_name` itself unless it carries a nonce.
+    pub(crate) stable: String,
     /// The `application_name` of poolwatch's own dedicated connection (never counted).
     pub(crate) census_app_name: String,
 }
@@ -60,14 +62,12 @@ impl Tag {
     /// be matched. poolwatch's own connection gets a stable name in both cases.
     pub(crate) fn new(user_app_name: Option<&str>, pool_name: &str, nonce: bool) -> Tag {
         let pool: String = pool_name.chars().take(16).collect();
-        let suffix = match nonce {
-            true => format!("pw:{pool}:{}", random_nonce()),
-            false => format!("pw:{pool}"),
+        let stable = with_user_name(user_app_name, &format!("pw:{pool}"));
+        let pool_app_name = match nonce {
+            true => with_user_name(user_app_name, &format!("pw:{pool}:{}", random_nonce())),
+            false => stable.clone(),
         };
-        Tag {
-            pool_app_name: with_user_name(user_app_name, &suffix),
-            census_app_name: format!("poolwatch-census:{pool}"),
-        }
+        Tag { pool_app_name, stable, census_app_name: format!("poolwatch-census:{pool}") }
     }
 }
 
@@ -87,6 +87,35 @@ fn with_user_name(user_app_name: Option<&str>, suffix: &str) -> String {
         None => suffix.to_owned(),
     }
 }
+
+/// The part of a pool's `application_name` that is the same in every replica and across
+/// restarts: `<your application_name> pw:<pool>`, without a per-process suffix. The fleet
+/// join (`alerts/fleet.rules.yml`) matches it with the `application_name` label of the
+/// postgres_exporter query in `alerts/postgres_exporter/queries.yaml`, which strips the same
+/// suffix; `poolwatch_pool_info` carries it. A name without poolwatch's tag is returned whole.
+///
+/// ```
+/// use poolwatch::attribution::fleet_tag;
+/// assert_eq!(fleet_tag("api pw:main:0123456789"), "api pw:main");
+/// assert_eq!(fleet_tag("api pw:main"), "api pw:main");
+/// assert_eq!(fleet_tag("psql"), "psql");
+/// ```
+pub fn fleet_tag(application_name: &str) -> &str {
+    let Some(at) = application_name.rfind("pw:") else { return application_name };
+    match application_name.rsplit_once(':') {
+        Some((head, nonce))
+            if head.len() > at + 3
+                && nonce.len() == NONCE_LEN
+                && nonce.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) =>
+        {
+            head
+        }
+        _ => application_name,
+    }
+}
+
+/// Hex digits of the per-process suffix (40 random bits).
+const NONCE_LEN: usize = 10;
 
 /// `app_name` without a poolwatch tag at its end (a pool instrumented again after its first
 /// watch was dropped keeps one tag, not two).
@@ -142,5 +171,19 @@ mod tests {
         assert_eq!(without_tag("api pw:main"), "api");
         assert_eq!(without_tag("api pw:main:nothex"), "api pw:main:nothex");
         assert_eq!(without_tag("api"), "api");
+    }
+
+    #[test]
+    fn the_fleet_tag_drops_only_the_per_process_suffix() {
+        let a = Tag::new(Some("api"), "main", true);
+        let b = Tag::new(Some("api"), "main", true);
+        assert_eq!(fleet_tag(&a.pool_app_name), "api pw:main");
+        assert_eq!(fleet_tag(&a.pool_app_name), fleet_tag(&b.pool_app_name));
+        assert_eq!(fleet_tag(&a.pool_app_name), stable_tag(Some("api"), "main"), "the stable tag");
+        assert_eq!(a.stable, stable_tag(Some("api"), "main"));
+        assert_eq!(fleet_tag(&Tag::new(None, "a:b", false).pool_app_name), "pw:a:b");
+        assert_eq!(fleet_tag("pw:a:b"), "pw:a:b", "a pool name with a colon is not a suffix");
+        assert_eq!(fleet_tag("x pw:0123456789"), "x pw:0123456789", "no pool part before it");
+        assert_eq!(fleet_tag("poolwatch-census:main:0123456789"), "poolwatch-census:main:0123456789");
     }
 }

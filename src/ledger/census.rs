@@ -32,6 +32,9 @@ pub struct ServerCensus {
     pub advisory_locks: u32,
     /// The most advisory locks any one of the pool's sessions holds.
     pub advisory_locks_max_per_session: u32,
+    /// The client ports of the pool's sessions (TCP only), sorted: the client-side ledger
+    /// tells apart the sockets of two pools to one address by them.
+    pub client_ports: Vec<u16>,
 }
 
 impl ServerCensus {
@@ -109,7 +112,9 @@ pub(crate) fn aggregate<'a>(sessions: impl Iterator<Item = &'a Session>) -> Serv
         census.lock_waiters += u32::from(s.waiting);
         census.advisory_locks += s.advisory;
         census.advisory_locks_max_per_session = census.advisory_locks_max_per_session.max(s.advisory);
+        census.client_ports.extend(s.port);
     }
+    census.client_ports.sort_unstable();
     census
 }
 
