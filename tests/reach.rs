@@ -105,6 +105,7 @@ async fn watched_pool_exports_each_address_up_down_and_connect_time() {
     let pool = PgPoolOptions::new().max_connections(4).connect_with(options.clone()).await.unwrap();
     let timeout = Duration::from_millis(500);
     let config = Config::new("reach")
+        .detail(poolwatch::Detail::Full) // per-address series are Detail::Full
         .sample_interval(Duration::from_millis(100))
         .census_interval(Duration::from_millis(200))
         .census_timeout(timeout);
@@ -169,7 +170,8 @@ async fn watched_pool_at_localhost_resolves_the_name() {
     let cluster = Cluster::start();
     let options = cluster.options().host("localhost");
     let pool = PgPoolOptions::new().max_connections(2).connect_with(options).await.unwrap();
-    let config = Config::new("reach_localhost").census_interval(Duration::from_millis(200));
+    let config =
+        Config::new("reach_localhost").detail(poolwatch::Detail::Full).census_interval(Duration::from_millis(200));
     let watch = instrument_pool(&pool, config).unwrap();
     let server = format!("127.0.0.1:{}", cluster.port());
     let labels = [(POOL, "reach_localhost"), (ADDRESS, server.as_str())];
