@@ -39,7 +39,6 @@ async fn main() {
         let (before, queries_before) = (count_sets(&log), count_queries(&log));
         let started = Instant::now();
         let mut tasks = Vec::new();
-        let mut watches = Vec::new();
         for p in 0..processes {
             let pool =
                 PgPoolOptions::new().max_connections(2).connect_lazy_with(bouncer.options().application_name("api"));
@@ -52,7 +51,10 @@ async fn main() {
             if let Some(path) = path {
                 config = config.network_path(path);
             }
-            watches.push(instrument_pool(&pool, config).unwrap());
+            // These pools stand for separate processes, but live in one: a process may watch
+            // one pool per name, so each watch is dropped once it has tagged its pool (the tag
+            // stays on the pool's connect options; only the tag matters to PgBouncer).
+            drop(instrument_pool(&pool, config).unwrap());
             tasks.push(tokio::spawn(async move {
                 for _ in 0..per_pool {
                     pool.execute(sqlx::raw_sql("SELECT 1")).await.unwrap();
@@ -82,7 +84,6 @@ async fn main() {
             sets as f64 * 1000.0 / ran.max(1) as f64,
             transactions as f64 / took.as_secs_f64()
         );
-        drop(watches);
     }
 }
 

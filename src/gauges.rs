@@ -96,7 +96,7 @@ struct Measured {
     server: Vec<LazyGauge>,
     longest: Vec<LazyGauge>,
     lock_waiters: Gauge,
-    advisory_locks: Gauge,
+    advisory_locks: LazyGauge,
     advisory_locks_max: LazyGauge,
     /// Only once a census gives a gap (behind a pooler without its console it never does).
     phantom: std::sync::OnceLock<Gauge>,
@@ -110,7 +110,12 @@ impl Measured {
             server: sessions(catalog::SERVER_CONNECTIONS.name, EAGER_SESSION_STATES),
             longest: sessions(catalog::SERVER_LONGEST_IN_STATE.name, EAGER_LONGEST_STATES),
             lock_waiters: plain(catalog::SERVER_LOCK_WAITERS.name),
-            advisory_locks: plain(catalog::SERVER_ADVISORY_LOCKS.name),
+            // Standard detail: once a session held an advisory lock.
+            advisory_locks: LazyGauge::new(
+                catalog::SERVER_ADVISORY_LOCKS.name,
+                vec![(POOL_NAME, p.to_owned())],
+                detail == Detail::Full,
+            ),
             // Standard detail: once a session held an advisory lock.
             advisory_locks_max: LazyGauge::new(
                 catalog::SERVER_ADVISORY_LOCKS_MAX.name,
@@ -122,10 +127,10 @@ impl Measured {
     }
 }
 
-/// The causes whose `poolwatch_sessions_ended_total` series exist at 0 from the start (the
-/// ones the alert uses); any other cause's series appears at its first count.
-pub(crate) const ENDED_AT_ZERO: [Cause; 4] =
-    [Cause::IdleSessionTimeout, Cause::AdminShutdown, Cause::ConnectionEnded, Cause::PoolerIdleTimeout];
+/// The causes whose `poolwatch_sessions_ended_total` series exist at 0 from the start: the one
+/// the alert reads with `increase()` (pooler kills) and the commonest server kill; any other
+/// cause's series appears at its first count (the series budget).
+pub(crate) const ENDED_AT_ZERO: [Cause; 2] = [Cause::AdminShutdown, Cause::PoolerIdleTimeout];
 
 /// The pooler's view of the pool: four series, only when a pooler admin console is declared.
 #[derive(Debug)]
@@ -231,7 +236,7 @@ impl Gauges {
                 g.set(d.as_secs_f64());
             }
             m.lock_waiters.set(server.lock_waiters);
-            m.advisory_locks.set(server.advisory_locks);
+            m.advisory_locks.set(f64::from(server.advisory_locks));
             m.advisory_locks_max.set(f64::from(server.advisory_locks_max_per_session));
         }
         if let Some(phantom) = s.phantom {

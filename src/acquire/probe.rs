@@ -60,7 +60,7 @@ pub(crate) struct Probe {
     timeouts: Counter,
     use_time: Histogram,
     create: Histogram,
-    oldest_wait: Gauge,
+    oldest_wait: crate::gauges::LazyGauge,
     pub(crate) leaks: Leaks,
     waiters: Waiters,
     /// The last census the watch took, and when: for the exhaustion snapshot.
@@ -135,7 +135,12 @@ impl Probe {
             timeouts: counter!(catalog::TIMEOUTS.name, POOL_NAME => p.clone()),
             use_time: histogram!(catalog::USE_TIME.name, POOL_NAME => p.clone()),
             create: histogram!(catalog::CREATE_TIME.name, POOL_NAME => p.clone()),
-            oldest_wait: gauge!(catalog::OLDEST_WAIT.name, POOL_NAME => p.clone()),
+            // At Detail::Standard: from the first acquire that waits (the series budget).
+            oldest_wait: crate::gauges::LazyGauge::new(
+                catalog::OLDEST_WAIT.name,
+                vec![(POOL_NAME, p.clone())],
+                config.detail == crate::Detail::Full,
+            ),
             leaks: Leaks::new(&p, config.leak_threshold),
             waiters: Waiters::default(),
             census: Mutex::new(None),

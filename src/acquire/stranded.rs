@@ -11,7 +11,6 @@
 
 use std::sync::Mutex;
 
-use metrics::{Gauge, gauge};
 use sqlx::PgPool;
 
 use crate::catalog::{self, POOL_NAME};
@@ -22,13 +21,17 @@ pub(crate) const READINGS: usize = 3;
 #[derive(Debug)]
 pub(crate) struct Stranded {
     readings: Mutex<Vec<u32>>,
-    gauge: Gauge,
+    gauge: crate::gauges::LazyGauge,
 }
 
 impl Stranded {
-    pub(crate) fn new(pool_name: &str) -> Stranded {
-        let gauge = gauge!(catalog::STRANDED_SLOTS.name, POOL_NAME => pool_name.to_owned());
-        gauge.set(0.0);
+    /// At `Detail::Standard` the series appears at the first stranded slot (the series budget).
+    pub(crate) fn new(pool_name: &str, detail: crate::Detail) -> Stranded {
+        let gauge = crate::gauges::LazyGauge::new(
+            catalog::STRANDED_SLOTS.name,
+            vec![(POOL_NAME, pool_name.to_owned())],
+            detail == crate::Detail::Full,
+        );
         Stranded { readings: Mutex::new(Vec::with_capacity(READINGS)), gauge }
     }
 

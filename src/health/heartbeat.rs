@@ -135,6 +135,16 @@ enum Path {
 impl Heartbeat {
     pub(crate) fn new(pool_name: &str, detail: crate::Detail) -> Heartbeat {
         let p = || pool_name.to_owned();
+        // The failure an alert reads with `increase()` (PoolwatchSessionsEndedByPooler: a
+        // pooler's query_wait_timeout on the pool path) exists at 0 from the start, so the
+        // first one is seen; every other cause's series appears at its first count.
+        counter!(
+            catalog::HEARTBEAT_FAILURES.name,
+            POOL_NAME => p(),
+            PATH => PATHS[Path::Pool as usize],
+            CAUSE => Cause::PoolerWaitTimeout.as_str()
+        )
+        .absolute(0);
         Heartbeat {
             linting: std::sync::atomic::AtomicBool::new(false),
             duration: PATHS.map(|path| histogram!(catalog::HEARTBEAT_DURATION.name, POOL_NAME => p(), PATH => path)),

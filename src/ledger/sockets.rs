@@ -123,13 +123,17 @@ pub struct SocketQueue {
 pub(crate) struct StuckSendQueues {
     bound: std::time::Duration,
     since: std::sync::Mutex<std::collections::HashMap<u64, std::time::Instant>>,
-    gauge: metrics::Gauge,
+    gauge: crate::gauges::LazyGauge,
 }
 
 impl StuckSendQueues {
-    pub(crate) fn new(pool_name: &str, bound: std::time::Duration) -> StuckSendQueues {
-        let gauge =
-            metrics::gauge!(crate::catalog::SEND_QUEUE_STUCK.name, crate::catalog::POOL_NAME => pool_name.to_owned());
+    /// At `Detail::Standard` the series appears at the first stuck queue (the series budget).
+    pub(crate) fn new(pool_name: &str, bound: std::time::Duration, detail: crate::Detail) -> StuckSendQueues {
+        let gauge = crate::gauges::LazyGauge::new(
+            crate::catalog::SEND_QUEUE_STUCK.name,
+            vec![(crate::catalog::POOL_NAME, pool_name.to_owned())],
+            detail == crate::Detail::Full,
+        );
         StuckSendQueues { bound, since: std::sync::Mutex::new(std::collections::HashMap::new()), gauge }
     }
 

@@ -144,6 +144,18 @@ impl Prometheus {
              alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['{alertmanager}']\n\
              scrape_configs:\n  - job_name: app\n    static_configs:\n      - targets: ['{target}']\n"
         );
+        Prometheus::spawn(dir, addr, &config)
+    }
+
+    /// Its log so far (for failure messages).
+    pub fn log(&self) -> String {
+        self.daemon.log()
+    }
+}
+
+impl Prometheus {
+    /// Writes `config` as prometheus.yml in `dir` and runs Prometheus on it at `addr`.
+    fn spawn(dir: std::path::PathBuf, addr: SocketAddr, config: &str) -> Prometheus {
         std::fs::write(dir.join("prometheus.yml"), config).expect("write prometheus.yml");
         let args = [
             format!("--config.file={}", dir.join("prometheus.yml").display()),
@@ -154,13 +166,6 @@ impl Prometheus {
         Prometheus { addr, daemon: Daemon::spawn("prometheus", &args, dir) }
     }
 
-    /// Its log so far (for failure messages).
-    pub fn log(&self) -> String {
-        self.daemon.log()
-    }
-}
-
-impl Prometheus {
     /// Starts Prometheus scraping every target in `targets` as job `job` each second, evaluating
     /// `rules` each second, with no Alertmanager (alerts are read from its API).
     pub fn start_fleet(job: &str, targets: &[SocketAddr], rules: &str) -> Prometheus {
@@ -183,14 +188,7 @@ impl Prometheus {
                 targets.join(", ")
             ));
         }
-        std::fs::write(dir.join("prometheus.yml"), config).expect("write prometheus.yml");
-        let args = [
-            format!("--config.file={}", dir.join("prometheus.yml").display()),
-            format!("--storage.tsdb.path={}", dir.join("data").display()),
-            format!("--web.listen-address={addr}"),
-            "--log.level=warn".to_owned(),
-        ];
-        Prometheus { addr, daemon: Daemon::spawn("prometheus", &args, dir) }
+        Prometheus::spawn(dir, addr, &config)
     }
 }
 
