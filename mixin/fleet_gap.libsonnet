@@ -33,15 +33,19 @@ local alert = import 'lib/alert.libsonnet';
           // (postgres_exporter's job, not the apps').
           record('application_name:pg_stat_activity_by_app_connections:sum', 'sum by (application_name) (pg_stat_activity_by_app_count)'),
           // The fleet gap: believed minus real; a pool with no session at all on the server
-          // reads its whole believed count. Above 0: slots the replicas count that do not
-          // exist (leaks, connections killed by the server or a pooler).
+          // reads its whole believed count, but only while postgres_exporter is scraped at
+          // all (no exporter series: no gap, not a false one). Above 0: slots the replicas
+          // count that do not exist (leaks, connections killed by the server or a pooler).
           record('application_name:poolwatch_fleet_gap_connections:sum', |||
             application_name:poolwatch_pool_believed_connections:sum
             - on (application_name) group_left ()
             (
               application_name:pg_stat_activity_by_app_connections:sum
               or on (application_name)
-              sum by (application_name) (application_name:poolwatch_pool_believed_connections:sum) * 0
+              (
+                sum by (application_name) (application_name:poolwatch_pool_believed_connections:sum) * 0
+                and on () (count(pg_stat_activity_by_app_count) > 0)
+              )
             )
           |||),
         ],

@@ -155,7 +155,7 @@ pub const WAIT_BUCKETS: &[f64] = &[0.001, 0.01, 0.1, 1.0, 10.0];
 /// Connection use: a query (10 ms) to a held connection (1 min).
 pub const USE_BUCKETS: &[f64] = &[0.01, 0.1, 1.0, 10.0];
 /// Connect: `PoolwatchSlowConnects` reads the share above 2.5 s.
-pub const CREATE_BUCKETS: &[f64] = &[0.01, 0.1, 0.5, 2.5];
+pub const CREATE_BUCKETS: &[f64] = &[0.01, 0.1, 2.5];
 /// Heartbeat `SELECT 1`: healthy (< 10 ms), slow (< 1 s), near `heartbeat_timeout`.
 pub const HEARTBEAT_BUCKETS: &[f64] = &[0.01, 1.0];
 /// Listener downtime: a clean reconnect (< 1 s) to a long outage.

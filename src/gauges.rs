@@ -15,8 +15,14 @@ const EAGER_SESSION_STATES: &[&str] = &["idle", "active"];
 /// Session states whose longest time is exported from the start at [`Detail::Standard`]:
 /// what `PoolwatchTransactionStuck` and `PoolwatchWorkStalled` read.
 const EAGER_LONGEST_STATES: &[&str] = &["idle_in_transaction", "active"];
-/// TCP states exported from the start at [`Detail::Standard`]: `PoolwatchClientSocketsCloseWait`.
-const EAGER_TCP_STATES: &[&str] = &["established", "close_wait"];
+/// The only session states whose longest time exists at [`Detail::Standard`] (the alerts'
+/// states; an idle session's age is a lifecycle figure, not a hazard).
+const STANDARD_LONGEST_STATES: &[&str] = &["idle_in_transaction", "idle_in_transaction_aborted", "active"];
+/// TCP states exported from the start at [`Detail::Standard`]: the dashboard's socket count.
+const EAGER_TCP_STATES: &[&str] = &["established"];
+/// The only TCP states at [`Detail::Standard`]: `close_wait` (what
+/// `PoolwatchClientSocketsCloseWait` reads, `> 0`) appears once seen; the rest are Full's.
+const STANDARD_TCP_STATES: &[&str] = &["established", "close_wait"];
 
 /// A gauge registered at the first non-zero value (or at once when `eager`): keeps a family
 /// with a fixed set of label values down to the values that ever happen.
@@ -25,11 +31,13 @@ pub(crate) struct LazyGauge {
     name: &'static str,
     labels: Vec<(&'static str, String)>,
     cell: OnceLock<Gauge>,
+    /// Never registered: a breakdown value outside [`Detail::Standard`]'s set.
+    off: bool,
 }
 
 impl LazyGauge {
     pub(crate) fn new(name: &'static str, labels: Vec<(&'static str, String)>, eager: bool) -> LazyGauge {
-        let lazy = LazyGauge { name, labels, cell: OnceLock::new() };
+        let lazy = LazyGauge { name, labels, cell: OnceLock::new(), off: false };
         if eager {
             lazy.handle();
         }
@@ -44,26 +52,35 @@ impl LazyGauge {
         })
     }
 
+    /// A gauge that is never registered (its `set` does nothing).
+    fn off(name: &'static str) -> LazyGauge {
+        LazyGauge { name, labels: Vec::new(), cell: OnceLock::new(), off: true }
+    }
+
     pub(crate) fn set(&self, value: f64) {
-        if value != 0.0 || self.cell.get().is_some() {
+        if !self.off && (value != 0.0 || self.cell.get().is_some()) {
             self.handle().set(value);
         }
     }
 }
 
 /// One gauge per state of `states`, labelled `key`; eager where `detail` is full or the state
-/// is in `eager`.
+/// is in `eager`. At [`Detail::Standard`] a state outside `standard` (when given) never
+/// exists: the series budget.
 fn by_state(
     name: &'static str,
     pool: &str,
     key: &'static str,
     states: &[&'static str],
-    eager: &[&str],
+    (eager, standard): (&[&str], Option<&[&str]>),
     detail: Detail,
 ) -> Vec<LazyGauge> {
     states
         .iter()
         .map(|s| {
+            if detail == Detail::Standard && standard.is_some_and(|kept| !kept.contains(s)) {
+                return LazyGauge::off(name);
+            }
             let labels = vec![(POOL_NAME, pool.to_owned()), (key, (*s).to_owned())];
             LazyGauge::new(name, labels, detail == Detail::Full || eager.contains(s))
         })
@@ -107,8 +124,11 @@ impl Measured {
         let plain = |name: &'static str| gauge!(name, POOL_NAME => p.to_owned());
         let sessions = |name, eager| by_state(name, p, STATE, &SESSION_STATES, eager, detail);
         Measured {
-            server: sessions(catalog::SERVER_CONNECTIONS.name, EAGER_SESSION_STATES),
-            longest: sessions(catalog::SERVER_LONGEST_IN_STATE.name, EAGER_LONGEST_STATES),
+            server: sessions(catalog::SERVER_CONNECTIONS.name, (EAGER_SESSION_STATES, None)),
+            longest: sessions(
+                catalog::SERVER_LONGEST_IN_STATE.name,
+                (EAGER_LONGEST_STATES, Some(STANDARD_LONGEST_STATES)),
+            ),
             lock_waiters: plain(catalog::SERVER_LOCK_WAITERS.name),
             // Standard detail: once a session held an advisory lock.
             advisory_locks: LazyGauge::new(
@@ -215,7 +235,14 @@ impl Gauges {
     pub(crate) fn sockets(&self, sockets: &SocketCensus, gap: i64) {
         let (by_state, client_gap) = self.client.get_or_init(|| {
             let p = &self.pool_name;
-            let by_state = by_state(catalog::CLIENT_SOCKETS.name, p, STATE, &TCP_STATES, EAGER_TCP_STATES, self.detail);
+            let by_state = by_state(
+                catalog::CLIENT_SOCKETS.name,
+                p,
+                STATE,
+                &TCP_STATES,
+                (EAGER_TCP_STATES, Some(STANDARD_TCP_STATES)),
+                self.detail,
+            );
             (by_state, gauge!(catalog::CLIENT_GAP.name, POOL_NAME => p.clone()))
         });
         for (g, n) in by_state.iter().zip(sockets.counts) {

@@ -104,6 +104,7 @@ async fn settled(addr: SocketAddr, watch: &poolwatch::PoolWatch, name: &str) -> 
             && has("poolwatch_heartbeat_up{")
             && has("poolwatch_config_hazards")
             && has("poolwatch_server_addresses_down")
+            && has("poolwatch_client_gap")
             && watch.heartbeat().pool.successes > 0
             && watch.heartbeat().direct.successes > 0;
         ready.then_some(text)
