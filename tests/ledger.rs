@@ -274,26 +274,29 @@ async fn census_survives_a_server_restart() {
     recorder();
     let cluster = Cluster::start();
     let pool = PgPoolOptions::new().max_connections(3).connect_with(cluster.options()).await.unwrap();
-    let watch = instrument_pool(&pool, config("restart").census_timeout(Duration::from_secs(1))).unwrap();
+    let watch = instrument_pool(&pool, config("restart").census_timeout(Duration::from_secs(20))).unwrap();
     let up = [(POOL, "restart")];
-    eventually(Duration::from_secs(5), "census up", async || metric("poolwatch_census_up", &up).filter(|v| *v == 1.0))
-        .await;
+    eventually(Duration::from_secs(120), "census up", async || {
+        metric("poolwatch_census_up", &up).filter(|v| *v == 1.0)
+    })
+    .await;
 
     tokio::task::block_in_place(|| cluster.stop());
-    eventually(Duration::from_secs(5), "census down", async || {
+    eventually(Duration::from_secs(120), "census down", async || {
         metric("poolwatch_census_up", &up).filter(|v| *v == 0.0)
     })
     .await;
     assert!(!watch.snapshot().census_up);
     let refused = [(POOL, "restart"), ("cause", "refused")];
-    eventually(Duration::from_secs(5), "census errors counted as refused", async || {
+    eventually(Duration::from_secs(120), "census errors counted as refused", async || {
         metric("poolwatch_census_errors_total", &refused).filter(|v| *v >= 1.0)
     })
     .await;
     assert_eq!(watch.census_now().await.err(), Some(Cause::Refused));
 
     tokio::task::block_in_place(|| cluster.start_server());
-    eventually(Duration::from_secs(10), "census up again", async || {
+    // A restarted server on a loaded machine: cold caches, a census backoff. Generous on purpose.
+    eventually(Duration::from_secs(180), "census up again", async || {
         metric("poolwatch_census_up", &up).filter(|v| *v == 1.0)
     })
     .await;
