@@ -245,18 +245,15 @@ fn reap_on_exit(bin: &Path, dir: &Path) {
     } else {
         format!("'{}' -D '{}/data' -m immediate -w stop", pg_ctl.display(), dir.display())
     };
+    // Started in the background by a shell that exits at once: the watchdog is nobody's child.
     let script = format!(
-        "while kill -0 {} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{}'",
+        "(while kill -0 {} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{}') \
+         </dev/null >/dev/null 2>&1 &",
         std::process::id(),
         dir.display()
     );
-    Command::new("sh")
-        .args(["-c", &script])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn the shared server's watchdog");
+    let status = Command::new("sh").args(["-c", &script]).status();
+    assert!(status.is_ok_and(|s| s.success()), "start the shared server's watchdog");
 }
 
 fn s(p: &Path) -> &str {
