@@ -43,7 +43,7 @@ fn value(name: &str, pool: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incident_4_exhaustion_counts_waiters_waits_and_timeouts() {
     setup();
-    let cluster = Cluster::start();
+    let cluster = Cluster::shared();
     let options = PgPoolOptions::new().max_connections(2).acquire_timeout(Duration::from_millis(200));
     let (_pool, _watch, pool) = watched(&cluster, options, config("exhaust")).await;
 
@@ -109,7 +109,7 @@ async fn incident_4_exhaustion_counts_waiters_waits_and_timeouts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_held_past_the_threshold_is_a_suspect_with_its_location() {
     setup();
-    let cluster = Cluster::start();
+    let cluster = Cluster::shared();
     let config = config("leaky").leak_threshold(Some(Duration::from_millis(300)));
     let (_pool, _watch, pool) = watched(&cluster, PgPoolOptions::new().max_connections(4), config).await;
 
@@ -160,7 +160,7 @@ async fn a_connection_held_past_the_threshold_is_a_suspect_with_its_location() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_acquires_leave_pending_requests_exact() {
     setup();
-    let cluster = Cluster::start();
+    let cluster = Cluster::shared();
     let options = PgPoolOptions::new().max_connections(1).acquire_timeout(Duration::from_secs(30));
     let (_pool, _watch, pool) = watched(&cluster, options, config("cancel")).await;
     let held = pool.acquire().await.unwrap();
@@ -230,7 +230,7 @@ async fn cancelled_acquires_leave_pending_requests_exact() {
 async fn use_time_create_time_and_executor() {
     setup();
     let test_started = Instant::now();
-    let cluster = Cluster::start();
+    let cluster = Cluster::shared();
     let options = instrument_options(PgPoolOptions::new().max_connections(4));
     let pool = options.connect_lazy_with(cluster.options());
     let watch = instrument_pool(&pool, config("usage").heartbeat_interval(Duration::from_secs(3600))).unwrap();
@@ -321,7 +321,7 @@ async fn futures_join3(pool: &WatchedPool) -> Vec<poolwatch::WatchedConnection> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn figures_stay_exact_under_64_tasks_and_100k_cycles() {
     setup();
-    let cluster = Cluster::start();
+    let cluster = Cluster::shared();
     // No ping per acquire: the figures are poolwatch's, and 100k pings are minutes on a loaded machine.
     let options =
         PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(120)).test_before_acquire(false);
@@ -386,7 +386,7 @@ async fn figures_stay_exact_under_64_tasks_and_100k_cycles() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_are_classified_and_detach_is_reported() {
     setup();
-    let cluster = Cluster::start();
+    let cluster = Cluster::shared();
     let options = instrument_options(PgPoolOptions::new().max_connections(2));
     let broken = options.connect_lazy_with(cluster.options().database("no_such_database"));
     let watch = instrument_pool(&broken, config("broken")).unwrap();

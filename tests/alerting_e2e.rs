@@ -100,6 +100,17 @@ async fn rule_state(prometheus: SocketAddr, name: &str) -> Option<String> {
         .find_map(|r| (r["name"] == name).then(|| r["state"].as_str().unwrap_or_default().to_owned()))
 }
 
+/// When Prometheus last evaluated the alerting rule `name` (its `lastEvaluation`).
+async fn rule_evaluated_at(prometheus: SocketAddr, name: &str) -> Option<String> {
+    let rules = json(prometheus, "/api/v1/rules?type=alert").await?;
+    rules["data"]["groups"]
+        .as_array()?
+        .iter()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .find_map(|r| (r["name"] == name).then(|| r["lastEvaluation"].as_str().map(str::to_owned)))
+        .flatten()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_pool_reaches_alertmanager_as_a_ticket_and_clears() {
     recorder();
@@ -122,7 +133,7 @@ async fn a_saturated_pool_reaches_alertmanager_as_a_ticket_and_clears() {
     let logs = || format!("prometheus log:\n{}\nalertmanager log:\n{}", prometheus.log(), alertmanager.log());
 
     // Prometheus loaded every rule, scrapes the pool, and finds it healthy.
-    let loaded = eventually(Duration::from_secs(60), "Prometheus loads the rules", async || {
+    let loaded = eventually(Duration::from_secs(180), "Prometheus loads the rules", async || {
         let rules = json(prometheus.addr, "/api/v1/rules?type=alert").await?;
         let n = rules["data"]["groups"]
             .as_array()?
@@ -133,7 +144,7 @@ async fn a_saturated_pool_reaches_alertmanager_as_a_ticket_and_clears() {
     })
     .await;
     assert_eq!(loaded, alerts_in_file, "every alert of the rule file is loaded\n{}", logs());
-    eventually(Duration::from_secs(30), "Prometheus scrapes db_client_connection_max{pool=e2e} = 2", async || {
+    eventually(Duration::from_secs(180), "Prometheus scrapes db_client_connection_max{pool=e2e} = 2", async || {
         let v = json(prometheus.addr, "/api/v1/query?query=db_client_connection_max").await?;
         v["data"]["result"]
             .as_array()?
@@ -142,14 +153,23 @@ async fn a_saturated_pool_reaches_alertmanager_as_a_ticket_and_clears() {
             .map(|_| ())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await; // several evaluations with a free pool
+    // Several evaluations with a free pool (counted, not slept for: a loaded machine slows them).
+    let mut seen = Vec::new();
+    eventually(Duration::from_secs(180), "3 evaluations of the rule after the pool was scraped", async || {
+        let at = rule_evaluated_at(prometheus.addr, ALERT).await?;
+        if !seen.contains(&at) {
+            seen.push(at);
+        }
+        (seen.len() > 3).then_some(())
+    })
+    .await;
     assert_eq!(rule_state(prometheus.addr, ALERT).await.as_deref(), Some("inactive"), "{}", logs());
     assert!(received.lock().unwrap().is_empty(), "nothing is notified while the pool is healthy");
 
     // Saturate: hold both connections.
     let held = [pool.acquire().await.unwrap(), pool.acquire().await.unwrap()];
     let saturated_at = std::time::Instant::now();
-    let delivered = eventually(Duration::from_secs(60), "Alertmanager delivers PoolwatchPoolSaturated", async || {
+    let delivered = eventually(Duration::from_secs(300), "Alertmanager delivers PoolwatchPoolSaturated", async || {
         let posts = received.lock().unwrap().clone();
         posts.into_iter().find_map(|(path, body)| {
             let v: Value = serde_json::from_str(&body).ok()?;
@@ -188,7 +208,7 @@ async fn a_saturated_pool_reaches_alertmanager_as_a_ticket_and_clears() {
 
     // Free the pool: the alert resolves in Prometheus.
     drop(held);
-    eventually(Duration::from_secs(30), "PoolwatchPoolSaturated resolves", async || {
+    eventually(Duration::from_secs(180), "PoolwatchPoolSaturated resolves", async || {
         (rule_state(prometheus.addr, ALERT).await.as_deref() == Some("inactive")).then_some(())
     })
     .await;

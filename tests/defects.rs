@@ -24,11 +24,14 @@ async fn pool(cluster: &Cluster, max: u32) -> PgPool {
 
 async fn sessions_named(cluster: &Cluster, pattern: &str) -> i64 {
     let mut admin = PgConnection::connect_with(&cluster.options()).await.expect("admin");
-    let n = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE $1")
-        .bind(pattern)
-        .fetch_one(&mut admin)
-        .await
-        .expect("count sessions");
+    // This test's database only: the binary's other tests share the server.
+    let n = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE $1 AND datname = current_database()",
+    )
+    .bind(pattern)
+    .fetch_one(&mut admin)
+    .await
+    .expect("count sessions");
     let _ = admin.close().await;
     n
 }
@@ -38,7 +41,7 @@ async fn sessions_named(cluster: &Cluster, pattern: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_instrument_pool_on_a_watched_pool_is_refused() {
     recorder();
-    let cluster = Cluster::start();
+    let cluster = Cluster::shared();
     let pool = pool(&cluster, 4).await;
     let first = instrument_pool(&pool, config("dup_first")).expect("the first watch");
     let err = instrument_pool(&pool, config("dup_second")).expect_err("a second watch on the same pool");
@@ -80,7 +83,7 @@ async fn a_second_instrument_pool_on_a_watched_pool_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_census_timeout_postgres_cannot_take_is_a_config_error() {
     recorder();
-    let cluster = Cluster::start();
+    let cluster = Cluster::shared();
     let pool = pool(&cluster, 2).await;
     for too_long in [Duration::from_millis(2_147_483_648), Duration::MAX] {
         let err = instrument_pool(&pool, config("timeout_big").census_timeout(too_long)).expect_err("out of range");
@@ -98,7 +101,7 @@ async fn a_census_timeout_postgres_cannot_take_is_a_config_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_census_and_no_new_connection_after_the_pool_closes() {
     recorder();
-    let cluster = Cluster::start();
+    let cluster = Cluster::shared();
     let pool = pool(&cluster, 2).await;
     let watch = instrument_pool(&pool, config("closed")).unwrap();
     watch.census_now().await.expect("a census while open");
@@ -119,7 +122,7 @@ async fn no_census_and_no_new_connection_after_the_pool_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn census_figures_are_absent_until_a_census_succeeds() {
     recorder();
-    let cluster = Cluster::start();
+    let cluster = Cluster::shared();
     let pool = pool(&cluster, 2).await;
     // The census reads a database that does not exist: it fails at every tick.
     let direct = cluster.options().database("no_such_database");

@@ -115,7 +115,7 @@ async fn settled(addr: SocketAddr, watch: &poolwatch::PoolWatch, name: &str) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_setup_renders_every_used_histogram_with_buckets() {
     let addr = install_recorder();
-    let cluster = Cluster::start();
+    let cluster = Cluster::shared();
     let (pool, watch, _listener) = watched(&cluster, "readme", Detail::Standard).await;
     let text = settled(addr, &watch, "readme").await;
     let used = bucket_names_used();
@@ -174,7 +174,7 @@ fn alert_counter_selectors() -> Vec<(String, Vec<(String, String)>)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_that_alerts_read_exist_at_zero_from_the_start() {
     let addr = install_recorder();
-    let cluster = Cluster::start();
+    let cluster = Cluster::shared();
     let (pool, watch, _listener) = watched(&cluster, "zeros", Detail::Standard).await;
     let _progress = watch.progress();
     // Read before any failure, timeout, reconnect or unit of work could happen.
@@ -198,7 +198,7 @@ async fn counters_that_alerts_read_exist_at_zero_from_the_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn series_budget_per_pool_and_per_listener() {
     let addr = install_recorder();
-    let cluster = Cluster::start();
+    let cluster = Cluster::shared();
     let mut figures = Vec::new();
     for (name, detail) in [("budget", Detail::Standard), ("full", Detail::Full)] {
         let (pool, watch, _listener) = watched(&cluster, name, detail).await;

@@ -78,7 +78,8 @@ async fn healthy_pool_has_figures_on_both_paths() {
     support::spans::install();
     let cluster = Cluster::start();
     let pool = pool(&cluster, 5).await;
-    let watch = instrument_pool(&pool, config("hb_healthy")).unwrap();
+    // No beat may fail here, so a timeout no loaded machine reaches.
+    let watch = instrument_pool(&pool, config("hb_healthy").heartbeat_timeout(Duration::from_secs(20))).unwrap();
     both_up(&watch, "hb_healthy", Duration::from_secs(20)).await;
     eventually(Duration::from_secs(20), "several heartbeats recorded on both paths", async || {
         (beats("hb_healthy", "pool") >= 3.0 && beats("hb_healthy", "direct") >= 3.0).then_some(())
@@ -87,7 +88,8 @@ async fn healthy_pool_has_figures_on_both_paths() {
     let h = watch.heartbeat();
     for (path, f) in [("pool", h.pool), ("direct", h.direct)] {
         let took = f.last_duration.expect("a duration");
-        assert!(took > Duration::ZERO && took < Duration::from_millis(500), "{path}: {took:?}");
+        // A beat that succeeded finished within heartbeat_timeout by definition: no bound on how fast.
+        assert!(took > Duration::ZERO, "{path}: {took:?}");
         assert_eq!(f.last_cause, None, "{path}");
         assert!(f.successes >= 3, "{path}: {f:?}");
         let sum = metric("poolwatch_heartbeat_duration_seconds_sum", &[(POOL, "hb_healthy"), ("path", path)]).unwrap();
@@ -113,7 +115,8 @@ async fn exhausted_pool_fails_the_pool_path_only() {
     support::spans::install();
     let cluster = Cluster::start();
     let pool = pool(&cluster, 3).await;
-    let watch = instrument_pool(&pool, config("hb_exhausted")).unwrap();
+    // The direct path must not fail here: a timeout a loaded machine does not reach on it.
+    let watch = instrument_pool(&pool, config("hb_exhausted").heartbeat_timeout(Duration::from_secs(3))).unwrap();
     both_up(&watch, "hb_exhausted", Duration::from_secs(20)).await;
 
     // Two slots held by app tasks, one leaked for good (incident 1's way to lose a slot).
@@ -136,10 +139,8 @@ async fn exhausted_pool_fails_the_pool_path_only() {
     assert!(n >= 1.0 && causes == ["pool_timed_out"], "{n} {causes:?}");
     assert_eq!(failures("hb_exhausted", "direct").0, 0.0, "the direct path never took a pool slot");
     let took = h.pool.last_duration.unwrap();
-    assert!(
-        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
-        "bounded by heartbeat_timeout: {took:?}"
-    );
+    // It waited out heartbeat_timeout (3 s) before failing; a loaded machine only adds to that.
+    assert!(took >= Duration::from_millis(2950), "failed before heartbeat_timeout: {took:?}");
     println!("exhausted: pool heartbeat failed after {took:?}, direct {:?}", h.direct.last_duration.unwrap());
 
     // One WARN span per failed heartbeat, with the OTel attributes and nothing sensitive.
@@ -195,12 +196,17 @@ async fn stopped_server_fails_both_paths_and_both_recover() {
     assert!(!direct_causes.iter().any(|c| c == "pool_timed_out"), "the direct path has no pool: {direct_causes:?}");
     println!("stopped: pool causes {pool_causes:?}, direct causes {direct_causes:?}");
     // Backoff: while down, the direct path reconnects less often than the pool path beats.
+    // Counted over 12 failed pool beats, however long the machine takes for them: at a 100 ms
+    // interval against a 400 ms backoff cap, the direct path makes at most about a third as many.
     let before = watch.heartbeat();
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    let now = watch.heartbeat();
+    let now = eventually(Duration::from_secs(60), "12 more failed pool heartbeats", async || {
+        let now = watch.heartbeat();
+        (now.pool.failures >= before.pool.failures + 12).then_some(now)
+    })
+    .await;
     let (pool_during, direct_during) =
         (now.pool.failures - before.pool.failures, now.direct.failures - before.direct.failures);
-    println!("in 2 s down: {pool_during} pool heartbeats, {direct_during} direct reconnect attempts");
+    println!("while down: {pool_during} pool heartbeats, {direct_during} direct reconnect attempts");
     assert!(direct_during < pool_during, "direct reconnects back off: {direct_during} vs {pool_during}");
 
     tokio::task::block_in_place(|| cluster.start_server());
@@ -219,11 +225,19 @@ async fn pool_close_stops_the_heartbeats() {
     let pool = pool(&cluster, 2).await;
     let watch = instrument_pool(&pool, config("hb_close")).unwrap();
     both_up(&watch, "hb_close", Duration::from_secs(20)).await;
-    tokio::time::timeout(Duration::from_secs(10), pool.close()).await.expect("pool closes");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let settled = watch.heartbeat();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let open = watch.heartbeat();
+    tokio::time::timeout(Duration::from_secs(60), pool.close()).await.expect("pool closes");
+    // A beat in flight at the close may still land: wait until the figures stop moving (unchanged
+    // over 10 heartbeat intervals), then watch 20 more intervals. A running task beats every 100 ms.
+    let settled = eventually(Duration::from_secs(60), "the heartbeat figures settle", async || {
+        let before = watch.heartbeat();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        (watch.heartbeat() == before).then_some(before)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     assert_eq!(watch.heartbeat(), settled, "no heartbeat after the pool closed");
+    assert!(settled.pool.successes >= open.pool.successes);
     assert_eq!(settled.pool.last_cause, None, "no pool_closed failure counted");
     tokio::time::timeout(Duration::from_secs(10), watch.shutdown()).await.expect("shutdown is not stuck");
 }

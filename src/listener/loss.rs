@@ -3,8 +3,8 @@
 //!
 //! sqlx's `PgListener::try_recv` reads the server's `FATAL` (57P05 idle-session timeout,
 //! 57P01 terminate) and drops it, then reports the end of file as a bare lost connection.
-//! Two honest sources remain, and both are read on the listener's own connection right
-//! after each (re)connect, in one query:
+//! Two honest sources remain, and both are read on the listener's own connection at each
+//! (re)connect, in one query (on reconnect, in the same round trip as LISTEN):
 //! - the session's `idle_session_timeout` (`pg_settings`), compared with the time since the
 //!   last command the listener sent (LISTEN or keepalive: notifications received do not
 //!   count as activity for the server);
@@ -15,6 +15,7 @@
 
 use std::time::Duration;
 
+use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 
 use crate::Cause;
@@ -38,11 +39,17 @@ pub(crate) struct SessionEnds {
 }
 
 impl ServerFacts {
+    /// Whether the server has the facts (PostgreSQL 14+); older servers have neither the
+    /// setting nor the counters, and their facts are the default (unknown).
+    pub(crate) fn readable(conn: &PgConnection) -> bool {
+        conn.server_version_num().is_none_or(|v| v >= 140_000)
+    }
+
     /// Reads the facts on `conn`: one round trip, simple protocol (nothing prepared, so no
-    /// Parse/Describe round trip and no statement cached per reconnect), and
-    /// `current_setting` rather than the whole `pg_settings` view.
+    /// Parse/Describe round trip and no statement cached), `current_setting` rather than the
+    /// whole `pg_settings` view.
     pub(crate) async fn read(conn: &mut PgConnection) -> Result<ServerFacts, sqlx::Error> {
-        if conn.server_version_num().is_some_and(|v| v < 140_000) {
+        if !Self::readable(conn) {
             return Ok(ServerFacts::default());
         }
         let row = sqlx::raw_sql(
@@ -58,6 +65,54 @@ impl ServerFacts {
             ends: killed.zip(fatal).map(|(killed, fatal)| SessionEnds { killed, fatal }),
         })
     }
+
+    /// The statements a listener appends to its LISTEN batch on reconnect (PostgreSQL 14+).
+    /// A fresh backend has cold catalog caches, so this avoids every catalog lookup it can:
+    /// `SHOW` needs none, and the counters are read by the database's oid (known from the first
+    /// connect) with the two functions behind `pg_stat_database`, not through the view.
+    /// Server time in a fresh backend: about 0.5 ms, against about 2.3 ms for [`ServerFacts::read`]'s query.
+    pub(crate) fn reconnect_query(database: i64) -> String {
+        format!(
+            "SHOW idle_session_timeout;\
+             SELECT pg_stat_get_db_sessions_killed({database}::oid), pg_stat_get_db_sessions_fatal({database}::oid)"
+        )
+    }
+
+    /// The facts from the rows of a batch ending with [`ServerFacts::reconnect_query`].
+    pub(crate) fn from_reconnect_rows(rows: &[PgRow]) -> Result<ServerFacts, sqlx::Error> {
+        let [setting, counters] = rows else { return Err(sqlx::Error::RowNotFound) };
+        let idle: String = setting.try_get(0)?;
+        let (killed, fatal): (Option<i64>, Option<i64>) = (counters.try_get(0)?, counters.try_get(1)?);
+        Ok(ServerFacts {
+            idle_session_timeout: parse_ms_setting(&idle).filter(|t| !t.is_zero()),
+            ends: killed.zip(fatal).map(|(killed, fatal)| SessionEnds { killed, fatal }),
+        })
+    }
+
+    /// The oid of the connection's database, for [`ServerFacts::reconnect_query`].
+    pub(crate) async fn database_oid(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+        let row = sqlx::raw_sql("SELECT oid::int8 FROM pg_database WHERE datname = current_database()")
+            .fetch_one(conn)
+            .await?;
+        row.try_get(0)
+    }
+}
+
+/// A millisecond setting as `SHOW` prints it: a whole number with the largest unit that
+/// divides it (`0`, `250ms`, `10s`, `2min`, `1h`, `1d`). `None` when not in that form.
+fn parse_ms_setting(shown: &str) -> Option<Duration> {
+    let split = shown.find(|c: char| !c.is_ascii_digit()).unwrap_or(shown.len());
+    let (number, unit) = shown.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let ms = match unit {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    Some(Duration::from_millis(n.checked_mul(ms)?))
 }
 
 /// How a cause was established (the `poolwatch.listener.cause_basis` span attribute).
@@ -124,6 +179,18 @@ mod tests {
 
     fn ends(killed: i64, fatal: i64) -> Option<SessionEnds> {
         Some(SessionEnds { killed, fatal })
+    }
+
+    #[test]
+    fn millisecond_settings_as_show_prints_them() {
+        assert_eq!(parse_ms_setting("0"), Some(Duration::ZERO));
+        assert_eq!(parse_ms_setting("10ms"), Some(Duration::from_millis(10)));
+        assert_eq!(parse_ms_setting("2s"), Some(S * 2));
+        assert_eq!(parse_ms_setting("3min"), Some(S * 180));
+        assert_eq!(parse_ms_setting("1h"), Some(S * 3600));
+        assert_eq!(parse_ms_setting("2d"), Some(S * 172_800));
+        assert_eq!(parse_ms_setting("1.5s"), None);
+        assert_eq!(parse_ms_setting("soon"), None);
     }
 
     #[test]

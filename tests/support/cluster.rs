@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::postgres::PgConnectOptions;
@@ -18,6 +19,10 @@ pub struct Cluster {
     bin: PathBuf,
     port: u16,
     external: Option<PgConnectOptions>,
+    /// On the binary's shared server ([`Cluster::shared`]): this test's own database.
+    database: Option<String>,
+    /// The shared server's directory (its log), never removed by this handle.
+    shared_dir: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -30,7 +35,14 @@ impl Cluster {
     pub fn start_with(settings: &[(&str, &str)]) -> Cluster {
         if let Ok(url) = std::env::var("DATABASE_URL") {
             let options: PgConnectOptions = url.parse().expect("DATABASE_URL is not a postgres:// URL");
-            let cluster = Cluster { dir: None, bin: PathBuf::new(), port: options.get_port(), external: Some(options) };
+            let cluster = Cluster {
+                dir: None,
+                bin: PathBuf::new(),
+                port: options.get_port(),
+                external: Some(options),
+                database: None,
+                shared_dir: None,
+            };
             cluster.apply_external(settings);
             return cluster;
         }
@@ -47,7 +59,14 @@ impl Cluster {
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("create cluster dir");
-        let cluster = Cluster { dir: Some(dir.clone()), bin, port: free_port(), external: None };
+        let cluster = Cluster {
+            dir: Some(dir.clone()),
+            bin,
+            port: free_port(),
+            external: None,
+            database: None,
+            shared_dir: None,
+        };
         if is_root() {
             let status = Command::new("chown").arg("-R").arg("postgres:postgres").arg(&dir).status();
             assert!(status.is_ok_and(|s| s.success()), "chown {} to postgres failed", dir.display());
@@ -72,7 +91,44 @@ impl Cluster {
         cluster
     }
 
-    /// Connect options for the `postgres` superuser on this server.
+    /// One server for the whole test binary, started on first use; each call gets a fresh
+    /// database on it, so the test's sessions, objects and per-database counters
+    /// (`pg_stat_database`) are its own, and tests stay independent of each other. Saves an
+    /// `initdb` + start per test. A test that stops the server, changes server settings, creates
+    /// roles others use, or counts server-wide figures takes its own [`Cluster::start`].
+    /// The shared server is stopped and removed when the test process exits.
+    pub fn shared() -> Cluster {
+        if std::env::var("DATABASE_URL").is_ok() {
+            return Cluster::start();
+        }
+        static SERVER: OnceLock<Cluster> = OnceLock::new();
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let server = SERVER.get_or_init(|| {
+            let mut server = Cluster::start();
+            let dir = server.dir.take().expect("a throwaway cluster");
+            reap_on_exit(&server.bin, &dir);
+            server.shared_dir = Some(dir);
+            server
+        });
+        let database = format!("t{}", SEQ.fetch_add(1, Ordering::Relaxed));
+        let out = Command::new("psql")
+            .arg(server.url())
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", &format!("CREATE DATABASE {database}")])
+            .output()
+            .expect("run psql");
+        assert!(out.status.success(), "CREATE DATABASE {database}: {}", String::from_utf8_lossy(&out.stderr));
+        Cluster {
+            dir: None,
+            bin: server.bin.clone(),
+            port: server.port,
+            external: None,
+            database: Some(database),
+            shared_dir: server.shared_dir.clone(),
+        }
+    }
+
+    /// Connect options for the `postgres` superuser on this server (and this test's database
+    /// on the shared server).
     pub fn options(&self) -> PgConnectOptions {
         match &self.external {
             Some(o) => o.clone(),
@@ -80,7 +136,7 @@ impl Cluster {
                 .host("127.0.0.1")
                 .port(self.port)
                 .username("postgres")
-                .database("postgres"),
+                .database(self.database.as_deref().unwrap_or("postgres")),
         }
     }
 
@@ -88,7 +144,11 @@ impl Cluster {
     pub fn url(&self) -> String {
         match &self.external {
             Some(_) => std::env::var("DATABASE_URL").unwrap_or_default(),
-            None => format!("postgres://postgres@127.0.0.1:{}/postgres", self.port),
+            None => format!(
+                "postgres://postgres@127.0.0.1:{}/{}",
+                self.port,
+                self.database.as_deref().unwrap_or("postgres")
+            ),
         }
     }
 
@@ -100,6 +160,7 @@ impl Cluster {
     /// Stops the server (fast shutdown: sessions are terminated).
     pub fn stop(&self) {
         assert!(self.external.is_none(), "stopping the server needs the throwaway cluster: unset DATABASE_URL");
+        assert!(self.shared_dir.is_none(), "the shared server cannot be stopped: use Cluster::start()");
         let data = self.data_dir();
         // Generous waits: on a loaded machine (CI, scripts/flake-check) 60 s is not always enough.
         self.run("pg_ctl", &["-D", s(&data), "-m", "fast", "-w", "-t", "300", "stop"]);
@@ -108,6 +169,7 @@ impl Cluster {
     /// Starts the server again after [`Cluster::stop`], on the same port.
     pub fn start_server(&self) {
         assert!(self.external.is_none(), "starting the server needs the throwaway cluster: unset DATABASE_URL");
+        assert!(self.shared_dir.is_none(), "the shared server cannot be restarted: use Cluster::start()");
         let data = self.data_dir();
         let log = self.dir.as_ref().expect("dir").join("server.log");
         self.run("pg_ctl", &["-D", s(&data), "-l", s(&log), "-w", "-t", "300", "start"]);
@@ -115,7 +177,8 @@ impl Cluster {
 
     /// The server log so far (for failing tests' messages).
     pub fn log(&self) -> String {
-        self.dir.as_ref().and_then(|d| std::fs::read_to_string(d.join("server.log")).ok()).unwrap_or_default()
+        let dir = self.dir.as_ref().or(self.shared_dir.as_ref());
+        dir.and_then(|d| std::fs::read_to_string(d.join("server.log")).ok()).unwrap_or_default()
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -171,6 +234,26 @@ impl Drop for Cluster {
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
+}
+
+/// A watchdog that outlives this process: once it exits (pass or fail), the server in `dir`
+/// is stopped and the directory removed (statics are never dropped).
+fn reap_on_exit(bin: &Path, dir: &Path) {
+    let pg_ctl = bin.join("pg_ctl");
+    let stop = if is_root() {
+        format!("runuser -u postgres -- '{}' -D '{}/data' -m immediate -w stop", pg_ctl.display(), dir.display())
+    } else {
+        format!("'{}' -D '{}/data' -m immediate -w stop", pg_ctl.display(), dir.display())
+    };
+    // Started in the background by a shell that exits at once: the watchdog is nobody's child.
+    let script = format!(
+        "(while kill -0 {} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{}') \
+         </dev/null >/dev/null 2>&1 &",
+        std::process::id(),
+        dir.display()
+    );
+    let status = Command::new("sh").args(["-c", &script]).status();
+    assert!(status.is_ok_and(|s| s.success()), "start the shared server's watchdog");
 }
 
 fn s(p: &Path) -> &str {
