@@ -401,10 +401,10 @@ fn chart(samples: &[Sample], alerts: &BTreeMap<String, AlertTimes>, scale: u32, 
         x(t_end / 2.0),
         h - 12.0
     );
-    let series: [(&str, &str, Box<dyn Fn(&Sample) -> Option<f64>>); 3] = [
-        ("pool believes open", "#1f77b4", Box::new(|s: &Sample| Some(s.believed))),
-        ("server really has", "#2ca02c", Box::new(|s: &Sample| s.real)),
-        ("gap (phantom)", "#d62728", Box::new(|s: &Sample| s.gap)),
+    let series: [(&str, &str, fn(&Sample) -> Option<f64>); 3] = [
+        ("pool believes open", "#1f77b4", |s| Some(s.believed)),
+        ("server really has", "#2ca02c", |s| s.real),
+        ("gap (phantom)", "#d62728", |s| s.gap),
     ];
     for (i, (name, color, value)) in series.iter().enumerate() {
         let points: Vec<String> =
