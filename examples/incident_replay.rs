@@ -295,6 +295,9 @@ impl Args {
     }
 }
 
+/// One line of the chart: its value in a sample, if known.
+type Value = fn(&Sample) -> Option<f64>;
+
 /// One second of the replay, for the chart.
 struct Sample {
     t: f64,
@@ -401,7 +404,7 @@ fn chart(samples: &[Sample], alerts: &BTreeMap<String, AlertTimes>, scale: u32, 
         x(t_end / 2.0),
         h - 12.0
     );
-    let series: [(&str, &str, fn(&Sample) -> Option<f64>); 3] = [
+    let series: [(&str, &str, Value); 3] = [
         ("pool believes open", "#1f77b4", |s| Some(s.believed)),
         ("server really has", "#2ca02c", |s| s.real),
         ("gap (phantom)", "#d62728", |s| s.gap),
