@@ -371,7 +371,7 @@ fn alert_summary(alerts: &BTreeMap<String, AlertTimes>, scale: u32) {
 /// An SVG line chart: what the pool believes is open, what the server really has, the gap,
 /// and a marker where each alert started firing.
 fn chart(samples: &[Sample], alerts: &BTreeMap<String, AlertTimes>, scale: u32, max: u32) -> String {
-    let (w, h, left, right, top, bottom) = (960.0, 480.0, 60.0, 250.0, 40.0, 50.0);
+    let (w, h, left, right, top, bottom) = (1080.0, 480.0, 60.0, 330.0, 40.0, 50.0);
     let t_end = samples.last().map_or(1.0, |s| s.t).max(1.0);
     let y_max = f64::from(max.max(1)) + 1.0;
     let x = |t: f64| left + (t / t_end) * (w - left - right);

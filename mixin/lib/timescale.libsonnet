@@ -1,7 +1,8 @@
 // Runs the rules faster than real time (the demo): every duration of `_config` divided by
-// `factor`. `for` durations may shrink to 0; windows stay at least `minWindow` (a few scrapes)
-// so range functions still see samples. Windows written into an expression, not `_config`,
-// keep their real length.
+// `factor`. Windows stay at least `minWindow` (a few scrapes) so range functions still see
+// samples; a non-zero `for` stays at least `minFor` (a few evaluations), so a blip at start-up
+// (no census yet) does not fire an alert that waits minutes at real pace. Windows written
+// into an expression, not `_config`, keep their real length.
 //   (import 'lib/timescale.libsonnet').apply(import 'mixin.libsonnet', 600, '3s')
 local units = { ms: 0.001, s: 1, m: 60, h: 3600, d: 86400 };
 local digits(s) = std.length(s) > 0 && std.length([c for c in std.stringChars(s) if std.length(std.findSubstr(c, '0123456789')) == 0]) == 0;
@@ -15,7 +16,7 @@ local seconds(d) =
 local ms(secs) = '%dms' % std.floor(secs * 1000);
 {
   seconds:: seconds,
-  apply(mixin, factor, minWindow)::
+  apply(mixin, factor, minWindow, minFor='2s')::
     local c = mixin._config;
     local floor = seconds(minWindow);
     mixin {
@@ -25,7 +26,7 @@ local ms(secs) = '%dms' % std.floor(secs * 1000);
         if k != 'dashboardRefresh' && seconds(c[k]) != null
       } + {
         forDurations: {
-          [k]: if seconds(c.forDurations[k]) / factor < 1 then '0m' else ms(seconds(c.forDurations[k]) / factor)
+          [k]: if seconds(c.forDurations[k]) == 0 then '0m' else ms(std.max(seconds(minFor), seconds(c.forDurations[k]) / factor))
           for k in std.objectFields(c.forDurations)
         },
       },
