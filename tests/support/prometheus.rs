@@ -166,20 +166,21 @@ impl Prometheus {
         Prometheus { addr, daemon: Daemon::spawn("prometheus", &args, dir) }
     }
 
-    /// Starts Prometheus scraping every target in `targets` as job `job` each second, evaluating
-    /// `rules` each second, with no Alertmanager (alerts are read from its API).
-    pub fn start_fleet(job: &str, targets: &[SocketAddr], rules: &str) -> Prometheus {
-        Prometheus::start_jobs(&[(job, targets.to_vec())], rules)
-    }
-
     /// Starts Prometheus scraping several jobs every second and evaluating `rules` every
     /// second, with no Alertmanager (alerts are read from its API).
     pub fn start_jobs(jobs: &[(&str, Vec<SocketAddr>)], rules: &str) -> Prometheus {
+        Prometheus::start_jobs_every(jobs, rules, std::time::Duration::from_secs(1))
+    }
+
+    /// [`Prometheus::start_jobs`] with scrapes (and their timeout) every `every`.
+    pub fn start_jobs_every(jobs: &[(&str, Vec<SocketAddr>)], rules: &str, every: std::time::Duration) -> Prometheus {
         let dir = temp_dir("prometheus");
         let addr = free_addr();
         std::fs::write(dir.join("rules.yml"), rules).expect("write rules");
-        let mut config = String::from(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [rules.yml]\nscrape_configs:\n",
+        let every = format!("{}ms", every.as_millis());
+        let mut config = format!(
+            "global:\n  scrape_interval: {every}\n  scrape_timeout: {every}\n  evaluation_interval: 1s\n\
+             rule_files: [rules.yml]\nscrape_configs:\n",
         );
         for (job, targets) in jobs {
             let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
