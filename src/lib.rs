@@ -35,6 +35,7 @@ mod watch;
 pub use health::{hazards, reach, report};
 pub use ledger::attribution;
 
+pub use acquire::lifecycle::{CloseReason, LifecycleFigures, instrument_options_named};
 pub use acquire::probe::{instrument_options, mark_connected};
 pub use acquire::watched_pool::{Watched, WatchedConnection, WatchedPool, WatchedTransaction};
 pub use cause::Cause;
