@@ -71,6 +71,8 @@ mod doc_examples {
     struct Progress;
     #[doc = include_str!("../docs/acquire.md")]
     struct Acquire;
+    #[doc = include_str!("../docs/lifecycle.md")]
+    struct Lifecycle;
     #[cfg(feature = "telemetry")]
     #[doc = include_str!("../docs/telemetry.md")]
     struct Telemetry;
