@@ -99,7 +99,6 @@ async fn max_lifetime_closes_are_counted_and_the_oldest_age_resets() {
             (f.closed_for(CloseReason::MaxLifetime) >= 1 && age + Duration::from_millis(500) < peak).then_some(f)
         })
         .await;
-    assert!(peak >= Duration::from_secs(2), "the first connection lived its lifetime: {peak:?}");
     assert_eq!(f.closed_for(CloseReason::Broken) + f.closed_for(CloseReason::IdleTimeout), 0, "{f:?}");
     eventually(Duration::from_secs(10), "the metric says so", async || {
         (closed_metric("lc_life", CloseReason::MaxLifetime)? >= 1.0).then_some(())
