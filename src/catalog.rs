@@ -410,6 +410,32 @@ pub const POOL_INFO: Metric = gauge(
     &[APPLICATION_NAME],
 );
 
+// --- connection lifecycle (issue 13) ---
+/// Label key of [`CONNECTIONS_CLOSED`]: a [`CloseReason`](crate::CloseReason).
+pub const REASON: &str = "reason";
+/// Connections the pool opened (`after_connect`; needs
+/// [`instrument_options_named`](crate::instrument_options_named); [`Detail::Full`](crate::Detail::Full)).
+pub const CONNECTIONS_OPENED: Metric = counter(
+    "poolwatch_connections_opened_total",
+    "Connections the pool opened (counted by the after_connect hook of instrument_options_named).",
+    &[],
+);
+/// Connections the pool closed, by reason (needs
+/// [`instrument_options_named`](crate::instrument_options_named); [`Detail::Full`](crate::Detail::Full)).
+pub const CONNECTIONS_CLOSED: Metric = counter(
+    "poolwatch_connections_closed_total",
+    "Connections that left the pool, by reason: idle_timeout, max_lifetime, broken (failed ping, error, closed or detached by the app), pool_closed. Inferred from sqlx's rules (sqlx has no close hook); see docs/lifecycle.md.",
+    &[REASON],
+);
+/// The age of the oldest connection the pool holds (needs
+/// [`instrument_options_named`](crate::instrument_options_named)).
+pub const CONNECTION_OLDEST_AGE: Metric = gauge(
+    "poolwatch_connection_oldest_age_seconds",
+    Unit::Seconds,
+    "How long ago the oldest connection the pool holds was opened (0: none). Grows without bound when max_lifetime is off: connections never re-resolve the host.",
+    &[],
+);
+
 /// Every metric poolwatch emits.
 pub const ALL: &[Metric] = &[
     CONNECTION_COUNT,
@@ -463,6 +489,10 @@ pub const ALL: &[Metric] = &[
     // --- the ledger at fleet scale (issue 14) ---
     CLIENT_GAP,
     POOL_INFO,
+    // --- connection lifecycle (issue 13) ---
+    CONNECTIONS_OPENED,
+    CONNECTIONS_CLOSED,
+    CONNECTION_OLDEST_AGE,
 ];
 
 /// Series the fleet rules read from postgres_exporter with poolwatch's query file

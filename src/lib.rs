@@ -35,6 +35,7 @@ mod watch;
 pub use health::{hazards, reach, report};
 pub use ledger::attribution;
 
+pub use acquire::lifecycle::{CloseReason, LifecycleFigures, instrument_options_named};
 pub use acquire::probe::{instrument_options, mark_connected};
 pub use acquire::watched_pool::{Watched, WatchedConnection, WatchedPool, WatchedTransaction};
 pub use cause::Cause;
@@ -70,6 +71,8 @@ mod doc_examples {
     struct Progress;
     #[doc = include_str!("../docs/acquire.md")]
     struct Acquire;
+    #[doc = include_str!("../docs/lifecycle.md")]
+    struct Lifecycle;
     #[cfg(feature = "telemetry")]
     #[doc = include_str!("../docs/telemetry.md")]
     struct Telemetry;

@@ -132,6 +132,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         send_queues: sockets::StuckSendQueues::new(&config.pool_name, config.send_queue_stuck_after, config.detail),
         gaps: Mutex::new(std::collections::VecDeque::new()),
         probe: Arc::new(Probe::new(pool, &config)),
+        lifecycle: crate::acquire::lifecycle::Published::new(pool, &config.pool_name, config.detail),
         latest: Mutex::new(Snapshot { pool: PoolFigures::of(pool), ..Snapshot::default() }),
         untagged: Mutex::new(untagged),
         retagged: tokio::sync::OnceCell::new(),
@@ -221,6 +222,13 @@ impl PoolWatch {
         })
     }
 
+    /// Connections opened, closed by reason, and the oldest one's age, counted up to now;
+    /// `None` unless the pool was built with
+    /// [`instrument_options_named`](crate::instrument_options_named) under this pool's name.
+    pub fn lifecycle(&self) -> Option<crate::LifecycleFigures> {
+        self.shared.lifecycle.as_ref().map(crate::acquire::lifecycle::Published::update)
+    }
+
     /// The latest figures (from the last sample and census).
     pub fn snapshot(&self) -> Snapshot {
         self.shared.latest()
@@ -299,6 +307,8 @@ impl Drop for PoolWatch {
 
 #[derive(Debug)]
 struct Shared {
+    /// The lifecycle figures, when the pool's options carry `instrument_options_named`'s hooks.
+    lifecycle: Option<crate::acquire::lifecycle::Published>,
     pool: PgPool,
     config: Config,
     tag: Tag,
@@ -362,6 +372,9 @@ impl Shared {
     /// connection being opened or closed disagrees for a moment); a gap still there that
     /// differs from the last one wakes a census.
     async fn sample(&self) {
+        if let Some(l) = &self.lifecycle {
+            l.update();
+        }
         let mut figures = PoolFigures::of(&self.pool);
         self.gauges.pool(&figures);
         let linting = || self.heartbeat.linting.load(Ordering::Relaxed);
@@ -678,22 +691,37 @@ impl Shared {
     }
 }
 
-async fn run(shared: Arc<Shared>, stop: oneshot::Receiver<()>) {
-    watch_until_stopped(&shared, stop).await;
+async fn run(shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
+    let stopped = watch_until_stopped(&shared, &mut stop).await;
     // Stopped before the re-tag ran: give the idle connections back, or `pool.close()` waits.
     drop(shared.untagged.lock().map(|mut held| std::mem::take(&mut *held)));
     shared.direct.lock().await.close().await;
     if let Some(pooler) = &shared.pooler {
         pooler.lock().await.close().await;
     }
+    if let (false, Some(l)) = (stopped, &shared.lifecycle) {
+        // The pool closed: count its connections as they close (checked-out ones close when
+        // given back), until none is left or the watch is dropped.
+        loop {
+            l.update();
+            if shared.pool.size() == 0 {
+                break;
+            }
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tokio::time::sleep(shared.config.sample_interval) => {}
+            }
+        }
+    }
 }
 
-async fn watch_until_stopped(shared: &Shared, mut stop: oneshot::Receiver<()>) {
+/// Returns `true` when stopped by the handle, `false` when the pool closed.
+async fn watch_until_stopped(shared: &Shared, stop: &mut oneshot::Receiver<()>) -> bool {
     let closed = shared.pool.close_event();
     tokio::pin!(closed);
     tokio::select! {
-        _ = &mut stop => return,
-        _ = &mut closed => return,
+        _ = &mut *stop => return true,
+        _ = &mut closed => return false,
         _ = shared.retagged.get_or_init(|| shared.retag_idle()) => {}
     }
     let mut sample = tokio::time::interval(shared.config.sample_interval);
@@ -711,11 +739,11 @@ async fn watch_until_stopped(shared: &Shared, mut stop: oneshot::Receiver<()>) {
     let mut last_census: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
-            _ = &mut stop => break,
-            _ = &mut closed => break,
+            _ = &mut *stop => return true,
+            _ = &mut closed => return false,
             _ = sample.tick() => tokio::select! {
-                _ = &mut stop => break,
-                _ = &mut closed => break,
+                _ = &mut *stop => return true,
+                _ = &mut closed => return false,
                 _ = async {
                     shared.sample().await;
                     shared.reach_if_due(false).await;
@@ -723,8 +751,8 @@ async fn watch_until_stopped(shared: &Shared, mut stop: oneshot::Receiver<()>) {
             },
             _ = leak_scan.tick(), if scan_every.is_some() => { shared.probe.leaks.scan(); }
             _ = &mut reach_at, if !first_census => tokio::select! {
-                _ = &mut stop => break,
-                _ = &mut closed => break,
+                _ = &mut *stop => return true,
+                _ = &mut closed => return false,
                 _ = shared.reach_if_due(true) => {
                     reach_at.as_mut().reset(tokio::time::Instant::now() + jitter(shared.config.reach_interval));
                 }
@@ -745,8 +773,8 @@ async fn watch_until_stopped(shared: &Shared, mut stop: oneshot::Receiver<()>) {
                     continue;
                 }
                 tokio::select! {
-                    _ = &mut stop => break,
-                    _ = &mut closed => break,
+                    _ = &mut *stop => return true,
+                    _ = &mut closed => return false,
                     _ = shared.census() => {
                         last_census = Some(tokio::time::Instant::now());
                         if wanted {

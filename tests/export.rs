@@ -74,7 +74,8 @@ async fn watched(
     name: &str,
     detail: Detail,
 ) -> (sqlx::PgPool, poolwatch::PoolWatch, WatchedListener) {
-    let pool = poolwatch::instrument_options(PgPoolOptions::new().max_connections(4).min_connections(0))
+    // The lifecycle hooks too: their series count in the budget.
+    let pool = poolwatch::instrument_options_named(PgPoolOptions::new().max_connections(4).min_connections(0), name)
         .connect_with(cluster.options())
         .await
         .expect("connect");

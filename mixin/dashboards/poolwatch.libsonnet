@@ -319,6 +319,28 @@ local d = import '../lib/dashboard.libsonnet';
       ],
     },
     {
+      title: "Connection lifecycle (with instrument_options_named)",
+      panels: [
+        d.panel(
+          "Connections opened and closed by reason",
+          "Per second: connections the pool opened, and closed by reason (idle_timeout, max_lifetime, broken, pool_closed), counted from sqlx's hooks with instrument_options_named at Detail::Full. broken climbing: killed backends, dead peers, errors (see poolwatch_sessions_ended_total for who ended them). Opens and closes both high and steady: churn (idle_timeout below the traffic's gaps, or max_lifetime short).",
+          "short",
+          [
+            ["sum by (db_client_connection_pool_name) (rate(poolwatch_connections_opened_total{%(sel)s}[$__rate_interval]))", "{{db_client_connection_pool_name}} opened"],
+            ["sum by (db_client_connection_pool_name, reason) (rate(poolwatch_connections_closed_total{%(sel)s}[$__rate_interval]))", "{{db_client_connection_pool_name}} closed: {{reason}}"],
+          ],
+        ),
+        d.panel(
+          "Oldest connection's age",
+          "How long ago the oldest connection the pool holds was opened. A sawtooth capped at max_lifetime is healthy; a line that only grows means max_lifetime is off: connections never re-resolve the host or pick up server-side changes (a failover, new settings).",
+          "s",
+          [
+            ["max by (db_client_connection_pool_name) (poolwatch_connection_oldest_age_seconds{%(sel)s})", "{{db_client_connection_pool_name}} oldest"],
+          ],
+        ),
+      ],
+    },
+    {
       title: "Fleet: the ledger on every sample and across every replica",
       panels: [
         d.panel(

@@ -1,6 +1,7 @@
 //! Acquires through a [`WatchedPool`](crate::WatchedPool): wait, use and connect times, waiters,
 //! timeouts and leak suspects, and their spans.
 pub(crate) mod leak;
+pub(crate) mod lifecycle;
 pub(crate) mod probe;
 pub(crate) mod spans;
 pub(crate) mod stranded;
