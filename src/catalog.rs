@@ -150,14 +150,14 @@ pub const SECONDS_BUCKETS: &[f64] = &[
 
 /// The coarse buckets of [`Detail::Standard`](crate::Detail::Standard), chosen per histogram
 /// for what its alert or panel asks: few enough that one pool stays within its series budget.
-/// Acquire wait: 1 ms (idle acquire) to 10 s (near `acquire_timeout`).
-pub const WAIT_BUCKETS: &[f64] = &[0.001, 0.01, 0.1, 1.0, 10.0];
+/// Acquire wait: 10 ms (an idle acquire is below) to 10 s (near `acquire_timeout`).
+pub const WAIT_BUCKETS: &[f64] = &[0.01, 0.1, 1.0, 10.0];
 /// Connection use: a query (10 ms) to a held connection (1 min).
 pub const USE_BUCKETS: &[f64] = &[0.01, 0.1, 1.0, 10.0];
 /// Connect: `PoolwatchSlowConnects` reads the share above 2.5 s.
 pub const CREATE_BUCKETS: &[f64] = &[0.01, 0.1, 2.5];
-/// Heartbeat `SELECT 1`: healthy (< 10 ms), slow (< 1 s), near `heartbeat_timeout`.
-pub const HEARTBEAT_BUCKETS: &[f64] = &[0.01, 1.0];
+/// Heartbeat `SELECT 1`: healthy (< 100 ms) or slow; `poolwatch_heartbeat_up` says down.
+pub const HEARTBEAT_BUCKETS: &[f64] = &[0.1];
 /// Listener downtime: a clean reconnect (< 1 s) to a long outage.
 pub const DOWNTIME_BUCKETS: &[f64] = &[1.0, 10.0, 60.0];
 
