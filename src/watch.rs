@@ -120,6 +120,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         census_wanted: tokio::sync::Notify::new(),
         disagreement: Mutex::new((0, 0)),
         reach_seen: AtomicU64::new(u64::MAX),
+        reach_last: Mutex::new(None),
         heartbeat: Heartbeat::new(&config.pool_name, config.detail),
         gauges,
         pooler_gauges: pooler.as_ref().map(|_| PoolerGauges::new(&config.pool_name)),
@@ -328,6 +329,9 @@ struct Shared {
     disagreement: Mutex<(i64, u32)>,
     /// The connect-trouble count when the reachability probe last ran.
     reach_seen: AtomicU64,
+    /// When the reachability probe last ran: an address found down is probed again every 10
+    /// samples until it answers (else it would read down until the next scheduled probe).
+    reach_last: Mutex<Option<Instant>>,
     latest: Mutex<Snapshot>,
     untagged: Mutex<Vec<PoolConnection<Postgres>>>,
     retagged: tokio::sync::OnceCell<()>,
@@ -432,14 +436,27 @@ impl Shared {
         self.probe.trouble.load(Ordering::Relaxed) + hb.pool.failures + hb.direct.failures + census
     }
 
-    /// Probes reachability when connects failed or slowed down since the last probe, or when
-    /// `scheduled`.
+    /// Whether the last probe found an address down (or the host unresolved) and 10 samples
+    /// have passed since: a recovered address must not read down for hours. Costs the server
+    /// a probe per 10 samples only while something is down.
+    fn recheck_down(&self) -> bool {
+        let r = self.reach.figures();
+        let down = r.resolve_error.is_some() || r.up() < r.addresses.len();
+        let last = self.reach_last.lock().ok().and_then(|l| *l);
+        down && last.is_none_or(|at| at.elapsed() >= self.config.sample_interval * 10)
+    }
+
+    /// Probes reachability when connects failed or slowed down since the last probe, when an
+    /// address is down (every 10 samples), or when `scheduled`.
     async fn reach_if_due(&self, scheduled: bool) -> bool {
         let trouble = self.connect_trouble();
-        if !scheduled && self.reach_seen.load(Ordering::Relaxed) == trouble {
+        if !scheduled && self.reach_seen.load(Ordering::Relaxed) == trouble && !self.recheck_down() {
             return false;
         }
         self.reach_seen.store(trouble, Ordering::Relaxed);
+        if let Ok(mut last) = self.reach_last.lock() {
+            *last = Some(Instant::now());
+        }
         // The probes' sockets are left out of any socket census by port (`OwnPort`).
         self.reach.run(&self.pool.connect_options(), self.config.census_timeout).await;
         true
