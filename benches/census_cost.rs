@@ -8,6 +8,7 @@ mod cluster;
 
 use std::time::{Duration, Instant};
 
+use poolwatch::sqlx;
 use poolwatch::{Config, instrument_pool};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnection, PgPoolOptions};

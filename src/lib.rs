@@ -18,6 +18,16 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+// The sqlx version seam: every `use sqlx::..` in the crate names the sqlx chosen by the
+// `sqlx-0_9` / `sqlx-0_8` feature; `sqlx_adapter` hides what differs between them.
+/// The sqlx this build uses (0.9 or 0.8, by feature); tests and examples `use poolwatch::sqlx;`.
+#[cfg(all(feature = "sqlx-0_8", not(feature = "sqlx-0_9")))]
+pub extern crate sqlx08 as sqlx;
+/// The sqlx this build uses (0.9 or 0.8, by feature); tests and examples `use poolwatch::sqlx;`.
+#[cfg(feature = "sqlx-0_9")]
+pub extern crate sqlx09 as sqlx;
+mod sqlx_adapter;
+
 mod acquire;
 pub mod catalog;
 mod cause;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use poolwatch::sqlx;
 use sqlx::postgres::PgConnectOptions;
 
 /// A running PostgreSQL server for one test (or the demo).
