@@ -6,6 +6,7 @@
 //! publishes both, and the gap, through the [`metrics`] facade.
 //!
 //! ```no_run
+//! # use poolwatch::sqlx;
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use sqlx::postgres::PgPoolOptions;
 //! let pool = PgPoolOptions::new().max_connections(20).connect("postgres://app@db/app").await?;

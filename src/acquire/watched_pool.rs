@@ -25,6 +25,7 @@ use crate::acquire::probe::{Probe, Ticket};
 /// Acquires made with the bare pool still show in the sampled `db_client_connection_count`.
 ///
 /// ```no_run
+/// # use poolwatch::sqlx;
 /// # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
 /// let watch = poolwatch::instrument_pool(&pool, poolwatch::Config::new("main"))?;
 /// let db = watch.pool();

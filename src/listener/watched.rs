@@ -71,6 +71,7 @@ impl ListenerConfig {
 /// any other lost connection (sqlx returns it once as `Err(Io(ConnectionReset))`).
 ///
 /// ```no_run
+/// # use poolwatch::sqlx;
 /// # async fn demo(pool: sqlx::PgPool) -> Result<(), sqlx::Error> {
 /// use std::time::Duration;
 /// use poolwatch::{ListenerConfig, WatchedListener};
