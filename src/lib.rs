@@ -45,6 +45,7 @@ mod watch;
 pub use health::{hazards, reach};
 pub use ledger::attribution;
 
+pub use acquire::bare::{instrument_options_named, sqlx_acquire_layer};
 pub use acquire::probe::{instrument_options, mark_connected};
 pub use acquire::watched_pool::{Watched, WatchedConnection, WatchedPool, WatchedTransaction};
 pub use cause::Cause;

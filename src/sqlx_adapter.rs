@@ -26,6 +26,13 @@ compile_error!(
 #[cfg(not(any(feature = "sqlx-0_9", feature = "sqlx-0_8")))]
 compile_error!("poolwatch: no sqlx version chosen; turn on the feature `sqlx-0_9` (the default) or `sqlx-0_8`.");
 
+/// The field of sqlx's `sqlx::pool::acquire` events that holds the wait in seconds: 0.8 spells
+/// it `aquired_after_secs`.
+#[cfg(feature = "sqlx-0_9")]
+pub(crate) const ACQUIRED_AFTER_FIELD: &str = "acquired_after_secs";
+#[cfg(not(feature = "sqlx-0_9"))]
+pub(crate) const ACQUIRED_AFTER_FIELD: &str = "aquired_after_secs";
+
 async fn next<S: Stream + Unpin>(s: &mut S) -> Option<S::Item> {
     std::future::poll_fn(|cx| std::pin::Pin::new(&mut *s).poll_next(cx)).await
 }

@@ -181,7 +181,7 @@ impl<T> Future for Acquiring<T> {
         // The pool's `after_connect` hook runs inside this poll, on this thread, when the
         // acquire opens a connection: it stamps CONNECTED.
         CONNECTED.with(|c| c.set(None));
-        let poll = inner.as_mut().poll(cx);
+        let poll = crate::acquire::bare::in_watched_poll(|| inner.as_mut().poll(cx));
         if let Some(at) = CONNECTED.with(Cell::take) {
             this.connected = Some(at);
         }
