@@ -36,6 +36,8 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         ConfigError::new("runtime", "no Tokio runtime is running", "call instrument_pool inside a Tokio runtime")
     })?;
     catalog::describe();
+    // Known to `sqlx_acquire_layer`, which gives a lone pool sqlx's acquire events.
+    crate::acquire::bare::figures(&config.pool_name);
     let options = pool.connect_options();
     let tag = Tag::new(options.get_application_name(), &config.pool_name);
     pool.set_connect_options((*options).clone().application_name(&tag.pool_app_name));

@@ -14,6 +14,7 @@
 //! given to the only pool poolwatch knows, and dropped when there are several.
 
 use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use futures_core::future::BoxFuture;
@@ -56,6 +57,10 @@ pub(crate) struct BareFigures {
     name: String,
     wait: Histogram,
     slow: Counter,
+    /// sqlx reports every acquire of this pool, not only the slow ones (`acquire_time_level`
+    /// is on): only then do slow acquires' waits go in the histogram, which would otherwise
+    /// hold nothing but the slow tail.
+    timed: AtomicBool,
     hooks: OnceLock<Hooks>,
 }
 
@@ -71,6 +76,7 @@ pub(crate) fn figures(pool_name: &str) -> Arc<BareFigures> {
     let f = Arc::new(BareFigures {
         wait: histogram!(catalog::WAIT_TIME.name, POOL_NAME => p.clone()),
         slow,
+        timed: AtomicBool::new(false),
         hooks: OnceLock::new(),
         name: p,
     });
@@ -116,6 +122,7 @@ impl BareFigures {
 pub fn instrument_options_named(options: PgPoolOptions, pool_name: &str) -> PgPoolOptions {
     let f = figures(pool_name);
     f.hooks();
+    f.timed.store(true, Ordering::Relaxed);
     let (on_connect, on_acquire, on_release) = (Arc::clone(&f), Arc::clone(&f), f);
     options
         .acquire_time_level(log::LevelFilter::Trace)
@@ -187,9 +194,13 @@ impl<S: Subscriber> Layer<S> for AcquireEvents {
         event.record(&mut fields);
         let Some(waited) = fields.acquired_after else { return };
         let Some(pool) = stamped.or_else(sole_pool) else { return };
-        pool.wait.record(waited);
         if fields.slow {
             pool.slow.increment(1);
+        } else {
+            pool.timed.store(true, Ordering::Relaxed);
+        }
+        if !fields.slow || pool.timed.load(Ordering::Relaxed) {
+            pool.wait.record(waited);
         }
     }
 }
