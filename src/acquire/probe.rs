@@ -30,6 +30,7 @@ thread_local! {
 ///
 /// It replaces any `after_connect` hook set before. If you need your own hook, call
 /// [`mark_connected`] first thing in it instead.
+///
 /// [`instrument_options_named`](crate::instrument_options_named) does this too, and counts
 /// every acquire and release for apps whose pool is driven by a library.
 pub fn instrument_options(options: PgPoolOptions) -> PgPoolOptions {
