@@ -15,7 +15,8 @@ pub struct Config {
     pub sample_interval: Duration,
     /// How often the server census runs (`pg_stat_activity` + own sockets). Default 15 s.
     pub census_interval: Duration,
-    /// Connect and statement timeout of the census's dedicated connection. Default 5 s.
+    /// Connect and statement timeout of the census's dedicated connection. Default 5 s; at
+    /// most 2,147,483,647 ms (PostgreSQL's limit for `statement_timeout`).
     pub census_timeout: Duration,
     /// How often both heartbeats run (`SELECT 1` through the pool and on the dedicated
     /// connection). Default 10 s.
@@ -41,6 +42,11 @@ pub struct Config {
     /// Where poolwatch's dedicated connection goes. Default `None`: the pool's own server and
     /// role. Set it when the pool goes through a pooler (see [`Config::direct_connect_options`]).
     pub direct_connect_options: Option<crate::health::heartbeat::DirectOptions>,
+    /// How often the [hazard lint](crate::health::hazards) re-reads the server settings while
+    /// poolwatch's connection stays up, so a live `ALTER ROLE .. SET` or `ALTER SYSTEM` + reload
+    /// is flagged within `hazard_recheck_interval` + `heartbeat_interval` + `heartbeat_timeout`.
+    /// Each re-read is one short-lived connection and one query. Default 60 s.
+    pub hazard_recheck_interval: Duration,
     /// How long a connection checked out through [`WatchedPool`](crate::WatchedPool) may be
     /// held before it is reported as a leak or stuck suspect. Default `None` (off).
     pub leak_threshold: Option<Duration>,
@@ -63,7 +69,14 @@ impl Config {
             listener_keepalive: None,
             direct_connect_options: None,
             leak_threshold: None,
+            hazard_recheck_interval: Duration::from_secs(60),
         }
+    }
+
+    /// Sets [`Config::hazard_recheck_interval`].
+    pub fn hazard_recheck_interval(mut self, every: Duration) -> Self {
+        self.hazard_recheck_interval = every;
+        self
     }
 
     /// Sets [`Config::heartbeat_interval`].
@@ -154,9 +167,24 @@ impl Config {
             ("expect_refresh_every", self.expect_refresh_every.unwrap_or(Duration::MAX)),
             ("pooler_idle_timeout", self.pooler_idle_timeout.unwrap_or(Duration::MAX)),
             ("leak_threshold", self.leak_threshold.unwrap_or(Duration::MAX)),
+            ("hazard_recheck_interval", self.hazard_recheck_interval),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::new(field, "is zero", "use a positive duration (see the field's default)"));
+            }
+        }
+        // Durations that become server settings (census_timeout is the dedicated connection's
+        // `statement_timeout`): PostgreSQL takes at most 2,147,483,647 ms and refuses the
+        // whole connection above it, so the census would stay down with no hint why.
+        for (field, value) in [("census_timeout", self.census_timeout)] {
+            if value.as_millis() > MAX_SERVER_MS {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "is {value:?}, above PostgreSQL's limit for a timeout setting (2147483647 ms, about 24.8 days)"
+                    ),
+                    "use a timeout of at most 2147483647 ms (a few seconds is typical)",
+                ));
             }
         }
         if self.replicas == 0 {
@@ -176,6 +204,10 @@ impl Config {
         Ok(())
     }
 }
+
+/// The largest value PostgreSQL accepts for a millisecond timeout setting (`statement_timeout`,
+/// `idle_session_timeout`...): `INT_MAX`.
+pub(crate) const MAX_SERVER_MS: u128 = 2_147_483_647;
 
 /// Checks a user-given name used as a label value (pool, listener): 1-64 characters from
 /// `A-Z a-z 0-9 _ - . :`. `fix_empty` says how to name it.
@@ -225,6 +257,8 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         assert_eq!(Config::new("main").validate(), Ok(()));
+        let at_limit = Config::new("main").census_timeout(Duration::from_millis(2_147_483_647));
+        assert_eq!(at_limit.validate(), Ok(()));
     }
 
     #[test]
@@ -244,6 +278,9 @@ mod tests {
             (Config::new("a").replicas(0), "replicas"),
             (Config::new("a").listener_keepalive(Some(Duration::ZERO)), "listener_keepalive"),
             (Config::new("a").leak_threshold(Some(Duration::ZERO)), "leak_threshold"),
+            (Config::new("a").hazard_recheck_interval(Duration::ZERO), "hazard_recheck_interval"),
+            (Config::new("a").census_timeout(Duration::from_millis(2_147_483_648)), "census_timeout"),
+            (Config::new("a").census_timeout(Duration::MAX), "census_timeout"),
         ];
         for (config, field) in cases {
             let err = config.validate().expect_err(field);

@@ -1,5 +1,7 @@
 //! The metric handles of one watched pool, registered once with the pool label.
 
+use std::sync::OnceLock;
+
 use metrics::{Counter, Gauge, counter, gauge};
 
 use crate::catalog::{self, CAUSE, CONNECTION_STATE, POOL_NAME, STATE};
@@ -14,15 +16,40 @@ pub(crate) struct Gauges {
     idle: Gauge,
     max: Gauge,
     min: Gauge,
+    census_up: Gauge,
+    /// Registered at the first census attempt: no duration before one ran.
+    census_duration: OnceLock<Gauge>,
+    /// Registered at the first successful census: a figure nobody has measured yet is absent
+    /// from `/metrics`, not 0 (a 0 phantom count would read "healthy").
+    measured: OnceLock<Measured>,
+}
+
+/// The census-derived gauges.
+#[derive(Debug)]
+struct Measured {
     server: Vec<Gauge>,
     longest: Vec<Gauge>,
     lock_waiters: Gauge,
     advisory_locks: Gauge,
     advisory_locks_max: Gauge,
-    sockets: Vec<Gauge>,
+    sockets: OnceLock<Vec<Gauge>>,
     phantom: Gauge,
-    census_up: Gauge,
-    census_duration: Gauge,
+}
+
+impl Measured {
+    fn new(p: &str) -> Measured {
+        let by_state = |name: &'static str, key: &'static str, value: &'static str| gauge!(name, POOL_NAME => p.to_owned(), key => value);
+        let plain = |name: &'static str| gauge!(name, POOL_NAME => p.to_owned());
+        Measured {
+            server: SESSION_STATES.iter().map(|s| by_state(catalog::SERVER_CONNECTIONS.name, STATE, s)).collect(),
+            longest: SESSION_STATES.iter().map(|s| by_state(catalog::SERVER_LONGEST_IN_STATE.name, STATE, s)).collect(),
+            lock_waiters: plain(catalog::SERVER_LOCK_WAITERS.name),
+            advisory_locks: plain(catalog::SERVER_ADVISORY_LOCKS.name),
+            advisory_locks_max: plain(catalog::SERVER_ADVISORY_LOCKS_MAX.name),
+            sockets: OnceLock::new(),
+            phantom: plain(catalog::PHANTOM_CONNECTIONS.name),
+        }
+    }
 }
 
 impl Gauges {
@@ -35,17 +62,15 @@ impl Gauges {
             idle: by_state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "idle"),
             max: plain(catalog::CONNECTION_MAX.name),
             min: plain(catalog::CONNECTION_IDLE_MIN.name),
-            server: SESSION_STATES.iter().map(|s| by_state(catalog::SERVER_CONNECTIONS.name, STATE, s)).collect(),
-            longest: SESSION_STATES.iter().map(|s| by_state(catalog::SERVER_LONGEST_IN_STATE.name, STATE, s)).collect(),
-            lock_waiters: plain(catalog::SERVER_LOCK_WAITERS.name),
-            advisory_locks: plain(catalog::SERVER_ADVISORY_LOCKS.name),
-            advisory_locks_max: plain(catalog::SERVER_ADVISORY_LOCKS_MAX.name),
-            sockets: TCP_STATES.iter().map(|s| by_state(catalog::CLIENT_SOCKETS.name, STATE, s)).collect(),
-            phantom: plain(catalog::PHANTOM_CONNECTIONS.name),
             census_up: plain(catalog::CENSUS_UP.name),
-            census_duration: plain(catalog::CENSUS_DURATION.name),
+            census_duration: OnceLock::new(),
+            measured: OnceLock::new(),
             pool_name: p,
         }
+    }
+
+    fn census_duration(&self) -> &Gauge {
+        self.census_duration.get_or_init(|| gauge!(catalog::CENSUS_DURATION.name, POOL_NAME => self.pool_name.clone()))
     }
 
     pub(crate) fn pool(&self, f: &PoolFigures) {
@@ -58,33 +83,41 @@ impl Gauges {
     /// Publishes a successful census.
     pub(crate) fn census(&self, s: &Snapshot, seconds: f64) {
         self.pool(&s.pool);
+        let m = self.measured.get_or_init(|| Measured::new(&self.pool_name));
         if let Some(server) = &s.server {
-            for (g, n) in self.server.iter().zip(server.counts) {
+            for (g, n) in m.server.iter().zip(server.counts) {
                 g.set(n);
             }
-            for (g, d) in self.longest.iter().zip(server.longest) {
+            for (g, d) in m.longest.iter().zip(server.longest) {
                 g.set(d.as_secs_f64());
             }
-            self.lock_waiters.set(server.lock_waiters);
-            self.advisory_locks.set(server.advisory_locks);
-            self.advisory_locks_max.set(server.advisory_locks_max_per_session);
+            m.lock_waiters.set(server.lock_waiters);
+            m.advisory_locks.set(server.advisory_locks);
+            m.advisory_locks_max.set(server.advisory_locks_max_per_session);
         }
         if let Some(sockets) = &s.sockets {
-            for (g, n) in self.sockets.iter().zip(sockets.counts) {
+            let gauges = m.sockets.get_or_init(|| {
+                let p = &self.pool_name;
+                TCP_STATES
+                    .iter()
+                    .map(|st| gauge!(catalog::CLIENT_SOCKETS.name, POOL_NAME => p.clone(), STATE => *st))
+                    .collect()
+            });
+            for (g, n) in gauges.iter().zip(sockets.counts) {
                 g.set(n);
             }
         }
         if let Some(phantom) = s.phantom {
-            self.phantom.set(phantom as f64);
+            m.phantom.set(phantom as f64);
         }
         self.census_up.set(1);
-        self.census_duration.set(seconds);
+        self.census_duration().set(seconds);
     }
 
     /// Publishes a failed census.
     pub(crate) fn census_failed(&self, cause: Cause, seconds: f64) {
         self.census_up.set(0);
-        self.census_duration.set(seconds);
+        self.census_duration().set(seconds);
         self.census_error(cause).increment(1);
     }
 

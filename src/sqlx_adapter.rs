@@ -123,3 +123,11 @@ pub(crate) fn fetch_all_simple<'c>(
 ) -> BoxFuture<'c, Result<Vec<PgRow>, sqlx::Error>> {
     conn.fetch_all(sqlx::raw_sql(sql))
 }
+
+/// Like [`fetch_all_simple`], for exactly one row.
+pub(crate) fn fetch_one_simple<'c>(
+    conn: &'c mut sqlx::PgConnection,
+    sql: &'static str,
+) -> BoxFuture<'c, Result<PgRow, sqlx::Error>> {
+    conn.fetch_one(sqlx::raw_sql(sql))
+}

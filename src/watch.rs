@@ -1,5 +1,6 @@
 //! [`instrument_pool`] and the [`PoolWatch`] handle that owns the background task.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,10 @@ use crate::ledger::attribution::Tag;
 use crate::ledger::{census, sockets};
 use crate::{Cause, Config, ConfigError, PoolFigures, Snapshot, WatchedPool, catalog};
 
+/// The `application_name` tags of the pools watched by a live [`PoolWatch`] in this process:
+/// a pool is watched by at most one.
+static LIVE: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
 /// Pause before a census re-reads an unsettled or gapped reading.
 const CENSUS_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -38,9 +43,28 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
     catalog::describe();
     // Known to `sqlx_acquire_layer`, which gives a lone pool sqlx's acquire events.
     crate::acquire::bare::figures(&config.pool_name);
-    let options = pool.connect_options();
-    let tag = Tag::new(options.get_application_name(), &config.pool_name);
-    pool.set_connect_options((*options).clone().application_name(&tag.pool_app_name));
+    let (options, tag) = {
+        // Checked and tagged under one lock, so two racing calls cannot both succeed.
+        let mut live = LIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let options = pool.connect_options();
+        let current = options.get_application_name();
+        if current.is_some_and(|name| live.contains(name)) {
+            return Err(ConfigError::new(
+                "pool",
+                format!(
+                    "is already instrumented by a live PoolWatch (its connections are tagged {:?}); a second \
+                     watch would re-tag them and the first would count none of its sessions (a false leak)",
+                    current.unwrap_or_default()
+                ),
+                "keep one PoolWatch per pool and share it (or its pool() handle); to re-instrument, drop or \
+                 shut down the first PoolWatch before calling instrument_pool again",
+            ));
+        }
+        let tag = Tag::new(current.map(crate::ledger::attribution::without_tag), &config.pool_name);
+        pool.set_connect_options((*options).clone().application_name(&tag.pool_app_name));
+        live.insert(tag.pool_app_name.clone());
+        (options, tag)
+    };
     // Take the idle, untagged connections now (no waiting, no ping) so the app cannot check
     // them out before the task re-tags them.
     let untagged: Vec<_> = std::iter::from_fn(|| pool.try_acquire()).take(pool.num_idle()).collect();
@@ -108,7 +132,7 @@ impl PoolWatch {
         self.shared.heartbeat.figures()
     }
 
-    /// The configuration hazards found by the last lint (start-up, or the last reconnect of
+    /// The configuration hazards found by the last lint (start-up, a periodic re-check, or the last reconnect of
     /// the dedicated connection). Empty before the first lint and on a clean setup.
     pub fn hazards(&self) -> Vec<crate::Finding> {
         self.shared.heartbeat.hazards()
@@ -166,6 +190,10 @@ impl PoolWatch {
 
 impl Drop for PoolWatch {
     fn drop(&mut self) {
+        // The pool may be instrumented again from now on.
+        if let Ok(mut live) = LIVE.lock() {
+            live.remove(&self.shared.tag.pool_app_name);
+        }
         // Dropping the senders wakes the tasks; the census task closes its connection and ends.
         self.stop_heartbeat.take();
         self.stop.take();
@@ -207,6 +235,10 @@ impl Shared {
     }
 
     async fn census(&self) -> Result<Snapshot, Cause> {
+        // After `pool.close()` poolwatch opens nothing new and publishes nothing.
+        if self.pool.is_closed() {
+            return Err(Cause::PoolClosed);
+        }
         let span = tracing::debug_span!(
             "poolwatch.census",
             "db.client.connection.pool.name" = %self.config.pool_name,
@@ -243,6 +275,10 @@ impl Shared {
     async fn take_census(&self) -> Result<Snapshot, Cause> {
         self.retagged.get_or_init(|| self.retag_idle()).await;
         let mut direct = self.direct.lock().await;
+        if self.pool.is_closed() {
+            // Closed while waiting for the lock: the task has closed (or will close) the connection.
+            return Err(Cause::PoolClosed);
+        }
         let app_name = self.tag.pool_app_name.as_str();
         // Both sides must describe one moment. A connection being opened counts in the pool
         // before its session shows on the server; a closed one leaves its session for a few

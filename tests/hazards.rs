@@ -197,3 +197,40 @@ async fn per_role_settings_and_capacity() {
     let detail = &found.iter().find(|f| f.hazard == Hazard::MaxConnectionsOverServerCapacity).unwrap().detail;
     assert!(detail.contains("330 > 300"), "{detail}");
 }
+
+/// Issue 9, defect 6: a live `ALTER ROLE .. SET idle_session_timeout` while poolwatch's
+/// connection stays up is flagged by the periodic re-check, and clears when reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_alter_role_is_flagged_by_the_periodic_recheck() {
+    recorder();
+    let cluster = Cluster::start();
+    let mut admin = admin(&cluster).await;
+    admin.execute("CREATE ROLE live LOGIN SUPERUSER").await.unwrap();
+    let options = PgPoolOptions::new().max_connections(3).max_lifetime(Duration::from_secs(600));
+    let pool = options.connect_with(cluster.options().username("live")).await.unwrap();
+    let config = config("hz_live").listener_keepalive(None).hazard_recheck_interval(Duration::from_millis(300));
+    let watch = instrument_pool(&pool, config).unwrap();
+    assert!(!linted(&watch).await.contains("listener_without_keepalive"), "{:?}", watch.hazards());
+    let connects_before = watch.heartbeat().direct.failures;
+
+    admin.execute("ALTER ROLE live SET idle_session_timeout = '2s'").await.unwrap();
+    eventually(Duration::from_secs(30), "the re-check flags the listener", async || {
+        watch.hazards().iter().any(|f| f.hazard == Hazard::ListenerWithoutKeepalive).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric("poolwatch_config_hazard", &[(POOL, "hz_live"), ("hazard", "listener_without_keepalive")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        watch.heartbeat().direct.failures,
+        connects_before,
+        "found without a reconnect of poolwatch's connection"
+    );
+
+    admin.execute("ALTER ROLE live RESET idle_session_timeout").await.unwrap();
+    eventually(Duration::from_secs(30), "the hazard clears", async || {
+        (!watch.hazards().iter().any(|f| f.hazard == Hazard::ListenerWithoutKeepalive)).then_some(())
+    })
+    .await;
+}

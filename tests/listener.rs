@@ -517,3 +517,44 @@ async fn bad_listener_names_are_refused() {
         assert!(text.contains(&format!("`{field}`")) && text.contains("fix:"), "{text}");
     }
 }
+
+/// Issue 9, defect 3: under 10 ms `idle_session_timeout` kills, the server often ends the new
+/// session before the facts query after a reconnect returns. That failure was swallowed and
+/// the next loss judged with no facts (`connection_ended`). Every reconnect here was the
+/// server's idle-session timeout, and must be explained so, under any machine load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_ms_idle_session_kills_are_all_explained_as_idle_session_timeout() {
+    setup();
+    let cluster = Cluster::start();
+    let mut admin = admin(&cluster).await;
+    admin.execute("CREATE ROLE fast LOGIN; ALTER ROLE fast SET idle_session_timeout = '10ms'").await.unwrap();
+    let options = cluster.options().username("fast");
+    let pool = PgPoolOptions::new().max_connections(1).connect_lazy_with(options);
+    let config = ListenerConfig::new("main", "fast10ms");
+    let mut listener = eventually(Duration::from_secs(30), "a listener connected", async || {
+        WatchedListener::connect_with(&pool, config.clone()).await.ok()
+    })
+    .await;
+    // LISTEN may itself meet a killed session: the listener reconnects and the next call retries.
+    eventually(Duration::from_secs(30), "LISTEN", async || listener.listen("jobs").await.ok()).await;
+    let want = 30.0;
+    let started = Instant::now();
+    while all_reconnects("fast10ms") < want {
+        assert!(started.elapsed() < Duration::from_secs(300), "{} reconnects in 300 s", all_reconnects("fast10ms"));
+        // A failed reconnect attempt returns its error; the next call tries again.
+        let _ = listener.try_recv().await;
+    }
+    let total = all_reconnects("fast10ms");
+    let idle = reconnects("fast10ms", Cause::IdleSessionTimeout);
+    let other: Vec<_> = Cause::ALL
+        .iter()
+        .filter(|c| **c != Cause::IdleSessionTimeout)
+        .map(|c| (c.as_str(), reconnects("fast10ms", *c)))
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    println!(
+        "10 ms idle_session_timeout: {total} reconnects in {:?}, {idle} explained as idle_session_timeout, others {other:?}",
+        started.elapsed()
+    );
+    assert_eq!(idle, total, "every reconnect was an idle-session timeout; mislabelled: {other:?}");
+}

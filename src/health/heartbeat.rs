@@ -10,8 +10,9 @@
 //! database or the network. After a direct failure the next attempts wait
 //! `heartbeat_interval` × 2ⁿ, capped at `heartbeat_max_backoff`.
 //!
-//! The [hazard lint](crate::health::hazards) runs at start-up and again after each reconnect of the
-//! dedicated connection, on a short-lived connection with the pool's own connect options
+//! The [hazard lint](crate::health::hazards) runs at start-up, again after each reconnect of the
+//! dedicated connection, and every [`Config::hazard_recheck_interval`] (so a live settings change
+//! is flagged within that interval plus one heartbeat tick), on a short-lived connection with the pool's own connect options
 //! (same role, database and pooler, so per-role settings apply; `application_name`
 //! `poolwatch-lint:<pool>:<nonce>`), never on a pool slot. The dedicated connection cannot
 //! serve: it switches `idle_session_timeout` off for itself, so it would read 0.
@@ -176,6 +177,7 @@ impl Heartbeat {
             seen_connects: 0,
             lint_due: true,
             first: true,
+            last_lint: None,
         };
         loop {
             tokio::select! {
@@ -202,6 +204,10 @@ impl Heartbeat {
         config: &Config,
         lint_app_name: &str,
     ) {
+        if pool.is_closed() {
+            // Nothing new is opened for a closed pool.
+            return;
+        }
         let backoff = &mut cycle.backoff;
         let direct_beat = async {
             if !backoff.ready() {
@@ -224,8 +230,16 @@ impl Heartbeat {
             }
             self.record(Path::Direct, result, took);
         }
+        if cycle.last_lint.is_some_and(|at| at.elapsed() >= config.hazard_recheck_interval) {
+            // Settings can change while the dedicated connection stays up (ALTER ROLE, reload).
+            cycle.lint_due = true;
+        }
         if cycle.lint_due && (direct_ok || cycle.first) {
-            cycle.lint_due = !self.lint(pool, direct, config, lint_app_name).await;
+            let read = self.lint(pool, direct, config, lint_app_name).await;
+            cycle.lint_due = !read;
+            if read {
+                cycle.last_lint = Some(Instant::now());
+            }
         }
         cycle.first = false;
     }
@@ -429,6 +443,8 @@ struct Cycle {
     /// The lint has to run (start-up, or the dedicated connection reconnected).
     lint_due: bool,
     first: bool,
+    /// When the lint last read the settings.
+    last_lint: Option<Instant>,
 }
 
 /// Capped exponential backoff between attempts after failures.

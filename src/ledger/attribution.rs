@@ -37,6 +37,18 @@ impl Tag {
     }
 }
 
+/// `app_name` without a poolwatch tag at its end (a pool instrumented again after its first
+/// watch was dropped keeps one tag, not two).
+pub(crate) fn without_tag(app_name: &str) -> &str {
+    let (head, last) = app_name.rsplit_once(' ').unwrap_or(("", app_name));
+    let mut parts = last.split(':');
+    let tagged = parts.next() == Some("pw")
+        && parts.next().is_some()
+        && parts.next().is_some_and(|n| n.len() == 10 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        && parts.next().is_none();
+    if tagged { head } else { app_name }
+}
+
 fn truncate(s: &str, max: usize) -> &str {
     let mut end = max.min(s.len());
     while !s.is_char_boundary(end) {
@@ -66,5 +78,8 @@ mod tests {
         assert!(long.pool_app_name.len() <= MAX_APP_NAME, "{}", long.pool_app_name.len());
         assert!(long.census_app_name.len() <= MAX_APP_NAME);
         assert_ne!(long.pool_app_name, long.census_app_name);
+        assert_eq!(without_tag(&a.pool_app_name), "api");
+        assert_eq!(without_tag(&Tag::new(None, "main").pool_app_name), "");
+        assert_eq!(without_tag("api pw:main"), "api pw:main");
     }
 }

@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Row};
 
 use crate::Cause;
 
@@ -38,17 +38,21 @@ pub(crate) struct SessionEnds {
 }
 
 impl ServerFacts {
-    /// Reads the facts on `conn` (one round trip).
+    /// Reads the facts on `conn`: one round trip, simple protocol (nothing prepared, so no
+    /// Parse/Describe round trip and no statement cached per reconnect), and
+    /// `current_setting` rather than the whole `pg_settings` view.
     pub(crate) async fn read(conn: &mut PgConnection) -> Result<ServerFacts, sqlx::Error> {
         if conn.server_version_num().is_some_and(|v| v < 140_000) {
             return Ok(ServerFacts::default());
         }
-        let (idle_ms, killed, fatal): (Option<i64>, Option<i64>, Option<i64>) = sqlx::query_as(
-            "SELECT (SELECT setting::bigint FROM pg_settings WHERE name = 'idle_session_timeout'), \
+        let row = crate::sqlx_adapter::fetch_one_simple(
+            conn,
+            "SELECT (extract(epoch FROM current_setting('idle_session_timeout')::interval) * 1000)::bigint, \
              sessions_killed, sessions_fatal FROM pg_stat_database WHERE datname = current_database()",
         )
-        .fetch_one(conn)
         .await?;
+        let (idle_ms, killed, fatal): (Option<i64>, Option<i64>, Option<i64>) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
         Ok(ServerFacts {
             idle_session_timeout: idle_ms.filter(|ms| *ms > 0).map(|ms| Duration::from_millis(ms.unsigned_abs())),
             ends: killed.zip(fatal).map(|(killed, fatal)| SessionEnds { killed, fatal }),

@@ -377,15 +377,33 @@ impl WatchedListener {
         // LISTEN is re-established: the data-loss window ends here.
         let downtime = loss.since.elapsed();
         let sent = Instant::now();
-        let facts = ServerFacts::read(conn).await.unwrap_or_default();
+        let read = ServerFacts::read(conn).await;
         self.last_command = sent;
         let Some(loss) = self.lost.take() else { return Ok(()) };
+        // A failed read keeps the last good facts (the settings rarely change between two
+        // connects; the counters then span two losses), and this loss is judged without fresh
+        // counters. A read that failed because the new session was lost too starts the next loss
+        // at once, with the error's exact cause.
+        let (after, lost_again) = match read {
+            Ok(facts) => (Some(facts), None),
+            Err(e) => {
+                tracing::debug!(listener = %self.config.listener, cause = %Cause::of(&e), "reading the server facts after a reconnect failed; keeping the last ones");
+                (None, connection_lost(&e).then(|| Cause::of(&e)))
+            }
+        };
         // A bare end of file says no more than sqlx's silent `Ok(None)`: explain both the same way.
         let (cause, basis) = match loss.observed {
             Some(cause) if cause != Cause::ConnectionEnded => (cause, Basis::Observed),
-            _ => explain_silent_loss(loss.idle_for, self.facts.idle_session_timeout, self.facts.ends, facts.ends),
+            _ => explain_silent_loss(
+                loss.idle_for,
+                self.facts.idle_session_timeout,
+                self.facts.ends,
+                after.and_then(|f| f.ends),
+            ),
         };
-        self.facts = facts;
+        if let Some(facts) = after {
+            self.facts = facts;
+        }
         self.metrics.reconnected(cause, basis, downtime);
         let seconds = downtime.as_secs_f64();
         loss.span
@@ -403,6 +421,9 @@ impl WatchedListener {
             attempts = loss.attempts,
             "listener reconnected; notifications sent while it was down were lost"
         );
+        if let Some(cause) = lost_again {
+            self.lose(Some(cause), true);
+        }
         Ok(())
     }
 }

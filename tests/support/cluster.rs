@@ -102,7 +102,8 @@ impl Cluster {
     pub fn stop(&self) {
         assert!(self.external.is_none(), "stopping the server needs the throwaway cluster: unset DATABASE_URL");
         let data = self.data_dir();
-        self.run("pg_ctl", &["-D", s(&data), "-m", "fast", "-w", "stop"]);
+        // Generous waits: on a loaded machine (CI, scripts/flake-check) 60 s is not always enough.
+        self.run("pg_ctl", &["-D", s(&data), "-m", "fast", "-w", "-t", "300", "stop"]);
     }
 
     /// Starts the server again after [`Cluster::stop`], on the same port.
@@ -110,7 +111,7 @@ impl Cluster {
         assert!(self.external.is_none(), "starting the server needs the throwaway cluster: unset DATABASE_URL");
         let data = self.data_dir();
         let log = self.dir.as_ref().expect("dir").join("server.log");
-        self.run("pg_ctl", &["-D", s(&data), "-l", s(&log), "-w", "-t", "60", "start"]);
+        self.run("pg_ctl", &["-D", s(&data), "-l", s(&log), "-w", "-t", "300", "start"]);
     }
 
     /// The server log so far (for failing tests' messages).

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod exact;
 pub mod logs;
 #[cfg(feature = "telemetry")]
 pub mod otlp;
@@ -64,7 +65,10 @@ pub fn metric_sum(name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics after `within` with `what`.
+/// `within` is a floor of 30 s whatever the caller asks: a loaded machine (CI, other builds,
+/// `scripts/flake-check`) may take that long, and a passing test never waits it out.
 pub async fn eventually<T>(within: Duration, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let within = within.max(Duration::from_secs(30));
     let deadline = Instant::now() + within;
     loop {
         if let Some(v) = f().await {
