@@ -6,9 +6,15 @@
 //!     task pings returned connections, so an acquire never waits.
 //! (b) acquire + `SELECT 1` + release, 16 tasks over 8 connections: queries per second.
 //!
+//! `WatchedPool` always keeps the call site of every checkout (for the exhaustion snapshot
+//! and stranded slots), so both figures include that bookkeeping.
+//!
 //! The app's side is set up as in production: a Prometheus recorder with the recommended
 //! buckets and an INFO `tracing` subscriber (the DEBUG spans are off). Rounds alternate
-//! between variants so machine noise hits all of them; the median round is reported.
+//! between variants so machine noise hits all of them. Each variant is compared with the bare
+//! pool round by round; the figure is the median of those paired differences with a 95 %
+//! bootstrap interval. A control (a second bare pool, measured the same way) shows what the
+//! method reports when there is no difference: its interval is the noise floor.
 
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
@@ -21,8 +27,8 @@ use poolwatch::{Config, WatchedPool, instrument_pool};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
-const PAIRS: u32 = 10_000;
-const ROUNDS: usize = 21;
+const PAIRS: u32 = 2_000;
+const ROUNDS: usize = 101;
 const THROUGHPUT_ROUNDS: usize = 30;
 const TASKS: usize = 16;
 const CONNECTIONS: u32 = 8;
@@ -108,6 +114,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A 95 % bootstrap interval of the median of `v` (2,000 resamples, fixed seed).
+fn interval(v: &[f64]) -> (f64, f64) {
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut medians: Vec<f64> =
+        (0..2000).map(|_| median((0..v.len()).map(|_| v[(next() % v.len() as u64) as usize]).collect())).collect();
+    medians.sort_by(f64::total_cmp);
+    (medians[50], medians[1949])
+}
+
 /// A pool of `max` connections, all opened, and its watch. `test_before_acquire` is off for
 /// (a) so an idle acquire does no I/O and the pair measures the handles themselves.
 async fn watched_pair(
@@ -190,14 +211,16 @@ fn main() {
                 cpu[i].push(cpu_ns);
             }
         }
-        println!("(a) acquire + release of an idle connection, 1 task, {PAIRS} pairs x {ROUNDS} rounds");
+        println!("(a) acquire + release of an idle connection, 1 task, {PAIRS} pairs x {ROUNDS} interleaved rounds");
+        println!("    added = median of per-round differences to the bare pool [95 % interval]");
         for (i, (name, _)) in variants.iter().enumerate() {
             let added: Vec<f64> = rounds[i].iter().zip(&rounds[0]).map(|(w, b)| w - b).collect();
             let cpu_added: Vec<f64> = cpu[i].iter().zip(&cpu[0]).map(|(w, b)| w - b).collect();
+            let (lo, hi) = interval(&added);
+            let (clo, chi) = interval(&cpu_added);
             println!(
-                "    {name:<32} median {:>6.0} ns/pair (min {:>6.0}), added {:>+5.0} ns;  client CPU {:>6.0} ns/pair, added {:>+5.0} ns",
+                "    {name:<32} median {:>6.0} ns/pair, added {:>+5.0} ns [{lo:+.0}, {hi:+.0}];  client CPU {:>6.0} ns/pair, added {:>+5.0} ns [{clo:+.0}, {chi:+.0}]",
                 median(rounds[i].clone()),
-                rounds[i].iter().copied().fold(f64::MAX, f64::min),
                 median(added),
                 median(cpu[i].clone()),
                 median(cpu_added),
@@ -216,7 +239,12 @@ fn main() {
         // (b) 16 tasks, 8 connections, SELECT 1.
         let (bare, _w3) = watched_pair(&cluster, CONNECTIONS, "bench_bare_q", false, true).await;
         let (watched, w4) = watched_pair(&cluster, CONNECTIONS, "bench_watched_q", false, true).await;
-        let variants = [("bare PgPool", Handle::Bare(bare.clone())), ("WatchedPool", Handle::Watched(w4.pool()))];
+        let (control, _w5) = watched_pair(&cluster, CONNECTIONS, "bench_control_q", false, true).await;
+        let variants = [
+            ("bare PgPool", Handle::Bare(bare.clone())),
+            ("WatchedPool", Handle::Watched(w4.pool())),
+            ("control: bare, 2nd pool", Handle::Bare(control.clone())),
+        ];
         for (_, h) in &variants {
             let _ = throughput(h).await; // warm-up
         }
@@ -243,16 +271,20 @@ fn main() {
                 qps.join(" ")
             );
         }
-        let loss: Vec<f64> = rounds[1].iter().zip(&rounds[0]).map(|(w, b)| (1.0 - w / b) * 100.0).collect();
-        println!(
-            "    throughput loss: {:.2} % (medians), {:.2} % (median of per-round pairs)",
-            (1.0 - median(rounds[1].clone()) / median(rounds[0].clone())) * 100.0,
-            median(loss)
-        );
-        let added: Vec<f64> = cpu[1].iter().zip(&cpu[0]).map(|(w, b)| (w - b) * 1000.0).collect();
-        println!("    client CPU added per query: median of per-round pairs {:+.0} ns", median(added));
+        for (i, name) in [(1, "WatchedPool"), (2, "control: bare, 2nd pool")] {
+            let loss: Vec<f64> = rounds[i].iter().zip(&rounds[0]).map(|(w, b)| (1.0 - w / b) * 100.0).collect();
+            let (lo, hi) = interval(&loss);
+            let added: Vec<f64> = cpu[i].iter().zip(&cpu[0]).map(|(w, b)| (w - b) * 1000.0).collect();
+            let (clo, chi) = interval(&added);
+            println!(
+                "    {name:<30} throughput loss vs bare {:+.2} % [{lo:+.2}, {hi:+.2}] (median of per-round pairs); client CPU added {:+.0} ns/query [{clo:+.0}, {chi:+.0}]",
+                median(loss),
+                median(added),
+            );
+        }
         bare.close().await;
         watched.close().await;
+        control.close().await;
         drop(w4);
     });
 }

@@ -1,60 +1,214 @@
-//! What one server census costs, with many idle backends on the server.
+//! What the server pays for watching: one server census at 10, 200 and 1,000 other backends
+//! (wall time and the server's CPU time), one reachability probe (the backend the server
+//! forks for it), and the projection to 1,000 replicas at the default cadence.
 //!
-//! `cargo bench --bench census_cost` prints milliseconds per census (mean, p50, p99) with 0 and
-//! 200 idle backends besides the watched pool. Under `cargo test` it runs a quick smoke pass.
+//! `cargo bench --bench census_cost` (root, or a user that may read the server's
+//! `/proc/<pid>/stat`). Server CPU is read from the kernel: the census backend's
+//! `/proc/<pid>/schedstat` (ns) before and after N censuses; a probe's backend lives a few ms,
+//! so its CPU is the postmaster's own plus its reaped children's (`/proc/<pid>/stat`, clock
+//! ticks) over N probes. Under `cargo test` it runs a quick smoke pass.
+//!
+//! Then the census through a real PgBouncer with the pooler census (`pooler_admin`: `SHOW
+//! CLIENTS` + `SHOW POOLS` on the admin console, 200 other clients on the pooler).
 
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
+#[path = "../tests/support/pgbouncer.rs"]
+mod pgbouncer;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use poolwatch::sqlx;
-use poolwatch::{Config, instrument_pool};
-use sqlx::Connection;
+use poolwatch::{Config, instrument_pool, probe_addresses};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
+use sqlx::{Connection, Executor};
+
+const REPLICAS: f64 = 1000.0;
 
 #[tokio::main]
 async fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let (backends, rounds) = if full { (200, 500) } else { (10, 5) };
-    let cluster = cluster::Cluster::start();
+    let (steps, rounds, probes): (&[usize], usize, usize) =
+        if full { (&[10, 200, 1000], 300, 300) } else { (&[10], 5, 5) };
+    let cluster = cluster::Cluster::start_with(&[("max_connections", "1100")]);
+    let defaults = Config::new("bench");
     let pool =
         PgPoolOptions::new().max_connections(5).min_connections(5).connect_with(cluster.options()).await.unwrap();
     let watch = instrument_pool(&pool, Config::new("bench").census_interval(Duration::from_secs(3600))).unwrap();
-
-    println!("census cost ({rounds} censuses each, watched pool of 5):");
+    watch.census_now().await.unwrap();
     let mut probe = PgConnection::connect_with(&cluster.options()).await.unwrap();
+    let census_pid: i32 =
+        sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = 'poolwatch-census:bench'")
+            .fetch_one(&mut probe)
+            .await
+            .unwrap();
     let app_name = watch.application_name().to_owned();
-    measure(&watch, 0, rounds).await;
-    query_alone(&mut probe, &app_name, 0, rounds).await;
+    println!("server cost of watching ({rounds} censuses per step; watched pool of 5; PostgreSQL on loopback):");
+    println!("  load: {}", uptime());
+
     let mut idle = Vec::new();
-    for _ in 0..backends {
-        idle.push(PgConnection::connect_with(&cluster.options()).await.unwrap());
+    let mut census_cpu_at_1000 = 0.0;
+    for &backends in steps {
+        while idle.len() < backends {
+            idle.push(PgConnection::connect_with(&cluster.options()).await.unwrap());
+        }
+        for _ in 0..rounds.min(20) {
+            watch.census_now().await.unwrap();
+        }
+        let cpu_before = schedstat_ns(census_pid);
+        let mut ms = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let t = Instant::now();
+            watch.census_now().await.unwrap();
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let server_ms = (schedstat_ns(census_pid) - cpu_before) as f64 / 1e6 / rounds as f64;
+        census_cpu_at_1000 = server_ms;
+        report(&format!("  {backends:>4} other backends, whole census (+ a sample):"), ms);
+        println!("  {backends:>4} other backends, census server CPU: {server_ms:.3} ms per census");
+        query_alone(&mut probe, &app_name, backends, rounds).await;
     }
-    measure(&watch, backends, rounds).await;
-    query_alone(&mut probe, &app_name, backends, rounds).await;
     let s = watch.census_now().await.unwrap();
     assert_eq!(s.server.map(|c| c.total()), Some(5), "the census counts only the watched pool");
     drop(idle);
+    // The other backends exit and are reaped before the probes are measured: their CPU would
+    // count in the postmaster's children's time.
+    for _ in 0..600 {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")
+            .fetch_one(&mut probe)
+            .await
+            .unwrap();
+        if n <= 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The reachability probe: a TCP connect the postmaster forks a backend for.
+    let server = SocketAddr::from(([127, 0, 0, 1], cluster.port()));
+    let postmaster = parent_pid(census_pid);
+    let before = process_cpu_with_children_ms(postmaster);
+    let t = Instant::now();
+    for _ in 0..probes {
+        let r = probe_addresses(&[server], Duration::from_secs(5)).await;
+        assert!(r[0].up, "{r:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let wall = t.elapsed().as_secs_f64() * 1e3 / probes as f64;
+    // Let the last forked backends exit and be reaped.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let probe_ms = (process_cpu_with_children_ms(postmaster) - before) / probes as f64;
+    println!(
+        "  reachability probe, 1 address: server CPU {probe_ms:.2} ms per probe (postmaster + forked backend), {wall:.2} ms per round incl. a 10 ms pause"
+    );
+
+    // The direct heartbeat's SELECT 1 on the dedicated connection, for scale.
+    let my_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut probe).await.unwrap();
+    let before = schedstat_ns(my_pid);
+    for _ in 0..rounds {
+        sqlx::query("SELECT 1").execute(&mut probe).await.unwrap();
+    }
+    let select1_ms = (schedstat_ns(my_pid) - before) as f64 / 1e6 / rounds as f64;
+    println!("  direct heartbeat SELECT 1: server CPU {select1_ms:.3} ms each");
+
+    let census_every = defaults.census_interval.as_secs_f64();
+    let reach_every = defaults.reach_interval.as_secs_f64();
+    let per_replica = census_cpu_at_1000 / 1e3 / census_every + probe_ms / 1e3 / reach_every;
+    let heartbeat = select1_ms / 1e3 / defaults.heartbeat_interval.as_secs_f64();
+    println!(
+        "projected server CPU, {REPLICAS} replicas at the defaults (census every {census_every} s ±20 %, probe every {reach_every} s ±20 %):"
+    );
+    println!(
+        "  census + probes: {:.4} cores ({:.4} census + {:.4} probes); the old cadence (census every 15 s, a probe after each): {:.3} cores",
+        per_replica * REPLICAS,
+        census_cpu_at_1000 / 1e3 / census_every * REPLICAS,
+        probe_ms / 1e3 / reach_every * REPLICAS,
+        (census_cpu_at_1000 + probe_ms) / 1e3 / 15.0 * REPLICAS,
+    );
+    println!(
+        "  besides: the direct heartbeat's SELECT 1 every {} s: {:.4} cores",
+        defaults.heartbeat_interval.as_secs(),
+        heartbeat * REPLICAS
+    );
+    println!("  load: {}", uptime());
+    through_the_pooler(&cluster, if full { 200 } else { 10 }, rounds).await;
 }
 
-/// The census's SQL alone, on a plain connection: the server's share of the cost.
+/// One row of the census's result.
+type CensusRow = (Option<String>, Option<i32>, Option<f64>, bool, i64);
+
+/// The census's SQL alone, on a plain connection, with its server CPU.
 async fn query_alone(conn: &mut PgConnection, app_name: &str, backends: usize, rounds: usize) {
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *conn).await.unwrap();
+    // The `$2` port keys of a pool of 5 matched by port.
+    let keys: Vec<String> = (0..5).map(|i| format!("127.0.0.1 {}", 40000 + i)).collect();
+    for (what, sql) in [
+        ("the census SQL", poolwatch::CENSUS_SQL),
+        (
+            "counts only",
+            "SELECT state, client_port, 0::float8, false, 0::int8 FROM pg_stat_activity WHERE application_name = $1 AND $2::text[] IS NOT NULL",
+        ),
+    ] {
+        let before = schedstat_ns(pid);
+        let mut ms = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let t = Instant::now();
+            let _: Vec<CensusRow> = sqlx::query_as(sql).bind(app_name).bind(&keys).fetch_all(&mut *conn).await.unwrap();
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let cpu = (schedstat_ns(pid) - before) as f64 / 1e6 / rounds as f64;
+        report(&format!("  {backends:>4} other backends, {what} alone (server CPU {cpu:.3} ms):"), ms);
+    }
+}
+
+/// Opens the pool's 5 connections and returns them to the pool.
+async fn fill(pool: &sqlx::PgPool) {
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(pool.acquire().await.unwrap());
+    }
+}
+
+/// The census through PgBouncer with `pooler_admin`, and the admin console's two SHOWs alone.
+async fn through_the_pooler(cluster: &cluster::Cluster, clients: usize, rounds: usize) {
+    let bouncer = pgbouncer::PgBouncer::start(cluster.port(), &[("max_client_conn", "400")]);
+    let pool = PgPoolOptions::new().max_connections(5).min_connections(5).connect_lazy_with(bouncer.options());
+    let config = Config::new("bench_pooler")
+        .census_interval(Duration::from_secs(3600))
+        .direct_connect_options(cluster.options())
+        .pooler_admin(bouncer.admin_url());
+    let watch = instrument_pool(&pool, config).unwrap();
+    fill(&pool).await;
+    assert_eq!(watch.census_now().await.unwrap().phantom, Some(0), "the pooler census matches every connection");
+    let mut admin = PgConnection::connect_with(&bouncer.admin_options()).await.unwrap();
+    println!("through PgBouncer (transaction mode) with pooler_admin, watched pool of 5:");
+    measure(&watch, "pooler clients", 0, rounds).await;
+    shows_alone(&mut admin, 0, rounds).await;
+    let mut others = Vec::new();
+    for _ in 0..clients {
+        others.push(PgConnection::connect_with(&bouncer.options()).await.unwrap());
+    }
+    measure(&watch, "pooler clients", clients, rounds).await;
+    shows_alone(&mut admin, clients, rounds).await;
+    let s = watch.census_now().await.unwrap();
+    assert_eq!(s.pooler.map(|p| p.clients), Some(5), "the pooler census counts only the watched pool");
+    assert_eq!(s.phantom, Some(0));
+}
+
+async fn shows_alone(admin: &mut PgConnection, clients: usize, rounds: usize) {
     let mut ms = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         let t = Instant::now();
-        let _: Vec<(Option<String>, i64)> =
-            sqlx::query_as("SELECT state, count(*) FROM pg_stat_activity WHERE application_name = $1 GROUP BY state")
-                .bind(app_name)
-                .fetch_all(&mut *conn)
-                .await
-                .unwrap();
+        admin.execute(sqlx::raw_sql("SHOW CLIENTS")).await.unwrap();
+        admin.execute(sqlx::raw_sql("SHOW POOLS")).await.unwrap();
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    report(&format!("  {backends:>3} other idle backends, the SQL alone:"), ms);
+    report(&format!("  {clients:>3} other pooler clients, SHOW CLIENTS + SHOW POOLS alone:"), ms);
 }
 
-async fn measure(watch: &poolwatch::PoolWatch, backends: usize, rounds: usize) {
+async fn measure(watch: &poolwatch::PoolWatch, what: &str, backends: usize, rounds: usize) {
     for _ in 0..rounds.min(20) {
         watch.census_now().await.unwrap();
     }
@@ -64,7 +218,35 @@ async fn measure(watch: &poolwatch::PoolWatch, backends: usize, rounds: usize) {
         watch.census_now().await.unwrap();
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    report(&format!("  {backends:>3} other idle backends, whole census:"), ms);
+    report(&format!("  {backends:>3} other {what}, whole census:"), ms);
+}
+
+/// Nanoseconds on CPU of a process (first field of `/proc/<pid>/schedstat`).
+fn schedstat_ns(pid: i32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).expect("read schedstat (run as root)");
+    text.split_whitespace().next().and_then(|n| n.parse().ok()).expect("schedstat field")
+}
+
+/// utime + stime + cutime + cstime of a process, in ms.
+fn process_cpu_with_children_ms(pid: i32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    let after_comm = &text[text.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 14-17 of stat; after the comm field the index is 11-14.
+    let ticks: u64 = f[11..15].iter().map(|v| v.parse::<u64>().unwrap_or(0)).sum();
+    ticks as f64 * 1000.0 / 100.0 // USER_HZ
+}
+
+fn parent_pid(pid: i32) -> i32 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    let after_comm = &text[text.rfind(')').expect("comm") + 2..];
+    after_comm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).expect("ppid")
+}
+
+fn uptime() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| format!("load average {}", l.split_whitespace().take(3).collect::<Vec<_>>().join(", ")))
+        .unwrap_or_default()
 }
 
 fn report(what: &str, mut ms: Vec<f64>) {

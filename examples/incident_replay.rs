@@ -1,6 +1,7 @@
 //! Replays incident 1 (leaked listener slots) at an accelerated pace and shows poolwatch's
 //! ledger: the pool's count of used connections climbs while the server's real count stays
-//! flat, and `poolwatch_phantom_connections` measures the gap.
+//! flat; `poolwatch_client_gap` (the pool's sockets, every sample) and
+//! `poolwatch_phantom_connections` (the server census) measure the gap.
 //!
 //! Run: `cargo run --example incident_replay` (starts a throwaway PostgreSQL cluster when
 //! `DATABASE_URL` is unset). Options: `--seconds N` (default 45), `--metrics-addr ADDR`
@@ -14,7 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use metrics_exporter_prometheus::PrometheusBuilder;
 use poolwatch::sqlx;
 use poolwatch::{Cause, Config, Diagnosis, HeartbeatFigures, Snapshot, instrument_pool};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -47,7 +47,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             o
         }
     };
-    PrometheusBuilder::new()
+    // The README's setup: a Prometheus recorder with poolwatch's histogram buckets.
+    poolwatch::export::prometheus_builder()
         .with_http_listener(args.metrics_addr)
         .install()
         .map_err(|e| format!("cannot serve /metrics on {} ({e}); pass --metrics-addr", args.metrics_addr))?;
@@ -147,14 +148,16 @@ fn up(p: &poolwatch::PathFigures) -> &'static str {
 fn line(t: Duration, s: &Snapshot, hb: &HeartbeatFigures, c: &Counts) -> String {
     let real = s.server.as_ref().map_or("?".into(), |r| r.total().to_string());
     let phantom = s.phantom.map_or("?".into(), |p| p.to_string());
+    let client_gap = s.client_gap.map_or("?".into(), |g| g.to_string());
     format!(
-        "t={:>3}s  pool used {:>2}/{} idle {:>2} | server real {:>2} | phantom gap {:>2} | heartbeat pool {:<4} direct {:<4} | listener reconnects {:>2} | app queries ok {:>4} failed {:>3}",
+        "t={:>3}s  pool used {:>2}/{} idle {:>2} | server real {:>2} | phantom gap {:>2} | client gap {:>2} | heartbeat pool {:<4} direct {:<4} | listener reconnects {:>2} | app queries ok {:>4} failed {:>3}",
         t.as_secs(),
         s.pool.used,
         s.pool.max,
         s.pool.idle,
         real,
         phantom,
+        client_gap,
         up(&hb.pool),
         up(&hb.direct),
         c.reconnects.load(Ordering::Relaxed),
@@ -176,6 +179,11 @@ fn summary(reason: &str, t: Duration, s: &Snapshot, hb: &HeartbeatFigures, c: &C
         None => println!("server really has: unknown (no successful census)"),
     }
     println!("poolwatch_phantom_connections = {} (slots the pool counts that do not exist)", s.phantom.unwrap_or(0));
+    if let Some(gap) = s.client_gap {
+        println!(
+            "poolwatch_client_gap = {gap} (slots without an established socket, seen on every sample at no server cost)"
+        );
+    }
     println!(
         "listener reconnects: {} ({} ended by idle_session_timeout, SQLSTATE 57P05)",
         c.reconnects.load(Ordering::Relaxed),

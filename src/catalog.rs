@@ -139,14 +139,45 @@ pub const PROGRESS: Metric = counter(
 );
 
 // --- telemetry (issue 6) ---
-/// Bucket bounds (seconds) of every poolwatch histogram (wait, use, create, heartbeat,
-/// listener downtime), from 100 µs (an idle acquire) to 60 s (a connect stuck across several
-/// resolved addresses). `telemetry::init` applies them;
-/// with your own `PrometheusBuilder`, pass them to `set_buckets_for_metric` for each
-/// [`Kind::Histogram`] in [`ALL`].
+/// The fine bucket bounds (seconds) of every poolwatch histogram at
+/// [`Detail::Full`](crate::Detail::Full) (wait, use, create, heartbeat, listener downtime),
+/// from 100 µs (an idle acquire) to 60 s (a connect stuck across several resolved addresses):
+/// 21 series per histogram. [`buckets`] gives the coarse default set per histogram;
+/// `export::with_buckets(builder, Detail::Full)` applies these.
 pub const SECONDS_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
+
+/// The coarse buckets of [`Detail::Standard`](crate::Detail::Standard), chosen per histogram
+/// for what its alert or panel asks: few enough that one pool stays within its series budget.
+/// Acquire wait: 1 ms (idle acquire) to 10 s (near `acquire_timeout`).
+pub const WAIT_BUCKETS: &[f64] = &[0.001, 0.01, 0.1, 1.0, 10.0];
+/// Connection use: a query (10 ms) to a held connection (1 min).
+pub const USE_BUCKETS: &[f64] = &[0.01, 0.1, 1.0, 10.0];
+/// Connect: `PoolwatchSlowConnects` reads the share above 2.5 s.
+pub const CREATE_BUCKETS: &[f64] = &[0.01, 0.1, 0.5, 2.5];
+/// Heartbeat `SELECT 1`: healthy (< 10 ms), slow (< 1 s), near `heartbeat_timeout`.
+pub const HEARTBEAT_BUCKETS: &[f64] = &[0.01, 1.0];
+/// Listener downtime: a clean reconnect (< 1 s) to a long outage.
+pub const DOWNTIME_BUCKETS: &[f64] = &[1.0, 10.0, 60.0];
+
+/// The bucket bounds of the histogram `name` at `detail`: [`SECONDS_BUCKETS`] for
+/// [`Detail::Full`](crate::Detail::Full), the coarse per-histogram set for
+/// [`Detail::Standard`](crate::Detail::Standard); `None` for a name that is not a histogram.
+/// [`export::prometheus_builder`](crate::export) applies them; give the same bounds to any
+/// other recorder (an OpenTelemetry `View`).
+pub fn buckets(name: &str, detail: crate::Detail) -> Option<&'static [f64]> {
+    let coarse = match name {
+        n if n == WAIT_TIME.name => WAIT_BUCKETS,
+        n if n == USE_TIME.name => USE_BUCKETS,
+        n if n == CREATE_TIME.name => CREATE_BUCKETS,
+        n if n == HEARTBEAT_DURATION.name => HEARTBEAT_BUCKETS,
+        n if n == LISTENER_DOWNTIME.name => DOWNTIME_BUCKETS,
+        n if find(n).is_some_and(|m| m.kind == Kind::Histogram) => SECONDS_BUCKETS,
+        _ => return None,
+    };
+    Some(if detail == crate::Detail::Full { SECONDS_BUCKETS } else { coarse })
+}
 
 /// Names kept in their OpenTelemetry form although `promtool check metrics` reserves the
 /// `_count` suffix for histograms: `db.client.connection.count` becomes
@@ -202,6 +233,14 @@ pub const HEARTBEAT_DURATION: Metric = histogram(
     "How long each SELECT 1 heartbeat took, by path (pool = acquire + query, direct = dedicated connection), failures included.",
     &[PATH],
 );
+/// How many configuration hazards the last lint found (always present, unlike the
+/// per-hazard series of [`Detail::Standard`](crate::Detail::Standard)).
+pub const CONFIG_HAZARDS: Metric = gauge(
+    "poolwatch_config_hazards",
+    Unit::Count,
+    "How many configuration hazards the last lint found (poolwatch_config_hazard names each one found).",
+    &[],
+);
 /// Failed heartbeats, by path and cause.
 pub const HEARTBEAT_FAILURES: Metric = counter(
     "poolwatch_heartbeat_failures_total",
@@ -251,6 +290,27 @@ pub const CREATE_TIME: Metric = histogram(
     "How long a watched acquire that opened a new connection took until the connection was ready (needs instrument_options).",
     &[],
 );
+/// The longest any acquire through the watched pool has been waiting now (PgBouncer's `maxwait`).
+pub const OLDEST_WAIT: Metric = gauge(
+    "poolwatch_acquire_oldest_wait_seconds",
+    Unit::Seconds,
+    "How long the oldest acquire through the watched pool that is still waiting has waited (0: nobody waits). PgBouncer's maxwait, for the app's own pool.",
+    &[],
+);
+/// Slots the pool counts as checked out that the app does not hold through the watched pool.
+pub const STRANDED_SLOTS: Metric = gauge(
+    "poolwatch_stranded_slots",
+    Unit::Count,
+    "Connections the pool counts as checked out that the app does not hold through the watched pool, at each of the last 3 samples (e.g. stuck in sqlx's return-to-pool ping after the peer went silent; bare-pool acquires count too).",
+    &[],
+);
+/// Sockets to the database whose send queue stayed non-empty for `send_queue_stuck_after`.
+pub const SEND_QUEUE_STUCK: Metric = gauge(
+    "poolwatch_client_sockets_send_queue_stuck",
+    Unit::Count,
+    "This process's sockets to the database whose send queue has stayed non-empty at every census for send_queue_stuck_after: the peer stopped acknowledging (silent peer, dropped NAT flow). Linux only.",
+    &[],
+);
 /// Connections checked out longer than `leak_threshold` now (plus slots lost to `leak()`).
 pub const LEAK_SUSPECTS: Metric = gauge(
     "poolwatch_leak_suspects",
@@ -276,6 +336,14 @@ pub const SERVER_ADDRESSES: Metric = gauge(
     "poolwatch_server_addresses",
     Unit::Count,
     "How many addresses the pool's database host resolved to at the last probe (0: resolution failed).",
+    &[],
+);
+/// How many probed addresses failed a TCP connect at the last probe (always present, unlike
+/// the per-address series of [`Detail::Full`](crate::Detail::Full)).
+pub const SERVER_ADDRESSES_DOWN: Metric = gauge(
+    "poolwatch_server_addresses_down",
+    Unit::Count,
+    "How many of the addresses the database host resolved to failed a TCP connect within census_timeout at the last probe (poolwatch_server_address_up names them with Detail::Full).",
     &[],
 );
 /// 1 if a TCP connect to the address succeeded within census_timeout at the last probe, else 0.
@@ -319,6 +387,55 @@ pub const SLOW_ACQUIRES: Metric = counter(
     &[],
 );
 
+// --- the ledger behind a pooler, ended sessions (issue 10) ---
+/// Sessions of this pool that ended without the pool closing them, by cause.
+pub const SESSIONS_ENDED: Metric = counter(
+    "poolwatch_sessions_ended_total",
+    "Sessions of this pool (this process) that ended without the pool closing them (server or pooler kill, proxy), by cause where known; sqlx replaces them silently.",
+    &[CAUSE],
+);
+/// Clients waiting for a server connection in the pooler's pool of this app's database and user.
+pub const POOLER_WAITING_CLIENTS: Metric = gauge(
+    "poolwatch_pooler_waiting_clients",
+    Unit::Count,
+    "Clients waiting for a server connection in the pooler's pool of this pool's database and user (PgBouncer cl_waiting; all replicas).",
+    &[],
+);
+/// How long the oldest waiting client of the pooler's pool has waited.
+pub const POOLER_MAX_WAIT: Metric = gauge(
+    "poolwatch_pooler_max_wait_seconds",
+    Unit::Seconds,
+    "How long the oldest client waiting in the pooler's pool of this pool's database and user has waited (PgBouncer maxwait).",
+    &[],
+);
+/// The pooler's server connections for this app's database and user, `active` or `idle`.
+pub const POOLER_SERVER_CONNECTIONS: Metric = gauge(
+    "poolwatch_pooler_server_connections",
+    Unit::Count,
+    "The pooler's server connections for this pool's database and user: active (linked to a client) or idle (PgBouncer sv_active; sv_idle + sv_used + sv_tested).",
+    &[STATE],
+);
+
+// --- the ledger at fleet scale (issue 14) ---
+/// Label key of [`POOL_INFO`]: the pool's stable `application_name` tag
+/// ([`attribution::fleet_tag`](crate::attribution::fleet_tag)).
+pub const APPLICATION_NAME: &str = "application_name";
+/// The pool's connections without an established socket, read on every sample.
+pub const CLIENT_GAP: Metric = gauge(
+    "poolwatch_client_gap",
+    Unit::Count,
+    "Connections the pool counts as open minus its established TCP sockets, on every sample (no server cost). Above 0: slots whose connection the server or a pooler closed.",
+    &[],
+);
+/// 1, labelled with the pool's stable `application_name` tag: joins the pool's own counts
+/// with postgres_exporter's per-`application_name` counts (`alerts/fleet.rules.yml`).
+pub const POOL_INFO: Metric = gauge(
+    "poolwatch_pool_info",
+    Unit::Count,
+    "Always 1; application_name is the pool's stable tag on the server (the same in every replica), for joins with postgres_exporter.",
+    &[APPLICATION_NAME],
+);
+
 /// Every metric poolwatch emits.
 pub const ALL: &[Metric] = &[
     CONNECTION_COUNT,
@@ -347,12 +464,16 @@ pub const ALL: &[Metric] = &[
     HEARTBEAT_FAILURES,
     HEARTBEAT_UP,
     CONFIG_HAZARD,
+    CONFIG_HAZARDS,
     // --- acquire, use and connect (issue 3) ---
     WAIT_TIME,
     PENDING_REQUESTS,
     TIMEOUTS,
     USE_TIME,
     CREATE_TIME,
+    OLDEST_WAIT,
+    STRANDED_SLOTS,
+    SEND_QUEUE_STUCK,
     // --- acquires that bypass WatchedPool (issue 12) ---
     POOL_CONNECTS,
     IDLE_ACQUIRES,
@@ -362,9 +483,23 @@ pub const ALL: &[Metric] = &[
     LEAK_SUSPECTS_TOTAL,
     // --- per-address reachability (branch reach, incident 4) ---
     SERVER_ADDRESSES,
+    SERVER_ADDRESSES_DOWN,
     SERVER_ADDRESS_UP,
     SERVER_ADDRESS_CONNECT_TIME,
+    // --- the ledger behind a pooler, ended sessions (issue 10) ---
+    SESSIONS_ENDED,
+    POOLER_WAITING_CLIENTS,
+    POOLER_MAX_WAIT,
+    POOLER_SERVER_CONNECTIONS,
+    // --- the ledger at fleet scale (issue 14) ---
+    CLIENT_GAP,
+    POOL_INFO,
 ];
+
+/// Series the fleet rules read from postgres_exporter with poolwatch's query file
+/// (`alerts/postgres_exporter/queries.yaml`), not from poolwatch: server sessions by the
+/// pool's stable tag (`application_name`) and `state`.
+pub const EXPORTER_SESSIONS: &str = "pg_stat_activity_by_app_count";
 
 /// Looks a metric up by its Prometheus name (a histogram's `_bucket`, `_sum` and `_count`
 /// series resolve to the histogram).
@@ -411,5 +546,11 @@ mod tests {
         assert!(find("poolwatch_phantom_connections_bucket").is_none());
         assert_eq!((SECONDS_BUCKETS.first(), SECONDS_BUCKETS.last()), (Some(&0.0001), Some(&60.0)));
         assert!(SECONDS_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        for m in ALL {
+            let coarse = buckets(m.name, crate::Detail::Standard);
+            assert_eq!(coarse.is_some(), m.kind == Kind::Histogram, "{}", m.name);
+            let coarse = coarse.unwrap_or(&[1.0]);
+            assert!(coarse.len() <= 5 && coarse.windows(2).all(|w| w[0] < w[1]), "{}", m.name);
+        }
     }
 }

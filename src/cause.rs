@@ -41,13 +41,20 @@ pub enum Cause {
     Tls,
     /// Authentication failed (SQLSTATE class 28).
     Auth,
+    /// A pooler ended a client connection idle longer than its idle limit (PgBouncer
+    /// `client_idle_timeout`): incident 1 behind a pooler. The fix is on the pool (an
+    /// `idle_timeout` below the pooler's) or the pooler, never the server.
+    PoolerIdleTimeout,
+    /// A pooler gave up waiting for one of its server connections (PgBouncer
+    /// `query_wait_timeout`): the pooler's own pool toward the server is exhausted, not the app's.
+    PoolerWaitTimeout,
     /// Anything else.
     Other,
 }
 
 impl Cause {
     /// Every cause, in a fixed order (for dashboards, docs and tests).
-    pub const ALL: [Cause; 16] = [
+    pub const ALL: [Cause; 18] = [
         Cause::IdleSessionTimeout,
         Cause::AdminShutdown,
         Cause::CrashShutdown,
@@ -63,6 +70,8 @@ impl Cause {
         Cause::PoolClosed,
         Cause::Tls,
         Cause::Auth,
+        Cause::PoolerIdleTimeout,
+        Cause::PoolerWaitTimeout,
         Cause::Other,
     ];
 
@@ -84,6 +93,8 @@ impl Cause {
             Cause::PoolClosed => "pool_closed",
             Cause::Tls => "tls",
             Cause::Auth => "auth",
+            Cause::PoolerIdleTimeout => "pooler_idle_timeout",
+            Cause::PoolerWaitTimeout => "pooler_wait_timeout",
             Cause::Other => "other",
         }
     }
@@ -91,7 +102,11 @@ impl Cause {
     /// Classifies a sqlx error.
     pub fn of(err: &sqlx::Error) -> Cause {
         match err {
-            sqlx::Error::Database(db) => db.code().map_or(Cause::Other, |c| Cause::of_sqlstate(&c)),
+            sqlx::Error::Database(db) => match db.code() {
+                Some(code) if code == POOLER_SQLSTATE => Cause::of_pooler_message(db.message()),
+                Some(code) => Cause::of_sqlstate(&code),
+                None => Cause::Other,
+            },
             sqlx::Error::Io(io) => Cause::of_io(io.kind()),
             sqlx::Error::Tls(_) => Cause::Tls,
             sqlx::Error::PoolTimedOut => Cause::PoolTimedOut,
@@ -117,6 +132,46 @@ impl Cause {
         }
     }
 
+    /// Classifies a pooler's error message. PgBouncer sends every error of its own as SQLSTATE
+    /// 08P01 (`protocol_violation`) with the reason as the message, so the message is the only
+    /// way to tell its kills apart. Matched on PgBouncer's wording (1.x); unknown text: `other`.
+    pub fn of_pooler_message(message: &str) -> Cause {
+        let m = message.trim();
+        let starts = |p: &str| m.starts_with(p);
+        if starts("client_idle_timeout") {
+            Cause::PoolerIdleTimeout
+        } else if starts("query_wait_timeout") {
+            Cause::PoolerWaitTimeout
+        } else if starts("no more connections allowed") {
+            Cause::TooManyConnections
+        } else if starts("server conn crashed?") || starts("server connection closed") || starts("unexpected eof") {
+            Cause::ConnectionEnded
+        } else if starts("idle transaction timeout") || starts("idle_transaction_timeout") {
+            Cause::IdleInTransactionTimeout
+        } else if starts("client_login_timeout (server down)")
+            || starts("server login has been failing")
+            || starts("pgbouncer cannot connect to server")
+        {
+            // The pooler cannot reach the server behind it: the database is down for the app.
+            Cause::CannotConnectNow
+        } else if starts("query timeout") || starts("query_timeout") || starts("client_login_timeout") {
+            Cause::TimedOut
+        } else if starts("database removed") || starts("suspend_timeout") || starts("database configuration changed") {
+            // An administrator's act on the pooler: KILL, RELOAD with a changed [databases], SUSPEND.
+            Cause::AdminShutdown
+        } else if starts("server login failed")
+            || starts("password authentication failed")
+            || starts("SASL authentication failed")
+            || starts("\"trust\" authentication failed")
+            || starts("no such user")
+            || starts("login rejected")
+        {
+            Cause::Auth
+        } else {
+            Cause::Other
+        }
+    }
+
     /// Classifies a client-side socket error.
     pub fn of_io(kind: ErrorKind) -> Cause {
         match kind {
@@ -129,6 +184,9 @@ impl Cause {
         }
     }
 }
+
+/// The SQLSTATE PgBouncer gives every error of its own (`protocol_violation`).
+const POOLER_SQLSTATE: &str = "08P01";
 
 /// Whether `err` means the connection is gone: any socket error, or a FATAL (or PANIC)
 /// from the server, which closes the session after sending it.
@@ -175,6 +233,27 @@ mod tests {
         assert_eq!(Cause::of_io(ErrorKind::UnexpectedEof), Cause::ConnectionEnded);
         assert_eq!(Cause::of_io(ErrorKind::ConnectionReset), Cause::ConnectionReset);
         assert_eq!(Cause::of(&sqlx::Error::PoolTimedOut), Cause::PoolTimedOut);
+    }
+
+    #[test]
+    fn pgbouncer_messages_map_to_named_causes() {
+        let cases = [
+            ("client_idle_timeout", Cause::PoolerIdleTimeout),
+            ("query_wait_timeout", Cause::PoolerWaitTimeout),
+            ("no more connections allowed (max_client_conn)", Cause::TooManyConnections),
+            ("server conn crashed?", Cause::ConnectionEnded),
+            ("idle transaction timeout", Cause::IdleInTransactionTimeout),
+            ("client_login_timeout (server down)", Cause::CannotConnectNow),
+            ("server login has been failing, try again later (server_login_retry)", Cause::CannotConnectNow),
+            ("query timeout", Cause::TimedOut),
+            ("client_login_timeout", Cause::TimedOut),
+            ("database removed", Cause::AdminShutdown),
+            ("password authentication failed", Cause::Auth),
+            ("unsupported startup parameter: options", Cause::Other),
+        ];
+        for (message, cause) in cases {
+            assert_eq!(Cause::of_pooler_message(message), cause, "{message}");
+        }
     }
 
     #[test]

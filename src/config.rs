@@ -11,10 +11,19 @@ pub struct Config {
     /// The `db_client_connection_pool_name` label value. 1-64 characters from
     /// `A-Z a-z 0-9 _ - . :`. No default: you name the pool.
     pub pool_name: String,
-    /// How often the pool's own gauges are sampled. Default 5 s.
+    /// How often the pool's own gauges and its client-side ledger (its sockets against its
+    /// count; no server cost) are sampled. Default 5 s.
     pub sample_interval: Duration,
-    /// How often the server census runs (`pg_stat_activity` + own sockets). Default 15 s.
+    /// How often the server census (`pg_stat_activity`) runs, each wait drawn within ±20 % so
+    /// replicas spread out. It also runs at once when the client-side ledger disagrees with
+    /// the pool (at most once per 10 `sample_interval`s). Default 900 s (see README
+    /// "Performance" for the cost per replica).
     pub census_interval: Duration,
+    /// How often the per-address reachability probe runs when nothing is wrong (±20 %); it
+    /// also runs when connects fail or slow down (census or heartbeat connect failures,
+    /// acquire errors and timeouts, creates slower than 1 s). Each probe costs the server a
+    /// forked backend. Default 10800 s (3 h).
+    pub reach_interval: Duration,
     /// Connect and statement timeout of the census's dedicated connection. Default 5 s; at
     /// most 2,147,483,647 ms (PostgreSQL's limit for `statement_timeout`).
     pub census_timeout: Duration,
@@ -35,6 +44,16 @@ pub struct Config {
     /// `client_idle_timeout`, Supavisor, an L7 proxy) that ends connections idle this long.
     /// Default `None` (no pooler declared).
     pub pooler_idle_timeout: Option<Duration>,
+    /// Declared: what lies between the pool and the server: decides how sessions are attributed
+    /// to this process (see [`NetworkPath`](crate::NetworkPath)). Default `None`: inferred:
+    /// `Pooler` when [`Config::pooler_admin`] is set or [`Config::direct_connect_options`] points
+    /// at another host or port than the pool; otherwise `Direct` over TCP, and `Nat` (a nonce)
+    /// for a unix socket or a system without the socket list (not Linux).
+    pub network_path: Option<crate::NetworkPath>,
+    /// Declared: the pooler's admin console (PgBouncer: database `pgbouncer`, a user in
+    /// `stats_users`), as a URL. With it the census reads `SHOW CLIENTS` and `SHOW POOLS` and
+    /// the phantom gap stays exact behind the pooler. Default `None`.
+    pub pooler_admin: Option<PoolerAdmin>,
     /// Declared: the app runs a LISTEN listener on this server. `None`: no listener declared
     /// (default); `Some(None)`: a listener without keepalive; `Some(Some(d))`: a listener
     /// that runs `SELECT 1` every `d`.
@@ -50,6 +69,30 @@ pub struct Config {
     /// How long a connection checked out through [`WatchedPool`](crate::WatchedPool) may be
     /// held before it is reported as a leak or stuck suspect. Default `None` (off).
     pub leak_threshold: Option<Duration>,
+    /// How long a socket to the database may keep unacknowledged bytes in its send queue,
+    /// census after census, before it counts in `poolwatch_client_sockets_send_queue_stuck`
+    /// (a silent peer). Default 30 s.
+    pub send_queue_stuck_after: Duration,
+    /// How many series poolwatch exports for this pool. Default [`Detail::Standard`]: the
+    /// set every shipped alert and dashboard needs (about 60 series per pool).
+    pub detail: Detail,
+}
+
+/// How much detail poolwatch exports for a pool ("how to watch", not a fact about your
+/// deployment). The shipped alerts and dashboards work at both levels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Detail {
+    /// The series budget (README, "Series budget"): states only once seen non-zero, a count
+    /// of configuration hazards instead of one series per hazard, a count of reachable
+    /// addresses instead of series per address, coarse histogram buckets
+    /// ([`catalog::buckets`](crate::catalog::buckets)).
+    #[default]
+    Standard,
+    /// Every breakdown from the start: every session and TCP state, every hazard, every
+    /// resolved address, and (with [`export`](crate::export) helpers) the fine
+    /// [`SECONDS_BUCKETS`](crate::catalog::SECONDS_BUCKETS).
+    Full,
 }
 
 impl Config {
@@ -58,7 +101,8 @@ impl Config {
         Config {
             pool_name: pool_name.into(),
             sample_interval: Duration::from_secs(5),
-            census_interval: Duration::from_secs(15),
+            census_interval: Duration::from_secs(900),
+            reach_interval: Duration::from_secs(10800),
             census_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(5),
@@ -66,10 +110,14 @@ impl Config {
             expect_refresh_every: None,
             replicas: 1,
             pooler_idle_timeout: None,
+            network_path: None,
+            pooler_admin: None,
             listener_keepalive: None,
             direct_connect_options: None,
             leak_threshold: None,
+            detail: Detail::Standard,
             hazard_recheck_interval: Duration::from_secs(60),
+            send_queue_stuck_after: Duration::from_secs(30),
         }
     }
 
@@ -115,6 +163,20 @@ impl Config {
         self
     }
 
+    /// Declares [`Config::network_path`].
+    pub fn network_path(mut self, path: crate::NetworkPath) -> Self {
+        self.network_path = Some(path);
+        self
+    }
+
+    /// Declares the pooler's admin console URL ([`Config::pooler_admin`]), e.g.
+    /// `postgres://stats@pgbouncer:6432/pgbouncer`. Implies [`NetworkPath::Pooler`](crate::NetworkPath::Pooler).
+    /// The password, if any, is never logged.
+    pub fn pooler_admin(mut self, url: impl Into<String>) -> Self {
+        self.pooler_admin = Some(PoolerAdmin(url.into()));
+        self
+    }
+
     /// Declares a listener and its keepalive period ([`Config::listener_keepalive`]).
     pub fn listener_keepalive(mut self, every: Option<Duration>) -> Self {
         self.listener_keepalive = Some(every);
@@ -142,6 +204,12 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::reach_interval`].
+    pub fn reach_interval(mut self, every: Duration) -> Self {
+        self.reach_interval = every;
+        self
+    }
+
     /// Sets [`Config::census_timeout`].
     pub fn census_timeout(mut self, timeout: Duration) -> Self {
         self.census_timeout = timeout;
@@ -154,12 +222,26 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::send_queue_stuck_after`].
+    pub fn send_queue_stuck_after(mut self, bound: Duration) -> Self {
+        self.send_queue_stuck_after = bound;
+        self
+    }
+
+    /// Sets [`Config::detail`], e.g. `Detail::Full` for every per-state, per-hazard and
+    /// per-address series.
+    pub fn detail(mut self, detail: Detail) -> Self {
+        self.detail = detail;
+        self
+    }
+
     /// Checks every field; the error names the first bad one and how to fix it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_name("pool_name", &self.pool_name, "name the pool, e.g. Config::new(\"main\")")?;
         for (field, value) in [
             ("sample_interval", self.sample_interval),
             ("census_interval", self.census_interval),
+            ("reach_interval", self.reach_interval),
             ("census_timeout", self.census_timeout),
             ("heartbeat_interval", self.heartbeat_interval),
             ("heartbeat_timeout", self.heartbeat_timeout),
@@ -168,6 +250,7 @@ impl Config {
             ("pooler_idle_timeout", self.pooler_idle_timeout.unwrap_or(Duration::MAX)),
             ("leak_threshold", self.leak_threshold.unwrap_or(Duration::MAX)),
             ("hazard_recheck_interval", self.hazard_recheck_interval),
+            ("send_queue_stuck_after", self.send_queue_stuck_after),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::new(field, "is zero", "use a positive duration (see the field's default)"));
@@ -194,6 +277,16 @@ impl Config {
                 "declare how many processes run this pool (at least 1)",
             ));
         }
+        if let Some(admin) = &self.pooler_admin {
+            admin.options()?;
+            if matches!(self.network_path, Some(crate::NetworkPath::Direct | crate::NetworkPath::Nat)) {
+                return Err(ConfigError::new(
+                    "network_path",
+                    "contradicts pooler_admin (a pooler's console is declared)",
+                    "declare NetworkPath::Pooler, or drop pooler_admin",
+                ));
+            }
+        }
         if self.listener_keepalive == Some(Some(Duration::ZERO)) {
             return Err(ConfigError::new(
                 "listener_keepalive",
@@ -202,6 +295,33 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// The pooler admin console's URL; its `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PoolerAdmin(String);
+
+impl PoolerAdmin {
+    /// The connect options the URL gives (with the same `ignore_startup_parameters`-safe
+    /// defaults as any sqlx connection).
+    pub(crate) fn options(&self) -> Result<sqlx::postgres::PgConnectOptions, ConfigError> {
+        self.0.parse::<sqlx::postgres::PgConnectOptions>().map_err(|_| {
+            ConfigError::new(
+                "pooler_admin",
+                "is not a postgres:// URL",
+                "give the admin console as postgres://user[:password]@host:port/pgbouncer",
+            )
+        })
+    }
+}
+
+impl fmt::Debug for PoolerAdmin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.options() {
+            Ok(o) => write!(f, "PoolerAdmin({}:{}/{})", o.get_host(), o.get_port(), o.get_database().unwrap_or("")),
+            Err(_) => f.write_str("PoolerAdmin(<not a URL>)"),
+        }
     }
 }
 
@@ -262,6 +382,14 @@ mod tests {
     }
 
     #[test]
+    fn pooler_admin_debug_hides_the_password() {
+        let c = Config::new("a").pooler_admin("postgres://stats:s3cret@127.0.0.1:6432/pgbouncer");
+        assert_eq!(c.validate(), Ok(()));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret") && shown.contains("6432"), "{shown}");
+    }
+
+    #[test]
     fn each_bad_value_names_its_field() {
         let cases = [
             (Config::new(""), "pool_name"),
@@ -269,6 +397,7 @@ mod tests {
             (Config::new("x".repeat(65)), "pool_name"),
             (Config::new("a").sample_interval(Duration::ZERO), "sample_interval"),
             (Config::new("a").census_interval(Duration::ZERO), "census_interval"),
+            (Config::new("a").reach_interval(Duration::ZERO), "reach_interval"),
             (Config::new("a").census_timeout(Duration::ZERO), "census_timeout"),
             (Config::new("a").heartbeat_interval(Duration::ZERO), "heartbeat_interval"),
             (Config::new("a").heartbeat_timeout(Duration::ZERO), "heartbeat_timeout"),
@@ -278,9 +407,17 @@ mod tests {
             (Config::new("a").replicas(0), "replicas"),
             (Config::new("a").listener_keepalive(Some(Duration::ZERO)), "listener_keepalive"),
             (Config::new("a").leak_threshold(Some(Duration::ZERO)), "leak_threshold"),
+            (Config::new("a").pooler_admin("not a url"), "pooler_admin"),
+            (
+                Config::new("a")
+                    .pooler_admin("postgres://s@127.0.0.1:6432/pgbouncer")
+                    .network_path(crate::NetworkPath::Direct),
+                "network_path",
+            ),
             (Config::new("a").hazard_recheck_interval(Duration::ZERO), "hazard_recheck_interval"),
             (Config::new("a").census_timeout(Duration::from_millis(2_147_483_648)), "census_timeout"),
             (Config::new("a").census_timeout(Duration::MAX), "census_timeout"),
+            (Config::new("a").send_queue_stuck_after(Duration::ZERO), "send_queue_stuck_after"),
         ];
         for (config, field) in cases {
             let err = config.validate().expect_err(field);

@@ -2,6 +2,8 @@
 //! slot is taken. Connect and statement timeouts bound every use; the server's
 //! `idle_session_timeout` is switched off for this session only.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -18,6 +20,8 @@ pub(crate) struct DirectConnection {
     pub(crate) local_port: Option<u16>,
     /// How many times it has connected (a change means it reconnected).
     pub(crate) connects: u64,
+    /// `local_port` for readers that must not wait for this connection's lock (0: none).
+    pub(crate) port_cell: Arc<AtomicU32>,
 }
 
 /// Written by hand: `PgConnectOptions`'s own `Debug` prints the password.
@@ -45,7 +49,7 @@ impl DirectConnection {
         ]);
         // poolwatch's own queries stay out of the app's sqlx statement log.
         let options = options.disable_statement_logging();
-        DirectConnection { options, timeout, conn: None, local_port: None, connects: 0 }
+        DirectConnection { options, timeout, conn: None, local_port: None, connects: 0, port_cell: Arc::default() }
     }
 
     /// The connection, connecting first if there is none.
@@ -63,6 +67,7 @@ impl DirectConnection {
             .map_err(|_| Cause::TimedOut)?
             .map_err(|e| Cause::of(&e))?;
             self.local_port = port.and_then(|p| u16::try_from(p).ok());
+            self.port_cell.store(self.local_port.map_or(0, u32::from), Ordering::Relaxed);
             self.conn = Some(conn);
             self.connects += 1;
         }
@@ -83,8 +88,7 @@ impl DirectConnection {
             Err(_) => Err(Cause::TimedOut),
         };
         if result.is_err() {
-            self.conn = None;
-            self.local_port = None;
+            self.discard();
         }
         result
     }
@@ -93,6 +97,7 @@ impl DirectConnection {
     pub(crate) fn discard(&mut self) {
         self.conn = None;
         self.local_port = None;
+        self.port_cell.store(0, Ordering::Relaxed);
     }
 
     /// Closes the connection politely (bounded by the timeout).
@@ -100,5 +105,7 @@ impl DirectConnection {
         if let Some(conn) = self.conn.take() {
             let _ = tokio::time::timeout(self.timeout, conn.close()).await;
         }
+        self.local_port = None;
+        self.port_cell.store(0, Ordering::Relaxed);
     }
 }

@@ -4,14 +4,76 @@ use std::sync::OnceLock;
 
 use metrics::{Counter, Gauge, counter, gauge};
 
-use crate::catalog::{self, CAUSE, CONNECTION_STATE, POOL_NAME, STATE};
+use crate::catalog::{self, APPLICATION_NAME, CAUSE, CONNECTION_STATE, POOL_NAME, STATE};
 use crate::ledger::census::SESSION_STATES;
-use crate::ledger::sockets::TCP_STATES;
-use crate::{Cause, PoolFigures, Snapshot};
+use crate::ledger::sockets::{SocketCensus, TCP_STATES};
+use crate::{Cause, Detail, PoolFigures, Snapshot};
+
+/// Session states whose count is exported from the start at [`Detail::Standard`] (the others
+/// once seen non-zero): the dashboard's ledger.
+const EAGER_SESSION_STATES: &[&str] = &["idle", "active"];
+/// Session states whose longest time is exported from the start at [`Detail::Standard`]:
+/// what `PoolwatchTransactionStuck` and `PoolwatchWorkStalled` read.
+const EAGER_LONGEST_STATES: &[&str] = &["idle_in_transaction", "active"];
+/// TCP states exported from the start at [`Detail::Standard`]: `PoolwatchClientSocketsCloseWait`.
+const EAGER_TCP_STATES: &[&str] = &["established", "close_wait"];
+
+/// A gauge registered at the first non-zero value (or at once when `eager`): keeps a family
+/// with a fixed set of label values down to the values that ever happen.
+#[derive(Debug)]
+pub(crate) struct LazyGauge {
+    name: &'static str,
+    labels: Vec<(&'static str, String)>,
+    cell: OnceLock<Gauge>,
+}
+
+impl LazyGauge {
+    pub(crate) fn new(name: &'static str, labels: Vec<(&'static str, String)>, eager: bool) -> LazyGauge {
+        let lazy = LazyGauge { name, labels, cell: OnceLock::new() };
+        if eager {
+            lazy.handle();
+        }
+        lazy
+    }
+
+    fn handle(&self) -> &Gauge {
+        self.cell.get_or_init(|| {
+            let labels: Vec<metrics::Label> =
+                self.labels.iter().map(|(k, v)| metrics::Label::new(*k, v.clone())).collect();
+            gauge!(self.name, labels)
+        })
+    }
+
+    pub(crate) fn set(&self, value: f64) {
+        if value != 0.0 || self.cell.get().is_some() {
+            self.handle().set(value);
+        }
+    }
+}
+
+/// One gauge per state of `states`, labelled `key`; eager where `detail` is full or the state
+/// is in `eager`.
+fn by_state(
+    name: &'static str,
+    pool: &str,
+    key: &'static str,
+    states: &[&'static str],
+    eager: &[&str],
+    detail: Detail,
+) -> Vec<LazyGauge> {
+    states
+        .iter()
+        .map(|s| {
+            let labels = vec![(POOL_NAME, pool.to_owned()), (key, (*s).to_owned())];
+            LazyGauge::new(name, labels, detail == Detail::Full || eager.contains(s))
+        })
+        .collect()
+}
 
 #[derive(Debug)]
 pub(crate) struct Gauges {
     pool_name: String,
+    detail: Detail,
     used: Gauge,
     idle: Gauge,
     max: Gauge,
@@ -22,51 +84,114 @@ pub(crate) struct Gauges {
     /// Registered at the first successful census: a figure nobody has measured yet is absent
     /// from `/metrics`, not 0 (a 0 phantom count would read "healthy").
     measured: OnceLock<Measured>,
+    /// Registered at the first sample that read the pool's sockets (absent for a unix socket
+    /// or off Linux): `poolwatch_client_sockets` by state and `poolwatch_client_gap`.
+    client: OnceLock<(Vec<LazyGauge>, Gauge)>,
 }
 
-/// The census-derived gauges.
+/// The census-derived gauges; at [`Detail::Standard`] the state families register their
+/// always-needed values at the first census and the others once seen non-zero.
 #[derive(Debug)]
 struct Measured {
-    server: Vec<Gauge>,
-    longest: Vec<Gauge>,
+    server: Vec<LazyGauge>,
+    longest: Vec<LazyGauge>,
     lock_waiters: Gauge,
-    advisory_locks: Gauge,
-    advisory_locks_max: Gauge,
-    sockets: OnceLock<Vec<Gauge>>,
-    phantom: Gauge,
+    advisory_locks: LazyGauge,
+    advisory_locks_max: LazyGauge,
+    /// Only once a census gives a gap (behind a pooler without its console it never does).
+    phantom: std::sync::OnceLock<Gauge>,
 }
 
 impl Measured {
-    fn new(p: &str) -> Measured {
-        let by_state = |name: &'static str, key: &'static str, value: &'static str| gauge!(name, POOL_NAME => p.to_owned(), key => value);
+    fn new(p: &str, detail: Detail) -> Measured {
         let plain = |name: &'static str| gauge!(name, POOL_NAME => p.to_owned());
+        let sessions = |name, eager| by_state(name, p, STATE, &SESSION_STATES, eager, detail);
         Measured {
-            server: SESSION_STATES.iter().map(|s| by_state(catalog::SERVER_CONNECTIONS.name, STATE, s)).collect(),
-            longest: SESSION_STATES.iter().map(|s| by_state(catalog::SERVER_LONGEST_IN_STATE.name, STATE, s)).collect(),
+            server: sessions(catalog::SERVER_CONNECTIONS.name, EAGER_SESSION_STATES),
+            longest: sessions(catalog::SERVER_LONGEST_IN_STATE.name, EAGER_LONGEST_STATES),
             lock_waiters: plain(catalog::SERVER_LOCK_WAITERS.name),
-            advisory_locks: plain(catalog::SERVER_ADVISORY_LOCKS.name),
-            advisory_locks_max: plain(catalog::SERVER_ADVISORY_LOCKS_MAX.name),
-            sockets: OnceLock::new(),
-            phantom: plain(catalog::PHANTOM_CONNECTIONS.name),
+            // Standard detail: once a session held an advisory lock.
+            advisory_locks: LazyGauge::new(
+                catalog::SERVER_ADVISORY_LOCKS.name,
+                vec![(POOL_NAME, p.to_owned())],
+                detail == Detail::Full,
+            ),
+            // Standard detail: once a session held an advisory lock.
+            advisory_locks_max: LazyGauge::new(
+                catalog::SERVER_ADVISORY_LOCKS_MAX.name,
+                vec![(POOL_NAME, p.to_owned())],
+                detail == Detail::Full,
+            ),
+            phantom: std::sync::OnceLock::new(),
         }
     }
 }
 
+/// The causes whose `poolwatch_sessions_ended_total` series exist at 0 from the start: the one
+/// the alert reads with `increase()` (pooler kills) and the commonest server kill; any other
+/// cause's series appears at its first count (the series budget).
+pub(crate) const ENDED_AT_ZERO: [Cause; 2] = [Cause::AdminShutdown, Cause::PoolerIdleTimeout];
+
+/// The pooler's view of the pool: four series, only when a pooler admin console is declared.
+#[derive(Debug)]
+pub(crate) struct PoolerGauges {
+    waiting: Gauge,
+    max_wait: Gauge,
+    active: Gauge,
+    idle: Gauge,
+}
+
+impl PoolerGauges {
+    pub(crate) fn new(pool_name: &str) -> PoolerGauges {
+        let p = || pool_name.to_owned();
+        PoolerGauges {
+            waiting: gauge!(catalog::POOLER_WAITING_CLIENTS.name, POOL_NAME => p()),
+            max_wait: gauge!(catalog::POOLER_MAX_WAIT.name, POOL_NAME => p()),
+            active: gauge!(catalog::POOLER_SERVER_CONNECTIONS.name, POOL_NAME => p(), STATE => "active"),
+            idle: gauge!(catalog::POOLER_SERVER_CONNECTIONS.name, POOL_NAME => p(), STATE => "idle"),
+        }
+    }
+
+    pub(crate) fn set(&self, f: &crate::PoolerFigures) {
+        self.waiting.set(f.waiting_clients);
+        self.max_wait.set(f.max_wait.as_secs_f64());
+        self.active.set(f.servers_active);
+        self.idle.set(f.servers_idle);
+    }
+}
+
 impl Gauges {
-    pub(crate) fn new(pool_name: &str) -> Gauges {
+    pub(crate) fn new(pool_name: &str, detail: Detail) -> Gauges {
         let p = pool_name.to_owned();
-        let by_state = |name: &'static str, key: &'static str, value: &'static str| gauge!(name, POOL_NAME => p.clone(), key => value);
+        let state = |name: &'static str, key: &'static str, value: &'static str| gauge!(name, POOL_NAME => p.clone(), key => value);
         let plain = |name: &'static str| gauge!(name, POOL_NAME => p.clone());
-        Gauges {
-            used: by_state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "used"),
-            idle: by_state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "idle"),
+        let gauges = Gauges {
+            used: state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "used"),
+            idle: state(catalog::CONNECTION_COUNT.name, CONNECTION_STATE, "idle"),
             max: plain(catalog::CONNECTION_MAX.name),
             min: plain(catalog::CONNECTION_IDLE_MIN.name),
             census_up: plain(catalog::CENSUS_UP.name),
             census_duration: OnceLock::new(),
             measured: OnceLock::new(),
+            client: OnceLock::new(),
             pool_name: p,
+            detail,
+        };
+        for cause in ENDED_AT_ZERO {
+            gauges.ended(cause).absolute(0);
         }
+        gauges
+    }
+
+    /// Counts sessions of the pool that ended without the pool closing them.
+    pub(crate) fn sessions_ended(&self, causes: &[Cause]) {
+        for cause in causes {
+            self.ended(*cause).increment(1);
+        }
+    }
+
+    fn ended(&self, cause: Cause) -> Counter {
+        counter!(catalog::SESSIONS_ENDED.name, POOL_NAME => self.pool_name.clone(), CAUSE => cause.as_str())
     }
 
     fn census_duration(&self) -> &Gauge {
@@ -80,35 +205,45 @@ impl Gauges {
         self.min.set(f.min);
     }
 
+    /// Publishes the pool's stable tag (one series per pool).
+    pub(crate) fn info(&self, fleet_tag: &str) {
+        gauge!(catalog::POOL_INFO.name, POOL_NAME => self.pool_name.clone(), APPLICATION_NAME => fleet_tag.to_owned())
+            .set(1);
+    }
+
+    /// Publishes the client-side ledger of one sample.
+    pub(crate) fn sockets(&self, sockets: &SocketCensus, gap: i64) {
+        let (by_state, client_gap) = self.client.get_or_init(|| {
+            let p = &self.pool_name;
+            let by_state = by_state(catalog::CLIENT_SOCKETS.name, p, STATE, &TCP_STATES, EAGER_TCP_STATES, self.detail);
+            (by_state, gauge!(catalog::CLIENT_GAP.name, POOL_NAME => p.clone()))
+        });
+        for (g, n) in by_state.iter().zip(sockets.counts) {
+            g.set(f64::from(n));
+        }
+        client_gap.set(gap as f64);
+    }
+
     /// Publishes a successful census.
     pub(crate) fn census(&self, s: &Snapshot, seconds: f64) {
         self.pool(&s.pool);
-        let m = self.measured.get_or_init(|| Measured::new(&self.pool_name));
+        let m = self.measured.get_or_init(|| Measured::new(&self.pool_name, self.detail));
         if let Some(server) = &s.server {
             for (g, n) in m.server.iter().zip(server.counts) {
-                g.set(n);
+                g.set(f64::from(n));
             }
             for (g, d) in m.longest.iter().zip(server.longest) {
                 g.set(d.as_secs_f64());
             }
             m.lock_waiters.set(server.lock_waiters);
-            m.advisory_locks.set(server.advisory_locks);
-            m.advisory_locks_max.set(server.advisory_locks_max_per_session);
-        }
-        if let Some(sockets) = &s.sockets {
-            let gauges = m.sockets.get_or_init(|| {
-                let p = &self.pool_name;
-                TCP_STATES
-                    .iter()
-                    .map(|st| gauge!(catalog::CLIENT_SOCKETS.name, POOL_NAME => p.clone(), STATE => *st))
-                    .collect()
-            });
-            for (g, n) in gauges.iter().zip(sockets.counts) {
-                g.set(n);
-            }
+            m.advisory_locks.set(f64::from(server.advisory_locks));
+            m.advisory_locks_max.set(f64::from(server.advisory_locks_max_per_session));
         }
         if let Some(phantom) = s.phantom {
-            m.phantom.set(phantom as f64);
+            let p = &self.pool_name;
+            m.phantom
+                .get_or_init(|| gauge!(catalog::PHANTOM_CONNECTIONS.name, POOL_NAME => p.clone()))
+                .set(phantom as f64);
         }
         self.census_up.set(1);
         self.census_duration().set(seconds);

@@ -34,6 +34,7 @@ pub mod catalog;
 mod cause;
 mod config;
 mod direct;
+pub mod export;
 mod gauges;
 mod health;
 mod ledger;
@@ -42,27 +43,38 @@ mod listener;
 pub mod telemetry;
 mod watch;
 
-pub use health::{hazards, reach};
+pub use health::{hazards, reach, report};
 pub use ledger::attribution;
 
 pub use acquire::bare::{instrument_options_named, sqlx_acquire_layer};
 pub use acquire::probe::{instrument_options, mark_connected};
 pub use acquire::watched_pool::{Watched, WatchedConnection, WatchedPool, WatchedTransaction};
 pub use cause::Cause;
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, Detail, PoolerAdmin};
 pub use health::hazards::{Finding, Hazard, ServerSettings};
 pub use health::heartbeat::{Diagnosis, DirectOptions, HeartbeatFigures, PATHS, PathFigures};
 pub use health::progress::Progress;
 pub use health::reach::{AddressFigures, Reachability, probe_addresses, probe_host};
+pub use health::report::{HealthReport, HealthStatus};
+pub use ledger::attribution::NetworkPath;
 pub use ledger::census::{CENSUS_SQL, SESSION_STATES, ServerCensus};
+pub use ledger::pooler::PoolerFigures;
 pub use ledger::snapshot::{PoolFigures, Snapshot};
-pub use ledger::sockets::{SocketCensus, TCP_STATES};
+pub use ledger::sockets::{
+    ClientSocket, SocketCensus, SocketQueue, SocketReader, SocketSource, TCP_STATES, process_sockets,
+};
+pub use listener::status::ListenerHealth;
 pub use listener::watched::{ListenerConfig, WatchedListener};
 pub use watch::{PoolWatch, instrument_pool};
+
+#[doc(hidden)]
+pub use sqlx_adapter::fetch_all_text;
 
 /// The README's and docs' Rust examples, compiled as doctests.
 #[cfg(doctest)]
 mod doc_examples {
+    // The README's setup uses the `prometheus` feature (CI runs doctests with every feature).
+    #[cfg(feature = "prometheus")]
     #[doc = include_str!("../README.md")]
     struct Readme;
     #[doc = include_str!("../docs/listener.md")]

@@ -131,3 +131,17 @@ pub(crate) fn fetch_one_simple<'c>(
 ) -> BoxFuture<'c, Result<PgRow, sqlx::Error>> {
     conn.fetch_one(sqlx::raw_sql(sql))
 }
+
+/// Runs SQL text built at run time with the simple protocol and returns every row: 0.9 wants
+/// it marked `AssertSqlSafe`, 0.8 borrows it. For the `poolwatch` binary and the tests, which
+/// are other crates; not part of the API.
+#[doc(hidden)]
+pub fn fetch_all_text<'c>(
+    conn: &'c mut sqlx::PgConnection,
+    sql: String,
+) -> BoxFuture<'c, Result<Vec<PgRow>, sqlx::Error>> {
+    #[cfg(feature = "sqlx-0_9")]
+    return conn.fetch_all(sqlx::raw_sql(sqlx::AssertSqlSafe(sql)));
+    #[cfg(not(feature = "sqlx-0_9"))]
+    return Box::pin(async move { conn.fetch_all(sqlx::raw_sql(&sql)).await });
+}

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use opentelemetry::Context;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
@@ -291,12 +291,7 @@ fn prometheus(
             "free the port or choose another with prometheus_listen(Some(addr)); None keeps your own recorder",
         ));
     }
-    let mut builder = PrometheusBuilder::new().with_http_listener(addr);
-    for m in catalog::ALL.iter().filter(|m| m.kind == catalog::Kind::Histogram) {
-        builder = builder
-            .set_buckets_for_metric(Matcher::Full(m.name.to_owned()), catalog::SECONDS_BUCKETS)
-            .map_err(|e| ConfigError::new("prometheus_listen", e.to_string(), "report this poolwatch bug"))?;
-    }
+    let builder = crate::export::prometheus_builder().with_http_listener(addr);
     let (recorder, exporter) = builder.build().map_err(|e| {
         ConfigError::new(
             "prometheus_listen",

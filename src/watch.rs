@@ -2,9 +2,9 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
@@ -14,20 +14,29 @@ use tokio::time::MissedTickBehavior;
 use tracing::Instrument;
 
 use crate::acquire::probe::Probe;
+use crate::acquire::stranded::Stranded;
 use crate::direct::DirectConnection;
-use crate::gauges::Gauges;
+use crate::gauges::{Gauges, PoolerGauges};
 use crate::health::heartbeat::Heartbeat;
 use crate::health::reach::Reach;
+use crate::health::report::{self, GapHealth, WaitHealth};
 use crate::ledger::attribution::Tag;
+use crate::ledger::client::ClientLedger;
+use crate::ledger::ended::{Evidence, Ledger, Seen, Vanished};
+use crate::ledger::pooler::{self, PoolerConnection};
 use crate::ledger::{census, sockets};
-use crate::{Cause, Config, ConfigError, PoolFigures, Snapshot, WatchedPool, catalog};
+use crate::listener::loss::ServerFacts;
+use crate::{Cause, Config, ConfigError, NetworkPath, PoolFigures, Snapshot, WatchedPool, catalog};
 
 /// The `application_name` tags of the pools watched by a live [`PoolWatch`] in this process:
 /// a pool is watched by at most one.
 static LIVE: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 
-/// Pause before a census re-reads an unsettled or gapped reading.
-const CENSUS_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
+/// How many censuses' gaps the health report looks at for a trend.
+const GAP_READINGS: usize = 5;
+
+/// Pause before a census or a sample re-reads an unsettled or gapped reading.
+const CENSUS_RECHECK: Duration = Duration::from_millis(50);
 
 /// Starts watching `pool`: samples its counters, takes the server and socket census, and
 /// publishes both through the `metrics` facade (to whatever recorder the app installed).
@@ -43,7 +52,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
     catalog::describe();
     // Known to `sqlx_acquire_layer`, which gives a lone pool sqlx's acquire events.
     crate::acquire::bare::figures(&config.pool_name);
-    let (options, tag) = {
+    let (options, tag, path, nonce) = {
         // Checked and tagged under one lock, so two racing calls cannot both succeed.
         let mut live = LIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let options = pool.connect_options();
@@ -60,10 +69,31 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
                  shut down the first PoolWatch before calling instrument_pool again",
             ));
         }
-        let tag = Tag::new(current.map(crate::ledger::attribution::without_tag), &config.pool_name);
+        let path = network_path(&options, &config);
+        let unix = options.get_socket().is_some() || options.get_host().starts_with('/');
+        // Ports cannot be matched through a NAT, over a unix socket, or without the socket list.
+        let nonce = path == NetworkPath::Nat || (path == NetworkPath::Direct && (unix || !cfg!(target_os = "linux")));
+        let tag = Tag::new(current.map(crate::ledger::attribution::without_tag), &config.pool_name, nonce);
+        if live.contains(&tag.pool_app_name) {
+            // The stable tag is per pool name: two pools of one process under one name would
+            // count each other's sessions.
+            return Err(ConfigError::new(
+                "pool_name",
+                format!("{:?} is already used by another live PoolWatch in this process", config.pool_name),
+                "give each pool its own name, e.g. Config::new(\"main\") and Config::new(\"jobs\")",
+            ));
+        }
         pool.set_connect_options((*options).clone().application_name(&tag.pool_app_name));
         live.insert(tag.pool_app_name.clone());
-        (options, tag)
+        (options, tag, path, nonce)
+    };
+    let pooler = match &config.pooler_admin {
+        Some(admin) => Some(tokio::sync::Mutex::new(PoolerConnection::new(
+            admin.options()?,
+            &pooler::admin_app_name(&config.pool_name),
+            config.census_timeout,
+        ))),
+        None => None,
     };
     // Take the idle, untagged connections now (no waiting, no ping) so the app cannot check
     // them out before the task re-tags them.
@@ -78,21 +108,38 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
              Call instrument_pool right after creating the pool."
         );
     }
+    let direct = DirectConnection::new(
+        config.direct_connect_options.as_ref().map_or(&*options, |d| &d.0),
+        &tag.census_app_name,
+        config.census_timeout,
+    );
+    let client = ClientLedger::new(Arc::clone(&direct.port_cell));
+    let gauges = Gauges::new(&config.pool_name, config.detail);
+    gauges.info(&tag.stable);
     let shared = Arc::new(Shared {
-        direct: tokio::sync::Mutex::new(DirectConnection::new(
-            config.direct_connect_options.as_ref().map_or(&*options, |d| &d.0),
-            &tag.census_app_name,
-            config.census_timeout,
-        )),
-        heartbeat: Heartbeat::new(&config.pool_name),
-        gauges: Gauges::new(&config.pool_name),
-        reach: Reach::new(&config.pool_name),
+        direct: tokio::sync::Mutex::new(direct),
+        client,
+        census_wanted: tokio::sync::Notify::new(),
+        disagreement: Mutex::new((0, 0)),
+        reach_seen: AtomicU64::new(u64::MAX),
+        heartbeat: Heartbeat::new(&config.pool_name, config.detail),
+        gauges,
+        pooler_gauges: pooler.as_ref().map(|_| PoolerGauges::new(&config.pool_name)),
+        pooler,
+        path,
+        by_port: !nonce,
+        ended: Mutex::new(Ledger::default()),
+        reach: Reach::new(&config.pool_name, config.detail),
+        stranded: Stranded::new(&config.pool_name, config.detail),
+        send_queues: sockets::StuckSendQueues::new(&config.pool_name, config.send_queue_stuck_after, config.detail),
+        gaps: Mutex::new(std::collections::VecDeque::new()),
         probe: Arc::new(Probe::new(pool, &config)),
         latest: Mutex::new(Snapshot { pool: PoolFigures::of(pool), ..Snapshot::default() }),
         untagged: Mutex::new(untagged),
         retagged: tokio::sync::OnceCell::new(),
         census_failing: AtomicBool::new(false),
         degraded_warned: AtomicBool::new(false),
+        hidden_warned: AtomicBool::new(false),
         pool: pool.clone(),
         tag,
         config,
@@ -149,14 +196,44 @@ impl PoolWatch {
         self.shared.reach.figures()
     }
 
+    /// A plain health report for a readiness endpoint: `ok` / `degraded` / `failing`, the
+    /// reasons and the figures behind them (see [`report`](crate::report)). No I/O: it reads
+    /// what the background tasks last measured. With the `serde` feature it is `Serialize`.
+    pub fn health(&self) -> crate::HealthReport {
+        let s = &self.shared;
+        let latest = s.latest();
+        let recent: Vec<i64> = s.gaps.lock().map(|g| g.iter().copied().collect()).unwrap_or_default();
+        let (waiters, oldest) = s.probe.sample_waiters();
+        report::judge(report::Inputs {
+            pool_name: s.config.pool_name.clone(),
+            pool: PoolFigures::of(&s.pool),
+            gap: GapHealth {
+                phantom: latest.phantom,
+                growing: report::growing(&recent),
+                recent,
+                census_up: latest.census_up,
+            },
+            heartbeat: s.heartbeat.figures(),
+            listeners: crate::listener::status::of_pool(&s.config.pool_name),
+            hazards: s.heartbeat.hazards(),
+            stranded: s.stranded.figure(),
+            send_queue_stuck: s.send_queues.figure(),
+            waits: WaitHealth { waiters, oldest_wait_seconds: oldest.as_secs_f64() },
+            reach: s.reach.figures(),
+        })
+    }
+
     /// The latest figures (from the last sample and census).
     pub fn snapshot(&self) -> Snapshot {
         self.shared.latest()
     }
 
-    /// Takes a census now, publishes it, and returns the figures.
+    /// Takes a server census and a sample (the client-side ledger) now, publishes both, and
+    /// returns the figures.
     pub async fn census_now(&self) -> Result<Snapshot, Cause> {
-        self.shared.census().await
+        self.shared.census().await?;
+        self.shared.sample().await;
+        Ok(self.shared.latest())
     }
 
     /// The watched pool handle: use it instead of the bare pool so acquires are timed and
@@ -165,9 +242,31 @@ impl PoolWatch {
         WatchedPool::new(Arc::clone(&self.shared.probe))
     }
 
-    /// The `application_name` that marks this pool's connections on the server.
+    /// The `application_name` that marks this pool's connections on the server: the stable
+    /// [`stable_tag`](crate::attribution::stable_tag) (a per-process nonce only where ports
+    /// cannot be matched: see [`attribution`](crate::ledger::attribution)).
     pub fn application_name(&self) -> &str {
         &self.shared.tag.pool_app_name
+    }
+
+    /// How this watch attributes sessions: the declared or inferred [`NetworkPath`].
+    pub fn network_path(&self) -> NetworkPath {
+        self.shared.path
+    }
+
+    /// The part of [`application_name`](Self::application_name) every replica shares (the
+    /// `application_name` label of `poolwatch_pool_info`): see
+    /// [`fleet_tag`](crate::attribution::fleet_tag).
+    pub fn fleet_tag(&self) -> &str {
+        &self.shared.tag.stable
+    }
+
+    /// Samples now: the pool's counters and its client-side ledger (its sockets; no server
+    /// cost), published like a background sample. The socket read runs on Tokio's blocking
+    /// pool.
+    pub async fn sample_now(&self) -> Snapshot {
+        self.shared.sample().await;
+        self.shared.latest()
     }
 
     /// A handle the app ticks per unit of work done with this pool: see [`Progress`](crate::Progress).
@@ -207,14 +306,47 @@ struct Shared {
     tag: Tag,
     gauges: Gauges,
     reach: Reach,
+    stranded: Stranded,
+    send_queues: sockets::StuckSendQueues,
+    /// The phantom gap at the last censuses, oldest first (at most [`GAP_READINGS`]).
+    gaps: Mutex<std::collections::VecDeque<i64>>,
     heartbeat: Heartbeat,
     probe: Arc<Probe>,
     direct: tokio::sync::Mutex<DirectConnection>,
+    client: ClientLedger,
+    /// Woken when the client-side ledger disagrees with the pool: a census runs at once.
+    census_wanted: tokio::sync::Notify,
+    /// The (client gap, unattributed sockets) that last woke a census.
+    disagreement: Mutex<(i64, u32)>,
+    /// The connect-trouble count when the reachability probe last ran.
+    reach_seen: AtomicU64,
     latest: Mutex<Snapshot>,
     untagged: Mutex<Vec<PoolConnection<Postgres>>>,
     retagged: tokio::sync::OnceCell<()>,
     census_failing: AtomicBool,
     degraded_warned: AtomicBool,
+    hidden_warned: AtomicBool,
+    path: NetworkPath,
+    /// Sessions are matched to this process by client address and port (no nonce).
+    by_port: bool,
+    pooler: Option<tokio::sync::Mutex<PoolerConnection>>,
+    pooler_gauges: Option<PoolerGauges>,
+    ended: Mutex<Ledger>,
+}
+
+/// The declared network path, or the one inferred from the config (see `Config::network_path`).
+fn network_path(options: &sqlx::postgres::PgConnectOptions, config: &Config) -> NetworkPath {
+    if let Some(path) = config.network_path {
+        return path;
+    }
+    if config.pooler_admin.is_some() {
+        return NetworkPath::Pooler;
+    }
+    let elsewhere = config
+        .direct_connect_options
+        .as_ref()
+        .is_some_and(|d| d.0.get_host() != options.get_host() || d.0.get_port() != options.get_port());
+    if elsewhere { NetworkPath::Pooler } else { NetworkPath::Direct }
 }
 
 impl Shared {
@@ -228,10 +360,78 @@ impl Shared {
         }
     }
 
-    fn sample(&self) {
-        let figures = PoolFigures::of(&self.pool);
+    /// The pool's counters and its client-side ledger. A gap is read again 50 ms later (a
+    /// connection being opened or closed disagrees for a moment); a gap still there that
+    /// differs from the last one wakes a census.
+    async fn sample(&self) {
+        let mut figures = PoolFigures::of(&self.pool);
         self.gauges.pool(&figures);
-        self.update(|s| s.pool = figures);
+        let linting = || self.heartbeat.linting.load(Ordering::Relaxed);
+        if linting() {
+            // The lint's short-lived connection would read as a socket the pool does not count.
+            self.update(|s| s.pool = figures);
+            return;
+        }
+        self.probe.sample_waiters();
+        self.stranded.sample(&self.pool, self.probe.leaks.checked_out());
+        let mut sockets = self.client.read(figures.open).await;
+        let gap = |f: &PoolFigures, s: &Option<crate::SocketCensus>| {
+            s.as_ref().map(|s| i64::from(f.open) - i64::from(s.get("established")))
+        };
+        if gap(&figures, &sockets).is_some_and(|g| g != 0) {
+            tokio::time::sleep(CENSUS_RECHECK).await;
+            figures = PoolFigures::of(&self.pool);
+            self.gauges.pool(&figures);
+            sockets = self.client.read(figures.open).await;
+        }
+        if linting() {
+            self.update(|s| s.pool = figures);
+            return;
+        }
+        let client_gap = gap(&figures, &sockets);
+        if let Some(s) = &sockets {
+            // Send queues are watched at every sample (a census is rare).
+            self.send_queues.update(s);
+        }
+        if let (Some(s), Some(g)) = (&sockets, client_gap) {
+            self.gauges.sockets(s, g);
+            let now = (g, s.unattributed);
+            let wake = self.disagreement.lock().is_ok_and(|mut last| {
+                let changed = *last != now;
+                *last = now;
+                changed && now != (0, 0)
+            });
+            if wake {
+                tracing::debug!(pool = %self.config.pool_name, client_gap = g, unattributed = s.unattributed, "client-side ledger disagrees with the pool; census now");
+                self.census_wanted.notify_one();
+            }
+        }
+        self.update(|s| {
+            s.pool = figures;
+            s.sockets = sockets;
+            s.client_gap = client_gap;
+        });
+    }
+
+    /// Connect trouble seen since the last reachability probe (census or heartbeat connect
+    /// failures, acquire errors, slow creates).
+    fn connect_trouble(&self) -> u64 {
+        let hb = self.heartbeat.figures();
+        let census = u64::from(self.census_failing.load(Ordering::Relaxed));
+        self.probe.trouble.load(Ordering::Relaxed) + hb.pool.failures + hb.direct.failures + census
+    }
+
+    /// Probes reachability when connects failed or slowed down since the last probe, or when
+    /// `scheduled`.
+    async fn reach_if_due(&self, scheduled: bool) -> bool {
+        let trouble = self.connect_trouble();
+        if !scheduled && self.reach_seen.load(Ordering::Relaxed) == trouble {
+            return false;
+        }
+        self.reach_seen.store(trouble, Ordering::Relaxed);
+        // The probes' sockets are left out of any socket census by port (`OwnPort`).
+        self.reach.run(&self.pool.connect_options(), self.config.census_timeout).await;
+        true
     }
 
     async fn census(&self) -> Result<Snapshot, Cause> {
@@ -258,8 +458,24 @@ impl Shared {
                     tracing::info!(pool = %self.config.pool_name, "poolwatch census recovered");
                 }
                 self.gauges.census(&snapshot, seconds);
-                self.update(|s| *s = snapshot.clone());
-                Ok(snapshot)
+                self.probe.census_seen(&snapshot);
+                if let (Some(p), Ok(mut gaps)) = (snapshot.phantom, self.gaps.lock()) {
+                    if gaps.len() == GAP_READINGS {
+                        gaps.pop_front();
+                    }
+                    gaps.push_back(p);
+                }
+                self.update(|s| {
+                    // The sample's sockets (the client-side ledger) stay; the census's own
+                    // listing stands in until a sample has read them.
+                    let (sockets, client_gap) = (s.sockets.take(), s.client_gap);
+                    *s = snapshot.clone();
+                    if sockets.is_some() {
+                        s.sockets = sockets;
+                    }
+                    s.client_gap = client_gap;
+                });
+                Ok(self.latest())
             }
             Err(cause) => {
                 if !self.census_failing.swap(true, Ordering::Relaxed) {
@@ -274,46 +490,161 @@ impl Shared {
 
     async fn take_census(&self) -> Result<Snapshot, Cause> {
         self.retagged.get_or_init(|| self.retag_idle()).await;
+        let result = self.read_census().await;
+        if result.is_err()
+            && let Ok(mut ended) = self.ended.lock()
+        {
+            ended.forget();
+        }
+        result
+    }
+
+    async fn read_census(&self) -> Result<Snapshot, Cause> {
         let mut direct = self.direct.lock().await;
         if self.pool.is_closed() {
             // Closed while waiting for the lock: the task has closed (or will close) the connection.
             return Err(Cause::PoolClosed);
         }
         let app_name = self.tag.pool_app_name.as_str();
+        let peers = self.peers().await;
+        let options = self.pool.connect_options();
+        let database = options.get_database().unwrap_or(options.get_username()).to_owned();
+        let user = options.get_username().to_owned();
         // Both sides must describe one moment. A connection being opened counts in the pool
         // before its session shows on the server; a closed one leaves its session for a few
         // ms. So a reading is taken again when the pool's count moved during the query, or
         // when it shows a gap: a real leak is still there 50 ms later, a transient is not.
         let mut attempt = 0;
-        let (pool, server) = loop {
+        loop {
             let before = self.pool.size();
-            let server = direct.run(async |c| census::take(c, app_name).await).await?;
+            // This process's sockets toward the pool's address, listed before the queries: a
+            // connection opened after the listing moves the pool's count and forces a re-read.
+            let list = peers.as_ref().and_then(|p| sockets::list(p, direct.local_port).ok());
+            let owned: Vec<SocketAddr> = list.iter().flatten().filter(|s| s.owned).map(|s| s.local).collect();
+            let keys = match (self.by_port && self.path == NetworkPath::Direct, &list) {
+                (true, Some(_)) => Some(census::port_keys(owned.iter().copied())),
+                // Ports cannot be read (not Linux): the tag alone, as with a nonce.
+                _ => None,
+            };
+            let (sessions, facts) = direct
+                .run(async |c| {
+                    let sessions = census::take(c, app_name, keys.as_deref()).await?;
+                    let facts = ServerFacts::read(c).await?;
+                    Ok((sessions, facts))
+                })
+                .await?;
+            // A census role without pg_read_all_stats sees other roles' sessions without their
+            // address: they cannot be matched by port. With one declared replica the tag alone
+            // is exact; with more, the count is unknown.
+            let hidden = keys.is_some() && sessions.iter().any(|s| s.port.is_none());
+            let exact = !hidden || self.config.replicas == 1;
+            if hidden && !self.hidden_warned.swap(true, Ordering::Relaxed) {
+                // One warning for the missing privilege: it also hides the states.
+                self.degraded_warned.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    pool = %self.config.pool_name,
+                    replicas = self.config.replicas,
+                    "the census role cannot read the pool's sessions' client_addr/client_port in pg_stat_activity, \
+                     so they cannot be matched to this process by port ({}), and their states show as `unknown`. \
+                     Grant it pg_read_all_stats.",
+                    if exact { "with one declared replica the tag alone counts them" } else { "the phantom gap is not exported" }
+                );
+            }
+            let server = census::aggregate(sessions.iter());
+            let mut pooler_view = None;
+            let mut admin_ports = Vec::new();
+            if let Some(conn) = &self.pooler {
+                let mut conn = conn.lock().await;
+                let admin_name = pooler::admin_app_name(&self.config.pool_name);
+                let (figures, clients, admin) = conn.take(app_name, &admin_name, &database, &user, &owned).await?;
+                admin_ports = admin;
+                pooler_view = Some((figures, clients, conn.client_idle_timeout));
+            }
             let pool = PoolFigures::of(&self.pool);
             attempt += 1;
-            let settled = pool.open == before && pool.open == server.total();
-            if settled || attempt == 3 {
-                break (pool, server);
+            let real = match (&pooler_view, self.path) {
+                (Some((figures, _, _)), _) => Some(figures.clients),
+                (None, NetworkPath::Pooler) => None,
+                (None, _) if !exact => None,
+                (None, _) => Some(server.total()),
+            };
+            let settled = pool.open == before && real.is_none_or(|r| r == pool.open);
+            if !settled && attempt < 3 {
+                tokio::time::sleep(CENSUS_RECHECK).await;
+                continue;
             }
-            tokio::time::sleep(CENSUS_RECHECK).await;
-        };
-        if server.get("unknown") > 0 && !self.degraded_warned.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                pool = %self.config.pool_name,
-                "the census role cannot read these sessions' state in pg_stat_activity; states show as \
-                 `unknown` (counts stay exact). Grant it pg_read_all_stats for per-state figures."
-            );
+            if server.get("unknown") > 0 && !self.degraded_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    pool = %self.config.pool_name,
+                    "the census role cannot read these sessions' state in pg_stat_activity; states show as \
+                     `unknown` (counts stay exact). Grant it pg_read_all_stats for per-state figures."
+                );
+            }
+            // poolwatch's own connections: the admin console's, and the dedicated one if it
+            // (re)connected after the listing.
+            let own_port = direct.local_port;
+            let list = list.map(|l| {
+                l.into_iter()
+                    .filter(|s| !admin_ports.contains(&s.local.port()) && Some(s.local.port()) != own_port)
+                    .collect::<Vec<_>>()
+            });
+            // Sessions the pool did not close: by port, on the server or at the pooler.
+            let seen: Option<std::collections::HashMap<u16, Seen>> = match (&pooler_view, self.path) {
+                (Some((_, clients, _)), _) => {
+                    Some(clients.iter().map(|c| (c.port, Seen::PoolerClient(c.linked))).collect())
+                }
+                (None, NetworkPath::Direct) if keys.is_some() && !hidden => {
+                    Some(sessions.iter().filter_map(|s| s.port.map(|p| (p, Seen::Server(s.idle_for())))).collect())
+                }
+                _ => None,
+            };
+            let mut vanished = Vanished::default();
+            if let (Some(seen), Some(list)) = (seen, &list)
+                && let Ok(mut ended) = self.ended.lock()
+            {
+                vanished = ended.update(seen, list, facts.ends);
+            }
+            let mut ended_now = Vec::new();
+            if !vanished.is_empty() {
+                // A backend leaves pg_stat_activity a moment before its session-end counters
+                // are flushed: read them again after a pause.
+                let mut ends = facts.ends;
+                if self.path == NetworkPath::Direct {
+                    tokio::time::sleep(CENSUS_RECHECK).await;
+                    if let Ok(later) = direct.run(async |c| ServerFacts::read(c).await).await {
+                        ends = later.ends;
+                    }
+                }
+                ended_now = vanished.causes(Evidence {
+                    ends,
+                    idle_session_timeout: self.heartbeat.server_settings().and_then(|s| s.idle_session_timeout),
+                    client_idle_timeout: pooler_view.as_ref().and_then(|(_, _, t)| *t),
+                });
+            }
+            self.gauges.sessions_ended(&ended_now);
+            if let (Some(g), Some((figures, _, _))) = (&self.pooler_gauges, &pooler_view) {
+                g.set(figures);
+            }
+            let ended_total = self.latest().sessions_ended + ended_now.len() as u64;
+            let peer = peers.as_ref().and_then(|p| p.first().copied());
+            drop(direct);
+            // Peers are resolved here, rarely; every sample reuses them.
+            self.client.set_peers(peers.as_deref().unwrap_or_default());
+            // The process's sockets right after: established ones that are none of the pool's
+            // sessions belong to other clients of the app (only while the pool's count stood still).
+            let then = self.client.read_all().await.filter(|_| self.pool.size() == pool.open);
+            self.client.learn(&server.client_ports, then.as_ref());
+            return Ok(Snapshot {
+                phantom: real.map(|r| i64::from(pool.open) - i64::from(r)),
+                pool,
+                server: Some(server),
+                sockets: list.zip(peer).map(|(l, peer)| sockets::SocketCensus::of_list(&l, peer)),
+                census_up: true,
+                pooler: pooler_view.map(|(f, _, _)| f),
+                sessions_ended: ended_total,
+                client_gap: None,
+            });
         }
-        let sockets = match self.peers().await {
-            Some(peers) => sockets::take(&peers, direct.local_port).ok(),
-            None => None,
-        };
-        Ok(Snapshot {
-            phantom: Some(i64::from(pool.open) - i64::from(server.total())),
-            pool,
-            server: Some(server),
-            sockets,
-            census_up: true,
-        })
     }
 
     /// The addresses the database host resolves to; `None` for a unix socket.
@@ -354,6 +685,9 @@ async fn run(shared: Arc<Shared>, stop: oneshot::Receiver<()>) {
     // Stopped before the re-tag ran: give the idle connections back, or `pool.close()` waits.
     drop(shared.untagged.lock().map(|mut held| std::mem::take(&mut *held)));
     shared.direct.lock().await.close().await;
+    if let Some(pooler) = &shared.pooler {
+        pooler.lock().await.close().await;
+    }
 }
 
 async fn watch_until_stopped(shared: &Shared, mut stop: oneshot::Receiver<()>) {
@@ -365,27 +699,93 @@ async fn watch_until_stopped(shared: &Shared, mut stop: oneshot::Receiver<()>) {
         _ = shared.retagged.get_or_init(|| shared.retag_idle()) => {}
     }
     let mut sample = tokio::time::interval(shared.config.sample_interval);
-    let mut census = tokio::time::interval(shared.config.census_interval);
     sample.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    census.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let scan_every = shared.probe.leaks.scan_every();
-    let mut leak_scan = tokio::time::interval(scan_every.unwrap_or(std::time::Duration::from_secs(3600)));
+    let mut leak_scan = tokio::time::interval(scan_every.unwrap_or(Duration::from_secs(3600)));
     leak_scan.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The first census and probe at once (they learn the peers and the ports), then each
+    // on its own jittered schedule.
+    let census_at = tokio::time::sleep(Duration::ZERO);
+    let reach_at = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(census_at, reach_at);
+    let mut first_census = true;
+    let floor = shared.config.sample_interval * 10;
+    let mut last_census: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = &mut stop => break,
             _ = &mut closed => break,
-            _ = sample.tick() => shared.sample(),
-            _ = leak_scan.tick(), if scan_every.is_some() => { shared.probe.leaks.scan(); }
-            _ = census.tick() => tokio::select! {
+            _ = sample.tick() => tokio::select! {
                 _ = &mut stop => break,
                 _ = &mut closed => break,
                 _ = async {
-                    let _ = shared.census().await;
-                    // After the census; the probes' sockets are left out of any census by port (`OwnPort`).
-                    shared.reach.run(&shared.pool.connect_options(), shared.config.census_timeout).await;
+                    shared.sample().await;
+                    shared.reach_if_due(false).await;
                 } => {}
             },
+            _ = leak_scan.tick(), if scan_every.is_some() => { shared.probe.leaks.scan(); }
+            _ = &mut reach_at, if !first_census => tokio::select! {
+                _ = &mut stop => break,
+                _ = &mut closed => break,
+                _ = shared.reach_if_due(true) => {
+                    reach_at.as_mut().reset(tokio::time::Instant::now() + jitter(shared.config.reach_interval));
+                }
+            },
+            wanted = async {
+                tokio::select! {
+                    _ = &mut census_at => false,
+                    _ = shared.census_wanted.notified() => true,
+                }
+            } => {
+                let now = tokio::time::Instant::now();
+                if let Some(at) = last_census.filter(|at| wanted && now < *at + floor) {
+                    // Censuses run by disagreements: at most one per 10 samples; later ones
+                    // wait for that (a flapping gap cannot turn into a census per sample).
+                    if census_at.deadline() > at + floor {
+                        census_at.as_mut().reset(at + floor);
+                    }
+                    continue;
+                }
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = &mut closed => break,
+                    _ = shared.census() => {
+                        last_census = Some(tokio::time::Instant::now());
+                        if wanted {
+                            tracing::debug!(pool = %shared.config.pool_name, "census run by the client-side ledger");
+                        }
+                        census_at.as_mut().reset(tokio::time::Instant::now() + jitter(shared.config.census_interval));
+                        if std::mem::take(&mut first_census) {
+                            // The first census resolved the peers: the ledger can read sockets now.
+                            shared.sample().await;
+                        }
+                    }
+                }
+            }
         }
+    }
+}
+
+/// `every` ±20 %, drawn afresh each time, so replicas started together spread out.
+fn jitter(every: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    let unit = (h.finish() >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+    every.mul_f64(0.8 + 0.4 * unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_20_percent_and_varies() {
+        let every = Duration::from_secs(300);
+        let draws: Vec<Duration> = (0..200).map(|_| jitter(every)).collect();
+        assert!(draws.iter().all(|d| *d >= every.mul_f64(0.8) && *d <= every.mul_f64(1.2)), "{draws:?}");
+        let distinct: std::collections::HashSet<_> = draws.iter().collect();
+        assert!(distinct.len() > 100, "draws vary: {}", distinct.len());
     }
 }

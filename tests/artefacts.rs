@@ -92,6 +92,15 @@ fn alerts() -> Vec<Alert> {
 fn expressions() -> Vec<(String, String)> {
     let mut exprs: Vec<(String, String)> =
         alerts().into_iter().map(|a| (format!("alert {}", a.name), a.expr)).collect();
+    for path in rule_files() {
+        for group in yaml(&path)["groups"].as_sequence().into_iter().flatten() {
+            for rule in group["rules"].as_sequence().into_iter().flatten() {
+                if let (Some(name), Some(expr)) = (rule["record"].as_str(), rule["expr"].as_str()) {
+                    exprs.push((format!("recording rule {name}"), expr.to_owned()));
+                }
+            }
+        }
+    }
     for (path, dash) in dashboards() {
         let file = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
         for panel in panels(&dash) {
@@ -341,7 +350,13 @@ fn every_alert_has_severity_a_runbook_and_firing_and_quiet_unit_tests() {
             );
             for series in test["input_series"].as_sequence().unwrap() {
                 let s = series["series"].as_str().unwrap_or_default();
-                assert!(s.contains(catalog::POOL_NAME), "{}: input series {s} lacks the pool label", path.display());
+                // postgres_exporter's series (alerts/fleet.rules.yml) are per database, not per pool.
+                let exporter = s.starts_with(catalog::EXPORTER_SESSIONS);
+                assert!(
+                    exporter || s.contains(catalog::POOL_NAME),
+                    "{}: input series {s} lacks the pool label",
+                    path.display()
+                );
             }
             for case in test["alert_rule_test"].as_sequence().into_iter().flatten() {
                 let name = case["alertname"].as_str().expect("alertname").to_owned();
@@ -371,11 +386,9 @@ fn dashboard_is_valid_and_every_panel_explains_itself() {
         };
         assert_eq!(var("datasource")["type"], "datasource");
         assert_eq!(var("datasource")["query"], "prometheus");
-        assert_eq!(
-            var("pool")["query"]["query"],
-            format!("label_values({}, {})", catalog::CONNECTION_COUNT.name, catalog::POOL_NAME)
-        );
-
+        assert_eq!(dash["schemaVersion"], 41, "{file}: the schemaVersion current Grafana writes");
+        assert_eq!(dash["editable"], false, "{file}: uneditable-dashboard (provisioned, changed in the mixin)");
+        dashboard_linter_rules(&file.to_string(), &dash);
         let mut ids = BTreeSet::new();
         for panel in dash["panels"].as_array().unwrap() {
             assert!(ids.insert(panel["id"].as_u64().expect("panel id")), "{file}: duplicate panel id {}", panel["id"]);
@@ -407,8 +420,101 @@ fn dashboard_is_valid_and_every_panel_explains_itself() {
             .filter(|p| p["type"] == "row")
             .filter_map(|p| p["title"].as_str())
             .collect();
-        for topic in ["Ledger", "Acquire", "Listener", "Heartbeat", "Sockets", "Leak suspects"] {
+        let topics: &[&str] = if file.to_string().ends_with("poolwatch.json") {
+            &["Ledger", "Acquire", "Listener", "Heartbeat", "Sockets", "Leak suspects"]
+        } else {
+            &["Ledger across the fleet", "Health of every replica"]
+        };
+        for topic in topics {
             assert!(rows.iter().any(|r| r.starts_with(topic)), "{file}: no `{topic}` row in {rows:?}");
         }
     }
+}
+
+/// The units Grafana knows that poolwatch's panels use (dashboard-linter's panel-units-rule
+/// accepts these among others).
+const GRAFANA_UNITS: &[&str] = &["short", "none", "s", "ms", "percentunit", "percent", "bool", "dateTimeFromNow"];
+
+/// dashboard-linter's rules (grafana/dashboard-linter), checked on the JSON: a `datasource`
+/// variable; `job` and `instance` query variables on it, multi-select with allValue `.+`,
+/// reloaded on time change; every panel on the datasource variable with a title, a description
+/// and a known unit; every query with `job` and `instance` matchers, `$__rate_interval` in
+/// every rate/increase, and counters only inside rate/irate/increase.
+fn dashboard_linter_rules(file: &str, dash: &Json) {
+    let vars = dash["templating"]["list"].as_array().expect("templating.list");
+    let var = |name: &str| vars.iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("{file}: no ${name}"));
+    let ds = var("datasource");
+    assert_eq!(
+        (&ds["type"], &ds["query"], &ds["label"]),
+        (&Json::from("datasource"), &Json::from("prometheus"), &Json::from("Data source")),
+        "{file}: template-datasource-rule"
+    );
+    for (name, label) in [("job", "Job"), ("instance", "Instance"), ("pool", "Pool")] {
+        let v = var(name);
+        assert_eq!(v["type"], "query", "{file}: ${name} is a query variable");
+        assert_eq!(v["datasource"]["uid"], "${datasource}", "{file}: ${name} uses the datasource variable");
+        assert_eq!(v["label"], label, "{file}: ${name} label");
+        assert_eq!(
+            (v["multi"].as_bool(), v["allValue"].as_str()),
+            (Some(true), Some(".+")),
+            "{file}: ${name} multi, allValue .+"
+        );
+        assert_eq!(v["refresh"], 2, "{file}: ${name} reloads on time range change");
+        let query = v["query"]["query"].as_str().unwrap_or_default();
+        assert!(
+            query.starts_with("label_values(")
+                && query.ends_with(&format!(", {})", if name == "pool" { catalog::POOL_NAME } else { name })),
+            "{file}: ${name} query {query}"
+        );
+    }
+    for panel in panels(dash) {
+        let title = panel["title"].as_str().unwrap_or_default();
+        let unit = panel["fieldConfig"]["defaults"]["unit"].as_str().unwrap_or_default();
+        assert!(GRAFANA_UNITS.contains(&unit), "{file}: panel {title:?} unit {unit:?} (panel-units-rule)");
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            assert!(
+                expr.contains(r#"job=~"$job""#),
+                "{file}: panel {title:?} has no job matcher (target-job-rule): {expr}"
+            );
+            assert!(
+                expr.contains(r#"instance=~"$instance""#),
+                "{file}: panel {title:?} has no instance matcher: {expr}"
+            );
+            for func in ["rate(", "increase("] {
+                for (i, _) in expr.match_indices(func) {
+                    let range = expr[i..].split_once('[').map(|(_, r)| r.split(']').next().unwrap_or_default());
+                    assert_eq!(
+                        range,
+                        Some("$__rate_interval"),
+                        "{file}: panel {title:?} (target-rate-interval-rule): {expr}"
+                    );
+                }
+            }
+            for (i, _) in expr.match_indices("_total{") {
+                let before = &expr[..i];
+                let start = before.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(0, |p| p + 1);
+                let wrapped = ["rate(", "increase(", "irate("].iter().any(|f| before[..start].ends_with(f));
+                assert!(
+                    wrapped,
+                    "{file}: panel {title:?} reads a counter outside rate/increase (target-counter-agg-rule): {expr}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn generated_files_match_the_mixin() {
+    let out = Command::new("scripts/mixin")
+        .arg("--check")
+        .current_dir(root())
+        .output()
+        .unwrap_or_else(|e| panic!("run scripts/mixin ({e}); scripts/prereqs installs jsonnet"));
+    assert!(
+        out.status.success(),
+        "alerts/ or dashboards/ differ from mixin/ (run scripts/mixin):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

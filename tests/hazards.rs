@@ -14,8 +14,13 @@ use support::{Cluster, eventually, metric, recorder};
 
 const POOL: &str = "db_client_connection_pool_name";
 
+/// Per-hazard series (checked here) are `Detail::Full`; the default's hazard count is in
+/// tests/export.rs.
 fn config(name: &str) -> Config {
-    Config::new(name).heartbeat_interval(Duration::from_millis(100)).heartbeat_timeout(Duration::from_secs(2))
+    Config::new(name)
+        .detail(poolwatch::Detail::Full)
+        .heartbeat_interval(Duration::from_millis(100))
+        .heartbeat_timeout(Duration::from_secs(2))
 }
 
 async fn admin(cluster: &Cluster) -> PgConnection {
@@ -77,7 +82,7 @@ async fn clean_setup_has_none_and_alter_system_is_seen_after_a_reconnect() {
     // Kill poolwatch's dedicated connection: the direct heartbeat reconnects and re-lints.
     let killed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE application_name LIKE 'poolwatch-census:hz_clean:%') t",
+         WHERE application_name = 'poolwatch-census:hz_clean') t",
     )
     .fetch_one(&mut admin)
     .await
@@ -97,10 +102,12 @@ async fn clean_setup_has_none_and_alter_system_is_seen_after_a_reconnect() {
     // Another reconnect re-lints, but each hazard is reported only once, with its fix.
     let lints_before = warns_for("hz_clean");
     let failures_before = watch.heartbeat().direct.failures;
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'poolwatch-census:hz_clean:%'")
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'poolwatch-census:hz_clean'",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
     eventually(Duration::from_secs(20), "the direct heartbeat reconnected", async || {
         let h = watch.heartbeat();
         (h.direct.failures > failures_before && h.direct.up == Some(true)).then_some(())

@@ -34,7 +34,12 @@ fn failures(name: &str, path: &str) -> (f64, Vec<String>) {
     for line in text.lines().filter(|l| l.starts_with("poolwatch_heartbeat_failures_total{")) {
         let Some((series, value)) = line.rsplit_once(' ') else { continue };
         if series.contains(&format!("{POOL}=\"{name}\"")) && series.contains(&format!("path=\"{path}\"")) {
-            total += value.parse::<f64>().unwrap_or(0.0);
+            let value = value.parse::<f64>().unwrap_or(0.0);
+            total += value;
+            // A series at 0 (registered from the start for an alert) is no failure.
+            if value == 0.0 {
+                continue;
+            }
             if let Some(cause) = series.split("cause=\"").nth(1).and_then(|r| r.split('"').next()) {
                 causes.push(cause.to_owned());
             }

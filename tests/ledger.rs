@@ -94,6 +94,70 @@ async fn incident_1_leaked_listener_slots_grow_the_phantom_gap() {
     assert!(real <= idle, "server-real stays flat (only idle sessions) while used grows: real {real}, idle {idle}");
 }
 
+/// Incident 1 with the server census nearly off (once an hour): the client-side ledger sees
+/// each killed slot on the next sample (its socket is no longer established), and its
+/// disagreement runs a server census at once, so the phantom gauge follows too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_1_client_ledger_sees_each_killed_slot_without_a_scheduled_census() {
+    recorder();
+    let cluster = Cluster::start();
+    let pool = PgPoolOptions::new().max_connections(20).connect_with(cluster.options()).await.unwrap();
+    let sample_interval = Duration::from_millis(200);
+    let config =
+        Config::new("incident1_client").sample_interval(sample_interval).census_interval(Duration::from_secs(3600));
+    let watch = instrument_pool(&pool, config).unwrap();
+    let mut admin = admin(&cluster).await;
+    let labels = [(POOL, "incident1_client")];
+    eventually(Duration::from_secs(10), "the first sample reads the sockets", async || {
+        watch.snapshot().sockets.map(|_| ())
+    })
+    .await;
+    for cycle in 1..=3u32 {
+        // The listener's connect step, as in the incident: the server ends the idle LISTEN session.
+        let mut conn = pool.acquire().await.unwrap();
+        conn.execute("SET idle_session_timeout = '1s'; LISTEN jobs").await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *conn).await.unwrap();
+        let port: i32 = sqlx::query_scalar("SELECT client_port FROM pg_stat_activity WHERE pid = $1")
+            .bind(pid)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+        let listener = conn.leak();
+        eventually(Duration::from_secs(10), "the server kills the idle listener session", async || {
+            let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+                .bind(pid)
+                .fetch_one(&mut admin)
+                .await
+                .ok()?;
+            (alive == 0).then_some(())
+        })
+        .await;
+        let killed = std::time::Instant::now();
+        let gap = eventually(Duration::from_secs(10), "the client gap counts the killed slot", async || {
+            metric("poolwatch_client_gap", &labels).filter(|v| *v >= f64::from(cycle))
+        })
+        .await;
+        println!(
+            "cycle {cycle}: client gap {gap} {:?} after the kill (sample interval {sample_interval:?})",
+            killed.elapsed()
+        );
+        let s = watch.snapshot();
+        let sockets = s.sockets.as_ref().expect("sockets read");
+        let leaked =
+            sockets.sockets.iter().find(|k| i32::from(k.local.port()) == port).expect("the leaked socket is listed");
+        assert_eq!(leaked.state, "close_wait", "the server ended it, the app did not notice: {leaked:?}");
+        drop(listener);
+        // The disagreement ran a server census although the next scheduled one is an hour away.
+        eventually(Duration::from_secs(10), "the phantom gauge follows", async || {
+            metric("poolwatch_phantom_connections", &labels).filter(|v| *v >= f64::from(cycle))
+        })
+        .await;
+    }
+    let s = watch.sample_now().await;
+    assert_eq!(s.client_gap, Some(3), "three slots without a socket: {s:?}");
+    assert_eq!(s.sockets.as_ref().map(|c| c.get("close_wait")), Some(0), "the listener dropped them: {s:?}");
+}
+
 /// Two pools in one process, same database, same application_name: each census counts only
 /// its own pool's sessions, and killing one pool's sessions moves only that pool's gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

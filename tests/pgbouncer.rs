@@ -12,8 +12,13 @@ use support::{Cluster, eventually, metric, recorder};
 
 const POOL: &str = "db_client_connection_pool_name";
 
+/// Per-hazard series (checked here) are `Detail::Full`; the default's hazard count is in
+/// tests/export.rs.
 fn config(name: &str) -> Config {
-    Config::new(name).heartbeat_interval(Duration::from_millis(100)).heartbeat_timeout(Duration::from_secs(1))
+    Config::new(name)
+        .detail(poolwatch::Detail::Full)
+        .heartbeat_interval(Duration::from_millis(100))
+        .heartbeat_timeout(Duration::from_secs(1))
 }
 
 /// The pool heartbeat works through PgBouncer (simple protocol, no named statements); the

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use poolwatch::sqlx;
-use poolwatch::{Cause, Config, instrument_pool, probe_addresses, probe_host};
+use poolwatch::{Cause, Config, Detail, instrument_pool, probe_addresses, probe_host};
 use socket2::{Domain, Socket, Type};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use support::cluster::free_port;
@@ -105,9 +105,12 @@ async fn watched_pool_exports_each_address_up_down_and_connect_time() {
     let options = cluster.options();
     let pool = PgPoolOptions::new().max_connections(4).connect_with(options.clone()).await.unwrap();
     let timeout = Duration::from_millis(500);
+    // Per-address series are exported at Detail::Full only.
     let config = Config::new("reach")
+        .detail(Detail::Full)
         .sample_interval(Duration::from_millis(100))
         .census_interval(Duration::from_millis(200))
+        .reach_interval(Duration::from_millis(200))
         .census_timeout(timeout);
     let watch = instrument_pool(&pool, config).unwrap();
     let server = format!("127.0.0.1:{}", cluster.port());
@@ -170,7 +173,8 @@ async fn watched_pool_at_localhost_resolves_the_name() {
     let cluster = Cluster::start();
     let options = cluster.options().host("localhost");
     let pool = PgPoolOptions::new().max_connections(2).connect_with(options).await.unwrap();
-    let config = Config::new("reach_localhost").census_interval(Duration::from_millis(200));
+    let config = Config::new("reach_localhost").detail(Detail::Full).census_interval(Duration::from_millis(200));
+    // The first census is followed by a probe at once (no reach_interval needed).
     let watch = instrument_pool(&pool, config).unwrap();
     let server = format!("127.0.0.1:{}", cluster.port());
     let labels = [(POOL, "reach_localhost"), (ADDRESS, server.as_str())];

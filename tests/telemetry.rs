@@ -96,7 +96,9 @@ async fn telemetry_pipeline_end_to_end() {
         .expect("pool with a password");
     let watch = instrument_pool(
         &pool,
+        // Full detail: every family (per-hazard series included) reaches /metrics and promtool.
         Config::new(POOL)
+            .detail(poolwatch::Detail::Full)
             .sample_interval(Duration::from_millis(100))
             .census_interval(Duration::from_millis(200))
             .heartbeat_interval(Duration::from_millis(200))

@@ -3,9 +3,12 @@
 //! [`Config::leak_threshold`](crate::Config::leak_threshold).
 //!
 //! Each checkout is entered in a small registry (a slab under a mutex, one entry per
-//! connection checked out now, so memory is bounded by the pool size); the watch's background
-//! task scans it a few times per threshold. No task is spawned per acquire, and nothing is
-//! recorded when the threshold is off.
+//! connection checked out now, so memory is bounded by the pool size): its time and the call
+//! site that acquired it. The registry always runs, because the exhaustion snapshot (who holds
+//! the pool when an acquire times out) and the stranded-slot count need it; it costs one
+//! uncontended lock per acquire and per release. With a threshold set, the entry also keeps
+//! the caller's span and the watch's background task scans the registry a few times per
+//! threshold. No task is spawned per acquire.
 
 use std::fmt;
 use std::panic::Location;
@@ -39,8 +42,29 @@ impl fmt::Display for Origin {
 struct Entry {
     since: Instant,
     origin: Origin,
-    span: Span,
+    /// The caller's span, for leak reports (only with a threshold: cloning it costs).
+    span: Option<Span>,
     reported: bool,
+}
+
+impl Origin {
+    fn same(&self, other: &Origin) -> bool {
+        match (self, other) {
+            (Origin::Caller(a), Origin::Caller(b)) => {
+                std::ptr::eq(*a, *b) || (a.file() == b.file() && a.line() == b.line() && a.column() == b.column())
+            }
+            (Origin::Executor, Origin::Executor) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The connections checked out from one call site now.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Holders {
+    pub(crate) origin: String,
+    pub(crate) count: usize,
+    pub(crate) oldest: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +79,8 @@ pub(crate) struct Leaks {
     pool_name: String,
     threshold: Option<Duration>,
     slab: Mutex<Slab>,
+    /// Slots taken out for good with `leak()`: still counted by the pool, held by the app.
+    leaked: std::sync::atomic::AtomicUsize,
     suspects: Gauge,
     total: Counter,
 }
@@ -65,6 +91,7 @@ impl Leaks {
             pool_name: pool_name.to_owned(),
             threshold,
             slab: Mutex::new(Slab::default()),
+            leaked: std::sync::atomic::AtomicUsize::new(0),
             suspects: gauge!(catalog::LEAK_SUSPECTS.name, POOL_NAME => pool_name.to_owned()),
             total: counter!(catalog::LEAK_SUSPECTS_TOTAL.name, POOL_NAME => pool_name.to_owned()),
         }
@@ -75,10 +102,10 @@ impl Leaks {
         self.threshold.map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
     }
 
-    /// Enters a checkout; `None` when leak detection is off.
+    /// Enters a checkout; `None` only if the registry's lock is poisoned.
     pub(crate) fn checkout(&self, since: Instant, origin: Origin) -> Option<usize> {
-        self.threshold?;
-        let entry = Entry { since, origin, span: Span::current(), reported: false };
+        let span = self.threshold.map(|_| Span::current());
+        let entry = Entry { since, origin, span, reported: false };
         let mut slab = self.slab.lock().ok()?;
         Some(match slab.free.pop() {
             Some(slot) => {
@@ -90,6 +117,38 @@ impl Leaks {
                 slab.entries.len() - 1
             }
         })
+    }
+
+    /// Connections checked out through the watched pool now, slots lost to `leak()` included.
+    pub(crate) fn checked_out(&self) -> usize {
+        let leaked = self.leaked.load(std::sync::atomic::Ordering::Relaxed);
+        self.slab.lock().map(|s| s.entries.len() - s.free.len()).unwrap_or(0) + leaked
+    }
+
+    /// Who holds the pool's connections now, grouped by acquiring call site, oldest first.
+    pub(crate) fn holders(&self) -> Vec<Holders> {
+        let now = Instant::now();
+        let mut groups: Vec<(Origin, usize, Instant)> = Vec::new();
+        if let Ok(slab) = self.slab.lock() {
+            for e in slab.entries.iter().flatten() {
+                match groups.iter_mut().find(|g| g.0.same(&e.origin)) {
+                    Some(g) => {
+                        g.1 += 1;
+                        g.2 = g.2.min(e.since);
+                    }
+                    None => groups.push((e.origin, 1, e.since)),
+                }
+            }
+        }
+        groups.sort_by_key(|g| g.2);
+        groups
+            .into_iter()
+            .map(|(origin, count, since)| Holders {
+                origin: origin.to_string(),
+                count,
+                oldest: now.saturating_duration_since(since),
+            })
+            .collect()
     }
 
     fn remove(&self, slot: usize) -> Option<Entry> {
@@ -107,7 +166,7 @@ impl Leaks {
     pub(crate) fn returned(&self, slot: usize, held: Duration) {
         if let Some(entry) = self.remove(slot).filter(|e| e.reported) {
             tracing::info!(
-                parent: &entry.span,
+                parent: entry.span.as_ref().and_then(Span::id),
                 pool = %self.pool_name,
                 held_seconds = held.as_secs_f64(),
                 acquired_at = %entry.origin,
@@ -127,15 +186,24 @@ impl Leaks {
         held: Duration,
     ) {
         let Some(entry) = slot.and_then(|s| self.remove(s)) else { return };
-        if !entry.reported {
-            self.total.increment(1);
-        }
         if leaked {
-            self.suspects.increment(1.0);
+            self.leaked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if self.threshold.is_some() {
+            if !entry.reported {
+                self.total.increment(1);
+            }
+            if leaked {
+                self.suspects.increment(1.0);
+            }
         }
         let how = if leaked { "leak()" } else { "detach()" };
+        if self.threshold.is_none() {
+            // Off: the slot just leaves the registry, unreported.
+            return;
+        }
         tracing::warn!(
-            parent: &entry.span,
+            parent: entry.span.as_ref().and_then(Span::id),
             pool = %self.pool_name,
             held_seconds = held.as_secs_f64(),
             acquired_at = %origin,
@@ -157,7 +225,7 @@ impl Leaks {
                     entry.reported = true;
                     self.suspects.increment(1.0);
                     self.total.increment(1);
-                    found.push((entry.origin, entry.span.clone(), held));
+                    found.push((entry.origin, entry.span.clone().unwrap_or_else(Span::none), held));
                 }
             }
         }
@@ -199,10 +267,24 @@ mod tests {
     }
 
     #[test]
-    fn nothing_is_registered_when_off() {
+    fn off_registers_holders_but_reports_nothing() {
         let leaks = Leaks::new("unit", None);
-        assert_eq!(leaks.checkout(Instant::now(), Origin::Executor), None);
+        let here = Origin::Caller(Location::caller());
+        let old = Instant::now() - Duration::from_secs(5);
+        let a = leaks.checkout(old, here).unwrap();
+        let b = leaks.checkout(Instant::now(), here).unwrap();
+        let c = leaks.checkout(Instant::now(), Origin::Executor).unwrap();
         assert_eq!(leaks.scan(), 0);
         assert_eq!(leaks.scan_every(), None);
+        assert_eq!(leaks.checked_out(), 3);
+        let holders = leaks.holders();
+        assert_eq!(holders.len(), 2, "{holders:?}");
+        assert_eq!((holders[0].count, holders[0].origin.contains("leak.rs")), (2, true), "{holders:?}");
+        assert!(holders[0].oldest >= Duration::from_secs(5));
+        assert_eq!(holders[1].count, 1);
+        for s in [a, b, c] {
+            leaks.returned(s, Duration::ZERO);
+        }
+        assert_eq!(leaks.checked_out(), 0);
     }
 }

@@ -4,4 +4,5 @@ pub(crate) mod bare;
 pub(crate) mod leak;
 pub(crate) mod probe;
 pub(crate) mod spans;
+pub(crate) mod stranded;
 pub(crate) mod watched_pool;

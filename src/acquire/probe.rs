@@ -5,6 +5,8 @@
 use std::cell::Cell;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -18,7 +20,10 @@ use tracing::Span;
 use crate::acquire::leak::{Leaks, Origin};
 use crate::acquire::spans as acquire_spans;
 use crate::catalog::{self, POOL_NAME};
-use crate::{Cause, Config};
+use crate::{Cause, Config, Snapshot};
+
+/// At most one exhaustion WARN per pool per this period (the others are DEBUG span events).
+const EXHAUSTION_WARN_EVERY: Duration = Duration::from_secs(10);
 
 thread_local! {
     /// Set by the `after_connect` hook when a connection was just opened on this thread.
@@ -58,8 +63,70 @@ pub(crate) struct Probe {
     timeouts: Counter,
     use_time: Histogram,
     create: Histogram,
+    oldest_wait: crate::gauges::LazyGauge,
     pub(crate) leaks: Leaks,
+    waiters: Waiters,
+    /// The last census the watch took, and when: for the exhaustion snapshot.
+    census: Mutex<Option<(Instant, Snapshot)>>,
+    last_warn: Mutex<Option<Instant>>,
+    suppressed: AtomicU64,
+    /// Connect trouble seen by acquires (errors, timeouts, creates over [`SLOW_CREATE`]):
+    /// a change makes the reachability probe run.
+    pub(crate) trouble: std::sync::atomic::AtomicU64,
 }
+
+/// Acquires waiting now and since when: entered only when an acquire has to wait, so an
+/// acquire served at once never touches it.
+#[derive(Debug, Default)]
+struct Waiters {
+    slab: Mutex<(Vec<Option<Instant>>, Vec<usize>)>,
+}
+
+impl Waiters {
+    fn enter(&self, since: Instant) -> Option<usize> {
+        let mut s = self.slab.lock().ok()?;
+        Some(match s.1.pop() {
+            Some(i) => {
+                s.0[i] = Some(since);
+                i
+            }
+            None => {
+                s.0.push(Some(since));
+                s.0.len() - 1
+            }
+        })
+    }
+
+    fn leave(&self, i: usize) {
+        if let Ok(mut s) = self.slab.lock()
+            && s.0.get_mut(i).and_then(Option::take).is_some()
+        {
+            s.1.push(i);
+        }
+    }
+
+    /// How many wait now, and the oldest one's wait.
+    fn figures(&self) -> (usize, Duration) {
+        let Ok(s) = self.slab.lock() else { return (0, Duration::ZERO) };
+        let oldest = s.0.iter().flatten().min().map_or(Duration::ZERO, |t| t.elapsed());
+        (s.0.len() - s.1.len(), oldest)
+    }
+}
+
+/// What the pool looked like when an acquire timed out: who holds its connections, who
+/// waits, and what the last census saw.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Exhaustion {
+    pub(crate) holders: Vec<crate::acquire::leak::Holders>,
+    /// Checked-out slots the watched pool did not hand out (bare-pool acquires, or stranded).
+    pub(crate) unaccounted: u32,
+    pub(crate) waiters: usize,
+    pub(crate) oldest_wait: Duration,
+    pub(crate) census: String,
+}
+
+/// A new connection slower than this is connect trouble worth a reachability probe.
+const SLOW_CREATE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Probe {
     pub(crate) fn new(pool: &PgPool, config: &Config) -> Probe {
@@ -71,7 +138,18 @@ impl Probe {
             timeouts: counter!(catalog::TIMEOUTS.name, POOL_NAME => p.clone()),
             use_time: histogram!(catalog::USE_TIME.name, POOL_NAME => p.clone()),
             create: histogram!(catalog::CREATE_TIME.name, POOL_NAME => p.clone()),
+            // At Detail::Standard: from the first acquire that waits (the series budget).
+            oldest_wait: crate::gauges::LazyGauge::new(
+                catalog::OLDEST_WAIT.name,
+                vec![(POOL_NAME, p.clone())],
+                config.detail == crate::Detail::Full,
+            ),
             leaks: Leaks::new(&p, config.leak_threshold),
+            waiters: Waiters::default(),
+            census: Mutex::new(None),
+            last_warn: Mutex::new(None),
+            suppressed: AtomicU64::new(0),
+            trouble: std::sync::atomic::AtomicU64::new(0),
             host: options.get_host().to_owned(),
             port: options.get_port(),
             pool: pool.clone(),
@@ -89,7 +167,7 @@ impl Probe {
     ) -> Acquiring<T> {
         Acquiring {
             inner: None,
-            waiting: false,
+            waiting: None,
             probe: self,
             origin,
             finish,
@@ -112,6 +190,9 @@ impl Probe {
         if let Some(at) = connected {
             let took = at.saturating_duration_since(started);
             self.create.record(took.as_secs_f64());
+            if took > SLOW_CREATE {
+                self.trouble.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             acquire_spans::connected(self, span, took, None);
         }
         match result {
@@ -122,8 +203,14 @@ impl Probe {
             }
             Err(err) => {
                 let cause = Cause::of(&err);
+                if cause != Cause::PoolClosed {
+                    self.trouble.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 match cause {
-                    Cause::PoolTimedOut => self.timeouts.increment(1),
+                    Cause::PoolTimedOut => {
+                        self.timeouts.increment(1);
+                        self.exhausted(span, waited);
+                    }
                     Cause::PoolClosed => {}
                     // Any other acquire error comes from opening a new connection.
                     _ => acquire_spans::connected(self, span, waited, Some(cause)),
@@ -131,6 +218,91 @@ impl Probe {
                 acquire_spans::failed(self, span, waited, cause);
                 Err(err)
             }
+        }
+    }
+
+    /// Publishes the oldest waiter's wait (called by the watch's sampler); returns the
+    /// waiters now and that wait.
+    pub(crate) fn sample_waiters(&self) -> (usize, Duration) {
+        let (n, oldest) = self.waiters.figures();
+        self.oldest_wait.set(oldest.as_secs_f64());
+        (n, oldest)
+    }
+
+    /// Keeps the latest census for the exhaustion snapshot.
+    pub(crate) fn census_seen(&self, s: &Snapshot) {
+        if let Ok(mut c) = self.census.lock() {
+            *c = Some((Instant::now(), s.clone()));
+        }
+    }
+
+    /// The exhaustion snapshot now.
+    pub(crate) fn exhaustion(&self) -> Exhaustion {
+        let holders = self.leaks.holders();
+        let (waiters, oldest_wait) = self.sample_waiters();
+        let figures = crate::PoolFigures::of(&self.pool);
+        let watched: usize = holders.iter().map(|h| h.count).sum();
+        let census = match self.census.lock().ok().and_then(|c| c.clone()) {
+            None => "no census yet".to_owned(),
+            Some((at, s)) => describe_census(at.elapsed(), &s),
+        };
+        Exhaustion {
+            unaccounted: figures.used.saturating_sub(u32::try_from(watched).unwrap_or(u32::MAX)),
+            holders,
+            waiters,
+            oldest_wait,
+            census,
+        }
+    }
+
+    /// An acquire timed out: one WARN per [`EXHAUSTION_WARN_EVERY`] and a span event each time,
+    /// saying who holds the pool, who waits and what the census last saw.
+    fn exhausted(&self, span: &Span, waited: Duration) {
+        let x = self.exhaustion();
+        let holders = if x.holders.is_empty() {
+            "none through the watched pool".to_owned()
+        } else {
+            x.holders
+                .iter()
+                .map(|h| format!("{} x{} (oldest {:.1}s)", h.origin, h.count, h.oldest.as_secs_f64()))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let now = Instant::now();
+        let warn = self.last_warn.lock().is_ok_and(|mut last| {
+            let due = last.is_none_or(|at| now.saturating_duration_since(at) >= EXHAUSTION_WARN_EVERY);
+            if due {
+                *last = Some(now);
+            }
+            due
+        });
+        let held: usize = x.holders.iter().map(|h| h.count).sum();
+        macro_rules! snapshot {
+            ($level:expr, $suppressed:expr) => {
+                tracing::event!(
+                    parent: span,
+                    $level,
+                    pool = %self.pool_name,
+                    wait_seconds = waited.as_secs_f64(),
+                    holders = %holders,
+                    held_through_watched_pool = held,
+                    held_elsewhere = x.unaccounted,
+                    waiters = x.waiters,
+                    oldest_wait_seconds = x.oldest_wait.as_secs_f64(),
+                    census = %x.census,
+                    timeouts_not_logged = $suppressed,
+                    "pool exhausted: acquire timed out; connections held by {holders}; {} waiting (oldest {:.1}s); census: {}",
+                    x.waiters,
+                    x.oldest_wait.as_secs_f64(),
+                    x.census
+                )
+            };
+        }
+        if warn {
+            snapshot!(tracing::Level::WARN, self.suppressed.swap(0, Ordering::Relaxed));
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            snapshot!(tracing::Level::DEBUG, 0u64);
         }
     }
 
@@ -155,9 +327,10 @@ pub(crate) struct Acquiring<T> {
     /// sqlx's acquire, from the first poll until it finishes.
     inner: Option<PoolAcquire>,
     /// The first poll found no connection ready: the caller waits and counts in
-    /// `pending_requests` until it gets one, fails, or drops this future. (An acquire that
-    /// completes at its first poll never waited and skips the gauge.)
-    waiting: bool,
+    /// `pending_requests` (and the waiters' registry, at this index) until it gets one, fails,
+    /// or drops this future. (An acquire that completes at its first poll never waited and
+    /// skips both.)
+    waiting: Option<usize>,
     probe: Arc<Probe>,
     origin: Origin,
     finish: fn(PoolConnection<Postgres>, Ticket) -> T,
@@ -190,14 +363,15 @@ impl<T> Future for Acquiring<T> {
         }
         drop(entered);
         let Poll::Ready(result) = poll else {
-            if !this.waiting {
-                this.waiting = true;
+            if this.waiting.is_none() {
+                this.waiting = Some(this.probe.waiters.enter(this.started).unwrap_or(usize::MAX));
                 this.probe.pending.increment(1.0);
             }
             return Poll::Pending;
         };
         this.inner = None;
-        if std::mem::take(&mut this.waiting) {
+        if let Some(i) = this.waiting.take() {
+            this.probe.waiters.leave(i);
             this.probe.pending.decrement(1.0);
         }
         let finish = this.finish;
@@ -212,7 +386,8 @@ impl<T> Future for Acquiring<T> {
 impl<T> Drop for Acquiring<T> {
     fn drop(&mut self) {
         // Dropped while waiting (cancelled): the waiter leaves the gauge.
-        if self.waiting {
+        if let Some(i) = self.waiting.take() {
+            self.probe.waiters.leave(i);
             self.probe.pending.decrement(1.0);
         }
     }
@@ -254,4 +429,28 @@ impl Drop for Ticket {
             self.probe.leaks.returned(slot, held);
         }
     }
+}
+
+/// `3.2s ago: pool 10 open / 0 idle; server 10 sessions (active 2, idle_in_transaction 8); phantom 0`.
+fn describe_census(ago: Duration, s: &Snapshot) -> String {
+    let server = match &s.server {
+        None => "server not read".to_owned(),
+        Some(c) => {
+            let states: Vec<String> = crate::SESSION_STATES
+                .iter()
+                .zip(c.counts)
+                .filter(|(_, n)| *n > 0)
+                .map(|(st, n)| format!("{st} {n}"))
+                .collect();
+            format!("server {} sessions ({})", c.total(), states.join(", "))
+        }
+    };
+    let phantom = s.phantom.map_or("unknown".to_owned(), |p| p.to_string());
+    format!(
+        "{:.1}s ago: pool {} open / {} idle; {server}; phantom {phantom}{}",
+        ago.as_secs_f64(),
+        s.pool.open,
+        s.pool.idle,
+        if s.census_up { "" } else { " (the last census failed)" }
+    )
 }

@@ -222,8 +222,8 @@ impl ServerSettings {
     }
 
     /// Reads the settings on `conn` (one simple-protocol query, so it works through a
-    /// transaction-mode pooler).
-    pub(crate) async fn read(conn: &mut PgConnection) -> Result<ServerSettings, sqlx::Error> {
+    /// transaction-mode pooler). Any role can run it; `poolwatch doctor` uses it too.
+    pub async fn read(conn: &mut PgConnection) -> Result<ServerSettings, sqlx::Error> {
         let rows = crate::sqlx_adapter::fetch_all_simple(
             conn,
             "SELECT name, setting FROM pg_settings WHERE name IN ('idle_session_timeout', \

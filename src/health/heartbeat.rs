@@ -14,7 +14,7 @@
 //! dedicated connection, and every [`Config::hazard_recheck_interval`] (so a live settings change
 //! is flagged within that interval plus one heartbeat tick), on a short-lived connection with the pool's own connect options
 //! (same role, database and pooler, so per-role settings apply; `application_name`
-//! `poolwatch-lint:<pool>:<nonce>`), never on a pool slot. The dedicated connection cannot
+//! `poolwatch-lint:<pool>`), never on a pool slot. The dedicated connection cannot
 //! serve: it switches `idle_session_timeout` off for itself, so it would read 0.
 
 use std::collections::HashSet;
@@ -117,10 +117,13 @@ struct State {
 #[derive(Debug)]
 pub(crate) struct Heartbeat {
     pool_name: String,
+    /// While the lint's short-lived connection is open (the client-side ledger would count it).
+    pub(crate) linting: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     duration: [Histogram; 2],
     up: [Gauge; 2],
-    hazard: Vec<Gauge>,
+    hazard: Vec<crate::gauges::LazyGauge>,
+    hazards_found: Gauge,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -130,15 +133,32 @@ enum Path {
 }
 
 impl Heartbeat {
-    pub(crate) fn new(pool_name: &str) -> Heartbeat {
+    pub(crate) fn new(pool_name: &str, detail: crate::Detail) -> Heartbeat {
         let p = || pool_name.to_owned();
+        // The failure an alert reads with `increase()` (PoolwatchSessionsEndedByPooler: a
+        // pooler's query_wait_timeout on the pool path) exists at 0 from the start, so the
+        // first one is seen; every other cause's series appears at its first count.
+        counter!(
+            catalog::HEARTBEAT_FAILURES.name,
+            POOL_NAME => p(),
+            PATH => PATHS[Path::Pool as usize],
+            CAUSE => Cause::PoolerWaitTimeout.as_str()
+        )
+        .absolute(0);
         Heartbeat {
+            linting: std::sync::atomic::AtomicBool::new(false),
             duration: PATHS.map(|path| histogram!(catalog::HEARTBEAT_DURATION.name, POOL_NAME => p(), PATH => path)),
             up: PATHS.map(|path| gauge!(catalog::HEARTBEAT_UP.name, POOL_NAME => p(), PATH => path)),
+            // Standard detail: a hazard's series exists once it was found (then 1, or 0 once
+            // fixed); the count is always there.
             hazard: Hazard::ALL
                 .iter()
-                .map(|h| gauge!(catalog::CONFIG_HAZARD.name, POOL_NAME => p(), HAZARD => h.as_str()))
+                .map(|h| {
+                    let labels = vec![(POOL_NAME, p()), (HAZARD, h.as_str().to_owned())];
+                    crate::gauges::LazyGauge::new(catalog::CONFIG_HAZARD.name, labels, detail == crate::Detail::Full)
+                })
                 .collect(),
+            hazards_found: gauge!(catalog::CONFIG_HAZARDS.name, POOL_NAME => p()),
             pool_name: p(),
             state: Mutex::new(State::default()),
         }
@@ -376,7 +396,10 @@ impl Heartbeat {
             let _ = conn.close().await;
             settings
         };
-        let settings = match tokio::time::timeout(timeout, read).await {
+        self.linting.store(true, std::sync::atomic::Ordering::Relaxed);
+        let outcome = tokio::time::timeout(timeout, read).await;
+        self.linting.store(false, std::sync::atomic::Ordering::Relaxed);
+        let settings = match outcome {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::debug!(pool = %self.pool_name, cause = %Cause::of(&e), "poolwatch could not read the server settings; the hazard lint will retry");
@@ -396,6 +419,7 @@ impl Heartbeat {
         for (gauge, hazard) in self.hazard.iter().zip(Hazard::ALL) {
             gauge.set(if found.iter().any(|f| f.hazard == hazard) { 1.0 } else { 0.0 });
         }
+        self.hazards_found.set(found.len() as f64);
         let Ok(mut state) = self.state.lock() else { return };
         let pool = self.pool_name.as_str();
         for f in &found {

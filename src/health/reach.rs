@@ -172,6 +172,8 @@ pub(crate) struct Reach {
     latest: Mutex<Reachability>,
     over_cap_warned: AtomicBool,
     resolve_failing: AtomicBool,
+    /// Per-address series only at [`Detail::Full`](crate::Detail::Full).
+    per_address: bool,
 }
 
 #[derive(Debug)]
@@ -181,8 +183,9 @@ struct AddressGauges {
 }
 
 impl Reach {
-    pub(crate) fn new(pool_name: &str) -> Reach {
+    pub(crate) fn new(pool_name: &str, detail: crate::Detail) -> Reach {
         Reach {
+            per_address: detail == crate::Detail::Full,
             pool_name: pool_name.to_owned(),
             series: Mutex::new(HashMap::new()),
             latest: Mutex::new(Reachability::default()),
@@ -221,6 +224,11 @@ impl Reach {
     fn publish(&self, reach: &Reachability) {
         // Registered at the first probe: a unix-socket pool never exports it.
         gauge!(catalog::SERVER_ADDRESSES.name, POOL_NAME => self.pool_name.clone()).set(reach.resolved as f64);
+        let down = reach.addresses.iter().filter(|a| !a.up).count();
+        gauge!(catalog::SERVER_ADDRESSES_DOWN.name, POOL_NAME => self.pool_name.clone()).set(down as f64);
+        if !self.per_address {
+            return;
+        }
         let Ok(mut series) = self.series.lock() else { return };
         for (address, g) in series.iter() {
             if reach.get(*address).is_none() {
@@ -272,7 +280,7 @@ mod tests {
 
     #[test]
     fn series_stop_at_the_cap() {
-        let reach = Reach::new("cap");
+        let reach = Reach::new("cap", crate::Detail::Full);
         for round in 0..5u16 {
             let addresses = (0..MAX_ADDRESSES as u16)
                 .map(|i| AddressFigures {

@@ -32,6 +32,9 @@ pub struct ServerCensus {
     pub advisory_locks: u32,
     /// The most advisory locks any one of the pool's sessions holds.
     pub advisory_locks_max_per_session: u32,
+    /// The client ports of the pool's sessions (TCP only), sorted: the client-side ledger
+    /// tells apart the sockets of two pools to one address by them.
+    pub client_ports: Vec<u16>,
 }
 
 impl ServerCensus {
@@ -63,37 +66,90 @@ fn state_index(state: Option<&str>) -> usize {
     SESSION_STATES.iter().position(|s| *s == label).unwrap_or(SESSION_STATES.len() - 1)
 }
 
-/// The query the census runs, with the pool's tagged `application_name` as `$1` (shown here
-/// for DBAs): one row per state of the pool's sessions: how many, the longest in that state,
-/// how many wait for a lock, and the advisory locks they hold (total and most in one session).
+/// The query the census runs (shown here for DBAs): one row per session of the pool, with
+/// the pool's `application_name` as `$1` and, when sessions are matched by port, this process's
+/// sockets as `$2` (`'<addr> <port>'` strings; NULL: no port filter; a session whose address
+/// the census role may not see has a NULL port and is kept): its state, client port, how long it has been in that state, whether it waits for a lock, and the advisory
+/// locks it holds. The sessions are counted in the process, never labelled per session.
 pub const CENSUS_SQL: &str = "\
-    SELECT a.state, count(*), \
-           max(extract(epoch FROM clock_timestamp() - a.state_change))::float8, \
-           count(*) FILTER (WHERE a.wait_event_type = 'Lock'), \
-           coalesce(sum(l.n), 0)::int8, coalesce(max(l.n), 0)::int8 \
+    SELECT a.state, a.client_port, \
+           extract(epoch FROM clock_timestamp() - a.state_change)::float8, \
+           coalesce(a.wait_event_type = 'Lock', false), coalesce(l.n, 0)::int8 \
     FROM pg_stat_activity a \
     LEFT JOIN (SELECT pid, count(*) AS n FROM pg_locks \
                WHERE locktype = 'advisory' AND granted GROUP BY pid) l USING (pid) \
     WHERE a.application_name = $1 \
-    GROUP BY a.state";
+      AND ($2::text[] IS NULL OR a.client_port IS NULL \
+           OR host(a.client_addr) || ' ' || a.client_port = ANY($2::text[]))";
 
-type Row = (Option<String>, i64, Option<f64>, i64, i64, i64);
+type Row = (Option<String>, Option<i32>, Option<f64>, bool, i64);
 
-/// Counts the sessions whose `application_name` is `app_name`.
-pub(crate) async fn take(conn: &mut PgConnection, app_name: &str) -> Result<ServerCensus, sqlx::Error> {
-    let rows: Vec<Row> = sqlx::query_as(CENSUS_SQL).bind(app_name).fetch_all(conn).await?;
-    let mut census = ServerCensus::default();
-    let count = |n: i64| u32::try_from(n).unwrap_or(u32::MAX);
-    for (state, n, longest, waiters, advisory, advisory_max) in rows {
-        let i = state_index(state.as_deref());
-        census.counts[i] += count(n);
-        let longest = Duration::try_from_secs_f64(longest.unwrap_or(0.0).max(0.0)).unwrap_or(Duration::ZERO);
-        census.longest[i] = census.longest[i].max(longest);
-        census.lock_waiters += count(waiters);
-        census.advisory_locks += count(advisory);
-        census.advisory_locks_max_per_session = census.advisory_locks_max_per_session.max(count(advisory_max));
+/// One session of the pool, as the census saw it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Session {
+    /// The client port the server shows (this process's local port when matched by port);
+    /// `None` when the census role may not see it (no `pg_read_all_stats`).
+    pub(crate) port: Option<u16>,
+    state: usize,
+    in_state: Duration,
+    waiting: bool,
+    advisory: u32,
+}
+
+impl Session {
+    /// How long it had been idle (`idle` state) when seen; `None` when not idle.
+    pub(crate) fn idle_for(&self) -> Option<Duration> {
+        (SESSION_STATES[self.state] == "idle").then_some(self.in_state)
     }
-    Ok(census)
+}
+
+/// Sums sessions into the census figures.
+pub(crate) fn aggregate<'a>(sessions: impl Iterator<Item = &'a Session>) -> ServerCensus {
+    let mut census = ServerCensus::default();
+    for s in sessions {
+        census.counts[s.state] += 1;
+        census.longest[s.state] = census.longest[s.state].max(s.in_state);
+        census.lock_waiters += u32::from(s.waiting);
+        census.advisory_locks += s.advisory;
+        census.advisory_locks_max_per_session = census.advisory_locks_max_per_session.max(s.advisory);
+        census.client_ports.extend(s.port);
+    }
+    census.client_ports.sort_unstable();
+    census
+}
+
+/// The `'<addr> <port>'` keys of `$2` for sockets with these local ends (both spellings of an
+/// IPv4 address: plain and IPv4-mapped IPv6, as the server may show either).
+pub(crate) fn port_keys(locals: impl Iterator<Item = std::net::SocketAddr>) -> Vec<String> {
+    let mut keys = Vec::new();
+    for local in locals {
+        let ip = local.ip().to_canonical();
+        keys.push(format!("{ip} {}", local.port()));
+        if let std::net::IpAddr::V4(v4) = ip {
+            keys.push(format!("{} {}", v4.to_ipv6_mapped(), local.port()));
+        }
+    }
+    keys
+}
+
+/// Lists the sessions whose `application_name` is `app_name` (and, with `ports`, whose client
+/// address and port are one of those keys, or hidden from the census role).
+pub(crate) async fn take(
+    conn: &mut PgConnection,
+    app_name: &str,
+    ports: Option<&[String]>,
+) -> Result<Vec<Session>, sqlx::Error> {
+    let rows: Vec<Row> = sqlx::query_as(CENSUS_SQL).bind(app_name).bind(ports).fetch_all(conn).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(state, port, seconds, waiting, advisory)| Session {
+            port: port.and_then(|p| u16::try_from(p).ok()),
+            state: state_index(state.as_deref()),
+            in_state: Duration::try_from_secs_f64(seconds.unwrap_or(0.0).max(0.0)).unwrap_or(Duration::ZERO),
+            waiting,
+            advisory: u32::try_from(advisory).unwrap_or(u32::MAX),
+        })
+        .collect())
 }
 
 #[cfg(test)]

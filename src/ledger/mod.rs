@@ -2,5 +2,8 @@
 //! process's own sockets), and how a session is attributed to one pool of one process.
 pub mod attribution;
 pub(crate) mod census;
+pub(crate) mod client;
+pub(crate) mod ended;
+pub(crate) mod pooler;
 pub(crate) mod snapshot;
 pub(crate) mod sockets;

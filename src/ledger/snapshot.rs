@@ -7,6 +7,7 @@ use crate::ledger::sockets::SocketCensus;
 
 /// What the pool believes, read from its own counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct PoolFigures {
     /// Connections the pool counts as open (idle + checked out, leaked ones included).
     pub open: u32,
@@ -42,13 +43,22 @@ pub struct Snapshot {
     pub pool: PoolFigures,
     /// The server sessions of this pool at the last successful census (`None` before one).
     pub server: Option<ServerCensus>,
-    /// This process's sockets to the database at the last census (`None`: unix socket,
-    /// not Linux, or no census yet).
+    /// The pool's sockets to the database at the last sample, each of them listed (`None`:
+    /// unix socket, not Linux, or no sample yet).
     pub sockets: Option<SocketCensus>,
-    /// `pool.open - server.total()` at the last successful census: connections the pool
-    /// counts that do not exist on the server. Negative: sessions the pool no longer counts
+    /// The client-side gap at the last sample: `pool.open` minus the pool's established
+    /// sockets. Positive: slots whose connection is gone (closed by the server or a pooler,
+    /// or half-closed: `close_wait`). Costs the server nothing; `None` when `sockets` is.
+    pub client_gap: Option<i64>,
+    /// `pool.open - server.total()` at the last successful census (behind a pooler:
+    /// `pool.open - pooler.clients`; `None` behind a pooler without its admin console):
+    /// connections the pool counts that do not exist on the server. Negative: sessions the pool no longer counts
     /// (e.g. `detach()`ed) are still open.
     pub phantom: Option<i64>,
     /// Whether the last census succeeded.
     pub census_up: bool,
+    /// The pooler's view at the last census (`None`: no pooler admin console declared).
+    pub pooler: Option<crate::PoolerFigures>,
+    /// Sessions of this pool that ended without the pool closing them, since instrumented.
+    pub sessions_ended: u64,
 }

@@ -1,8 +1,23 @@
-//! The socket census: this process's own TCP sockets to the database, by TCP state, read
-//! from `/proc/self/net/tcp{,6}` and matched to `/proc/self/fd` (Linux only; elsewhere the
-//! census is absent and `poolwatch_client_sockets` is not exported).
+//! The socket census: this process's own TCP sockets to the database, one by one.
+//!
+//! Read with one netlink `sock_diag` dump (`NETLINK_SOCK_DIAG`, `inet_diag_req_v2`) whose
+//! bytecode filter keeps only sockets whose peer is the database's address and port, so the
+//! kernel copies out a handful of sockets, not the namespace's whole table. A socket is this
+//! process's when its inode is one of `/proc/self/fd`'s; that directory is read only when a
+//! socket with an inode not seen before shows up (inode numbers are never reused), so a
+//! steady pool costs one dump per sample. Where netlink is refused (some sandboxes), the
+//! census falls back to `/proc/self/net/tcp{,6}`, which makes the kernel walk its whole TCP
+//! hash table (~5 ms): the figures are the same, the cost is not ([`SocketCensus::source`]).
+//!
+//! Every read blocks (syscalls): poolwatch runs it on Tokio's blocking pool, never on a
+//! runtime worker. Linux only; elsewhere the census is absent.
+//!
+//! [`list`] is one cold read that also keeps the sockets no process holds any more (inode 0:
+//! `time_wait`, `last_ack`, `fin_wait*`), for attribution by port and the ledger of sessions
+//! the peer ended.
 
-use std::net::SocketAddr;
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
 
 /// TCP states as the kernel numbers them (1-11).
 pub const TCP_STATES: [&str; 11] = [
@@ -19,17 +34,131 @@ pub const TCP_STATES: [&str; 11] = [
     "closing",
 ];
 
-/// Counts of the process's sockets to the database address, indexed like [`TCP_STATES`].
+/// One TCP socket of this process to the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientSocket {
+    /// The local address and port (match it with `pg_stat_activity.client_port`).
+    pub local: SocketAddr,
+    /// The database's address and port.
+    pub peer: SocketAddr,
+    /// The TCP state, a name from [`TCP_STATES`].
+    pub state: &'static str,
+    /// Bytes sent and not yet acknowledged by the peer. Staying above zero: the peer or the
+    /// path stopped reading (a dead server behind a silent network drops nothing, acks nothing).
+    pub send_queue: u32,
+    /// Bytes received and not yet read by the app.
+    pub recv_queue: u32,
+    /// The socket's inode (as in `/proc/self/fd/N -> socket:[inode]`).
+    pub inode: u64,
+}
+
+/// Where the socket figures were read from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SocketSource {
+    /// One filtered netlink `sock_diag` dump (the cheap path).
+    #[default]
+    Netlink,
+    /// `/proc/self/net/tcp{,6}` (netlink refused; each read walks the whole TCP table).
+    Proc,
+}
+
+/// This pool's sockets to the database, by TCP state, and each of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SocketCensus {
     /// `counts[i]` sockets are in state `TCP_STATES[i]`.
     pub counts: [u32; 11],
+    /// Each socket counted, in no particular order.
+    pub sockets: Vec<ClientSocket>,
+    /// Sockets counted here that may belong to another watched pool of this process with the
+    /// same database address, not yet told apart by a server census (README: "Sockets of two
+    /// pools to the same address").
+    pub unattributed: u32,
+    /// The sockets with bytes in their send queue (sent, not yet acknowledged by the peer);
+    /// a queue that never drains is a silent peer.
+    pub send_queued: Vec<SocketQueue>,
+    /// How the sockets were read.
+    pub source: SocketSource,
 }
 
 impl SocketCensus {
     /// Sockets in `state` (a name from [`TCP_STATES`]); 0 for an unknown name.
     pub fn get(&self, state: &str) -> u32 {
         TCP_STATES.iter().position(|s| *s == state).map_or(0, |i| self.counts[i])
+    }
+
+    /// Builds the counts from a list of sockets.
+    pub(crate) fn of(sockets: Vec<ClientSocket>, source: SocketSource) -> SocketCensus {
+        let mut counts = [0; 11];
+        for s in &sockets {
+            if let Some(i) = TCP_STATES.iter().position(|n| *n == s.state) {
+                counts[i] += 1;
+            }
+        }
+        let send_queued = sockets
+            .iter()
+            .filter(|s| s.send_queue > 0)
+            .map(|s| SocketQueue { inode: s.inode, local_port: s.local.port(), send: s.send_queue, recv: s.recv_queue })
+            .collect();
+        SocketCensus { counts, sockets, unattributed: 0, send_queued, source }
+    }
+}
+
+/// One socket's queues, from the kernel's socket table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketQueue {
+    /// The socket's inode (stable while it lives).
+    pub inode: u64,
+    /// Its local port.
+    pub local_port: u16,
+    /// Bytes sent and not yet acknowledged.
+    pub send: u32,
+    /// Bytes received and not yet read by the app.
+    pub recv: u32,
+}
+
+/// Sockets whose send queue stays non-empty from census to census: the peer stopped
+/// acknowledging (a silent peer: no RST, no FIN, e.g. a NAT that dropped the flow). A busy
+/// socket drains between censuses; a silent one never does.
+#[derive(Debug)]
+pub(crate) struct StuckSendQueues {
+    bound: std::time::Duration,
+    since: std::sync::Mutex<std::collections::HashMap<u64, std::time::Instant>>,
+    gauge: crate::gauges::LazyGauge,
+}
+
+impl StuckSendQueues {
+    /// At `Detail::Standard` the series appears at the first stuck queue (the series budget).
+    pub(crate) fn new(pool_name: &str, bound: std::time::Duration, detail: crate::Detail) -> StuckSendQueues {
+        let gauge = crate::gauges::LazyGauge::new(
+            crate::catalog::SEND_QUEUE_STUCK.name,
+            vec![(crate::catalog::POOL_NAME, pool_name.to_owned())],
+            detail == crate::Detail::Full,
+        );
+        StuckSendQueues { bound, since: std::sync::Mutex::new(std::collections::HashMap::new()), gauge }
+    }
+
+    /// Takes this census's queues; returns and publishes how many sockets have had a
+    /// non-empty send queue at every census for at least the bound.
+    pub(crate) fn update(&self, census: &SocketCensus) -> u32 {
+        let now = std::time::Instant::now();
+        let Ok(mut since) = self.since.lock() else { return 0 };
+        since.retain(|inode, _| census.send_queued.iter().any(|q| q.inode == *inode));
+        for q in &census.send_queued {
+            since.entry(q.inode).or_insert(now);
+        }
+        let stuck = since.values().filter(|at| now.saturating_duration_since(**at) >= self.bound).count();
+        let stuck = u32::try_from(stuck).unwrap_or(u32::MAX);
+        self.gauge.set(f64::from(stuck));
+        stuck
+    }
+
+    /// The figure of the last census.
+    pub(crate) fn figure(&self) -> u32 {
+        let now = std::time::Instant::now();
+        self.since.lock().map_or(0, |s| {
+            u32::try_from(s.values().filter(|at| now.saturating_duration_since(**at) >= self.bound).count())
+                .unwrap_or(0)
+        })
     }
 }
 
@@ -60,46 +189,267 @@ impl Drop for OwnPort {
     }
 }
 
-fn is_own(port: u16) -> bool {
+pub(crate) fn is_own(port: u16) -> bool {
     OWN_PORTS.lock().is_ok_and(|ports| ports.contains(&port))
 }
 
-/// Takes the census of sockets whose peer is one of `peers`, leaving out the socket whose
-/// local port is `exclude_local_port` (poolwatch's own connection) and poolwatch's probes.
-#[cfg(target_os = "linux")]
-pub(crate) fn take(peers: &[SocketAddr], exclude_local_port: Option<u16>) -> std::io::Result<SocketCensus> {
-    let own = own_socket_inodes()?;
-    let mut census = SocketCensus::default();
-    // Each read makes the kernel walk its whole TCP hash table (~1.5 ms here): read only the
-    // table of the peers' address family (an IPv4 peer is reached over an AF_INET socket).
-    let files = [
-        ("/proc/self/net/tcp", peers.iter().any(SocketAddr::is_ipv4)),
-        ("/proc/self/net/tcp6", peers.iter().any(SocketAddr::is_ipv6)),
-    ];
-    for (file, _) in files.iter().filter(|(_, wanted)| *wanted) {
-        let Ok(text) = std::fs::read_to_string(file) else { continue };
-        for row in text.lines().skip(1).filter_map(parse_row) {
-            let wanted = own.contains(&row.inode)
-                && peers.iter().any(|p| same_peer(p, &row.remote))
-                && Some(row.local_port) != exclude_local_port
-                && !is_own(row.local_port);
-            if wanted && (1..=11).contains(&row.state) {
-                census.counts[usize::from(row.state) - 1] += 1;
+/// Every TCP socket of this process whose peer is one of `peers` (poolwatch's own sockets
+/// included; `time_wait` and `listen` ones have no file descriptor and are never listed), read
+/// with one filtered netlink dump per address family, or from `/proc` where netlink is
+/// refused. Blocking: call it from a blocking thread (`spawn_blocking`).
+///
+/// ```no_run
+/// let peers = ["127.0.0.1:5432".parse().unwrap()];
+/// for s in poolwatch::process_sockets(&peers).unwrap().sockets {
+///     println!("{} -> {} {} sendq {}", s.local, s.peer, s.state, s.send_queue);
+/// }
+/// ```
+pub fn process_sockets(peers: &[SocketAddr]) -> std::io::Result<SocketCensus> {
+    SocketReader::new().read(peers)
+}
+
+/// Reads this process's sockets to some peers again and again: keeps its netlink socket and
+/// remembers which inodes are the process's, so a steady set of sockets costs one dump per
+/// read ([`process_sockets`] is one cold read). Blocking: use it from a blocking thread.
+#[derive(Debug, Default)]
+pub struct SocketReader {
+    #[cfg(target_os = "linux")]
+    netlink: Option<netlink::Dumper>,
+    /// Netlink was refused once: use `/proc` from now on.
+    netlink_refused: bool,
+    /// Inodes of sockets to the peers known to be this process's.
+    ours: HashSet<u64>,
+    /// Inodes of sockets to the peers known to be another process's.
+    foreign: HashSet<u64>,
+    /// The process's sockets found by the last full read, and the hint it was taken with.
+    known: Vec<Row>,
+    known_hint: Option<(u32, Vec<SocketAddr>)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    local: SocketAddr,
+    remote: SocketAddr,
+    state: u8,
+    send_queue: u32,
+    recv_queue: u32,
+    inode: u64,
+    /// `inet_diag_sockid.idiag_cookie`: names the socket in an exact lookup.
+    cookie: [u8; 8],
+}
+
+impl SocketReader {
+    /// A reader with no netlink socket yet (opened at the first read).
+    pub fn new() -> SocketReader {
+        SocketReader::default()
+    }
+
+    /// Like [`read`](Self::read), but cheaper while nothing changed: when `hint` (e.g. the
+    /// pool's `size()`) and `peers` are those of the last full read, each socket that read
+    /// found is looked up by its exact address pair (a hash lookup in the kernel) instead of
+    /// a dump (which walks the kernel's whole TCP hash table). Any socket gone, or another
+    /// hint, means a full read. Blocking.
+    #[cfg(target_os = "linux")]
+    pub fn read_with_hint(&mut self, peers: &[SocketAddr], hint: u32) -> std::io::Result<SocketCensus> {
+        let key = (hint, peers.to_vec());
+        if self.known_hint.as_ref() == Some(&key)
+            && !self.known.is_empty()
+            && let Some(dumper) = self.netlink.as_mut()
+            && let Ok(rows) = dumper.lookup(&self.known)
+            && rows.len() == self.known.len()
+        {
+            return Ok(SocketCensus::of(rows.iter().filter_map(client_socket).collect(), SocketSource::Netlink));
+        }
+        let census = self.read(peers)?;
+        self.known_hint = Some(key);
+        Ok(census)
+    }
+
+    /// Not Linux: no socket census.
+    #[cfg(not(target_os = "linux"))]
+    pub fn read_with_hint(&mut self, peers: &[SocketAddr], _: u32) -> std::io::Result<SocketCensus> {
+        self.read(peers)
+    }
+
+    /// This process's sockets to `peers` (poolwatch's own included). Blocking.
+    #[cfg(target_os = "linux")]
+    pub fn read(&mut self, peers: &[SocketAddr]) -> std::io::Result<SocketCensus> {
+        self.known_hint = None;
+        let peers: Vec<SocketAddr> = peers.iter().map(|p| SocketAddr::new(p.ip().to_canonical(), p.port())).collect();
+        let (rows, source) = match self.dump(&peers) {
+            Ok(rows) => (rows, SocketSource::Netlink),
+            Err(e) => {
+                if !self.netlink_refused {
+                    tracing::debug!(error = %e, "netlink sock_diag unavailable; poolwatch reads /proc/self/net/tcp instead");
+                }
+                self.netlink_refused = true;
+                self.netlink = None;
+                (proc_rows(&peers)?, SocketSource::Proc)
+            }
+        };
+        // Sockets closed by the app (inode 0) and other processes' sockets are left out.
+        let candidates: Vec<&Row> =
+            rows.iter().filter(|r| r.inode != 0 && peers.iter().any(|p| same_peer(p, &r.remote))).collect();
+        if candidates.iter().any(|r| !self.ours.contains(&r.inode) && !self.foreign.contains(&r.inode)) {
+            let fds = own_socket_inodes()?;
+            for r in &candidates {
+                if fds.contains(&r.inode) {
+                    self.ours.insert(r.inode);
+                } else {
+                    self.foreign.insert(r.inode);
+                }
             }
         }
+        let alive: HashSet<u64> = candidates.iter().map(|r| r.inode).collect();
+        self.ours.retain(|i| alive.contains(i));
+        self.foreign.retain(|i| alive.contains(i));
+        let ours: Vec<Row> = candidates.iter().filter(|r| self.ours.contains(&r.inode)).map(|r| **r).collect();
+        let sockets = ours.iter().filter_map(client_socket).collect();
+        self.known = if source == SocketSource::Netlink { ours } else { Vec::new() };
+        Ok(SocketCensus::of(sockets, source))
     }
-    Ok(census)
+
+    /// Not Linux: no socket census.
+    #[cfg(not(target_os = "linux"))]
+    pub fn read(&mut self, _: &[SocketAddr]) -> std::io::Result<SocketCensus> {
+        let _ = (&self.ours, &self.foreign, self.netlink_refused);
+        Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "socket census needs Linux"))
+    }
+
+    #[cfg(target_os = "linux")]
+    fn dump(&mut self, peers: &[SocketAddr]) -> std::io::Result<Vec<Row>> {
+        if self.netlink_refused {
+            return Err(std::io::Error::other("netlink refused earlier"));
+        }
+        if self.netlink.is_none() {
+            self.netlink = Some(netlink::Dumper::new()?);
+        }
+        let dumper = self.netlink.as_mut().ok_or_else(|| std::io::Error::other("no netlink socket"))?;
+        let mut rows = Vec::new();
+        for v4 in [true, false] {
+            let wanted: Vec<SocketAddr> = peers.iter().copied().filter(|p| p.is_ipv4() == v4).collect();
+            if !wanted.is_empty() {
+                dumper.dump(&wanted, &mut rows)?;
+            }
+        }
+        Ok(rows)
+    }
 }
 
-/// Not Linux: no socket census.
-#[cfg(not(target_os = "linux"))]
-pub(crate) fn take(_: &[SocketAddr], _: Option<u16>) -> std::io::Result<SocketCensus> {
-    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "socket census needs Linux /proc"))
+fn client_socket(r: &Row) -> Option<ClientSocket> {
+    (1..=11).contains(&r.state).then(|| ClientSocket {
+        local: r.local,
+        peer: r.remote,
+        state: TCP_STATES[usize::from(r.state) - 1],
+        send_queue: r.send_queue,
+        recv_queue: r.recv_queue,
+        inode: r.inode,
+    })
 }
+
+fn same_peer(peer: &SocketAddr, remote: &SocketAddr) -> bool {
+    peer.port() == remote.port() && peer.ip().to_canonical() == remote.ip().to_canonical()
+}
+
+/// One TCP socket toward the database: what attribution (local address and port matched to
+/// the server's `client_addr`/`client_port`, or a pooler's `SHOW CLIENTS`) and the ledger of
+/// ended sessions need, including sockets no process holds any more (inode 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Socket {
+    /// The local end: what the server (or pooler) sees as the client's address and port.
+    pub(crate) local: SocketAddr,
+    /// The TCP state, an index into [`TCP_STATES`].
+    pub(crate) state: usize,
+    /// Whether this process holds it (an open fd). A `time_wait` socket belongs to no one.
+    pub(crate) owned: bool,
+    /// The socket's inode: its identity while it lives.
+    pub(crate) inode: u64,
+    /// Bytes queued to send (not yet acknowledged by the peer) and received but unread.
+    pub(crate) send: u32,
+    pub(crate) recv: u32,
+}
+
+impl SocketCensus {
+    /// Counts the owned sockets of `sockets` by state.
+    pub(crate) fn of_list(sockets: &[Socket], peer: SocketAddr) -> SocketCensus {
+        let owned = sockets
+            .iter()
+            .filter(|s| s.owned)
+            .map(|s| ClientSocket {
+                local: s.local,
+                peer,
+                state: TCP_STATES[s.state],
+                send_queue: s.send,
+                recv_queue: s.recv,
+                inode: s.inode,
+            })
+            .collect();
+        SocketCensus::of(owned, SocketSource::Netlink)
+    }
+}
+
+/// This process's sockets whose peer is one of `peers` (leaving out `exclude_local_port` and
+/// poolwatch's probes), plus the sockets to those peers no process holds any more (inode 0:
+/// closed, still in the kernel): one closed here first lingers in `fin_wait*` / `time_wait`
+/// (~60 s), one the peer closed first only in `last_ack`, briefly. One netlink dump per
+/// address family (every state but `listen`), or `/proc` where netlink is refused. Blocking.
+#[cfg(target_os = "linux")]
+pub(crate) fn list(peers: &[SocketAddr], exclude_local_port: Option<u16>) -> std::io::Result<Vec<Socket>> {
+    let peers: Vec<SocketAddr> = peers.iter().map(|p| SocketAddr::new(p.ip().to_canonical(), p.port())).collect();
+    let mut rows = Vec::new();
+    let dumped = netlink::Dumper::new().and_then(|mut d| {
+        for v4 in [true, false] {
+            let wanted: Vec<SocketAddr> = peers.iter().copied().filter(|p| p.is_ipv4() == v4).collect();
+            if !wanted.is_empty() {
+                d.dump_states(&wanted, netlink::ALL_BUT_LISTEN, &mut rows)?;
+            }
+        }
+        Ok(())
+    });
+    if dumped.is_err() {
+        rows = proc_rows(&peers)?;
+    }
+    let own = own_socket_inodes()?;
+    let mut sockets = Vec::new();
+    for row in rows {
+        let owned = row.inode != 0 && own.contains(&row.inode);
+        let wanted = (owned || row.inode == 0)
+            && peers.iter().any(|p| same_peer(p, &row.remote))
+            && Some(row.local.port()) != exclude_local_port
+            && !is_own(row.local.port());
+        if wanted && (1..=11).contains(&row.state) {
+            sockets.push(Socket {
+                local: row.local,
+                state: usize::from(row.state) - 1,
+                owned,
+                inode: row.inode,
+                send: row.send_queue,
+                recv: row.recv_queue,
+            });
+        }
+    }
+    Ok(sockets)
+}
+
+/// Not Linux: no socket list.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn list(_: &[SocketAddr], _: Option<u16>) -> std::io::Result<Vec<Socket>> {
+    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "the socket list needs Linux"))
+}
+
+/// Index of `time_wait` in [`TCP_STATES`].
+#[cfg(test)]
+pub(crate) const TIME_WAIT: usize = 5;
+/// Index of `close` in [`TCP_STATES`] (an owned socket the peer reset).
+pub(crate) const CLOSE: usize = 6;
+/// Index of `close_wait` in [`TCP_STATES`].
+pub(crate) const CLOSE_WAIT: usize = 7;
+/// Index of `last_ack` in [`TCP_STATES`].
+pub(crate) const LAST_ACK: usize = 8;
 
 #[cfg(target_os = "linux")]
-fn own_socket_inodes() -> std::io::Result<std::collections::HashSet<u64>> {
-    let mut inodes = std::collections::HashSet::new();
+fn own_socket_inodes() -> std::io::Result<HashSet<u64>> {
+    let mut inodes = HashSet::new();
     for entry in std::fs::read_dir("/proc/self/fd")?.flatten() {
         if let Ok(target) = std::fs::read_link(entry.path()) {
             let t = target.to_string_lossy();
@@ -111,47 +461,279 @@ fn own_socket_inodes() -> std::io::Result<std::collections::HashSet<u64>> {
     Ok(inodes)
 }
 
-fn same_peer(peer: &SocketAddr, remote: &SocketAddr) -> bool {
-    peer.port() == remote.port() && peer.ip().to_canonical() == remote.ip().to_canonical()
+/// The fallback: `/proc/self/net/tcp{,6}`, only the table of the peers' address family.
+#[cfg(target_os = "linux")]
+fn proc_rows(peers: &[SocketAddr]) -> std::io::Result<Vec<Row>> {
+    let files = [
+        ("/proc/self/net/tcp", peers.iter().any(SocketAddr::is_ipv4)),
+        ("/proc/self/net/tcp6", peers.iter().any(SocketAddr::is_ipv6)),
+    ];
+    let mut rows = Vec::new();
+    for (file, _) in files.iter().filter(|(_, wanted)| *wanted) {
+        let Ok(text) = std::fs::read_to_string(file) else { continue };
+        rows.extend(text.lines().skip(1).filter_map(parse_row));
+    }
+    Ok(rows)
 }
 
-struct Row {
-    local_port: u16,
-    remote: SocketAddr,
-    state: u8,
-    inode: u64,
-}
-
-/// Parses one row of `/proc/net/tcp{,6}`: `sl local rem st queues tr retr uid timeout inode`.
+/// Parses one row of `/proc/net/tcp{,6}`: `sl local rem st tx:rx tr retr uid timeout inode`.
 fn parse_row(line: &str) -> Option<Row> {
     let f: Vec<&str> = line.split_whitespace().collect();
-    let (_, local_port) = parse_addr(f.get(1)?)?;
+    let (lip, lport) = parse_addr(f.get(1)?)?;
     let (ip, port) = parse_addr(f.get(2)?)?;
+    let (tx, rx) = f.get(4)?.split_once(':')?;
     Some(Row {
-        local_port,
-        remote: SocketAddr::new(ip, port),
+        local: SocketAddr::new(lip.to_canonical(), lport),
+        remote: SocketAddr::new(ip.to_canonical(), port),
         state: u8::from_str_radix(f.get(3)?, 16).ok()?,
+        send_queue: u32::from_str_radix(tx, 16).ok()?,
+        recv_queue: u32::from_str_radix(rx, 16).ok()?,
         inode: f.get(9)?.parse().ok()?,
+        cookie: [0xff; 8],
     })
 }
 
 /// `0100007F:1538` (IPv4) or 32 hex digits `:port` (IPv6); each 32-bit word is in host order.
-fn parse_addr(s: &str) -> Option<(std::net::IpAddr, u16)> {
+fn parse_addr(s: &str) -> Option<(IpAddr, u16)> {
     let (hex, port) = s.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
     let word = |i: usize| u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok().map(u32::to_ne_bytes);
     let ip = match hex.len() {
-        8 => std::net::IpAddr::from(word(0)?),
+        8 => IpAddr::from(word(0)?),
         32 => {
             let mut b = [0u8; 16];
             for i in 0..4 {
                 b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
             }
-            std::net::IpAddr::from(b)
+            IpAddr::from(b)
         }
         _ => return None,
     };
     Some((ip, port))
+}
+
+/// The netlink `sock_diag` dump, built and parsed by hand (the wire format is fixed and
+/// small); the socket itself comes from the safe `netlink-sys` crate.
+#[cfg(target_os = "linux")]
+mod netlink {
+    use std::net::{IpAddr, SocketAddr};
+
+    use netlink_sys::Socket;
+    use netlink_sys::protocols::NETLINK_SOCK_DIAG;
+
+    use super::Row;
+
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_DUMP: u16 = 0x300;
+    const IPPROTO_TCP: u8 = 6;
+    const AF_INET: u8 = 2;
+    const AF_INET6: u8 = 10;
+    const INET_DIAG_REQ_BYTECODE: u16 = 1;
+    const INET_DIAG_BC_JMP: u8 = 1;
+    const INET_DIAG_BC_D_COND: u8 = 8;
+    /// Every TCP state but `time_wait` (6) and `listen` (10): neither has an inode of ours.
+    const STATES: u32 = ((1 << 12) - 2) & !(1 << 6) & !(1 << 10);
+    /// Every TCP state but `listen`: the sockets closed here (`time_wait`, inode 0) too.
+    pub(super) const ALL_BUT_LISTEN: u32 = ((1 << 12) - 2) & !(1 << 10);
+    /// `struct inet_diag_msg`.
+    const MSG_LEN: usize = 72;
+
+    #[derive(Debug)]
+    pub(super) struct Dumper {
+        socket: Socket,
+        buf: Vec<u8>,
+        seq: u32,
+    }
+
+    impl Dumper {
+        pub(super) fn new() -> std::io::Result<Dumper> {
+            let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+            socket.bind_auto()?;
+            socket.connect(&netlink_sys::SocketAddr::new(0, 0))?;
+            Ok(Dumper { socket, buf: vec![0; 32 * 1024], seq: 0 })
+        }
+
+        /// Appends the sockets whose peer is one of `peers` (all of one address family).
+        pub(super) fn dump(&mut self, peers: &[SocketAddr], rows: &mut Vec<Row>) -> std::io::Result<()> {
+            self.dump_states(peers, STATES, rows)
+        }
+
+        /// Like `dump`, for the TCP states of the bit mask `states` (bit n: state n).
+        pub(super) fn dump_states(
+            &mut self,
+            peers: &[SocketAddr],
+            states: u32,
+            rows: &mut Vec<Row>,
+        ) -> std::io::Result<()> {
+            self.seq = self.seq.wrapping_add(1);
+            let request = request(peers, self.seq, states);
+            self.socket.send(&request, 0)?;
+            loop {
+                let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+                let mut at = 0;
+                while at + 16 <= n {
+                    let b = &self.buf[at..n];
+                    let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+                    let kind = u16::from_ne_bytes([b[4], b[5]]);
+                    if len < 16 || len > b.len() {
+                        return Err(std::io::Error::other("truncated netlink message"));
+                    }
+                    match kind {
+                        NLMSG_DONE => return Ok(()),
+                        NLMSG_ERROR => {
+                            let code = b.get(16..20).map_or(0, |e| i32::from_ne_bytes([e[0], e[1], e[2], e[3]]));
+                            return Err(std::io::Error::from_raw_os_error(-code));
+                        }
+                        SOCK_DIAG_BY_FAMILY => rows.extend(parse(&b[16..len])),
+                        _ => {}
+                    }
+                    at += (len + 3) & !3;
+                }
+            }
+        }
+    }
+
+    impl Dumper {
+        /// Each of `known` looked up by its exact address pair and cookie (no dump); a socket
+        /// that is gone, or another socket on the same pair, is left out.
+        pub(super) fn lookup(&mut self, known: &[Row]) -> std::io::Result<Vec<Row>> {
+            let mut found = Vec::with_capacity(known.len());
+            for k in known {
+                self.seq = self.seq.wrapping_add(1);
+                self.socket.send(&exact(k, self.seq), 0)?;
+                // The kernel answers an exact lookup while handling the request: never wait.
+                self.socket.set_non_blocking(true)?;
+                let received = self.socket.recv(&mut &mut self.buf[..], 0);
+                self.socket.set_non_blocking(false)?;
+                let n = received?;
+                let b = &self.buf[..n];
+                if n < 16 {
+                    continue;
+                }
+                let len = (u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize).min(n);
+                if u16::from_ne_bytes([b[4], b[5]]) == SOCK_DIAG_BY_FAMILY
+                    && let Some(row) = parse(&b[16..len]).filter(|r| r.inode == k.inode)
+                {
+                    found.push(row);
+                }
+            }
+            Ok(found)
+        }
+    }
+
+    /// `nlmsghdr` + `inet_diag_req_v2` naming one socket by its addresses, ports and cookie.
+    fn exact(k: &Row, seq: u32) -> Vec<u8> {
+        let family = if k.remote.is_ipv6() { AF_INET6 } else { AF_INET };
+        let addr = |a: &SocketAddr| -> [u8; 16] {
+            let mut b = [0u8; 16];
+            match a.ip() {
+                IpAddr::V4(ip) => b[..4].copy_from_slice(&ip.octets()),
+                IpAddr::V6(ip) => b.copy_from_slice(&ip.octets()),
+            }
+            b
+        };
+        let mut m = Vec::with_capacity(72);
+        m.extend_from_slice(&72u32.to_ne_bytes());
+        m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        m.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
+        m.extend_from_slice(&u32::MAX.to_ne_bytes());
+        m.extend_from_slice(&k.local.port().to_be_bytes());
+        m.extend_from_slice(&k.remote.port().to_be_bytes());
+        m.extend_from_slice(&addr(&k.local));
+        m.extend_from_slice(&addr(&k.remote));
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&k.cookie);
+        m
+    }
+
+    /// `nlmsghdr` + `inet_diag_req_v2` + an `INET_DIAG_REQ_BYTECODE` attribute that keeps
+    /// sockets whose destination is one of `peers`.
+    fn request(peers: &[SocketAddr], seq: u32, states: u32) -> Vec<u8> {
+        let family = if peers.first().is_some_and(SocketAddr::is_ipv6) { AF_INET6 } else { AF_INET };
+        let code = bytecode(peers);
+        let mut m = Vec::with_capacity(16 + 56 + 4 + code.len());
+        let total = (16 + 56 + 4 + code.len()) as u32;
+        m.extend_from_slice(&total.to_ne_bytes());
+        m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
+        m.extend_from_slice(&states.to_ne_bytes());
+        m.extend_from_slice(&[0u8; 48]); // inet_diag_sockid: unused by a dump
+        m.extend_from_slice(&((4 + code.len()) as u16).to_ne_bytes());
+        m.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+        m.extend_from_slice(&code);
+        m
+    }
+
+    /// `D_COND(peer1) JMP(accept) D_COND(peer2) JMP(accept) ... D_COND(peerN)`: a match
+    /// falls through to the next op (a `JMP` to the end: accept); a miss skips to the next
+    /// condition; the last miss jumps past the end (reject).
+    pub(super) fn bytecode(peers: &[SocketAddr]) -> Vec<u8> {
+        let conds: Vec<Vec<u8>> = peers.iter().map(cond).collect();
+        let total: usize = conds.iter().map(Vec::len).sum::<usize>() + 4 * conds.len().saturating_sub(1);
+        let mut code = Vec::with_capacity(total);
+        for mut c in conds {
+            let len = c.len();
+            let last = code.len() + len == total;
+            c[1] = len as u8; // yes: the next op
+            // no: skip the JMP to the next condition; after the last one, past the end.
+            c[2..4].copy_from_slice(&((len + 4) as u16).to_ne_bytes());
+            code.extend_from_slice(&c);
+            if !last {
+                let to_end = total - code.len();
+                code.extend_from_slice(&[INET_DIAG_BC_JMP, 4]);
+                code.extend_from_slice(&(to_end as u16).to_ne_bytes());
+            }
+        }
+        code
+    }
+
+    /// One `inet_diag_bc_op` + `inet_diag_hostcond` matching the destination `peer`.
+    fn cond(peer: &SocketAddr) -> Vec<u8> {
+        let (family, prefix, addr): (u8, u8, Vec<u8>) = match peer.ip() {
+            IpAddr::V4(ip) => (AF_INET, 32, ip.octets().to_vec()),
+            IpAddr::V6(ip) => (AF_INET6, 128, ip.octets().to_vec()),
+        };
+        let mut op = vec![INET_DIAG_BC_D_COND, 0, 0, 0, family, prefix, 0, 0];
+        op.extend_from_slice(&i32::from(peer.port()).to_ne_bytes());
+        op.extend_from_slice(&addr);
+        op
+    }
+
+    /// One `inet_diag_msg`: ports are big-endian, addresses in network order.
+    fn parse(m: &[u8]) -> Option<Row> {
+        if m.len() < MSG_LEN {
+            return None;
+        }
+        let family = m[0];
+        let ip = |at: usize| -> IpAddr {
+            if family == AF_INET {
+                IpAddr::from([m[at], m[at + 1], m[at + 2], m[at + 3]])
+            } else {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(&m[at..at + 16]);
+                IpAddr::from(b).to_canonical()
+            }
+        };
+        let u32_at = |at: usize| u32::from_ne_bytes([m[at], m[at + 1], m[at + 2], m[at + 3]]);
+        Some(Row {
+            local: SocketAddr::new(ip(8), u16::from_be_bytes([m[4], m[5]])),
+            remote: SocketAddr::new(ip(24), u16::from_be_bytes([m[6], m[7]])),
+            state: m[1],
+            recv_queue: u32_at(56),
+            send_queue: u32_at(60),
+            inode: u64::from(u32_at(68)),
+            cookie: [m[44], m[45], m[46], m[47], m[48], m[49], m[50], m[51]],
+        })
+    }
 }
 
 #[cfg(test)]
@@ -160,23 +742,145 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[test]
-    fn own_probe_sockets_are_left_out() {
+    fn the_list_keeps_sockets_closed_here_for_the_ended_ledger() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = listener.local_addr().unwrap();
+        let kept = std::net::TcpStream::connect(peer).unwrap();
+        let (_kept_server, _) = listener.accept().unwrap();
+        let closed = std::net::TcpStream::connect(peer).unwrap();
+        let closed_port = closed.local_addr().unwrap().port();
+        let (closed_server, _) = listener.accept().unwrap();
+        // Closed here first: the kernel keeps it (no fd, inode 0) in fin_wait / time_wait.
+        drop(closed);
+        drop(closed_server);
+        let all = list(&[peer], None).unwrap();
+        let live = all.iter().find(|s| s.local == kept.local_addr().unwrap()).expect("the open socket");
+        assert!(live.owned && TCP_STATES[live.state] == "established", "{all:?}");
+        let gone = all.iter().find(|s| s.local.port() == closed_port).expect("the closed socket is still listed");
+        assert!(!gone.owned && gone.inode == 0, "{all:?}");
+        assert!(["fin_wait1", "fin_wait2", "time_wait", "closing"].contains(&TCP_STATES[gone.state]), "{all:?}");
+        let census = SocketCensus::of_list(&all, peer);
+        assert_eq!((census.get("established"), census.sockets.len()), (1, 1), "only owned sockets are counted");
+        let without = list(&[peer], Some(kept.local_addr().unwrap().port())).unwrap();
+        assert!(without.iter().all(|s| s.local != kept.local_addr().unwrap()), "the excluded port: {without:?}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn own_probe_sockets_are_counted_but_marked() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let peer = listener.local_addr().unwrap();
         let client = std::net::TcpStream::connect(peer).unwrap();
         let (_server_side, _) = listener.accept().unwrap();
-        assert_eq!(take(&[peer], None).unwrap().get("established"), 1, "a real socket to the peer is counted");
+        let census = process_sockets(&[peer]).unwrap();
+        assert_eq!(census.get("established"), 1, "a real socket to the peer is counted: {census:?}");
+        assert_eq!(census.source, SocketSource::Netlink, "netlink works here");
+        let s = census.sockets[0];
+        assert_eq!((s.local, s.peer, s.state), (client.local_addr().unwrap(), peer, "established"));
         let own = OwnPort::new(client.local_addr().unwrap().port());
-        assert_eq!(take(&[peer], None).unwrap().get("established"), 0, "poolwatch's own probe is not");
+        assert!(is_own(s.local.port()));
         drop(own);
-        assert_eq!(take(&[peer], None).unwrap().get("established"), 1);
+        assert!(!is_own(s.local.port()));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn netlink_and_proc_agree_and_queues_are_read() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peers = [listener.local_addr().unwrap(), other.local_addr().unwrap()];
+        let mut a = std::net::TcpStream::connect(peers[0]).unwrap();
+        let _b = std::net::TcpStream::connect(peers[1]).unwrap();
+        let unrelated = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _c = std::net::TcpStream::connect(unrelated.local_addr().unwrap()).unwrap();
+        let (server_a, _) = listener.accept().unwrap();
+        a.write_all(b"hello").unwrap();
+        let mut reader = SocketReader::default();
+        let netlink = reader.read(&peers).unwrap();
+        assert_eq!(netlink.get("established"), 2, "both peers, not the unrelated socket: {netlink:?}");
+        let proc: Vec<Row> = proc_rows(&peers).unwrap();
+        for s in &netlink.sockets {
+            let r = proc.iter().find(|r| r.inode == s.inode).expect("same socket in /proc");
+            assert_eq!((r.local, r.remote), (s.local, s.peer));
+        }
+        // The server side has 5 unread bytes; its own sockets are not ours to count, so read
+        // them by their peer: the client socket `a`.
+        let back = SocketReader::default().read(&[a.local_addr().unwrap()]).unwrap();
+        assert_eq!(back.sockets.len(), 1, "{back:?}");
+        assert_eq!(back.sockets[0].recv_queue, 5, "unread bytes on the server side: {back:?}");
+        // Read them (closing with unread data would reset), then hang up: close_wait.
+        let mut server_a = server_a;
+        std::io::Read::read_exact(&mut server_a, &mut [0u8; 5]).unwrap();
+        drop(server_a);
+        let closed = eventually_state(&mut reader, &peers, "close_wait");
+        assert_eq!(closed, 1, "the peer hung up: close_wait");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn exact_lookups_follow_known_sockets_and_fall_back_to_a_dump() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = listener.local_addr().unwrap();
+        let a = std::net::TcpStream::connect(peer).unwrap();
+        let (_sa, _) = listener.accept().unwrap();
+        let mut reader = SocketReader::new();
+        let first = reader.read_with_hint(&[peer], 1).unwrap();
+        assert_eq!(first.get("established"), 1, "{first:?}");
+        assert!(reader.known_hint.is_some() && reader.known.len() == 1);
+        let steady = reader.read_with_hint(&[peer], 1).unwrap();
+        assert_eq!(steady, first, "looked up, same figures");
+        // A new socket with the same hint is not seen by lookups (that is what the hint
+        // promises); a socket gone is, and forces a dump.
+        let b = std::net::TcpStream::connect(peer).unwrap();
+        let (_sb, _) = listener.accept().unwrap();
+        assert_eq!(reader.read_with_hint(&[peer], 1).unwrap().get("established"), 1);
+        assert_eq!(reader.read_with_hint(&[peer], 2).unwrap().get("established"), 2, "a new hint dumps");
+        drop(a);
+        let after = reader.read_with_hint(&[peer], 2).unwrap();
+        assert_eq!(after.get("established"), 1, "a's socket left: {after:?}");
+        assert_eq!(after.sockets[0].local, b.local_addr().unwrap());
+    }
+
+    #[cfg(target_os = "linux")]
+    fn eventually_state(reader: &mut SocketReader, peers: &[SocketAddr], state: &str) -> u32 {
+        for _ in 0..500 {
+            let n = reader.read(peers).unwrap().get(state);
+            if n > 0 {
+                return n;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        0
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn bytecode_jumps_land_on_ops_and_the_end() {
+        let peers: Vec<SocketAddr> = vec![
+            "127.0.0.1:5432".parse().unwrap(),
+            "127.0.0.2:5432".parse().unwrap(),
+            "127.0.0.3:6432".parse().unwrap(),
+        ];
+        let code = netlink::bytecode(&peers);
+        assert_eq!(code.len(), 3 * 16 + 2 * 4);
+        // First cond: yes -> its JMP (16), no -> the second cond (20); JMP to the end.
+        assert_eq!((code[1], u16::from_ne_bytes([code[2], code[3]])), (16, 20));
+        // The JMP jumps from its own start to the end.
+        assert_eq!((code[16], code[17], u16::from_ne_bytes([code[18], code[19]])), (1, 4, (code.len() - 16) as u16));
+        let last = code.len() - 16;
+        assert_eq!(u16::from_ne_bytes([code[last + 2], code[last + 3]]), 20, "last miss: past the end");
     }
 
     #[test]
     fn parses_kernel_rows() {
-        let v4 = "   1: 0100007F:D431 0100007F:1538 01 00000000:00000000 00:00000000 00000000   101        0 424242 1";
+        let v4 = "   1: 0100007F:D431 0100007F:1538 01 00000010:00000002 00:00000000 00000000   101        0 424242 1";
         let r = parse_row(v4).expect("v4 row");
-        assert_eq!((r.local_port, r.remote, r.state, r.inode), (0xD431, "127.0.0.1:5432".parse().unwrap(), 1, 424242));
+        assert_eq!(
+            (r.local.port(), r.remote, r.state, r.inode),
+            (0xD431, "127.0.0.1:5432".parse().unwrap(), 1, 424242)
+        );
+        assert_eq!((r.send_queue, r.recv_queue), (16, 2));
         let v6 = "   0: 00000000000000000000000001000000:9C40 0000000000000000FFFF00000100007F:1538 08 00000000:00000000 00:00000000 00000000 0 0 7 1";
         let r = parse_row(v6).expect("v6 row");
         assert_eq!(r.state, 8);

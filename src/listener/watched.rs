@@ -21,6 +21,7 @@ use crate::catalog::{self, CAUSE, EVIDENCE, LISTENER, POOL_NAME};
 use crate::cause::connection_lost;
 use crate::config::check_name;
 use crate::listener::loss::{Basis, ServerFacts, explain_silent_loss};
+use crate::listener::status::Registered;
 use crate::{Cause, ConfigError};
 
 /// How a [`WatchedListener`] is named and kept alive.
@@ -160,7 +161,7 @@ impl WatchedListener {
                  Set ListenerConfig::keepalive below it."
             );
         }
-        metrics.connected.set(1);
+        metrics.set_connected(true);
         Ok(WatchedListener { inner, config, metrics, facts, last_command: sent, lost: None, pending: VecDeque::new() })
     }
 
@@ -253,7 +254,7 @@ impl WatchedListener {
                 Some(Err(e)) if connection_lost(&e) => self.lose(Some(Cause::of(&e)), true),
                 Some(Err(e)) => {
                     if matches!(e, sqlx::Error::PoolClosed) {
-                        self.metrics.connected.set(0);
+                        self.metrics.set_connected(false);
                     }
                     return Err(e);
                 }
@@ -311,7 +312,7 @@ impl WatchedListener {
             loss.dead_held |= dead_held;
             return;
         }
-        self.metrics.connected.set(0);
+        self.metrics.set_connected(false);
         let now = Instant::now();
         let span = tracing::warn_span!(
             "db.listener.reconnect",
@@ -430,9 +431,12 @@ impl WatchedListener {
 
 impl Drop for WatchedListener {
     fn drop(&mut self) {
-        self.metrics.connected.set(0);
+        self.metrics.set_connected(false);
     }
 }
+
+/// The ways an idle-session kill can be known (see `loss::explain_silent_loss`).
+const ZERO_BASES: [Basis; 3] = [Basis::Observed, Basis::ServerCounters, Basis::IdleTime];
 
 #[derive(Debug)]
 struct Handles {
@@ -442,16 +446,30 @@ struct Handles {
     notifications: Counter,
     last_notification: Gauge,
     downtime: Histogram,
+    status: Registered,
 }
 
 impl Handles {
     fn new(config: &ListenerConfig) -> Handles {
         let (p, l) = (config.pool_name.clone(), config.listener.clone());
+        // At 0 from the start, so `increase()` sees the first idle-session kill
+        // (PoolwatchListenerIdleSessionTimeout), whichever way its cause is known.
+        for basis in ZERO_BASES {
+            counter!(
+                catalog::LISTENER_RECONNECTS.name,
+                POOL_NAME => p.clone(),
+                LISTENER => l.clone(),
+                CAUSE => Cause::IdleSessionTimeout.as_str(),
+                EVIDENCE => basis.as_str()
+            )
+            .increment(0);
+        }
         Handles {
             connected: gauge!(catalog::LISTENER_CONNECTED.name, POOL_NAME => p.clone(), LISTENER => l.clone()),
             notifications: counter!(catalog::LISTENER_NOTIFICATIONS.name, POOL_NAME => p.clone(), LISTENER => l.clone()),
             last_notification: gauge!(catalog::LISTENER_LAST_NOTIFICATION.name, POOL_NAME => p.clone(), LISTENER => l.clone()),
             downtime: histogram!(catalog::LISTENER_DOWNTIME.name, POOL_NAME => p.clone(), LISTENER => l.clone()),
+            status: Registered::new(&p, &l),
             pool_name: p,
             listener: l,
         }
@@ -459,8 +477,13 @@ impl Handles {
 
     /// Marks the listener down and hands `e` back (for a failed first connect).
     fn down(&self, e: sqlx::Error) -> sqlx::Error {
-        self.connected.set(0);
+        self.set_connected(false);
         e
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.connected.set(if up { 1.0 } else { 0.0 });
+        self.status.connected(up);
     }
 
     fn reconnected(&self, cause: Cause, basis: Basis, downtime: Duration) {
@@ -474,5 +497,6 @@ impl Handles {
         .increment(1);
         self.downtime.record(downtime.as_secs_f64());
         self.connected.set(1);
+        self.status.reconnected(cause);
     }
 }

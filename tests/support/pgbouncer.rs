@@ -1,5 +1,6 @@
 //! A real PgBouncer in front of a [`Cluster`](super::Cluster): an ini + userlist written
-//! into a temp dir, listening on a free loopback port, `pool_mode = transaction` by default.
+//! into a temp dir, listening on a free loopback port, `pool_mode = transaction` by default, the
+//! admin console open to `postgres`.
 //! As root it runs as the `postgres` user (pgbouncer refuses root) via `setpriv`, which
 //! execs, so the child *is* pgbouncer and [`Drop`] stops it for sure.
 
@@ -35,15 +36,34 @@ impl PgBouncer {
         );
         let dir = temp_dir("pgbouncer");
         let port = free_port();
-        let mut ini = format!(
-            "[databases]\npostgres = host=127.0.0.1 port={server_port} dbname=postgres\n\n[pgbouncer]\n\
-             listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = trust\n\
-             auth_file = {auth}\npool_mode = transaction\nignore_startup_parameters = extra_float_digits\n\
-             max_client_conn = 200\ndefault_pool_size = 10\nlogfile = {log}\n",
-            auth = dir.join("userlist.txt").display(),
-            log = dir.join("pgbouncer.log").display(),
-        );
+        let auth = dir.join("userlist.txt").display().to_string();
+        let log = dir.join("pgbouncer.log").display().to_string();
+        let listen_port = port.to_string();
+        // Defaults; a setting given by the caller replaces the default of the same name.
+        let mut all: Vec<(&str, &str)> = vec![
+            ("listen_addr", "127.0.0.1"),
+            ("listen_port", &listen_port),
+            ("unix_socket_dir", ""),
+            ("auth_type", "trust"),
+            ("auth_file", &auth),
+            ("pool_mode", "transaction"),
+            ("ignore_startup_parameters", "extra_float_digits"),
+            ("max_client_conn", "200"),
+            ("default_pool_size", "10"),
+            ("logfile", &log),
+            // The admin console (database `pgbouncer`) for the `postgres` user.
+            ("admin_users", "postgres"),
+            ("stats_users", "postgres"),
+        ];
         for (k, v) in settings {
+            match all.iter_mut().find(|(key, _)| key == k) {
+                Some(slot) => slot.1 = v,
+                None => all.push((k, v)),
+            }
+        }
+        let mut ini =
+            format!("[databases]\npostgres = host=127.0.0.1 port={server_port} dbname=postgres\n\n[pgbouncer]\n");
+        for (k, v) in &all {
             ini.push_str(&format!("{k} = {v}\n"));
         }
         std::fs::write(dir.join("pgbouncer.ini"), ini).expect("write pgbouncer.ini");
@@ -86,6 +106,17 @@ impl PgBouncer {
             .port(self.port)
             .username("postgres")
             .database("postgres")
+    }
+
+    /// Connect options for PgBouncer's admin console (database `pgbouncer`; `postgres` is in
+    /// `admin_users` and `stats_users`).
+    pub fn admin_options(&self) -> PgConnectOptions {
+        self.options().database("pgbouncer")
+    }
+
+    /// The admin console's URL, as a user passes it to `Config::pooler_admin`.
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/pgbouncer", self.port)
     }
 
     /// The port PgBouncer listens on.

@@ -62,9 +62,14 @@ struct Daemon {
 
 impl Daemon {
     fn spawn(program: &str, args: &[String], dir: PathBuf) -> Daemon {
+        Daemon::spawn_env(program, args, &[], dir)
+    }
+
+    fn spawn_env(program: &str, args: &[String], env: &[(&str, &str)], dir: PathBuf) -> Daemon {
         let log = std::fs::File::create(dir.join("log")).expect("daemon log");
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -139,6 +144,18 @@ impl Prometheus {
              alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['{alertmanager}']\n\
              scrape_configs:\n  - job_name: app\n    static_configs:\n      - targets: ['{target}']\n"
         );
+        Prometheus::spawn(dir, addr, &config)
+    }
+
+    /// Its log so far (for failure messages).
+    pub fn log(&self) -> String {
+        self.daemon.log()
+    }
+}
+
+impl Prometheus {
+    /// Writes `config` as prometheus.yml in `dir` and runs Prometheus on it at `addr`.
+    fn spawn(dir: std::path::PathBuf, addr: SocketAddr, config: &str) -> Prometheus {
         std::fs::write(dir.join("prometheus.yml"), config).expect("write prometheus.yml");
         let args = [
             format!("--config.file={}", dir.join("prometheus.yml").display()),
@@ -147,6 +164,69 @@ impl Prometheus {
             "--log.level=warn".to_owned(),
         ];
         Prometheus { addr, daemon: Daemon::spawn("prometheus", &args, dir) }
+    }
+
+    /// Starts Prometheus scraping every target in `targets` as job `job` each second, evaluating
+    /// `rules` each second, with no Alertmanager (alerts are read from its API).
+    pub fn start_fleet(job: &str, targets: &[SocketAddr], rules: &str) -> Prometheus {
+        Prometheus::start_jobs(&[(job, targets.to_vec())], rules)
+    }
+
+    /// Starts Prometheus scraping several jobs every second and evaluating `rules` every
+    /// second, with no Alertmanager (alerts are read from its API).
+    pub fn start_jobs(jobs: &[(&str, Vec<SocketAddr>)], rules: &str) -> Prometheus {
+        let dir = temp_dir("prometheus");
+        let addr = free_addr();
+        std::fs::write(dir.join("rules.yml"), rules).expect("write rules");
+        let mut config = String::from(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [rules.yml]\nscrape_configs:\n",
+        );
+        for (job, targets) in jobs {
+            let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+            config.push_str(&format!(
+                "  - job_name: {job}\n    static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ));
+        }
+        Prometheus::spawn(dir, addr, &config)
+    }
+}
+
+/// `s` percent-encoded for a URL query value.
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A real postgres_exporter (Debian `prometheus-postgres-exporter`) for one database, with
+/// extra queries from a file (`--extend.query-path`).
+#[derive(Debug)]
+pub struct PostgresExporter {
+    /// Its `/metrics` address.
+    pub addr: SocketAddr,
+    daemon: Daemon,
+}
+
+impl PostgresExporter {
+    /// Starts the exporter on `dsn` (a `postgresql://` URL) with the queries in `queries`.
+    pub fn start(dsn: &str, queries: &Path) -> PostgresExporter {
+        let dir = temp_dir("postgres-exporter");
+        let addr = free_addr();
+        let args = [
+            format!("--web.listen-address={addr}"),
+            format!("--extend.query-path={}", queries.display()),
+            "--disable-settings-metrics".to_owned(),
+            "--log.level=warn".to_owned(),
+        ];
+        let dsn = format!("{dsn}?sslmode=disable");
+        PostgresExporter {
+            addr,
+            daemon: Daemon::spawn_env("prometheus-postgres-exporter", &args, &[("DATA_SOURCE_NAME", &dsn)], dir),
+        }
     }
 
     /// Its log so far (for failure messages).

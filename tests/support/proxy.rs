@@ -1,14 +1,16 @@
 //! A loopback TCP proxy in front of the test server that can cut its live connections the
-//! way networks and poolers do: a reset (RST, `SO_LINGER` 0) or a half-close (FIN).
+//! way networks and poolers do: a reset (RST, `SO_LINGER` 0) or a half-close (FIN), or make
+//! one go silent: it stops forwarding and stops reading while keeping both sockets open (no
+//! RST, no FIN), like a NAT that dropped the flow.
 
 #![allow(dead_code)]
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::broadcast;
 
 /// How to cut the proxied connections.
@@ -18,6 +20,10 @@ pub enum Cut {
     Reset,
     /// Shut down the client side's write half: the client reads end-of-file (FIN).
     HalfClose,
+    /// Go silent: stop forwarding and reading, keep both sockets open until the proxy drops.
+    /// Only the connection whose upstream local port is given (the server's
+    /// `inet_client_port()` for that session).
+    Freeze(u16),
 }
 
 /// A running proxy; it stops accepting when dropped.
@@ -26,24 +32,40 @@ pub struct Proxy {
     port: u16,
     cut: broadcast::Sender<Cut>,
     live: Arc<AtomicUsize>,
+    /// Frozen connections, kept open while the proxy lives.
+    frozen: Arc<Mutex<Vec<(TcpStream, TcpStream)>>>,
     accept: tokio::task::JoinHandle<()>,
 }
 
 impl Proxy {
     /// Starts a proxy on a free loopback port forwarding to `127.0.0.1:upstream_port`.
     pub async fn start(upstream_port: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        Proxy::start_with_window(upstream_port, None).await
+    }
+
+    /// Like [`Proxy::start`], with the receive buffer of the client-facing sockets set to
+    /// `window` bytes: a frozen connection then stops acknowledging after that much, and the
+    /// client's further bytes stay in its send queue (a silent peer).
+    pub async fn start_with_window(upstream_port: u16, window: Option<u32>) -> Proxy {
+        let socket = TcpSocket::new_v4().expect("proxy socket");
+        if let Some(bytes) = window {
+            socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        }
+        socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind the proxy");
+        let listener = socket.listen(128).expect("listen");
         let port = listener.local_addr().expect("proxy address").port();
         let (cut, _) = broadcast::channel(16);
         let live = Arc::new(AtomicUsize::new(0));
-        let (cut_tx, live_count) = (cut.clone(), Arc::clone(&live));
+        let frozen = Arc::new(Mutex::new(Vec::new()));
+        let (cut_tx, live_count, frozen_list) = (cut.clone(), Arc::clone(&live), Arc::clone(&frozen));
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(upstream) = TcpStream::connect(("127.0.0.1", upstream_port)).await else { continue };
-                tokio::spawn(pipe(client, upstream, cut_tx.subscribe(), Arc::clone(&live_count)));
+                let args = (cut_tx.subscribe(), Arc::clone(&live_count), Arc::clone(&frozen_list));
+                tokio::spawn(pipe(client, upstream, args.0, args.1, args.2));
             }
         });
-        Proxy { port, cut, live, accept }
+        Proxy { port, cut, live, frozen, accept }
     }
 
     /// The port clients connect to.
@@ -60,6 +82,11 @@ impl Proxy {
     pub fn cut_all(&self, how: Cut) {
         let _ = self.cut.send(how);
     }
+
+    /// Connections frozen so far.
+    pub fn frozen(&self) -> usize {
+        self.frozen.lock().unwrap().len()
+    }
 }
 
 impl Drop for Proxy {
@@ -73,13 +100,28 @@ async fn pipe(
     mut upstream: TcpStream,
     mut cut: broadcast::Receiver<Cut>,
     live: Arc<AtomicUsize>,
+    frozen: Arc<Mutex<Vec<(TcpStream, TcpStream)>>>,
 ) {
     live.fetch_add(1, Ordering::SeqCst);
-    let how = tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => None,
-        how = cut.recv() => how.ok(),
+    let upstream_port = upstream.local_addr().map(|a| a.port()).unwrap_or(0);
+    let how = {
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                _ = &mut copy => break None,
+                how = cut.recv() => match how {
+                    Ok(Cut::Freeze(port)) if port != upstream_port => continue,
+                    how => break how.ok(),
+                },
+            }
+        }
     };
     live.fetch_sub(1, Ordering::SeqCst);
+    if matches!(how, Some(Cut::Freeze(_))) {
+        frozen.lock().unwrap().push((client, upstream));
+        return;
+    }
     drop(upstream);
     match how {
         Some(Cut::Reset) => {
@@ -97,6 +139,6 @@ async fn pipe(
             })
             .await;
         }
-        None => {}
+        Some(Cut::Freeze(_)) | None => {}
     }
 }

@@ -1,0 +1,261 @@
+//! Hand-rolled argument parsing (no parser crate: the CLI stays light).
+
+use std::time::Duration;
+
+use poolwatch::sqlx;
+use sqlx::postgres::PgConnectOptions;
+
+pub(crate) const USAGE: &str = "\
+poolwatch doctor: checks a PostgreSQL server the way an on-call engineer would, at the moment of need.
+
+USAGE:
+    poolwatch doctor [OPTIONS] <DATABASE_URL>
+
+    DATABASE_URL  postgres://user[:password]@host[:port][,host2[:port2]...]/database[?...]
+                  (libpq-style host lists are accepted; falls back to $DATABASE_URL).
+                  The password is used to log in and never printed.
+
+POOL SETTINGS (for the hazard lint; defaults are sqlx's):
+    --max-connections N        default 10
+    --min-connections N        default 0
+    --idle-timeout D|off       default 10m
+    --max-lifetime D|off       default 30m
+    --acquire-timeout D        default 30s
+DECLARED DEPLOYMENT:
+    --replicas N               processes running this pool (default 1)
+    --refresh-every D          a lock refresh / job heartbeat runs on a pool connection this often
+    --pooler-idle-timeout D    a pooler or proxy in between ends connections idle this long
+    --listener-keepalive D|off a LISTEN listener runs, with this keepalive (off: without one)
+CHECKS:
+    --stuck-after D            sessions idle in transaction or active longer than this (default 60s)
+    --pooler-admin URL         also print PgBouncer's SHOW POOLS (admin console URL, database pgbouncer)
+TIMEOUTS (each step has its own bound):
+    --connect-timeout D        TCP connect, per address (default 3s)
+    --startup-timeout D        PostgreSQL startup up to authentication, per address (default 3s)
+    --query-timeout D          login and each query on the server (default 5s)
+OUTPUT:
+    --json                     one JSON document instead of tables
+    -h, --help
+
+Durations: 250ms, 10s, 5m, 1h (a bare number is seconds).
+Exit status: 0 healthy, 1 a hazard, an unreachable address or a failed check, 2 bad usage.
+";
+
+/// What `poolwatch doctor` was asked to do.
+#[derive(Debug, Clone)]
+pub(crate) struct Args {
+    /// Every `host:port` of the URL's host list, in order.
+    pub(crate) hosts: Vec<(String, u16)>,
+    /// The URL's options (first host), password included: used to log in only.
+    pub(crate) options: PgConnectOptions,
+    /// Whether the URL carries a password (shown as a yes/no, never the value).
+    pub(crate) password_given: bool,
+    pub(crate) max_connections: u32,
+    pub(crate) min_connections: u32,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) max_lifetime: Option<Duration>,
+    pub(crate) acquire_timeout: Duration,
+    pub(crate) replicas: u32,
+    pub(crate) refresh_every: Option<Duration>,
+    pub(crate) pooler_idle_timeout: Option<Duration>,
+    pub(crate) listener_keepalive: Option<Option<Duration>>,
+    pub(crate) stuck_after: Duration,
+    pub(crate) pooler_admin: Option<PgConnectOptions>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) startup_timeout: Duration,
+    pub(crate) query_timeout: Duration,
+    pub(crate) json: bool,
+}
+
+/// `Err(message)`: bad usage (exit 2). `Ok(None)`: help was asked for.
+pub(crate) fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
+    match argv.next().as_deref() {
+        Some("doctor") => {}
+        Some("-h" | "--help") | None => return Ok(None),
+        Some(other) => {
+            return Err(format!("unknown command `{other}`; the command is `poolwatch doctor <DATABASE_URL>`"));
+        }
+    }
+    let mut url = None;
+    let mut a = Args {
+        hosts: Vec::new(),
+        options: PgConnectOptions::new_without_pgpass(),
+        password_given: false,
+        max_connections: 10,
+        min_connections: 0,
+        idle_timeout: Some(Duration::from_secs(600)),
+        max_lifetime: Some(Duration::from_secs(1800)),
+        acquire_timeout: Duration::from_secs(30),
+        replicas: 1,
+        refresh_every: None,
+        pooler_idle_timeout: None,
+        listener_keepalive: None,
+        stuck_after: Duration::from_secs(60),
+        pooler_admin: None,
+        connect_timeout: Duration::from_secs(3),
+        startup_timeout: Duration::from_secs(3),
+        query_timeout: Duration::from_secs(5),
+        json: false,
+    };
+    while let Some(arg) = argv.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = || -> Result<String, String> {
+            inline.clone().or_else(|| argv.next()).ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--json" => a.json = true,
+            "--max-connections" => a.max_connections = count(&flag, &value()?)?,
+            "--min-connections" => a.min_connections = count(&flag, &value()?)?,
+            "--idle-timeout" => a.idle_timeout = optional_duration(&flag, &value()?)?,
+            "--max-lifetime" => a.max_lifetime = optional_duration(&flag, &value()?)?,
+            "--acquire-timeout" => a.acquire_timeout = duration(&flag, &value()?)?,
+            "--replicas" => a.replicas = count(&flag, &value()?)?,
+            "--refresh-every" => a.refresh_every = Some(duration(&flag, &value()?)?),
+            "--pooler-idle-timeout" => a.pooler_idle_timeout = Some(duration(&flag, &value()?)?),
+            "--listener-keepalive" => a.listener_keepalive = Some(optional_duration(&flag, &value()?)?),
+            "--stuck-after" => a.stuck_after = duration(&flag, &value()?)?,
+            "--pooler-admin" => {
+                let v = value()?;
+                let options = v.parse::<PgConnectOptions>().map_err(|e| {
+                    format!(
+                        "--pooler-admin is not a postgres:// URL ({e}); e.g. postgres://admin@127.0.0.1:6432/pgbouncer"
+                    )
+                })?;
+                a.pooler_admin = Some(options);
+            }
+            "--connect-timeout" => a.connect_timeout = duration(&flag, &value()?)?,
+            "--startup-timeout" => a.startup_timeout = duration(&flag, &value()?)?,
+            "--query-timeout" => a.query_timeout = duration(&flag, &value()?)?,
+            f if f.starts_with('-') => return Err(format!("unknown option `{f}` (see poolwatch doctor --help)")),
+            _ if url.is_none() => url = Some(arg),
+            _ => return Err(format!("unexpected argument `{}`: give one DATABASE_URL", redact(&arg))),
+        }
+    }
+    let url = url.or_else(|| std::env::var("DATABASE_URL").ok()).ok_or(
+        "DATABASE_URL missing: poolwatch doctor postgres://user@host:5432/db (or set $DATABASE_URL)".to_owned(),
+    )?;
+    if a.replicas == 0 {
+        return Err("--replicas is zero; declare how many processes run the pool (at least 1)".to_owned());
+    }
+    if a.max_connections == 0 {
+        return Err("--max-connections is zero; give the pool's max_connections (sqlx default 10)".to_owned());
+    }
+    let (hosts, first) = split_hosts(&url)?;
+    a.options = first.parse::<PgConnectOptions>().map_err(|e| {
+        format!("DATABASE_URL {} is not a postgres:// URL ({e}); e.g. postgres://app@db:5432/app", redact(&url))
+    })?;
+    a.hosts = hosts;
+    a.password_given = redact(&url) != url;
+    Ok(Some(a))
+}
+
+fn count(flag: &str, v: &str) -> Result<u32, String> {
+    v.parse().map_err(|_| format!("{flag} {v:?} is not a whole number, e.g. {flag} 10"))
+}
+
+fn optional_duration(flag: &str, v: &str) -> Result<Option<Duration>, String> {
+    if matches!(v, "off" | "none" | "0") { Ok(None) } else { duration(flag, v).map(Some) }
+}
+
+fn duration(flag: &str, v: &str) -> Result<Duration, String> {
+    let bad = || format!("{flag} {v:?} is not a duration; use e.g. 250ms, 10s, 5m, 1h");
+    let (number, unit) = v.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((v, ""), |i| v.split_at(i));
+    let n: f64 = number.parse().map_err(|_| bad())?;
+    let seconds = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(bad()),
+    };
+    match Duration::try_from_secs_f64(seconds) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err(format!("{flag} {v:?} must be a positive duration, e.g. 10s")),
+    }
+}
+
+/// Splits a libpq-style host list out of the URL: every `host:port`, and the URL with the
+/// first host only (for sqlx, which takes one).
+fn split_hosts(url: &str) -> Result<(Vec<(String, u16)>, String), String> {
+    let bad = || format!("DATABASE_URL {} is not a postgres:// URL; e.g. postgres://app@db:5432/app", redact(url));
+    let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, hostlist) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let mut hosts = Vec::new();
+    for h in hostlist.split(',') {
+        let (host, port) = match h.rsplit_once(':') {
+            Some((host, port)) if !port.contains(']') => {
+                (host, port.parse::<u16>().map_err(|_| format!("bad port {port:?} in DATABASE_URL"))?)
+            }
+            _ => (h, 5432),
+        };
+        if host.is_empty() {
+            return Err(bad());
+        }
+        hosts.push((host.trim_start_matches('[').trim_end_matches(']').to_owned(), port));
+    }
+    let first = hostlist.split(',').next().unwrap_or_default();
+    let first_url = match userinfo {
+        Some(u) => format!("{scheme}://{u}@{first}{tail}"),
+        None => format!("{scheme}://{first}{tail}"),
+    };
+    Ok((hosts, first_url))
+}
+
+/// The URL with any password replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{hosts}{}", redact_query(tail))
+        }
+        None => format!("{scheme}://{authority}{}", redact_query(tail)),
+    }
+}
+
+/// `?password=...` in the query string is hidden too.
+fn redact_query(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else { return tail.to_owned() };
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|kv| if kv.starts_with("password=") { "password=***".to_owned() } else { kv.to_owned() })
+        .collect();
+    format!("{path}?{}", parts.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Result<Option<Args>, String> {
+        parse(list.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn host_lists_durations_and_redaction() {
+        let a = args(&["doctor", "postgres://u:pw@127.0.0.1:5433,[::1]:5434,db/app", "--idle-timeout", "off"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.hosts, [("127.0.0.1".into(), 5433), ("::1".into(), 5434), ("db".into(), 5432)]);
+        assert_eq!(a.options.get_port(), 5433);
+        assert_eq!(a.idle_timeout, None);
+        assert_eq!(duration("--x", "250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration("--x", "5m"), Ok(Duration::from_secs(300)));
+        assert!(duration("--x", "5 parsecs").unwrap_err().contains("--x"));
+        assert_eq!(redact("postgres://u:s3cret@h/db?password=s3cret&x=1"), "postgres://u:***@h/db?password=***&x=1");
+        assert!(args(&["doctor", "x", "--replicas", "0"]).unwrap_err().contains("--replicas"));
+        assert!(args(&["doctor", "--bogus"]).unwrap_err().contains("--bogus"));
+    }
+}

@@ -1,0 +1,515 @@
+//! The checks of `poolwatch doctor`, gathered into one [`Report`] (printed as tables or JSON).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use poolwatch::hazards::{self, PoolSettings};
+use poolwatch::sqlx;
+use poolwatch::{Config, ServerSettings, probe_host};
+use serde::Serialize;
+use sqlx::postgres::{PgConnectOptions, PgRow};
+use sqlx::{ConnectOptions, Connection, PgConnection, Row};
+
+use crate::args::Args;
+use crate::startup::{self, Startup};
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Report {
+    /// Host list, port, user and database: never the password.
+    pub(crate) target: Target,
+    pub(crate) addresses: Vec<Address>,
+    pub(crate) server: Option<Server>,
+    pub(crate) sessions: Vec<SessionGroup>,
+    pub(crate) stuck: Vec<StuckSession>,
+    pub(crate) stuck_after_seconds: f64,
+    pub(crate) advisory_locks: Vec<LockHolder>,
+    pub(crate) pool: PoolFlags,
+    pub(crate) hazards: Vec<HazardFound>,
+    /// What the role could not see, and why.
+    pub(crate) not_seen: Vec<String>,
+    pub(crate) pooler: Option<Pooler>,
+    /// Why the exit status is non-zero (empty: healthy).
+    pub(crate) problems: Vec<String>,
+    pub(crate) took_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Target {
+    pub(crate) hosts: Vec<String>,
+    pub(crate) user: String,
+    pub(crate) database: String,
+    pub(crate) password_given: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Address {
+    pub(crate) host: String,
+    pub(crate) address: Option<String>,
+    /// `up`, or the cause (`refused`, `timed_out`, ...), or a resolve error.
+    pub(crate) tcp: String,
+    pub(crate) tcp_seconds: f64,
+    pub(crate) startup: Option<Startup>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Server {
+    pub(crate) via: String,
+    pub(crate) version: String,
+    pub(crate) user: String,
+    pub(crate) superuser: bool,
+    pub(crate) read_all_stats: bool,
+    pub(crate) login_seconds: f64,
+    pub(crate) max_connections: u32,
+    pub(crate) reserved_connections: u32,
+    pub(crate) usable_connections: u32,
+    pub(crate) client_sessions: u32,
+    /// Usable connections left for this role (`usable - client_sessions`).
+    pub(crate) headroom: i64,
+    pub(crate) idle_session_timeout_seconds: Option<f64>,
+    pub(crate) idle_in_transaction_session_timeout_seconds: Option<f64>,
+    pub(crate) tcp_keepalives_idle_seconds: Option<f64>,
+    pub(crate) role_connection_limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct SessionGroup {
+    pub(crate) application_name: String,
+    /// `pg_stat_activity.state`; `hidden` where the role may not see it.
+    pub(crate) state: String,
+    pub(crate) count: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct StuckSession {
+    pub(crate) pid: i32,
+    pub(crate) user: String,
+    pub(crate) application_name: String,
+    pub(crate) state: String,
+    pub(crate) in_state_seconds: f64,
+    pub(crate) transaction_seconds: Option<f64>,
+    pub(crate) waiting_on: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct LockHolder {
+    pub(crate) pid: i32,
+    pub(crate) user: String,
+    pub(crate) application_name: String,
+    pub(crate) state: String,
+    pub(crate) held: i64,
+    pub(crate) waiting: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct PoolFlags {
+    pub(crate) max_connections: u32,
+    pub(crate) min_connections: u32,
+    pub(crate) idle_timeout_seconds: Option<f64>,
+    pub(crate) max_lifetime_seconds: Option<f64>,
+    pub(crate) acquire_timeout_seconds: f64,
+    pub(crate) replicas: u32,
+    pub(crate) refresh_every_seconds: Option<f64>,
+    pub(crate) pooler_idle_timeout_seconds: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct HazardFound {
+    pub(crate) hazard: &'static str,
+    pub(crate) detail: String,
+    pub(crate) consequence: &'static str,
+    pub(crate) fix: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Pooler {
+    pub(crate) columns: Vec<String>,
+    pub(crate) rows: Vec<Vec<String>>,
+    pub(crate) error: Option<String>,
+}
+
+fn secs(d: Option<Duration>) -> Option<f64> {
+    d.map(|d| d.as_secs_f64())
+}
+
+pub(crate) async fn run(args: &Args) -> Report {
+    let started = Instant::now();
+    let o = &args.options;
+    let mut report = Report {
+        target: Target {
+            hosts: args.hosts.iter().map(|(h, p)| format!("{h}:{p}")).collect(),
+            user: o.get_username().to_owned(),
+            database: o.get_database().unwrap_or(o.get_username()).to_owned(),
+            password_given: args.password_given,
+        },
+        addresses: Vec::new(),
+        server: None,
+        sessions: Vec::new(),
+        stuck: Vec::new(),
+        stuck_after_seconds: args.stuck_after.as_secs_f64(),
+        advisory_locks: Vec::new(),
+        pool: PoolFlags {
+            max_connections: args.max_connections,
+            min_connections: args.min_connections,
+            idle_timeout_seconds: secs(args.idle_timeout),
+            max_lifetime_seconds: secs(args.max_lifetime),
+            acquire_timeout_seconds: args.acquire_timeout.as_secs_f64(),
+            replicas: args.replicas,
+            refresh_every_seconds: secs(args.refresh_every),
+            pooler_idle_timeout_seconds: secs(args.pooler_idle_timeout),
+        },
+        hazards: Vec::new(),
+        not_seen: Vec::new(),
+        pooler: None,
+        problems: Vec::new(),
+        took_seconds: 0.0,
+    };
+
+    // 1. Every address of every host, all at once (one dead host must not delay the others:
+    //    that is incident 4's timeout × addresses): TCP, then the startup up to authentication.
+    let (user, database) = (report.target.user.clone(), report.target.database.clone());
+    let probes = futures_join(args.hosts.iter().filter(|(h, _)| !h.starts_with('/')).map(|(host, port)| {
+        let (user, database) = (&user, &database);
+        async move {
+            let reach = probe_host(host, *port, args.connect_timeout).await;
+            let up: Vec<SocketAddr> = reach.addresses.iter().filter(|a| a.up).map(|a| a.address).collect();
+            let startups =
+                futures_join(up.iter().map(|a| startup::probe(*a, user, database, args.startup_timeout))).await;
+            (host, reach, up, startups)
+        }
+    }))
+    .await;
+    for (host, _) in args.hosts.iter().filter(|(h, _)| h.starts_with('/')) {
+        report.not_seen.push(format!("{host}: a unix socket directory, not probed over TCP"));
+    }
+    let mut live: Option<SocketAddr> = None;
+    for (host, reach, up, startups) in probes {
+        if let Some(cause) = reach.resolve_error {
+            report.problems.push(format!("{host} did not resolve ({cause})"));
+            report.addresses.push(Address {
+                host: host.clone(),
+                address: None,
+                tcp: format!("resolve failed: {cause}"),
+                tcp_seconds: 0.0,
+                startup: None,
+            });
+            continue;
+        }
+        for a in &reach.addresses {
+            let startup = up.iter().position(|u| *u == a.address).map(|i| startups[i].clone());
+            let tcp = match a.error {
+                None => "up".to_owned(),
+                Some(cause) => cause.to_string(),
+            };
+            match &startup {
+                None => report.problems.push(format!("{} ({host}) is unreachable: {tcp}", a.address)),
+                Some(s) if s.outcome != "ok" => {
+                    report.problems.push(format!("{} ({host}) startup {}: {}", a.address, s.outcome, s.detail))
+                }
+                Some(_) => {
+                    live.get_or_insert(a.address);
+                }
+            }
+            report.addresses.push(Address {
+                host: host.clone(),
+                address: Some(a.address.to_string()),
+                tcp,
+                tcp_seconds: a.connect_time.as_secs_f64(),
+                startup,
+            });
+        }
+        if reach.resolved > reach.addresses.len() {
+            report.not_seen.push(format!(
+                "{host} resolved to {} addresses; only the first {} were probed",
+                reach.resolved,
+                reach.addresses.len()
+            ));
+        }
+    }
+
+    // 2. Log in on a live address and read the server.
+    let settings = match live {
+        None => {
+            report
+                .problems
+                .push("no address answered the PostgreSQL startup: the server could not be examined".to_owned());
+            None
+        }
+        Some(address) => match examine(args, address, &mut report).await {
+            Ok(settings) => Some(settings),
+            Err(e) => {
+                report.problems.push(format!("logging in on {address} failed: {e}"));
+                None
+            }
+        },
+    };
+
+    // 3. The hazard lint: the server's settings against the pool's flags.
+    match &settings {
+        Some(server) => {
+            let pool = PoolSettings {
+                max_connections: args.max_connections,
+                min_connections: args.min_connections,
+                idle_timeout: args.idle_timeout,
+                max_lifetime: args.max_lifetime,
+                acquire_timeout: args.acquire_timeout,
+            };
+            let mut config = Config::new("doctor").replicas(args.replicas);
+            if let Some(d) = args.refresh_every {
+                config = config.expect_refresh_every(d);
+            }
+            if let Some(d) = args.pooler_idle_timeout {
+                config = config.pooler_idle_timeout(d);
+            }
+            if let Some(k) = args.listener_keepalive {
+                config = config.listener_keepalive(k);
+            }
+            for f in hazards::lint(server, &pool, &config) {
+                report.problems.push(format!("hazard {}", f.hazard));
+                report.hazards.push(HazardFound {
+                    hazard: f.hazard.as_str(),
+                    detail: f.detail,
+                    consequence: f.hazard.consequence(),
+                    fix: f.hazard.fix(),
+                });
+            }
+        }
+        None => report.not_seen.push("the hazard lint: the server's settings could not be read".to_owned()),
+    }
+
+    // 4. The pooler's own view.
+    if let Some(admin) = &args.pooler_admin {
+        let pooler = show_pools(admin, args.query_timeout).await;
+        if let Some(e) = &pooler.error {
+            report.problems.push(format!("pooler admin console: {e}"));
+        }
+        report.pooler = Some(pooler);
+    }
+    report.took_seconds = started.elapsed().as_secs_f64();
+    report
+}
+
+/// Runs the futures at once, keeping their order.
+async fn futures_join<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut pinned: Vec<_> = futures.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in pinned.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
+
+/// Logs in on `address` and fills the server, sessions, stuck sessions and advisory locks.
+async fn examine(args: &Args, address: SocketAddr, report: &mut Report) -> Result<ServerSettings, String> {
+    let timeout = args.query_timeout;
+    let ms = timeout.as_millis().max(1).to_string();
+    let options = args
+        .options
+        .clone()
+        .host(&address.ip().to_string())
+        .port(address.port())
+        .application_name("poolwatch-doctor")
+        .options([("statement_timeout", ms.as_str())])
+        .disable_statement_logging();
+    let started = Instant::now();
+    let mut conn = tokio::time::timeout(timeout, PgConnection::connect_with(&options))
+        .await
+        .map_err(|_| format!("timed out after {} ms", timeout.as_millis()))?
+        .map_err(|e| format!("{} ({})", poolwatch::Cause::of(&e), e))?;
+    let login_seconds = started.elapsed().as_secs_f64();
+    let result = examine_on(&mut conn, args, address, login_seconds, report).await;
+    let _ = tokio::time::timeout(timeout, conn.close()).await;
+    result
+}
+
+async fn query(conn: &mut PgConnection, timeout: Duration, sql: String) -> Result<Vec<PgRow>, String> {
+    match tokio::time::timeout(timeout, poolwatch::fetch_all_text(conn, sql)).await {
+        Ok(Ok(rows)) => Ok(rows),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
+    }
+}
+
+fn text(row: &PgRow, i: usize) -> String {
+    row.try_get::<Option<String>, _>(i).ok().flatten().unwrap_or_default()
+}
+
+/// Client sessions, as the role sees them: a session it may not inspect shows with NULL
+/// `backend_type` and `state`; those with a database are clients too.
+const CLIENTS: &str = "datid IS NOT NULL AND (backend_type = 'client backend' OR backend_type IS NULL)";
+
+async fn examine_on(
+    conn: &mut PgConnection,
+    args: &Args,
+    address: SocketAddr,
+    login_seconds: f64,
+    report: &mut Report,
+) -> Result<ServerSettings, String> {
+    let t = args.query_timeout;
+    let settings = tokio::time::timeout(t, ServerSettings::read(conn))
+        .await
+        .map_err(|_| "reading the server settings timed out".to_owned())?
+        .map_err(|e| format!("reading the server settings: {e}"))?;
+    let who = query(
+        conn,
+        t,
+        "SELECT current_user::text, current_setting('server_version'), \
+         pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')::text"
+            .to_owned(),
+    )
+    .await?;
+    let (user, version, read_all_stats) =
+        who.first().map(|r| (text(r, 0), text(r, 1), text(r, 2) == "true")).unwrap_or_default();
+    let sees_all = settings.superuser || read_all_stats;
+
+    let groups = query(
+        conn,
+        t,
+        format!(
+            "SELECT coalesce(application_name, ''), coalesce(state, CASE WHEN backend_type IS NULL \
+             THEN 'hidden' ELSE 'unknown' END), count(*)::int8 \
+             FROM pg_stat_activity WHERE {CLIENTS} GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT 200"
+        ),
+    )
+    .await?;
+    report.sessions = groups
+        .iter()
+        .map(|r| SessionGroup { application_name: text(r, 0), state: text(r, 1), count: r.try_get(2).unwrap_or(0) })
+        .collect();
+    let client_sessions: i64 = report.sessions.iter().map(|g| g.count).sum();
+    let hidden: i64 = report.sessions.iter().filter(|g| g.state == "hidden").map(|g| g.count).sum();
+    if hidden > 0 || !sees_all {
+        report.not_seen.push(format!(
+            "state, query times and waits of {hidden} session(s) of other roles: role {user} lacks \
+             pg_read_all_stats (their count and application_name are exact; stuck sessions among them \
+             cannot be found). Fix: GRANT pg_read_all_stats TO {user}"
+        ));
+    }
+
+    let after = args.stuck_after.as_secs_f64();
+    let stuck = query(
+        conn,
+        t,
+        format!(
+            "SELECT pid, coalesce(usename::text, ''), coalesce(application_name, ''), state, \
+             extract(epoch FROM clock_timestamp() - state_change)::float8, \
+             extract(epoch FROM clock_timestamp() - xact_start)::float8, \
+             CASE WHEN wait_event_type IS NOT NULL THEN wait_event_type || ':' || wait_event END \
+             FROM pg_stat_activity \
+             WHERE pid <> pg_backend_pid() AND backend_type = 'client backend' \
+               AND (state LIKE 'idle in transaction%' OR state = 'active') \
+               AND state_change < clock_timestamp() - make_interval(secs => {after}) \
+             ORDER BY state_change LIMIT 50"
+        ),
+    )
+    .await?;
+    report.stuck = stuck
+        .iter()
+        .map(|r| StuckSession {
+            pid: r.try_get(0).unwrap_or(0),
+            user: text(r, 1),
+            application_name: text(r, 2),
+            state: text(r, 3),
+            in_state_seconds: r.try_get(4).unwrap_or(0.0),
+            transaction_seconds: r.try_get(5).ok().flatten(),
+            waiting_on: r.try_get(6).ok().flatten(),
+        })
+        .collect();
+
+    let locks = query(
+        conn,
+        t,
+        "SELECT l.pid, coalesce(a.usename::text, ''), coalesce(a.application_name, ''), \
+         coalesce(a.state, CASE WHEN a.pid IS NULL THEN 'gone' ELSE 'hidden' END), \
+         count(*) FILTER (WHERE l.granted)::int8, count(*) FILTER (WHERE NOT l.granted)::int8 \
+         FROM pg_locks l LEFT JOIN pg_stat_activity a USING (pid) \
+         WHERE l.locktype = 'advisory' AND l.pid IS NOT NULL GROUP BY 1, 2, 3, 4 ORDER BY 5 DESC, 6 DESC LIMIT 50"
+            .to_owned(),
+    )
+    .await?;
+    report.advisory_locks = locks
+        .iter()
+        .map(|r| LockHolder {
+            pid: r.try_get(0).unwrap_or(0),
+            user: text(r, 1),
+            application_name: text(r, 2),
+            state: text(r, 3),
+            held: r.try_get(4).unwrap_or(0),
+            waiting: r.try_get(5).unwrap_or(0),
+        })
+        .collect();
+
+    let usable = settings.usable_connections();
+    report.server = Some(Server {
+        via: address.to_string(),
+        version,
+        user,
+        superuser: settings.superuser,
+        read_all_stats,
+        login_seconds,
+        max_connections: settings.max_connections,
+        reserved_connections: settings.superuser_reserved_connections + settings.reserved_connections,
+        usable_connections: usable,
+        client_sessions: u32::try_from(client_sessions).unwrap_or(u32::MAX),
+        headroom: i64::from(usable) - client_sessions,
+        idle_session_timeout_seconds: secs(settings.idle_session_timeout),
+        idle_in_transaction_session_timeout_seconds: secs(settings.idle_in_transaction_session_timeout),
+        tcp_keepalives_idle_seconds: secs(settings.tcp_keepalives_idle),
+        role_connection_limit: settings.role_connection_limit,
+    });
+    if !report.stuck.is_empty() {
+        report.problems.push(format!(
+            "{} session(s) idle in transaction or active for more than {}",
+            report.stuck.len(),
+            crate::render::dur(after)
+        ));
+    }
+    if i64::from(usable) - client_sessions <= 0 {
+        report.problems.push("no connection slot left on the server for this role".to_owned());
+    }
+    Ok(settings)
+}
+
+/// PgBouncer's `SHOW POOLS` on its admin console, every column as text.
+async fn show_pools(admin: &PgConnectOptions, timeout: Duration) -> Pooler {
+    let work = async {
+        let mut conn = PgConnection::connect_with(&admin.clone().disable_statement_logging()).await?;
+        let rows = sqlx::raw_sql("SHOW POOLS").fetch_all(&mut conn).await;
+        let _ = conn.close().await;
+        rows
+    };
+    let rows = match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(e)) => return Pooler { columns: Vec::new(), rows: Vec::new(), error: Some(e.to_string()) },
+        Err(_) => {
+            return Pooler {
+                columns: Vec::new(),
+                rows: Vec::new(),
+                error: Some(format!("timed out after {} ms", timeout.as_millis())),
+            };
+        }
+    };
+    use sqlx::{Column, ValueRef};
+    let columns = rows.first().map(|r| r.columns().iter().map(|c| c.name().to_owned()).collect()).unwrap_or_default();
+    let rows = rows
+        .iter()
+        .map(|r| {
+            (0..r.columns().len())
+                .map(|i| match r.try_get_raw(i) {
+                    Ok(v) if !v.is_null() => v.as_str().map(str::to_owned).unwrap_or_default(),
+                    _ => String::new(),
+                })
+                .collect()
+        })
+        .collect();
+    Pooler { columns, rows, error: None }
+}

@@ -1,0 +1,388 @@
+//! [`PoolWatch::health`](crate::PoolWatch::health): one plain report a readiness endpoint can
+//! serve: `ok`, `degraded` or `failing`, the reasons, and the figures behind them. It reads
+//! what the background tasks last measured; building it does no I/O.
+//!
+//! - `failing`: the app cannot get a working connection: the pool heartbeat fails (pool
+//!   exhausted or leaking when the direct heartbeat works; database or network when both fail).
+//! - `degraded`: it still works, but something needs a look: the phantom gap growing or
+//!   standing, stranded slots, a socket whose send queue never drains, acquires waiting long,
+//!   a listener down, a configuration hazard, an unreachable resolved address, the census or
+//!   the direct heartbeat failing.
+//! - `ok`: none of the above (also before the first heartbeat and census).
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::listener::status::ListenerHealth;
+use crate::{Diagnosis, HeartbeatFigures, PathFigures, PoolFigures};
+
+/// The verdict, worst last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize), serde(rename_all = "lowercase"))]
+pub enum HealthStatus {
+    /// Nothing wrong seen.
+    Ok,
+    /// Working, but something needs a look.
+    Degraded,
+    /// The app cannot get a working connection.
+    Failing,
+}
+
+impl HealthStatus {
+    /// `ok`, `degraded` or `failing`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            HealthStatus::Ok => "ok",
+            HealthStatus::Degraded => "degraded",
+            HealthStatus::Failing => "failing",
+        }
+    }
+}
+
+impl fmt::Display for HealthStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One reason the report is not `ok`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct Reason {
+    /// How bad this one is.
+    pub status: HealthStatus,
+    /// A fixed name, e.g. `pool_heartbeat_failing`, `phantom_gap_growing`, `stranded_slots`.
+    pub code: &'static str,
+    /// What was seen, with its figures.
+    pub message: String,
+}
+
+/// The phantom gap (pool-believed minus server-real connections) and its trend.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct GapHealth {
+    /// The gap at the last successful census (`None` before one).
+    pub phantom: Option<i64>,
+    /// The gap rose over the last censuses without ever falling.
+    pub growing: bool,
+    /// The gap at the last few censuses, oldest first.
+    pub recent: Vec<i64>,
+    /// Whether the last census succeeded (the figures are stale when not).
+    pub census_up: bool,
+}
+
+/// One heartbeat path, in plain units.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct PathHealth {
+    /// Whether the last heartbeat succeeded (`None` before the first).
+    pub up: Option<bool>,
+    /// How long the last one took, in seconds.
+    pub last_seconds: Option<f64>,
+    /// Why the last one failed (a [`Cause`](crate::Cause) name).
+    pub last_cause: Option<&'static str>,
+    /// Heartbeats that succeeded so far.
+    pub successes: u64,
+    /// Heartbeats that failed so far.
+    pub failures: u64,
+}
+
+impl From<PathFigures> for PathHealth {
+    fn from(p: PathFigures) -> Self {
+        PathHealth {
+            up: p.up,
+            last_seconds: p.last_duration.map(|d| d.as_secs_f64()),
+            last_cause: p.last_cause.map(crate::Cause::as_str),
+            successes: p.successes,
+            failures: p.failures,
+        }
+    }
+}
+
+/// Both heartbeat paths and what they say together.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct HeartbeatHealth {
+    /// `SELECT 1` through the pool.
+    pub pool: PathHealth,
+    /// `SELECT 1` on poolwatch's own connection, outside the pool.
+    pub direct: PathHealth,
+    /// `healthy`, `pool_side`, `database_or_network` or `direct_only`; `None` before both ran.
+    pub diagnosis: Option<&'static str>,
+}
+
+/// A configuration hazard found by the lint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct HazardHealth {
+    /// The hazard's name (the `hazard` label).
+    pub hazard: &'static str,
+    /// The figures that raised it.
+    pub detail: String,
+    /// How to fix it.
+    pub fix: &'static str,
+}
+
+/// Acquires through the watched pool waiting now.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct WaitHealth {
+    /// Callers waiting for a connection now.
+    pub waiters: usize,
+    /// The oldest one's wait so far, in seconds.
+    pub oldest_wait_seconds: f64,
+}
+
+/// The report of one watched pool: see the [module docs](self).
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct HealthReport {
+    /// The pool's name.
+    pub pool_name: String,
+    /// The worst status among the reasons (`ok` when there are none).
+    pub status: HealthStatus,
+    /// Why it is not `ok`, worst first.
+    pub reasons: Vec<Reason>,
+    /// What the pool believes now.
+    pub pool: PoolFigures,
+    /// The phantom gap.
+    pub gap: GapHealth,
+    /// Both heartbeat paths.
+    pub heartbeat: HeartbeatHealth,
+    /// The pool's [`WatchedListener`](crate::WatchedListener)s alive in this process.
+    pub listeners: Vec<ListenerHealth>,
+    /// Configuration hazards found by the last lint.
+    pub hazards: Vec<HazardHealth>,
+    /// Slots the pool counts as checked out that the app does not hold through the watched
+    /// pool, at each of the last samples (`poolwatch_stranded_slots`).
+    pub stranded_slots: u32,
+    /// Sockets whose send queue has not drained for `send_queue_stuck_after`.
+    pub send_queue_stuck_sockets: u32,
+    /// Acquires waiting now.
+    pub waits: WaitHealth,
+    /// Resolved addresses of the database host that did not answer the last probe, of how many.
+    pub addresses_down: usize,
+    /// How many addresses were probed.
+    pub addresses: usize,
+}
+
+/// Acquires waiting longer than this make the report `degraded`.
+pub(crate) const LONG_WAIT: Duration = Duration::from_secs(1);
+
+/// What [`PoolWatch::health`](crate::PoolWatch::health) gathers before judging.
+#[derive(Debug)]
+pub(crate) struct Inputs {
+    pub(crate) pool_name: String,
+    pub(crate) pool: PoolFigures,
+    pub(crate) gap: GapHealth,
+    pub(crate) heartbeat: HeartbeatFigures,
+    pub(crate) listeners: Vec<ListenerHealth>,
+    pub(crate) hazards: Vec<crate::Finding>,
+    pub(crate) stranded: u32,
+    pub(crate) send_queue_stuck: u32,
+    pub(crate) waits: WaitHealth,
+    pub(crate) reach: crate::Reachability,
+}
+
+/// Judges the figures; pure, so every rule is unit-tested.
+pub(crate) fn judge(i: Inputs) -> HealthReport {
+    let mut reasons = Vec::new();
+    let mut add = |status, code, message: String| reasons.push(Reason { status, code, message });
+    let hb = i.heartbeat;
+    let diagnosis = hb.diagnosis();
+    match (hb.pool.up, diagnosis) {
+        (Some(false), Some(Diagnosis::DatabaseOrNetwork)) => add(
+            HealthStatus::Failing,
+            "database_unreachable",
+            format!(
+                "both heartbeats fail (pool: {}, direct: {}): the database or the network",
+                cause(hb.pool.last_cause),
+                cause(hb.direct.last_cause)
+            ),
+        ),
+        (Some(false), _) => add(
+            HealthStatus::Failing,
+            "pool_heartbeat_failing",
+            format!(
+                "SELECT 1 through the pool fails ({}) while the database answers poolwatch's own connection: the pool is exhausted or leaking",
+                cause(hb.pool.last_cause)
+            ),
+        ),
+        _ => {}
+    }
+    if diagnosis == Some(Diagnosis::DirectOnly) {
+        add(
+            HealthStatus::Degraded,
+            "direct_heartbeat_failing",
+            format!("poolwatch's own connection fails ({}); the pool works", cause(hb.direct.last_cause)),
+        );
+    }
+    if !i.gap.census_up && !i.gap.recent.is_empty() {
+        add(HealthStatus::Degraded, "census_down", "the last server census failed; the gap figures are stale".into());
+    }
+    if let Some(p) = i.gap.phantom.filter(|p| *p > 0) {
+        if i.gap.growing {
+            add(
+                HealthStatus::Degraded,
+                "phantom_gap_growing",
+                format!(
+                    "the pool counts {p} connections the server does not have, and the gap grows ({:?})",
+                    i.gap.recent
+                ),
+            );
+        } else {
+            add(
+                HealthStatus::Degraded,
+                "phantom_gap",
+                format!("the pool counts {p} connections the server does not have"),
+            );
+        }
+    }
+    if i.stranded > 0 {
+        add(
+            HealthStatus::Degraded,
+            "stranded_slots",
+            format!(
+                "{} slot(s) counted by the pool are neither idle nor held through the watched pool (stuck in sqlx's return-to-pool cleanup, or bare-pool acquires)",
+                i.stranded
+            ),
+        );
+    }
+    if i.send_queue_stuck > 0 {
+        add(
+            HealthStatus::Degraded,
+            "send_queue_stuck",
+            format!(
+                "{} socket(s) to the database have unacknowledged data that never drains: a silent peer",
+                i.send_queue_stuck
+            ),
+        );
+    }
+    if i.waits.waiters > 0 && i.waits.oldest_wait_seconds >= LONG_WAIT.as_secs_f64() {
+        add(
+            HealthStatus::Degraded,
+            "acquires_waiting",
+            format!("{} acquire(s) waiting, the oldest for {:.1}s", i.waits.waiters, i.waits.oldest_wait_seconds),
+        );
+    }
+    for l in i.listeners.iter().filter(|l| !l.connected) {
+        add(
+            HealthStatus::Degraded,
+            "listener_down",
+            format!("listener {} is not connected: notifications are lost", l.name),
+        );
+    }
+    for h in &i.hazards {
+        add(HealthStatus::Degraded, "config_hazard", format!("{}: {}", h.hazard, h.detail));
+    }
+    let down = i.reach.addresses.iter().filter(|a| !a.up).count();
+    if down > 0 {
+        add(
+            HealthStatus::Degraded,
+            "address_unreachable",
+            format!("{down} of {} resolved address(es) of the database host do not answer", i.reach.addresses.len()),
+        );
+    }
+    reasons.sort_by_key(|r| std::cmp::Reverse(r.status));
+    HealthReport {
+        pool_name: i.pool_name,
+        status: reasons.first().map_or(HealthStatus::Ok, |r| r.status),
+        reasons,
+        pool: i.pool,
+        gap: i.gap,
+        heartbeat: HeartbeatHealth {
+            pool: hb.pool.into(),
+            direct: hb.direct.into(),
+            diagnosis: diagnosis.map(|d| match d {
+                Diagnosis::Healthy => "healthy",
+                Diagnosis::PoolSide => "pool_side",
+                Diagnosis::DatabaseOrNetwork => "database_or_network",
+                Diagnosis::DirectOnly => "direct_only",
+            }),
+        },
+        listeners: i.listeners,
+        hazards: i
+            .hazards
+            .iter()
+            .map(|f| HazardHealth { hazard: f.hazard.as_str(), detail: f.detail.clone(), fix: f.hazard.fix() })
+            .collect(),
+        stranded_slots: i.stranded,
+        send_queue_stuck_sockets: i.send_queue_stuck,
+        waits: i.waits,
+        addresses_down: down,
+        addresses: i.reach.addresses.len(),
+    }
+}
+
+fn cause(c: Option<crate::Cause>) -> &'static str {
+    c.map_or("unknown", crate::Cause::as_str)
+}
+
+/// The gap rose over the readings (at least three) and never fell.
+pub(crate) fn growing(recent: &[i64]) -> bool {
+    recent.len() >= 3 && recent.windows(2).all(|w| w[1] >= w[0]) && recent.last() > recent.first()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Cause, Finding, Hazard};
+
+    fn inputs() -> Inputs {
+        let up = PathFigures { up: Some(true), successes: 1, ..PathFigures::default() };
+        Inputs {
+            pool_name: "unit".into(),
+            pool: PoolFigures::default(),
+            gap: GapHealth { phantom: Some(0), growing: false, recent: vec![0], census_up: true },
+            heartbeat: HeartbeatFigures { pool: up, direct: up },
+            listeners: Vec::new(),
+            hazards: Vec::new(),
+            stranded: 0,
+            send_queue_stuck: 0,
+            waits: WaitHealth::default(),
+            reach: crate::Reachability::default(),
+        }
+    }
+
+    fn codes(r: &HealthReport) -> Vec<&'static str> {
+        r.reasons.iter().map(|r| r.code).collect()
+    }
+
+    #[test]
+    fn each_rule_and_the_worst_wins() {
+        let r = judge(inputs());
+        assert_eq!((r.status, codes(&r)), (HealthStatus::Ok, vec![]));
+        let down = PathFigures { up: Some(false), last_cause: Some(Cause::PoolTimedOut), ..PathFigures::default() };
+        let mut i = inputs();
+        i.heartbeat.pool = down;
+        i.stranded = 2;
+        let r = judge(i);
+        assert_eq!(r.status, HealthStatus::Failing);
+        assert_eq!(codes(&r), ["pool_heartbeat_failing", "stranded_slots"], "worst first");
+        let mut i = inputs();
+        i.heartbeat.pool = down;
+        i.heartbeat.direct = PathFigures { up: Some(false), ..PathFigures::default() };
+        assert_eq!(codes(&judge(i)), ["database_unreachable"]);
+        let mut i = inputs();
+        i.gap = GapHealth { phantom: Some(3), growing: true, recent: vec![1, 2, 3], census_up: true };
+        i.hazards = vec![Finding { hazard: Hazard::MaxLifetimeUnsetOrTooLong, detail: "x".into() }];
+        i.listeners = vec![ListenerHealth { name: "jobs".into(), connected: false, reconnects: 1, last_cause: None }];
+        i.send_queue_stuck = 1;
+        i.waits = WaitHealth { waiters: 2, oldest_wait_seconds: 3.0 };
+        let r = judge(i);
+        assert_eq!(r.status, HealthStatus::Degraded);
+        assert_eq!(
+            codes(&r),
+            ["phantom_gap_growing", "send_queue_stuck", "acquires_waiting", "listener_down", "config_hazard"]
+        );
+    }
+
+    #[test]
+    fn growth_needs_three_readings_that_never_fall() {
+        assert!(growing(&[1, 2, 3]));
+        assert!(growing(&[1, 1, 2]));
+        assert!(!growing(&[1, 2]));
+        assert!(!growing(&[2, 2, 2]));
+        assert!(!growing(&[1, 3, 2, 4]));
+    }
+}

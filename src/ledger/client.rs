@@ -1,0 +1,252 @@
+//! The client-side ledger: on every sample, the pool's count against the sockets the pool
+//! really holds, at no cost to the server.
+//!
+//! A slot the pool counts whose connection the server or a pooler closed has no established
+//! socket: `poolwatch_client_gap` = `pool.size()` minus the pool's established sockets. A
+//! socket in `close_wait` is one the peer ended and the app has not noticed.
+//!
+//! Which sockets are the pool's: this process's TCP sockets whose peer is the database's
+//! address (see [`sockets`](crate::ledger::sockets)), minus poolwatch's own (every watched
+//! pool's dedicated connection, the reachability probes).
+//!
+//! **Two pools of one process to the same address** cannot be told apart by the kernel's
+//! view. Each server census reads the `client_port` of the pool's own sessions (its tagged
+//! `application_name`): a socket whose local port a census gave to this pool is this pool's;
+//! one a census gave to another pool is not. A socket no census has seen yet (opened since
+//! the last one) is *unattributed*: it is counted for every pool sharing the address, so the
+//! client gap can read low there (a leak hidden by another pool's new socket) but never
+//! reports a leak that is not there; [`SocketCensus::unattributed`] says how many, and
+//! unattributed sockets make poolwatch run a census at once to attribute them. Sockets whose
+//! server session is already gone (`close_wait`) cannot be attributed by any census: they
+//! count in each sharing pool's `close_wait`. Connections the app opens to the same address
+//! outside any watched pool (a raw `PgConnection`, a `PgListener`)
+//! are told apart the same way: each census marks the established sockets that are none of
+//! the pool's sessions as another client's, and leaves them out from then on. One opened
+//! since the last census reads as a negative gap until the census it triggers has seen it.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::ledger::sockets::{self, SocketCensus, SocketReader};
+
+/// The watched pools of this process: their peers, their dedicated connection's local port
+/// and the local ports their last census attributed to them.
+static POOLS: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    peers: Vec<SocketAddr>,
+    direct_port: Arc<AtomicU32>,
+    ports: HashSet<u16>,
+    /// Local ports of this process's sockets to the peers that the last census found were
+    /// no session of this pool (another client of the app: a `PgListener`, a raw connection).
+    foreign: HashSet<u16>,
+}
+
+/// One watched pool's client-side ledger.
+#[derive(Debug)]
+pub(crate) struct ClientLedger {
+    id: u64,
+    reader: Arc<Mutex<SocketReader>>,
+}
+
+impl ClientLedger {
+    /// Registers a watched pool; `direct_port` holds its dedicated connection's local port
+    /// (0: none).
+    pub(crate) fn new(direct_port: Arc<AtomicU32>) -> ClientLedger {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut pools) = POOLS.lock() {
+            pools.push(Entry { id, peers: Vec::new(), direct_port, ports: HashSet::new(), foreign: HashSet::new() });
+        }
+        ClientLedger { id, reader: Arc::new(Mutex::new(SocketReader::default())) }
+    }
+
+    /// Records the database addresses the pool's sockets go to.
+    pub(crate) fn set_peers(&self, peers: &[SocketAddr]) {
+        self.with_entry(|e| {
+            if e.peers != peers {
+                e.peers = peers.to_vec();
+            }
+        });
+    }
+
+    /// The peers last recorded (empty: unknown or a unix socket).
+    pub(crate) fn peers(&self) -> Vec<SocketAddr> {
+        let mut peers = Vec::new();
+        self.with_entry(|e| peers.clone_from(&e.peers));
+        peers
+    }
+
+    /// Records the local ports a server census found for this pool's sessions, and, when
+    /// `sockets_then` (the process's sockets to the peers read right after that census, with
+    /// the pool's count unchanged) is given, the ports of the other established ones: not
+    /// the pool's. A wrong call (a connection that completed in between) heals at the next
+    /// census, which the gap it causes runs at once.
+    pub(crate) fn learn(&self, ports: &[u16], sockets_then: Option<&SocketCensus>) {
+        self.with_entry(|e| {
+            e.ports = ports.iter().copied().collect();
+            let Some(then) = sockets_then else { return };
+            let local: HashSet<u16> = then.sockets.iter().map(|s| s.local.port()).collect();
+            if e.ports.iter().all(|p| local.contains(p)) {
+                e.foreign = then
+                    .sockets
+                    .iter()
+                    .filter(|s| s.state == "established")
+                    .map(|s| s.local.port())
+                    .filter(|p| !e.ports.contains(p))
+                    .collect();
+            } else {
+                // The sessions' client ports are not this process's (a pooler or NAT in
+                // between): ports tell nothing here.
+                e.ports.clear();
+                e.foreign.clear();
+            }
+        });
+    }
+
+    fn with_entry(&self, f: impl FnOnce(&mut Entry)) {
+        if let Ok(mut pools) = POOLS.lock()
+            && let Some(e) = pools.iter_mut().find(|e| e.id == self.id)
+        {
+            f(e);
+        }
+    }
+
+    /// Reads the pool's sockets on Tokio's blocking pool (never on a runtime worker).
+    /// `None`: no known peers (unix socket, not resolved yet) or the read failed.
+    /// `pool_size` lets a steady pool's sockets be looked up one by one instead of dumped.
+    pub(crate) async fn read(&self, pool_size: u32) -> Option<SocketCensus> {
+        let census = self.read_sockets(Some(pool_size)).await?;
+        Some(attribute(self.id, census, true))
+    }
+
+    /// Every socket of the process to the peers, but poolwatch's own (a full read).
+    pub(crate) async fn read_all(&self) -> Option<SocketCensus> {
+        self.read_sockets(None).await
+    }
+
+    async fn read_sockets(&self, hint: Option<u32>) -> Option<SocketCensus> {
+        let peers = self.peers();
+        if peers.is_empty() {
+            return None;
+        }
+        let reader = Arc::clone(&self.reader);
+        let id = self.id;
+        let census = tokio::task::spawn_blocking(move || {
+            let mut reader = reader.lock().ok()?;
+            match hint {
+                Some(size) => reader.read_with_hint(&peers, size).ok(),
+                None => reader.read(&peers).ok(),
+            }
+        })
+        .await
+        .ok()??;
+        Some(attribute(id, census, false))
+    }
+}
+
+impl Drop for ClientLedger {
+    fn drop(&mut self) {
+        if let Ok(mut pools) = POOLS.lock() {
+            pools.retain(|e| e.id != self.id);
+        }
+    }
+}
+
+/// Keeps the sockets of pool `id`: not poolwatch's own and, with `by_pool`, neither known as
+/// another client's nor attributed to a sibling pool.
+fn attribute(id: u64, mut census: SocketCensus, by_pool: bool) -> SocketCensus {
+    let Ok(pools) = POOLS.lock() else { return census };
+    let Some(me) = pools.iter().find(|e| e.id == id) else { return census };
+    let direct: HashSet<u16> = pools
+        .iter()
+        .map(|e| e.direct_port.load(Ordering::Relaxed))
+        .filter_map(|p| u16::try_from(p).ok().filter(|p| *p != 0))
+        .collect();
+    let siblings: Vec<&Entry> =
+        pools.iter().filter(|e| e.id != id && e.peers.iter().any(|p| me.peers.contains(p))).collect();
+    let mut unattributed = 0;
+    let kept: Vec<_> = census
+        .sockets
+        .drain(..)
+        .filter(|s| {
+            let port = s.local.port();
+            if direct.contains(&port) || sockets::is_own(port) {
+                return false;
+            }
+            if !by_pool || me.ports.contains(&port) {
+                return true;
+            }
+            if me.foreign.contains(&port) {
+                return false;
+            }
+            if siblings.is_empty() {
+                return true;
+            }
+            if siblings.iter().any(|e| e.ports.contains(&port)) {
+                return false;
+            }
+            unattributed += 1;
+            true
+        })
+        .collect();
+    let mut out = SocketCensus::of(kept, census.source);
+    out.unattributed = unattributed;
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::sockets::{ClientSocket, SocketSource};
+
+    fn socket(port: u16, peer: &str) -> ClientSocket {
+        ClientSocket {
+            local: SocketAddr::from(([127, 0, 0, 1], port)),
+            peer: peer.parse().unwrap(),
+            state: "established",
+            send_queue: 0,
+            recv_queue: 0,
+            inode: u64::from(port),
+        }
+    }
+
+    #[test]
+    fn pools_sharing_an_address_are_told_apart_by_census_ports() {
+        let peer = "127.0.0.9:5999";
+        let a = ClientLedger::new(Arc::new(AtomicU32::new(40000)));
+        let all = || {
+            SocketCensus::of(
+                vec![socket(40000, peer), socket(40001, peer), socket(40002, peer), socket(40003, peer)],
+                SocketSource::Netlink,
+            )
+        };
+        a.set_peers(&[peer.parse().unwrap()]);
+        // Alone on the address: every socket but its dedicated connection is the pool's.
+        let alone = attribute(a.id, all(), true);
+        assert_eq!((alone.get("established"), alone.unattributed), (3, 0), "{alone:?}");
+
+        let b = ClientLedger::new(Arc::new(AtomicU32::new(0)));
+        b.set_peers(&[peer.parse().unwrap()]);
+        let shared = attribute(a.id, all(), true);
+        assert_eq!((shared.get("established"), shared.unattributed), (3, 3), "nothing attributed yet");
+        a.learn(&[40001], None);
+        b.learn(&[40002], None);
+        let sa = attribute(a.id, all(), true);
+        let sb = attribute(b.id, all(), true);
+        assert_eq!((sa.get("established"), sa.unattributed), (2, 1), "40001 + the unseen 40003: {sa:?}");
+        assert_eq!((sb.get("established"), sb.unattributed), (2, 1), "40002 + the unseen 40003: {sb:?}");
+        drop(b);
+        assert_eq!(attribute(a.id, all(), true).unattributed, 0, "alone again");
+        // A census that saw 40003 established and not among the pool's sessions: another
+        // client of the app (a listener, a raw connection), left out from then on.
+        a.learn(&[40001, 40002], Some(&all()));
+        let sa = attribute(a.id, all(), true);
+        assert_eq!(sa.sockets.iter().map(|s| s.local.port()).collect::<Vec<_>>(), [40001, 40002], "{sa:?}");
+        assert_eq!(attribute(a.id, all(), false).sockets.len(), 3, "the raw read keeps it");
+    }
+}

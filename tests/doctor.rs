@@ -1,0 +1,226 @@
+//! `poolwatch doctor`, the real binary, against real servers: a healthy one, one with hazards
+//! and stuck sessions, a dead and a silent address beside a live one, a role without
+//! `pg_read_all_stats`, a password that must never show, and PgBouncer's admin console.
+
+mod support;
+
+use std::time::Duration;
+
+use poolwatch::sqlx;
+use serde_json::Value;
+use sqlx::{Connection, Executor, PgConnection};
+use support::pgbouncer::PgBouncer;
+use support::{Cluster, eventually};
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", self.stdout))
+    }
+}
+
+/// Runs the installed binary as a user would.
+async fn doctor(args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_poolwatch"))
+        .arg("doctor")
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .output()
+        .await
+        .expect("run poolwatch");
+    let run = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    println!("$ poolwatch doctor {}\n{}{}(exit {})", args.join(" "), run.stdout, run.stderr, run.code);
+    run
+}
+
+fn url_with_hosts(hosts: &[String]) -> String {
+    format!("postgres://postgres@{}/postgres", hosts.join(","))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_server_exits_zero_with_every_section() {
+    let cluster = Cluster::start();
+    let human = doctor(&[&cluster.url()]).await;
+    assert_eq!(human.code, 0, "healthy: {}", human.stdout);
+    for section in ["ADDRESSES", "SERVER via", "SESSIONS", "STUCK", "ADVISORY LOCKS", "HAZARDS", "RESULT: healthy"] {
+        assert!(human.stdout.contains(section), "{section} missing");
+    }
+    let r = doctor(&[&cluster.url(), "--json"]).await;
+    assert_eq!(r.code, 0);
+    let j = r.json();
+    let a = &j["addresses"][0];
+    assert_eq!((a["tcp"].as_str(), a["startup"]["outcome"].as_str()), (Some("up"), Some("ok")), "{a}");
+    let server = &j["server"];
+    assert_eq!(server["max_connections"], 300);
+    assert!(server["headroom"].as_i64().is_some_and(|h| h > 0 && h < 300), "{server}");
+    let doctor_session = j["sessions"].as_array().unwrap().iter().any(|g| g["application_name"] == "poolwatch-doctor");
+    assert!(doctor_session, "the doctor sees its own session: {}", j["sessions"]);
+    assert_eq!(j["hazards"].as_array().map(Vec::len), Some(0));
+    assert_eq!(j["problems"].as_array().map(Vec::len), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hazards_stuck_transactions_and_advisory_locks_are_reported_and_fail_the_run() {
+    let cluster = Cluster::start_with(&[("idle_session_timeout", "5min")]);
+    // A wedged worker: two advisory locks, a transaction left open.
+    let mut worker = PgConnection::connect_with(&cluster.options().application_name("wedged-worker")).await.unwrap();
+    worker.execute("SELECT pg_advisory_lock(1), pg_advisory_lock(2); BEGIN; SELECT 1").await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut worker).await.unwrap();
+    let url = cluster.url();
+    let args = [url.as_str(), "--json", "--min-connections", "5", "--stuck-after", "300ms"];
+    let j = eventually(Duration::from_secs(20), "the doctor lists the stuck transaction", async || {
+        let r = doctor(&args).await;
+        let j = r.json();
+        let stuck = j["stuck"].as_array()?.iter().any(|s| s["pid"] == pid);
+        (stuck && r.code == 1).then_some(j)
+    })
+    .await;
+    let stuck = j["stuck"].as_array().unwrap().iter().find(|s| s["pid"] == pid).unwrap().clone();
+    assert_eq!(stuck["state"], "idle in transaction", "{stuck}");
+    assert_eq!(stuck["application_name"], "wedged-worker");
+    let locks = j["advisory_locks"].as_array().unwrap().iter().find(|l| l["pid"] == pid).cloned();
+    assert_eq!(locks.map(|l| (l["held"].clone(), l["waiting"].clone())), Some((2.into(), 0.into())));
+    let hazard = j["hazards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["hazard"] == "min_connections_killed_by_idle_session_timeout");
+    let hazard = hazard.unwrap_or_else(|| panic!("hazard missing: {}", j["hazards"]));
+    assert!(hazard["fix"].as_str().unwrap().contains("idle_timeout"), "{hazard}");
+    assert!(hazard["detail"].as_str().unwrap().contains("idle_session_timeout=300s"), "{hazard}");
+    assert_eq!(j["server"]["idle_session_timeout_seconds"], 300.0);
+
+    // The human table says the same, with the fix.
+    let human = doctor(&[&url, "--min-connections", "5", "--stuck-after", "300ms"]).await;
+    assert_eq!(human.code, 1);
+    assert!(human.stdout.contains("min_connections_killed_by_idle_session_timeout"));
+    assert!(human.stdout.contains("fix: "));
+    assert!(human.stdout.contains("wedged-worker") && human.stdout.contains("idle in transaction"));
+    // Recycled well before the server's kill: that hazard is gone.
+    let safe =
+        doctor(&[&url, "--json", "--min-connections", "5", "--idle-timeout", "1m", "--max-lifetime", "2m"]).await;
+    let names: Vec<Value> = safe.json()["hazards"].as_array().unwrap().iter().map(|h| h["hazard"].clone()).collect();
+    assert!(!names.contains(&"min_connections_killed_by_idle_session_timeout".into()), "{names:?}");
+    worker.execute("ROLLBACK").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_and_a_silent_address_beside_a_live_one() {
+    let cluster = Cluster::start();
+    let live = format!("127.0.0.1:{}", cluster.port());
+    // Nothing listens on 127.0.0.2 (all of 127/8 is loopback): refused at once.
+    let refused = format!("127.0.0.2:{}", cluster.port());
+    // Accepts TCP (the kernel completes the handshake) but never answers the startup.
+    let silent_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = silent_listener.local_addr().unwrap().to_string();
+    let url = url_with_hosts(&[live.clone(), refused.clone(), silent.clone()]);
+    let r = doctor(&[&url, "--json", "--startup-timeout", "500ms"]).await;
+    assert_eq!(r.code, 1, "an unreachable address fails the run");
+    let j = r.json();
+    let by =
+        |address: &str| j["addresses"].as_array().unwrap().iter().find(|a| a["address"] == address).cloned().unwrap();
+    assert_eq!(by(&live)["startup"]["outcome"], "ok");
+    assert_eq!(by(&refused)["tcp"], "refused");
+    assert!(by(&refused)["startup"].is_null(), "no startup after a failed connect");
+    let s = by(&silent);
+    assert_eq!((s["tcp"].as_str(), s["startup"]["outcome"].as_str()), (Some("up"), Some("failed")), "{s}");
+    assert!(s["startup"]["detail"].as_str().unwrap().contains("timed out"), "{s}");
+    // The live address was examined all the same.
+    assert_eq!(j["server"]["via"], live.as_str());
+    let problems = j["problems"].to_string();
+    assert!(
+        problems.contains(&refused) && problems.contains(&silent) && !problems.contains(&format!("\"{live}")),
+        "{problems}"
+    );
+    drop(silent_listener);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_without_pg_read_all_stats_says_what_it_could_not_see() {
+    let cluster = Cluster::start();
+    let mut admin = PgConnection::connect_with(&cluster.options()).await.unwrap();
+    admin.execute("CREATE ROLE plain LOGIN").await.unwrap();
+    // Another role's session stuck in a transaction: the plain role cannot see its state.
+    let mut other = PgConnection::connect_with(&cluster.options().application_name("admin-job")).await.unwrap();
+    other.execute("BEGIN; SELECT pg_advisory_lock(9)").await.unwrap();
+    let url = format!("postgres://plain@127.0.0.1:{}/postgres", cluster.port());
+    let r = doctor(&[&url, "--json", "--stuck-after", "1ms"]).await;
+    assert_eq!(r.code, 0, "no hazard, no dead address: partial visibility is said, not failed");
+    let j = r.json();
+    assert_eq!(
+        (j["server"]["superuser"].as_bool(), j["server"]["read_all_stats"].as_bool()),
+        (Some(false), Some(false))
+    );
+    let hidden = j["sessions"].as_array().unwrap().iter().find(|g| g["application_name"] == "admin-job").cloned();
+    assert_eq!(hidden.map(|g| g["state"].clone()), Some("hidden".into()), "{}", j["sessions"]);
+    let not_seen = j["not_seen"].to_string();
+    assert!(not_seen.contains("pg_read_all_stats") && not_seen.contains("GRANT"), "{not_seen}");
+    // Advisory locks (pg_locks) stay visible to any role.
+    let lock =
+        j["advisory_locks"].as_array().unwrap().iter().any(|l| l["application_name"] == "admin-job" && l["held"] == 1);
+    assert!(lock, "{}", j["advisory_locks"]);
+    let human = doctor(&[&url]).await;
+    assert!(human.stdout.contains("COULD NOT SEE"), "{}", human.stdout);
+    other.execute("ROLLBACK").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_password_is_used_and_never_printed() {
+    let cluster = Cluster::start();
+    let secret = "Sh0uldNeverShow";
+    let url = support::password::password_role(&cluster, "app_pw", secret).await;
+    for args in [vec![url.as_str()], vec![url.as_str(), "--json"]] {
+        let r = doctor(&args).await;
+        assert_eq!(r.code, 0, "{}", r.stdout);
+        assert!(!r.stdout.contains(secret) && !r.stderr.contains(secret), "the password leaked");
+        assert!(r.stdout.contains("SCRAM-SHA-256"), "the startup shows what the server asks for");
+    }
+    // A wrong password: the login fails, and neither password shows.
+    let wrong = url.replace(secret, "Wr0ngAndSecret");
+    let r = doctor(&[&wrong]).await;
+    assert_eq!(r.code, 1);
+    assert!(r.stdout.contains("logging in") && r.stdout.contains("auth"), "{}", r.stdout);
+    assert!(!r.stdout.contains("Wr0ngAndSecret") && !r.stderr.contains("Wr0ngAndSecret"));
+    // Bad usage echoes the URL redacted.
+    let r = doctor(&[&url, "extra-argument"]).await;
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("extra-argument") && !r.stderr.contains(secret), "{}", r.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbouncer_pools_are_shown_from_the_admin_console() {
+    let cluster = Cluster::start();
+    let bouncer = PgBouncer::start(cluster.port(), &[("admin_users", "postgres")]);
+    // A client through PgBouncer, so the pool exists.
+    let mut client = PgConnection::connect_with(&bouncer.options()).await.unwrap();
+    client.execute("SELECT 1").await.unwrap();
+    let admin = format!("postgres://postgres@127.0.0.1:{}/pgbouncer", bouncer.port());
+    let r = doctor(&[&cluster.url(), "--json", "--pooler-admin", &admin]).await;
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    let pooler = &r.json()["pooler"];
+    let columns: Vec<&str> = pooler["columns"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(columns.contains(&"cl_waiting") && columns.contains(&"maxwait"), "{columns:?}");
+    let db = columns.iter().position(|c| *c == "database").unwrap();
+    let rows = pooler["rows"].as_array().unwrap();
+    assert!(rows.iter().any(|row| row[db] == "postgres"), "{rows:?}");
+    let human = doctor(&[&cluster.url(), "--pooler-admin", &admin]).await;
+    assert!(human.stdout.contains("POOLER: SHOW POOLS") && human.stdout.contains("cl_waiting"));
+    // An admin console that refuses is a failed check.
+    let r = doctor(&[
+        &cluster.url(),
+        "--pooler-admin",
+        &format!("postgres://nobody@127.0.0.1:{}/pgbouncer", bouncer.port()),
+    ])
+    .await;
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    client.close().await.ok();
+}

@@ -1,0 +1,229 @@
+//! The README's setup, literally: `poolwatch::export::prometheus_builder()` with an HTTP
+//! listener, installed as the app's global recorder, `/metrics` read over HTTP from a real
+//! watched pool with a real listener on a real server. Checks that every histogram the shipped
+//! dashboards and alerts read renders `_bucket` series, that every counter an alert reads
+//! with `increase()`/`rate()` exists at 0 from the start, and the series budget per pool and
+//! per listener.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use poolwatch::sqlx;
+use poolwatch::{Config, Detail, ListenerConfig, WatchedListener};
+use sqlx::postgres::PgPoolOptions;
+use support::prometheus::http_get;
+use support::{Cluster, eventually};
+
+const POOL: &str = "db_client_connection_pool_name";
+
+/// The README's "Use it" setup, with a free loopback port instead of 9184.
+fn install_recorder() -> SocketAddr {
+    static ADDR: OnceLock<SocketAddr> = OnceLock::new();
+    *ADDR.get_or_init(|| {
+        let addr = SocketAddr::from(([127, 0, 0, 1], support::cluster::free_port()));
+        // Installed from a thread outside the tests' runtimes, so the exporter gets its own
+        // runtime and outlives the test that installed it.
+        std::thread::spawn(move || {
+            poolwatch::export::prometheus_builder().with_http_listener(addr).install().expect("install the recorder")
+        })
+        .join()
+        .expect("install thread");
+        addr
+    })
+}
+
+/// `/metrics` over HTTP, as Prometheus scrapes it.
+async fn scrape(addr: SocketAddr) -> String {
+    eventually(Duration::from_secs(30), "GET /metrics answers", async || http_get(addr, "/metrics").await).await
+}
+
+/// The sample lines of `text` whose labels contain `pool`'s label (and, when given, `listener`).
+fn series<'a>(text: &'a str, pool: &str, listener: Option<bool>) -> Vec<&'a str> {
+    let pool_label = format!("{POOL}=\"{pool}\"");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.contains(&pool_label))
+        .filter(|l| listener.is_none_or(|want| l.contains("listener=\"") == want))
+        .collect()
+}
+
+/// Every `<histogram>_bucket` name in the shipped alerts and dashboards.
+fn bucket_names_used() -> BTreeSet<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut text = String::new();
+    for dir in ["alerts", "dashboards"] {
+        for entry in std::fs::read_dir(root.join(dir)).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_file() {
+                text.push_str(&std::fs::read_to_string(&path).expect("read file"));
+            }
+        }
+    }
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|t| t.ends_with("_bucket") && poolwatch::catalog::find(t).is_some())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A pool watched as the README says, with short intervals, and a listener on it.
+async fn watched(
+    cluster: &Cluster,
+    name: &str,
+    detail: Detail,
+) -> (sqlx::PgPool, poolwatch::PoolWatch, WatchedListener) {
+    let pool = poolwatch::instrument_options(PgPoolOptions::new().max_connections(4).min_connections(0))
+        .connect_with(cluster.options())
+        .await
+        .expect("connect");
+    let config = Config::new(name)
+        .sample_interval(Duration::from_millis(100))
+        .census_interval(Duration::from_millis(200))
+        .heartbeat_interval(Duration::from_millis(200))
+        .detail(detail);
+    let watch = poolwatch::instrument_pool(&pool, config).expect("instrument");
+    let mut listener =
+        WatchedListener::connect(cluster.options(), ListenerConfig::new(name, "jobs")).await.expect("listener");
+    listener.listen("jobs").await.expect("LISTEN");
+    (pool, watch, listener)
+}
+
+/// Waits until the census, both heartbeats, the hazard lint and the reachability probe have
+/// published, and some traffic went through the watched pool.
+async fn settled(addr: SocketAddr, watch: &poolwatch::PoolWatch, name: &str) -> String {
+    let db = watch.pool();
+    for _ in 0..5 {
+        sqlx::query("SELECT 1").execute(&db).await.expect("query");
+    }
+    eventually(Duration::from_secs(60), "census, heartbeats, lint and probe published", async || {
+        let text = scrape(addr).await;
+        let has = |needle: &str| series(&text, name, Some(false)).iter().any(|l| l.starts_with(needle));
+        let ready = has("poolwatch_census_up")
+            && has("poolwatch_heartbeat_up{")
+            && has("poolwatch_config_hazards")
+            && has("poolwatch_server_addresses_down")
+            && watch.heartbeat().pool.successes > 0
+            && watch.heartbeat().direct.successes > 0;
+        ready.then_some(text)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_setup_renders_every_used_histogram_with_buckets() {
+    let addr = install_recorder();
+    let cluster = Cluster::start();
+    let (pool, watch, _listener) = watched(&cluster, "readme", Detail::Standard).await;
+    let text = settled(addr, &watch, "readme").await;
+    let used = bucket_names_used();
+    assert!(used.len() >= 5, "the shipped artefacts read these histograms: {used:?}");
+    for bucket in &used {
+        let base = bucket.trim_end_matches("_bucket");
+        assert!(text.contains(&format!("# TYPE {base} histogram")), "{base} is not rendered as a histogram:\n{text}");
+        let lines: Vec<_> =
+            text.lines().filter(|l| l.starts_with(&format!("{bucket}{{")) && l.contains("\"readme\"")).collect();
+        assert!(lines.iter().any(|l| l.contains("le=\"+Inf\"")), "no {bucket} series for pool readme:\n{text}");
+        println!("{bucket}: {} series", lines.len());
+    }
+    assert!(!text.contains(" summary"), "a poolwatch histogram rendered as a summary:\n{text}");
+    drop(watch);
+    pool.close().await;
+}
+
+/// The counters every alert reads with `increase()` / `rate()`, with their equality
+/// matchers (`cause="idle_session_timeout"`): `(metric, [(label, value)])`.
+fn alert_counter_selectors() -> Vec<(String, Vec<(String, String)>)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(root.join("alerts")).expect("read alerts") {
+        let path = entry.expect("entry").path();
+        if !path.to_string_lossy().ends_with(".rules.yml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("read rules");
+        for func in ["increase(", "rate("] {
+            for (i, _) in text.match_indices(func) {
+                let rest = &text[i + func.len()..];
+                let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                let Some(m) = poolwatch::catalog::find(&name) else { continue };
+                if m.kind != poolwatch::catalog::Kind::Counter {
+                    continue;
+                }
+                let mut matchers = Vec::new();
+                if let Some(body) = rest[name.len()..].strip_prefix('{').and_then(|b| b.split_once('}')).map(|b| b.0) {
+                    for m in body.split(',') {
+                        if let Some((k, v)) = m.split_once('=')
+                            && !k.ends_with(['!', '='])
+                            && !v.starts_with('~')
+                            && k.trim() != "job"
+                        {
+                            matchers.push((k.trim().to_owned(), v.trim().trim_matches('"').to_owned()));
+                        }
+                    }
+                }
+                found.push((name, matchers));
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_that_alerts_read_exist_at_zero_from_the_start() {
+    let addr = install_recorder();
+    let cluster = Cluster::start();
+    let (pool, watch, _listener) = watched(&cluster, "zeros", Detail::Standard).await;
+    let _progress = watch.progress();
+    // Read before any failure, timeout, reconnect or unit of work could happen.
+    let text = scrape(addr).await;
+    let selectors = alert_counter_selectors();
+    assert!(
+        selectors.iter().any(|(n, m)| n == "poolwatch_listener_reconnects_total" && !m.is_empty()),
+        "the idle-session alert's selector is found: {selectors:?}"
+    );
+    for (name, matchers) in &selectors {
+        let line = series(&text, "zeros", None).into_iter().find(|l| {
+            l.starts_with(&format!("{name}{{")) && matchers.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        });
+        let line = line.unwrap_or_else(|| panic!("no {name}{matchers:?} series at start:\n{text}"));
+        assert!(line.ends_with(" 0"), "{line} is not 0 at start");
+    }
+    drop(watch);
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_budget_per_pool_and_per_listener() {
+    let addr = install_recorder();
+    let cluster = Cluster::start();
+    let mut figures = Vec::new();
+    for (name, detail) in [("budget", Detail::Standard), ("full", Detail::Full)] {
+        let (pool, watch, _listener) = watched(&cluster, name, detail).await;
+        let _progress = watch.progress();
+        let text = settled(addr, &watch, name).await;
+        let (per_pool, per_listener) = (series(&text, name, Some(false)), series(&text, name, Some(true)));
+        let mut families: Vec<(String, usize)> = Vec::new();
+        for line in &per_pool {
+            let family = line.split(['{', ' ']).next().unwrap_or_default();
+            let family = ["_bucket", "_sum", "_count"].iter().fold(family, |f, s| f.strip_suffix(s).unwrap_or(f));
+            match families.iter_mut().find(|(f, _)| f == family) {
+                Some((_, n)) => *n += 1,
+                None => families.push((family.to_owned(), 1)),
+            }
+        }
+        println!("{name} ({detail:?}): {} series per pool, {} per listener", per_pool.len(), per_listener.len());
+        for (family, n) in &families {
+            println!("  {n:3} {family}");
+        }
+        figures.push((per_pool.len(), per_listener.len()));
+        drop(watch);
+        pool.close().await;
+    }
+    let (standard, full) = (figures[0], figures[1]);
+    assert!(standard.0 <= 60, "{} series per pool at Detail::Standard (budget 60)", standard.0);
+    assert!(standard.1 <= 15, "{} series per listener (budget 15)", standard.1);
+    assert!(full.0 > standard.0, "Detail::Full adds the breakdowns ({} vs {})", full.0, standard.0);
+}
