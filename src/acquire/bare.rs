@@ -43,6 +43,11 @@ thread_local! {
 /// The pools poolwatch knows by name (instrumented or given hooks). A handful per process.
 static POOLS: Mutex<Vec<Arc<BareFigures>>> = Mutex::new(Vec::new());
 
+/// [`sqlx_acquire_layer`] was created: from then on every known pool exports its slow-acquire
+/// counter, at 0 until one happens. Without the layer (or the hooks) nothing can count slow
+/// acquires, so the series stays out of the pool's series budget.
+static LAYER: AtomicBool = AtomicBool::new(false);
+
 /// The hook counters of one pool (only with [`instrument_options_named`]).
 #[derive(Debug)]
 struct Hooks {
@@ -56,7 +61,8 @@ struct Hooks {
 pub(crate) struct BareFigures {
     name: String,
     wait: Histogram,
-    slow: Counter,
+    /// Created (at 0) once the layer or the hooks are in use.
+    slow: OnceLock<Counter>,
     /// sqlx reports every acquire of this pool, not only the slow ones (`acquire_time_level`
     /// is on): only then do slow acquires' waits go in the histogram, which would otherwise
     /// hold nothing but the slow tail.
@@ -71,20 +77,29 @@ pub(crate) fn figures(pool_name: &str) -> Arc<BareFigures> {
         return Arc::clone(f);
     }
     let p = pool_name.to_owned();
-    let slow = counter!(catalog::SLOW_ACQUIRES.name, POOL_NAME => p.clone());
-    slow.increment(0);
     let f = Arc::new(BareFigures {
         wait: histogram!(catalog::WAIT_TIME.name, POOL_NAME => p.clone()),
-        slow,
+        slow: OnceLock::new(),
         timed: AtomicBool::new(false),
         hooks: OnceLock::new(),
         name: p,
     });
+    if LAYER.load(Ordering::Relaxed) {
+        f.slow();
+    }
     pools.push(Arc::clone(&f));
     f
 }
 
 impl BareFigures {
+    fn slow(&self) -> &Counter {
+        self.slow.get_or_init(|| {
+            let c = counter!(catalog::SLOW_ACQUIRES.name, POOL_NAME => self.name.clone());
+            c.increment(0);
+            c
+        })
+    }
+
     fn hooks(&self) -> &Hooks {
         self.hooks.get_or_init(|| {
             let p = self.name.clone();
@@ -93,7 +108,7 @@ impl BareFigures {
                 idle_acquires: counter!(catalog::IDLE_ACQUIRES.name, POOL_NAME => p.clone()),
                 releases: counter!(catalog::RELEASES.name, POOL_NAME => p),
             };
-            for c in [&h.connects, &h.idle_acquires, &h.releases] {
+            for c in [&h.connects, &h.idle_acquires, &h.releases, self.slow()] {
                 c.increment(0);
             }
             h
@@ -174,6 +189,10 @@ pub fn sqlx_acquire_layer<S>() -> impl Layer<S>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
+    LAYER.store(true, Ordering::Relaxed);
+    for pool in POOLS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        pool.slow();
+    }
     AcquireEvents.with_filter(Targets::new().with_target(ACQUIRE_TARGET, tracing::Level::TRACE))
 }
 
@@ -195,7 +214,7 @@ impl<S: Subscriber> Layer<S> for AcquireEvents {
         let Some(waited) = fields.acquired_after else { return };
         let Some(pool) = stamped.or_else(sole_pool) else { return };
         if fields.slow {
-            pool.slow.increment(1);
+            pool.slow().increment(1);
         } else {
             pool.timed.store(true, Ordering::Relaxed);
         }
