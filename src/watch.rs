@@ -122,6 +122,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         census_wanted: tokio::sync::Notify::new(),
         disagreement: Mutex::new((0, 0)),
         reach_seen: AtomicU64::new(u64::MAX),
+        reach_recheck: AtomicU64::new(u64::MAX),
         heartbeat: Heartbeat::new(&config.pool_name, config.detail),
         gauges,
         pooler_gauges: pooler.as_ref().map(|_| PoolerGauges::new(&config.pool_name)),
@@ -320,6 +321,10 @@ struct Shared {
     disagreement: Mutex<(i64, u32)>,
     /// The connect-trouble count when the reachability probe last ran.
     reach_seen: AtomicU64,
+    /// Heartbeat successes when the last probe found an address down (`u64::MAX`: none was):
+    /// a success after it probes once more, so a recovered address does not stay down until
+    /// the next scheduled probe.
+    reach_recheck: AtomicU64,
     latest: Mutex<Snapshot>,
     untagged: Mutex<Vec<PoolConnection<Postgres>>>,
     retagged: tokio::sync::OnceCell<()>,
@@ -422,15 +427,23 @@ impl Shared {
     }
 
     /// Probes reachability when connects failed or slowed down since the last probe, or when
-    /// `scheduled`.
+    /// `scheduled`, and once more when a heartbeat succeeds after a probe found an address down.
     async fn reach_if_due(&self, scheduled: bool) -> bool {
         let trouble = self.connect_trouble();
-        if !scheduled && self.reach_seen.load(Ordering::Relaxed) == trouble {
+        let hb = self.heartbeat.figures();
+        let successes = hb.pool.successes + hb.direct.successes;
+        let recheck = self.reach_recheck.load(Ordering::Relaxed);
+        let recovered = recheck != u64::MAX && successes > recheck;
+        if !scheduled && !recovered && self.reach_seen.load(Ordering::Relaxed) == trouble {
             return false;
         }
         self.reach_seen.store(trouble, Ordering::Relaxed);
         // The probes' sockets are left out of any socket census by port (`OwnPort`).
         self.reach.run(&self.pool.connect_options(), self.config.census_timeout).await;
+        let down = self.reach.figures().addresses.iter().any(|a| !a.up);
+        // A recheck that still finds an address down does not ask for another one.
+        let next = if down && !recovered { successes } else { u64::MAX };
+        self.reach_recheck.store(next, Ordering::Relaxed);
         true
     }
 
