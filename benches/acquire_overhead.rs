@@ -24,6 +24,7 @@ mod cluster;
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use poolwatch::sqlx;
 use poolwatch::{Config, WatchedPool, instrument_pool};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;

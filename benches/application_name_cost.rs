@@ -15,6 +15,7 @@ mod pgbouncer;
 
 use std::time::{Duration, Instant};
 
+use poolwatch::sqlx;
 use poolwatch::{Config, NetworkPath, instrument_pool};
 use sqlx::Executor;
 use sqlx::postgres::PgPoolOptions;

@@ -19,6 +19,7 @@ mod pgbouncer;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use poolwatch::sqlx;
 use poolwatch::{Config, instrument_pool, probe_addresses};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor};
@@ -154,12 +155,7 @@ async fn query_alone(conn: &mut PgConnection, app_name: &str, backends: usize, r
         let mut ms = Vec::with_capacity(rounds);
         for _ in 0..rounds {
             let t = Instant::now();
-            let _: Vec<CensusRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .bind(app_name)
-                .bind(&keys)
-                .fetch_all(&mut *conn)
-                .await
-                .unwrap();
+            let _: Vec<CensusRow> = sqlx::query_as(sql).bind(app_name).bind(&keys).fetch_all(&mut *conn).await.unwrap();
             ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
         let cpu = (schedstat_ns(pid) - before) as f64 / 1e6 / rounds as f64;

@@ -14,6 +14,7 @@ mod cluster;
 
 use std::time::{Duration, Instant};
 
+use poolwatch::sqlx;
 use poolwatch::{Config, instrument_pool};
 use sqlx::postgres::PgPoolOptions;
 

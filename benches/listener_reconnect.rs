@@ -12,6 +12,7 @@ mod cluster;
 
 use std::time::{Duration, Instant};
 
+use poolwatch::sqlx;
 use poolwatch::{ListenerConfig, WatchedListener};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnection, PgListener, PgPoolOptions};

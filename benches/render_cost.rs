@@ -12,6 +12,7 @@ mod cluster;
 
 use std::time::{Duration, Instant};
 
+use poolwatch::sqlx;
 use poolwatch::{Config, Detail, ListenerConfig, PoolWatch, WatchedListener, instrument_pool};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;

@@ -19,6 +19,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
+use poolwatch::sqlx;
 use poolwatch::{HealthReport, HealthStatus, PoolWatch};
 use sqlx::postgres::PgPoolOptions;
 

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use poolwatch::sqlx;
 use poolwatch::{Cause, Config, Diagnosis, HeartbeatFigures, Snapshot, instrument_pool};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool};
@@ -142,8 +143,8 @@ async fn leaky_listener(pool: PgPool, counts: Arc<Counts>) {
             tokio::time::sleep(RECONNECT_DELAY).await;
             continue;
         };
-        let setup = format!("SET idle_session_timeout = '{IDLE_SESSION_TIMEOUT}'; LISTEN jobs");
-        if conn.execute(sqlx::AssertSqlSafe(setup)).await.is_err() {
+        let set = sqlx::query("SELECT set_config('idle_session_timeout', $1, false)").bind(IDLE_SESSION_TIMEOUT);
+        if set.execute(&mut *conn).await.is_err() || conn.execute("LISTEN jobs").await.is_err() {
             continue;
         }
         let mut raw = conn.leak(); // the bug: the pool still counts this slot as acquired

@@ -15,6 +15,7 @@ mod cluster;
 
 use std::time::Duration;
 
+use poolwatch::sqlx;
 use poolwatch::telemetry::{self, TelemetryConfig};
 use sqlx::postgres::PgPoolOptions;
 

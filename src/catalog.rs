@@ -262,7 +262,7 @@ pub const CONFIG_HAZARD: Metric = gauge(
 /// How long `WatchedPool` acquires waited for a connection (successful acquires).
 pub const WAIT_TIME: Metric = histogram(
     "db_client_connection_wait_time_seconds",
-    "How long an acquire through the watched pool waited to obtain a connection (successful acquires).",
+    "How long a successful acquire waited to obtain a connection: through the watched pool, or any acquire read from sqlx's own events by sqlx_acquire_layer.",
     &[],
 );
 /// Callers waiting for a connection now.
@@ -359,6 +359,32 @@ pub const SERVER_ADDRESS_CONNECT_TIME: Metric = gauge(
     Unit::Seconds,
     "How long the last TCP connect (handshake only) to this resolved address took; when down, until it was refused or timed out (NaN: no longer in the DNS answer).",
     &[SERVER_ADDRESS],
+);
+
+// --- acquires that bypass WatchedPool (issue 12) ---
+/// Connections the pool opened, min-connection fills included (its `after_connect` hook).
+pub const POOL_CONNECTS: Metric = counter(
+    "poolwatch_pool_connects_total",
+    "Connections the pool opened, whoever acquired (its after_connect hook; needs instrument_options_named).",
+    &[],
+);
+/// Acquires that got an idle connection, from any caller (the pool's `before_acquire` hook).
+pub const IDLE_ACQUIRES: Metric = counter(
+    "poolwatch_pool_idle_acquires_total",
+    "Acquires that got an idle connection, whoever acquired (before_acquire hook; needs instrument_options_named).",
+    &[],
+);
+/// Connections given back to the pool (its `after_release` hook).
+pub const RELEASES: Metric = counter(
+    "poolwatch_pool_releases_total",
+    "Connections given back to the pool and kept, whoever acquired (after_release hook; needs instrument_options_named).",
+    &[],
+);
+/// Acquires sqlx itself reported as slower than `acquire_slow_threshold` (2 s by default).
+pub const SLOW_ACQUIRES: Metric = counter(
+    "poolwatch_pool_slow_acquires_total",
+    "Acquires slower than the pool's acquire_slow_threshold, from sqlx's own events (needs sqlx_acquire_layer).",
+    &[],
 );
 
 // --- the ledger behind a pooler, ended sessions (issue 10) ---
@@ -474,6 +500,11 @@ pub const ALL: &[Metric] = &[
     OLDEST_WAIT,
     STRANDED_SLOTS,
     SEND_QUEUE_STUCK,
+    // --- acquires that bypass WatchedPool (issue 12) ---
+    POOL_CONNECTS,
+    IDLE_ACQUIRES,
+    RELEASES,
+    SLOW_ACQUIRES,
     LEAK_SUSPECTS,
     LEAK_SUSPECTS_TOTAL,
     // --- per-address reachability (branch reach, incident 4) ---

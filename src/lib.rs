@@ -6,6 +6,7 @@
 //! publishes both, and the gap, through the [`metrics`] facade.
 //!
 //! ```no_run
+//! # use poolwatch::sqlx;
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use sqlx::postgres::PgPoolOptions;
 //! let pool = PgPoolOptions::new().max_connections(20).connect("postgres://app@db/app").await?;
@@ -17,6 +18,16 @@
 //! Every metric is listed once in [`catalog`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+// The sqlx version seam: every `use sqlx::..` in the crate names the sqlx chosen by the
+// `sqlx-0_9` / `sqlx-0_8` feature; `sqlx_adapter` hides what differs between them.
+/// The sqlx this build uses (0.9 or 0.8, by feature); tests and examples `use poolwatch::sqlx;`.
+#[cfg(all(feature = "sqlx-0_8", not(feature = "sqlx-0_9")))]
+pub extern crate sqlx08 as sqlx;
+/// The sqlx this build uses (0.9 or 0.8, by feature); tests and examples `use poolwatch::sqlx;`.
+#[cfg(feature = "sqlx-0_9")]
+pub extern crate sqlx09 as sqlx;
+mod sqlx_adapter;
 
 mod acquire;
 pub mod catalog;
@@ -35,7 +46,8 @@ mod watch;
 pub use health::{hazards, reach, report};
 pub use ledger::attribution;
 
-pub use acquire::lifecycle::{CloseReason, LifecycleFigures, instrument_options_named};
+pub use acquire::bare::{instrument_options_named, sqlx_acquire_layer};
+pub use acquire::lifecycle::{CloseReason, LifecycleFigures};
 pub use acquire::probe::{instrument_options, mark_connected};
 pub use acquire::watched_pool::{Watched, WatchedConnection, WatchedPool, WatchedTransaction};
 pub use cause::Cause;
@@ -55,6 +67,9 @@ pub use ledger::sockets::{
 pub use listener::status::ListenerHealth;
 pub use listener::watched::{ListenerConfig, WatchedListener};
 pub use watch::{PoolWatch, instrument_pool};
+
+#[doc(hidden)]
+pub use sqlx_adapter::fetch_all_text;
 
 /// The README's and docs' Rust examples, compiled as doctests.
 #[cfg(doctest)]

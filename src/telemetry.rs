@@ -266,7 +266,7 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
         let writer = config.log_writer.unwrap_or_else(|| BoxMakeWriter::new(std::io::stderr));
         let fmt = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer).with_filter(log_filter);
         let otlp = spans.as_ref().map(|p| p.layer()).transpose()?;
-        let subscriber = Registry::default().with(fmt).with(otlp);
+        let subscriber = Registry::default().with(fmt).with(otlp).with(crate::sqlx_acquire_layer());
         tracing::subscriber::set_global_default(subscriber).map_err(|_| {
             ConfigError::new(
                 "install_subscriber",

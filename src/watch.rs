@@ -50,6 +50,8 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         ConfigError::new("runtime", "no Tokio runtime is running", "call instrument_pool inside a Tokio runtime")
     })?;
     catalog::describe();
+    // Known to `sqlx_acquire_layer`, which gives a lone pool sqlx's acquire events.
+    crate::acquire::bare::figures(&config.pool_name);
     let (options, tag, path, nonce) = {
         // Checked and tagged under one lock, so two racing calls cannot both succeed.
         let mut live = LIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

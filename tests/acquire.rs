@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use poolwatch::sqlx;
 use poolwatch::{Config, PoolWatch, WatchedPool, instrument_options, instrument_pool};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Executor, PgPool, Row};

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use poolwatch::sqlx;
 use poolwatch::{Config, instrument_pool};
 use serde_json::Value;
 use sqlx::postgres::PgPoolOptions;

@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use poolwatch::sqlx;
 use serde_json::Value;
 use sqlx::{Connection, Executor, PgConnection};
 use support::pgbouncer::PgBouncer;

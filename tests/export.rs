@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use poolwatch::sqlx;
 use poolwatch::{Config, Detail, ListenerConfig, WatchedListener};
 use sqlx::postgres::PgPoolOptions;
 use support::prometheus::http_get;

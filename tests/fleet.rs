@@ -13,6 +13,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use poolwatch::sqlx;
 use serde_json::Value as Json;
 use support::cluster::free_port;
 use support::prometheus::{PostgresExporter, Prometheus, http_get};

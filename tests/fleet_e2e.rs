@@ -17,6 +17,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use poolwatch::sqlx;
 use poolwatch::{Config, ListenerConfig, WatchedListener};
 use serde_json::Value as Json;
 use sqlx::postgres::PgPoolOptions;

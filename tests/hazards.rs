@@ -6,6 +6,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use poolwatch::sqlx;
 use poolwatch::{Config, Hazard, PoolWatch, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor, PgPool};

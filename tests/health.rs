@@ -7,6 +7,7 @@ mod support;
 
 use std::time::Duration;
 
+use poolwatch::sqlx;
 use poolwatch::{Config, HealthReport, HealthStatus, ListenerConfig, PoolWatch, WatchedListener, instrument_pool};
 use sqlx::postgres::PgPoolOptions;
 use support::{Cluster, eventually, recorder};

@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use poolwatch::sqlx;
 use poolwatch::{Cause, Config, Diagnosis, PoolWatch, instrument_pool};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;

@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use poolwatch::sqlx;
 use poolwatch::{Cause, Config, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor, PgPool};

@@ -4,6 +4,7 @@ mod support;
 
 use std::time::Duration;
 
+use poolwatch::sqlx;
 use poolwatch::{Cause, Config, Diagnosis, Hazard, instrument_pool};
 use sqlx::postgres::PgPoolOptions;
 use support::pgbouncer::PgBouncer;

@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use poolwatch::sqlx;
 use poolwatch::{Config, Progress, instrument_pool};
 use sqlx::postgres::PgPoolOptions;
 use support::{Cluster, eventually, metric, recorder};

@@ -8,6 +8,7 @@ mod support;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use poolwatch::sqlx;
 use poolwatch::{Cause, Config, Detail, instrument_pool, probe_addresses, probe_host};
 use socket2::{Domain, Socket, Type};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

@@ -7,6 +7,7 @@ mod support;
 
 use std::time::Duration;
 
+use poolwatch::sqlx;
 use poolwatch::{Config, instrument_pool};
 use sqlx::Executor;
 use sqlx::postgres::PgPoolOptions;

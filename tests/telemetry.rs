@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use poolwatch::sqlx;
 use poolwatch::telemetry::{self, OtlpProtocol, SpanPipeline, TelemetryConfig};
 use poolwatch::{Cause, Config, ListenerConfig, WatchedListener, catalog, instrument_pool};
 use sqlx::PgPool;

@@ -100,6 +100,17 @@ local d = import '../lib/dashboard.libsonnet';
             ["histogram_quantile(0.99, sum by (db_client_connection_pool_name, le) (rate(db_client_connection_create_time_seconds_bucket{%(sel)s}[$__rate_interval])))", "{{db_client_connection_pool_name}} p99"],
           ],
         ),
+        d.panel(
+          "Acquires by any caller (pool hooks) and slow acquires (sqlx's events)",
+          "For pools driven by a library (ORM, job queue) whose acquires bypass WatchedPool: connections opened and idle connections handed out, counted by the pool's own hooks (instrument_options_named), releases, and acquires sqlx itself reported slower than acquire_slow_threshold (sqlx_acquire_layer). Acquires = opened + idle acquires (minus min-connection fills). Slow acquires > 0: the pool is saturated; see wait time above.",
+          "short",
+          [
+            ["sum by (db_client_connection_pool_name) (rate(poolwatch_pool_connects_total{%(sel)s}[$__rate_interval]))", "{{db_client_connection_pool_name}} opened/s"],
+            ["sum by (db_client_connection_pool_name) (rate(poolwatch_pool_idle_acquires_total{%(sel)s}[$__rate_interval]))", "{{db_client_connection_pool_name}} idle acquires/s"],
+            ["sum by (db_client_connection_pool_name) (rate(poolwatch_pool_releases_total{%(sel)s}[$__rate_interval]))", "{{db_client_connection_pool_name}} releases/s"],
+            ["sum by (db_client_connection_pool_name) (increase(poolwatch_pool_slow_acquires_total{%(sel)s}[$__rate_interval]))", "{{db_client_connection_pool_name}} slow acquires"],
+          ],
+        ),
       ],
     },
     {

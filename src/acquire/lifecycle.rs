@@ -25,10 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_core::future::BoxFuture;
 use metrics::{Counter, Gauge, counter, gauge};
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnection, PgPoolOptions};
 
 use crate::catalog::{self, POOL_NAME};
 
@@ -124,42 +122,6 @@ pub(crate) fn named(pool_name: &str) -> Arc<Lifecycle> {
 pub(crate) fn find(pool_name: &str) -> Option<Arc<Lifecycle>> {
     let pools = POOLS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     pools.iter().find(|l| l.name == pool_name).cloned()
-}
-
-/// [`instrument_options`](crate::instrument_options), plus the hooks that count the pool's
-/// connections opened and closed by reason and the oldest one's age (see
-/// [`PoolWatch::lifecycle`](crate::PoolWatch::lifecycle) and `docs/lifecycle.md`). `pool_name`
-/// must be the name given to [`Config::new`](crate::Config::new).
-///
-/// It replaces the `after_connect`, `before_acquire` and `after_release` hooks set before.
-/// Each hook costs a lock, a clock read and a scan of the open connections per acquire and
-/// release.
-///
-/// ```no_run
-/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// use sqlx::postgres::PgPoolOptions;
-/// let options = poolwatch::instrument_options_named(PgPoolOptions::new().max_connections(10), "main");
-/// let pool = options.connect("postgres://app@db/app").await?;
-/// let watch = poolwatch::instrument_pool(&pool, poolwatch::Config::new("main"))?;
-/// # drop(watch); Ok(()) }
-/// ```
-pub fn instrument_options_named(options: PgPoolOptions, pool_name: &str) -> PgPoolOptions {
-    let l = named(pool_name);
-    let (on_connect, on_acquire, on_release) = (Arc::clone(&l), Arc::clone(&l), l);
-    options
-        .after_connect(move |_conn: &mut PgConnection, _meta| -> BoxFuture<'_, Result<(), sqlx::Error>> {
-            crate::mark_connected();
-            on_connect.on_connect();
-            Box::pin(std::future::ready(Ok(())))
-        })
-        .before_acquire(move |_conn: &mut PgConnection, meta| -> BoxFuture<'_, Result<bool, sqlx::Error>> {
-            on_acquire.seen(meta.age, None);
-            Box::pin(std::future::ready(Ok(true)))
-        })
-        .after_release(move |_conn: &mut PgConnection, meta| -> BoxFuture<'_, Result<bool, sqlx::Error>> {
-            on_release.seen(meta.age, Some(Instant::now()));
-            Box::pin(std::future::ready(Ok(true)))
-        })
 }
 
 impl Lifecycle {

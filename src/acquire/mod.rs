@@ -1,5 +1,6 @@
 //! Acquires through a [`WatchedPool`](crate::WatchedPool): wait, use and connect times, waiters,
 //! timeouts and leak suspects, and their spans.
+pub(crate) mod bare;
 pub(crate) mod leak;
 pub(crate) mod lifecycle;
 pub(crate) mod probe;

@@ -35,6 +35,9 @@ thread_local! {
 ///
 /// It replaces any `after_connect` hook set before. If you need your own hook, call
 /// [`mark_connected`] first thing in it instead.
+///
+/// [`instrument_options_named`](crate::instrument_options_named) does this too, and counts
+/// every acquire and release for apps whose pool is driven by a library.
 pub fn instrument_options(options: PgPoolOptions) -> PgPoolOptions {
     options.after_connect(|_conn: &mut PgConnection, _meta| -> BoxFuture<'_, Result<(), sqlx::Error>> {
         mark_connected();
@@ -354,7 +357,7 @@ impl<T> Future for Acquiring<T> {
         // The pool's `after_connect` hook runs inside this poll, on this thread, when the
         // acquire opens a connection: it stamps CONNECTED.
         CONNECTED.with(|c| c.set(None));
-        let poll = inner.as_mut().poll(cx);
+        let poll = crate::acquire::bare::in_watched_poll(|| inner.as_mut().poll(cx));
         if let Some(at) = CONNECTED.with(Cell::take) {
             this.connected = Some(at);
         }

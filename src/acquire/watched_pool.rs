@@ -7,20 +7,16 @@ use std::panic::Location;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_core::Stream;
-use futures_core::future::BoxFuture;
-use futures_core::stream::BoxStream;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnection, PgQueryResult, PgRow, PgStatement, PgTypeInfo};
-use sqlx::{Describe, Either, Execute, Executor, PgPool, Postgres, SqlStr, Transaction};
-use sqlx_core::ext::async_stream::TryAsyncStream;
+use sqlx::postgres::PgConnection;
+use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::acquire::leak::Origin;
 use crate::acquire::probe::{Probe, Ticket};
 
 /// A watched `PgPool`: get it with [`PoolWatch::pool`](crate::PoolWatch::pool). Cheap to
 /// clone (one `Arc`). Use it where you used the pool: `acquire()`, `begin()`,
-/// `try_acquire()`, and `sqlx::query(..).fetch_one(&pool)` (it is an [`Executor`]).
+/// `try_acquire()`, and `sqlx::query(..).fetch_one(&pool)` (it is an [`Executor`](sqlx::Executor)).
 ///
 /// Acquires through it record `db_client_connection_wait_time_seconds`,
 /// `_pending_requests`, `_timeouts_total`, `_use_time_seconds`, `_create_time_seconds`
@@ -29,6 +25,7 @@ use crate::acquire::probe::{Probe, Ticket};
 /// Acquires made with the bare pool still show in the sampled `db_client_connection_count`.
 ///
 /// ```no_run
+/// # use poolwatch::sqlx;
 /// # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
 /// let watch = poolwatch::instrument_pool(&pool, poolwatch::Config::new("main"))?;
 /// let db = watch.pool();
@@ -66,7 +63,10 @@ impl WatchedPool {
         self.acquire_from(Origin::Caller(Location::caller()))
     }
 
-    fn acquire_from(&self, origin: Origin) -> impl Future<Output = Result<WatchedConnection, sqlx::Error>> + 'static {
+    pub(crate) fn acquire_from(
+        &self,
+        origin: Origin,
+    ) -> impl Future<Output = Result<WatchedConnection, sqlx::Error>> + 'static {
         Arc::clone(&self.probe).acquire(origin, |inner, ticket| Watched { inner, ticket })
     }
 
@@ -196,57 +196,5 @@ impl WatchedTransaction {
         let result = inner.rollback().await;
         drop(ticket);
         result
-    }
-}
-
-async fn next<S: Stream + Unpin>(s: &mut S) -> Option<S::Item> {
-    std::future::poll_fn(|cx| std::pin::Pin::new(&mut *s).poll_next(cx)).await
-}
-
-impl<'p> Executor<'p> for &'_ WatchedPool {
-    type Database = Postgres;
-
-    fn fetch_many<'e, 'q: 'e, E>(self, query: E) -> BoxStream<'e, Result<Either<PgQueryResult, PgRow>, sqlx::Error>>
-    where
-        E: 'q + Execute<'q, Postgres>,
-    {
-        let acquire = self.acquire_from(Origin::Executor);
-        Box::pin(TryAsyncStream::new(move |yielder| async move {
-            let mut conn = acquire.await?;
-            let mut rows = (&mut *conn).fetch_many(query);
-            while let Some(row) = next(&mut rows).await {
-                yielder.r#yield(row?).await;
-            }
-            Ok(())
-        }))
-    }
-
-    fn fetch_optional<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<Option<PgRow>, sqlx::Error>>
-    where
-        E: 'q + Execute<'q, Postgres>,
-    {
-        let acquire = self.acquire_from(Origin::Executor);
-        Box::pin(async move { (&mut *acquire.await?).fetch_optional(query).await })
-    }
-
-    fn prepare_with<'e>(
-        self,
-        sql: SqlStr,
-        parameters: &'e [PgTypeInfo],
-    ) -> BoxFuture<'e, Result<PgStatement, sqlx::Error>>
-    where
-        'p: 'e,
-    {
-        let acquire = self.acquire_from(Origin::Executor);
-        Box::pin(async move { (&mut *acquire.await?).prepare_with(sql, parameters).await })
-    }
-
-    #[doc(hidden)]
-    fn describe<'e>(self, sql: SqlStr) -> BoxFuture<'e, Result<Describe<Postgres>, sqlx::Error>>
-    where
-        'p: 'e,
-    {
-        let acquire = self.acquire_from(Origin::Executor);
-        Box::pin(async move { (&mut *acquire.await?).describe(sql).await })
     }
 }

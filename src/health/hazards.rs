@@ -224,14 +224,14 @@ impl ServerSettings {
     /// Reads the settings on `conn` (one simple-protocol query, so it works through a
     /// transaction-mode pooler). Any role can run it; `poolwatch doctor` uses it too.
     pub async fn read(conn: &mut PgConnection) -> Result<ServerSettings, sqlx::Error> {
-        let rows = sqlx::raw_sql(
+        let rows = crate::sqlx_adapter::fetch_all_simple(
+            conn,
             "SELECT name, setting FROM pg_settings WHERE name IN ('idle_session_timeout', \
              'idle_in_transaction_session_timeout', 'tcp_keepalives_idle', 'max_connections', \
              'superuser_reserved_connections', 'reserved_connections') \
              UNION ALL SELECT 'rolsuper', rolsuper::text FROM pg_roles WHERE rolname = current_user \
              UNION ALL SELECT 'rolconnlimit', rolconnlimit::text FROM pg_roles WHERE rolname = current_user",
         )
-        .fetch_all(conn)
         .await?;
         let rows = rows
             .iter()

@@ -167,7 +167,7 @@ impl PoolerConnection {
 
 /// Runs an admin-console `SHOW` (simple protocol: the console speaks nothing else).
 async fn show(conn: &mut PgConnection, sql: &'static str) -> Result<Vec<PgRow>, sqlx::Error> {
-    sqlx::raw_sql(sql).fetch_all(conn).await
+    crate::sqlx_adapter::fetch_all_simple(conn, sql).await
 }
 
 /// A column as text. The console answers in text format, whatever type it announces.

@@ -52,11 +52,11 @@ impl ServerFacts {
         if !Self::readable(conn) {
             return Ok(ServerFacts::default());
         }
-        let row = sqlx::raw_sql(
+        let row = crate::sqlx_adapter::fetch_one_simple(
+            conn,
             "SELECT (extract(epoch FROM current_setting('idle_session_timeout')::interval) * 1000)::bigint, \
              sessions_killed, sessions_fatal FROM pg_stat_database WHERE datname = current_database()",
         )
-        .fetch_one(conn)
         .await?;
         let (idle_ms, killed, fatal): (Option<i64>, Option<i64>, Option<i64>) =
             (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);

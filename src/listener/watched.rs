@@ -72,6 +72,7 @@ impl ListenerConfig {
 /// any other lost connection (sqlx returns it once as `Err(Io(ConnectionReset))`).
 ///
 /// ```no_run
+/// # use poolwatch::sqlx;
 /// # async fn demo(pool: sqlx::PgPool) -> Result<(), sqlx::Error> {
 /// use std::time::Duration;
 /// use poolwatch::{ListenerConfig, WatchedListener};
@@ -497,7 +498,7 @@ impl WatchedListener {
         if batch.is_empty() {
             return Ok((sent, Ok(ServerFacts::default())));
         }
-        let facts = match sqlx::raw_sql(sqlx::AssertSqlSafe(batch)).fetch_all(&mut *conn).await {
+        let facts = match crate::sqlx_adapter::fetch_all_text(&mut *conn, batch).await {
             Ok(_) if with_facts.is_none() => Ok(ServerFacts::default()),
             Ok(rows) => ServerFacts::from_reconnect_rows(&rows),
             Err(e) if connection_lost(&e) => {
@@ -511,7 +512,7 @@ impl WatchedListener {
             // LISTEN alone then; this loss is judged without fresh facts.
             Err(e) => {
                 if !listen.is_empty()
-                    && let Err(again) = sqlx::raw_sql(sqlx::AssertSqlSafe(listen)).execute(&mut *conn).await
+                    && let Err(again) = crate::sqlx_adapter::fetch_all_text(&mut *conn, listen).await
                 {
                     if connection_lost(&again)
                         && let Some(loss) = self.lost.as_mut()

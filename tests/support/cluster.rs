@@ -10,6 +10,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use poolwatch::sqlx;
 use sqlx::postgres::PgConnectOptions;
 
 /// A running PostgreSQL server for one test (or the demo).

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use poolwatch::sqlx;
 use sqlx::{Connection, Executor, PgConnection};
 
 use super::Cluster;
@@ -13,7 +14,12 @@ use super::Cluster;
 pub async fn password_role(cluster: &Cluster, role: &str, password: &str) -> String {
     let mut admin = PgConnection::connect_with(&cluster.options()).await.expect("admin connection");
     let create = format!("CREATE ROLE {role} LOGIN PASSWORD '{password}' IN ROLE pg_read_all_stats");
-    admin.execute(sqlx::AssertSqlSafe(create)).await.expect("create the password role");
+    // Dynamic SQL the same way on sqlx 0.8 and 0.9 (0.9 alone has `AssertSqlSafe`).
+    sqlx::QueryBuilder::<sqlx::Postgres>::new(create)
+        .build()
+        .execute(&mut admin)
+        .await
+        .expect("create the password role");
     let hba: String = sqlx::query_scalar("SHOW hba_file").fetch_one(&mut admin).await.expect("hba_file");
     let old = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
     std::fs::write(&hba, format!("host all {role} 127.0.0.1/32 scram-sha-256\n{old}")).expect("write pg_hba.conf");

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use poolwatch::sqlx;
 use sqlx::postgres::PgConnectOptions;
 
 /// The pgbouncer binary (Debian package `pgbouncer`).

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use poolwatch::sqlx;
 use sqlx::postgres::PgConnectOptions;
 
 pub(crate) const USAGE: &str = "\

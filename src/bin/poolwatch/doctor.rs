@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use poolwatch::hazards::{self, PoolSettings};
+use poolwatch::sqlx;
 use poolwatch::{Config, ServerSettings, probe_host};
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgRow};
@@ -331,7 +332,7 @@ async fn examine(args: &Args, address: SocketAddr, report: &mut Report) -> Resul
 }
 
 async fn query(conn: &mut PgConnection, timeout: Duration, sql: String) -> Result<Vec<PgRow>, String> {
-    match tokio::time::timeout(timeout, sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).fetch_all(conn)).await {
+    match tokio::time::timeout(timeout, poolwatch::fetch_all_text(conn, sql)).await {
         Ok(Ok(rows)) => Ok(rows),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),

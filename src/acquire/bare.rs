@@ -1,0 +1,258 @@
+//! Figures of acquires that bypass [`WatchedPool`](crate::WatchedPool): an ORM, a job queue or
+//! a session store that takes the bare `PgPool`. Two sources, both from sqlx itself:
+//!
+//! - the pool's hooks, installed by [`instrument_options_named`]: connections opened
+//!   (`after_connect`), acquires that got an idle connection (`before_acquire`), connections
+//!   given back (`after_release`);
+//! - sqlx's own acquire events (target `sqlx::pool::acquire`, field `acquired_after_secs`), read
+//!   by [`sqlx_acquire_layer`]: the wait of every acquire (with `acquire_time_level` on, which
+//!   [`instrument_options_named`] sets) and the slow ones (sqlx logs those by default).
+//!
+//! sqlx's events carry no pool identity. The `before_acquire` / `after_connect` hook of a pool
+//! runs inside the same poll of the acquire, on the same thread, right before the event: it
+//! stamps its pool in a thread-local that the layer takes. Without the hooks, an event is
+//! given to the only pool poolwatch knows, and dropped when there are several.
+
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use futures_core::future::BoxFuture;
+use metrics::{Counter, Histogram, counter, histogram};
+use sqlx::postgres::{PgConnection, PgPoolOptions};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::{Context, Layer};
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::acquire::probe::mark_connected;
+use crate::catalog::{self, POOL_NAME};
+use crate::sqlx_adapter;
+
+/// sqlx's target for its acquire events.
+const ACQUIRE_TARGET: &str = "sqlx::pool::acquire";
+
+thread_local! {
+    /// The pool whose acquire hook ran last on this thread, for the acquire event that follows.
+    static STAMP: RefCell<Option<Arc<BareFigures>>> = const { RefCell::new(None) };
+    /// A `WatchedPool` acquire is being polled here: it records its own wait.
+    static IN_WATCHED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The pools poolwatch knows by name (instrumented or given hooks). A handful per process.
+static POOLS: Mutex<Vec<Arc<BareFigures>>> = Mutex::new(Vec::new());
+
+/// [`sqlx_acquire_layer`] was created: from then on every known pool exports its slow-acquire
+/// counter, at 0 until one happens. Without the layer (or the hooks) nothing can count slow
+/// acquires, so the series stays out of the pool's series budget.
+static LAYER: AtomicBool = AtomicBool::new(false);
+
+/// The hook counters of one pool (only with [`instrument_options_named`]).
+#[derive(Debug)]
+struct Hooks {
+    connects: Counter,
+    idle_acquires: Counter,
+    releases: Counter,
+}
+
+/// The bare-pool figures of one pool name.
+#[derive(Debug)]
+pub(crate) struct BareFigures {
+    name: String,
+    wait: Histogram,
+    /// Created (at 0) once the layer or the hooks are in use.
+    slow: OnceLock<Counter>,
+    /// sqlx reports every acquire of this pool, not only the slow ones (`acquire_time_level`
+    /// is on): only then do slow acquires' waits go in the histogram, which would otherwise
+    /// hold nothing but the slow tail.
+    timed: AtomicBool,
+    hooks: OnceLock<Hooks>,
+}
+
+/// The figures of `pool_name`, created (counters at 0) on first use.
+pub(crate) fn figures(pool_name: &str) -> Arc<BareFigures> {
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(f) = pools.iter().find(|f| f.name == pool_name) {
+        return Arc::clone(f);
+    }
+    let p = pool_name.to_owned();
+    let f = Arc::new(BareFigures {
+        wait: histogram!(catalog::WAIT_TIME.name, POOL_NAME => p.clone()),
+        slow: OnceLock::new(),
+        timed: AtomicBool::new(false),
+        hooks: OnceLock::new(),
+        name: p,
+    });
+    if LAYER.load(Ordering::Relaxed) {
+        f.slow();
+    }
+    pools.push(Arc::clone(&f));
+    f
+}
+
+impl BareFigures {
+    fn slow(&self) -> &Counter {
+        self.slow.get_or_init(|| {
+            let c = counter!(catalog::SLOW_ACQUIRES.name, POOL_NAME => self.name.clone());
+            c.increment(0);
+            c
+        })
+    }
+
+    fn hooks(&self) -> &Hooks {
+        self.hooks.get_or_init(|| {
+            let p = self.name.clone();
+            let h = Hooks {
+                connects: counter!(catalog::POOL_CONNECTS.name, POOL_NAME => p.clone()),
+                idle_acquires: counter!(catalog::IDLE_ACQUIRES.name, POOL_NAME => p.clone()),
+                releases: counter!(catalog::RELEASES.name, POOL_NAME => p),
+            };
+            for c in [&h.connects, &h.idle_acquires, &h.releases, self.slow()] {
+                c.increment(0);
+            }
+            h
+        })
+    }
+}
+
+/// [`instrument_options`](crate::instrument_options), plus hooks that count every acquire and
+/// release of the pool whoever makes it (a library on the bare `PgPool` included), the
+/// connection lifecycle figures ([`PoolWatch::lifecycle`](crate::PoolWatch::lifecycle):
+/// opened, closed by reason, the oldest one's age; `docs/lifecycle.md`), and sqlx's
+/// per-acquire event turned on (at TRACE) for [`sqlx_acquire_layer`] to read the wait.
+/// `pool_name` must be the name given to [`Config::new`](crate::Config::new).
+///
+/// It replaces the `after_connect`, `before_acquire` and `after_release` hooks set before, and
+/// sets `acquire_time_level`. If you need your own hooks, keep yours and do without these
+/// counters (the wait from sqlx's events still works for a single pool).
+///
+/// ```no_run
+/// # use poolwatch::sqlx;
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use sqlx::postgres::PgPoolOptions;
+/// let options = poolwatch::instrument_options_named(PgPoolOptions::new().max_connections(10), "main");
+/// let pool = options.connect("postgres://app@db/app").await?;
+/// let watch = poolwatch::instrument_pool(&pool, poolwatch::Config::new("main"))?;
+/// # drop(watch); Ok(()) }
+/// ```
+pub fn instrument_options_named(options: PgPoolOptions, pool_name: &str) -> PgPoolOptions {
+    let f = figures(pool_name);
+    f.hooks();
+    f.timed.store(true, Ordering::Relaxed);
+    let l = crate::acquire::lifecycle::named(pool_name);
+    let (on_connect, on_acquire, on_release) = (Arc::clone(&f), Arc::clone(&f), f);
+    let (l_connect, l_acquire, l_release) = (Arc::clone(&l), Arc::clone(&l), l);
+    options
+        .acquire_time_level(log::LevelFilter::Trace)
+        .after_connect(move |_conn: &mut PgConnection, _meta| -> BoxFuture<'_, Result<(), sqlx::Error>> {
+            mark_connected();
+            on_connect.hooks().connects.increment(1);
+            l_connect.on_connect();
+            stamp(&on_connect);
+            Box::pin(std::future::ready(Ok(())))
+        })
+        .before_acquire(move |_conn: &mut PgConnection, meta| -> BoxFuture<'_, Result<bool, sqlx::Error>> {
+            on_acquire.hooks().idle_acquires.increment(1);
+            l_acquire.seen(meta.age, None);
+            stamp(&on_acquire);
+            Box::pin(std::future::ready(Ok(true)))
+        })
+        .after_release(move |_conn: &mut PgConnection, meta| -> BoxFuture<'_, Result<bool, sqlx::Error>> {
+            on_release.hooks().releases.increment(1);
+            l_release.seen(meta.age, Some(std::time::Instant::now()));
+            Box::pin(std::future::ready(Ok(true)))
+        })
+}
+
+fn stamp(f: &Arc<BareFigures>) {
+    STAMP.with(|s| *s.borrow_mut() = Some(Arc::clone(f)));
+}
+
+/// Runs one poll of a `WatchedPool` acquire: sqlx's event inside it is left to the
+/// `WatchedPool`, which records the wait itself.
+pub(crate) fn in_watched_poll<T>(poll: impl FnOnce() -> T) -> T {
+    IN_WATCHED.with(|w| w.set(true));
+    let out = poll();
+    IN_WATCHED.with(|w| w.set(false));
+    STAMP.with(|s| s.borrow_mut().take());
+    out
+}
+
+/// A `tracing` layer that reads sqlx's own acquire events (target `sqlx::pool::acquire`) into
+/// `db_client_connection_wait_time_seconds` and `poolwatch_pool_slow_acquires_total`, for
+/// acquires that bypass [`WatchedPool`](crate::WatchedPool). It has its own filter: add it to
+/// a `tracing_subscriber::Registry` next to your other layers. A global filter in front of it
+/// (e.g. `registry().with(EnvFilter)`) hides the TRACE events from it; give that filter to
+/// your `fmt` layer instead (`fmt::layer().with_filter(EnvFilter..)`).
+/// [`telemetry::init`](crate::telemetry) installs it.
+///
+/// ```
+/// use tracing_subscriber::layer::SubscriberExt;
+/// let subscriber = tracing_subscriber::registry().with(poolwatch::sqlx_acquire_layer());
+/// # drop(subscriber);
+/// ```
+pub fn sqlx_acquire_layer<S>() -> impl Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    LAYER.store(true, Ordering::Relaxed);
+    for pool in POOLS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        pool.slow();
+    }
+    AcquireEvents.with_filter(Targets::new().with_target(ACQUIRE_TARGET, tracing::Level::TRACE))
+}
+
+/// The layer behind [`sqlx_acquire_layer`].
+#[derive(Debug)]
+struct AcquireEvents;
+
+impl<S: Subscriber> Layer<S> for AcquireEvents {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        if event.metadata().target() != ACQUIRE_TARGET {
+            return;
+        }
+        let stamped = STAMP.with(|s| s.borrow_mut().take());
+        if IN_WATCHED.with(Cell::get) {
+            return;
+        }
+        let mut fields = AcquireFields::default();
+        event.record(&mut fields);
+        let Some(waited) = fields.acquired_after else { return };
+        let Some(pool) = stamped.or_else(sole_pool) else { return };
+        if fields.slow {
+            pool.slow().increment(1);
+        } else {
+            pool.timed.store(true, Ordering::Relaxed);
+        }
+        if !fields.slow || pool.timed.load(Ordering::Relaxed) {
+            pool.wait.record(waited);
+        }
+    }
+}
+
+/// The only pool poolwatch knows, if there is exactly one.
+fn sole_pool() -> Option<Arc<BareFigures>> {
+    let pools = POOLS.lock().ok()?;
+    match pools.as_slice() {
+        [only] => Some(Arc::clone(only)),
+        _ => None,
+    }
+}
+
+#[derive(Default)]
+struct AcquireFields {
+    acquired_after: Option<f64>,
+    slow: bool,
+}
+
+impl Visit for AcquireFields {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        match field.name() {
+            n if n == sqlx_adapter::ACQUIRED_AFTER_FIELD => self.acquired_after = Some(value),
+            "slow_acquire_threshold_secs" => self.slow = true,
+            _ => {}
+        }
+    }
+    fn record_debug(&mut self, _field: &Field, _value: &dyn std::fmt::Debug) {}
+}
