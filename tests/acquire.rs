@@ -29,7 +29,12 @@ fn config(name: &str) -> Config {
 }
 
 async fn watched(cluster: &Cluster, options: PgPoolOptions, config: Config) -> (PgPool, PoolWatch, WatchedPool) {
-    let pool = options.connect_with(cluster.options()).await.expect("connect");
+    // A short `acquire_timeout` (the exhaustion test's 200 ms) also bounds the first connect,
+    // which a loaded machine can take longer for: try again until it connects.
+    let pool = eventually(Duration::from_secs(60), "the pool's first connect", async || {
+        options.clone().connect_with(cluster.options()).await.ok()
+    })
+    .await;
     let watch = instrument_pool(&pool, config).expect("instrument");
     let handle = watch.pool();
     (pool, watch, handle)
