@@ -112,7 +112,8 @@ pub(crate) struct Gauges {
 struct Measured {
     server: Vec<LazyGauge>,
     longest: Vec<LazyGauge>,
-    lock_waiters: Gauge,
+    /// At `Detail::Standard` registered at the first waiter (the alerts read `> 0`).
+    lock_waiters: LazyGauge,
     advisory_locks: LazyGauge,
     advisory_locks_max: LazyGauge,
     /// Only once a census gives a gap (behind a pooler without its console it never does).
@@ -121,7 +122,6 @@ struct Measured {
 
 impl Measured {
     fn new(p: &str, detail: Detail) -> Measured {
-        let plain = |name: &'static str| gauge!(name, POOL_NAME => p.to_owned());
         let sessions = |name, eager| by_state(name, p, STATE, &SESSION_STATES, eager, detail);
         Measured {
             server: sessions(catalog::SERVER_CONNECTIONS.name, (EAGER_SESSION_STATES, None)),
@@ -129,7 +129,11 @@ impl Measured {
                 catalog::SERVER_LONGEST_IN_STATE.name,
                 (EAGER_LONGEST_STATES, Some(STANDARD_LONGEST_STATES)),
             ),
-            lock_waiters: plain(catalog::SERVER_LOCK_WAITERS.name),
+            lock_waiters: LazyGauge::new(
+                catalog::SERVER_LOCK_WAITERS.name,
+                vec![(POOL_NAME, p.to_owned())],
+                detail == Detail::Full,
+            ),
             // Standard detail: once a session held an advisory lock.
             advisory_locks: LazyGauge::new(
                 catalog::SERVER_ADVISORY_LOCKS.name,
@@ -262,7 +266,7 @@ impl Gauges {
             for (g, d) in m.longest.iter().zip(server.longest) {
                 g.set(d.as_secs_f64());
             }
-            m.lock_waiters.set(server.lock_waiters);
+            m.lock_waiters.set(f64::from(server.lock_waiters));
             m.advisory_locks.set(f64::from(server.advisory_locks));
             m.advisory_locks_max.set(f64::from(server.advisory_locks_max_per_session));
         }

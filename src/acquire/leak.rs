@@ -15,7 +15,7 @@ use std::panic::Location;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use metrics::{Counter, Gauge, counter, gauge};
+use metrics::{Counter, counter};
 use tracing::Span;
 
 use crate::catalog::{self, POOL_NAME};
@@ -81,20 +81,39 @@ pub(crate) struct Leaks {
     slab: Mutex<Slab>,
     /// Slots taken out for good with `leak()`: still counted by the pool, held by the app.
     leaked: std::sync::atomic::AtomicUsize,
-    suspects: Gauge,
+    /// At `Detail::Standard` registered at the first suspect (the alert reads `> 0`).
+    suspects: crate::gauges::LazyGauge,
+    /// Suspects now; changed under the slab's lock only.
+    suspect_count: std::sync::atomic::AtomicU64,
     total: Counter,
 }
 
 impl Leaks {
-    pub(crate) fn new(pool_name: &str, threshold: Option<Duration>) -> Leaks {
+    pub(crate) fn new(pool_name: &str, threshold: Option<Duration>, eager: bool) -> Leaks {
         Leaks {
             pool_name: pool_name.to_owned(),
             threshold,
             slab: Mutex::new(Slab::default()),
             leaked: std::sync::atomic::AtomicUsize::new(0),
-            suspects: gauge!(catalog::LEAK_SUSPECTS.name, POOL_NAME => pool_name.to_owned()),
+            suspects: crate::gauges::LazyGauge::new(
+                catalog::LEAK_SUSPECTS.name,
+                vec![(POOL_NAME, pool_name.to_owned())],
+                eager,
+            ),
+            suspect_count: std::sync::atomic::AtomicU64::new(0),
             total: counter!(catalog::LEAK_SUSPECTS_TOTAL.name, POOL_NAME => pool_name.to_owned()),
         }
+    }
+
+    /// Moves the suspects gauge by `by` (called under the slab's lock).
+    fn suspects_add(&self, by: i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = if by >= 0 {
+            self.suspect_count.fetch_add(by.unsigned_abs(), Relaxed) + by.unsigned_abs()
+        } else {
+            self.suspect_count.fetch_sub(by.unsigned_abs(), Relaxed).saturating_sub(by.unsigned_abs())
+        };
+        self.suspects.set(now as f64);
     }
 
     /// How often the background task should scan: a quarter of the threshold, 10 ms to 1 s.
@@ -157,7 +176,7 @@ impl Leaks {
         slab.free.push(slot);
         if entry.reported {
             // Under the lock, so a scan's increment can never come after this decrement.
-            self.suspects.decrement(1.0);
+            self.suspects_add(-1);
         }
         Some(entry)
     }
@@ -194,7 +213,7 @@ impl Leaks {
                 self.total.increment(1);
             }
             if leaked {
-                self.suspects.increment(1.0);
+                self.suspects_add(1);
             }
         }
         let how = if leaked { "leak()" } else { "detach()" };
@@ -223,7 +242,7 @@ impl Leaks {
                 let held = now.saturating_duration_since(entry.since);
                 if !entry.reported && held >= threshold {
                     entry.reported = true;
-                    self.suspects.increment(1.0);
+                    self.suspects_add(1);
                     self.total.increment(1);
                     found.push((entry.origin, entry.span.clone().unwrap_or_else(Span::none), held));
                 }
@@ -250,7 +269,7 @@ mod tests {
 
     #[test]
     fn suspects_are_reported_once_and_slots_are_reused() {
-        let leaks = Leaks::new("unit", Some(Duration::from_millis(50)));
+        let leaks = Leaks::new("unit", Some(Duration::from_millis(50)), true);
         let here = Origin::Caller(Location::caller());
         let old = Instant::now() - Duration::from_secs(1);
         let a = leaks.checkout(old, here).unwrap();
@@ -268,7 +287,7 @@ mod tests {
 
     #[test]
     fn off_registers_holders_but_reports_nothing() {
-        let leaks = Leaks::new("unit", None);
+        let leaks = Leaks::new("unit", None, true);
         let here = Origin::Caller(Location::caller());
         let old = Instant::now() - Duration::from_secs(5);
         let a = leaks.checkout(old, here).unwrap();

@@ -144,7 +144,7 @@ impl Probe {
                 vec![(POOL_NAME, p.clone())],
                 config.detail == crate::Detail::Full,
             ),
-            leaks: Leaks::new(&p, config.leak_threshold),
+            leaks: Leaks::new(&p, config.leak_threshold, config.detail == crate::Detail::Full),
             waiters: Waiters::default(),
             census: Mutex::new(None),
             last_warn: Mutex::new(None),
