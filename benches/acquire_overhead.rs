@@ -190,6 +190,10 @@ fn main() {
         tracing_subscriber::fmt().with_max_level(tracing::Level::INFO).with_writer(std::io::sink).init();
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    // `cargo bench` passes `--bench`: the full run. Under `cargo test` (CI), a few rounds show
+    // the bench still works; its figures then mean little.
+    let full = std::env::args().any(|a| a == "--bench");
+    let (rounds_a, rounds_b) = if full { (ROUNDS, THROUGHPUT_ROUNDS) } else { (5, 3) };
     rt.block_on(async {
         let cluster = cluster::Cluster::start();
 
@@ -218,7 +222,7 @@ fn main() {
         let mut rounds = vec![Vec::new(); variants.len()];
         let mut cpu = vec![Vec::new(); variants.len()];
         let mut own = vec![Vec::new(); variants.len()];
-        for r in 0..ROUNDS {
+        for r in 0..rounds_a {
             for k in 0..variants.len() {
                 let i = (r + k) % variants.len(); // rotate the order so drift hits all variants
                 let (wall, cpu_ns, own_ns) = pairs(&variants[i].1).await;
@@ -227,7 +231,7 @@ fn main() {
                 own[i].push(own_ns);
             }
         }
-        println!("(a) acquire + release of an idle connection, 1 task, {PAIRS} pairs x {ROUNDS} interleaved rounds");
+        println!("(a) acquire + release of an idle connection, 1 task, {PAIRS} pairs x {rounds_a} interleaved rounds");
         println!("    added = median of per-round differences to the bare pool [95 % interval]");
         for (i, (name, _)) in variants.iter().enumerate() {
             let added: Vec<f64> = rounds[i].iter().zip(&rounds[0]).map(|(w, b)| w - b).collect();
@@ -276,7 +280,7 @@ fn main() {
         }
         let mut rounds = vec![Vec::new(); variants.len()];
         let mut cpu = vec![Vec::new(); variants.len()];
-        for r in 0..THROUGHPUT_ROUNDS {
+        for r in 0..rounds_b {
             for k in 0..variants.len() {
                 let i = (r + k) % variants.len();
                 let (qps, cpu_us) = throughput(&variants[i].1).await;
@@ -285,7 +289,7 @@ fn main() {
             }
         }
         println!(
-            "(b) acquire + SELECT 1 + release, {TASKS} tasks over {CONNECTIONS} connections, {} ms x {THROUGHPUT_ROUNDS} rounds",
+            "(b) acquire + SELECT 1 + release, {TASKS} tasks over {CONNECTIONS} connections, {} ms x {rounds_b} rounds",
             THROUGHPUT_WINDOW.as_millis()
         );
         for (i, (name, _)) in variants.iter().enumerate() {
