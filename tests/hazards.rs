@@ -101,6 +101,7 @@ async fn clean_setup_has_none_and_alter_system_is_seen_after_a_reconnect() {
 
     // Another reconnect re-lints, but each hazard is reported only once, with its fix.
     let lints_before = warns_for("hz_clean");
+    let linted_before = lints_for("hz_clean");
     let failures_before = watch.heartbeat().direct.failures;
     sqlx::query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'poolwatch-census:hz_clean'",
@@ -113,13 +114,25 @@ async fn clean_setup_has_none_and_alter_system_is_seen_after_a_reconnect() {
         (h.direct.failures > failures_before && h.direct.up == Some(true)).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually(Duration::from_secs(20), "the reconnect re-linted the settings", async || {
+        (lints_for("hz_clean") > linted_before).then_some(())
+    })
+    .await;
     let warns = warns_for("hz_clean");
     assert_eq!(warns, lints_before, "no second WARN for the same hazards");
     assert_eq!(warns.iter().map(|(h, _)| h.as_str()).collect::<BTreeSet<_>>(), want);
     for (hazard, message) in &warns {
         assert!(message.contains("Fix:") && message.contains(hazard.as_str()), "{message}");
     }
+}
+
+/// How many times the hazard lint of one pool ran (its DEBUG line).
+fn lints_for(pool_name: &str) -> usize {
+    support::spans::events_at(tracing::Level::DEBUG)
+        .into_iter()
+        .filter(|e| e.name == "poolwatch linted the server settings")
+        .filter(|e| e.fields.get("pool").map(String::as_str) == Some(pool_name))
+        .count()
 }
 
 /// The hazard WARNs logged for one pool: (hazard, message).

@@ -442,6 +442,9 @@ impl Heartbeat {
             state.warned.remove(&h);
             tracing::info!(pool, hazard = h.as_str(), "poolwatch config hazard {h} is gone");
         }
+        // One line per lint (rare: start-up, reconnects, the periodic re-read), so a reader
+        // can tell "linted, nothing new" from "not linted yet".
+        tracing::debug!(pool, hazards = found.len(), "poolwatch linted the server settings");
         state.hazards = found;
         state.settings = Some(settings);
     }
