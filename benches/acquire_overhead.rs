@@ -6,6 +6,10 @@
 //!     task pings returned connections, so an acquire never waits.
 //! (b) acquire + `SELECT 1` + release, 16 tasks over 8 connections: queries per second.
 //!
+//! Besides `WatchedPool`, both measure the bare pool given `instrument_options_named`'s hooks
+//! (how a library-driven pool is watched: hook counters and the lifecycle ledger run on every
+//! acquire and release).
+//!
 //! `WatchedPool` always keeps the call site of every checkout (for the exhaustion snapshot
 //! and stranded slots), so both figures include that bookkeeping.
 //!
@@ -152,10 +156,12 @@ async fn watched_pair(
     leak: bool,
     test_before_acquire: bool,
 ) -> (PgPool, poolwatch::PoolWatch) {
-    let pool = PgPoolOptions::new()
-        .max_connections(max)
-        .test_before_acquire(test_before_acquire)
-        .min_connections(max)
+    let options = PgPoolOptions::new().max_connections(max).test_before_acquire(test_before_acquire).min_connections(max);
+    // "hooks": the bare pool as a library drives it, with the README's
+    // `instrument_options_named` (hook counters and the lifecycle ledger on every acquire and
+    // release).
+    let options = if name.contains("hooks") { poolwatch::instrument_options_named(options, name) } else { options };
+    let pool = options
         .connect_with(cluster.options())
         .await
         .expect("connect");
@@ -202,7 +208,8 @@ fn main() {
         let (bare, _w0) = watched_pair(&cluster, 48, "bench_bare", false, false).await;
         let (plain, w1) = watched_pair(&cluster, 48, "bench_watched", false, false).await;
         let (leaky, w2) = watched_pair(&cluster, 48, "bench_leak", true, false).await;
-        for p in [&bare, &plain, &leaky] {
+        let (hooked, _w6) = watched_pair(&cluster, 48, "bench_hooks", false, false).await;
+        for p in [&bare, &plain, &leaky, &hooked] {
             warm(p).await;
         }
         println!(
@@ -214,6 +221,7 @@ fn main() {
             ("bare PgPool", Handle::Bare(bare.clone())),
             ("WatchedPool", Handle::Watched(w1.pool())),
             ("WatchedPool + leak_threshold", Handle::Watched(w2.pool())),
+            ("bare PgPool + named hooks", Handle::Bare(hooked.clone())),
             ("control: bare, 2nd pool", Handle::Bare(plain.clone())),
         ];
         for (_, h) in &variants {
@@ -257,7 +265,7 @@ fn main() {
             );
         }
         drop(variants);
-        for p in [bare, plain, leaky] {
+        for p in [bare, plain, leaky, hooked] {
             p.close().await;
         }
         drop((w1, w2));
@@ -270,9 +278,11 @@ fn main() {
         let (bare, _w3) = watched_pair(&cluster, CONNECTIONS, "bench_bare_q", false, true).await;
         let (watched, w4) = watched_pair(&cluster, CONNECTIONS, "bench_watched_q", false, true).await;
         let (control, _w5) = watched_pair(&cluster, CONNECTIONS, "bench_control_q", false, true).await;
+        let (hooked, _w7) = watched_pair(&cluster, CONNECTIONS, "bench_hooks_q", false, true).await;
         let variants = [
             ("bare PgPool", Handle::Bare(bare.clone())),
             ("WatchedPool", Handle::Watched(w4.pool())),
+            ("bare PgPool + named hooks", Handle::Bare(hooked.clone())),
             ("control: bare, 2nd pool", Handle::Bare(control.clone())),
         ];
         for (_, h) in &variants {
@@ -301,7 +311,7 @@ fn main() {
                 qps.join(" ")
             );
         }
-        for (i, name) in [(1, "WatchedPool"), (2, "control: bare, 2nd pool")] {
+        for (i, (name, _)) in variants.iter().enumerate().skip(1) {
             let loss: Vec<f64> = rounds[i].iter().zip(&rounds[0]).map(|(w, b)| (1.0 - w / b) * 100.0).collect();
             let (lo, hi) = interval(&loss);
             let added: Vec<f64> = cpu[i].iter().zip(&cpu[0]).map(|(w, b)| (w - b) * 1000.0).collect();
@@ -315,6 +325,7 @@ fn main() {
         bare.close().await;
         watched.close().await;
         control.close().await;
+        hooked.close().await;
         drop(w4);
     });
 }

@@ -439,13 +439,6 @@ pub const POOL_INFO: Metric = gauge(
 // --- connection lifecycle (issue 13) ---
 /// Label key of [`CONNECTIONS_CLOSED`]: a [`CloseReason`](crate::CloseReason).
 pub const REASON: &str = "reason";
-/// Connections the pool opened (`after_connect`; needs
-/// [`instrument_options_named`](crate::instrument_options_named); [`Detail::Full`](crate::Detail::Full)).
-pub const CONNECTIONS_OPENED: Metric = counter(
-    "poolwatch_connections_opened_total",
-    "Connections the pool opened (counted by the after_connect hook of instrument_options_named).",
-    &[],
-);
 /// Connections the pool closed, by reason (needs
 /// [`instrument_options_named`](crate::instrument_options_named); [`Detail::Full`](crate::Detail::Full)).
 pub const CONNECTIONS_CLOSED: Metric = counter(
@@ -521,7 +514,6 @@ pub const ALL: &[Metric] = &[
     CLIENT_GAP,
     POOL_INFO,
     // --- connection lifecycle (issue 13) ---
-    CONNECTIONS_OPENED,
     CONNECTIONS_CLOSED,
     CONNECTION_OLDEST_AGE,
 ];

@@ -71,7 +71,7 @@ async fn idle_timeout_closes_are_counted_and_the_oldest_age_grows() {
     assert_eq!(f.oldest_age, None);
     let opened = f.opened as f64;
     eventually(Duration::from_secs(10), "the metrics say so", async || {
-        let m = metric("poolwatch_connections_opened_total", &[(POOL, "lc_idle")])?;
+        let m = metric("poolwatch_pool_connects_total", &[(POOL, "lc_idle")])?;
         let idle = closed_metric("lc_idle", CloseReason::IdleTimeout)?;
         let age = metric("poolwatch_connection_oldest_age_seconds", &[(POOL, "lc_idle")])?;
         (m == opened && idle == opened && age == 0.0).then_some(())

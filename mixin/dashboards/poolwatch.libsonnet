@@ -334,10 +334,10 @@ local d = import '../lib/dashboard.libsonnet';
       panels: [
         d.panel(
           "Connections opened and closed by reason",
-          "Per second: connections the pool opened, and closed by reason (idle_timeout, max_lifetime, broken, pool_closed), counted from sqlx's hooks with instrument_options_named at Detail::Full. broken climbing: killed backends, dead peers, errors (see poolwatch_sessions_ended_total for who ended them). Opens and closes both high and steady: churn (idle_timeout below the traffic's gaps, or max_lifetime short).",
+          "Per second: connections the pool opened, and closed by reason (idle_timeout, max_lifetime, broken, pool_closed), counted from sqlx's hooks with instrument_options_named (the closes at Detail::Full). broken climbing: killed backends, dead peers, errors (see poolwatch_sessions_ended_total for who ended them). Opens and closes both high and steady: churn (idle_timeout below the traffic's gaps, or max_lifetime short).",
           "short",
           [
-            ["sum by (db_client_connection_pool_name) (rate(poolwatch_connections_opened_total{%(sel)s}[$__rate_interval]))", "{{db_client_connection_pool_name}} opened"],
+            ["sum by (db_client_connection_pool_name) (rate(poolwatch_pool_connects_total{%(sel)s}[$__rate_interval]))", "{{db_client_connection_pool_name}} opened"],
             ["sum by (db_client_connection_pool_name, reason) (rate(poolwatch_connections_closed_total{%(sel)s}[$__rate_interval]))", "{{db_client_connection_pool_name}} closed: {{reason}}"],
           ],
         ),

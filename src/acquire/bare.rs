@@ -26,6 +26,7 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
+use crate::acquire::lifecycle::Lifecycle;
 use crate::acquire::probe::mark_connected;
 use crate::catalog::{self, POOL_NAME};
 use crate::sqlx_adapter;
@@ -68,6 +69,8 @@ pub(crate) struct BareFigures {
     /// hold nothing but the slow tail.
     timed: AtomicBool,
     hooks: OnceLock<Hooks>,
+    /// Set by [`instrument_options_named`]: the connection lifecycle ledger its hooks feed.
+    lifecycle: OnceLock<Arc<Lifecycle>>,
 }
 
 /// The figures of `pool_name`, created (counters at 0) on first use.
@@ -82,6 +85,7 @@ pub(crate) fn figures(pool_name: &str) -> Arc<BareFigures> {
         slow: OnceLock::new(),
         timed: AtomicBool::new(false),
         hooks: OnceLock::new(),
+        lifecycle: OnceLock::new(),
         name: p,
     });
     if LAYER.load(Ordering::Relaxed) {
@@ -89,6 +93,12 @@ pub(crate) fn figures(pool_name: &str) -> Arc<BareFigures> {
     }
     pools.push(Arc::clone(&f));
     f
+}
+
+/// The lifecycle ledger of `pool_name`, if its options carry the hooks.
+pub(crate) fn lifecycle_of(pool_name: &str) -> Option<Arc<Lifecycle>> {
+    let pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    pools.iter().find(|f| f.name == pool_name).and_then(|f| f.lifecycle.get().cloned())
 }
 
 impl BareFigures {
@@ -140,7 +150,7 @@ pub fn instrument_options_named(options: PgPoolOptions, pool_name: &str) -> PgPo
     let f = figures(pool_name);
     f.hooks();
     f.timed.store(true, Ordering::Relaxed);
-    let l = crate::acquire::lifecycle::named(pool_name);
+    let l = Arc::clone(f.lifecycle.get_or_init(Default::default));
     let (on_connect, on_acquire, on_release) = (Arc::clone(&f), Arc::clone(&f), f);
     let (l_connect, l_acquire, l_release) = (Arc::clone(&l), Arc::clone(&l), l);
     options

@@ -90,38 +90,13 @@ struct Conn {
     idle_since: Option<Instant>,
 }
 
-/// The lifecycle ledger of one pool name.
-#[derive(Debug)]
+/// The lifecycle ledger of one pool name, kept with its other bare-pool figures
+/// (`bare::BareFigures`, the one registry of pools by name).
+#[derive(Debug, Default)]
 pub(crate) struct Lifecycle {
-    name: String,
     opened: AtomicU64,
     closed: [AtomicU64; 4],
     conns: Mutex<Vec<Conn>>,
-}
-
-/// The pools whose options carry the named hooks, by name (a handful per process).
-static POOLS: Mutex<Vec<Arc<Lifecycle>>> = Mutex::new(Vec::new());
-
-/// The ledger of `pool_name`, created on first use.
-pub(crate) fn named(pool_name: &str) -> Arc<Lifecycle> {
-    let mut pools = POOLS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(l) = pools.iter().find(|l| l.name == pool_name) {
-        return Arc::clone(l);
-    }
-    let l = Arc::new(Lifecycle {
-        name: pool_name.to_owned(),
-        opened: AtomicU64::new(0),
-        closed: Default::default(),
-        conns: Mutex::new(Vec::new()),
-    });
-    pools.push(Arc::clone(&l));
-    l
-}
-
-/// The ledger of `pool_name` if its options carry the hooks.
-pub(crate) fn find(pool_name: &str) -> Option<Arc<Lifecycle>> {
-    let pools = POOLS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    pools.iter().find(|l| l.name == pool_name).cloned()
 }
 
 impl Lifecycle {
@@ -228,24 +203,24 @@ pub(crate) struct Published {
     ledger: Arc<Lifecycle>,
     pool: PgPool,
     oldest: Gauge,
-    counters: Option<(Counter, [Counter; 4])>,
+    /// The closes by reason (the opens are `poolwatch_pool_connects_total`, counted by the
+    /// same hook in `bare.rs`).
+    closed: Option<[Counter; 4]>,
 }
 
 impl Published {
     /// The metrics of `pool_name`, if its options carry the hooks.
     pub(crate) fn new(pool: &PgPool, pool_name: &str, detail: crate::Detail) -> Option<Published> {
-        let ledger = find(pool_name)?;
+        let ledger = crate::acquire::bare::lifecycle_of(pool_name)?;
         let p = pool_name.to_owned();
-        let counters = (detail == crate::Detail::Full).then(|| {
-            let opened = counter!(catalog::CONNECTIONS_OPENED.name, POOL_NAME => p.clone());
-            let closed = CloseReason::ALL.map(
+        let closed = (detail == crate::Detail::Full).then(|| {
+            CloseReason::ALL.map(
                 |r| counter!(catalog::CONNECTIONS_CLOSED.name, POOL_NAME => p.clone(), catalog::REASON => r.as_str()),
-            );
-            (opened, closed)
+            )
         });
         let published = Published {
             oldest: gauge!(catalog::CONNECTION_OLDEST_AGE.name, POOL_NAME => p),
-            counters,
+            closed,
             ledger,
             pool: pool.clone(),
         };
@@ -258,8 +233,7 @@ impl Published {
         self.ledger.reconcile(&self.pool);
         let f = self.ledger.figures();
         self.oldest.set(f.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
-        if let Some((opened, closed)) = &self.counters {
-            opened.absolute(f.opened);
+        if let Some(closed) = &self.closed {
             for (c, n) in closed.iter().zip(f.closed) {
                 c.absolute(n);
             }
