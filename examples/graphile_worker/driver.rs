@@ -1,7 +1,8 @@
-//! graphile_worker's own sqlx driver with one change: its LISTEN connection is a poolwatch
-//! [`WatchedListener`], so a lost LISTEN session is counted, timed and re-established where
-//! poolwatch sees it (graphile's driver uses sqlx's `PgListener`, which reconnects silently).
-//! Every query still goes through graphile's driver on the bare pool. Copy this file.
+// graphile_worker's own sqlx driver with one change: its LISTEN connection is a poolwatch
+// `WatchedListener`, so a lost LISTEN session is counted, timed and re-established where
+// poolwatch sees it (graphile's driver uses sqlx's `PgListener`, which reconnects silently).
+// Every query still goes through graphile's driver on the bare pool. Copy this file.
+// (Plain comments: the README's doctest `include!`s it.)
 
 use std::any::Any;
 
