@@ -62,6 +62,13 @@ impl LazyGauge {
             self.handle().set(value);
         }
     }
+
+    /// Sets the value, registering the series whatever it is (0 included).
+    pub(crate) fn set_registered(&self, value: f64) {
+        if !self.off {
+            self.handle().set(value);
+        }
+    }
 }
 
 /// One gauge per state of `states`, labelled `key`; eager where `detail` is full or the state

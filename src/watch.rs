@@ -390,7 +390,7 @@ impl Shared {
             return;
         }
         self.probe.sample_waiters();
-        self.stranded.sample(&self.pool, self.probe.leaks.checked_out());
+        self.stranded.sample(&self.pool, self.probe.leaks.checked_out_if_used());
         let mut sockets = self.client.read(figures.open).await;
         let gap = |f: &PoolFigures, s: &Option<crate::SocketCensus>| {
             s.as_ref().map(|s| i64::from(f.open) - i64::from(s.get("established")))

@@ -92,8 +92,8 @@ async fn watched(
     (pool, watch, listener)
 }
 
-/// Waits until the census, both heartbeats, the hazard lint and the reachability probe have
-/// published, and some traffic went through the watched pool.
+/// Waits until the census, both heartbeats, the hazard lint, the reachability probe and the
+/// stranded-slot figure have published, and some traffic went through the watched pool.
 async fn settled(addr: SocketAddr, watch: &poolwatch::PoolWatch, name: &str) -> String {
     let db = watch.pool();
     for _ in 0..5 {
@@ -108,7 +108,9 @@ async fn settled(addr: SocketAddr, watch: &poolwatch::PoolWatch, name: &str) -> 
             && has("poolwatch_server_addresses_down")
             && has("poolwatch_client_gap")
             && watch.heartbeat().pool.successes > 0
-            && watch.heartbeat().direct.successes > 0;
+            && watch.heartbeat().direct.successes > 0
+            // Stranded slots are judged 3 samples after the first acquire through WatchedPool.
+            && watch.health().stranded_slots.is_some();
         ready.then_some(text)
     })
     .await

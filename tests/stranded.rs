@@ -88,7 +88,7 @@ async fn a_silent_peer_strands_a_slot_and_its_send_queue_never_drains() {
     let h = watch.health();
     println!("{h:#?}");
     assert_eq!(h.status, HealthStatus::Degraded, "{h:?}");
-    assert_eq!((h.stranded_slots, h.send_queue_stuck_sockets), (1, 1));
+    assert_eq!((h.stranded_slots, h.send_queue_stuck_sockets), (Some(1), 1));
     let codes: Vec<&str> = h.reasons.iter().map(|r| r.code).collect();
     assert!(codes.contains(&"stranded_slots") && codes.contains(&"send_queue_stuck"), "{codes:?}");
     // The stranded slot is counted as in use (the pool heartbeat may hold one more for a moment).

@@ -81,6 +81,9 @@ pub(crate) struct Leaks {
     slab: Mutex<Slab>,
     /// Slots taken out for good with `leak()`: still counted by the pool, held by the app.
     leaked: std::sync::atomic::AtomicUsize,
+    /// Some acquire went through the watched pool: until then the app's checkouts are all
+    /// elsewhere (a library on the bare pool), and "not through WatchedPool" means nothing.
+    used: std::sync::atomic::AtomicBool,
     /// At `Detail::Standard` registered at the first suspect (the alert reads `> 0`).
     suspects: crate::gauges::LazyGauge,
     /// Suspects now; changed under the slab's lock only.
@@ -95,6 +98,7 @@ impl Leaks {
             threshold,
             slab: Mutex::new(Slab::default()),
             leaked: std::sync::atomic::AtomicUsize::new(0),
+            used: std::sync::atomic::AtomicBool::new(false),
             suspects: crate::gauges::LazyGauge::new(
                 catalog::LEAK_SUSPECTS.name,
                 vec![(POOL_NAME, pool_name.to_owned())],
@@ -125,6 +129,7 @@ impl Leaks {
     pub(crate) fn checkout(&self, since: Instant, origin: Origin) -> Option<usize> {
         let span = self.threshold.map(|_| Span::current());
         let entry = Entry { since, origin, span, reported: false };
+        self.used.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut slab = self.slab.lock().ok()?;
         Some(match slab.free.pop() {
             Some(slot) => {
@@ -136,6 +141,12 @@ impl Leaks {
                 slab.entries.len() - 1
             }
         })
+    }
+
+    /// Connections checked out through the watched pool now, slots lost to `leak()` included;
+    /// `None` until the first acquire through the watched pool.
+    pub(crate) fn checked_out_if_used(&self) -> Option<usize> {
+        self.used.load(std::sync::atomic::Ordering::Relaxed).then(|| self.checked_out())
     }
 
     /// Connections checked out through the watched pool now, slots lost to `leak()` included.

@@ -6,8 +6,13 @@
 //! A slot is briefly in neither place on every release (sqlx pings it before it goes back
 //! idle) and while a connection is being opened, so the exported figure is the smallest of
 //! the last [`READINGS`] samples: only a slot stranded at each of them counts.
-//! Acquires made with the bare `PgPool` (not `watch.pool()`) count too: use the watched pool
-//! everywhere, or read the figure as "checked out, not through WatchedPool".
+//!
+//! Judged only once the app has acquired through the watched pool at least once: a pool that
+//! only a library drives (a job queue, an ORM on the bare `PgPool`) has every checkout "not
+//! through WatchedPool", so the figure would count the library's work, not stranded slots.
+//! Until then it is absent (no series, `None` in the health report), not 0. From then on,
+//! acquires made with the bare `PgPool` count too: use the watched pool everywhere, or read
+//! the figure as "checked out, not through WatchedPool".
 
 use std::sync::Mutex;
 
@@ -22,38 +27,46 @@ pub(crate) const READINGS: usize = 3;
 pub(crate) struct Stranded {
     readings: Mutex<Vec<u32>>,
     gauge: crate::gauges::LazyGauge,
+    /// `Detail::Full`: the series exists (at 0) from the first judged figure on.
+    full: bool,
 }
 
 impl Stranded {
     /// At `Detail::Standard` the series appears at the first stranded slot (the series budget).
     pub(crate) fn new(pool_name: &str, detail: crate::Detail) -> Stranded {
-        let gauge = crate::gauges::LazyGauge::new(
-            catalog::STRANDED_SLOTS.name,
-            vec![(POOL_NAME, pool_name.to_owned())],
-            detail == crate::Detail::Full,
-        );
-        Stranded { readings: Mutex::new(Vec::with_capacity(READINGS)), gauge }
+        let gauge =
+            crate::gauges::LazyGauge::new(catalog::STRANDED_SLOTS.name, vec![(POOL_NAME, pool_name.to_owned())], false);
+        Stranded { readings: Mutex::new(Vec::with_capacity(READINGS)), gauge, full: detail == crate::Detail::Full }
     }
 
-    /// Takes one reading and publishes the figure; returns it.
-    pub(crate) fn sample(&self, pool: &PgPool, watched_checkouts: usize) -> u32 {
+    /// Takes one reading and publishes the figure; returns it. `watched_checkouts` is `None`
+    /// until the app's first acquire through the watched pool: nothing is read or published.
+    pub(crate) fn sample(&self, pool: &PgPool, watched_checkouts: Option<usize>) -> Option<u32> {
+        let watched = watched_checkouts?;
         let used = pool.size().saturating_sub(u32::try_from(pool.num_idle()).unwrap_or(u32::MAX));
-        let now = used.saturating_sub(u32::try_from(watched_checkouts).unwrap_or(u32::MAX));
-        let Ok(mut r) = self.readings.lock() else { return 0 };
+        let now = used.saturating_sub(u32::try_from(watched).unwrap_or(u32::MAX));
+        let Ok(mut r) = self.readings.lock() else { return None };
         if r.len() == READINGS {
             r.remove(0);
         }
         r.push(now);
-        let figure = if r.len() == READINGS { r.iter().copied().min().unwrap_or(0) } else { 0 };
-        self.gauge.set(f64::from(figure));
-        figure
+        let figure = judged(&r)?;
+        if self.full {
+            self.gauge.set_registered(f64::from(figure));
+        } else {
+            self.gauge.set(f64::from(figure));
+        }
+        Some(figure)
     }
 
-    /// The last published figure.
-    pub(crate) fn figure(&self) -> u32 {
-        self.readings
-            .lock()
-            .map(|r| if r.len() == READINGS { r.iter().copied().min().unwrap_or(0) } else { 0 })
-            .unwrap_or(0)
+    /// The last published figure; `None` before [`READINGS`] samples since the first acquire
+    /// through the watched pool.
+    pub(crate) fn figure(&self) -> Option<u32> {
+        self.readings.lock().ok().and_then(|r| judged(&r))
     }
+}
+
+/// The smallest of the last [`READINGS`] readings, once there are that many.
+fn judged(readings: &[u32]) -> Option<u32> {
+    if readings.len() == READINGS { readings.iter().copied().min() } else { None }
 }

@@ -154,8 +154,9 @@ pub struct HealthReport {
     /// Configuration hazards found by the last lint.
     pub hazards: Vec<HazardHealth>,
     /// Slots the pool counts as checked out that the app does not hold through the watched
-    /// pool, at each of the last samples (`poolwatch_stranded_slots`).
-    pub stranded_slots: u32,
+    /// pool, at each of the last samples (`poolwatch_stranded_slots`). `None` until the app
+    /// acquired through the watched pool (a pool only a library drives has no such figure).
+    pub stranded_slots: Option<u32>,
     /// Sockets whose send queue has not drained for `send_queue_stuck_after`.
     pub send_queue_stuck_sockets: u32,
     /// Acquires waiting now.
@@ -178,7 +179,7 @@ pub(crate) struct Inputs {
     pub(crate) heartbeat: HeartbeatFigures,
     pub(crate) listeners: Vec<ListenerHealth>,
     pub(crate) hazards: Vec<crate::Finding>,
-    pub(crate) stranded: u32,
+    pub(crate) stranded: Option<u32>,
     pub(crate) send_queue_stuck: u32,
     pub(crate) waits: WaitHealth,
     pub(crate) reach: crate::Reachability,
@@ -238,13 +239,12 @@ pub(crate) fn judge(i: Inputs) -> HealthReport {
             );
         }
     }
-    if i.stranded > 0 {
+    if let Some(stranded) = i.stranded.filter(|s| *s > 0) {
         add(
             HealthStatus::Degraded,
             "stranded_slots",
             format!(
-                "{} slot(s) counted by the pool are neither idle nor held through the watched pool (stuck in sqlx's return-to-pool cleanup, or bare-pool acquires)",
-                i.stranded
+                "{stranded} slot(s) counted by the pool are neither idle nor held through the watched pool (stuck in sqlx's return-to-pool cleanup, or bare-pool acquires)"
             ),
         );
     }
@@ -337,7 +337,7 @@ mod tests {
             heartbeat: HeartbeatFigures { pool: up, direct: up },
             listeners: Vec::new(),
             hazards: Vec::new(),
-            stranded: 0,
+            stranded: None,
             send_queue_stuck: 0,
             waits: WaitHealth::default(),
             reach: crate::Reachability::default(),
@@ -355,7 +355,7 @@ mod tests {
         let down = PathFigures { up: Some(false), last_cause: Some(Cause::PoolTimedOut), ..PathFigures::default() };
         let mut i = inputs();
         i.heartbeat.pool = down;
-        i.stranded = 2;
+        i.stranded = Some(2);
         let r = judge(i);
         assert_eq!(r.status, HealthStatus::Failing);
         assert_eq!(codes(&r), ["pool_heartbeat_failing", "stranded_slots"], "worst first");
