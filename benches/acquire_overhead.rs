@@ -156,15 +156,13 @@ async fn watched_pair(
     leak: bool,
     test_before_acquire: bool,
 ) -> (PgPool, poolwatch::PoolWatch) {
-    let options = PgPoolOptions::new().max_connections(max).test_before_acquire(test_before_acquire).min_connections(max);
+    let options =
+        PgPoolOptions::new().max_connections(max).test_before_acquire(test_before_acquire).min_connections(max);
     // "hooks": the bare pool as a library drives it, with the README's
     // `instrument_options_named` (hook counters and the lifecycle ledger on every acquire and
     // release).
     let options = if name.contains("hooks") { poolwatch::instrument_options_named(options, name) } else { options };
-    let pool = options
-        .connect_with(cluster.options())
-        .await
-        .expect("connect");
+    let pool = options.connect_with(cluster.options()).await.expect("connect");
     let config = Config::new(name).leak_threshold(leak.then_some(Duration::from_secs(30)));
     let watch = instrument_pool(&pool, config).expect("instrument");
     (pool, watch)
