@@ -21,8 +21,9 @@ build_tests() {
 # run_tests LIST OUT JOBS: runs the executables of LIST, JOBS at a time (they mostly wait on
 # servers), the slowest first. Each one's output goes to OUT/<name>.log and is printed whole
 # when it fails (its `test result:` line when it passes). Benches run in their quick mode.
-# Returns non-zero if any failed.
-run_tests() {
+# Returns non-zero if any failed. Runs in a subshell of its own, so its `jobs` and `wait` see
+# only its binaries, not the caller's background work (a CPU hog, another pass).
+run_tests() (
   local list=$1 out=$2 jobs=$3 exe name
   mkdir -p "$out"
   while read -r exe; do
@@ -49,7 +50,7 @@ run_tests() {
   done < <(slowest_first "$list")
   wait
   ! grep -qv '^0$' "$out"/*.rc
-}
+)
 
 # The binaries known to take longest (on a 2-core machine) first, so the last ones are short.
 slowest_first() {
