@@ -35,11 +35,8 @@ async fn health(State(watch): State<Arc<PoolWatch>>) -> (StatusCode, Json<Health
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let once = std::env::args().any(|a| a == "--once");
-    let mut _cluster = None; // a throwaway server when DATABASE_URL is unset, removed at exit
-    let options = match std::env::var("DATABASE_URL") {
-        Ok(url) => url.parse()?,
-        Err(_) => _cluster.insert(cluster::Cluster::start()).options(),
-    };
+    let cluster = cluster::Cluster::for_example(); // removed at exit if throwaway
+    let options = cluster.options();
     let pool = PgPoolOptions::new().max_connections(5).connect_with(options).await?;
     let config = poolwatch::Config::new("main").heartbeat_interval(Duration::from_secs(2));
     let watch = Arc::new(poolwatch::instrument_pool(&pool, config)?);

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use poolwatch::sqlx;
 use poolwatch::{Cause, Config, Diagnosis, HeartbeatFigures, Snapshot, instrument_pool};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{Executor, PgPool};
 
 /// How long the server lets the LISTEN session sit idle (incident: 1 h).
@@ -42,17 +42,8 @@ struct Counts {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse()?;
-    let _cluster; // keeps the throwaway server alive until the end
-    let options: PgConnectOptions = match std::env::var("DATABASE_URL") {
-        Ok(url) => url.parse()?,
-        Err(_) => {
-            println!("DATABASE_URL is unset: starting a throwaway PostgreSQL cluster ...");
-            let c = cluster::Cluster::start();
-            let o = c.options();
-            _cluster = c;
-            o
-        }
-    };
+    let cluster = cluster::Cluster::for_example(); // removed at exit if throwaway
+    let options = cluster.options();
     // The README's setup: a Prometheus recorder with poolwatch's histogram buckets.
     poolwatch::export::prometheus_builder()
         .with_http_listener(args.metrics_addr)

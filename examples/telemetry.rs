@@ -22,11 +22,8 @@ use sqlx::postgres::PgPoolOptions;
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let telemetry = telemetry::init(TelemetryConfig::default())?; // keep it: flushes spans on drop
-    let mut _cluster = None; // a throwaway server when DATABASE_URL is unset, removed at exit
-    let options = match std::env::var("DATABASE_URL") {
-        Ok(url) => url.parse()?,
-        Err(_) => _cluster.insert(cluster::Cluster::start()).options(),
-    };
+    let cluster = cluster::Cluster::for_example(); // removed at exit if throwaway
+    let options = cluster.options();
     let pool = PgPoolOptions::new().max_connections(5).connect_with(options).await?;
     let watch = poolwatch::instrument_pool(&pool, poolwatch::Config::new("main"))?;
     for _ in 0..10 {

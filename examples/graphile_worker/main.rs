@@ -23,7 +23,7 @@ use graphile_worker::{IntoTaskHandlerResult, JobSpec, TaskHandler, WorkerContext
 use poolwatch::sqlx;
 use poolwatch::{Config, ListenerConfig, instrument_options_named, instrument_pool, sqlx_acquire_layer};
 use serde::{Deserialize, Serialize};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use tracing_subscriber::layer::SubscriberExt;
 
 /// Jobs that ran.
@@ -55,17 +55,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(n) => n.parse().map_err(|_| "--jobs takes a number of jobs, e.g. --jobs 1000")?,
         None => 1000,
     };
-    let _cluster; // keeps the throwaway server alive until the end
-    let options: PgConnectOptions = match std::env::var("DATABASE_URL") {
-        Ok(url) => url.parse()?,
-        Err(_) => {
-            println!("DATABASE_URL is unset: starting a throwaway PostgreSQL cluster ...");
-            let c = cluster::Cluster::start();
-            let o = c.options();
-            _cluster = c;
-            o
-        }
-    };
+    let cluster = cluster::Cluster::for_example(); // removed at exit if throwaway
+    let options = cluster.options();
 
     // 1. The app's Prometheus recorder (read back at the end here) and poolwatch's layer for
     //    sqlx's own acquire events.

@@ -27,6 +27,15 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// For the examples: the server of `DATABASE_URL`, or else a throwaway cluster, said on
+    /// stdout. Keep it alive as long as the pool (dropping it removes a throwaway cluster).
+    pub fn for_example() -> Cluster {
+        if std::env::var_os("DATABASE_URL").is_none() {
+            println!("DATABASE_URL is unset: starting a throwaway PostgreSQL cluster ...");
+        }
+        Cluster::start()
+    }
+
     /// A fresh cluster with default settings.
     pub fn start() -> Cluster {
         Cluster::start_with(&[])
