@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 
 use poolwatch::sqlx;
-use poolwatch::{Cause, Config, Diagnosis, Hazard, instrument_pool};
+use poolwatch::{Cause, CloseReason, Config, Diagnosis, Hazard, instrument_options_named, instrument_pool};
 use sqlx::postgres::PgPoolOptions;
 use support::pgbouncer::PgBouncer;
 use support::{Cluster, eventually, metric, recorder};
@@ -94,4 +94,60 @@ async fn without_direct_options_the_direct_path_fails_through_pgbouncer() {
     assert_eq!(h.diagnosis(), Some(Diagnosis::DirectOnly));
     assert!(bouncer.log().contains("unsupported startup parameter"), "{}", bouncer.log());
     watch.shutdown().await;
+}
+
+/// Incident 2's setting for a pool a library drives: the bare-pool hooks and the lifecycle
+/// ledger behind a transaction-mode PgBouncer whose `client_idle_timeout` ends idle pool
+/// connections. sqlx's ping on the next acquire finds such a connection dead, closes it and
+/// opens another: every close is `broken`, every open is a counted connect, and the ledger
+/// agrees with the pool. (How many the pooler ends depends on the machine's speed, so the test
+/// checks what must hold for any count.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_and_lifecycle_through_pgbouncer() {
+    recorder();
+    let cluster = Cluster::start();
+    let bouncer = PgBouncer::start(cluster.port(), &[("client_idle_timeout", "1")]);
+    let options = instrument_options_named(PgPoolOptions::new().max_connections(2), "pgb_hooks");
+    let pool = options.connect_lazy_with(bouncer.options());
+    // One start-up heartbeat, then none: only the test's queries use the pool.
+    let config = config("pgb_hooks")
+        .heartbeat_interval(Duration::from_secs(3600))
+        .heartbeat_timeout(Duration::from_secs(10))
+        .direct_connect_options(cluster.options());
+    let watch = instrument_pool(&pool, config).unwrap();
+    eventually(Duration::from_secs(20), "the start-up heartbeat through PgBouncer", async || {
+        watch.heartbeat().pool.up.filter(|up| *up)
+    })
+    .await;
+    sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+    eventually(Duration::from_secs(30), "PgBouncer ends an idle pool connection", async || {
+        bouncer.log().contains("client_idle_timeout").then_some(())
+    })
+    .await;
+    // The next query's ping meets the dead connection; sqlx opens another.
+    sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+    let f = eventually(Duration::from_secs(20), "the dead connection counted closed", async || {
+        let f = watch.lifecycle()?;
+        (f.closed_for(CloseReason::Broken) >= 1 && f.open as usize == pool.size() as usize).then_some(f)
+    })
+    .await;
+    assert_eq!(f.closed.iter().sum::<u64>(), f.closed_for(CloseReason::Broken), "every close is broken: {f:?}");
+    assert_eq!(f.opened, f.closed_for(CloseReason::Broken) + u64::from(f.open), "{f:?}");
+    assert!(f.opened >= 2, "{f:?}");
+    let hook = |name: &str| metric(name, &[(POOL, "pgb_hooks")]).unwrap_or(-1.0);
+    eventually(Duration::from_secs(10), "the hook counters say so", async || {
+        (hook("poolwatch_pool_connects_total") == f.opened as f64).then_some(())
+    })
+    .await;
+    // Three acquires (the heartbeat's, two queries'), each from the idle queue or a connect.
+    let acquires = hook("poolwatch_pool_idle_acquires_total") + hook("poolwatch_pool_connects_total");
+    assert!(acquires >= 3.0, "{acquires} acquires counted");
+    eventually(Duration::from_secs(10), "three releases (sqlx gives back on a task of its own)", async || {
+        (hook("poolwatch_pool_releases_total") >= 3.0).then_some(())
+    })
+    .await;
+    let broken = metric("poolwatch_connections_closed_total", &[(POOL, "pgb_hooks"), ("reason", "broken")]);
+    assert_eq!(broken, Some(f.closed_for(CloseReason::Broken) as f64));
+    watch.shutdown().await;
+    pool.close().await;
 }
