@@ -68,6 +68,17 @@ impl Vanished {
         self.seen.is_empty()
     }
 
+    /// Whether the server's session-end counters in `ends` have caught up with the server
+    /// sessions that vanished (or cannot tell: no counters). A backend leaves
+    /// `pg_stat_activity` a moment before it flushes them, longer on a loaded server.
+    pub(crate) fn counted_by(&self, ends: Option<SessionEnds>) -> bool {
+        let servers = self.seen.iter().filter(|(s, _)| matches!(s, Seen::Server(_))).count() as i64;
+        match (self.ends_before, ends) {
+            (Some(b), Some(a)) => a.killed + a.fatal - b.killed - b.fatal >= servers,
+            _ => true,
+        }
+    }
+
     /// Their causes, from what the server or pooler says now.
     pub(crate) fn causes(&self, evidence: Evidence) -> Vec<Cause> {
         let ended_on_server = match (self.ends_before, evidence.ends) {
@@ -181,5 +192,22 @@ mod tests {
         let mut ended = ledger.update(HashMap::new(), &[], None).causes(evidence);
         ended.sort_by_key(|c| c.as_str());
         assert_eq!(ended, vec![Cause::ConnectionEnded, Cause::PoolerIdleTimeout]);
+    }
+
+    #[test]
+    fn the_counters_are_read_again_until_they_count_the_vanished_sessions() {
+        let idle = Seen::Server(Some(Duration::from_secs(5)));
+        let ends = |killed, fatal| Some(SessionEnds { killed, fatal });
+        let mut ledger = Ledger::default();
+        ledger.update([(1, idle), (2, idle)].into(), &[], ends(0, 10));
+        let closed = [socket(1, CLOSE_WAIT, true), socket(2, CLOSE_WAIT, true)];
+        let vanished = ledger.update(HashMap::new(), &closed, ends(0, 10));
+        assert!(!vanished.counted_by(ends(0, 10)), "not flushed yet");
+        assert!(!vanished.counted_by(ends(0, 11)), "one of two");
+        assert!(vanished.counted_by(ends(1, 11)));
+        assert!(vanished.counted_by(None), "no counters: nothing to wait for");
+        // Pooler clients are not in the server's counters.
+        ledger.update([(3, Seen::PoolerClient(false))].into(), &[], ends(0, 0));
+        assert!(ledger.update(HashMap::new(), &[], ends(0, 0)).counted_by(ends(0, 0)));
     }
 }
