@@ -5,7 +5,9 @@
 # way `cargo clippy` runs it): one compile of the crate and its dependencies per sqlx version
 # instead of a `cargo check` pass plus a build. Warnings are errors, as with
 # `cargo clippy -- -D warnings`.
-export RUSTC_WORKSPACE_WRAPPER="${RUSTC_WORKSPACE_WRAPPER:-$(rustup which clippy-driver 2>/dev/null || command -v clippy-driver)}"
+RUSTC_WORKSPACE_WRAPPER="${RUSTC_WORKSPACE_WRAPPER:-$(rustup which clippy-driver 2>/dev/null || command -v clippy-driver || true)}"
+[ -n "$RUSTC_WORKSPACE_WRAPPER" ] || { echo "clippy-driver not found: run \`rustup component add clippy\`" >&2; exit 1; }
+export RUSTC_WORKSPACE_WRAPPER
 export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
 
 # build_tests LIST CARGO_ARGS...: builds every test target (lib, bins, integration tests,
