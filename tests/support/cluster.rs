@@ -69,7 +69,7 @@ impl Cluster {
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("create cluster dir");
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             dir: Some(dir.clone()),
             bin,
             port: free_port(),
@@ -97,8 +97,21 @@ impl Cluster {
         let mut text = std::fs::read_to_string(&conf_path).expect("read postgresql.conf");
         text.push_str(&conf);
         std::fs::write(&conf_path, text).expect("write postgresql.conf");
-        cluster.start_server();
-        cluster
+        // `free_port` lets the port go before the server binds it: another process (test
+        // binaries run side by side) can take it meanwhile. Then take another one.
+        for _ in 0..5 {
+            match cluster.try_run("pg_ctl", &cluster.start_args()) {
+                Ok(()) => return cluster,
+                Err(_) if cluster.log().contains("Address already in use") => {
+                    cluster.port = free_port();
+                    let mut text = std::fs::read_to_string(&conf_path).expect("read postgresql.conf");
+                    text.push_str(&format!("port = {}\n", cluster.port));
+                    std::fs::write(&conf_path, text).expect("write postgresql.conf");
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("no free loopback port for the server after 5 tries:\n{}", cluster.log());
     }
 
     /// One server for the whole test binary, started on first use; each call gets a fresh
@@ -180,9 +193,13 @@ impl Cluster {
     pub fn start_server(&self) {
         assert!(self.external.is_none(), "starting the server needs the throwaway cluster: unset DATABASE_URL");
         assert!(self.shared_dir.is_none(), "the shared server cannot be restarted: use Cluster::start()");
+        self.run("pg_ctl", &self.start_args());
+    }
+
+    fn start_args(&self) -> Vec<String> {
         let data = self.data_dir();
         let log = self.dir.as_ref().expect("dir").join("server.log");
-        self.run("pg_ctl", &["-D", s(&data), "-l", s(&log), "-w", "-t", "300", "start"]);
+        ["-D", s(&data), "-l", s(&log), "-w", "-t", "300", "start"].map(String::from).to_vec()
     }
 
     /// The server log so far (for failing tests' messages).
@@ -195,7 +212,13 @@ impl Cluster {
         self.dir.as_ref().expect("throwaway cluster").join("data")
     }
 
-    fn run(&self, tool: &str, args: &[&str]) {
+    fn run<A: AsRef<std::ffi::OsStr>>(&self, tool: &str, args: &[A]) {
+        if let Err(e) = self.try_run(tool, args) {
+            panic!("{e}");
+        }
+    }
+
+    fn try_run<A: AsRef<std::ffi::OsStr>>(&self, tool: &str, args: &[A]) -> Result<(), String> {
         let program = self.bin.join(tool);
         let mut cmd = if is_root() {
             let mut c = Command::new("runuser");
@@ -204,15 +227,12 @@ impl Cluster {
         } else {
             Command::new(&program)
         };
-        let out =
-            cmd.args(args).current_dir(std::env::temp_dir()).output().unwrap_or_else(|e| panic!("run {tool}: {e}"));
-        assert!(
-            out.status.success(),
-            "{tool} {args:?} failed: {}\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
+        let out = cmd.args(args).current_dir(std::env::temp_dir()).output().map_err(|e| format!("run {tool}: {e}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let args: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
+        Err(format!("{tool} {args:?} failed: {}\n{}\n{}", out.status, String::from_utf8_lossy(&out.stderr), self.log()))
     }
 
     fn apply_external(&self, settings: &[(&str, &str)]) {
