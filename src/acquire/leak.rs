@@ -129,7 +129,11 @@ impl Leaks {
     pub(crate) fn checkout(&self, since: Instant, origin: Origin) -> Option<usize> {
         let span = self.threshold.map(|_| Span::current());
         let entry = Entry { since, origin, span, reported: false };
-        self.used.store(true, std::sync::atomic::Ordering::Relaxed);
+        // A load first: after the first acquire this is a read of a shared line, not a write
+        // every acquire makes every core re-fetch.
+        if !self.used.load(std::sync::atomic::Ordering::Relaxed) {
+            self.used.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut slab = self.slab.lock().ok()?;
         Some(match slab.free.pop() {
             Some(slot) => {
