@@ -1,15 +1,19 @@
 //! What one Prometheus scrape costs the app: rendering `/metrics` for 50 watched pools, each
-//! with a watched listener, on the recorder of the README's setup
-//! (`poolwatch::export::prometheus_builder()`).
+//! with a watched listener, side by side in one run on both recorders poolwatch documents:
+//! `poolwatch::export::Exporter` (the README's setup) and metrics-exporter-prometheus with
+//! `poolwatch::export::prometheus_builder()`'s buckets. Both are fed the same series through a
+//! `metrics-util` fanout.
 //!
-//! `cargo bench --bench render_cost --features prometheus` prints milliseconds per render
-//! (mean, p50, p99), bytes and series, first for 50 pools at `Detail::Standard`, then with 50
-//! more pools at `Detail::Full` beside them (100 pools), against the same recorder holding
-//! nothing but one bare counter. Under `cargo test` it runs a quick smoke pass with 5 pools.
+//! `cargo bench --bench render_cost --features prometheus` prints on-CPU milliseconds per render
+//! (and wall mean, p50, p99), bytes and series: first for 50 pools at `Detail::Standard`, then
+//! with 50 more pools at `Detail::Full` beside them (100 pools), against a recorder holding one
+//! bare counter. Under `cargo test` it runs a quick pass with 5 pools, and checks that both
+//! recorders render the same series.
 
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use poolwatch::sqlx;
@@ -21,9 +25,18 @@ use sqlx::postgres::PgPoolOptions;
 async fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let (pools, rounds) = if full { (50, 300) } else { (5, 10) };
-    let handle = poolwatch::export::prometheus_builder().install_recorder().expect("install the recorder");
+    let ours = poolwatch::export::Exporter::new().build_recorder();
+    let ours_handle = ours.handle();
+    let mep = poolwatch::export::prometheus_builder().build_recorder();
+    let mep_handle = mep.handle();
+    let fanout = metrics_util::layers::FanoutBuilder::default().add_recorder(ours).add_recorder(mep).build();
+    metrics::set_global_recorder(fanout).expect("install the recorders");
+    let renderers: [(&str, Box<dyn Fn() -> String>); 2] = [
+        ("poolwatch::export::Exporter", Box::new(move || ours_handle.render())),
+        ("metrics-exporter-prometheus", Box::new(move || mep_handle.render())),
+    ];
     metrics::counter!("bare_app_requests_total").increment(1);
-    let bare = measure(&handle, rounds);
+    let bare: Vec<Figures> = renderers.iter().map(|(_, r)| measure(r, rounds)).collect();
 
     let cluster = cluster::Cluster::start_with(&[("max_connections", "400")]);
     let mut held = Vec::new();
@@ -38,26 +51,58 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let r = measure(&handle, rounds);
+        let figures: Vec<Figures> = renderers.iter().map(|(_, r)| measure(r, rounds)).collect();
+        for (((name, render), r), bare) in renderers.iter().zip(&figures).zip(&bare) {
+            if let Ok(path) = std::env::var("RENDER_DUMP") {
+                let file = format!("{path}.{}.{}", held.len(), name.split(':').next().unwrap_or(name));
+                std::fs::write(file, render()).expect("write the rendered text");
+            }
+            println!(
+                "{:3} pools + listeners (+{pools} {detail:?}) {name:28}: render on-CPU {:.2} ms; wall mean {:.2} ms, \
+                 p50 {:.2} ms, p99 {:.2} ms; {} series, {} KB | bare: {:.3} ms",
+                held.len(),
+                r.cpu,
+                r.mean,
+                r.p50,
+                r.p99,
+                r.series,
+                r.bytes / 1024,
+                bare.mean,
+            );
+        }
         println!(
-            "{:3} pools + listeners (+{pools} {detail:?}): render on-CPU {:.2} ms; wall mean {:.2} ms, p50 {:.2} ms, \
-             p99 {:.2} ms; {} series, {} KB | bare recorder: {:.3} ms, ratio {:.0}x",
+            "{:3} pools: metrics-exporter-prometheus / poolwatch::export::Exporter on-CPU ratio {:.1}x",
             held.len(),
-            r.cpu,
-            r.mean,
-            r.p50,
-            r.p99,
-            r.series,
-            r.bytes / 1024,
-            bare.mean,
-            r.mean / bare.mean.max(1e-6),
+            figures[1].cpu / figures[0].cpu.max(1e-6)
         );
+        // Both render the same series: same names, labels and `le` bounds.
+        let [a, b] = [&renderers[0].1, &renderers[1].1].map(|r| series(&r()));
+        assert_eq!(a.symmetric_difference(&b).collect::<Vec<_>>(), Vec::<&String>::new(), "the recorders differ");
+        assert!(a.iter().any(|s| s.starts_with("db_client_connection_wait_time_seconds_bucket{")), "no histogram");
     }
     for (pool, watch, listener) in held {
         drop(listener);
         watch.shutdown().await;
         pool.close().await;
     }
+}
+
+/// Each sample's identity (`name{labels}`), labels sorted.
+fn series(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let id = &l[..l.rfind(' ').unwrap_or(l.len())];
+            match id.split_once('{') {
+                Some((name, labels)) => {
+                    let mut parts: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
+                    parts.sort_unstable();
+                    format!("{name}{{{}}}", parts.join(","))
+                }
+                None => id.to_owned(),
+            }
+        })
+        .collect()
 }
 
 async fn watched(cluster: &cluster::Cluster, name: &str, detail: Detail) -> (PgPool, PoolWatch, WatchedListener) {
@@ -86,13 +131,13 @@ struct Figures {
     series: usize,
 }
 
-fn measure(handle: &metrics_exporter_prometheus::PrometheusHandle, rounds: usize) -> Figures {
+fn measure(render: &dyn Fn() -> String, rounds: usize) -> Figures {
     let mut ms = Vec::with_capacity(rounds);
     let mut text = String::new();
     let cpu_before = thread_cpu_ns();
     for _ in 0..rounds {
         let t = Instant::now();
-        text = handle.render();
+        text = render();
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let cpu = (thread_cpu_ns() - cpu_before) as f64 / 1e6 / rounds as f64;

@@ -1,9 +1,13 @@
-//! Optional helpers for the app's own recorder. poolwatch only emits through the `metrics`
-//! facade (like every metrics-rs library); these helpers configure a recorder so its
-//! histograms render as histograms, with poolwatch's buckets.
+//! Getting poolwatch's metrics to Prometheus. poolwatch only emits through the `metrics`
+//! facade (like every metrics-rs library); the app installs one recorder. With feature
+//! `prometheus`, two ways:
 //!
-//! - `metrics-exporter-prometheus` (feature `prometheus`): [`prometheus_builder`] or
-//!   [`with_buckets`] on a builder you already have.
+//! - [`Exporter`]: a recorder for the whole app whose scrapes stay cheap with many pools (each
+//!   series' name and labels are rendered once, at registration), with poolwatch's histogram
+//!   buckets. It serves `/metrics` itself or hands you a [`PrometheusHandle`] to serve.
+//! - `metrics-exporter-prometheus`, if the app already runs it: [`with_buckets`] on your
+//!   builder, or [`prometheus_builder`]. Its scrapes cost more per series
+//!   (`benches/render_cost.rs` prints both).
 //! - Any other recorder (e.g. the OpenTelemetry SDK through `metrics-exporter-opentelemetry`
 //!   or `metrics-util`): give each histogram of [`catalog::ALL`](crate::catalog::ALL) the
 //!   bounds of [`catalog::buckets`](crate::catalog::buckets) (an OTel `View` with an
@@ -12,6 +16,19 @@
 //!   and alerts show no data.
 
 #[cfg(feature = "prometheus")]
+mod exporter;
+#[cfg(feature = "prometheus")]
+mod http;
+#[cfg(feature = "prometheus")]
 mod prometheus;
 #[cfg(feature = "prometheus")]
+mod recorder;
+#[cfg(feature = "prometheus")]
+mod render;
+
+#[cfg(feature = "prometheus")]
+pub use exporter::{DEFAULT_BUCKETS, Exporter};
+#[cfg(feature = "prometheus")]
 pub use prometheus::{prometheus_builder, with_buckets};
+#[cfg(feature = "prometheus")]
+pub use recorder::{PrometheusHandle, PrometheusRecorder};
