@@ -31,7 +31,7 @@ async fn main() {
     let mep_handle = mep.handle();
     let fanout = metrics_util::layers::FanoutBuilder::default().add_recorder(ours).add_recorder(mep).build();
     metrics::set_global_recorder(fanout).expect("install the recorders");
-    let renderers: [(&str, Box<dyn Fn() -> String>); 2] = [
+    let renderers: [(&str, Render); 2] = [
         ("poolwatch::export::Exporter", Box::new(move || ours_handle.render())),
         ("metrics-exporter-prometheus", Box::new(move || mep_handle.render())),
     ];
@@ -86,6 +86,8 @@ async fn main() {
         pool.close().await;
     }
 }
+
+type Render = Box<dyn Fn() -> String>;
 
 /// Each sample's identity (`name{labels}`), labels sorted.
 fn series(text: &str) -> BTreeSet<String> {

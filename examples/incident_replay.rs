@@ -45,7 +45,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cluster = cluster::Cluster::for_example(); // removed at exit if throwaway
     let options = cluster.options();
     // The README's setup: a Prometheus recorder with poolwatch's histogram buckets.
-    poolwatch::export::prometheus_builder()
+    poolwatch::export::Exporter::new()
         .with_http_listener(args.metrics_addr)
         .install()
         .map_err(|e| format!("cannot serve /metrics on {} ({e}); pass --metrics-addr", args.metrics_addr))?;

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusHandle;
+use crate::export::PrometheusHandle;
 use opentelemetry::Context;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
@@ -232,7 +232,7 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
         ));
     }
     let prometheus = match config.prometheus_listen {
-        Some(addr) => Some(prometheus(addr, &runtime)?),
+        Some(addr) => Some(prometheus(addr)?),
         None => None,
     };
     let spans =
@@ -279,32 +279,12 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
 }
 
 /// Builds the recorder with poolwatch's histogram buckets and starts the `/metrics` listener.
-fn prometheus(
-    addr: SocketAddr,
-    runtime: &tokio::runtime::Handle,
-) -> Result<(metrics_exporter_prometheus::PrometheusRecorder, JoinHandle<()>), TelemetryError> {
-    // Bind once ourselves first: the exporter's error text does not name the field.
-    if let Err(e) = std::net::TcpListener::bind(addr) {
-        return Err(ConfigError::new(
-            "prometheus_listen",
-            format!("cannot listen on {addr}: {e}"),
-            "free the port or choose another with prometheus_listen(Some(addr)); None keeps your own recorder",
-        ));
-    }
-    let builder = crate::export::prometheus_builder().with_http_listener(addr);
-    let (recorder, exporter) = builder.build().map_err(|e| {
-        ConfigError::new(
-            "prometheus_listen",
-            format!("cannot listen on {addr}: {e}"),
-            "free the port or choose another with prometheus_listen(Some(addr)); None keeps your own recorder",
-        )
-    })?;
-    let listener = runtime.spawn(async move {
-        if let Err(e) = exporter.await {
-            tracing::warn!(error = ?e, "poolwatch /metrics listener stopped");
-        }
-    });
-    Ok((recorder, listener))
+fn prometheus(addr: SocketAddr) -> Result<(crate::export::PrometheusRecorder, JoinHandle<()>), TelemetryError> {
+    let field = crate::export::ListenField {
+        name: "prometheus_listen",
+        fix: "free the port or choose another with prometheus_listen(Some(addr)); None keeps your own recorder",
+    };
+    crate::export::Exporter::new().serve_on(addr, field)
 }
 
 /// What [`init`] installed. Dropping it flushes the queued spans (bounded by

@@ -1,7 +1,7 @@
-//! The README's setup, literally: `poolwatch::export::prometheus_builder()` with an HTTP
-//! listener, installed as the app's global recorder, `/metrics` read over HTTP from a real
-//! watched pool with a real listener on a real server. Checks that every histogram the shipped
-//! dashboards and alerts read renders `_bucket` series, that every counter an alert reads
+//! The README's setup, literally: `poolwatch::export::Exporter` with an HTTP listener,
+//! installed inside a Tokio runtime as the app's global recorder, `/metrics` read over HTTP
+//! from a real watched pool with a real listener on a real server. Checks that promtool parses
+//! the exposition, that every histogram the shipped dashboards and alerts read renders `_bucket` series, that every counter an alert reads
 //! with `increase()`/`rate()` exists at 0 from the start, and the series budget per pool and
 //! per listener.
 
@@ -26,13 +26,18 @@ fn install_recorder() -> SocketAddr {
     static ADDR: OnceLock<SocketAddr> = OnceLock::new();
     *ADDR.get_or_init(|| {
         let addr = SocketAddr::from(([127, 0, 0, 1], support::cluster::free_port()));
-        // Installed from a thread outside the tests' runtimes, so the exporter gets its own
-        // runtime and outlives the test that installed it.
+        // Installed inside a runtime of its own on a thread that lives as long as the process,
+        // as an app's main runtime would: the listener outlives the test that installed it.
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            poolwatch::export::prometheus_builder().with_http_listener(addr).install().expect("install the recorder")
-        })
-        .join()
-        .expect("install thread");
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async {
+                poolwatch::export::Exporter::new().with_http_listener(addr).install().expect("install the recorder");
+                tx.send(()).expect("report");
+                std::future::pending::<()>().await
+            })
+        });
+        rx.recv().expect("the recorder was installed");
         addr
     })
 }
@@ -133,6 +138,32 @@ async fn readme_setup_renders_every_used_histogram_with_buckets() {
         println!("{bucket}: {} series", lines.len());
     }
     assert!(!text.contains(" summary"), "a poolwatch histogram rendered as a summary:\n{text}");
+    drop(watch);
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_parses_the_exposition() {
+    let addr = install_recorder();
+    let cluster = Cluster::shared();
+    let (pool, watch, _listener) = watched(&cluster, "promtool", Detail::Full).await;
+    let text = settled(addr, &watch, "promtool").await;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/prereqs installs it)");
+    use std::io::Write as _;
+    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool ran");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("promtool check metrics:\n{said}");
+    // promtool lints names too (OTel's `db_client_connection_count` is a gauge ending in
+    // `_count`); what must not happen is a parse error.
+    assert!(!said.contains("error while linting"), "promtool could not parse /metrics:\n{said}");
+    assert!(text.contains("# HELP db_client_connection_count "), "descriptions become HELP lines:\n{text}");
     drop(watch);
     pool.close().await;
 }

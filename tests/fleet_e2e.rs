@@ -236,7 +236,7 @@ async fn replica() {
     let metrics: SocketAddr = std::env::var("POOLWATCH_REPLICA_METRICS").expect("addr").parse().expect("addr");
     let db: sqlx::postgres::PgConnectOptions = std::env::var("POOLWATCH_REPLICA_DB").expect("db").parse().expect("url");
     let go = std::path::PathBuf::from(std::env::var("POOLWATCH_REPLICA_GO").expect("go file"));
-    poolwatch::export::prometheus_builder().with_http_listener(metrics).install().expect("recorder");
+    poolwatch::export::Exporter::new().with_http_listener(metrics).install().expect("recorder");
     let pool =
         PgPoolOptions::new().max_connections(10).min_connections(0).connect_with(db.clone()).await.expect("pool");
     let watch = poolwatch::instrument_pool(

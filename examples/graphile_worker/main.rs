@@ -60,7 +60,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 1. The app's Prometheus recorder (read back at the end here) and poolwatch's layer for
     //    sqlx's own acquire events.
-    let metrics = poolwatch::export::prometheus_builder().install_recorder()?;
+    let metrics = poolwatch::export::Exporter::new().install()?;
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(sqlx_acquire_layer()))?;
     // 2. The pool, with the hooks that count every acquire whoever makes it, watched.
     let pool = instrument_options_named(PgPoolOptions::new().max_connections(5), "jobs").connect_with(options).await?;

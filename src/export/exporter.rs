@@ -104,55 +104,55 @@ impl Exporter {
     /// inside a Tokio runtime). Errors name the field at fault: a port that cannot be bound,
     /// no runtime, or another recorder already installed.
     pub fn install(self) -> Result<PrometheusHandle, ConfigError> {
-        let listen = self.listen;
-        let listener = match listen {
-            None => None,
-            Some(addr) => {
-                let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-                    ConfigError::new(
-                        "with_http_listener",
-                        "the /metrics listener needs a Tokio runtime and none is running",
-                        "call install() inside the Tokio runtime (e.g. in #[tokio::main]), or drop with_http_listener and serve handle.render() yourself",
-                    )
-                })?;
-                let std = std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)).map_err(
-                    |e| {
-                        ConfigError::new(
-                            "with_http_listener",
-                            format!("cannot listen on {addr}: {e}"),
-                            "free the port or choose another address",
-                        )
-                    },
-                )?;
-                Some((runtime, std))
-            }
+        let field = ListenField { name: "with_http_listener", fix: "free the port or choose another address" };
+        let (recorder, serving) = match self.listen {
+            Some(addr) => self.serve_on(addr, field).map(|(r, task)| (r, Some(task)))?,
+            None => (self.build_recorder(), None),
         };
-        let recorder = self.build_recorder();
         let handle = recorder.handle();
-        metrics::set_global_recorder(recorder).map_err(|_| {
-            ConfigError::new(
+        if metrics::set_global_recorder(recorder).is_err() {
+            if let Some(task) = serving {
+                task.abort();
+            }
+            return Err(ConfigError::new(
                 "install",
                 "another metrics recorder is already installed in this process",
-                "install one recorder per process; to keep yours, use build_recorder() and render its handle, or give your recorder poolwatch's buckets (export::with_buckets)",
-            )
-        })?;
-        if let Some((runtime, std)) = listener {
-            let _guard = runtime.enter();
-            match tokio::net::TcpListener::from_std(std) {
-                Ok(l) => {
-                    runtime.spawn(super::http::serve(l, handle.clone()));
-                }
-                Err(e) => {
-                    return Err(ConfigError::new(
-                        "with_http_listener",
-                        format!("cannot use the listening socket: {e}"),
-                        "call install() inside a Tokio runtime with I/O enabled (enable_all or enable_io)",
-                    ));
-                }
-            }
+                "install one recorder per process; to keep yours, give it poolwatch's buckets (export::with_buckets for metrics-exporter-prometheus)",
+            ));
         }
         Ok(handle)
     }
+
+    /// The recorder (not installed) and the task serving it on `addr`: bound and spawned
+    /// here, so a bad address fails before anything is installed.
+    pub(crate) fn serve_on(
+        self,
+        addr: SocketAddr,
+        field: ListenField,
+    ) -> Result<(PrometheusRecorder, tokio::task::JoinHandle<()>), ConfigError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            ConfigError::new(
+                field.name,
+                "the /metrics listener needs a Tokio runtime and none is running",
+                "call it inside the Tokio runtime (e.g. in #[tokio::main])",
+            )
+        })?;
+        let _entered = runtime.enter();
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|e| ConfigError::new(field.name, format!("cannot listen on {addr}: {e}"), field.fix))?;
+        let recorder = self.build_recorder();
+        let task = runtime.spawn(super::http::serve(listener, recorder.handle()));
+        Ok((recorder, task))
+    }
+}
+
+/// How errors about the listener name it: `with_http_listener` here, `prometheus_listen` in
+/// `telemetry::init`.
+pub(crate) struct ListenField {
+    pub(crate) name: &'static str,
+    pub(crate) fix: &'static str,
 }
 
 fn checked(field: &'static str, bounds: &[f64]) -> Result<Vec<f64>, ConfigError> {

@@ -26,6 +26,8 @@ mod recorder;
 #[cfg(feature = "prometheus")]
 mod render;
 
+#[cfg(feature = "telemetry")]
+pub(crate) use exporter::ListenField;
 #[cfg(feature = "prometheus")]
 pub use exporter::{DEFAULT_BUCKETS, Exporter};
 #[cfg(feature = "prometheus")]
