@@ -70,10 +70,16 @@ async fn main() {
                 bare.mean,
             );
         }
+        // The on-CPU clock ticks coarsely: a ratio only when both read more than zero.
+        let cpu_ratio = if figures[0].cpu > 0.0 && figures[1].cpu > 0.0 {
+            format!("{:.1}x", figures[1].cpu / figures[0].cpu)
+        } else {
+            "n/a (too few rounds)".to_owned()
+        };
         println!(
-            "{:3} pools: metrics-exporter-prometheus / poolwatch::export::Exporter on-CPU ratio {:.1}x",
+            "{:3} pools: metrics-exporter-prometheus / poolwatch::export::Exporter: on-CPU {cpu_ratio}, wall mean {:.1}x",
             held.len(),
-            figures[1].cpu / figures[0].cpu.max(1e-6)
+            figures[1].mean / figures[0].mean.max(1e-9)
         );
         // Both render the same series: same names, labels and `le` bounds.
         let [a, b] = [&renderers[0].1, &renderers[1].1].map(|r| series(&r()));
