@@ -41,6 +41,9 @@ const CENSUS_RECHECK: Duration = Duration::from_millis(50);
 /// How many times a census re-reads the server's session-end counters that lag the sessions
 /// that vanished (at most 0.5 s in all; once is enough on a quiet server).
 const CENSUS_END_READS: usize = 10;
+/// After `pool.close()`, how long the watch keeps counting connections as they close. sqlx 0.8
+/// can leave one open for good (docs/lifecycle.md), so the count must not go on forever.
+const CLOSE_DRAIN_LIMIT: Duration = Duration::from_secs(600);
 
 /// Starts watching `pool`: samples its counters, takes the server and socket census, and
 /// publishes both through the `metrics` facade (to whatever recorder the app installed).
@@ -730,10 +733,19 @@ async fn run(shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
     }
     if let (false, Some(l)) = (stopped, &shared.lifecycle) {
         // The pool closed: count its connections as they close (checked-out ones close when
-        // given back), until none is left or the watch is dropped.
+        // given back), until none is left, the watch is dropped, or CLOSE_DRAIN_LIMIT passed.
+        let until = tokio::time::Instant::now() + CLOSE_DRAIN_LIMIT;
         loop {
             l.update();
             if shared.pool.size() == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= until {
+                tracing::debug!(
+                    pool = %shared.config.pool_name,
+                    open = shared.pool.size(),
+                    "pool closed; stopped counting its last connections"
+                );
                 break;
             }
             tokio::select! {
