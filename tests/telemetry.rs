@@ -366,7 +366,7 @@ async fn within<T>(limit: Duration, f: impl Future<Output = T>) -> T {
 }
 
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).unwrap()
+    SocketAddr::from(([127, 0, 0, 1], support::cluster::free_port()))
 }
 
 /// `GET /metrics` over a real TCP connection; returns the body.

@@ -307,8 +307,44 @@ pub fn is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
-/// A free loopback TCP port.
+/// A free loopback TCP port for a server a test starts, claimed for this process.
+///
+/// `bind(0)` hands out ports from the kernel's ephemeral range, where any outgoing connection
+/// or other test binary's `bind(0)` can take the port between our check and the server's own
+/// bind ("Address already in use" under load). So the port comes from below that range
+/// (20000-32767), and a claim file (`$TMPDIR/poolwatch-ports/<port>`, holding our pid) keeps
+/// every other test process off it until we exit; a dead process's claims are taken over.
 pub fn free_port() -> u16 {
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_768;
+    let dir = std::env::temp_dir().join("poolwatch-ports");
+    let _ = std::fs::create_dir_all(&dir);
+    let me = std::process::id();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let start = me.wrapping_mul(7_919).wrapping_add(nanos);
+    for i in 0..COUNT {
+        let port = (FIRST + start.wrapping_add(i) % COUNT) as u16;
+        let claim = dir.join(port.to_string());
+        let created = std::fs::OpenOptions::new().write(true).create_new(true).open(&claim);
+        match created {
+            Ok(mut f) => {
+                use std::io::Write as _;
+                let _ = write!(f, "{me}");
+                // Claimed; usable only if nothing else (another service) listens there.
+                if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                    return port;
+                }
+            }
+            Err(_) => {
+                // Taken over when its process is gone (the claim is read, then removed).
+                let owner = std::fs::read_to_string(&claim).ok().and_then(|p| p.trim().parse::<u32>().ok());
+                if owner.is_some_and(|pid| pid != me && !Path::new(&format!("/proc/{pid}")).exists()) {
+                    let _ = std::fs::remove_file(&claim);
+                }
+            }
+        }
+    }
+    // Every port claimed: fall back to the kernel's choice.
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 

@@ -90,8 +90,10 @@ impl Drop for Daemon {
     }
 }
 
+/// A port claimed for this process (`cluster::free_port`): no other test binary takes it
+/// before the daemon binds it.
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port")
+    SocketAddr::from(([127, 0, 0, 1], super::cluster::free_port()))
 }
 
 /// A real Alertmanager (`/usr/bin/prometheus-alertmanager`), clustering off.
