@@ -226,6 +226,7 @@ impl PoolWatch {
             listeners: crate::listener::status::of_pool(&s.config.pool_name),
             hazards: s.heartbeat.hazards(),
             stranded: s.stranded.figure(),
+            lifecycle: self.lifecycle(),
             send_queue_stuck: s.send_queues.figure(),
             waits: WaitHealth { waiters, oldest_wait_seconds: oldest.as_secs_f64() },
             reach: s.reach.figures(),

@@ -54,6 +54,9 @@ async fn idle_timeout_closes_are_counted_and_the_oldest_age_grows() {
     let held: Vec<_> = held.into_iter().map(Result::unwrap).collect();
     let first = figures(&watch);
     assert!(first.opened >= 3 && first.open >= 3, "{first:?}");
+    // The health report carries them too (for a readiness endpoint's JSON).
+    let in_report = watch.health().lifecycle.expect("the report has the lifecycle figures");
+    assert!(in_report.opened >= 3 && in_report.open >= 3, "{in_report:?}");
     let age = first.oldest_age.expect("connections are open");
     eventually(Duration::from_secs(10), "the oldest connection's age grows", async || {
         (figures(&watch).oldest_age? > age + Duration::from_millis(500)).then_some(())
@@ -188,6 +191,7 @@ async fn without_the_hooks_there_are_no_lifecycle_figures() {
     let pool = PgPoolOptions::new().max_connections(1).connect_with(cluster.options()).await.unwrap();
     let watch = instrument_pool(&pool, Config::new("lc_none")).unwrap();
     assert_eq!(watch.lifecycle(), None);
+    assert_eq!(watch.health().lifecycle, None);
     assert_eq!(metric("poolwatch_connection_oldest_age_seconds", &[(POOL, "lc_none")]), None);
     drop(watch);
     pool.close().await;

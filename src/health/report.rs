@@ -165,6 +165,10 @@ pub struct HealthReport {
     pub addresses_down: usize,
     /// How many addresses were probed.
     pub addresses: usize,
+    /// Connections opened, closed by reason, and the oldest one's age (`watch.lifecycle()`);
+    /// `None` unless the pool was built with
+    /// [`instrument_options_named`](crate::instrument_options_named). Informative only.
+    pub lifecycle: Option<crate::LifecycleFigures>,
 }
 
 /// Acquires waiting longer than this make the report `degraded`.
@@ -180,6 +184,7 @@ pub(crate) struct Inputs {
     pub(crate) listeners: Vec<ListenerHealth>,
     pub(crate) hazards: Vec<crate::Finding>,
     pub(crate) stranded: Option<u32>,
+    pub(crate) lifecycle: Option<crate::LifecycleFigures>,
     pub(crate) send_queue_stuck: u32,
     pub(crate) waits: WaitHealth,
     pub(crate) reach: crate::Reachability,
@@ -311,6 +316,7 @@ pub(crate) fn judge(i: Inputs) -> HealthReport {
         waits: i.waits,
         addresses_down: down,
         addresses: i.reach.addresses.len(),
+        lifecycle: i.lifecycle,
     }
 }
 
@@ -338,6 +344,7 @@ mod tests {
             listeners: Vec::new(),
             hazards: Vec::new(),
             stranded: None,
+            lifecycle: None,
             send_queue_stuck: 0,
             waits: WaitHealth::default(),
             reach: crate::Reachability::default(),
