@@ -450,8 +450,7 @@ impl Shared {
     /// have passed since: a recovered address must not read down for hours. Costs the server
     /// a probe per 10 samples only while something is down.
     fn recheck_down(&self) -> bool {
-        let r = self.reach.figures();
-        let down = r.resolve_error.is_some() || r.up() < r.addresses.len();
+        let down = self.reach.any_down();
         let last = self.reach_last.lock().ok().and_then(|l| *l);
         down && last.is_none_or(|at| at.elapsed() >= self.config.sample_interval * 10)
     }

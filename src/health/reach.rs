@@ -198,6 +198,12 @@ impl Reach {
         self.latest.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
+    /// Whether the last probe found the host unresolvable or an address down (read in place:
+    /// asked every sample).
+    pub(crate) fn any_down(&self) -> bool {
+        self.latest.lock().is_ok_and(|r| r.resolve_error.is_some() || r.up() < r.addresses.len())
+    }
+
     /// Probes the addresses of the host in `options` and publishes the figures. Does nothing
     /// for a unix socket.
     pub(crate) async fn run(&self, options: &PgConnectOptions, timeout: Duration) {
