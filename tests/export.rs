@@ -148,21 +148,7 @@ async fn promtool_parses_the_exposition() {
     let cluster = Cluster::shared();
     let (pool, watch, _listener) = watched(&cluster, "promtool", Detail::Full).await;
     let text = settled(addr, &watch, "promtool").await;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (scripts/prereqs installs it)");
-    use std::io::Write as _;
-    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write to promtool");
-    let out = child.wait_with_output().expect("promtool ran");
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    println!("promtool check metrics:\n{said}");
-    // promtool lints names too (OTel's `db_client_connection_count` is a gauge ending in
-    // `_count`); what must not happen is a parse error.
-    assert!(!said.contains("error while linting"), "promtool could not parse /metrics:\n{said}");
+    support::prometheus::promtool_check_metrics(&text);
     assert!(text.contains("# HELP db_client_connection_count "), "descriptions become HELP lines:\n{text}");
     drop(watch);
     pool.close().await;

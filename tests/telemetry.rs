@@ -192,7 +192,7 @@ async fn telemetry_pipeline_end_to_end() {
             assert!(catalog::find(family).is_some(), "{family} is on /metrics but not in the catalog");
         }
     }
-    promtool_check_metrics(&text);
+    support::prometheus::promtool_check_metrics(&text);
 
     // The collector stops: queries and the census go on, nothing blocks.
     grpc.stop().await;
@@ -378,30 +378,6 @@ async fn scrape(addr: SocketAddr) -> String {
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body.to_owned()
-}
-
-fn promtool_check_metrics(text: &str) {
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (apt-get install prometheus) on PATH");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    // The one documented exception (catalog::LINT_EXCEPTIONS) is the only finding allowed.
-    let findings: Vec<&str> = said
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .filter(|l| {
-            let name = l.split_whitespace().next().unwrap_or("");
-            !(catalog::LINT_EXCEPTIONS.contains(&name) && l.contains("\"_count\" suffix"))
-        })
-        .collect();
-    assert!(findings.is_empty(), "promtool check metrics: {findings:?}\n---\n{text}");
-    assert!(out.status.success() || said.lines().count() > 0, "promtool failed without a finding: {said}");
 }
 
 fn rss_kib() -> u64 {

@@ -237,3 +237,29 @@ impl PostgresExporter {
         self.daemon.log()
     }
 }
+
+/// `promtool check metrics` on an exposition: no parse error, and no lint finding but the
+/// documented exception (`catalog::LINT_EXCEPTIONS`).
+pub fn promtool_check_metrics(text: &str) {
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus) on PATH");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), text.as_bytes()).expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool ran");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // The one documented exception (poolwatch::catalog::LINT_EXCEPTIONS) is the only finding allowed.
+    let findings: Vec<&str> = said
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter(|l| {
+            let name = l.split_whitespace().next().unwrap_or("");
+            !(poolwatch::catalog::LINT_EXCEPTIONS.contains(&name) && l.contains("\"_count\" suffix"))
+        })
+        .collect();
+    assert!(findings.is_empty(), "promtool check metrics: {findings:?}\n---\n{text}");
+    assert!(out.status.success() || said.lines().count() > 0, "promtool failed without a finding: {said}");
+}
