@@ -164,7 +164,7 @@ pub const DOWNTIME_BUCKETS: &[f64] = &[1.0, 10.0, 60.0];
 /// The bucket bounds of the histogram `name` at `detail`: [`SECONDS_BUCKETS`] for
 /// [`Detail::Full`](crate::Detail::Full), the coarse per-histogram set for
 /// [`Detail::Standard`](crate::Detail::Standard); `None` for a name that is not a histogram.
-/// [`export::prometheus_builder`](crate::export) applies them; give the same bounds to any
+/// [`export::Exporter`](crate::export) and `export::prometheus_builder` apply them; give the same bounds to any
 /// other recorder (an OpenTelemetry `View`).
 pub fn buckets(name: &str, detail: crate::Detail) -> Option<&'static [f64]> {
     let coarse = match name {

@@ -14,7 +14,8 @@
 //! # drop(watch); Ok(()) }
 //! ```
 //!
-//! poolwatch only emits: install a recorder (e.g. `metrics-exporter-prometheus`) in the app.
+//! poolwatch only emits: install a recorder in the app (`export::Exporter` with feature
+//! `prometheus`, or any `metrics` recorder given poolwatch's buckets; see [`export`]).
 //! Every metric is listed once in [`catalog`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
