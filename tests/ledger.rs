@@ -21,6 +21,19 @@ async fn admin(cluster: &Cluster) -> PgConnection {
     PgConnection::connect_with(&cluster.options()).await.expect("admin connection")
 }
 
+/// Waits until the server ended session `pid` (its `idle_session_timeout`).
+async fn killed_by_server(admin: &mut PgConnection, pid: i32) {
+    eventually(Duration::from_secs(10), "the server kills the idle listener session", async || {
+        let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+            .bind(pid)
+            .fetch_one(&mut *admin)
+            .await
+            .ok()?;
+        (alive == 0).then_some(())
+    })
+    .await;
+}
+
 async fn sessions_named(admin: &mut PgConnection, pattern: &str) -> i64 {
     // This test's database only: the binary's other tests share the server.
     sqlx::query_scalar(
@@ -54,15 +67,7 @@ async fn incident_1_leaked_listener_slots_grow_the_phantom_gap() {
         conn.execute("LISTEN jobs").await.unwrap();
         let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *conn).await.unwrap();
         let mut listener = conn.leak();
-        eventually(Duration::from_secs(10), "the server kills the idle listener session", async || {
-            let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
-                .bind(pid)
-                .fetch_one(&mut admin)
-                .await
-                .ok()?;
-            (alive == 0).then_some(())
-        })
-        .await;
+        killed_by_server(&mut admin, pid).await;
         let err = listener.execute("SELECT 1").await.expect_err("the session was killed");
         assert_eq!(Cause::of(&err), Cause::IdleSessionTimeout, "{err}");
         drop(listener);
@@ -127,15 +132,7 @@ async fn incident_1_client_ledger_sees_each_killed_slot_without_a_scheduled_cens
             .await
             .unwrap();
         let listener = conn.leak();
-        eventually(Duration::from_secs(10), "the server kills the idle listener session", async || {
-            let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
-                .bind(pid)
-                .fetch_one(&mut admin)
-                .await
-                .ok()?;
-            (alive == 0).then_some(())
-        })
-        .await;
+        killed_by_server(&mut admin, pid).await;
         let killed = std::time::Instant::now();
         let gap = eventually(Duration::from_secs(10), "the client gap counts the killed slot", async || {
             metric("poolwatch_client_gap", &labels).filter(|v| *v >= f64::from(cycle))
