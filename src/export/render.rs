@@ -91,12 +91,10 @@ pub(super) fn render(index: &Index, out: &mut String) {
                         out.push('\n');
                     }
                     let count = h.count.load(Ordering::Relaxed).max(cumulative);
-                    let n = h.bounds.len();
-                    for (line, value) in [
-                        (&h.lines[n], None),
-                        (&h.lines[n + 1], Some(h.sum.load(Ordering::Relaxed))),
-                        (&h.lines[n + 2], None),
-                    ] {
+                    // The lines after the buckets' own: `+Inf`, `_sum`, `_count`.
+                    let rest = h.lines.get(h.bounds.len()..).unwrap_or_default();
+                    let values = [None, Some(h.sum.load(Ordering::Relaxed)), None];
+                    for (line, value) in rest.iter().zip(values) {
                         out.push_str(line);
                         out.push(' ');
                         match value {
