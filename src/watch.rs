@@ -39,8 +39,10 @@ const GAP_READINGS: usize = 5;
 const CENSUS_RECHECK: Duration = Duration::from_millis(50);
 
 /// How many times a census re-reads the server's session-end counters that lag the sessions
-/// that vanished (at most 0.5 s in all; once is enough on a quiet server).
-const CENSUS_END_READS: usize = 10;
+/// that vanished: after 50 ms, then doubling up to 800 ms (3.15 s in all). Once is enough on a
+/// quiet server; on a loaded one an exiting backend can take seconds to flush its counters
+/// (seen at load 7: 0.5 s was not enough, and the kills read as `connection_ended`).
+const CENSUS_END_READS: u32 = 7;
 /// After `pool.close()`, how long the watch keeps counting connections as they close. sqlx 0.8
 /// can leave one open for good (docs/lifecycle.md), so the count must not go on forever.
 const CLOSE_DRAIN_LIMIT: Duration = Duration::from_secs(600);
@@ -563,6 +565,7 @@ impl Shared {
                 // Ports cannot be read (not Linux): the tag alone, as with a nonce.
                 _ => None,
             };
+            let read_at = Instant::now();
             let (sessions, facts) = direct
                 .run(async |c| {
                     let sessions = census::take(c, app_name, keys.as_deref()).await?;
@@ -639,7 +642,7 @@ impl Shared {
             if let (Some(seen), Some(list)) = (seen, &list)
                 && let Ok(mut ended) = self.ended.lock()
             {
-                vanished = ended.update(seen, list, facts.ends);
+                vanished = ended.update_read_at(seen, list, facts.ends, read_at);
             }
             let mut ended_now = Vec::new();
             if !vanished.is_empty() {
@@ -648,13 +651,13 @@ impl Shared {
                 // few times at most (one small query each, only when sessions vanished).
                 let mut ends = facts.ends;
                 if self.path == NetworkPath::Direct {
-                    for _ in 0..CENSUS_END_READS {
-                        tokio::time::sleep(CENSUS_RECHECK).await;
-                        if let Ok(later) = direct.run(async |c| ServerFacts::read(c).await).await {
-                            ends = later.ends;
-                        }
+                    for i in 0..CENSUS_END_READS {
                         if vanished.counted_by(ends) {
                             break;
+                        }
+                        tokio::time::sleep(CENSUS_RECHECK * 2u32.pow(i.min(4))).await;
+                        if let Ok(later) = direct.run(async |c| ServerFacts::read(c).await).await {
+                            ends = later.ends;
                         }
                     }
                 }

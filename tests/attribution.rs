@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use poolwatch::sqlx;
-use poolwatch::{Config, NetworkPath, attribution, instrument_pool};
+use poolwatch::{Cause, Config, NetworkPath, attribution, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, PgPool};
 use support::{Cluster, eventually, metric, recorder};
@@ -184,6 +184,7 @@ async fn idle_session_timeout_kills_of_idle_pool_connections_are_counted() {
     .await;
     assert_eq!(s.sessions_ended, base + u64::from(n), "{s:?}");
     let by = |cause: &str| metric("poolwatch_sessions_ended_total", &[(POOL, "ended_idle"), ("cause", cause)]);
-    assert_eq!(by("idle_session_timeout"), Some((base + u64::from(n)) as f64));
+    let all: Vec<_> = Cause::ALL.iter().map(|c| (c.as_str(), by(c.as_str()))).filter(|(_, v)| v.is_some()).collect();
+    assert_eq!(by("idle_session_timeout"), Some((base + u64::from(n)) as f64), "by cause: {all:?}");
     assert_eq!(by("admin_shutdown"), Some(0.0));
 }

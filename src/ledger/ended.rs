@@ -98,13 +98,27 @@ impl Vanished {
 impl Ledger {
     /// Records this census's sessions (and the server's session-end counters) and returns those
     /// that ended without the pool closing them since the last one.
+    #[cfg(test)]
     pub(crate) fn update(
         &mut self,
         now: HashMap<u16, Seen>,
         sockets: &[Socket],
         ends: Option<SessionEnds>,
     ) -> Vanished {
-        let at = Instant::now();
+        self.update_read_at(now, sockets, ends, Instant::now())
+    }
+
+    /// As `update`, for sessions read from the server at `at`: taken just before the query,
+    /// so the gap between two censuses is the gap between their readings of the server's idle
+    /// times (a census slowed after its query by a loaded machine does not shrink the next
+    /// gap, and an idle time is not underestimated).
+    pub(crate) fn update_read_at(
+        &mut self,
+        now: HashMap<u16, Seen>,
+        sockets: &[Socket],
+        ends: Option<SessionEnds>,
+        at: Instant,
+    ) -> Vanished {
         let mut vanished = Vanished::default();
         if let Some((then, before, ends_before)) = self.last.take() {
             let gap = at.duration_since(then);
