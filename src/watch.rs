@@ -568,8 +568,12 @@ impl Shared {
             let read_at = Instant::now();
             let (sessions, facts) = direct
                 .run(async |c| {
-                    let sessions = census::take(c, app_name, keys.as_deref()).await?;
+                    // The session-end counters first: a session this census sees alive has not
+                    // been counted yet, even if it ends between the two queries (read the other
+                    // way round, a kill at that moment was counted before its session was seen
+                    // alive, and the next census found no new end to explain it).
                     let facts = ServerFacts::read(c).await?;
+                    let sessions = census::take(c, app_name, keys.as_deref()).await?;
                     Ok((sessions, facts))
                 })
                 .await?;
