@@ -290,16 +290,23 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// A fresh directory `poolwatch-<what>-<pid>-<n>` under the system temp dir.
+/// A fresh, empty directory `poolwatch-<what>-<pid>-<n>` under the system temp dir. A killed
+/// test process leaves its directories behind, and a later process can get the same pid: a
+/// name already taken is skipped (the flake check once ran `initdb` into a leftover).
 pub fn temp_dir(what: &str) -> PathBuf {
     static SEQ: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "poolwatch-{what}-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).expect("create temp dir");
-    dir
+    loop {
+        let dir = std::env::temp_dir().join(format!(
+            "poolwatch-{what}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return dir,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => panic!("create temp dir {}: {e}", dir.display()),
+        }
+    }
 }
 
 /// Whether this process runs as root (server binaries then run as `postgres`).
