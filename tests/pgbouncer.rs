@@ -101,8 +101,10 @@ async fn without_direct_options_the_direct_path_fails_through_pgbouncer() {
 /// connections. sqlx's ping on the next acquire finds such a connection dead, closes it and
 /// opens another: every close is `broken`, every open is a counted connect, and the ledger
 /// agrees with the pool. (How many the pooler ends depends on the machine's speed, so the test
-/// checks what must hold for any count.) Unnamed statements: transaction mode hands a client
-/// whichever server connection is free, where a named one may already exist.
+/// checks what must hold for any count.) Simple-protocol queries (`raw_sql`): transaction
+/// mode hands a client whichever server connection is free, where a named statement may already
+/// exist, and sqlx's unnamed one can be parsed on one server and bound on another (seen in the
+/// flake check: "unnamed prepared statement does not exist").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hooks_and_lifecycle_through_pgbouncer() {
     recorder();
@@ -120,13 +122,13 @@ async fn hooks_and_lifecycle_through_pgbouncer() {
         watch.heartbeat().pool.up.filter(|up| *up)
     })
     .await;
-    sqlx::query("SELECT 1").persistent(false).execute(&pool).await.unwrap();
+    sqlx::raw_sql("SELECT 1").execute(&pool).await.unwrap();
     eventually(Duration::from_secs(30), "PgBouncer ends an idle pool connection", async || {
         bouncer.log().contains("client_idle_timeout").then_some(())
     })
     .await;
     // The next query's ping meets the dead connection; sqlx opens another.
-    sqlx::query("SELECT 1").persistent(false).execute(&pool).await.unwrap();
+    sqlx::raw_sql("SELECT 1").execute(&pool).await.unwrap();
     let f = eventually(Duration::from_secs(20), "the dead connection counted closed", async || {
         let f = watch.lifecycle()?;
         (f.closed_for(CloseReason::Broken) >= 1 && f.open as usize == pool.size() as usize).then_some(f)
