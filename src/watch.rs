@@ -39,10 +39,9 @@ const GAP_READINGS: usize = 5;
 const CENSUS_RECHECK: Duration = Duration::from_millis(50);
 
 /// How many times a census re-reads the server's session-end counters that lag the sessions
-/// that vanished: after 50 ms, then doubling up to 800 ms (3.15 s in all). Once is enough on a
-/// quiet server; on a loaded one an exiting backend can take seconds to flush its counters
-/// (seen at load 7: 0.5 s was not enough, and the kills read as `connection_ended`).
-const CENSUS_END_READS: u32 = 7;
+/// that vanished (50 ms apart, 0.5 s at most). Kept short: the census holds the dedicated
+/// connection meanwhile, and the direct heartbeat waits for it.
+const CENSUS_END_READS: u32 = 10;
 /// After `pool.close()`, how long the watch keeps counting connections as they close. sqlx 0.8
 /// can leave one open for good (docs/lifecycle.md), so the count must not go on forever.
 const CLOSE_DRAIN_LIMIT: Duration = Duration::from_secs(600);
@@ -655,11 +654,11 @@ impl Shared {
                 // few times at most (one small query each, only when sessions vanished).
                 let mut ends = facts.ends;
                 if self.path == NetworkPath::Direct {
-                    for i in 0..CENSUS_END_READS {
+                    for _ in 0..CENSUS_END_READS {
                         if vanished.counted_by(ends) {
                             break;
                         }
-                        tokio::time::sleep(CENSUS_RECHECK * 2u32.pow(i.min(4))).await;
+                        tokio::time::sleep(CENSUS_RECHECK).await;
                         if let Ok(later) = direct.run(async |c| ServerFacts::read(c).await).await {
                             ends = later.ends;
                         }
