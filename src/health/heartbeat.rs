@@ -548,6 +548,29 @@ mod tests {
     }
 
     #[test]
+    fn backoff_waits_are_jittered_and_never_overflow() {
+        let base = Duration::from_secs(10);
+        let waits: Vec<Duration> = (0..100)
+            .map(|_| {
+                let mut b = Backoff::new(base, Duration::from_secs(60));
+                b.record(false);
+                b.record(false);
+                b.next.map(|at| at.saturating_duration_since(Instant::now())).unwrap_or_default()
+            })
+            .collect();
+        // The 2nd failure waits 10 s on top of the tick, ±20 %: replicas retry apart.
+        assert!(waits.iter().all(|w| *w <= Duration::from_secs(12) && *w >= Duration::from_secs(7)), "{waits:?}");
+        let distinct: std::collections::HashSet<_> = waits.iter().map(|w| w.as_millis()).collect();
+        assert!(distinct.len() > 20, "{distinct:?}");
+        // `Duration::MAX` as the tick ("never") used to overflow `Instant + base / 10`.
+        let mut b = Backoff::new(Duration::MAX, Duration::MAX);
+        for ok in [false, false, true, false] {
+            b.record(ok);
+            let _ = b.ready();
+        }
+    }
+
+    #[test]
     fn direct_options_never_show_the_password() {
         let o = DirectOptions(PgConnectOptions::new_without_pgpass().host("db").password("s3cret"));
         let shown = format!("{o:?}");
