@@ -271,3 +271,20 @@ async fn at_the_default_cadence_a_failed_census_is_retried_and_a_lock_wait_confi
     watch.shutdown().await;
     fwd.abort();
 }
+
+/// A listener whose keepalive is `Duration::MAX` ("never") receives notifications: its
+/// keepalive deadline (`last command + keepalive`) used to overflow the clock (a panic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_with_a_keepalive_of_duration_max_receives() {
+    recorder();
+    let cluster = Cluster::shared();
+    for every in [Duration::from_secs(u64::MAX), Duration::MAX] {
+        let config = poolwatch::ListenerConfig::new("main", "forever").keepalive(every);
+        let mut listener = poolwatch::WatchedListener::connect(cluster.options(), config).await.unwrap();
+        listener.listen("jobs").await.unwrap();
+        let mut admin = sqlx::postgres::PgConnection::connect_with(&cluster.options()).await.unwrap();
+        admin.execute("SELECT pg_notify('jobs', 'one')").await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(30), listener.recv()).await;
+        assert_eq!(got.expect("a notification within 30 s").unwrap().payload(), "one");
+    }
+}
