@@ -449,6 +449,29 @@ mod tests {
     }
 
     #[test]
+    fn stale_figures_are_not_reported_as_current() {
+        use crate::health::liveness::{Ages, Limits};
+        let limits = Limits::of(&crate::Config::new("unit"));
+        let fresh = Some(Duration::from_secs(1));
+        let ages = Ages { watch: Duration::from_secs(3600), sample: fresh, census: fresh, heartbeat: fresh };
+        let mut i = inputs();
+        i.liveness = Liveness { ages, limits };
+        assert_eq!(codes(&judge(i)), Vec::<&str>::new());
+        let mut i = inputs();
+        let old = Some(Duration::from_secs(3000));
+        i.liveness = Liveness { ages: Ages { sample: old, census: old, heartbeat: old, ..ages }, limits };
+        let r = judge(i);
+        assert_eq!(r.status, HealthStatus::Degraded);
+        assert_eq!(codes(&r), ["watch_stalled", "census_stale", "heartbeat_stale"]);
+        assert_eq!((r.heartbeat.pool.up, r.heartbeat.diagnosis), (None, None), "the heartbeat reads unknown");
+        assert_eq!(r.freshness.sample_age_seconds, Some(3000.0));
+        // Before the first sample: judged from the watch's start.
+        let mut i = inputs();
+        i.liveness = Liveness { ages: Ages { watch: Duration::from_secs(40), ..Ages::default() }, limits };
+        assert_eq!(codes(&judge(i)), ["watch_stalled"]);
+    }
+
+    #[test]
     fn growth_needs_three_readings_that_never_fall() {
         assert!(growing(&[1, 2, 3]));
         assert!(growing(&[1, 1, 2]));
