@@ -1020,9 +1020,9 @@ mod tests {
     use super::*;
 
     fn census(lock_waiters: u32, active_for: u64, phantom: i64) -> Result<Snapshot, Cause> {
-        let mut server = crate::ServerCensus::default();
-        server.lock_waiters = lock_waiters;
-        server.longest[0] = Duration::from_secs(active_for);
+        let mut longest = [Duration::ZERO; 7];
+        longest[0] = Duration::from_secs(active_for);
+        let server = crate::ServerCensus { lock_waiters, longest, ..crate::ServerCensus::default() };
         Ok(Snapshot { server: Some(server), phantom: Some(phantom), census_up: true, ..Snapshot::default() })
     }
 
