@@ -88,7 +88,9 @@ pub enum Fault {
     PanicHeartbeat,
     /// The sample and census task stops making progress until [`Fault::Resume`].
     StallWatch,
-    /// Clears a stall.
+    /// The heartbeat task stops making progress until [`Fault::Resume`].
+    StallHeartbeat,
+    /// Clears every stall.
     Resume,
 }
 

@@ -297,7 +297,11 @@ impl PoolWatch {
             Fault::PanicWatch => watch.panic(),
             Fault::PanicHeartbeat => heartbeat.panic(),
             Fault::StallWatch => watch.stall(true),
-            Fault::Resume => watch.stall(false),
+            Fault::StallHeartbeat => heartbeat.stall(true),
+            Fault::Resume => {
+                watch.stall(false);
+                heartbeat.stall(false);
+            }
         }
     }
 

@@ -296,3 +296,32 @@ async fn a_listener_with_a_keepalive_of_duration_max_receives() {
         assert_eq!(got.expect("a notification within 30 s").unwrap().payload(), "one");
     }
 }
+
+/// The heartbeat task stalls: `health()` stops repeating its last "healthy" (the paths read
+/// unknown, `heartbeat_stale`), while the samples go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_heartbeat_reads_unknown_not_its_last_value() {
+    recorder();
+    let cluster = Cluster::shared();
+    let pool = PgPoolOptions::new().max_connections(2).connect_with(cluster.options()).await.unwrap();
+    let name = "deaf";
+    let config = fast(name).census_timeout(Duration::from_secs(1)).heartbeat_timeout(Duration::from_secs(1));
+    let watch = instrument_pool(&pool, config).unwrap();
+    eventually(Duration::from_secs(60), "healthy at start", async || {
+        (watch.health().heartbeat.diagnosis == Some("healthy")).then_some(())
+    })
+    .await;
+    watch.inject_fault(Fault::StallHeartbeat);
+    let h = eventually(Duration::from_secs(60), "heartbeat_stale", async || {
+        Some(watch.health()).filter(|h| h.reasons.iter().any(|r| r.code == "heartbeat_stale"))
+    })
+    .await;
+    assert_eq!((h.status, h.heartbeat.diagnosis, h.heartbeat.pool.up), (HealthStatus::Degraded, None, None), "{h:?}");
+    assert!(!h.reasons.iter().any(|r| r.code == "watch_stalled"), "the samples go on: {h:?}");
+    watch.inject_fault(Fault::Resume);
+    eventually(Duration::from_secs(60), "healthy once the heartbeat runs again", async || {
+        (watch.health().status == HealthStatus::Ok).then_some(())
+    })
+    .await;
+    watch.shutdown().await;
+}
