@@ -42,13 +42,32 @@ local alert = import 'lib/alert.libsonnet';
           |||,
             'Pool {{ $labels.db_client_connection_pool_name }} on {{ $labels.instance }}: {{ $value }} phantom connection(s) for 30m',
             'The pool counts at least this many connections that have no session on the server (leaked, or killed by the server and not noticed). They hold pool slots that no query can use.'),
-          // The census runs every 15 s by default; 5 min of failures is ~20 in a row, not a
-          // blip. Without it the ledger and the phantom alerts are blind.
+          // The census runs every 900 s (±20 %) by default, but a failed one is retried within
+          // seconds (5 s, 10 s, 20 s … at most 2 min, ±20 %): one failure reads 0 for a few
+          // seconds, so 5 min at 0 is some 6 failures in a row, not a blip. Without the census
+          // the ledger and the phantom alerts are blind. (A dead task reads NaN, not 0:
+          // PoolwatchWatchStalled covers it.)
           a('PoolwatchCensusDown', 'warning', |||
             poolwatch_census_up{%(s)s} == 0
           |||,
             'Pool {{ $labels.db_client_connection_pool_name }} on {{ $labels.instance }}: poolwatch census failing for 5m',
-            'poolwatch cannot query pg_stat_activity on its dedicated connection. Server-real figures and the phantom gap are stale, so the leak alerts cannot fire.'),
+            'poolwatch cannot query pg_stat_activity on its dedicated connection, and its retries (every few seconds to 2 minutes) keep failing. Server-real figures and the phantom gap are stale, so the leak alerts cannot fire.'),
+        ],
+      },
+      // Liveness of poolwatch itself: a stalled or dead task freezes every figure of its pool.
+      {
+        name: 'poolwatch-liveness',
+        rules: [
+          // A sample completes every sample_interval (5 s by default) and a heartbeat is seen
+          // every heartbeat_interval (10 s): 5 min without either is a stopped task, not a
+          // slow one (the census, which can take seconds, never holds a sample that long).
+          a('PoolwatchWatchStalled', 'warning', |||
+            time() - poolwatch_last_sample_timestamp_seconds{%(s)s} > %(watchStalledSeconds)s
+            or
+            time() - poolwatch_last_heartbeat_timestamp_seconds{%(s)s} > %(watchStalledSeconds)s
+          |||,
+            'Pool {{ $labels.db_client_connection_pool_name }} on {{ $labels.instance }}: poolwatch figures frozen for {{ $value | humanizeDuration }}',
+            'poolwatch has not completed a sample (or seen a heartbeat) of this pool for minutes while the process still serves metrics: its background task stalled or died, and every figure of this pool (gaps, heartbeats, census) is frozen at its last value. health() reads degraded (watch_stalled).'),
         ],
       },
       // Acquire: callers waiting for a pool connection (incidents 1 and 4).
@@ -155,8 +174,11 @@ local alert = import 'lib/alert.libsonnet';
             'Connections have been checked out far longer than expected. poolwatch logs where each was acquired.'),
           // No progress for 15 min while connections stay checked out AND something is stuck:
           // acquires waiting, a session active or idle in a transaction for 5 min, or lock
-          // waiters. A worker holding its dedicated connections idle with an empty queue has
-          // none of these (its sessions sit `idle`), so it stays silent.
+          // waiters now. A worker holding its dedicated connections idle with an empty queue has
+          // none of these (its sessions sit `idle`), so it stays silent. The census figures are
+          // read as they stand, not over a window: a census that sees lock waiters or a long
+          // transaction is followed up within about a minute, so a glimpse is cleared by then,
+          // while a lasting one stays (incident 3 pages about 20 min after work stops).
           a('PoolwatchWorkStalled', 'critical', |||
             increase(poolwatch_progress_total{%(s)s}[%(stallWindow)s]) == 0
             and %(on)s
@@ -165,16 +187,24 @@ local alert = import 'lib/alert.libsonnet';
             (
               max_over_time(db_client_connection_pending_requests{%(s)s}[%(stallWindow)s]) > 0
               or max without (state) (poolwatch_server_longest_in_state_seconds{%(s)s, state=~"active|idle_in_transaction|idle_in_transaction_aborted"}) > 300
-              or max_over_time(poolwatch_server_lock_waiters{%(s)s}[%(stallWindow)s]) > 0
+              or poolwatch_server_lock_waiters{%(s)s} > 0
             )
           |||,
             'Pool {{ $labels.db_client_connection_pool_name }} on {{ $labels.instance }}: no progress for 20m while connections stay checked out',
             'The app stopped reporting work done while its connections stay held and something is stuck (waiting acquires, a long statement or open transaction, lock waits): workers are wedged, not idle. The process looks healthy from outside.'),
+          // The figure is the longest idle-in-transaction age at the last census. A census that
+          // sees one open for a minute or more is followed up 45 s later (then 90 s, 180 s …),
+          // so a transaction that ends right after the census clears within a minute (below
+          // the 2 min `for`), and one that stays is followed until it crosses 5 min.
           a('PoolwatchTransactionStuck', 'warning', |||
             max without (state) (poolwatch_server_longest_in_state_seconds{%(s)s, state=~"idle_in_transaction|idle_in_transaction_aborted"}) > 300
           |||,
             'Pool {{ $labels.db_client_connection_pool_name }} on {{ $labels.instance }}: a transaction idle for {{ $value | humanizeDuration }}',
             'A server session of this pool has been idle inside an open transaction for more than 5 minutes. Its locks (row, table, advisory) block other work.'),
+          // Lock waiters at every census for 15 min (the 10 min window and the 5 min `for`).
+          // Censuses run every 900 s, but one that sees a waiter is followed up 45 s later (then
+          // 90 s, 180 s …): a wait one census happened to see is cleared within a minute; one
+          // that lasts keeps the figure up through each follow-up.
           a('PoolwatchLockWait', 'warning', |||
             min_over_time(poolwatch_server_lock_waiters{%(s)s}[10m]) > 0
           |||,

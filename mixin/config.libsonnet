@@ -15,6 +15,7 @@
       PoolwatchPhantomGapGrowing: '15m',
       PoolwatchPhantomGapPresent: '15m',
       PoolwatchCensusDown: '5m',
+      PoolwatchWatchStalled: '5m',
       PoolwatchPoolSaturated: '5m',
       PoolwatchAcquireTimeouts: '5m',
       PoolwatchAcquireWaiters: '10m',
@@ -41,6 +42,9 @@
     driftWindow: '90m',
     // Leak drift: total growth over two windows at least this many slots.
     driftMinSlots: 2,
+    // A stalled watch: no sample (or heartbeat seen) for this many seconds. The default
+    // suits sample_interval and heartbeat_interval up to about a minute; raise it with them.
+    watchStalledSeconds: 300,
     // A standing gap: present at every census this long.
     gapPresentWindow: '15m',
     // Reconnect loop: this many reconnects within the window.

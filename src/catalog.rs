@@ -455,6 +455,43 @@ pub const CONNECTION_OLDEST_AGE: Metric = gauge(
     &[],
 );
 
+/// Label key of [`TASK_RESTARTS`]: `watch` (samples and censuses) or `heartbeat`.
+pub const TASK: &str = "task";
+/// When the last sample completed: a frozen value means the watch stopped.
+pub const LAST_SAMPLE: Metric = gauge(
+    "poolwatch_last_sample_timestamp_seconds",
+    Unit::Seconds,
+    "Unix time of the last completed sample of the pool's counters (every sample_interval). time() minus it is the watch's silence: a value that stops moving means poolwatch's task stopped and every other figure of the pool is frozen.",
+    &[],
+);
+/// When the last census succeeded.
+pub const LAST_CENSUS: Metric = gauge(
+    "poolwatch_last_census_timestamp_seconds",
+    Unit::Seconds,
+    "Unix time of the last successful server census (absent before one).",
+    &[],
+);
+/// When the heartbeat task was last seen completing a tick.
+pub const LAST_HEARTBEAT: Metric = gauge(
+    "poolwatch_last_heartbeat_timestamp_seconds",
+    Unit::Seconds,
+    "Unix time at which a sample last saw a new heartbeat (either path, success or failure): the heartbeat task is alive.",
+    &[],
+);
+/// How old the census-derived figures are.
+pub const CENSUS_AGE: Metric = gauge(
+    "poolwatch_census_age_seconds",
+    Unit::Seconds,
+    "How old the census-derived figures (server sessions, phantom gap, lock waiters, longest in state) are, at the last sample: since the last successful census, or since the watch started before one. The census runs every census_interval (900 s by default), sooner after a failure or to confirm what it saw.",
+    &[],
+);
+/// Background tasks restarted after a panic.
+pub const TASK_RESTARTS: Metric = counter(
+    "poolwatch_task_restarts_total",
+    "poolwatch background tasks restarted after a panic, by task (watch: samples and censuses; heartbeat). Any increase is a poolwatch bug: please report it with the log line.",
+    &[TASK],
+);
+
 /// Every metric poolwatch emits.
 pub const ALL: &[Metric] = &[
     CONNECTION_COUNT,
@@ -516,6 +553,12 @@ pub const ALL: &[Metric] = &[
     // --- connection lifecycle (issue 13) ---
     CONNECTIONS_CLOSED,
     CONNECTION_OLDEST_AGE,
+    // --- liveness of the background tasks ---
+    LAST_SAMPLE,
+    LAST_CENSUS,
+    LAST_HEARTBEAT,
+    CENSUS_AGE,
+    TASK_RESTARTS,
 ];
 
 /// Series the fleet rules read from postgres_exporter with poolwatch's query file

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 /// How poolwatch watches one pool. Build it with [`Config::new`] and the setters; every
 /// field documents its default. Values are checked by [`instrument_pool`](crate::instrument_pool).
+/// Any non-zero duration works, up to `Duration::MAX` ("never": waits longer than about 30
+/// years are waited as 30 years).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {

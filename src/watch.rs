@@ -10,7 +10,6 @@ use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio::time::MissedTickBehavior;
 use tracing::Instrument;
 
 use crate::acquire::probe::Probe;
@@ -18,6 +17,7 @@ use crate::acquire::stranded::Stranded;
 use crate::direct::DirectConnection;
 use crate::gauges::{Gauges, PoolerGauges};
 use crate::health::heartbeat::Heartbeat;
+use crate::health::liveness::Liveness;
 use crate::health::reach::Reach;
 use crate::health::report::{self, GapHealth, WaitHealth};
 use crate::ledger::attribution::Tag;
@@ -26,6 +26,7 @@ use crate::ledger::ended::{Evidence, Ledger, Seen, Vanished};
 use crate::ledger::pooler::{self, PoolerConnection};
 use crate::ledger::{census, sockets};
 use crate::listener::loss::ServerFacts;
+use crate::schedule::{self, Fault};
 use crate::{Cause, Config, ConfigError, NetworkPath, PoolFigures, Snapshot, WatchedPool, catalog};
 
 /// The `application_name` tags of the pools watched by a live [`PoolWatch`] in this process:
@@ -148,6 +149,8 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         untagged: Mutex::new(untagged),
         retagged: tokio::sync::OnceCell::new(),
         census_failing: AtomicBool::new(false),
+        liveness: Liveness::new(&config.pool_name),
+        faults: [schedule::Faults::default(), schedule::Faults::default()],
         degraded_warned: AtomicBool::new(false),
         hidden_warned: AtomicBool::new(false),
         pool: pool.clone(),
@@ -157,13 +160,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
     let (stop, stopped) = oneshot::channel();
     let task = runtime.spawn(run(Arc::clone(&shared), stopped));
     let (stop_heartbeat, heartbeat_stopped) = oneshot::channel();
-    let s = Arc::clone(&shared);
-    let heartbeat = runtime.spawn(async move {
-        // Not before the idle connections are re-tagged and back in the pool.
-        s.retagged.get_or_init(|| s.retag_idle()).await;
-        let lint_app_name = s.tag.census_app_name.replacen("poolwatch-census:", "poolwatch-lint:", 1);
-        s.heartbeat.run(&s.pool, &s.direct, &s.config, &lint_app_name, heartbeat_stopped).await
-    });
+    let heartbeat = runtime.spawn(supervise_heartbeat(Arc::clone(&shared), heartbeat_stopped));
     Ok(PoolWatch {
         shared,
         stop: Some(stop),
@@ -231,6 +228,10 @@ impl PoolWatch {
             send_queue_stuck: s.send_queues.figure(),
             waits: WaitHealth { waiters, oldest_wait_seconds: oldest.as_secs_f64() },
             reach: s.reach.figures(),
+            liveness: report::Liveness {
+                ages: s.liveness.ages(s.heartbeat_count()),
+                limits: crate::health::liveness::Limits::of(&s.config),
+            },
         })
     }
 
@@ -285,6 +286,23 @@ impl PoolWatch {
     pub async fn sample_now(&self) -> Snapshot {
         self.shared.sample().await;
         self.shared.latest()
+    }
+
+    /// Test-only: injects a fault (a panic, a stall) into a background task, to prove the
+    /// supervision and the liveness figures. Not part of the API.
+    #[doc(hidden)]
+    pub fn inject_fault(&self, fault: Fault) {
+        let [watch, heartbeat] = &self.shared.faults;
+        match fault {
+            Fault::PanicWatch => watch.panic(),
+            Fault::PanicHeartbeat => heartbeat.panic(),
+            Fault::StallWatch => watch.stall(true),
+            Fault::StallHeartbeat => heartbeat.stall(true),
+            Fault::Resume => {
+                watch.stall(false);
+                heartbeat.stall(false);
+            }
+        }
     }
 
     /// A handle the app ticks per unit of work done with this pool: see [`Progress`](crate::Progress).
@@ -347,6 +365,10 @@ struct Shared {
     untagged: Mutex<Vec<PoolConnection<Postgres>>>,
     retagged: tokio::sync::OnceCell<()>,
     census_failing: AtomicBool,
+    /// When the tasks last completed a sample, census and heartbeat.
+    liveness: Liveness,
+    /// Test-only faults of the watch task (`[0]`) and the heartbeat task (`[1]`).
+    faults: [schedule::Faults; 2],
     degraded_warned: AtomicBool,
     hidden_warned: AtomicBool,
     path: NetworkPath,
@@ -444,7 +466,9 @@ impl Shared {
     fn connect_trouble(&self) -> u64 {
         let hb = self.heartbeat.figures();
         let census = u64::from(self.census_failing.load(Ordering::Relaxed));
-        self.probe.trouble.load(Ordering::Relaxed) + hb.pool.failures + hb.direct.failures + census
+        [hb.pool.failures, hb.direct.failures, census]
+            .into_iter()
+            .fold(self.probe.trouble.load(Ordering::Relaxed), u64::saturating_add)
     }
 
     /// Whether the last probe found an address down (or the host unresolved) and 10 samples
@@ -453,17 +477,18 @@ impl Shared {
     fn recheck_down(&self) -> bool {
         let down = self.reach.any_down();
         let last = self.reach_last.lock().ok().and_then(|l| *l);
-        down && last.is_none_or(|at| at.elapsed() >= self.config.sample_interval * 10)
+        down && last.is_none_or(|at| at.elapsed() >= self.config.sample_interval.saturating_mul(10))
     }
 
-    /// Probes reachability when connects failed or slowed down since the last probe, when an
-    /// address is down (every 10 samples), or when `scheduled`.
-    async fn reach_if_due(&self, scheduled: bool) -> bool {
-        let trouble = self.connect_trouble();
-        if !scheduled && self.reach_seen.load(Ordering::Relaxed) == trouble && !self.recheck_down() {
-            return false;
-        }
-        self.reach_seen.store(trouble, Ordering::Relaxed);
+    /// Whether a reachability probe is due beside the schedule: connects failed or slowed
+    /// down since the last probe, or an address is down (every 10 samples).
+    fn reach_wanted(&self) -> bool {
+        self.reach_seen.load(Ordering::Relaxed) != self.connect_trouble() || self.recheck_down()
+    }
+
+    /// Probes reachability now (on its schedule, or soon after [`Shared::reach_wanted`]).
+    async fn reach_if_due(&self) -> bool {
+        self.reach_seen.store(self.connect_trouble(), Ordering::Relaxed);
         if let Ok(mut last) = self.reach_last.lock() {
             *last = Some(Instant::now());
         }
@@ -495,6 +520,7 @@ impl Shared {
                 if self.census_failing.swap(false, Ordering::Relaxed) {
                     tracing::info!(pool = %self.config.pool_name, "poolwatch census recovered");
                 }
+                self.liveness.census_done();
                 self.gauges.census(&snapshot, seconds);
                 self.probe.census_seen(&snapshot);
                 if let (Some(p), Ok(mut gaps)) = (snapshot.phantom, self.gaps.lock()) {
@@ -729,8 +755,24 @@ impl Shared {
     }
 }
 
+/// The sample and census task, restarted after a panic (with backoff); then it closes the
+/// watch's connections.
 async fn run(shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
-    let stopped = watch_until_stopped(&shared, &mut stop).await;
+    let mut panics = 0u32;
+    let stopped = loop {
+        let watch = schedule::Supervised::new(watch_until_stopped(&shared, &mut stop), &shared.faults[0]);
+        match watch.await {
+            Ok(stopped) => break stopped,
+            Err(message) => {
+                panics = panics.saturating_add(1);
+                shared.liveness.watch_lost();
+                shared.update(|s| s.census_up = false);
+                if let Some(stopped) = shared.after_panic("watch", &message, panics, &mut stop).await {
+                    break stopped;
+                }
+            }
+        }
+    };
     // Stopped before the re-tag ran: give the idle connections back, or `pool.close()` waits.
     drop(shared.untagged.lock().map(|mut held| std::mem::take(&mut *held)));
     shared.direct.lock().await.close().await;
@@ -740,7 +782,7 @@ async fn run(shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
     if let (false, Some(l)) = (stopped, &shared.lifecycle) {
         // The pool closed: count its connections as they close (checked-out ones close when
         // given back), until none is left, the watch is dropped, or CLOSE_DRAIN_LIMIT passed.
-        let until = tokio::time::Instant::now() + CLOSE_DRAIN_LIMIT;
+        let until = schedule::after(tokio::time::Instant::now(), CLOSE_DRAIN_LIMIT);
         loop {
             l.update();
             if shared.pool.size() == 0 {
@@ -756,11 +798,93 @@ async fn run(shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
             }
             tokio::select! {
                 _ = &mut stop => break,
-                _ = tokio::time::sleep(shared.config.sample_interval) => {}
+                _ = tokio::time::sleep(schedule::bounded(shared.config.sample_interval)) => {}
             }
         }
     }
 }
+
+/// The heartbeat task, restarted after a panic (with backoff).
+async fn supervise_heartbeat(s: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
+    let lint_app_name = s.tag.census_app_name.replacen("poolwatch-census:", "poolwatch-lint:", 1);
+    let mut panics = 0u32;
+    loop {
+        let beat = async {
+            // Not before the idle connections are re-tagged and back in the pool.
+            s.retagged.get_or_init(|| s.retag_idle()).await;
+            s.heartbeat.run(&s.pool, &s.direct, &s.config, &lint_app_name, &mut stop).await
+        };
+        match schedule::Supervised::new(beat, &s.faults[1]).await {
+            Ok(()) => return,
+            Err(message) => {
+                panics = panics.saturating_add(1);
+                s.liveness.heartbeat_lost();
+                s.heartbeat.forget();
+                if s.after_panic("heartbeat", &message, panics, &mut stop).await.is_some() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// After a task panicked: logs it once, counts it, clears the locks it poisoned and waits
+    /// before the restart (1 s, 2 s … 60 s, ±20 %). `Some`: stopped meanwhile (`true` by the
+    /// handle, `false` by the pool closing).
+    async fn after_panic(
+        &self,
+        task: &'static str,
+        message: &str,
+        panics: u32,
+        stop: &mut oneshot::Receiver<()>,
+    ) -> Option<bool> {
+        let wait = schedule::backoff(Duration::from_secs(1), Duration::from_secs(60), panics);
+        tracing::error!(
+            pool = %self.config.pool_name,
+            task,
+            panics,
+            panic = message,
+            "poolwatch background task panicked (a bug in poolwatch: please report it); its figures read unknown \
+             until it restarts in {wait:?}"
+        );
+        metrics::counter!(catalog::TASK_RESTARTS.name, catalog::POOL_NAME => self.config.pool_name.clone(), catalog::TASK => task)
+            .increment(1);
+        self.latest.clear_poison();
+        self.gaps.clear_poison();
+        self.disagreement.clear_poison();
+        self.reach_last.clear_poison();
+        self.untagged.clear_poison();
+        self.ended.clear_poison();
+        if let Ok(mut ended) = self.ended.lock() {
+            ended.forget();
+        }
+        tokio::select! {
+            _ = &mut *stop => Some(true),
+            _ = self.pool.close_event() => Some(false),
+            _ = tokio::time::sleep(wait) => None,
+        }
+    }
+
+    /// One sample, its liveness stamp, and whether a reachability probe is wanted.
+    async fn sample_tick(&self) -> bool {
+        self.sample().await;
+        self.liveness.sampled(self.heartbeat_count());
+        self.reach_wanted()
+    }
+
+    /// Heartbeats run so far, both paths, successes and failures.
+    fn heartbeat_count(&self) -> u64 {
+        let hb = self.heartbeat.figures();
+        [hb.pool.failures, hb.direct.successes, hb.direct.failures]
+            .into_iter()
+            .fold(hb.pool.successes, u64::saturating_add)
+    }
+}
+
+/// How soon a reachability probe follows the connect trouble that wants it (±20 %, so a
+/// fleet that saw one outage does not probe the recovering server at one instant).
+const REACH_SOON: Duration = Duration::from_secs(5);
 
 /// Returns `true` when stopped by the handle, `false` when the pool closed.
 async fn watch_until_stopped(shared: &Shared, stop: &mut oneshot::Receiver<()>) -> bool {
@@ -771,37 +895,39 @@ async fn watch_until_stopped(shared: &Shared, stop: &mut oneshot::Receiver<()>) 
         _ = &mut closed => return false,
         _ = shared.retagged.get_or_init(|| shared.retag_idle()) => {}
     }
-    let mut sample = tokio::time::interval(shared.config.sample_interval);
-    sample.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let config = &shared.config;
+    let mut sample = schedule::interval(config.sample_interval);
     let scan_every = shared.probe.leaks.scan_every();
-    let mut leak_scan = tokio::time::interval(scan_every.unwrap_or(Duration::from_secs(3600)));
-    leak_scan.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut leak_scan = schedule::interval(scan_every.unwrap_or(Duration::from_secs(3600)));
     // The first census and probe at once (they learn the peers and the ports), then each
     // on its own jittered schedule.
     let census_at = tokio::time::sleep(Duration::ZERO);
     let reach_at = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(census_at, reach_at);
-    let mut first_census = true;
-    let floor = shared.config.sample_interval * 10;
-    let mut last_census: Option<tokio::time::Instant> = None;
+    let mut plan = CensusPlan { first: true, ..CensusPlan::default() };
+    let floor = config.sample_interval.saturating_mul(10);
     loop {
         tokio::select! {
             _ = &mut *stop => return true,
             _ = &mut closed => return false,
-            _ = sample.tick() => tokio::select! {
-                _ = &mut *stop => return true,
-                _ = &mut closed => return false,
-                _ = async {
-                    shared.sample().await;
-                    shared.reach_if_due(false).await;
-                } => {}
-            },
+            _ = sample.tick() => {
+                let wanted = tokio::select! {
+                    _ = &mut *stop => return true,
+                    _ = &mut closed => return false,
+                    wanted = shared.sample_tick() => wanted,
+                };
+                let soon = schedule::after(tokio::time::Instant::now(), schedule::jitter(config.sample_interval.min(REACH_SOON)));
+                if wanted && !plan.first && reach_at.deadline() > soon {
+                    reach_at.as_mut().reset(soon);
+                }
+            }
             _ = leak_scan.tick(), if scan_every.is_some() => { shared.probe.leaks.scan(); }
-            _ = &mut reach_at, if !first_census => tokio::select! {
+            _ = &mut reach_at, if !plan.first => tokio::select! {
                 _ = &mut *stop => return true,
                 _ = &mut closed => return false,
-                _ = shared.reach_if_due(true) => {
-                    reach_at.as_mut().reset(tokio::time::Instant::now() + jitter(shared.config.reach_interval));
+                _ = shared.reach_if_due() => {
+                    let next = schedule::jitter(config.reach_interval);
+                    reach_at.as_mut().reset(schedule::after(tokio::time::Instant::now(), next));
                 }
             },
             wanted = async {
@@ -810,55 +936,125 @@ async fn watch_until_stopped(shared: &Shared, stop: &mut oneshot::Receiver<()>) 
                     _ = shared.census_wanted.notified() => true,
                 }
             } => {
-                let now = tokio::time::Instant::now();
-                if let Some(at) = last_census.filter(|at| wanted && now < *at + floor) {
+                if let Some(due) = plan.held_back(wanted, floor) {
                     // Censuses run by disagreements: at most one per 10 samples; later ones
                     // wait for that (a flapping gap cannot turn into a census per sample).
-                    if census_at.deadline() > at + floor {
-                        census_at.as_mut().reset(at + floor);
+                    if census_at.deadline() > due {
+                        census_at.as_mut().reset(due);
                     }
                     continue;
                 }
-                tokio::select! {
+                let result = tokio::select! {
                     _ = &mut *stop => return true,
                     _ = &mut closed => return false,
-                    _ = shared.census() => {
-                        last_census = Some(tokio::time::Instant::now());
-                        if wanted {
-                            tracing::debug!(pool = %shared.config.pool_name, "census run by the client-side ledger");
-                        }
-                        census_at.as_mut().reset(tokio::time::Instant::now() + jitter(shared.config.census_interval));
-                        if std::mem::take(&mut first_census) {
-                            // The first census resolved the peers: the ledger can read sockets now.
-                            shared.sample().await;
-                        }
-                    }
+                    result = shared.census() => result,
+                };
+                if wanted {
+                    tracing::debug!(pool = %config.pool_name, "census run by the client-side ledger");
+                }
+                let next = plan.next(&result, config.census_interval);
+                census_at.as_mut().reset(schedule::after(tokio::time::Instant::now(), next));
+                if std::mem::take(&mut plan.first) {
+                    // The first census resolved the peers: the ledger can read sockets now.
+                    shared.sample().await;
                 }
             }
         }
     }
 }
 
-/// `every` ±20 %, drawn afresh each time, so replicas started together spread out.
-fn jitter(every: Duration) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
-    let unit = (h.finish() >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
-    every.mul_f64(0.8 + 0.4 * unit)
+/// A census that saw a session in one of these states this long, or lock waiters, or a
+/// phantom gap, is confirmed by a follow-up soon (see [`CensusPlan::next`]).
+const CONFIRM_AFTER: Duration = Duration::from_secs(60);
+
+/// When the next census runs: every `census_interval` (±20 %); sooner after a failure
+/// (5 s, 10 s … ±20 %, see [`schedule::census_retry`]); and a follow-up 45 s (±20 %) after a
+/// census that saw something to confirm, then 90 s, 180 s … back to the interval while it
+/// stays. So one failure or one glimpse of a lock wait does not hold its figure for 15 min.
+#[derive(Debug, Default)]
+struct CensusPlan {
+    first: bool,
+    last: Option<tokio::time::Instant>,
+    failures: u32,
+    follow_ups: u32,
+}
+
+impl CensusPlan {
+    /// The time a census woken by the client-side ledger waits for (`floor` after the last),
+    /// `None` when it may run now.
+    fn held_back(&self, wanted: bool, floor: Duration) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        self.last.map(|at| schedule::after(at, floor)).filter(|due| wanted && now < *due)
+    }
+
+    /// Records a census's outcome; returns the wait before the next.
+    fn next(&mut self, result: &Result<Snapshot, Cause>, interval: Duration) -> Duration {
+        self.last = Some(tokio::time::Instant::now());
+        match result {
+            Err(_) => {
+                self.failures = self.failures.saturating_add(1);
+                schedule::census_retry(interval, self.failures)
+            }
+            Ok(snapshot) if needs_confirming(snapshot) => {
+                self.failures = 0;
+                self.follow_ups = self.follow_ups.saturating_add(1);
+                let first = Duration::from_secs(45).min(interval / 2);
+                schedule::backoff(first, schedule::bounded(interval), self.follow_ups)
+            }
+            Ok(_) => {
+                (self.failures, self.follow_ups) = (0, 0);
+                schedule::jitter(interval)
+            }
+        }
+    }
+}
+
+/// Whether a census saw something its figures would otherwise hold for a whole interval:
+/// lock waiters, a transaction or statement open [`CONFIRM_AFTER`], a phantom gap.
+fn needs_confirming(s: &Snapshot) -> bool {
+    let long = ["idle_in_transaction", "idle_in_transaction_aborted", "active"];
+    s.phantom.is_some_and(|p| p != 0)
+        || s.server
+            .as_ref()
+            .is_some_and(|c| c.lock_waiters > 0 || long.iter().any(|state| c.longest_in(state) >= CONFIRM_AFTER))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn census(lock_waiters: u32, active_for: u64, phantom: i64) -> Result<Snapshot, Cause> {
+        let mut longest = [Duration::ZERO; 7];
+        longest[0] = Duration::from_secs(active_for);
+        let server = crate::ServerCensus { lock_waiters, longest, ..crate::ServerCensus::default() };
+        Ok(Snapshot { server: Some(server), phantom: Some(phantom), census_up: true, ..Snapshot::default() })
+    }
+
     #[test]
-    fn jitter_stays_within_20_percent_and_varies() {
-        let every = Duration::from_secs(300);
-        let draws: Vec<Duration> = (0..200).map(|_| jitter(every)).collect();
-        assert!(draws.iter().all(|d| *d >= every.mul_f64(0.8) && *d <= every.mul_f64(1.2)), "{draws:?}");
-        let distinct: std::collections::HashSet<_> = draws.iter().collect();
-        assert!(distinct.len() > 100, "draws vary: {}", distinct.len());
+    fn a_failed_census_is_retried_within_seconds_not_at_the_next_tick() {
+        let mut plan = CensusPlan::default();
+        let interval = Duration::from_secs(900);
+        let waits: Vec<u64> = (0..8).map(|_| plan.next(&Err(Cause::TimedOut), interval).as_secs()).collect();
+        assert!((4..=6).contains(&waits[0]), "{waits:?}");
+        assert!(waits.iter().all(|w| *w <= 144), "capped well below the interval: {waits:?}");
+        assert!(waits[3] > waits[0], "backs off: {waits:?}");
+        let normal = plan.next(&census(0, 0, 0), interval).as_secs();
+        assert!((720..=1080).contains(&normal), "{normal}");
+    }
+
+    #[test]
+    fn what_needs_confirming_is_confirmed_soon_then_less_often() {
+        let interval = Duration::from_secs(900);
+        for seen in [census(1, 0, 0), census(0, 61, 0), census(0, 0, 2)] {
+            let mut plan = CensusPlan::default();
+            let waits: Vec<u64> = (0..6).map(|_| plan.next(&seen, interval).as_secs()).collect();
+            assert!((36..=54).contains(&waits[0]), "{waits:?}");
+            assert!((72..=108).contains(&waits[1]), "{waits:?}");
+            assert!(waits[5] >= 720 && waits.iter().all(|w| *w <= 1080), "{waits:?}");
+            let clear = plan.next(&census(0, 0, 0), interval).as_secs();
+            assert!((720..=1080).contains(&clear), "{clear}");
+        }
+        let state = crate::ledger::census::SESSION_STATES.iter().position(|s| *s == "active");
+        assert_eq!(state, Some(0), "the test's `longest[0]` is `active`");
     }
 }

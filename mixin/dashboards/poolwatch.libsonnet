@@ -52,6 +52,18 @@ local d = import '../lib/dashboard.libsonnet';
             ["sum by (db_client_connection_pool_name, cause) (increase(poolwatch_census_errors_total{%(sel)s}[$__rate_interval]))", "{{db_client_connection_pool_name}} errors {{cause}}"],
           ],
         ),
+        d.panel(
+          "Watch liveness: seconds since each task last completed",
+          "How long ago poolwatch last completed a sample (every sample_interval, 5 s by default), a successful census (every census_interval, 900 s ±20 % by default; retried within seconds after a failure, and followed up within a minute after seeing a lock wait, a long transaction or a gap) and saw a heartbeat. A line that climbs without falling back is a stalled or dead task: every figure of that pool is frozen (PoolwatchWatchStalled). Restarts: a task that panicked and was restarted (a poolwatch bug: report it).",
+          "s",
+          [
+            ["max by (db_client_connection_pool_name) (time() - poolwatch_last_sample_timestamp_seconds{%(sel)s})", "{{db_client_connection_pool_name}} sample"],
+            ["max by (db_client_connection_pool_name) (time() - poolwatch_last_heartbeat_timestamp_seconds{%(sel)s})", "{{db_client_connection_pool_name}} heartbeat"],
+            ["max by (db_client_connection_pool_name) (time() - poolwatch_last_census_timestamp_seconds{%(sel)s})", "{{db_client_connection_pool_name}} census"],
+            ["max by (db_client_connection_pool_name) (poolwatch_census_age_seconds{%(sel)s})", "{{db_client_connection_pool_name}} census figures' age"],
+            ["sum by (db_client_connection_pool_name, task) (increase(poolwatch_task_restarts_total{%(sel)s}[$__rate_interval]))", "{{db_client_connection_pool_name}} restarts {{task}}"],
+          ],
+        ),
       ],
     },
     {

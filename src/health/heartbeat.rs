@@ -26,7 +26,6 @@ use metrics::{Gauge, Histogram, counter, gauge, histogram};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection, Executor, PgPool};
 use tokio::sync::oneshot;
-use tokio::time::MissedTickBehavior;
 
 use crate::catalog::{self, CAUSE, HAZARD, PATH, POOL_NAME};
 use crate::direct::DirectConnection;
@@ -186,12 +185,11 @@ impl Heartbeat {
         direct: &tokio::sync::Mutex<DirectConnection>,
         config: &Config,
         lint_app_name: &str,
-        mut stop: oneshot::Receiver<()>,
+        stop: &mut oneshot::Receiver<()>,
     ) {
         let closed = pool.close_event();
         tokio::pin!(closed);
-        let mut tick = tokio::time::interval(config.heartbeat_interval);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut tick = crate::schedule::interval(config.heartbeat_interval);
         let mut cycle = Cycle {
             backoff: Backoff::new(config.heartbeat_interval, config.heartbeat_max_backoff),
             seen_connects: 0,
@@ -202,15 +200,20 @@ impl Heartbeat {
         loop {
             tokio::select! {
                 biased;
-                _ = &mut stop => break,
+                _ = &mut *stop => break,
                 _ = &mut closed => break,
                 _ = tick.tick() => {}
             }
             tokio::select! {
                 biased;
-                _ = &mut stop => break,
+                _ = &mut *stop => break,
                 _ = &mut closed => break,
                 _ = self.beat(&mut cycle, pool, direct, config, lint_app_name) => {}
+            }
+            if self.figures().pool.up == Some(false) {
+                // Failing: the next try after the interval ±20 %, so a fleet that saw one
+                // outage does not retry against the recovering server at one instant.
+                tick.reset_after(crate::schedule::jitter(config.heartbeat_interval));
             }
         }
     }
@@ -461,6 +464,20 @@ fn failure_hint(path: Path) -> &'static str {
     }
 }
 
+impl Heartbeat {
+    /// The heartbeat task died: both paths read unknown (not their last value) until it
+    /// runs again.
+    pub(crate) fn forget(&self) {
+        self.state.clear_poison();
+        if let Ok(mut s) = self.state.lock() {
+            let figures = &mut s.figures;
+            for f in [&mut figures.pool, &mut figures.direct] {
+                (f.up, f.last_cause) = (None, None);
+            }
+        }
+    }
+}
+
 /// What one heartbeat tick carries over to the next.
 #[derive(Debug)]
 struct Cycle {
@@ -490,7 +507,7 @@ impl Backoff {
 
     fn ready(&self) -> bool {
         // A tenth of a tick of slack, so tick jitter does not skip a whole tick.
-        self.next.is_none_or(|at| Instant::now() + self.base / 10 >= at)
+        self.next.is_none_or(|at| crate::schedule::after_std(Instant::now(), self.base / 10) >= at)
     }
 
     fn record(&mut self, ok: bool) {
@@ -498,10 +515,11 @@ impl Backoff {
             self.failures = 0;
             self.next = None;
         } else {
-            // 1st failure: retry at the next tick; then wait base × 2, × 4 … up to max.
+            // 1st failure: retry at the next tick; then wait base × 2, × 4 … up to max, ±20 %
+            // (replicas that failed together retry apart).
             self.failures = self.failures.saturating_add(1);
-            let wait = self.delay();
-            self.next = Some(Instant::now() + wait);
+            let wait = crate::schedule::jitter(self.delay());
+            self.next = Some(crate::schedule::after_std(Instant::now(), wait));
         }
     }
 
@@ -527,6 +545,29 @@ mod tests {
         assert_eq!(waits, [10, 20, 40, 60, 60, 60], "extra wait on top of the 10 s tick");
         b.record(true);
         assert!(b.ready());
+    }
+
+    #[test]
+    fn backoff_waits_are_jittered_and_never_overflow() {
+        let base = Duration::from_secs(10);
+        let waits: Vec<Duration> = (0..100)
+            .map(|_| {
+                let mut b = Backoff::new(base, Duration::from_secs(60));
+                b.record(false);
+                b.record(false);
+                b.next.map(|at| at.saturating_duration_since(Instant::now())).unwrap_or_default()
+            })
+            .collect();
+        // The 2nd failure waits 10 s on top of the tick, ±20 %: replicas retry apart.
+        assert!(waits.iter().all(|w| *w <= Duration::from_secs(12) && *w >= Duration::from_secs(7)), "{waits:?}");
+        let distinct: std::collections::HashSet<_> = waits.iter().map(|w| w.as_millis()).collect();
+        assert!(distinct.len() > 20, "{distinct:?}");
+        // `Duration::MAX` as the tick ("never") used to overflow `Instant + base / 10`.
+        let mut b = Backoff::new(Duration::MAX, Duration::MAX);
+        for ok in [false, false, true, false] {
+            b.record(ok);
+            let _ = b.ready();
+        }
     }
 
     #[test]

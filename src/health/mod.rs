@@ -2,6 +2,7 @@
 //! per-address reachability, the app's progress, and the health report that sums them up.
 pub mod hazards;
 pub(crate) mod heartbeat;
+pub(crate) mod liveness;
 pub(crate) mod progress;
 pub mod reach;
 pub mod report;

@@ -7,7 +7,8 @@
 //! - `degraded`: it still works, but something needs a look: the phantom gap growing or
 //!   standing, stranded slots, a socket whose send queue never drains, acquires waiting long,
 //!   a listener down, a configuration hazard, an unreachable resolved address, the census or
-//!   the direct heartbeat failing.
+//!   the direct heartbeat failing, or a background task's figures gone stale (no sample,
+//!   census or heartbeat completed for a few of its intervals: the task stalled or died).
 //! - `ok`: none of the above (also before the first heartbeat and census).
 
 use std::fmt;
@@ -169,6 +170,23 @@ pub struct HealthReport {
     /// `None` unless the pool was built with
     /// [`instrument_options_named`](crate::instrument_options_named). Informative only.
     pub lifecycle: Option<crate::LifecycleFigures>,
+    /// How old the background tasks' figures are.
+    pub freshness: Freshness,
+}
+
+/// How long ago the background tasks last completed their work, in seconds (`None`: not
+/// yet). Figures older than a few of their task's intervals are stale: the report says so
+/// instead of repeating them as current.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct Freshness {
+    /// Since the last sample of the pool's counters (every `sample_interval`).
+    pub sample_age_seconds: Option<f64>,
+    /// Since the last successful server census (every `census_interval`, sooner after a
+    /// failure or to confirm what it saw).
+    pub census_age_seconds: Option<f64>,
+    /// Since a sample last saw a new heartbeat (every `heartbeat_interval`).
+    pub heartbeat_age_seconds: Option<f64>,
 }
 
 /// Acquires waiting longer than this make the report `degraded`.
@@ -188,13 +206,57 @@ pub(crate) struct Inputs {
     pub(crate) send_queue_stuck: u32,
     pub(crate) waits: WaitHealth,
     pub(crate) reach: crate::Reachability,
+    pub(crate) liveness: Liveness,
+}
+
+/// The tasks' ages and the limits past which their figures are stale.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Liveness {
+    pub(crate) ages: crate::health::liveness::Ages,
+    pub(crate) limits: crate::health::liveness::Limits,
+}
+
+/// The reasons the tasks' figures are too old to trust, and the heartbeat figures to judge
+/// (unknown, not their last value, when the heartbeat task stopped).
+fn staleness(l: &Liveness, heartbeat: HeartbeatFigures) -> (Vec<Reason>, HeartbeatFigures, Freshness) {
+    let (a, lim) = (l.ages, l.limits);
+    let mut reasons = Vec::new();
+    let mut add = |code, what: &str, age: Duration, every: Duration| {
+        let message = format!(
+            "{what} for {:.1}s (expected every {every:?}): poolwatch's background task stalled or died; these figures are stale",
+            age.as_secs_f64()
+        );
+        reasons.push(Reason { status: HealthStatus::Degraded, code, message });
+    };
+    let sample = a.sample.unwrap_or(a.watch);
+    if sample > lim.sample {
+        add("watch_stalled", "no sample completed", sample, lim.sample_every);
+    }
+    let census = a.census.unwrap_or(a.watch);
+    if census > lim.census {
+        add("census_stale", "no census succeeded", census, lim.census_every);
+    }
+    let mut hb = heartbeat;
+    let beat = a.heartbeat.unwrap_or(a.watch);
+    if beat > lim.heartbeat {
+        add("heartbeat_stale", "no heartbeat seen", beat, lim.heartbeat_every);
+        for p in [&mut hb.pool, &mut hb.direct] {
+            (p.up, p.last_cause) = (None, None);
+        }
+    }
+    let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    let fresh = Freshness {
+        sample_age_seconds: secs(a.sample),
+        census_age_seconds: secs(a.census),
+        heartbeat_age_seconds: secs(a.heartbeat),
+    };
+    (reasons, hb, fresh)
 }
 
 /// Judges the figures; pure, so every rule is unit-tested.
 pub(crate) fn judge(i: Inputs) -> HealthReport {
-    let mut reasons = Vec::new();
+    let (mut reasons, hb, freshness) = staleness(&i.liveness, i.heartbeat);
     let mut add = |status, code, message: String| reasons.push(Reason { status, code, message });
-    let hb = i.heartbeat;
     let diagnosis = hb.diagnosis();
     match (hb.pool.up, diagnosis) {
         (Some(false), Some(Diagnosis::DatabaseOrNetwork)) => add(
@@ -317,6 +379,7 @@ pub(crate) fn judge(i: Inputs) -> HealthReport {
         addresses_down: down,
         addresses: i.reach.addresses.len(),
         lifecycle: i.lifecycle,
+        freshness,
     }
 }
 
@@ -348,6 +411,7 @@ mod tests {
             send_queue_stuck: 0,
             waits: WaitHealth::default(),
             reach: crate::Reachability::default(),
+            liveness: Liveness::default(),
         }
     }
 
@@ -382,6 +446,29 @@ mod tests {
             codes(&r),
             ["phantom_gap_growing", "send_queue_stuck", "acquires_waiting", "listener_down", "config_hazard"]
         );
+    }
+
+    #[test]
+    fn stale_figures_are_not_reported_as_current() {
+        use crate::health::liveness::{Ages, Limits};
+        let limits = Limits::of(&crate::Config::new("unit"));
+        let fresh = Some(Duration::from_secs(1));
+        let ages = Ages { watch: Duration::from_secs(3600), sample: fresh, census: fresh, heartbeat: fresh };
+        let mut i = inputs();
+        i.liveness = Liveness { ages, limits };
+        assert_eq!(codes(&judge(i)), Vec::<&str>::new());
+        let mut i = inputs();
+        let old = Some(Duration::from_secs(3000));
+        i.liveness = Liveness { ages: Ages { sample: old, census: old, heartbeat: old, ..ages }, limits };
+        let r = judge(i);
+        assert_eq!(r.status, HealthStatus::Degraded);
+        assert_eq!(codes(&r), ["watch_stalled", "census_stale", "heartbeat_stale"]);
+        assert_eq!((r.heartbeat.pool.up, r.heartbeat.diagnosis), (None, None), "the heartbeat reads unknown");
+        assert_eq!(r.freshness.sample_age_seconds, Some(3000.0));
+        // Before the first sample: judged from the watch's start.
+        let mut i = inputs();
+        i.liveness = Liveness { ages: Ages { watch: Duration::from_secs(40), ..Ages::default() }, limits };
+        assert_eq!(codes(&judge(i)), ["watch_stalled"]);
     }
 
     #[test]

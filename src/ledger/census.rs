@@ -40,7 +40,7 @@ pub struct ServerCensus {
 impl ServerCensus {
     /// All the pool's real sessions, whatever their state.
     pub fn total(&self) -> u32 {
-        self.counts.iter().sum()
+        self.counts.iter().fold(0, |a: u32, b| a.saturating_add(*b))
     }
 
     /// Sessions in `state` (a name from [`SESSION_STATES`]); 0 for an unknown name.

@@ -151,9 +151,11 @@ impl PoolerConnection {
             .find(|r| text(r, "database").as_deref() == Some(database) && text(r, "user").as_deref() == Some(user))
         {
             figures.waiting_clients = count(n(row, "cl_waiting"));
-            figures.max_wait = Duration::from_secs(n(row, "maxwait")) + Duration::from_micros(n(row, "maxwait_us"));
+            figures.max_wait = max_wait(n(row, "maxwait"), n(row, "maxwait_us"));
             figures.servers_active = count(n(row, "sv_active"));
-            figures.servers_idle = count(n(row, "sv_idle") + n(row, "sv_used") + n(row, "sv_tested"));
+            let idle =
+                [n(row, "sv_used"), n(row, "sv_tested")].into_iter().fold(n(row, "sv_idle"), u64::saturating_add);
+            figures.servers_idle = count(idle);
         }
         Ok((figures, mine, admin_ports))
     }
@@ -181,6 +183,12 @@ fn client_end(row: &PgRow) -> Option<(IpAddr, u16)> {
     Some((addr.to_canonical(), text(row, "port")?.parse().ok()?))
 }
 
+/// `SHOW POOLS`' `maxwait` (seconds) plus `maxwait_us`, saturating: the console's numbers
+/// are not trusted to be small.
+fn max_wait(seconds: u64, micros: u64) -> Duration {
+    Duration::from_secs(seconds).saturating_add(Duration::from_micros(micros))
+}
+
 /// A PgBouncer duration setting as `SHOW CONFIG` prints it: seconds, possibly fractional.
 fn seconds(v: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(v.trim().trim_end_matches('s').parse().ok()?).ok()
@@ -193,6 +201,10 @@ mod tests {
     #[test]
     fn config_durations_parse() {
         assert_eq!(seconds("1"), Some(Duration::from_secs(1)));
+        assert_eq!(max_wait(2, 500_000), Duration::from_millis(2500));
+        // A console answering u64::MAX seconds used to overflow the addition (a panic).
+        assert_eq!(max_wait(u64::MAX, u64::MAX), Duration::MAX);
+        assert_eq!(max_wait(u64::MAX, 0), Duration::from_secs(u64::MAX));
         assert_eq!(seconds("0.5"), Some(Duration::from_millis(500)));
         assert_eq!(seconds("x"), None);
         assert_eq!(admin_app_name("main"), "poolwatch-pooler:main");

@@ -318,7 +318,8 @@ impl WatchedListener {
     }
 
     fn keepalive_due(&self) -> Option<Instant> {
-        self.config.keepalive.map(|every| self.last_command + every)
+        // Bounded: a keepalive of `Duration::MAX` ("never") must not overflow the clock.
+        self.config.keepalive.map(|every| crate::schedule::after(self.last_command, every))
     }
 
     /// `SELECT 1` on the listener's connection. Notifications that arrive meanwhile are
