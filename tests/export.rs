@@ -382,6 +382,7 @@ async fn idle_connections_cannot_starve_the_app() {
 async fn listener_serves_metrics_only() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = install_recorder();
+    metrics::describe_counter!("export_test_requests_total", "Requests the app served (a series of its own).");
     metrics::counter!("export_test_requests_total").increment(1);
     let ask = async |request: &str| {
         let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -402,4 +403,80 @@ async fn listener_serves_metrics_only() {
     }
     let post = ask("POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
     assert!(post.starts_with("HTTP/1.1 405 ") && post.contains("Allow: GET, HEAD\r\n"), "{post}");
+}
+
+/// A multi-tenant app: a pool per tenant at the default `Config`, instrumented, used once,
+/// then `watch.shutdown()` and `pool.close()`. Once all are gone, their series have left the
+/// exposition: what remains is within twice one live pool's series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_pools_leave_nothing_behind() {
+    const TENANTS: usize = 200;
+    const AT_ONCE: usize = 4;
+    let addr = install_recorder();
+    let cluster = Cluster::shared();
+    let of_tenants = |text: &str| {
+        text.lines().filter(|l| !l.starts_with('#') && l.contains(&format!("{POOL}=\"tenant-"))).count()
+    };
+    let tenant = async |i: usize| {
+        let name = format!("tenant-{i:03}");
+        let options = PgPoolOptions::new().max_connections(2).min_connections(0);
+        let pool = poolwatch::instrument_options_named(options, &name)
+            .connect_with(cluster.options())
+            .await
+            .expect("connect");
+        let watch = poolwatch::instrument_pool(&pool, Config::new(&name)).expect("instrument");
+        sqlx::query("SELECT 1").execute(&watch.pool()).await.expect("query");
+        watch.census_now().await.expect("census");
+        (pool, watch)
+    };
+    // The app's own series, which stay.
+    metrics::describe_counter!("tenant_app_requests_total", "Requests the app served (a series of its own).");
+    metrics::counter!("tenant_app_requests_total").increment(1);
+    // One tenant alive: its series once its heartbeats have published too.
+    let (pool, watch) = tenant(0).await;
+    let one_pool = eventually(Duration::from_secs(60), "the first tenant's heartbeats published", async || {
+        let ready = watch.heartbeat().pool.successes > 0 && watch.heartbeat().direct.successes > 0;
+        ready.then_some(())?;
+        Some(series(&scrape(addr).await, "tenant-000", None).len())
+    })
+    .await;
+    watch.shutdown().await;
+    pool.close().await;
+    drop(pool);
+    for first in (1..TENANTS).step_by(AT_ONCE) {
+        let batch = (first..(first + AT_ONCE).min(TENANTS)).map(|i| async move {
+            let (pool, watch) = tenant(i).await;
+            watch.shutdown().await;
+            pool.close().await;
+        });
+        futures_util::future::join_all(batch).await;
+    }
+    let mut left = (usize::MAX, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let text = scrape(addr).await;
+        left = (of_tenants(&text), text.len());
+        if left.0 <= 2 * one_pool {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("{TENANTS} tenants closed: {} of their series left ({} bytes of /metrics); one live pool: {one_pool}", left.0, left.1);
+    if left.0 > 2 * one_pool {
+        let text = scrape(addr).await;
+        let mut pools: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split(&format!("{POOL}=\"")).nth(1)?.split('"').next())
+            .filter(|p| p.starts_with("tenant-"))
+            .collect();
+        pools.dedup();
+        println!("pools left: {pools:?}");
+    }
+    assert!(scrape(addr).await.contains("\ntenant_app_requests_total 1\n"), "the app's own series stay");
+    assert!(
+        left.0 <= 2 * one_pool,
+        "{} series of {TENANTS} closed tenants are still exposed ({} bytes of /metrics); one live pool has {one_pool}",
+        left.0,
+        left.1
+    );
 }
