@@ -414,16 +414,13 @@ async fn closed_pools_leave_nothing_behind() {
     const AT_ONCE: usize = 4;
     let addr = install_recorder();
     let cluster = Cluster::shared();
-    let of_tenants = |text: &str| {
-        text.lines().filter(|l| !l.starts_with('#') && l.contains(&format!("{POOL}=\"tenant-"))).count()
-    };
+    let of_tenants =
+        |text: &str| text.lines().filter(|l| !l.starts_with('#') && l.contains(&format!("{POOL}=\"tenant-"))).count();
     let tenant = async |i: usize| {
         let name = format!("tenant-{i:03}");
         let options = PgPoolOptions::new().max_connections(2).min_connections(0);
-        let pool = poolwatch::instrument_options_named(options, &name)
-            .connect_with(cluster.options())
-            .await
-            .expect("connect");
+        let pool =
+            poolwatch::instrument_options_named(options, &name).connect_with(cluster.options()).await.expect("connect");
         let watch = poolwatch::instrument_pool(&pool, Config::new(&name)).expect("instrument");
         sqlx::query("SELECT 1").execute(&watch.pool()).await.expect("query");
         watch.census_now().await.expect("census");
@@ -461,7 +458,10 @@ async fn closed_pools_leave_nothing_behind() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    println!("{TENANTS} tenants closed: {} of their series left ({} bytes of /metrics); one live pool: {one_pool}", left.0, left.1);
+    println!(
+        "{TENANTS} tenants closed: {} of their series left ({} bytes of /metrics); one live pool: {one_pool}",
+        left.0, left.1
+    );
     if left.0 > 2 * one_pool {
         let text = scrape(addr).await;
         let mut pools: Vec<&str> = text

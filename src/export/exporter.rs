@@ -21,6 +21,11 @@ pub const DEFAULT_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 /// names them. There are no summaries, and no unit suffixes are added: names are rendered as
 /// recorded, with invalid characters turned into `_`.
 ///
+/// A pool's series (label `db_client_connection_pool_name`) leave the exposition once its
+/// watch has ended (dropped, shut down, or its pool closed) and nothing holds them any more
+/// (its `WatchedPool` handles, listeners and the pool itself dropped): a process that opens
+/// and closes a pool per tenant keeps only the series of the pools alive.
+///
 /// ```no_run
 /// # fn run() -> Result<(), poolwatch::ConfigError> {
 /// // Inside a Tokio runtime (the listener is a Tokio task):

@@ -8,9 +8,9 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use metrics::{Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, SharedString, Unit};
 #[cfg(test)]
 use metrics::Label;
+use metrics::{Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, SharedString, Unit};
 use metrics_util::registry::{Registry, Storage};
 
 use super::{render, retire};
@@ -286,8 +286,7 @@ impl std::fmt::Debug for PrometheusRecorder {
 impl PrometheusRecorder {
     pub(super) fn new(layout: Layout) -> Self {
         let index = Arc::new(Index::new(layout));
-        let inner =
-            Arc::new(Inner { registry: Registry::new(index.clone()), index, retired: Mutex::default() });
+        let inner = Arc::new(Inner { registry: Registry::new(index.clone()), index, retired: Mutex::default() });
         retire::subscribe(&inner);
         PrometheusRecorder { inner }
     }

@@ -66,7 +66,7 @@ pub(super) fn sweep_if_due(inner: &Inner) {
 }
 
 /// The pool name of `key`, if `wanted` says so.
-fn pool_of<'k>(key: &'k Key, wanted: impl Fn(&str) -> bool) -> Option<&'k str> {
+fn pool_of(key: &Key, wanted: impl Fn(&str) -> bool) -> Option<&str> {
     key.labels().find(|l| l.key() == catalog::POOL_NAME).map(|l| l.value()).filter(|v| wanted(v))
 }
 
