@@ -57,23 +57,21 @@ struct Renders {
 }
 
 impl Renders {
-    /// An exposition whose render started no earlier than `arrived` (when the request came).
-    async fn body(&self, arrived: Instant) -> Arc<str> {
+    /// An exposition whose render started no earlier than `arrived` (when the request came);
+    /// `None` if the render could not run (the runtime is shutting down).
+    async fn body(&self, arrived: Instant) -> Option<Arc<str>> {
         let mut latest = self.latest.lock().await;
         if let Some((started, body)) = latest.as_ref()
             && *started >= arrived
         {
-            return Arc::clone(body);
+            return Some(Arc::clone(body));
         }
         let started = Instant::now();
         let handle = self.handle.clone();
         // CPU work that grows with the series: off the app's runtime workers.
-        let body: Arc<str> = match tokio::task::spawn_blocking(move || handle.render()).await {
-            Ok(text) => Arc::from(text),
-            Err(_) => Arc::from(""),
-        };
+        let body: Arc<str> = Arc::from(tokio::task::spawn_blocking(move || handle.render()).await.ok()?);
         *latest = Some((started, Arc::clone(&body)));
-        body
+        Some(body)
     }
 }
 
@@ -123,7 +121,10 @@ async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
 async fn answer(mut stream: TcpStream, renders: &Renders) {
     let Some(head) = read_head(&mut stream).await else { return };
     let (status, extra, body, head_only) = match ask(&head) {
-        Ask::Metrics { head_only } => ("200 OK", "", renders.body(Instant::now()).await, head_only),
+        Ask::Metrics { head_only } => match renders.body(Instant::now()).await {
+            Some(body) => ("200 OK", "", body, head_only),
+            None => ("503 Service Unavailable", "", Arc::from(""), false),
+        },
         Ask::NotFound => ("404 Not Found", "", Arc::from("poolwatch serves /metrics only\n"), false),
         Ask::BadMethod => ("405 Method Not Allowed", "Allow: GET, HEAD\r\n", Arc::from(""), false),
     };
@@ -170,14 +171,14 @@ mod tests {
             .collect();
         let mut bodies: Vec<Arc<str>> = Vec::new();
         for s in scrapes {
-            let body = s.await.expect("scrape");
+            let body = s.await.expect("scrape").expect("rendered");
             if !bodies.iter().any(|b| Arc::ptr_eq(b, &body)) {
                 bodies.push(body);
             }
         }
         assert_eq!(bodies.len(), 1, "64 scrapes that arrived together got {} renders", bodies.len());
         // A scrape that arrives after a render gets a new one.
-        let later = renders.body(Instant::now()).await;
+        let later = renders.body(Instant::now()).await.expect("rendered");
         assert!(!Arc::ptr_eq(&later, &bodies[0]), "a later scrape reused an older render");
     }
 }

@@ -8,7 +8,9 @@
 //! of the same name): a series taken out while someone holds its handle would silently stop
 //! updating. Each series is checked again under its registry shard's write lock, where no new
 //! handle can be made, so a handle is never orphaned. A name stays retired until its series
-//! are gone.
+//! are gone. The bare-acquire figures (`acquire::bare`) hold one handle on a few series of
+//! every pool they know: that alone does not keep a pool, and they are forgotten with it
+//! unless the pool's hooks are still alive.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -23,6 +25,15 @@ use crate::catalog;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Holders of a series nobody else holds: the registry and the index.
 const INTERNAL: usize = 2;
+
+/// The series `acquire::bare` holds per known pool (see `sweep`).
+const BARE: [&str; 5] = [
+    catalog::WAIT_TIME.name,
+    catalog::SLOW_ACQUIRES.name,
+    catalog::POOL_CONNECTS.name,
+    catalog::IDLE_ACQUIRES.name,
+    catalog::RELEASES.name,
+];
 
 /// Every recorder built in this process (a pool's end reaches each).
 static RECORDERS: Mutex<Vec<Weak<Inner>>> = Mutex::new(Vec::new());
@@ -73,13 +84,14 @@ fn pool_of(key: &Key, wanted: impl Fn(&str) -> bool) -> Option<&str> {
 /// Takes out the series of `names` whose pool has no series held outside the recorder;
 /// returns the names whose series are all gone.
 pub(super) fn sweep(inner: &Inner, names: &HashSet<String>) -> HashSet<String> {
-    // The pools' bare-acquire figures hold handles for as long as they are known.
-    crate::acquire::bare::forget_unheld(|p| names.contains(p));
     let registry = &inner.registry;
     let mut held: HashSet<String> = HashSet::new();
     let mut note = |key: &Key, holders: usize| {
+        // The bare-acquire figures hold one handle more for as long as their pool is known:
+        // that alone does not keep a pool (a live watch holds many series of its own).
+        let known = usize::from(BARE.contains(&key.name()));
         if let Some(pool) = pool_of(key, |p| names.contains(p))
-            && holders > INTERNAL
+            && holders > INTERNAL + known
         {
             held.insert(pool.to_owned());
         }
@@ -91,6 +103,8 @@ pub(super) fn sweep(inner: &Inner, names: &HashSet<String>) -> HashSet<String> {
     if gone.is_empty() {
         return HashSet::new();
     }
+    // Their bare-acquire figures go too, unless the pool (its hooks) is still alive.
+    crate::acquire::bare::forget_unheld(|p| gone.contains(p));
     // Checked again where no handle can be made: a handle taken since is kept, with its pool.
     let (mut removed, mut kept) = (HashSet::new(), HashSet::new());
     let mut take = |key: &Key, id: usize, holders: usize| -> bool {
@@ -141,6 +155,17 @@ mod tests {
         let text = handle.render();
         assert!(!text.contains("\"gone\"") && !text.contains("# TYPE g "), "{text}");
         assert!(text.contains("c_total{db_client_connection_pool_name=\"alive\"} 1\n"), "{text}");
+        // One handle on a series the bare-acquire figures hold does not keep the pool's other
+        // series; that series itself stays (it is held) and keeps the name retired.
+        let wait = recorder.register_histogram(&key(catalog::WAIT_TIME.name, "half"), &meta());
+        recorder.register_gauge(&key("g", "half"), &meta()).set(1.0);
+        let half = HashSet::from(["half".to_owned()]);
+        assert!(sweep(&recorder.inner, &half).is_empty(), "a held series keeps the name retired");
+        let text = handle.render();
+        assert!(!text.contains("g{db_client_connection_pool_name=\"half\"}"), "{text}");
+        assert!(text.contains("pool_name=\"half\",le=\"+Inf\"} 0\n"), "{text}");
+        drop(wait);
+        assert_eq!(sweep(&recorder.inner, &half), half);
         // Registered again: a new series from zero, rendered.
         recorder.register_counter(&key("c_total", "gone"), &meta()).increment(1);
         assert!(handle.render().contains("c_total{db_client_connection_pool_name=\"gone\"} 1\n"));
