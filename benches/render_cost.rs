@@ -36,6 +36,7 @@ async fn main() {
         ("metrics-exporter-prometheus", Box::new(move || mep_handle.render())),
     ];
     record_cost(if full { 2_000_000 } else { 20_000 });
+    registration_during_renders(if full { 10_000 } else { 3_000 });
     metrics::counter!("bare_app_requests_total").increment(1);
     let bare: Vec<Figures> = renderers.iter().map(|(_, r)| measure(r, rounds)).collect();
 
@@ -131,6 +132,59 @@ fn record_cost(n: u32) {
     for (name, hist, count) in rows {
         println!("record on {name:28}: histogram sample {hist:.1} ns, counter increment {count:.1} ns ({n} each)");
     }
+}
+
+/// What a scrape does to a registration (a new pool, a new cause): the time to register a
+/// series on `poolwatch::export::Exporter` holding `series` others, idle and while another
+/// thread renders without pause. A render reads a snapshot, so the two stay close; a render
+/// that held the lock for its whole duration made registrations wait for it.
+fn registration_during_renders(series: usize) {
+    use metrics::Recorder as _;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let meta = metrics::Metadata::new("bench", metrics::Level::INFO, None);
+    let recorder = Arc::new(poolwatch::export::Exporter::new().build_recorder());
+    let key = |i: usize, family: &str| {
+        metrics::Key::from_parts(
+            format!("bench_{family}_{}", i % 50),
+            vec![metrics::Label::new("db_client_connection_pool_name", format!("pool-{i}"))],
+        )
+    };
+    for i in 0..series {
+        recorder.register_gauge(&key(i, "old"), &meta).set(1.0);
+    }
+    let renders = Arc::new(AtomicU32::new(0));
+    // 500 registrations, and for as long as it takes the renderer (if any) to render 20 times.
+    let register = |from: usize, rendering: bool| {
+        let mut us = Vec::new();
+        let mut i = from;
+        while us.len() < 500 || (rendering && renders.load(Ordering::Relaxed) < 20) {
+            let t = Instant::now();
+            recorder.register_gauge(&key(i, "new"), &meta).set(1.0);
+            us.push(t.elapsed().as_secs_f64() * 1e6);
+            i += 1;
+        }
+        us.sort_by(f64::total_cmp);
+        (us[us.len() / 2], us[us.len() * 99 / 100], us[us.len() - 1], us.len())
+    };
+    let idle = register(0, false);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (handle, stopping, rendered) = (recorder.handle(), Arc::clone(&stop), Arc::clone(&renders));
+    let renderer = std::thread::spawn(move || {
+        while !stopping.load(Ordering::Relaxed) {
+            std::hint::black_box(handle.render());
+            rendered.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let busy = register(1_000_000, true);
+    stop.store(true, Ordering::Relaxed);
+    let _ = renderer.join();
+    let renders = renders.load(Ordering::Relaxed);
+    println!(
+        "register a series beside {series} on poolwatch::export::Exporter: idle p50 {:.1} us, p99 {:.1} us, max {:.1} us; \
+         {} during {renders} back-to-back renders: p50 {:.1} us, p99 {:.1} us, max {:.1} us",
+        idle.0, idle.1, idle.2, busy.3, busy.0, busy.1, busy.2
+    );
 }
 
 /// Each sample's identity (`name{labels}`), labels sorted.

@@ -63,7 +63,8 @@ pub enum OtlpProtocol {
 #[non_exhaustive]
 pub struct TelemetryConfig {
     /// Where `/metrics` listens. Default `127.0.0.1:9184`. `None`: no Prometheus recorder
-    /// (keep your own).
+    /// (keep your own). No authentication, every metric of the app: bind loopback or a
+    /// private interface.
     pub prometheus_listen: Option<SocketAddr>,
     /// Install the global `tracing` subscriber (logs + OTLP spans). Default `true`; `false`
     /// keeps your own (add [`SpanPipeline::layer`] to it for OTLP export).

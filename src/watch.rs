@@ -802,6 +802,8 @@ async fn run(shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
             }
         }
     }
+    // The watch is over: its series leave poolwatch's exporter once nothing holds them.
+    crate::export::pool_ended(&shared.config.pool_name);
 }
 
 /// The heartbeat task, restarted after a panic (with backoff).

@@ -248,3 +248,249 @@ async fn series_budget_per_pool_and_per_listener() {
     assert!(standard.1 <= 15, "{} series per listener (budget 15)", standard.1);
     assert!(full.0 > standard.0, "Detail::Full adds the breakdowns ({} vs {})", full.0, standard.0);
 }
+
+/// Set in the child process of `idle_connections_cannot_starve_the_app`: `<metrics port> <database url>`.
+const APP_ENV: &str = "POOLWATCH_EXPORT_LIMITED_APP";
+/// The descriptor limit of the app in that test (a common default).
+const APP_NOFILE: u32 = 1024;
+/// The idle connections another process holds to the app's listener.
+const IDLE_CONNECTIONS: usize = 3000;
+/// The app's own new database connections opened while they are held.
+const APP_CONNECTS: usize = 8;
+
+/// The app half of `idle_connections_cannot_starve_the_app`, run only in the child process that
+/// test starts under `prlimit --nofile=1024`: the README's exporter and listener, a watched pool
+/// at the default `Config`; on `connect` from stdin it opens new database connections and
+/// reports how many worked and how many descriptors it holds.
+#[test]
+#[ignore = "run by idle_connections_cannot_starve_the_app in a child process"]
+fn limited_app_child() {
+    let Ok(spec) = std::env::var(APP_ENV) else { return };
+    let (port, url) = spec.split_once(' ').expect("port and url");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port.parse::<u16>().expect("port")));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        poolwatch::export::Exporter::new().with_http_listener(addr).install().expect("install the recorder");
+        let pool = PgPoolOptions::new()
+            .max_connections(APP_CONNECTS as u32)
+            .min_connections(0)
+            .connect(url)
+            .await
+            .expect("connect");
+        let watch = poolwatch::instrument_pool(&pool, Config::new("limited")).expect("instrument");
+        sqlx::query("SELECT 1").execute(&pool).await.expect("query");
+        println!("app: ready");
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(tokio::io::stdin()));
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.trim() != "connect" {
+                break;
+            }
+            // A pool of its own, so every connection is new.
+            let fresh = PgPoolOptions::new()
+                .max_connections(APP_CONNECTS as u32)
+                .min_connections(0)
+                .acquire_timeout(Duration::from_secs(20))
+                .connect_lazy(url)
+                .expect("lazy pool");
+            let attempts = (0..APP_CONNECTS).map(|_| async {
+                let mut conn = fresh.acquire().await?;
+                sqlx::query("SELECT 1").execute(&mut *conn).await?;
+                Ok::<_, sqlx::Error>(conn)
+            });
+            let results = futures_util::future::join_all(attempts).await;
+            let ok = results.iter().filter(|r| r.is_ok()).count();
+            let error = results.iter().find_map(|r| r.as_ref().err().map(ToString::to_string)).unwrap_or_default();
+            let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+            println!("app: connected {ok} of {APP_CONNECTS}; descriptors {fds}; first error: {error}");
+            drop(results);
+            fresh.close().await;
+        }
+        drop(watch);
+        pool.close().await;
+    });
+}
+
+/// Another process holds thousands of idle connections to the `/metrics` listener of an app
+/// limited to 1,024 descriptors: the app's own new database connections and a scrape still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_starve_the_app() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let cluster = Cluster::shared();
+    let port = support::cluster::free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let exe = std::env::current_exe().expect("test binary");
+    let mut child = tokio::process::Command::new("prlimit")
+        .arg(format!("--nofile={APP_NOFILE}:{APP_NOFILE}"))
+        .arg("--")
+        .arg(exe)
+        .args(["--exact", "limited_app_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(APP_ENV, format!("{port} {}", cluster.url()))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the app under prlimit");
+    let pid = child.id().expect("pid");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut next_report = async || loop {
+        let line = out.next_line().await.expect("read the app").expect("the app exited early");
+        // libtest's `test limited_app_child ... ` may precede the first report on its line.
+        if let Some(at) = line.find("app: ") {
+            return line[at + "app: ".len()..].to_owned();
+        }
+    };
+    assert_eq!(next_report().await, "ready");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    assert!(
+        limits.lines().any(|l| l.starts_with("Max open files") && l.contains(&format!(" {APP_NOFILE} "))),
+        "the app runs with {APP_NOFILE} descriptors:\n{limits}"
+    );
+
+    // The other process: connections opened and never written to, 200 connects at a time.
+    let mut held = Vec::with_capacity(IDLE_CONNECTIONS);
+    let mut refused = 0;
+    for _ in 0..IDLE_CONNECTIONS / 200 {
+        let batch =
+            (0..200).map(|_| tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr)));
+        for r in futures_util::future::join_all(batch).await {
+            match r {
+                Ok(Ok(stream)) => held.push(stream),
+                _ => refused += 1,
+            }
+        }
+    }
+    let app_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    println!("holding {} idle connections ({refused} connects not completed); app descriptors {app_fds}", held.len());
+    // 32 served at once, plus the app's own (runtime, pool, poolwatch's connections).
+    assert!(app_fds <= 128, "the app holds {app_fds} descriptors with {} idle connections to /metrics", held.len());
+
+    stdin.write_all(b"connect\n").await.expect("tell the app");
+    let report = next_report().await;
+    println!("while they are held: {report}");
+    assert!(report.starts_with(&format!("connected {APP_CONNECTS} of {APP_CONNECTS};")), "{report}");
+    let text = scrape(addr).await;
+    assert!(text.contains("db_client_connection_pool_name=\"limited\""), "the scrape serves the app:\n{text}");
+    let app_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    println!("scraped {} bytes with {} idle connections held; app descriptors {app_fds}", text.len(), held.len());
+    drop(held);
+    drop(stdin);
+    let _ = child.wait().await;
+}
+
+/// `GET` and `HEAD` on `/metrics` only: other paths answer 404, other methods 405.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_serves_metrics_only() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = install_recorder();
+    metrics::describe_counter!("export_test_requests_total", "Requests the app served (a series of its own).");
+    metrics::counter!("export_test_requests_total").increment(1);
+    let ask = async |request: &str| {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        response
+    };
+    let get = ask("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(get.starts_with("HTTP/1.1 200 OK\r\n") && get.contains("export_test_requests_total 1\n"), "{get}");
+    let head = ask("HEAD /metrics?x=1 HTTP/1.1\r\n\r\n").await;
+    let (status, body) = head.split_once("\r\n\r\n").expect("a head");
+    assert!(status.starts_with("HTTP/1.1 200 OK") && !status.contains("Content-Length: 0\r"), "{head}");
+    assert_eq!(body, "", "HEAD has no body");
+    for path in ["/", "/admin", "/metricsx", "/debug/pprof"] {
+        let r = ask(&format!("GET {path} HTTP/1.1\r\n\r\n")).await;
+        assert!(r.starts_with("HTTP/1.1 404 Not Found\r\n"), "{path}: {r}");
+    }
+    let post = ask("POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
+    assert!(post.starts_with("HTTP/1.1 405 ") && post.contains("Allow: GET, HEAD\r\n"), "{post}");
+}
+
+/// A multi-tenant app: a pool per tenant at the default `Config`, instrumented, used once,
+/// then `watch.shutdown()` and `pool.close()`. Once all are gone, their series have left the
+/// exposition: what remains is within twice one live pool's series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_pools_leave_nothing_behind() {
+    const TENANTS: usize = 200;
+    const AT_ONCE: usize = 4;
+    let addr = install_recorder();
+    let cluster = Cluster::shared();
+    let of_tenants =
+        |text: &str| text.lines().filter(|l| !l.starts_with('#') && l.contains(&format!("{POOL}=\"tenant-"))).count();
+    let tenant = async |i: usize| {
+        let name = format!("tenant-{i:03}");
+        let options = PgPoolOptions::new().max_connections(2).min_connections(0);
+        let pool =
+            poolwatch::instrument_options_named(options, &name).connect_with(cluster.options()).await.expect("connect");
+        let watch = poolwatch::instrument_pool(&pool, Config::new(&name)).expect("instrument");
+        sqlx::query("SELECT 1").execute(&watch.pool()).await.expect("query");
+        watch.census_now().await.expect("census");
+        (pool, watch)
+    };
+    // The app's own series, which stay.
+    metrics::describe_counter!("tenant_app_requests_total", "Requests the app served (a series of its own).");
+    metrics::counter!("tenant_app_requests_total").increment(1);
+    // One tenant alive: its series once its heartbeats have published too.
+    let (pool, watch) = tenant(0).await;
+    let one_pool = eventually(Duration::from_secs(60), "the first tenant's heartbeats published", async || {
+        let ready = watch.heartbeat().pool.successes > 0 && watch.heartbeat().direct.successes > 0;
+        ready.then_some(())?;
+        Some(series(&scrape(addr).await, "tenant-000", None).len())
+    })
+    .await;
+    let ids = |text: &str| -> BTreeSet<String> {
+        series(text, "tenant-000", None).iter().map(|l| l[..l.rfind(' ').unwrap_or(l.len())].to_owned()).collect()
+    };
+    let before = ids(&scrape(addr).await);
+    watch.shutdown().await;
+    pool.close().await;
+    drop(pool);
+    // The tenant comes back at once, while its name is retired: the sweeps of the churn below
+    // must leave every series of the live pool.
+    let (back_pool, back) = tenant(0).await;
+    for first in (1..TENANTS).step_by(AT_ONCE) {
+        let batch = (first..(first + AT_ONCE).min(TENANTS)).map(|i| async move {
+            let (pool, watch) = tenant(i).await;
+            watch.shutdown().await;
+            pool.close().await;
+        });
+        futures_util::future::join_all(batch).await;
+    }
+    let mut left = (usize::MAX, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let text = scrape(addr).await;
+        left = (of_tenants(&text), text.len());
+        if left.0 <= 2 * one_pool {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "{TENANTS} tenants closed: {} of their series left ({} bytes of /metrics); one live pool: {one_pool}",
+        left.0, left.1
+    );
+    if left.0 > 2 * one_pool {
+        let text = scrape(addr).await;
+        let mut pools: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split(&format!("{POOL}=\"")).nth(1)?.split('"').next())
+            .filter(|p| p.starts_with("tenant-"))
+            .collect();
+        pools.dedup();
+        println!("pools left: {pools:?}");
+    }
+    assert!(scrape(addr).await.contains("\ntenant_app_requests_total 1\n"), "the app's own series stay");
+    back.census_now().await.expect("census of the tenant that came back");
+    let after = ids(&scrape(addr).await);
+    let lost: Vec<&String> = before.difference(&after).collect();
+    assert!(lost.is_empty(), "the live tenant lost series to the sweeps: {lost:?}");
+    back.shutdown().await;
+    back_pool.close().await;
+    assert!(
+        left.0 <= 2 * one_pool,
+        "{} series of {TENANTS} closed tenants are still exposed ({} bytes of /metrics); one live pool has {one_pool}",
+        left.0,
+        left.1
+    );
+}

@@ -15,7 +15,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use futures_core::future::BoxFuture;
 use metrics::{Counter, Histogram, counter, histogram};
@@ -36,7 +36,8 @@ const ACQUIRE_TARGET: &str = "sqlx::pool::acquire";
 
 thread_local! {
     /// The pool whose acquire hook ran last on this thread, for the acquire event that follows.
-    static STAMP: RefCell<Option<Arc<BareFigures>>> = const { RefCell::new(None) };
+    /// Weak: without the layer nothing takes it, and a closed pool's figures must not stay.
+    static STAMP: RefCell<Option<Weak<BareFigures>>> = const { RefCell::new(None) };
     /// A `WatchedPool` acquire is being polled here: it records its own wait.
     static IN_WATCHED: Cell<bool> = const { Cell::new(false) };
 }
@@ -93,6 +94,15 @@ pub(crate) fn figures(pool_name: &str) -> Arc<BareFigures> {
     }
     pools.push(Arc::clone(&f));
     f
+}
+
+/// Forgets the figures of the pools `ended` names (their watch has ended) once nothing else
+/// holds them: their pool and its hooks are gone. Otherwise a process that opens and closes a
+/// pool per tenant keeps every tenant's figures, and their series, forever.
+#[cfg(feature = "prometheus")]
+pub(crate) fn forget_unheld(ended: impl Fn(&str) -> bool) {
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    pools.retain(|f| !(ended(&f.name) && Arc::strong_count(f) == 1));
 }
 
 /// The lifecycle ledger of `pool_name`, if its options carry the hooks.
@@ -176,7 +186,7 @@ pub fn instrument_options_named(options: PgPoolOptions, pool_name: &str) -> PgPo
 }
 
 fn stamp(f: &Arc<BareFigures>) {
-    STAMP.with(|s| *s.borrow_mut() = Some(Arc::clone(f)));
+    STAMP.with(|s| *s.borrow_mut() = Some(Arc::downgrade(f)));
 }
 
 /// Runs one poll of a `WatchedPool` acquire: sqlx's event inside it is left to the
@@ -222,7 +232,7 @@ impl<S: Subscriber> Layer<S> for AcquireEvents {
         if event.metadata().target() != ACQUIRE_TARGET {
             return;
         }
-        let stamped = STAMP.with(|s| s.borrow_mut().take());
+        let stamped = STAMP.with(|s| s.borrow_mut().take()).and_then(|w| w.upgrade());
         if IN_WATCHED.with(Cell::get) {
             return;
         }

@@ -21,6 +21,11 @@ pub const DEFAULT_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 /// names them. There are no summaries, and no unit suffixes are added: names are rendered as
 /// recorded, with invalid characters turned into `_`.
 ///
+/// A pool's series (label `db_client_connection_pool_name`) leave the exposition once its
+/// watch has ended (dropped, shut down, or its pool closed) and nothing holds them any more
+/// (its `WatchedPool` handles, listeners and the pool itself dropped): a process that opens
+/// and closes a pool per tenant keeps only the series of the pools alive.
+///
 /// ```no_run
 /// # fn run() -> Result<(), poolwatch::ConfigError> {
 /// // Inside a Tokio runtime (the listener is a Tokio task):
@@ -64,7 +69,17 @@ impl Exporter {
         self
     }
 
-    /// Serves the exposition over HTTP at `addr` (any path, `GET` or `HEAD`) once installed.
+    /// Serves the exposition over HTTP at `addr` (`GET` or `HEAD` on `/metrics`; other paths
+    /// answer 404) once installed.
+    ///
+    /// **Exposure**: there is no authentication and no TLS, and every metric of the app is
+    /// served (pool names, server addresses, your own series). Bind loopback (`127.0.0.1`) or a
+    /// private interface your scraper reaches, never `0.0.0.0` on a host with a public address.
+    ///
+    /// **Bounded**: at most 32 connections are served at once (more are closed as soon as they
+    /// are accepted, never queued), each has 5 s to send its request and take the answer, and
+    /// scrapes that arrive while a render is made share the next one (rendered on Tokio's
+    /// blocking pool). Idle or slow clients cannot use up the app's descriptors or CPU.
     pub fn with_http_listener(mut self, addr: impl Into<SocketAddr>) -> Self {
         self.listen = Some(addr.into());
         self

@@ -25,6 +25,19 @@ mod prometheus;
 mod recorder;
 #[cfg(feature = "prometheus")]
 mod render;
+#[cfg(feature = "prometheus")]
+mod retire;
+
+/// A pool's watch has ended (stopped, dropped, or its pool closed and drained): with feature
+/// `prometheus`, its series leave the exposition of every [`Exporter`] once nothing holds them
+/// any more. (metrics-exporter-prometheus keeps series until its `idle_timeout` passes: see
+/// [`prometheus_builder`].)
+pub(crate) fn pool_ended(pool_name: &str) {
+    #[cfg(feature = "prometheus")]
+    retire::pool_ended(pool_name);
+    #[cfg(not(feature = "prometheus"))]
+    let _ = pool_name;
+}
 
 #[cfg(feature = "telemetry")]
 pub(crate) use exporter::ListenField;

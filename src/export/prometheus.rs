@@ -9,6 +9,16 @@ use crate::catalog::{self, Kind};
 /// buckets of [`Detail::Standard`]. Chain your own settings (`with_http_listener`,
 /// `add_global_label`, buckets for your metrics) and install it:
 ///
+/// **Pools that come and go** (a pool per tenant): this exporter does not know when a pool's
+/// watch ends, so its series stay (about 50 per pool). Its `idle_timeout(mask, Some(t))`
+/// drops series not updated for `t`, and a series it drops while poolwatch still holds the
+/// handle stops updating until registered again. Only gauges are safe to time out, with `t`
+/// longer than the longest quiet spell of a live pool's gauge (`Config::reach_interval`, 3 h
+/// by default, and a listener's last notification): `idle_timeout(MetricKindMask::GAUGE,
+/// Some(..))`. Counters (alerts read them from 0 with `increase()`) and histograms of closed
+/// pools still stay: for pool churn use [`Exporter`](super::Exporter), which takes a pool's
+/// series out once its watch has ended and nothing holds them.
+///
 /// ```no_run
 /// # fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// poolwatch::export::prometheus_builder()

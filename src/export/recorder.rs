@@ -3,15 +3,17 @@
 //! numbers. (metrics-exporter-prometheus rebuilds and re-escapes every label set on every
 //! scrape: `benches/render_cost.rs` shows both side by side.)
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+#[cfg(test)]
+use metrics::Label;
 use metrics::{Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, SharedString, Unit};
 use metrics_util::registry::{Registry, Storage};
 
-use super::render;
+use super::{render, retire};
 
 /// The Prometheus type of a family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -106,11 +108,28 @@ pub(super) enum Series {
     Histogram(Arc<HistogramSeries>),
 }
 
-/// Every series by family, in name order, and the families' descriptions: what a render reads.
+impl Series {
+    /// The series' identity: the address of its shared state.
+    pub(super) fn id(&self) -> usize {
+        match self {
+            Series::Counter(c) => Arc::as_ptr(c) as *const () as usize,
+            Series::Gauge(g) => Arc::as_ptr(g) as *const () as usize,
+            Series::Histogram(h) => Arc::as_ptr(h) as *const () as usize,
+        }
+    }
+}
+
+/// Every series by family, in name order.
+pub(super) type Families = BTreeMap<(String, Family), Arc<Vec<Series>>>;
+/// Sanitised name → escaped description.
+pub(super) type Help = HashMap<String, String>;
+
+/// Every series by family and the families' descriptions: what a render reads. A render takes
+/// a snapshot (two `Arc` clones) and renders outside the locks; a registration meanwhile copies
+/// what it changes (`Arc::make_mut`), so a scrape never blocks a registration.
 pub(super) struct Index {
-    pub(super) families: Mutex<BTreeMap<(String, Family), Vec<Series>>>,
-    /// Sanitised name → escaped description.
-    pub(super) help: Mutex<HashMap<String, String>>,
+    families: Mutex<Arc<Families>>,
+    help: Mutex<Arc<Help>>,
     pub(super) layout: Layout,
 }
 
@@ -123,18 +142,39 @@ pub(super) struct Layout {
 
 impl Index {
     pub(super) fn new(layout: Layout) -> Self {
-        Index { families: Mutex::new(BTreeMap::new()), help: Mutex::new(HashMap::new()), layout }
+        Index { families: Mutex::default(), help: Mutex::default(), layout }
+    }
+
+    /// What a render reads, as of now.
+    pub(super) fn snapshot(&self) -> (Arc<Help>, Arc<Families>) {
+        let help = Arc::clone(&self.help.lock().unwrap_or_else(PoisonError::into_inner));
+        let families = Arc::clone(&self.families.lock().unwrap_or_else(PoisonError::into_inner));
+        (help, families)
     }
 
     fn add(&self, name: String, family: Family, series: Series) {
         let mut families = self.families.lock().unwrap_or_else(PoisonError::into_inner);
-        families.entry((name, family)).or_default().push(series);
+        Arc::make_mut(Arc::make_mut(&mut families).entry((name, family)).or_default()).push(series);
+    }
+
+    /// Takes out the series whose [`Series::id`] is in `ids`, and the families left empty.
+    pub(super) fn remove(&self, ids: &HashSet<usize>) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut families = self.families.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::make_mut(&mut families).retain(|_, series| {
+            if series.iter().any(|s| ids.contains(&s.id())) {
+                Arc::make_mut(series).retain(|s| !ids.contains(&s.id()));
+            }
+            !series.is_empty()
+        });
     }
 
     fn describe(&self, key: &KeyName, description: &str) {
         let name = render::metric_name(key.as_str());
         let help = render::escape_help(description);
-        self.help.lock().unwrap_or_else(PoisonError::into_inner).insert(name, help);
+        Arc::make_mut(&mut self.help.lock().unwrap_or_else(PoisonError::into_inner)).insert(name, help);
     }
 
     /// `k="v",…` for the key's labels after the global ones (a key's label wins over a global
@@ -226,8 +266,15 @@ impl Storage<Key> for Index {
 /// The recorder: install it with [`Exporter::install`](super::Exporter::install), or hand it
 /// to `metrics::set_global_recorder` yourself after taking its [`handle`](Self::handle).
 pub struct PrometheusRecorder {
-    registry: Registry<Key, Arc<Index>>,
-    index: Arc<Index>,
+    pub(super) inner: Arc<Inner>,
+}
+
+/// The registry (handles by key) and the index (what a render reads) hold each series; a
+/// handle the app or a watch keeps is a third holder. Also the pools whose series are to go.
+pub(super) struct Inner {
+    pub(super) registry: Registry<Key, Arc<Index>>,
+    pub(super) index: Arc<Index>,
+    pub(super) retired: Mutex<retire::Retired>,
 }
 
 impl std::fmt::Debug for PrometheusRecorder {
@@ -239,38 +286,46 @@ impl std::fmt::Debug for PrometheusRecorder {
 impl PrometheusRecorder {
     pub(super) fn new(layout: Layout) -> Self {
         let index = Arc::new(Index::new(layout));
-        PrometheusRecorder { registry: Registry::new(index.clone()), index }
+        let inner = Arc::new(Inner { registry: Registry::new(index.clone()), index, retired: Mutex::default() });
+        retire::subscribe(&inner);
+        PrometheusRecorder { inner }
+    }
+
+    /// Renders into any writer (tests stall one mid-render).
+    #[cfg(test)]
+    fn render_into_writer(&self, out: &mut impl std::fmt::Write) {
+        render::render(&self.inner.index, out);
     }
 
     /// A handle that renders what this recorder holds.
     pub fn handle(&self) -> PrometheusHandle {
-        PrometheusHandle { index: self.index.clone() }
+        PrometheusHandle { inner: Arc::clone(&self.inner) }
     }
 }
 
 impl metrics::Recorder for PrometheusRecorder {
     fn describe_counter(&self, key: KeyName, _unit: Option<Unit>, description: SharedString) {
-        self.index.describe(&key, &description);
+        self.inner.index.describe(&key, &description);
     }
 
     fn describe_gauge(&self, key: KeyName, _unit: Option<Unit>, description: SharedString) {
-        self.index.describe(&key, &description);
+        self.inner.index.describe(&key, &description);
     }
 
     fn describe_histogram(&self, key: KeyName, _unit: Option<Unit>, description: SharedString) {
-        self.index.describe(&key, &description);
+        self.inner.index.describe(&key, &description);
     }
 
     fn register_counter(&self, key: &Key, _metadata: &Metadata<'_>) -> Counter {
-        self.registry.get_or_create_counter(key, |c| Counter::from_arc(c.clone()))
+        self.inner.registry.get_or_create_counter(key, |c| Counter::from_arc(c.clone()))
     }
 
     fn register_gauge(&self, key: &Key, _metadata: &Metadata<'_>) -> Gauge {
-        self.registry.get_or_create_gauge(key, |g| Gauge::from_arc(g.clone()))
+        self.inner.registry.get_or_create_gauge(key, |g| Gauge::from_arc(g.clone()))
     }
 
     fn register_histogram(&self, key: &Key, _metadata: &Metadata<'_>) -> Histogram {
-        self.registry.get_or_create_histogram(key, |h| Histogram::from_arc(h.clone()))
+        self.inner.registry.get_or_create_histogram(key, |h| Histogram::from_arc(h.clone()))
     }
 }
 
@@ -279,7 +334,7 @@ impl metrics::Recorder for PrometheusRecorder {
 /// [`Exporter::with_http_listener`](super::Exporter::with_http_listener).
 #[derive(Clone)]
 pub struct PrometheusHandle {
-    index: Arc<Index>,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for PrometheusHandle {
@@ -296,8 +351,66 @@ impl PrometheusHandle {
         out
     }
 
-    /// Appends the exposition to `out` (reuse one buffer between scrapes).
+    /// Appends the exposition to `out` (reuse one buffer between scrapes). Series of pools
+    /// whose watch has ended, and that nothing holds any more, are taken out first (at most
+    /// once a second).
     pub fn render_into(&self, out: &mut String) {
-        render::render(&self.index, out);
+        retire::sweep_if_due(&self.inner);
+        render::render(&self.inner.index, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use metrics::Recorder as _;
+
+    use super::*;
+
+    /// A render's output that stops at its first write until told to go on (or 30 s passed).
+    struct Stalled {
+        started: Option<mpsc::Sender<()>>,
+        go: mpsc::Receiver<()>,
+        went_on_when_told: Option<bool>,
+    }
+
+    impl std::fmt::Write for Stalled {
+        fn write_str(&mut self, _: &str) -> std::fmt::Result {
+            if let Some(started) = self.started.take() {
+                let _ = started.send(());
+                self.went_on_when_told = Some(self.go.recv_timeout(Duration::from_secs(30)).is_ok());
+            }
+            Ok(())
+        }
+    }
+
+    fn meta() -> Metadata<'static> {
+        Metadata::new("t", metrics::Level::INFO, None)
+    }
+
+    #[test]
+    fn a_registration_completes_during_a_slow_render() {
+        let recorder = Arc::new(crate::export::Exporter::new().build_recorder());
+        recorder.register_counter(&Key::from_name("before_total"), &meta()).increment(1);
+        let (started, render_started) = mpsc::channel();
+        let (go, gone) = mpsc::channel();
+        let r = Arc::clone(&recorder);
+        let render = std::thread::spawn(move || {
+            let mut out = Stalled { started: Some(started), go: gone, went_on_when_told: None };
+            r.render_into_writer(&mut out);
+            out.went_on_when_told
+        });
+        render_started.recv().expect("the render started");
+        // While the render is stalled: a new family, a new series of an old one, a description.
+        recorder.describe_gauge("during".into(), None, "Registered during a render.".into());
+        recorder.register_gauge(&Key::from_name("during"), &meta()).set(1.0);
+        recorder.register_counter(&Key::from_parts("before_total", vec![Label::new("k", "v")]), &meta()).increment(1);
+        let _ = go.send(());
+        let went_on = render.join().expect("render thread");
+        assert_eq!(went_on, Some(true), "the registrations waited for the render to end");
+        let text = recorder.handle().render();
+        assert!(text.contains("# HELP during Registered during a render.\n") && text.contains("during 1\n"), "{text}");
     }
 }

@@ -1,7 +1,6 @@
 //! The Prometheus text format (0.0.4): names, escaping, values.
 
-use std::fmt::Write as _;
-use std::sync::PoisonError;
+use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
 use super::recorder::{Index, Series};
@@ -44,64 +43,64 @@ pub(super) fn escape_help(text: &str) -> String {
     text.replace('\\', "\\\\").replace('\n', "\\n")
 }
 
-fn push_u64(out: &mut String, v: u64) {
+fn push_u64(out: &mut impl Write, v: u64) {
     let _ = write!(out, "{v}");
 }
 
-fn push_f64(out: &mut String, v: f64) {
-    if v.is_nan() {
-        out.push_str("NaN");
+fn push_f64(out: &mut impl Write, v: f64) {
+    let _ = if v.is_nan() {
+        out.write_str("NaN")
     } else if v.is_infinite() {
-        out.push_str(if v > 0.0 { "+Inf" } else { "-Inf" });
+        out.write_str(if v > 0.0 { "+Inf" } else { "-Inf" })
     } else {
-        let _ = write!(out, "{v}");
-    }
+        write!(out, "{v}")
+    };
 }
 
-pub(super) fn render(index: &Index, out: &mut String) {
-    let help = index.help.lock().unwrap_or_else(PoisonError::into_inner);
-    let families = index.families.lock().unwrap_or_else(PoisonError::into_inner);
+/// A sample's value: a count or a float.
+enum Value {
+    Count(u64),
+    Float(f64),
+}
+
+/// `line value\n`.
+fn sample(out: &mut impl Write, line: &str, value: Value) {
+    let _ = out.write_str(line);
+    let _ = out.write_char(' ');
+    match value {
+        Value::Count(v) => push_u64(out, v),
+        Value::Float(v) => push_f64(out, v),
+    }
+    let _ = out.write_char('\n');
+}
+
+pub(super) fn render(index: &Index, out: &mut impl Write) {
+    let (help, families) = index.snapshot();
     for ((name, family), series) in families.iter() {
         if let Some(text) = help.get(name) {
             let _ = writeln!(out, "# HELP {name} {text}");
         }
         let _ = writeln!(out, "# TYPE {name} {}", family.as_str());
-        for s in series {
+        for s in series.iter() {
             match s {
-                Series::Counter(c) => {
-                    out.push_str(&c.line);
-                    out.push(' ');
-                    push_u64(out, c.value.load(Ordering::Relaxed));
-                    out.push('\n');
-                }
+                Series::Counter(c) => sample(out, &c.line, Value::Count(c.value.load(Ordering::Relaxed))),
                 Series::Gauge(g) => {
-                    out.push_str(&g.line);
-                    out.push(' ');
-                    push_f64(out, f64::from_bits(g.bits.load(Ordering::Relaxed)));
-                    out.push('\n');
+                    sample(out, &g.line, Value::Float(f64::from_bits(g.bits.load(Ordering::Relaxed))));
                 }
                 Series::Histogram(h) => {
                     // Buckets first (Acquire), then the count: see `HistogramSeries::record`.
                     let mut cumulative = 0;
                     for (bucket, line) in h.buckets.iter().zip(h.lines.iter()) {
                         cumulative += bucket.load(Ordering::Acquire);
-                        out.push_str(line);
-                        out.push(' ');
-                        push_u64(out, cumulative);
-                        out.push('\n');
+                        sample(out, line, Value::Count(cumulative));
                     }
                     let count = h.count.load(Ordering::Relaxed).max(cumulative);
                     // The lines after the buckets' own: `+Inf`, `_sum`, `_count`.
                     let rest = h.lines.get(h.bounds.len()..).unwrap_or_default();
                     let values = [None, Some(h.sum.load(Ordering::Relaxed)), None];
                     for (line, value) in rest.iter().zip(values) {
-                        out.push_str(line);
-                        out.push(' ');
-                        match value {
-                            Some(bits) => push_f64(out, f64::from_bits(bits)),
-                            None => push_u64(out, count),
-                        }
-                        out.push('\n');
+                        let value = value.map_or(Value::Count(count), |bits| Value::Float(f64::from_bits(bits)));
+                        sample(out, line, value);
                     }
                 }
             }
