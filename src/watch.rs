@@ -564,7 +564,11 @@ impl Shared {
     }
 
     async fn read_census(&self) -> Result<Snapshot, Cause> {
-        let mut direct = self.direct.lock().await;
+        // Bounded: a heartbeat stuck on the dedicated connection must not stall the samples.
+        let Ok(mut direct) = tokio::time::timeout(schedule::bounded(self.config.census_timeout), self.direct.lock()).await
+        else {
+            return Err(Cause::TimedOut);
+        };
         if self.pool.is_closed() {
             // Closed while waiting for the lock: the task has closed (or will close) the connection.
             return Err(Cause::PoolClosed);

@@ -244,7 +244,8 @@ async fn series_budget_per_pool_and_per_listener() {
         pool.close().await;
     }
     let (standard, full) = (figures[0], figures[1]);
-    assert!(standard.0 <= 60, "{} series per pool at Detail::Standard (budget 60)", standard.0);
+    // 60 before the liveness figures (three timestamps, the census age, restarts per task).
+    assert!(standard.0 <= 70, "{} series per pool at Detail::Standard (budget 70)", standard.0);
     assert!(standard.1 <= 15, "{} series per listener (budget 15)", standard.1);
     assert!(full.0 > standard.0, "Detail::Full adds the breakdowns ({} vs {})", full.0, standard.0);
 }
