@@ -6,8 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sqlx::pool::PoolConnection;
-use sqlx::{PgPool, Postgres};
+use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
@@ -24,6 +23,7 @@ use crate::ledger::attribution::Tag;
 use crate::ledger::client::ClientLedger;
 use crate::ledger::ended::{Evidence, Ledger, Seen, Vanished};
 use crate::ledger::pooler::{self, PoolerConnection};
+use crate::ledger::retag::{self, Untagged};
 use crate::ledger::{census, sockets};
 use crate::listener::loss::ServerFacts;
 use crate::{Cause, Config, ConfigError, NetworkPath, PoolFigures, Snapshot, WatchedPool, catalog};
@@ -105,17 +105,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
     };
     // Take the idle, untagged connections now (no waiting, no ping) so the app cannot check
     // them out before the task re-tags them.
-    let untagged: Vec<_> = std::iter::from_fn(|| pool.try_acquire()).take(pool.num_idle()).collect();
-    let checked_out = pool.size().saturating_sub(u32::try_from(untagged.len()).unwrap_or(u32::MAX));
-    if checked_out > 0 {
-        tracing::warn!(
-            pool = %config.pool_name,
-            checked_out,
-            "connections were checked out when the pool was instrumented; the census cannot see them \
-             until they close, so poolwatch_phantom_connections reads that much high. \
-             Call instrument_pool right after creating the pool."
-        );
-    }
+    let untagged = Untagged::take(pool);
     let direct = DirectConnection::new(
         config.direct_connect_options.as_ref().map_or(&*options, |d| &d.0),
         &tag.census_app_name,
@@ -344,7 +334,7 @@ struct Shared {
     /// samples until it answers (else it would read down until the next scheduled probe).
     reach_last: Mutex<Option<Instant>>,
     latest: Mutex<Snapshot>,
-    untagged: Mutex<Vec<PoolConnection<Postgres>>>,
+    untagged: Mutex<Untagged>,
     retagged: tokio::sync::OnceCell<()>,
     census_failing: AtomicBool,
     degraded_warned: AtomicBool,
@@ -682,7 +672,13 @@ impl Shared {
             // The process's sockets right after: established ones that are none of the pool's
             // sessions belong to other clients of the app (only while the pool's count stood still).
             let then = self.client.read_all().await.filter(|_| self.pool.size() == pool.open);
-            self.client.learn(&server.client_ports, then.as_ref());
+            // Behind a pooler, this process's ends of the pool's connections are the pooler's
+            // client ports (the server's sessions are the pooler's own).
+            let ports = match &pooler_view {
+                Some((_, clients, _)) => clients.iter().map(|c| c.port).collect(),
+                None => server.client_ports.clone(),
+            };
+            self.client.learn(&ports, then.as_ref());
             return Ok(Snapshot {
                 phantom: real.map(|r| i64::from(pool.open) - i64::from(r)),
                 pool,
@@ -713,19 +709,28 @@ impl Shared {
         }
     }
 
-    /// Tags the connections that sat idle in the pool when it was instrumented, then returns
-    /// them to the pool.
+    /// Tags the connections the pool opened before it was instrumented (see
+    /// [`retag`](crate::ledger::retag)), then returns them to the pool.
     async fn retag_idle(&self) {
-        let mut held = self.untagged.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
-        for conn in &mut held {
-            let set = sqlx::query("SELECT set_config('application_name', $1, false)")
-                .bind(&self.tag.pool_app_name)
-                .execute(&mut **conn);
-            if !matches!(tokio::time::timeout(self.config.census_timeout, set).await, Ok(Ok(_))) {
-                tracing::debug!(pool = %self.config.pool_name, "could not re-tag an idle connection");
-            }
+        let untagged = self.untagged.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
+        let method = match self.path {
+            NetworkPath::Pooler => retag::Method::Reconnect,
+            _ => retag::Method::SetConfig,
+        };
+        let outcome =
+            retag::retag(&self.pool, untagged, &self.tag.pool_app_name, method, self.config.census_timeout).await;
+        if outcome.failed > 0 {
+            tracing::debug!(pool = %self.config.pool_name, failed = outcome.failed, "could not re-tag some idle connections");
         }
-        drop(held);
+        if outcome.unreached > 0 {
+            tracing::warn!(
+                pool = %self.config.pool_name,
+                checked_out = outcome.unreached,
+                "connections were checked out when the pool was instrumented and stayed out; the census cannot \
+                 see them until they close, so poolwatch_phantom_connections reads that much high. \
+                 Call instrument_pool right after creating the pool."
+            );
+        }
     }
 }
 
