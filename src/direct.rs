@@ -22,6 +22,8 @@ pub(crate) struct DirectConnection {
     pub(crate) connects: u64,
     /// `local_port` for readers that must not wait for this connection's lock (0: none).
     pub(crate) port_cell: Arc<AtomicU32>,
+    /// The pool's tag, to read back once how the server stores it (after the first connect).
+    pub(crate) verify_tag: Option<String>,
 }
 
 /// Written by hand: `PgConnectOptions`'s own `Debug` prints the password.
@@ -49,7 +51,15 @@ impl DirectConnection {
         ]);
         // poolwatch's own queries stay out of the app's sqlx statement log.
         let options = options.disable_statement_logging();
-        DirectConnection { options, timeout, conn: None, local_port: None, connects: 0, port_cell: Arc::default() }
+        DirectConnection {
+            options,
+            timeout,
+            conn: None,
+            local_port: None,
+            connects: 0,
+            port_cell: Arc::default(),
+            verify_tag: None,
+        }
     }
 
     /// The connection, connecting first if there is none.
@@ -66,6 +76,11 @@ impl DirectConnection {
             .await
             .map_err(|_| Cause::TimedOut)?
             .map_err(|e| Cause::of(&e))?;
+            if let Some(tag) = self.verify_tag.take() {
+                let own = self.options.get_application_name().unwrap_or_default().to_owned();
+                let verify = crate::ledger::attribution::verify_stored(&mut conn, &own, &tag);
+                let _ = tokio::time::timeout(self.timeout, verify).await;
+            }
             self.local_port = port.and_then(|p| u16::try_from(p).ok());
             self.port_cell.store(self.local_port.map_or(0, u32::from), Ordering::Relaxed);
             self.conn = Some(conn);

@@ -1,6 +1,6 @@
 //! [`instrument_pool`] and the [`PoolWatch`] handle that owns the background task.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,15 +22,15 @@ use crate::health::report::{self, GapHealth, WaitHealth};
 use crate::ledger::attribution::Tag;
 use crate::ledger::client::ClientLedger;
 use crate::ledger::ended::{Evidence, Ledger, Seen, Vanished};
-use crate::ledger::pooler::{self, PoolerConnection};
+use crate::ledger::pooler::PoolerConnection;
 use crate::ledger::retag::{self, Untagged};
 use crate::ledger::{census, sockets};
 use crate::listener::loss::ServerFacts;
 use crate::{Cause, Config, ConfigError, NetworkPath, PoolFigures, Snapshot, WatchedPool, catalog};
 
-/// The `application_name` tags of the pools watched by a live [`PoolWatch`] in this process:
-/// a pool is watched by at most one.
-static LIVE: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+/// The `application_name` tags of the pools watched by a live [`PoolWatch`] in this process,
+/// with their pool names: a pool is watched by at most one, and a tag names one pool.
+static LIVE: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
 
 /// How many censuses' gaps the health report looks at for a trend.
 const GAP_READINGS: usize = 5;
@@ -65,7 +65,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         let mut live = LIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let options = pool.connect_options();
         let current = options.get_application_name();
-        if current.is_some_and(|name| live.contains(name)) {
+        if current.is_some_and(|name| live.contains_key(name)) {
             return Err(ConfigError::new(
                 "pool",
                 format!(
@@ -82,23 +82,17 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         // Ports cannot be matched through a NAT, over a unix socket, or without the socket list.
         let nonce = path == NetworkPath::Nat || (path == NetworkPath::Direct && (unix || !cfg!(target_os = "linux")));
         let tag = Tag::new(current.map(crate::ledger::attribution::without_tag), &config.pool_name, nonce);
-        if live.contains(&tag.pool_app_name) {
-            // The stable tag is per pool name: two pools of one process under one name would
-            // count each other's sessions.
-            return Err(ConfigError::new(
-                "pool_name",
-                format!("{:?} is already used by another live PoolWatch in this process", config.pool_name),
-                "give each pool its own name, e.g. Config::new(\"main\") and Config::new(\"jobs\")",
-            ));
+        if let Some(other) = live.get(&tag.pool_app_name) {
+            return Err(shared_tag(&config.pool_name, other, &tag.pool_app_name));
         }
         pool.set_connect_options((*options).clone().application_name(&tag.pool_app_name));
-        live.insert(tag.pool_app_name.clone());
+        live.insert(tag.pool_app_name.clone(), config.pool_name.clone());
         (options, tag, path, nonce)
     };
     let pooler = match &config.pooler_admin {
         Some(admin) => Some(tokio::sync::Mutex::new(PoolerConnection::new(
             admin.options()?,
-            &pooler::admin_app_name(&config.pool_name),
+            &tag.admin_app_name,
             config.census_timeout,
         ))),
         None => None,
@@ -106,11 +100,12 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
     // Take the idle, untagged connections now (no waiting, no ping) so the app cannot check
     // them out before the task re-tags them.
     let untagged = Untagged::take(pool);
-    let direct = DirectConnection::new(
+    let mut direct = DirectConnection::new(
         config.direct_connect_options.as_ref().map_or(&*options, |d| &d.0),
         &tag.census_app_name,
         config.census_timeout,
     );
+    direct.verify_tag = Some(tag.pool_app_name.clone());
     let client = ClientLedger::new(Arc::clone(&direct.port_cell));
     let gauges = Gauges::new(&config.pool_name, config.detail);
     gauges.info(&tag.stable);
@@ -161,6 +156,27 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         stop_heartbeat: Some(stop_heartbeat),
         heartbeat: Some(heartbeat),
     })
+}
+
+/// The error for a pool whose tag another live watch of this process already uses.
+fn shared_tag(pool_name: &str, other: &str, tag: &str) -> ConfigError {
+    if pool_name == other {
+        // The stable tag is per pool name: two pools of one process under one name would
+        // count each other's sessions.
+        return ConfigError::new(
+            "pool_name",
+            format!("{pool_name:?} is already used by another live PoolWatch in this process"),
+            "give each pool its own name, e.g. Config::new(\"main\") and Config::new(\"jobs\")",
+        );
+    }
+    ConfigError::new(
+        "pool_name",
+        format!(
+            "{pool_name:?} and the live pool {other:?} would share the application_name {tag:?} (pool names are \
+             cut to 16 bytes with a 6-digit hash of the whole name): each would count the other's sessions"
+        ),
+        "give the two pools names that differ within their first 9 characters",
+    )
 }
 
 /// The handle of one watched pool. Dropping it stops the background task.
@@ -588,8 +604,8 @@ impl Shared {
             let mut admin_ports = Vec::new();
             if let Some(conn) = &self.pooler {
                 let mut conn = conn.lock().await;
-                let admin_name = pooler::admin_app_name(&self.config.pool_name);
-                let (figures, clients, admin) = conn.take(app_name, &admin_name, &database, &user, &owned).await?;
+                let admin_name = &self.tag.admin_app_name;
+                let (figures, clients, admin) = conn.take(app_name, admin_name, &database, &user, &owned).await?;
                 admin_ports = admin;
                 pooler_view = Some((figures, clients, conn.client_idle_timeout));
             }

@@ -68,11 +68,6 @@ impl std::fmt::Debug for PoolerConnection {
     }
 }
 
-/// The `application_name` of poolwatch's admin-console connection for `pool_name`.
-pub(crate) fn admin_app_name(pool_name: &str) -> String {
-    format!("poolwatch-pooler:{}", pool_name.chars().take(16).collect::<String>())
-}
-
 impl PoolerConnection {
     pub(crate) fn new(options: PgConnectOptions, app_name: &str, timeout: Duration) -> Self {
         let options = options.application_name(app_name).disable_statement_logging();
@@ -208,6 +203,5 @@ mod tests {
         assert_eq!(seconds("1"), Some(Duration::from_secs(1)));
         assert_eq!(seconds("0.5"), Some(Duration::from_millis(500)));
         assert_eq!(seconds("x"), None);
-        assert_eq!(admin_app_name("main"), "poolwatch-pooler:main");
     }
 }
