@@ -40,6 +40,7 @@ mod gauges;
 mod health;
 mod ledger;
 mod listener;
+mod server_version;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
 mod watch;
@@ -69,6 +70,8 @@ pub use listener::status::ListenerHealth;
 pub use listener::watched::{ListenerConfig, WatchedListener};
 pub use watch::{PoolWatch, instrument_pool};
 
+#[doc(hidden)]
+pub use server_version::pretend_server_version;
 #[doc(hidden)]
 pub use sqlx_adapter::fetch_all_text;
 

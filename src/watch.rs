@@ -60,7 +60,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
     catalog::describe();
     // Known to `sqlx_acquire_layer`, which gives a lone pool sqlx's acquire events.
     crate::acquire::bare::figures(&config.pool_name);
-    let (options, tag, path, nonce) = {
+    let (tag, path, nonce) = {
         // Checked and tagged under one lock, so two racing calls cannot both succeed.
         let mut live = LIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let options = pool.connect_options();
@@ -87,7 +87,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         }
         pool.set_connect_options((*options).clone().application_name(&tag.pool_app_name));
         live.insert(tag.pool_app_name.clone(), config.pool_name.clone());
-        (options, tag, path, nonce)
+        (tag, path, nonce)
     };
     let pooler = match &config.pooler_admin {
         Some(admin) => Some(tokio::sync::Mutex::new(PoolerConnection::new(
@@ -100,11 +100,12 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
     // Take the idle, untagged connections now (no waiting, no ping) so the app cannot check
     // them out before the task re-tags them.
     let untagged = Untagged::take(pool);
-    let mut direct = DirectConnection::new(
-        config.direct_connect_options.as_ref().map_or(&*options, |d| &d.0),
-        &tag.census_app_name,
-        config.census_timeout,
-    );
+    // The pool's options at every connect (rotated credentials reach it), or the declared ones.
+    let source = match &config.direct_connect_options {
+        Some(d) => crate::direct::Source::Declared(d.0.clone()),
+        None => crate::direct::Source::Pool(pool.clone()),
+    };
+    let mut direct = DirectConnection::new(source, &tag.census_app_name, config.census_timeout);
     direct.verify_tag = Some(tag.pool_app_name.clone());
     let client = ClientLedger::new(Arc::clone(&direct.port_cell));
     let gauges = Gauges::new(&config.pool_name, config.detail);
