@@ -22,14 +22,14 @@ pub(crate) enum Source {
     /// The pool's current connect options, read at every connect.
     Pool(PgPool),
     /// Declared options (`Config::direct_connect_options`).
-    Declared(PgConnectOptions),
+    Declared(Box<PgConnectOptions>),
 }
 
 impl Source {
     fn base(&self) -> PgConnectOptions {
         match self {
             Source::Pool(pool) => (*pool.connect_options()).clone(),
-            Source::Declared(options) => options.clone(),
+            Source::Declared(options) => (**options).clone(),
         }
     }
 }

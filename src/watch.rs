@@ -102,7 +102,7 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
     let untagged = Untagged::take(pool);
     // The pool's options at every connect (rotated credentials reach it), or the declared ones.
     let source = match &config.direct_connect_options {
-        Some(d) => crate::direct::Source::Declared(d.0.clone()),
+        Some(d) => crate::direct::Source::Declared(Box::new(d.0.clone())),
         None => crate::direct::Source::Pool(pool.clone()),
     };
     let mut direct = DirectConnection::new(source, &tag.census_app_name, config.census_timeout);
