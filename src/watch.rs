@@ -22,7 +22,7 @@ use crate::health::report::{self, GapHealth, WaitHealth};
 use crate::ledger::attribution::Tag;
 use crate::ledger::client::ClientLedger;
 use crate::ledger::ended::{Evidence, Ledger, Seen, Vanished};
-use crate::ledger::pooler::PoolerConnection;
+use crate::ledger::pooler::{self, PoolerConnection};
 use crate::ledger::retag::{self, Untagged};
 use crate::ledger::{census, sockets};
 use crate::listener::loss::ServerFacts;
@@ -689,13 +689,7 @@ impl Shared {
             // The process's sockets right after: established ones that are none of the pool's
             // sessions belong to other clients of the app (only while the pool's count stood still).
             let then = self.client.read_all().await.filter(|_| self.pool.size() == pool.open);
-            // Behind a pooler, this process's ends of the pool's connections are the pooler's
-            // client ports (the server's sessions are the pooler's own).
-            let ports = match &pooler_view {
-                Some((_, clients, _)) => clients.iter().map(|c| c.port).collect(),
-                None => server.client_ports.clone(),
-            };
-            self.client.learn(&ports, then.as_ref());
+            self.client.learn(&pool_ports(pooler_view.as_ref().map(|(_, c, _)| c.as_slice()), &server), then.as_ref());
             return Ok(Snapshot {
                 phantom: real.map(|r| i64::from(pool.open) - i64::from(r)),
                 pool,
@@ -858,6 +852,15 @@ async fn watch_until_stopped(shared: &Shared, stop: &mut oneshot::Receiver<()>) 
                 }
             }
         }
+    }
+}
+
+/// This process's local ports of the pool's connections, as the last census saw them: behind
+/// a pooler the ports of its `SHOW CLIENTS` rows (the server's sessions are the pooler's own).
+fn pool_ports(pooler_clients: Option<&[pooler::Client]>, server: &census::ServerCensus) -> Vec<u16> {
+    match pooler_clients {
+        Some(clients) => clients.iter().map(|c| c.port).collect(),
+        None => server.client_ports.clone(),
     }
 }
 
