@@ -17,9 +17,10 @@
 //! ([`NetworkPath::Nat`](crate::NetworkPath)); unix sockets and non-Linux systems fall back by
 //! themselves.
 //!
-//! The tag rides in the startup packet (no extra round trip). Connections that were already
-//! idle in the pool when it was instrumented are re-tagged once with `set_config`; those
-//! checked out at that moment are not, and a WARN says how many.
+//! The tag rides in the startup packet (no extra round trip). Connections the pool opened
+//! before it was instrumented are re-tagged once it settles (closed and reopened behind a pooler);
+//! those the app holds all along are not, and a WARN says how many. Every name is printable
+//! ASCII, so the server stores exactly what is sent ([`stable_tag`]).
 
 use std::hash::{BuildHasher, Hasher};
 
