@@ -1,19 +1,45 @@
 //! poolwatch's own dedicated connection, outside the pool: it still works when every pool
 //! slot is taken. Connect and statement timeouts bound every use; the server's
-//! `idle_session_timeout` is switched off for this session only.
+//! `idle_session_timeout` is switched off for this session only (after connecting, and only
+//! on a server that has it: PostgreSQL 14+; an older one rejects it in the startup packet).
+//!
+//! Its options are derived at every connect from the pool's current ones (or the declared
+//! `direct_connect_options`): credentials the app rotates with `Pool::set_connect_options`
+//! reach it at its next connect.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{ConnectOptions, Connection};
+use sqlx::{ConnectOptions, Connection, PgPool};
 
 use crate::Cause;
 
+/// Where the dedicated connection's options come from.
+#[derive(Clone)]
+pub(crate) enum Source {
+    /// The pool's current connect options, read at every connect.
+    Pool(PgPool),
+    /// Declared options (`Config::direct_connect_options`).
+    Declared(Box<PgConnectOptions>),
+}
+
+impl Source {
+    fn base(&self) -> PgConnectOptions {
+        match self {
+            Source::Pool(pool) => (*pool.connect_options()).clone(),
+            Source::Declared(options) => (**options).clone(),
+        }
+    }
+}
+
 /// A lazily (re)connected connection that never takes a pool slot.
 pub(crate) struct DirectConnection {
+    source: Source,
+    /// The options of the last connect (for `Debug`).
     options: PgConnectOptions,
+    app_name: String,
     timeout: Duration,
     conn: Option<PgConnection>,
     /// The local TCP port of the live connection (to leave it out of the socket census).
@@ -22,6 +48,8 @@ pub(crate) struct DirectConnection {
     pub(crate) connects: u64,
     /// `local_port` for readers that must not wait for this connection's lock (0: none).
     pub(crate) port_cell: Arc<AtomicU32>,
+    /// The pool's tag, to read back once how the server stores it (after the first connect).
+    pub(crate) verify_tag: Option<String>,
 }
 
 /// Written by hand: `PgConnectOptions`'s own `Debug` prints the password.
@@ -38,24 +66,41 @@ impl std::fmt::Debug for DirectConnection {
     }
 }
 
-impl DirectConnection {
-    /// Derives the options from the pool's: same server and role, its own `application_name`.
-    pub(crate) fn new(pool_options: &PgConnectOptions, app_name: &str, timeout: Duration) -> Self {
-        let ms = timeout.as_millis().max(1).to_string();
-        let options = pool_options.clone().application_name(app_name).options([
-            ("statement_timeout", ms.as_str()),
-            ("idle_session_timeout", "0"),
-            ("idle_in_transaction_session_timeout", "0"),
-        ]);
+/// The options of poolwatch's own connection from `base`: same server and role, its own
+/// `application_name`, a statement timeout, and only settings every supported server has.
+pub(crate) fn derive(base: PgConnectOptions, app_name: &str, timeout: Duration) -> PgConnectOptions {
+    let ms = timeout.as_millis().max(1).to_string();
+    base.application_name(app_name)
+        .options([("statement_timeout", ms.as_str()), ("idle_in_transaction_session_timeout", "0")])
         // poolwatch's own queries stay out of the app's sqlx statement log.
-        let options = options.disable_statement_logging();
-        DirectConnection { options, timeout, conn: None, local_port: None, connects: 0, port_cell: Arc::default() }
+        .disable_statement_logging()
+}
+
+impl DirectConnection {
+    /// Options from `source` at every connect, with `app_name` as its own `application_name`.
+    pub(crate) fn new(source: Source, app_name: &str, timeout: Duration) -> Self {
+        DirectConnection {
+            options: derive(source.base(), app_name, timeout),
+            source,
+            app_name: app_name.to_owned(),
+            timeout,
+            conn: None,
+            local_port: None,
+            connects: 0,
+            port_cell: Arc::default(),
+            verify_tag: None,
+        }
     }
 
     /// The connection, connecting first if there is none.
     pub(crate) async fn get(&mut self) -> Result<&mut PgConnection, Cause> {
         if self.conn.is_none() {
+            self.options = derive(self.source.base(), &self.app_name, self.timeout);
             let mut conn = tokio::time::timeout(self.timeout, PgConnection::connect_with(&self.options))
+                .await
+                .map_err(|_| Cause::TimedOut)?
+                .map_err(|e| Cause::of(&e))?;
+            tokio::time::timeout(self.timeout, session_settings(&mut conn))
                 .await
                 .map_err(|_| Cause::TimedOut)?
                 .map_err(|e| Cause::of(&e))?;
@@ -66,6 +111,11 @@ impl DirectConnection {
             .await
             .map_err(|_| Cause::TimedOut)?
             .map_err(|e| Cause::of(&e))?;
+            if let Some(tag) = self.verify_tag.take() {
+                let own = self.options.get_application_name().unwrap_or_default().to_owned();
+                let verify = crate::ledger::attribution::verify_stored(&mut conn, &own, &tag);
+                let _ = tokio::time::timeout(self.timeout, verify).await;
+            }
             self.local_port = port.and_then(|p| u16::try_from(p).ok());
             self.port_cell.store(self.local_port.map_or(0, u32::from), Ordering::Relaxed);
             self.conn = Some(conn);
@@ -107,5 +157,38 @@ impl DirectConnection {
         }
         self.local_port = None;
         self.port_cell.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Switches the server's `idle_session_timeout` off for this session, where the server has it.
+/// A server that does not report its version gets the `SET` too, and may refuse it.
+async fn session_settings(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    let version = crate::server_version::of(conn);
+    if !crate::server_version::has_idle_session_timeout(version) {
+        return Ok(());
+    }
+    let set = crate::sqlx_adapter::fetch_all_simple(conn, "SET idle_session_timeout = 0").await;
+    match (set, version) {
+        (Ok(_), _) => Ok(()),
+        (Err(e), Some(_)) => Err(e),
+        (Err(e), None) => {
+            tracing::debug!(error = %e, "the server has no idle_session_timeout");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_startup_packet_carries_only_settings_every_supported_server_has() {
+        let options = derive(PgConnectOptions::new_without_pgpass(), "poolwatch-census:main", Duration::from_secs(5));
+        let startup = options.get_options().unwrap_or_default();
+        assert!(startup.contains("statement_timeout=5000"), "{startup}");
+        // idle_session_timeout exists from PostgreSQL 14 on: set after connecting, where it exists.
+        assert!(!startup.contains("idle_session_timeout"), "{startup}");
+        assert_eq!(options.get_application_name(), Some("poolwatch-census:main"));
     }
 }

@@ -41,6 +41,7 @@ mod health;
 mod ledger;
 mod listener;
 mod schedule;
+mod server_version;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
 mod watch;
@@ -72,6 +73,8 @@ pub use watch::{PoolWatch, instrument_pool};
 
 #[doc(hidden)]
 pub use schedule::Fault;
+#[doc(hidden)]
+pub use server_version::pretend_server_version;
 #[doc(hidden)]
 pub use sqlx_adapter::fetch_all_text;
 

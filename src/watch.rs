@@ -1,13 +1,12 @@
 //! [`instrument_pool`] and the [`PoolWatch`] handle that owns the background task.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sqlx::pool::PoolConnection;
-use sqlx::{PgPool, Postgres};
+use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -24,14 +23,15 @@ use crate::ledger::attribution::Tag;
 use crate::ledger::client::ClientLedger;
 use crate::ledger::ended::{Evidence, Ledger, Seen, Vanished};
 use crate::ledger::pooler::{self, PoolerConnection};
+use crate::ledger::retag::{self, Untagged};
 use crate::ledger::{census, sockets};
 use crate::listener::loss::ServerFacts;
 use crate::schedule::{self, Fault};
 use crate::{Cause, Config, ConfigError, NetworkPath, PoolFigures, Snapshot, WatchedPool, catalog};
 
-/// The `application_name` tags of the pools watched by a live [`PoolWatch`] in this process:
-/// a pool is watched by at most one.
-static LIVE: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+/// The `application_name` tags of the pools watched by a live [`PoolWatch`] in this process,
+/// with their pool names: a pool is watched by at most one, and a tag names one pool.
+static LIVE: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
 
 /// How many censuses' gaps the health report looks at for a trend.
 const GAP_READINGS: usize = 5;
@@ -61,12 +61,12 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
     catalog::describe();
     // Known to `sqlx_acquire_layer`, which gives a lone pool sqlx's acquire events.
     crate::acquire::bare::figures(&config.pool_name);
-    let (options, tag, path, nonce) = {
+    let (tag, path, nonce) = {
         // Checked and tagged under one lock, so two racing calls cannot both succeed.
         let mut live = LIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let options = pool.connect_options();
         let current = options.get_application_name();
-        if current.is_some_and(|name| live.contains(name)) {
+        if current.is_some_and(|name| live.contains_key(name)) {
             return Err(ConfigError::new(
                 "pool",
                 format!(
@@ -83,45 +83,31 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         // Ports cannot be matched through a NAT, over a unix socket, or without the socket list.
         let nonce = path == NetworkPath::Nat || (path == NetworkPath::Direct && (unix || !cfg!(target_os = "linux")));
         let tag = Tag::new(current.map(crate::ledger::attribution::without_tag), &config.pool_name, nonce);
-        if live.contains(&tag.pool_app_name) {
-            // The stable tag is per pool name: two pools of one process under one name would
-            // count each other's sessions.
-            return Err(ConfigError::new(
-                "pool_name",
-                format!("{:?} is already used by another live PoolWatch in this process", config.pool_name),
-                "give each pool its own name, e.g. Config::new(\"main\") and Config::new(\"jobs\")",
-            ));
+        if let Some(other) = live.get(&tag.pool_app_name) {
+            return Err(shared_tag(&config.pool_name, other, &tag.pool_app_name));
         }
         pool.set_connect_options((*options).clone().application_name(&tag.pool_app_name));
-        live.insert(tag.pool_app_name.clone());
-        (options, tag, path, nonce)
+        live.insert(tag.pool_app_name.clone(), config.pool_name.clone());
+        (tag, path, nonce)
     };
     let pooler = match &config.pooler_admin {
         Some(admin) => Some(tokio::sync::Mutex::new(PoolerConnection::new(
             admin.options()?,
-            &pooler::admin_app_name(&config.pool_name),
+            &tag.admin_app_name,
             config.census_timeout,
         ))),
         None => None,
     };
     // Take the idle, untagged connections now (no waiting, no ping) so the app cannot check
     // them out before the task re-tags them.
-    let untagged: Vec<_> = std::iter::from_fn(|| pool.try_acquire()).take(pool.num_idle()).collect();
-    let checked_out = pool.size().saturating_sub(u32::try_from(untagged.len()).unwrap_or(u32::MAX));
-    if checked_out > 0 {
-        tracing::warn!(
-            pool = %config.pool_name,
-            checked_out,
-            "connections were checked out when the pool was instrumented; the census cannot see them \
-             until they close, so poolwatch_phantom_connections reads that much high. \
-             Call instrument_pool right after creating the pool."
-        );
-    }
-    let direct = DirectConnection::new(
-        config.direct_connect_options.as_ref().map_or(&*options, |d| &d.0),
-        &tag.census_app_name,
-        config.census_timeout,
-    );
+    let untagged = Untagged::take(pool);
+    // The pool's options at every connect (rotated credentials reach it), or the declared ones.
+    let source = match &config.direct_connect_options {
+        Some(d) => crate::direct::Source::Declared(Box::new(d.0.clone())),
+        None => crate::direct::Source::Pool(pool.clone()),
+    };
+    let mut direct = DirectConnection::new(source, &tag.census_app_name, config.census_timeout);
+    direct.verify_tag = Some(tag.pool_app_name.clone());
     let client = ClientLedger::new(Arc::clone(&direct.port_cell));
     let gauges = Gauges::new(&config.pool_name, config.detail);
     gauges.info(&tag.stable);
@@ -168,6 +154,27 @@ pub fn instrument_pool(pool: &PgPool, config: Config) -> Result<PoolWatch, Confi
         stop_heartbeat: Some(stop_heartbeat),
         heartbeat: Some(heartbeat),
     })
+}
+
+/// The error for a pool whose tag another live watch of this process already uses.
+fn shared_tag(pool_name: &str, other: &str, tag: &str) -> ConfigError {
+    if pool_name == other {
+        // The stable tag is per pool name: two pools of one process under one name would
+        // count each other's sessions.
+        return ConfigError::new(
+            "pool_name",
+            format!("{pool_name:?} is already used by another live PoolWatch in this process"),
+            "give each pool its own name, e.g. Config::new(\"main\") and Config::new(\"jobs\")",
+        );
+    }
+    ConfigError::new(
+        "pool_name",
+        format!(
+            "{pool_name:?} and the live pool {other:?} would share the application_name {tag:?} (pool names are \
+             cut to 16 bytes with a 6-digit hash of the whole name): each would count the other's sessions"
+        ),
+        "give the two pools names that differ within their first 9 characters",
+    )
 }
 
 /// The handle of one watched pool. Dropping it stops the background task.
@@ -362,7 +369,7 @@ struct Shared {
     /// samples until it answers (else it would read down until the next scheduled probe).
     reach_last: Mutex<Option<Instant>>,
     latest: Mutex<Snapshot>,
-    untagged: Mutex<Vec<PoolConnection<Postgres>>>,
+    untagged: Mutex<Untagged>,
     retagged: tokio::sync::OnceCell<()>,
     census_failing: AtomicBool,
     /// When the tasks last completed a sample, census and heartbeat.
@@ -628,8 +635,8 @@ impl Shared {
             let mut admin_ports = Vec::new();
             if let Some(conn) = &self.pooler {
                 let mut conn = conn.lock().await;
-                let admin_name = pooler::admin_app_name(&self.config.pool_name);
-                let (figures, clients, admin) = conn.take(app_name, &admin_name, &database, &user, &owned).await?;
+                let admin_name = &self.tag.admin_app_name;
+                let (figures, clients, admin) = conn.take(app_name, admin_name, &database, &user, &owned).await?;
                 admin_ports = admin;
                 pooler_view = Some((figures, clients, conn.client_idle_timeout));
             }
@@ -712,7 +719,7 @@ impl Shared {
             // The process's sockets right after: established ones that are none of the pool's
             // sessions belong to other clients of the app (only while the pool's count stood still).
             let then = self.client.read_all().await.filter(|_| self.pool.size() == pool.open);
-            self.client.learn(&server.client_ports, then.as_ref());
+            self.client.learn(&pool_ports(pooler_view.as_ref().map(|(_, c, _)| c.as_slice()), &server), then.as_ref());
             return Ok(Snapshot {
                 phantom: real.map(|r| i64::from(pool.open) - i64::from(r)),
                 pool,
@@ -743,19 +750,28 @@ impl Shared {
         }
     }
 
-    /// Tags the connections that sat idle in the pool when it was instrumented, then returns
-    /// them to the pool.
+    /// Tags the connections the pool opened before it was instrumented (see
+    /// [`retag`](crate::ledger::retag)), then returns them to the pool.
     async fn retag_idle(&self) {
-        let mut held = self.untagged.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
-        for conn in &mut held {
-            let set = sqlx::query("SELECT set_config('application_name', $1, false)")
-                .bind(&self.tag.pool_app_name)
-                .execute(&mut **conn);
-            if !matches!(tokio::time::timeout(self.config.census_timeout, set).await, Ok(Ok(_))) {
-                tracing::debug!(pool = %self.config.pool_name, "could not re-tag an idle connection");
-            }
+        let untagged = self.untagged.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
+        let method = match self.path {
+            NetworkPath::Pooler => retag::Method::Reconnect,
+            _ => retag::Method::SetConfig,
+        };
+        let outcome =
+            retag::retag(&self.pool, untagged, &self.tag.pool_app_name, method, self.config.census_timeout).await;
+        if outcome.failed > 0 {
+            tracing::debug!(pool = %self.config.pool_name, failed = outcome.failed, "could not re-tag some idle connections");
         }
-        drop(held);
+        if outcome.unreached > 0 {
+            tracing::warn!(
+                pool = %self.config.pool_name,
+                checked_out = outcome.unreached,
+                "connections were checked out when the pool was instrumented and stayed out; the census cannot \
+                 see them until they close, so poolwatch_phantom_connections reads that much high. \
+                 Call instrument_pool right after creating the pool."
+            );
+        }
     }
 }
 
@@ -1023,6 +1039,15 @@ fn needs_confirming(s: &Snapshot) -> bool {
         || s.server
             .as_ref()
             .is_some_and(|c| c.lock_waiters > 0 || long.iter().any(|state| c.longest_in(state) >= CONFIRM_AFTER))
+}
+
+/// This process's local ports of the pool's connections, as the last census saw them: behind
+/// a pooler the ports of its `SHOW CLIENTS` rows (the server's sessions are the pooler's own).
+fn pool_ports(pooler_clients: Option<&[pooler::Client]>, server: &census::ServerCensus) -> Vec<u16> {
+    match pooler_clients {
+        Some(clients) => clients.iter().map(|c| c.port).collect(),
+        None => server.client_ports.clone(),
+    }
 }
 
 #[cfg(test)]

@@ -17,9 +17,10 @@
 //! ([`NetworkPath::Nat`](crate::NetworkPath)); unix sockets and non-Linux systems fall back by
 //! themselves.
 //!
-//! The tag rides in the startup packet (no extra round trip). Connections that were already
-//! idle in the pool when it was instrumented are re-tagged once with `set_config`; those
-//! checked out at that moment are not, and a WARN says how many.
+//! The tag rides in the startup packet (no extra round trip). Connections the pool opened
+//! before it was instrumented are re-tagged once it settles (closed and reopened behind a pooler);
+//! those the app holds all along are not, and a WARN says how many. Every name is printable
+//! ASCII, so the server stores exactly what is sent ([`stable_tag`]).
 
 use std::hash::{BuildHasher, Hasher};
 
@@ -46,7 +47,15 @@ pub enum NetworkPath {
 /// PostgreSQL truncates `application_name` to 63 bytes.
 const MAX_APP_NAME: usize = 63;
 
-/// The application names poolwatch uses for one instrumented pool.
+/// The most bytes of the pool's name a tag carries (a longer name is cut and hashed).
+const MAX_POOL_PART: usize = 16;
+
+/// Hex digits of the hash that marks a cut (24 bits: distinct for any handful of names).
+const CUT_HASH_LEN: usize = 6;
+
+/// The application names poolwatch uses for one instrumented pool. Every one is printable
+/// ASCII of at most 63 bytes: what PostgreSQL stores is then exactly what poolwatch sends, on
+/// every version (it replaces other bytes with `?` before 16, with `\xNN` from 16 on).
 #[derive(Debug, Clone)]
 pub(crate) struct Tag {
     /// The full `application_name` of the pool's connections.
@@ -55,37 +64,97 @@ pub(crate) struct Tag {
     pub(crate) stable: String,
     /// The `application_name` of poolwatch's own dedicated connection (never counted).
     pub(crate) census_app_name: String,
+    /// The `application_name` of poolwatch's pooler admin-console connection.
+    pub(crate) admin_app_name: String,
 }
 
 impl Tag {
     /// The tag for `pool_name`: stable, or with a fresh per-process nonce when ports cannot
     /// be matched. poolwatch's own connection gets a stable name in both cases.
     pub(crate) fn new(user_app_name: Option<&str>, pool_name: &str, nonce: bool) -> Tag {
-        let pool: String = pool_name.chars().take(16).collect();
-        let stable = with_user_name(user_app_name, &format!("pw:{pool}"));
+        let pool = pool_part(pool_name);
+        // Room for the nonce either way, so the stable tag is the nonce tag without its suffix.
+        let user = user_part(user_app_name, format!("pw:{pool}:").len() + NONCE_LEN);
+        let stable = format!("{user}pw:{pool}");
         let pool_app_name = match nonce {
-            true => with_user_name(user_app_name, &format!("pw:{pool}:{}", random_nonce())),
+            true => format!("{stable}:{}", random_nonce()),
             false => stable.clone(),
         };
-        Tag { pool_app_name, stable, census_app_name: format!("poolwatch-census:{pool}") }
+        Tag {
+            pool_app_name,
+            stable,
+            census_app_name: format!("poolwatch-census:{pool}"),
+            admin_app_name: format!("poolwatch-pooler:{pool}"),
+        }
     }
 }
 
 /// The stable `application_name` poolwatch gives the connections of `pool_name` when the app
-/// set `user_app_name`: `"<user_app_name> pw:<pool_name>"` (pool name cut to 16 characters,
-/// your name shortened to fit PostgreSQL's 63 bytes). The same on every replica and restart:
+/// set `user_app_name`: `"<user_app_name> pw:<pool_name>"`, as PostgreSQL stores it. Characters
+/// outside printable ASCII become `\xNN` escapes of their UTF-8 bytes (in the pool name also
+/// spaces and backslashes); a pool name longer than 16 bytes is cut to 9 and ends in `~` and a
+/// 6-digit hash of the whole name, and your name is cut the same way to fit PostgreSQL's 63
+/// bytes, so two names never share a tag by being cut. The same on every replica and restart:
 /// join fleet metrics (postgres_exporter's `pg_stat_activity` by `application_name`) on it.
 /// `PoolWatch::application_name` gives the name a running watch uses.
+///
+/// ```
+/// use poolwatch::attribution::stable_tag;
+/// assert_eq!(stable_tag(Some("api"), "main"), "api pw:main");
+/// assert_eq!(stable_tag(Some("café-api ☕"), "main"), r"caf\xc3\xa9-api \xe2\x98\x95 pw:main");
+/// assert_ne!(stable_tag(None, "orders-primary-rw"), stable_tag(None, "orders-primary-ro"));
+/// ```
 pub fn stable_tag(user_app_name: Option<&str>, pool_name: &str) -> String {
     Tag::new(user_app_name, pool_name, false).pool_app_name
 }
 
-fn with_user_name(user_app_name: Option<&str>, suffix: &str) -> String {
+/// The user's part of a tag, followed by a space (empty without a name), leaving `suffix`
+/// bytes of the 63 for poolwatch's part.
+fn user_part(user_app_name: Option<&str>, suffix: usize) -> String {
     // A pool instrumented again keeps the user's name, not a tag on a tag.
     match user_app_name.map(without_tag).map(str::trim).filter(|s| !s.is_empty()) {
-        Some(user) => format!("{} {suffix}", truncate(user, MAX_APP_NAME - suffix.len() - 1)),
-        None => suffix.to_owned(),
+        Some(user) => {
+            let room = MAX_APP_NAME.saturating_sub(suffix + 1);
+            format!("{} ", cut_with_hash(&escape(user, false), user, room))
+        }
+        None => String::new(),
     }
+}
+
+/// The pool's name as a tag carries it: escaped, and cut with a hash past 16 bytes.
+fn pool_part(pool_name: &str) -> String {
+    cut_with_hash(&escape(pool_name, true), pool_name, MAX_POOL_PART)
+}
+
+/// `s` in printable ASCII: every other byte as `\xNN` (PostgreSQL 16's own escape), and with
+/// `strict` also spaces and backslashes (a tag's pool part is one word, read back unambiguously).
+pub(crate) fn escape(s: &str, strict: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        let plain = if strict { b.is_ascii_graphic() && b != b'\\' } else { b == b' ' || b.is_ascii_graphic() };
+        if plain {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// `escaped` itself when it fits in `max` bytes; else its head, `~` and a hash of `original`.
+fn cut_with_hash(escaped: &str, original: &str, max: usize) -> String {
+    if escaped.len() <= max {
+        return escaped.to_owned();
+    }
+    let head = max.saturating_sub(CUT_HASH_LEN + 1);
+    // All ASCII: any byte offset is a char boundary.
+    let head = escaped.get(..head).unwrap_or_default().trim_end();
+    format!("{head}~{:0width$x}", fnv1a(original) & 0xff_ffff, width = CUT_HASH_LEN)
+}
+
+/// FNV-1a: a hash that is the same in every process, build and Rust version (the tag must be).
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The part of a pool's `application_name` that is the same in every replica and across
@@ -130,12 +199,32 @@ pub(crate) fn without_tag(app_name: &str) -> &str {
     if tagged { head } else { app_name }
 }
 
-fn truncate(s: &str, max: usize) -> &str {
-    let mut end = max.min(s.len());
-    while !s.is_char_boundary(end) {
-        end -= 1;
+/// Reads back, on poolwatch's own connection, how the server stores its name and `pool_tag`
+/// (set for one statement only), and warns once for each that differs from what poolwatch
+/// sends: the census would then match no session of the pool.
+pub(crate) async fn verify_stored(conn: &mut sqlx::PgConnection, own: &str, pool_tag: &str) {
+    let read = sqlx::query_as::<_, (String, String)>(
+        "SELECT current_setting('application_name'), set_config('application_name', $1, true)",
+    )
+    .bind(pool_tag)
+    .fetch_one(conn)
+    .await;
+    match read {
+        Ok((stored_own, stored_tag)) => {
+            for (sent, stored) in [(own, stored_own), (pool_tag, stored_tag)] {
+                if sent != stored {
+                    tracing::warn!(
+                        sent,
+                        stored,
+                        "the server stores this application_name differently from what poolwatch sends; \
+                         the census cannot match the pool's sessions by it. Report it to poolwatch with the \
+                         server's version."
+                    );
+                }
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "could not read back the stored application_name"),
     }
-    &s[..end]
 }
 
 fn random_nonce() -> String {
@@ -166,11 +255,71 @@ mod tests {
         assert!(long.pool_app_name.len() <= MAX_APP_NAME, "{}", long.pool_app_name.len());
         assert!(long.census_app_name.len() <= MAX_APP_NAME);
         assert_ne!(long.pool_app_name, long.census_app_name);
+        assert_eq!(Tag::new(None, "main", false).admin_app_name, "poolwatch-pooler:main");
         assert_eq!(without_tag(&a.pool_app_name), "api");
         assert_eq!(without_tag(&Tag::new(None, "main", true).pool_app_name), "");
         assert_eq!(without_tag("api pw:main"), "api");
         assert_eq!(without_tag("api pw:main:nothex"), "api pw:main:nothex");
         assert_eq!(without_tag("api"), "api");
+    }
+
+    /// What PostgreSQL 15 stores (`pg_clean_ascii`: `?` for every byte outside 32..=126),
+    /// 16+ (`\xNN` escapes), both cut to 63 bytes.
+    fn stored_15(s: &str) -> String {
+        let clean: String = s.bytes().map(|b| if (32..=126).contains(&b) { char::from(b) } else { '?' }).collect();
+        clean.chars().take(MAX_APP_NAME).collect()
+    }
+    fn stored_16(s: &str) -> String {
+        let mut out = String::new();
+        for b in s.bytes() {
+            if (32..=126).contains(&b) {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("\\x{b:02x}"));
+            }
+        }
+        out.chars().take(MAX_APP_NAME).collect()
+    }
+
+    #[test]
+    fn every_name_is_stored_as_sent_on_every_version() {
+        let users = [None, Some("api"), Some("café-api ☕"), Some(&*"é".repeat(60)), Some("a\tb\u{7f}"), Some("x\\y")];
+        let pools = ["main", "orders-primary-rw", "заказы", "a b", "p\\x20", &"p".repeat(64), "日本語のプール名"];
+        for user in users {
+            for pool in pools {
+                for nonce in [false, true] {
+                    let t = Tag::new(user, pool, nonce);
+                    for name in [&t.pool_app_name, &t.stable, &t.census_app_name, &t.admin_app_name] {
+                        assert!(name.len() <= MAX_APP_NAME, "{name:?}");
+                        assert_eq!(stored_15(name), *name, "{user:?} {pool:?}");
+                        assert_eq!(stored_16(name), *name, "{user:?} {pool:?}");
+                    }
+                    assert_eq!(fleet_tag(&t.pool_app_name), t.stable);
+                    if !nonce {
+                        // Instrumented again: the same tag, not a tag on a tag.
+                        assert_eq!(Tag::new(Some(&t.pool_app_name), pool, false).stable, t.stable, "{user:?} {pool:?}");
+                    }
+                }
+            }
+        }
+        assert_eq!(stable_tag(Some("café-api ☕"), "main"), r"caf\xc3\xa9-api \xe2\x98\x95 pw:main");
+        assert_eq!(stable_tag(None, "a b"), r"pw:a\x20b");
+        assert_ne!(stable_tag(None, "a b"), stable_tag(None, r"a\x20b"), "the escape is not ambiguous");
+    }
+
+    #[test]
+    fn cut_names_never_share_a_tag() {
+        let (rw, ro) = (stable_tag(None, "orders-primary-rw"), stable_tag(None, "orders-primary-ro"));
+        assert_ne!(rw, ro);
+        assert!(rw.starts_with("pw:orders-pr~") && rw.len() == "pw:".len() + MAX_POOL_PART, "{rw}");
+        assert_eq!(rw, stable_tag(None, "orders-primary-rw"), "stable");
+        assert_eq!(stable_tag(None, "exactly-16-bytes"), "pw:exactly-16-bytes", "no cut at 16");
+        let long_user = |tail: &str| stable_tag(Some(&format!("{}{tail}", "u".repeat(70))), "main");
+        assert_ne!(long_user("a"), long_user("b"), "a cut user name is hashed too");
+        assert_eq!(long_user("a").len(), MAX_APP_NAME - 1 - NONCE_LEN, "room left for a nonce");
+        // The hash is fixed (FNV-1a), whatever the process or Rust version.
+        assert_eq!(fnv1a(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a("a"), 0xaf63_dc4c_8601_ec8c);
     }
 
     #[test]

@@ -5,5 +5,6 @@ pub(crate) mod census;
 pub(crate) mod client;
 pub(crate) mod ended;
 pub(crate) mod pooler;
+pub(crate) mod retag;
 pub(crate) mod snapshot;
 pub(crate) mod sockets;

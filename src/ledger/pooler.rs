@@ -18,6 +18,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow};
 use sqlx::{ConnectOptions, Connection, Row};
 
 use crate::Cause;
+use crate::ledger::sockets::OwnPort;
 
 /// The pooler's view of this app's pool at the last census (PgBouncer's `SHOW POOLS` row of
 /// the pool's database and user, shared by every client of that pool, all replicas included).
@@ -51,6 +52,9 @@ pub(crate) struct PoolerConnection {
     conn: Option<PgConnection>,
     /// PgBouncer's `client_idle_timeout` (`SHOW CONFIG`), read at connect; `None`: 0 or unknown.
     pub(crate) client_idle_timeout: Option<Duration>,
+    /// The local port of this connection, as the pooler lists it: it goes to the same
+    /// listener as the pool, and the client-side ledger must not count it as a pool socket.
+    own_ports: Vec<OwnPort>,
 }
 
 /// Written by hand: `PgConnectOptions`'s own `Debug` prints the password.
@@ -64,15 +68,10 @@ impl std::fmt::Debug for PoolerConnection {
     }
 }
 
-/// The `application_name` of poolwatch's admin-console connection for `pool_name`.
-pub(crate) fn admin_app_name(pool_name: &str) -> String {
-    format!("poolwatch-pooler:{}", pool_name.chars().take(16).collect::<String>())
-}
-
 impl PoolerConnection {
     pub(crate) fn new(options: PgConnectOptions, app_name: &str, timeout: Duration) -> Self {
         let options = options.application_name(app_name).disable_statement_logging();
-        PoolerConnection { options, timeout, conn: None, client_idle_timeout: None }
+        PoolerConnection { options, timeout, conn: None, client_idle_timeout: None, own_ports: Vec::new() }
     }
 
     async fn get(&mut self) -> Result<&mut PgConnection, Cause> {
@@ -118,11 +117,11 @@ impl PoolerConnection {
         let (clients, pools) = match result {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
-                self.conn = None;
+                self.discard();
                 return Err(Cause::of(&e));
             }
             Err(_) => {
-                self.conn = None;
+                self.discard();
                 return Err(Cause::TimedOut);
             }
         };
@@ -157,13 +156,22 @@ impl PoolerConnection {
                 [n(row, "sv_used"), n(row, "sv_tested")].into_iter().fold(n(row, "sv_idle"), u64::saturating_add);
             figures.servers_idle = count(idle);
         }
+        // The new marks first, then the old ones go: the port is never unmarked meanwhile.
+        let marks = admin_ports.iter().map(|p| OwnPort::new(*p)).collect();
+        self.own_ports = marks;
         Ok((figures, mine, admin_ports))
+    }
+
+    fn discard(&mut self) {
+        self.conn = None;
+        self.own_ports.clear();
     }
 
     pub(crate) async fn close(&mut self) {
         if let Some(conn) = self.conn.take() {
             let _ = tokio::time::timeout(self.timeout, conn.close()).await;
         }
+        self.own_ports.clear();
     }
 }
 
@@ -207,6 +215,5 @@ mod tests {
         assert_eq!(max_wait(u64::MAX, 0), Duration::from_secs(u64::MAX));
         assert_eq!(seconds("0.5"), Some(Duration::from_millis(500)));
         assert_eq!(seconds("x"), None);
-        assert_eq!(admin_app_name("main"), "poolwatch-pooler:main");
     }
 }

@@ -42,7 +42,7 @@ impl ServerFacts {
     /// Whether the server has the facts (PostgreSQL 14+); older servers have neither the
     /// setting nor the counters, and their facts are the default (unknown).
     pub(crate) fn readable(conn: &PgConnection) -> bool {
-        conn.server_version_num().is_none_or(|v| v >= 140_000)
+        crate::server_version::has_session_counters(crate::server_version::of(conn))
     }
 
     /// Reads the facts on `conn`: one round trip, simple protocol (nothing prepared, so no
