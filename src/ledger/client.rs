@@ -176,8 +176,12 @@ impl Drop for ClientLedger {
 fn attribute(id: u64, mut census: SocketCensus, by_pool: bool) -> SocketCensus {
     let Ok(pools) = POOLS.lock() else { return census };
     let Some(me) = pools.iter().find(|e| e.id == id) else { return census };
+    // Only dedicated connections to these peers: one to another address may have the same
+    // local port as a socket of this pool (the kernel shares a local port between
+    // connections to different destinations).
     let direct: HashSet<u16> = pools
         .iter()
+        .filter(|e| e.id == id || e.peers.iter().any(|p| me.peers.contains(p)))
         .map(|e| e.direct_port.load(Ordering::Relaxed))
         .filter_map(|p| u16::try_from(p).ok().filter(|p| *p != 0))
         .collect();
@@ -289,5 +293,34 @@ mod reading {
             assert_eq!(later.get("established"), 3, "the third socket is missed: {later:?}");
         }
         drop((a, b, c, listener));
+    }
+}
+
+#[cfg(test)]
+mod ports {
+    use super::*;
+    use crate::ledger::sockets::{ClientSocket, SocketSource};
+
+    /// The kernel gives one local port to connections to different destinations: another
+    /// pool's dedicated connection to another server does not hide this pool's socket.
+    #[test]
+    fn a_dedicated_connection_to_another_server_hides_no_socket() {
+        let mine = "127.0.0.8:5998";
+        let other = ClientLedger::new(Arc::new(AtomicU32::new(41000)));
+        other.set_peers(&["127.0.0.7:5997".parse().unwrap()]);
+        let me = ClientLedger::new(Arc::new(AtomicU32::new(41001)));
+        me.set_peers(&[mine.parse().unwrap()]);
+        let socket = |port: u16| ClientSocket {
+            local: SocketAddr::from(([127, 0, 0, 1], port)),
+            peer: mine.parse().unwrap(),
+            state: "established",
+            send_queue: 0,
+            recv_queue: 0,
+            inode: u64::from(port),
+        };
+        let census = SocketCensus::of(vec![socket(41000), socket(41001), socket(41002)], SocketSource::Netlink);
+        let kept = attribute(me.id, census, true);
+        let ports: Vec<u16> = kept.sockets.iter().map(|s| s.local.port()).collect();
+        assert_eq!(ports, [41000, 41002], "only this pool's own dedicated connection is left out");
     }
 }
