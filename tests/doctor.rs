@@ -24,9 +24,15 @@ impl Run {
     }
 }
 
+/// The binary under test: Cargo's, or `$POOLWATCH_BIN` (work trees sharing one target
+/// directory overwrite each other's `target/debug/poolwatch`).
+fn binary() -> String {
+    std::env::var("POOLWATCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_poolwatch").to_owned())
+}
+
 /// Runs the installed binary as a user would.
 async fn doctor(args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_poolwatch"))
+    let out = tokio::process::Command::new(binary())
         .arg("doctor")
         .args(args)
         .env_remove("DATABASE_URL")
@@ -227,7 +233,7 @@ async fn pgbouncer_pools_are_shown_from_the_admin_console() {
 
 /// Runs the binary with `DATABASE_URL` set in its environment.
 async fn doctor_env(url: &str, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_poolwatch"))
+    let out = tokio::process::Command::new(binary())
         .arg("doctor")
         .args(args)
         .env("DATABASE_URL", url)
@@ -276,19 +282,15 @@ fn leaks(text: &str, password: &str) -> Vec<String> {
     found
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_url_shape_prints_any_part_of_a_password() {
-    let cluster = Cluster::start();
+/// One URL shape: its name, the arguments, the passwords that must not show, the exit status.
+type Shape = (&'static str, Vec<String>, Vec<&'static str>, i32);
+
+/// Every shape of the corpus, on `cluster` with the three password roles.
+fn corpus(cluster: &Cluster, (slash, split, mixed): (&'static str, &'static str, &'static str)) -> Vec<Shape> {
     let port = cluster.port();
-    // Base64-style and punctuation-heavy passwords, typed unencoded as users do.
-    let (slash, split, mixed) = ("Zx9/kQ2", "4821/kQ2w", "pqX?Rt7#Lm5@Nx2");
-    support::password::password_role(&cluster, "app_slash", slash).await;
-    support::password::password_role(&cluster, "app_split", split).await;
-    support::password::password_role(&cluster, "app_mixed", mixed).await;
     let at = format!("127.0.0.1:{port}");
     let mixed_encoded = "pqX%3FRt7%23Lm5%40Nx2";
-    // (shape, arguments, passwords that must not show, expected exit status)
-    let corpus: Vec<(&str, Vec<String>, Vec<&str>, i32)> = vec![
+    let mut shapes = vec![
         ("unencoded /", vec![format!("postgres://app_slash:{slash}@{at}/postgres")], vec![slash], 0),
         ("/ after digits", vec![format!("postgres://app_split:{split}@{at}/postgres")], vec![split], 0),
         ("unencoded ? # @", vec![format!("postgres://app_mixed:{mixed}@{at}/postgres")], vec![mixed], 0),
@@ -335,6 +337,16 @@ async fn no_url_shape_prints_any_part_of_a_password() {
         ),
         ("empty password", vec![format!("postgres://postgres:@{at}/postgres")], vec![], 0),
         ("wrong password", vec![format!("postgres://app_slash:Wr0ng/Secr3t@{at}/postgres")], vec!["Wr0ng/Secr3t"], 1),
+    ];
+    shapes.extend(refused(cluster, (slash, split, mixed)));
+    shapes
+}
+
+/// The shapes refused as bad usage (exit 2), and the pooler's: nothing of them is quoted.
+fn refused(cluster: &Cluster, (slash, split, mixed): (&'static str, &'static str, &'static str)) -> Vec<Shape> {
+    let port = cluster.port();
+    let at = format!("127.0.0.1:{port}");
+    vec![
         ("host forgotten", vec![format!("postgres://app_slash:{slash}/postgres")], vec![slash], 2),
         ("host forgotten, digits", vec![format!("postgres://app_split:{split}/postgres")], vec![split], 2),
         ("bad port", vec![format!("postgres://app_slash:{slash}@127.0.0.1:port/postgres")], vec![slash], 2),
@@ -366,7 +378,20 @@ async fn no_url_shape_prints_any_part_of_a_password() {
             vec![split],
             2,
         ),
-    ];
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_url_shape_prints_any_part_of_a_password() {
+    let cluster = Cluster::start();
+    let port = cluster.port();
+    // Base64-style and punctuation-heavy passwords, typed unencoded as users do.
+    let (slash, split, mixed) = ("Zx9/kQ2", "4821/kQ2w", "pqX?Rt7#Lm5@Nx2");
+    support::password::password_role(&cluster, "app_slash", slash).await;
+    support::password::password_role(&cluster, "app_split", split).await;
+    support::password::password_role(&cluster, "app_mixed", mixed).await;
+    let corpus = corpus(&cluster, (slash, split, mixed));
+    let at = format!("127.0.0.1:{port}");
     assert!(corpus.len() >= 20);
     let mut failures = Vec::new();
     for (shape, args, secrets, code) in &corpus {

@@ -132,8 +132,7 @@ impl ClientLedger {
         // size, would miss the new socket for as long as the size stands still.
         let hint = self.steady.load(Ordering::Relaxed).then_some(pool_size);
         let census = attribute(self.id, self.read_sockets(hint).await?, true);
-        let steady =
-            census.get("established") == pool_size && census.sockets.iter().all(|s| s.state == "established");
+        let steady = census.get("established") == pool_size && census.sockets.iter().all(|s| s.state == "established");
         self.steady.store(steady, Ordering::Relaxed);
         Some(census)
     }

@@ -528,7 +528,10 @@ fn owned_inodes(peers: &[SocketAddr], rows: &[Row]) -> std::io::Result<HashSet<u
 /// [`list`] on Tokio's blocking pool: its netlink receive and `/proc` reads are system calls
 /// that must never stall a runtime worker (on a current-thread runtime, the whole app).
 /// `None`: no peers (a unix socket), or the read failed.
-pub(crate) async fn list_blocking(peers: Option<&[SocketAddr]>, exclude_local_port: Option<u16>) -> Option<Vec<Socket>> {
+pub(crate) async fn list_blocking(
+    peers: Option<&[SocketAddr]>,
+    exclude_local_port: Option<u16>,
+) -> Option<Vec<Socket>> {
     let peers = peers?.to_vec();
     tokio::task::spawn_blocking(move || list(&peers, exclude_local_port).ok()).await.ok().flatten()
 }
@@ -1009,6 +1012,137 @@ mod tests {
         let after = reader.read_with_hint(&[peer], 2).unwrap();
         assert_eq!(after.get("established"), 1, "a's socket left: {after:?}");
         assert_eq!(after.sockets[0].local, b.local_addr().unwrap());
+    }
+
+    /// Loads both cores (stress-ng, when installed) for as long as it lives.
+    #[cfg(target_os = "linux")]
+    struct Stress(Option<std::process::Child>);
+
+    #[cfg(target_os = "linux")]
+    impl Drop for Stress {
+        fn drop(&mut self) {
+            if let Some(child) = self.0.as_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// Connects and drops sockets to `peers` until `stop`: each lives a few rounds and most
+    /// end with a reset (no `time_wait` left behind to use up the ephemeral ports).
+    #[cfg(target_os = "linux")]
+    fn churn(peers: Vec<SocketAddr>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u64 {
+        let mut ring = std::collections::VecDeque::new();
+        let mut opened = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for peer in &peers {
+                if let Ok(s) = std::net::TcpStream::connect(peer) {
+                    if !opened.is_multiple_of(4) {
+                        let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
+                    }
+                    ring.push_back(s);
+                    opened += 1;
+                }
+            }
+            while ring.len() > 24 {
+                ring.pop_front();
+            }
+            std::thread::sleep(std::time::Duration::from_micros(300));
+        }
+        opened
+    }
+
+    /// Accepts connections and soon drops them (some churned sockets see the hang-up first).
+    #[cfg(target_os = "linux")]
+    fn accept_and_drop(l: std::net::TcpListener, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u64 {
+        let _ = l.set_nonblocking(true);
+        let mut kept = std::collections::VecDeque::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match l.accept() {
+                Ok((s, _)) => kept.push_back(s),
+                Err(_) => std::thread::sleep(std::time::Duration::from_micros(200)),
+            }
+            while kept.len() > 32 {
+                kept.pop_front();
+            }
+        }
+        0
+    }
+
+    /// Every socket that stays established while other threads open and close sockets to the
+    /// same peer (and others), on a loaded machine, is listed by every kind of read: the
+    /// reader kept between reads, a cold read, and the census's list.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn every_socket_established_throughout_is_listed_in_every_read() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::{Duration, Instant};
+        let stress = Stress(
+            std::process::Command::new("stress-ng")
+                .args(["--cpu", "2", "--timeout", "60"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .ok(),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = listener.local_addr().unwrap();
+        let other_peer = other.local_addr().unwrap();
+        let stable: Vec<_> = (0..50)
+            .map(|_| {
+                let client = std::net::TcpStream::connect(peer).unwrap();
+                (client, listener.accept().unwrap().0)
+            })
+            .collect();
+        let wanted: HashSet<SocketAddr> = stable.iter().map(|(c, _)| c.local_addr().unwrap()).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for l in [listener, other] {
+            let stop = Arc::clone(&stop);
+            threads.push(std::thread::spawn(move || accept_and_drop(l, stop)));
+        }
+        for _ in 0..3 {
+            let stop = Arc::clone(&stop);
+            let peers = vec![other_peer, peer];
+            threads.push(std::thread::spawn(move || churn(peers, stop)));
+        }
+        let mut reader = SocketReader::new();
+        let (mut reads, mut misses) = (0u32, Vec::new());
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(8) {
+            let kept: Vec<(SocketAddr, &str)> =
+                reader.read(&[peer]).unwrap().sockets.iter().map(|s| (s.local, s.state)).collect();
+            let cold: Vec<(SocketAddr, &str)> =
+                process_sockets(&[peer]).unwrap().sockets.iter().map(|s| (s.local, s.state)).collect();
+            let listed: Vec<(SocketAddr, &str)> = list(&[peer], None)
+                .unwrap()
+                .iter()
+                .filter(|s| s.owned)
+                .map(|s| (s.local, TCP_STATES[s.state]))
+                .collect();
+            for (kind, found) in [("kept reader", kept), ("cold read", cold), ("census list", listed)] {
+                let seen: HashSet<SocketAddr> =
+                    found.iter().filter(|(_, state)| *state == "established").map(|(a, _)| *a).collect();
+                let missed = wanted.difference(&seen).count();
+                if missed > 0 {
+                    misses.push(format!("read {reads} ({kind}): {missed} of {} missed", wanted.len()));
+                }
+            }
+            reads += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let opened: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        println!(
+            "{reads} rounds of 3 reads, {opened} sockets opened and closed meanwhile, stress-ng: {}, load {}",
+            stress.0.is_some(),
+            load.split_whitespace().next().unwrap_or("?")
+        );
+        assert!(reads > 10, "too few reads to tell: {reads}");
+        assert!(misses.is_empty(), "{} read(s) missed a socket:\n{}", misses.len(), misses.join("\n"));
+        drop(stable);
     }
 
     #[cfg(target_os = "linux")]
