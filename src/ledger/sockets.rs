@@ -766,6 +766,15 @@ mod netlink {
         }
     }
 
+    #[cfg(test)]
+    impl Dumper {
+        /// Sends a dump request and leaves its answer unread.
+        pub(super) fn abandon(&mut self, peers: &[SocketAddr]) {
+            self.seq = self.seq.wrapping_add(1);
+            let _ = self.socket.send(&request(peers, self.seq, STATES), 0);
+        }
+    }
+
     impl Dumper {
         /// Each of `known` looked up by its exact address pair and cookie (no dump); a socket
         /// that is gone, or another socket on the same pair, is left out.
@@ -1012,6 +1021,28 @@ mod tests {
         let after = reader.read_with_hint(&[peer], 2).unwrap();
         assert_eq!(after.get("established"), 1, "a's socket left: {after:?}");
         assert_eq!(after.sockets[0].local, b.local_addr().unwrap());
+    }
+
+    /// A netlink socket left with an unread dump (the kernel then refuses the next one with
+    /// EBUSY) is replaced by a fresh one: the read stays on netlink and correct, where it used
+    /// to switch to `/proc` for good.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_dump_left_unread_does_not_send_the_reader_to_proc() {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (pa, pb) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let _ca = std::net::TcpStream::connect(pa).unwrap();
+        let cb = std::net::TcpStream::connect(pb).unwrap();
+        let mut dumper = netlink::Dumper::new().unwrap();
+        dumper.abandon(&[pa]);
+        let mut reader = SocketReader { netlink: Some(dumper), ..SocketReader::default() };
+        for _ in 0..2 {
+            let census = reader.read(&[pb]).unwrap();
+            assert_eq!(census.source, SocketSource::Netlink, "{census:?}");
+            let locals: Vec<SocketAddr> = census.sockets.iter().map(|s| s.local).collect();
+            assert_eq!(locals, [cb.local_addr().unwrap()], "{census:?}");
+        }
     }
 
     /// Loads both cores (stress-ng, when installed) for as long as it lives.
