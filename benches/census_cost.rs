@@ -31,6 +31,12 @@ async fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let (steps, rounds, probes): (&[usize], usize, usize) =
         if full { (&[10, 200, 1000], 300, 300) } else { (&[10], 5, 5) };
+    // `CENSUS_COST_STEPS=1000 CENSUS_COST_ROUNDS=100`: one step, fewer rounds (a shared machine).
+    let only: Vec<usize> = std::env::var("CENSUS_COST_STEPS")
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_default();
+    let steps: &[usize] = if only.is_empty() { steps } else { &only };
+    let rounds = std::env::var("CENSUS_COST_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(rounds);
     let cluster = cluster::Cluster::start_with(&[("max_connections", "1100")]);
     let defaults = Config::new("bench");
     let pool =
@@ -67,6 +73,7 @@ async fn main() {
         census_cpu_at_1000 = server_ms;
         report(&format!("  {backends:>4} other backends, whole census (+ a sample):"), ms);
         println!("  {backends:>4} other backends, census server CPU: {server_ms:.3} ms per census");
+        beside_descriptors(&watch, backends, rounds).await;
         query_alone(&mut probe, &app_name, backends, rounds).await;
     }
     let s = watch.census_now().await.unwrap();
@@ -161,6 +168,31 @@ async fn query_alone(conn: &mut PgConnection, app_name: &str, backends: usize, r
         let cpu = (schedstat_ns(pid) - before) as f64 / 1e6 / rounds as f64;
         report(&format!("  {backends:>4} other backends, {what} alone (server CPU {cpu:.3} ms):"), ms);
     }
+}
+
+/// The whole census again with 1,000 more open descriptors in the process (500 loopback
+/// connections, both ends), as in a big app: the client side of a census must not grow with
+/// them (no `/proc/self/fd` walk for sockets it already knows).
+async fn beside_descriptors(watch: &poolwatch::PoolWatch, backends: usize, rounds: usize) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let held: Vec<_> = (0..500)
+        .map(|_| {
+            let client = std::net::TcpStream::connect(address).unwrap();
+            (client, listener.accept().unwrap().0)
+        })
+        .collect();
+    for _ in 0..rounds.min(20) {
+        watch.census_now().await.unwrap();
+    }
+    let mut ms = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        watch.census_now().await.unwrap();
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    report(&format!("  {backends:>4} other backends + 1,000 open descriptors, whole census (+ a sample):"), ms);
+    drop(held);
 }
 
 /// Opens the pool's 5 connections and returns them to the pool.

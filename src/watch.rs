@@ -594,7 +594,7 @@ impl Shared {
             let before = self.pool.size();
             // This process's sockets toward the pool's address, listed before the queries: a
             // connection opened after the listing moves the pool's count and forces a re-read.
-            let list = peers.as_ref().and_then(|p| sockets::list(p, direct.local_port).ok());
+            let list = sockets::list_blocking(peers.as_deref(), direct.local_port).await;
             let owned: Vec<SocketAddr> = list.iter().flatten().filter(|s| s.owned).map(|s| s.local).collect();
             let keys = match (self.by_port && self.path == NetworkPath::Direct, &list) {
                 (true, Some(_)) => Some(census::port_keys(owned.iter().copied())),

@@ -24,9 +24,15 @@ impl Run {
     }
 }
 
+/// The binary under test: Cargo's, or `$POOLWATCH_BIN` (work trees sharing one target
+/// directory overwrite each other's `target/debug/poolwatch`).
+fn binary() -> String {
+    std::env::var("POOLWATCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_poolwatch").to_owned())
+}
+
 /// Runs the installed binary as a user would.
 async fn doctor(args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_poolwatch"))
+    let out = tokio::process::Command::new(binary())
         .arg("doctor")
         .args(args)
         .env_remove("DATABASE_URL")
@@ -190,10 +196,10 @@ async fn the_password_is_used_and_never_printed() {
     assert_eq!(r.code, 1);
     assert!(r.stdout.contains("logging in") && r.stdout.contains("auth"), "{}", r.stdout);
     assert!(!r.stdout.contains("Wr0ngAndSecret") && !r.stderr.contains("Wr0ngAndSecret"));
-    // Bad usage echoes the URL redacted.
+    // Bad usage never repeats an argument that may be a secret.
     let r = doctor(&[&url, "extra-argument"]).await;
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("extra-argument") && !r.stderr.contains(secret), "{}", r.stderr);
+    assert!(r.stderr.contains("more than one DATABASE_URL") && !r.stderr.contains(secret), "{}", r.stderr);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,4 +229,235 @@ async fn pgbouncer_pools_are_shown_from_the_admin_console() {
     .await;
     assert_eq!(r.code, 1, "{}", r.stdout);
     client.close().await.ok();
+}
+
+/// Runs the binary with `DATABASE_URL` set in its environment.
+async fn doctor_env(url: &str, args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(binary())
+        .arg("doctor")
+        .args(args)
+        .env("DATABASE_URL", url)
+        .output()
+        .await
+        .expect("run poolwatch");
+    let run = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    println!(
+        "$ DATABASE_URL=<url> poolwatch doctor {}\n{}{}(exit {})",
+        args.join(" "),
+        run.stdout,
+        run.stderr,
+        run.code
+    );
+    run
+}
+
+/// Where `secret` (a whole password, its percent-encoded form, or one of its pieces between
+/// `/ ? # @ :`) shows in `text` as a word of its own (pieces of 3 characters or more; a piece
+/// inside a longer run of letters and digits, such as a float's digits, is a coincidence).
+fn leaks(text: &str, password: &str) -> Vec<String> {
+    let encoded: String = password
+        .bytes()
+        .map(|b| if b.is_ascii_alphanumeric() { char::from(b).to_string() } else { format!("%{b:02X}") })
+        .collect();
+    let mut found = Vec::new();
+    for whole in [password.to_owned(), encoded] {
+        if text.contains(&whole) {
+            found.push(whole);
+        }
+    }
+    for piece in password.split(['/', '?', '#', '@', ':']).filter(|p| p.len() >= 3) {
+        let alone = text.match_indices(piece).any(|(i, _)| {
+            let before = text[..i].chars().next_back();
+            let after = text[i + piece.len()..].chars().next();
+            !before.is_some_and(|c| c.is_ascii_alphanumeric()) && !after.is_some_and(|c| c.is_ascii_alphanumeric())
+        });
+        if alone {
+            found.push(piece.to_owned());
+        }
+    }
+    found
+}
+
+/// One URL shape: its name, the arguments, the passwords that must not show, the exit status.
+type Shape = (&'static str, Vec<String>, Vec<&'static str>, i32);
+
+/// Every shape of the corpus, on `cluster` with the three password roles.
+fn corpus(cluster: &Cluster, (slash, split, mixed): (&'static str, &'static str, &'static str)) -> Vec<Shape> {
+    let port = cluster.port();
+    let at = format!("127.0.0.1:{port}");
+    let mixed_encoded = "pqX%3FRt7%23Lm5%40Nx2";
+    let mut shapes = vec![
+        ("unencoded /", vec![format!("postgres://app_slash:{slash}@{at}/postgres")], vec![slash], 0),
+        ("/ after digits", vec![format!("postgres://app_split:{split}@{at}/postgres")], vec![split], 0),
+        ("unencoded ? # @", vec![format!("postgres://app_mixed:{mixed}@{at}/postgres")], vec![mixed], 0),
+        ("percent-encoded", vec![format!("postgres://app_mixed:{mixed_encoded}@{at}/postgres")], vec![mixed], 0),
+        ("postgresql scheme", vec![format!("postgresql://app_slash:{slash}@{at}/postgres")], vec![slash], 0),
+        (
+            "query parameters",
+            vec![format!("postgres://app_split:{split}@{at}/postgres?sslmode=disable&application_name=x")],
+            vec![split],
+            0,
+        ),
+        (
+            "password in the query",
+            vec![format!("postgres://app_slash@{at}/postgres?password=Zx9%2FkQ2")],
+            vec![slash],
+            0,
+        ),
+        (
+            "key=value",
+            vec![format!("host=127.0.0.1 port={port} user=app_slash password={slash} dbname=postgres")],
+            vec![slash],
+            0,
+        ),
+        (
+            "key=value quoted",
+            vec![format!("host=127.0.0.1 port={port} user=app_mixed password='{mixed}' dbname=postgres")],
+            vec![mixed],
+            0,
+        ),
+        (
+            "key=value host list",
+            vec![format!("host=127.0.0.1,127.0.0.2 port={port} user=app_split password={split} dbname=postgres")],
+            vec![split],
+            1,
+        ),
+        ("host list", vec![format!("postgres://app_split:{split}@{at},127.0.0.2:{port}/postgres")], vec![split], 1),
+        ("IPv6 host", vec![format!("postgres://app_split:{split}@[::1]:{port}/postgres")], vec![split], 1),
+        ("IPv6 host, no port", vec![format!("postgres://app_mixed:{mixed}@[::1]/postgres")], vec![mixed], 1),
+        (
+            "unix socket",
+            vec![format!("postgres://app_slash:{slash}@/postgres?host=/nonexistent/socket/dir")],
+            vec![slash],
+            1,
+        ),
+        ("empty password", vec![format!("postgres://postgres:@{at}/postgres")], vec![], 0),
+        ("wrong password", vec![format!("postgres://app_slash:Wr0ng/Secr3t@{at}/postgres")], vec!["Wr0ng/Secr3t"], 1),
+    ];
+    shapes.extend(refused(cluster, (slash, split, mixed)));
+    shapes
+}
+
+/// The shapes refused as bad usage (exit 2), and the pooler's: nothing of them is quoted.
+fn refused(cluster: &Cluster, (slash, split, mixed): (&'static str, &'static str, &'static str)) -> Vec<Shape> {
+    let port = cluster.port();
+    let at = format!("127.0.0.1:{port}");
+    vec![
+        ("host forgotten", vec![format!("postgres://app_slash:{slash}/postgres")], vec![slash], 2),
+        ("host forgotten, digits", vec![format!("postgres://app_split:{split}/postgres")], vec![split], 2),
+        ("bad port", vec![format!("postgres://app_slash:{slash}@127.0.0.1:port/postgres")], vec![slash], 2),
+        ("bad percent escape", vec![format!("postgres://app_slash:Zx9%zzkQ2@{at}/postgres")], vec!["Zx9%zzkQ2"], 2),
+        ("another scheme", vec![format!("mysql://app_slash:{slash}@{at}/postgres")], vec![slash], 2),
+        ("no scheme", vec![format!("app_slash:{slash}@{at}")], vec![slash], 2),
+        ("key=value unquoted space", vec![format!("host=127.0.0.1 password=Zx9 kQ2 user=x")], vec![slash], 2),
+        ("key=value open quote", vec![format!("host=127.0.0.1 password='{slash}")], vec![slash], 2),
+        ("bad sslmode", vec![format!("postgres://app_slash:{slash}@{at}/postgres?sslmode=sometimes")], vec![slash], 2),
+        (
+            "password as a second argument",
+            vec![format!("postgres://app_slash@{at}/postgres"), slash.to_owned()],
+            vec![slash],
+            2,
+        ),
+        (
+            "pooler admin password",
+            vec![
+                cluster.url(),
+                "--pooler-admin".into(),
+                format!("postgres://admin:{mixed}@127.0.0.2:{port}/pgbouncer"),
+            ],
+            vec![mixed],
+            1,
+        ),
+        (
+            "pooler admin bad URL",
+            vec![cluster.url(), "--pooler-admin".into(), format!("postgres://admin:{split}/pgbouncer")],
+            vec![split],
+            2,
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_url_shape_prints_any_part_of_a_password() {
+    let cluster = Cluster::start();
+    let port = cluster.port();
+    // Base64-style and punctuation-heavy passwords, typed unencoded as users do.
+    let (slash, split, mixed) = ("Zx9/kQ2", "4821/kQ2w", "pqX?Rt7#Lm5@Nx2");
+    support::password::password_role(&cluster, "app_slash", slash).await;
+    support::password::password_role(&cluster, "app_split", split).await;
+    support::password::password_role(&cluster, "app_mixed", mixed).await;
+    let corpus = corpus(&cluster, (slash, split, mixed));
+    let at = format!("127.0.0.1:{port}");
+    assert!(corpus.len() >= 20);
+    let mut failures = Vec::new();
+    for (shape, args, secrets, code) in &corpus {
+        for json in [false, true] {
+            let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+            if json {
+                args.push("--json");
+            }
+            let r = doctor(&args).await;
+            let output = format!("{}\n{}", r.stdout, r.stderr);
+            for secret in secrets {
+                let found = leaks(&output, secret);
+                if !found.is_empty() {
+                    failures.push(format!("{shape} (json {json}): printed {found:?}"));
+                }
+            }
+            if r.code != *code {
+                failures.push(format!("{shape} (json {json}): exit {} instead of {code}", r.code));
+            }
+            if json && r.code != 2 {
+                // A report, not a crash: the JSON parses, and says whether a password was given.
+                let given = r.json()["target"]["password_given"].as_bool();
+                let in_url = !shape.starts_with("pooler") && *shape != "empty password";
+                if given != Some(in_url && !secrets.is_empty()) && *shape != "empty password" {
+                    failures.push(format!("{shape}: password_given {given:?}"));
+                }
+            }
+        }
+    }
+    // The environment variable takes the same path.
+    let r = doctor_env(&format!("postgres://app_split:{split}@{at}/postgres"), &["--json"]).await;
+    let found = leaks(&format!("{}{}", r.stdout, r.stderr), split);
+    if r.code != 0 || !found.is_empty() {
+        failures.push(format!("$DATABASE_URL: exit {}, printed {found:?}", r.code));
+    }
+    assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_strings_cannot_drive_the_terminal() {
+    let cluster = Cluster::start();
+    let mut admin = PgConnection::connect_with(&cluster.options()).await.unwrap();
+    // A role name may hold any character; this one holds an escape sequence and a bell.
+    let evil = "evil\u{1b}[2J\u{1b}]0;pwned\u{7}";
+    sqlx::QueryBuilder::<sqlx::Postgres>::new(format!("CREATE ROLE \"{evil}\" LOGIN"))
+        .build()
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let mut holder = PgConnection::connect_with(&cluster.options().username(evil)).await.unwrap();
+    holder.execute("SELECT pg_advisory_lock(42)").await.unwrap();
+    // And a user name the server quotes back in its FATAL answer.
+    let ghost = format!("postgres://gh%1B%5B31most@127.0.0.1:{}/postgres", cluster.port());
+    let runs = [
+        doctor(&[&cluster.url()]).await,
+        doctor(&[&cluster.url(), "--json"]).await,
+        doctor(&[&ghost]).await,
+        doctor(&[&ghost, "--json"]).await,
+    ];
+    for r in &runs {
+        let bad: Vec<char> =
+            format!("{}{}", r.stdout, r.stderr).chars().filter(|c| c.is_control() && *c != '\n').collect();
+        assert!(bad.is_empty(), "control characters printed: {bad:?}");
+        assert!(!r.stdout.contains("\\u001b"), "an escape survives in the JSON: {}", r.stdout);
+    }
+    assert!(runs[0].stdout.contains("evil?[2J"), "the lock holder is listed, cleaned: {}", runs[0].stdout);
+    assert!(runs[2].stdout.contains("gh?[31most"), "the startup's FATAL is shown, cleaned: {}", runs[2].stdout);
+    holder.close().await.ok();
 }

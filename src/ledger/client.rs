@@ -52,6 +52,9 @@ struct Entry {
 pub(crate) struct ClientLedger {
     id: u64,
     reader: Arc<Mutex<SocketReader>>,
+    /// The last read found exactly the pool's count of established sockets: only then may
+    /// the next read look those sockets up instead of dumping (a lookup never sees a new one).
+    steady: std::sync::atomic::AtomicBool,
 }
 
 impl ClientLedger {
@@ -62,7 +65,11 @@ impl ClientLedger {
         if let Ok(mut pools) = POOLS.lock() {
             pools.push(Entry { id, peers: Vec::new(), direct_port, ports: HashSet::new(), foreign: HashSet::new() });
         }
-        ClientLedger { id, reader: Arc::new(Mutex::new(SocketReader::default())) }
+        ClientLedger {
+            id,
+            reader: Arc::new(Mutex::new(SocketReader::default())),
+            steady: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     /// Records the database addresses the pool's sockets go to.
@@ -120,8 +127,14 @@ impl ClientLedger {
     /// `None`: no known peers (unix socket, not resolved yet) or the read failed.
     /// `pool_size` lets a steady pool's sockets be looked up one by one instead of dumped.
     pub(crate) async fn read(&self, pool_size: u32) -> Option<SocketCensus> {
-        let census = self.read_sockets(Some(pool_size)).await?;
-        Some(attribute(self.id, census, true))
+        // A read taken while the pool counted a connection whose socket did not exist yet
+        // found fewer sockets than the pool's size; looking only those up again, at the same
+        // size, would miss the new socket for as long as the size stands still.
+        let hint = self.steady.load(Ordering::Relaxed).then_some(pool_size);
+        let census = attribute(self.id, self.read_sockets(hint).await?, true);
+        let steady = census.get("established") == pool_size && census.sockets.iter().all(|s| s.state == "established");
+        self.steady.store(steady, Ordering::Relaxed);
+        Some(census)
     }
 
     /// Every socket of the process to the peers, but poolwatch's own (a full read).
@@ -162,8 +175,12 @@ impl Drop for ClientLedger {
 fn attribute(id: u64, mut census: SocketCensus, by_pool: bool) -> SocketCensus {
     let Ok(pools) = POOLS.lock() else { return census };
     let Some(me) = pools.iter().find(|e| e.id == id) else { return census };
+    // Only dedicated connections to these peers: one to another address may have the same
+    // local port as a socket of this pool (the kernel shares a local port between
+    // connections to different destinations).
     let direct: HashSet<u16> = pools
         .iter()
+        .filter(|e| e.id == id || e.peers.iter().any(|p| me.peers.contains(p)))
         .map(|e| e.direct_port.load(Ordering::Relaxed))
         .filter_map(|p| u16::try_from(p).ok().filter(|p| *p != 0))
         .collect();
@@ -248,5 +265,61 @@ mod tests {
         let sa = attribute(a.id, all(), true);
         assert_eq!(sa.sockets.iter().map(|s| s.local.port()).collect::<Vec<_>>(), [40001, 40002], "{sa:?}");
         assert_eq!(attribute(a.id, all(), false).sockets.len(), 3, "the raw read keeps it");
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod reading {
+    use super::*;
+
+    /// The flake-check failure: a sample read while the pool already counted a connection
+    /// whose socket did not exist yet; every later sample, with the pool's size unchanged,
+    /// only looked the sockets of that read up again and never saw the new one (2 of 3).
+    #[tokio::test]
+    async fn a_socket_opened_after_a_read_at_the_same_pool_size_is_seen() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = listener.local_addr().unwrap();
+        let ledger = ClientLedger::new(Arc::new(AtomicU32::new(0)));
+        ledger.set_peers(&[peer]);
+        let a = std::net::TcpStream::connect(peer).unwrap();
+        let b = std::net::TcpStream::connect(peer).unwrap();
+        // The pool counts 3: the third connection is still being opened.
+        let first = ledger.read(3).await.unwrap();
+        assert_eq!(first.get("established"), 2, "{first:?}");
+        let c = std::net::TcpStream::connect(peer).unwrap();
+        for _ in 0..3 {
+            let later = ledger.read(3).await.unwrap();
+            assert_eq!(later.get("established"), 3, "the third socket is missed: {later:?}");
+        }
+        drop((a, b, c, listener));
+    }
+}
+
+#[cfg(test)]
+mod ports {
+    use super::*;
+    use crate::ledger::sockets::{ClientSocket, SocketSource};
+
+    /// The kernel gives one local port to connections to different destinations: another
+    /// pool's dedicated connection to another server does not hide this pool's socket.
+    #[test]
+    fn a_dedicated_connection_to_another_server_hides_no_socket() {
+        let mine = "127.0.0.8:5998";
+        let other = ClientLedger::new(Arc::new(AtomicU32::new(41000)));
+        other.set_peers(&["127.0.0.7:5997".parse().unwrap()]);
+        let me = ClientLedger::new(Arc::new(AtomicU32::new(41001)));
+        me.set_peers(&[mine.parse().unwrap()]);
+        let socket = |port: u16| ClientSocket {
+            local: SocketAddr::from(([127, 0, 0, 1], port)),
+            peer: mine.parse().unwrap(),
+            state: "established",
+            send_queue: 0,
+            recv_queue: 0,
+            inode: u64::from(port),
+        };
+        let census = SocketCensus::of(vec![socket(41000), socket(41001), socket(41002)], SocketSource::Netlink);
+        let kept = attribute(me.id, census, true);
+        let ports: Vec<u16> = kept.sockets.iter().map(|s| s.local.port()).collect();
+        assert_eq!(ports, [41000, 41002], "only this pool's own dedicated connection is left out");
     }
 }

@@ -279,11 +279,7 @@ impl SocketReader {
         let (rows, source) = match self.dump(&peers) {
             Ok(rows) => (rows, SocketSource::Netlink),
             Err(e) => {
-                if !self.netlink_refused {
-                    tracing::debug!(error = %e, "netlink sock_diag unavailable; poolwatch reads /proc/self/net/tcp instead");
-                }
-                self.netlink_refused = true;
-                self.netlink = None;
+                tracing::debug!(error = %e, refused = self.netlink_refused, "netlink sock_diag read failed; poolwatch reads /proc/self/net/tcp instead");
                 (proc_rows(&peers)?, SocketSource::Proc)
             }
         };
@@ -316,24 +312,69 @@ impl SocketReader {
         Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "socket census needs Linux"))
     }
 
+    /// One dump per address family. A failed dump drops the netlink socket (an answer left
+    /// in it must not be read as the next one's) and is tried again on a new one; only a
+    /// socket the system refuses to open sends every later read to `/proc`.
     #[cfg(target_os = "linux")]
     fn dump(&mut self, peers: &[SocketAddr]) -> std::io::Result<Vec<Row>> {
-        if self.netlink_refused {
-            return Err(std::io::Error::other("netlink refused earlier"));
-        }
-        if self.netlink.is_none() {
-            self.netlink = Some(netlink::Dumper::new()?);
-        }
-        let dumper = self.netlink.as_mut().ok_or_else(|| std::io::Error::other("no netlink socket"))?;
-        let mut rows = Vec::new();
-        for v4 in [true, false] {
-            let wanted: Vec<SocketAddr> = peers.iter().copied().filter(|p| p.is_ipv4() == v4).collect();
-            if !wanted.is_empty() {
-                dumper.dump(&wanted, &mut rows)?;
+        let mut last = std::io::Error::other("netlink refused earlier");
+        for _ in 0..DUMP_ATTEMPTS {
+            if self.netlink_refused {
+                break;
+            }
+            if self.netlink.is_none() {
+                match netlink::Dumper::new() {
+                    Ok(d) => self.netlink = Some(d),
+                    Err(e) => {
+                        self.netlink_refused = refused(&e);
+                        last = e;
+                        continue;
+                    }
+                }
+            }
+            let Some(dumper) = self.netlink.as_mut() else { continue };
+            match dump_all(dumper, peers, None) {
+                Ok(rows) => return Ok(rows),
+                Err(e) => {
+                    self.netlink = None;
+                    last = e;
+                }
             }
         }
-        Ok(rows)
+        Err(last)
     }
+}
+
+/// Dumps, each one on a fresh socket after a failure, before the read falls back to `/proc`.
+#[cfg(target_os = "linux")]
+const DUMP_ATTEMPTS: u32 = 3;
+
+/// Whether opening a netlink socket failed for good (not permitted, not supported), rather
+/// than for a moment (out of descriptors or memory).
+#[cfg(target_os = "linux")]
+fn refused(e: &std::io::Error) -> bool {
+    const EPERM: i32 = 1;
+    const EACCES: i32 = 13;
+    const EPROTONOSUPPORT: i32 = 93;
+    const EAFNOSUPPORT: i32 = 97;
+    matches!(e.raw_os_error(), Some(EPERM | EACCES | EPROTONOSUPPORT | EAFNOSUPPORT))
+}
+
+/// One dump per address family of `peers` (`states`: a bit mask; `None`: every state a
+/// socket of this process can be in).
+#[cfg(target_os = "linux")]
+fn dump_all(dumper: &mut netlink::Dumper, peers: &[SocketAddr], states: Option<u32>) -> std::io::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for v4 in [true, false] {
+        let wanted: Vec<SocketAddr> = peers.iter().copied().filter(|p| p.is_ipv4() == v4).collect();
+        if !wanted.is_empty() {
+            match states {
+                Some(states) => dumper.dump_states(&wanted, states, &mut rows)?,
+                None => dumper.dump(&wanted, &mut rows)?,
+            }
+        }
+    }
+    Ok(rows)
 }
 
 fn client_socket(r: &Row) -> Option<ClientSocket> {
@@ -396,20 +437,11 @@ impl SocketCensus {
 #[cfg(target_os = "linux")]
 pub(crate) fn list(peers: &[SocketAddr], exclude_local_port: Option<u16>) -> std::io::Result<Vec<Socket>> {
     let peers: Vec<SocketAddr> = peers.iter().map(|p| SocketAddr::new(p.ip().to_canonical(), p.port())).collect();
-    let mut rows = Vec::new();
-    let dumped = netlink::Dumper::new().and_then(|mut d| {
-        for v4 in [true, false] {
-            let wanted: Vec<SocketAddr> = peers.iter().copied().filter(|p| p.is_ipv4() == v4).collect();
-            if !wanted.is_empty() {
-                d.dump_states(&wanted, netlink::ALL_BUT_LISTEN, &mut rows)?;
-            }
-        }
-        Ok(())
-    });
-    if dumped.is_err() {
-        rows = proc_rows(&peers)?;
-    }
-    let own = own_socket_inodes()?;
+    let rows = match list_rows(&peers) {
+        Ok(rows) => rows,
+        Err(_) => proc_rows(&peers)?,
+    };
+    let own = owned_inodes(&peers, &rows)?;
     let mut sockets = Vec::new();
     for row in rows {
         let owned = row.inode != 0 && own.contains(&row.inode);
@@ -429,6 +461,79 @@ pub(crate) fn list(peers: &[SocketAddr], exclude_local_port: Option<u16>) -> std
         }
     }
     Ok(sockets)
+}
+
+/// The census's netlink socket, kept between censuses (one is opened for a census that
+/// finds it in use by another pool's).
+#[cfg(target_os = "linux")]
+static LIST_DUMPER: std::sync::Mutex<Option<netlink::Dumper>> = std::sync::Mutex::new(None);
+
+/// Every socket to `peers` but listening ones, in one dump per address family, tried again
+/// on a fresh netlink socket after a failure.
+#[cfg(target_os = "linux")]
+fn list_rows(peers: &[SocketAddr]) -> std::io::Result<Vec<Row>> {
+    let mut last = std::io::Error::other("no dump attempted");
+    for _ in 0..DUMP_ATTEMPTS {
+        let kept = LIST_DUMPER.lock().ok().and_then(|mut d| d.take());
+        let mut dumper = match kept {
+            Some(d) => d,
+            None => netlink::Dumper::new()?,
+        };
+        match dump_all(&mut dumper, peers, Some(netlink::ALL_BUT_LISTEN)) {
+            Ok(rows) => {
+                if let Ok(mut slot) = LIST_DUMPER.lock() {
+                    *slot = Some(dumper);
+                }
+                return Ok(rows);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Whether each socket inode to a watched peer is this process's, remembered: an inode names
+/// one socket while it lives, so `/proc/self/fd` (thousands of entries in a big app: the
+/// costly part of a census) is walked only when a socket not seen before shows up.
+#[cfg(target_os = "linux")]
+static OWNERSHIP: std::sync::Mutex<Option<std::collections::HashMap<u64, (SocketAddr, bool)>>> =
+    std::sync::Mutex::new(None);
+
+/// Inodes remembered at most (sockets of every watched peer); past it the memory restarts.
+#[cfg(target_os = "linux")]
+const OWNERSHIP_MAX: usize = 65_536;
+
+/// The inodes among `rows` (sockets to `peers`) that this process holds.
+#[cfg(target_os = "linux")]
+fn owned_inodes(peers: &[SocketAddr], rows: &[Row]) -> std::io::Result<HashSet<u64>> {
+    let live: Vec<&Row> =
+        rows.iter().filter(|r| r.inode != 0 && peers.iter().any(|p| same_peer(p, &r.remote))).collect();
+    let mut guard = OWNERSHIP.lock().map_err(|_| std::io::Error::other("socket ownership lock poisoned"))?;
+    let known = guard.get_or_insert_with(Default::default);
+    if known.len() > OWNERSHIP_MAX {
+        known.clear();
+    }
+    if live.iter().any(|r| !known.contains_key(&r.inode)) {
+        let fds = own_socket_inodes()?;
+        for r in &live {
+            known.insert(r.inode, (r.remote, fds.contains(&r.inode)));
+        }
+    }
+    // Forget the sockets to these peers that are gone.
+    let alive: HashSet<u64> = live.iter().map(|r| r.inode).collect();
+    known.retain(|inode, (remote, _)| alive.contains(inode) || !peers.iter().any(|p| same_peer(p, remote)));
+    Ok(live.iter().filter(|r| known.get(&r.inode).is_some_and(|(_, ours)| *ours)).map(|r| r.inode).collect())
+}
+
+/// [`list`] on Tokio's blocking pool: its netlink receive and `/proc` reads are system calls
+/// that must never stall a runtime worker (on a current-thread runtime, the whole app).
+/// `None`: no peers (a unix socket), or the read failed.
+pub(crate) async fn list_blocking(
+    peers: Option<&[SocketAddr]>,
+    exclude_local_port: Option<u16>,
+) -> Option<Vec<Socket>> {
+    let peers = peers?.to_vec();
+    tokio::task::spawn_blocking(move || list(&peers, exclude_local_port).ok()).await.ok().flatten()
 }
 
 /// Not Linux: no socket list.
@@ -541,6 +646,14 @@ mod netlink {
     /// `struct inet_diag_msg`.
     const MSG_LEN: usize = 72;
 
+    const NLM_F_DUMP_INTR: u16 = 0x10;
+    const MSG_TRUNC: i32 = 0x20;
+    /// The kernel answers while handling the request; a wait this long means something is
+    /// wrong, and the read fails (and falls back) instead of holding a thread forever.
+    pub(super) const RECV_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+    /// A signal interrupts a receive with a timeout (it is not restarted): retried, bounded.
+    const EINTR_RETRIES: u32 = 100;
+
     #[derive(Debug)]
     pub(super) struct Dumper {
         socket: Socket,
@@ -548,12 +661,53 @@ mod netlink {
         seq: u32,
     }
 
+    /// One netlink message header, read from the front of `b` (at least 16 bytes).
+    struct Header {
+        len: usize,
+        kind: u16,
+        flags: u16,
+        seq: u32,
+    }
+
+    fn header(b: &[u8]) -> Option<Header> {
+        let h = b.get(..16)?;
+        Some(Header {
+            len: u32::from_ne_bytes([h[0], h[1], h[2], h[3]]) as usize,
+            kind: u16::from_ne_bytes([h[4], h[5]]),
+            flags: u16::from_ne_bytes([h[6], h[7]]),
+            seq: u32::from_ne_bytes([h[8], h[9], h[10], h[11]]),
+        })
+    }
+
     impl Dumper {
         pub(super) fn new() -> std::io::Result<Dumper> {
             let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
             socket.bind_auto()?;
             socket.connect(&netlink_sys::SocketAddr::new(0, 0))?;
+            socket2::SockRef::from(&socket).set_read_timeout(Some(RECV_TIMEOUT))?;
             Ok(Dumper { socket, buf: vec![0; 32 * 1024], seq: 0 })
+        }
+
+        /// One datagram into `buf`: a signal is retried, a truncated datagram (messages lost
+        /// off its end) and a timeout are errors.
+        fn recv(&mut self) -> std::io::Result<usize> {
+            for _ in 0..EINTR_RETRIES {
+                match self.socket.recv(&mut &mut self.buf[..], MSG_TRUNC) {
+                    Ok(n) if n > self.buf.len() => {
+                        return Err(std::io::Error::other("netlink answer larger than the receive buffer"));
+                    }
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "netlink sock_diag did not answer within its receive timeout",
+                        ));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "netlink receive interrupted by signals"))
         }
 
         /// Appends the sockets whose peer is one of `peers` (all of one address family).
@@ -561,7 +715,10 @@ mod netlink {
             self.dump_states(peers, STATES, rows)
         }
 
-        /// Like `dump`, for the TCP states of the bit mask `states` (bit n: state n).
+        /// Like `dump`, for the TCP states of the bit mask `states` (bit n: state n). Every
+        /// part of the multi-part answer is read up to `NLMSG_DONE`; answers to an earlier
+        /// request (another sequence number) are skipped; a dump the kernel flags as
+        /// inconsistent is an error (`Interrupted`: read again).
         pub(super) fn dump_states(
             &mut self,
             peers: &[SocketAddr],
@@ -569,30 +726,52 @@ mod netlink {
             rows: &mut Vec<Row>,
         ) -> std::io::Result<()> {
             self.seq = self.seq.wrapping_add(1);
-            let request = request(peers, self.seq, states);
-            self.socket.send(&request, 0)?;
+            let seq = self.seq;
+            self.socket.send(&request(peers, seq, states), 0)?;
+            let mut found = Vec::new();
+            let mut inconsistent = false;
             loop {
-                let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+                let n = self.recv()?;
                 let mut at = 0;
-                while at + 16 <= n {
+                while let Some(h) = self.buf.get(at..n).and_then(header) {
                     let b = &self.buf[at..n];
-                    let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
-                    let kind = u16::from_ne_bytes([b[4], b[5]]);
-                    if len < 16 || len > b.len() {
+                    if h.len < 16 || h.len > b.len() {
                         return Err(std::io::Error::other("truncated netlink message"));
                     }
-                    match kind {
-                        NLMSG_DONE => return Ok(()),
+                    at += (h.len + 3) & !3;
+                    if h.seq != seq {
+                        continue;
+                    }
+                    inconsistent |= h.flags & NLM_F_DUMP_INTR != 0;
+                    match h.kind {
+                        NLMSG_DONE if inconsistent => {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::Interrupted,
+                                "the kernel flagged the socket dump inconsistent",
+                            ));
+                        }
+                        NLMSG_DONE => {
+                            rows.append(&mut found);
+                            return Ok(());
+                        }
                         NLMSG_ERROR => {
                             let code = b.get(16..20).map_or(0, |e| i32::from_ne_bytes([e[0], e[1], e[2], e[3]]));
-                            return Err(std::io::Error::from_raw_os_error(-code));
+                            return Err(std::io::Error::from_raw_os_error(code.saturating_neg()));
                         }
-                        SOCK_DIAG_BY_FAMILY => rows.extend(parse(&b[16..len])),
+                        SOCK_DIAG_BY_FAMILY => found.extend(parse(&b[16..h.len])),
                         _ => {}
                     }
-                    at += (len + 3) & !3;
                 }
             }
+        }
+    }
+
+    #[cfg(test)]
+    impl Dumper {
+        /// Sends a dump request and leaves its answer unread.
+        pub(super) fn abandon(&mut self, peers: &[SocketAddr]) {
+            self.seq = self.seq.wrapping_add(1);
+            let _ = self.socket.send(&request(peers, self.seq, STATES), 0);
         }
     }
 
@@ -603,21 +782,23 @@ mod netlink {
             let mut found = Vec::with_capacity(known.len());
             for k in known {
                 self.seq = self.seq.wrapping_add(1);
-                self.socket.send(&exact(k, self.seq), 0)?;
-                // The kernel answers an exact lookup while handling the request: never wait.
-                self.socket.set_non_blocking(true)?;
-                let received = self.socket.recv(&mut &mut self.buf[..], 0);
-                self.socket.set_non_blocking(false)?;
-                let n = received?;
-                let b = &self.buf[..n];
-                if n < 16 {
-                    continue;
-                }
-                let len = (u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize).min(n);
-                if u16::from_ne_bytes([b[4], b[5]]) == SOCK_DIAG_BY_FAMILY
-                    && let Some(row) = parse(&b[16..len]).filter(|r| r.inode == k.inode)
-                {
-                    found.push(row);
+                let seq = self.seq;
+                self.socket.send(&exact(k, seq), 0)?;
+                // The kernel answered while handling the request: the answer is queued (the
+                // receive timeout bounds the wait if it is not). Earlier answers are skipped.
+                loop {
+                    let n = self.recv()?;
+                    let Some(h) = self.buf.get(..n).and_then(header) else { continue };
+                    if h.seq != seq {
+                        continue;
+                    }
+                    let end = h.len.min(n);
+                    if h.kind == SOCK_DIAG_BY_FAMILY
+                        && let Some(row) = self.buf.get(16..end).and_then(parse).filter(|r| r.inode == k.inode)
+                    {
+                        found.push(row);
+                    }
+                    break;
                 }
             }
             Ok(found)
@@ -840,6 +1021,159 @@ mod tests {
         let after = reader.read_with_hint(&[peer], 2).unwrap();
         assert_eq!(after.get("established"), 1, "a's socket left: {after:?}");
         assert_eq!(after.sockets[0].local, b.local_addr().unwrap());
+    }
+
+    /// A netlink socket left with an unread dump (the kernel then refuses the next one with
+    /// EBUSY) is replaced by a fresh one: the read stays on netlink and correct, where it used
+    /// to switch to `/proc` for good.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_dump_left_unread_does_not_send_the_reader_to_proc() {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (pa, pb) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let _ca = std::net::TcpStream::connect(pa).unwrap();
+        let cb = std::net::TcpStream::connect(pb).unwrap();
+        let mut dumper = netlink::Dumper::new().unwrap();
+        dumper.abandon(&[pa]);
+        let mut reader = SocketReader { netlink: Some(dumper), ..SocketReader::default() };
+        for _ in 0..2 {
+            let census = reader.read(&[pb]).unwrap();
+            assert_eq!(census.source, SocketSource::Netlink, "{census:?}");
+            let locals: Vec<SocketAddr> = census.sockets.iter().map(|s| s.local).collect();
+            assert_eq!(locals, [cb.local_addr().unwrap()], "{census:?}");
+        }
+    }
+
+    /// Loads both cores (stress-ng, when installed) for as long as it lives.
+    #[cfg(target_os = "linux")]
+    struct Stress(Option<std::process::Child>);
+
+    #[cfg(target_os = "linux")]
+    impl Drop for Stress {
+        fn drop(&mut self) {
+            if let Some(child) = self.0.as_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// Connects and drops sockets to `peers` until `stop`: each lives a few rounds and most
+    /// end with a reset (no `time_wait` left behind to use up the ephemeral ports).
+    #[cfg(target_os = "linux")]
+    fn churn(peers: Vec<SocketAddr>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u64 {
+        let mut ring = std::collections::VecDeque::new();
+        let mut opened = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for peer in &peers {
+                if let Ok(s) = std::net::TcpStream::connect(peer) {
+                    if !opened.is_multiple_of(4) {
+                        let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
+                    }
+                    ring.push_back(s);
+                    opened += 1;
+                }
+            }
+            while ring.len() > 24 {
+                ring.pop_front();
+            }
+            std::thread::sleep(std::time::Duration::from_micros(300));
+        }
+        opened
+    }
+
+    /// Accepts connections and soon drops them (some churned sockets see the hang-up first).
+    #[cfg(target_os = "linux")]
+    fn accept_and_drop(l: std::net::TcpListener, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u64 {
+        let _ = l.set_nonblocking(true);
+        let mut kept = std::collections::VecDeque::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match l.accept() {
+                Ok((s, _)) => kept.push_back(s),
+                Err(_) => std::thread::sleep(std::time::Duration::from_micros(200)),
+            }
+            while kept.len() > 32 {
+                kept.pop_front();
+            }
+        }
+        0
+    }
+
+    /// Every socket that stays established while other threads open and close sockets to the
+    /// same peer (and others), on a loaded machine, is listed by every kind of read: the
+    /// reader kept between reads, a cold read, and the census's list.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn every_socket_established_throughout_is_listed_in_every_read() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::{Duration, Instant};
+        let stress = Stress(
+            std::process::Command::new("stress-ng")
+                .args(["--cpu", "2", "--timeout", "60"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .ok(),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = listener.local_addr().unwrap();
+        let other_peer = other.local_addr().unwrap();
+        let stable: Vec<_> = (0..50)
+            .map(|_| {
+                let client = std::net::TcpStream::connect(peer).unwrap();
+                (client, listener.accept().unwrap().0)
+            })
+            .collect();
+        let wanted: HashSet<SocketAddr> = stable.iter().map(|(c, _)| c.local_addr().unwrap()).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for l in [listener, other] {
+            let stop = Arc::clone(&stop);
+            threads.push(std::thread::spawn(move || accept_and_drop(l, stop)));
+        }
+        for _ in 0..3 {
+            let stop = Arc::clone(&stop);
+            let peers = vec![other_peer, peer];
+            threads.push(std::thread::spawn(move || churn(peers, stop)));
+        }
+        let mut reader = SocketReader::new();
+        let (mut reads, mut misses) = (0u32, Vec::new());
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(8) {
+            let kept: Vec<(SocketAddr, &str)> =
+                reader.read(&[peer]).unwrap().sockets.iter().map(|s| (s.local, s.state)).collect();
+            let cold: Vec<(SocketAddr, &str)> =
+                process_sockets(&[peer]).unwrap().sockets.iter().map(|s| (s.local, s.state)).collect();
+            let listed: Vec<(SocketAddr, &str)> = list(&[peer], None)
+                .unwrap()
+                .iter()
+                .filter(|s| s.owned)
+                .map(|s| (s.local, TCP_STATES[s.state]))
+                .collect();
+            for (kind, found) in [("kept reader", kept), ("cold read", cold), ("census list", listed)] {
+                let seen: HashSet<SocketAddr> =
+                    found.iter().filter(|(_, state)| *state == "established").map(|(a, _)| *a).collect();
+                let missed = wanted.difference(&seen).count();
+                if missed > 0 {
+                    misses.push(format!("read {reads} ({kind}): {missed} of {} missed", wanted.len()));
+                }
+            }
+            reads += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let opened: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        println!(
+            "{reads} rounds of 3 reads, {opened} sockets opened and closed meanwhile, stress-ng: {}, load {}",
+            stress.0.is_some(),
+            load.split_whitespace().next().unwrap_or("?")
+        );
+        assert!(reads > 10, "too few reads to tell: {reads}");
+        assert!(misses.is_empty(), "{} read(s) missed a socket:\n{}", misses.len(), misses.join("\n"));
+        drop(stable);
     }
 
     #[cfg(target_os = "linux")]

@@ -5,6 +5,8 @@ use std::time::Duration;
 use poolwatch::sqlx;
 use sqlx::postgres::PgConnectOptions;
 
+use crate::target;
+
 pub(crate) const USAGE: &str = "\
 poolwatch doctor: checks a PostgreSQL server the way an on-call engineer would, at the moment of need.
 
@@ -41,8 +43,7 @@ Durations: 250ms, 10s, 5m, 1h (a bare number is seconds).
 Exit status: 0 healthy, 1 a hazard, an unreachable address or a failed check, 2 bad usage.
 ";
 
-/// What `poolwatch doctor` was asked to do.
-#[derive(Debug, Clone)]
+/// What `poolwatch doctor` was asked to do. No `Debug`: the options hold the password.
 pub(crate) struct Args {
     /// Every `host:port` of the URL's host list, in order.
     pub(crate) hosts: Vec<(String, u16)>,
@@ -50,6 +51,10 @@ pub(crate) struct Args {
     pub(crate) options: PgConnectOptions,
     /// Whether the URL carries a password (shown as a yes/no, never the value).
     pub(crate) password_given: bool,
+    /// Every form of the passwords given (DATABASE_URL, --pooler-admin): scrubbed from output.
+    pub(crate) secrets: Vec<String>,
+    /// Advice about the URLs, for stderr.
+    pub(crate) warnings: Vec<String>,
     pub(crate) max_connections: u32,
     pub(crate) min_connections: u32,
     pub(crate) idle_timeout: Option<Duration>,
@@ -81,6 +86,8 @@ pub(crate) fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Arg
         hosts: Vec::new(),
         options: PgConnectOptions::new_without_pgpass(),
         password_given: false,
+        secrets: Vec::new(),
+        warnings: Vec::new(),
         max_connections: 10,
         min_connections: 0,
         idle_timeout: Some(Duration::from_secs(600)),
@@ -119,20 +126,24 @@ pub(crate) fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Arg
             "--listener-keepalive" => a.listener_keepalive = Some(optional_duration(&flag, &value()?)?),
             "--stuck-after" => a.stuck_after = duration(&flag, &value()?)?,
             "--pooler-admin" => {
-                let v = value()?;
-                let options = v.parse::<PgConnectOptions>().map_err(|e| {
-                    format!(
-                        "--pooler-admin is not a postgres:// URL ({e}); e.g. postgres://admin@127.0.0.1:6432/pgbouncer"
-                    )
-                })?;
-                a.pooler_admin = Some(options);
+                let admin = target::parse("--pooler-admin", &value()?)
+                    .map_err(|e| format!("{e} (e.g. postgres://admin@127.0.0.1:6432/pgbouncer)"))?;
+                a.secrets.extend(admin.secrets);
+                a.warnings.extend(admin.warnings);
+                a.pooler_admin = Some(admin.options);
             }
             "--connect-timeout" => a.connect_timeout = duration(&flag, &value()?)?,
             "--startup-timeout" => a.startup_timeout = duration(&flag, &value()?)?,
             "--query-timeout" => a.query_timeout = duration(&flag, &value()?)?,
-            f if f.starts_with('-') => return Err(format!("unknown option `{f}` (see poolwatch doctor --help)")),
+            // Only a `--name` is quoted back: anything else may be a secret typed in the wrong place.
+            f if f.starts_with("--") => return Err(format!("unknown option `{f}` (see poolwatch doctor --help)")),
+            f if f.starts_with('-') => return Err("unknown option (see poolwatch doctor --help)".to_owned()),
             _ if url.is_none() => url = Some(arg),
-            _ => return Err(format!("unexpected argument `{}`: give one DATABASE_URL", redact(&arg))),
+            _ => {
+                return Err("more than one DATABASE_URL argument (not repeated here: it may hold a secret); \
+                     give one, and quote key=value pairs as one argument: 'host=db user=app'"
+                    .to_owned());
+            }
         }
     }
     let url = url.or_else(|| std::env::var("DATABASE_URL").ok()).ok_or(
@@ -144,12 +155,12 @@ pub(crate) fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Arg
     if a.max_connections == 0 {
         return Err("--max-connections is zero; give the pool's max_connections (sqlx default 10)".to_owned());
     }
-    let (hosts, first) = split_hosts(&url)?;
-    a.options = first.parse::<PgConnectOptions>().map_err(|e| {
-        format!("DATABASE_URL {} is not a postgres:// URL ({e}); e.g. postgres://app@db:5432/app", redact(&url))
-    })?;
-    a.hosts = hosts;
-    a.password_given = redact(&url) != url;
+    let target = target::parse("DATABASE_URL", &url)?;
+    a.options = target.options;
+    a.hosts = target.hosts;
+    a.password_given = target.password_given;
+    a.secrets.extend(target.secrets);
+    a.warnings.extend(target.warnings);
     Ok(Some(a))
 }
 
@@ -178,63 +189,6 @@ fn duration(flag: &str, v: &str) -> Result<Duration, String> {
     }
 }
 
-/// Splits a libpq-style host list out of the URL: every `host:port`, and the URL with the
-/// first host only (for sqlx, which takes one).
-fn split_hosts(url: &str) -> Result<(Vec<(String, u16)>, String), String> {
-    let bad = || format!("DATABASE_URL {} is not a postgres:// URL; e.g. postgres://app@db:5432/app", redact(url));
-    let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let (userinfo, hostlist) = match authority.rsplit_once('@') {
-        Some((u, h)) => (Some(u), h),
-        None => (None, authority),
-    };
-    let mut hosts = Vec::new();
-    for h in hostlist.split(',') {
-        let (host, port) = match h.rsplit_once(':') {
-            Some((host, port)) if !port.contains(']') => {
-                (host, port.parse::<u16>().map_err(|_| format!("bad port {port:?} in DATABASE_URL"))?)
-            }
-            _ => (h, 5432),
-        };
-        if host.is_empty() {
-            return Err(bad());
-        }
-        hosts.push((host.trim_start_matches('[').trim_end_matches(']').to_owned(), port));
-    }
-    let first = hostlist.split(',').next().unwrap_or_default();
-    let first_url = match userinfo {
-        Some(u) => format!("{scheme}://{u}@{first}{tail}"),
-        None => format!("{scheme}://{first}{tail}"),
-    };
-    Ok((hosts, first_url))
-}
-
-/// The URL with any password replaced by `***`.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            let hidden = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{hidden}@{hosts}{}", redact_query(tail))
-        }
-        None => format!("{scheme}://{authority}{}", redact_query(tail)),
-    }
-}
-
-/// `?password=...` in the query string is hidden too.
-fn redact_query(tail: &str) -> String {
-    let Some((path, query)) = tail.split_once('?') else { return tail.to_owned() };
-    let parts: Vec<String> = query
-        .split('&')
-        .map(|kv| if kv.starts_with("password=") { "password=***".to_owned() } else { kv.to_owned() })
-        .collect();
-    format!("{path}?{}", parts.join("&"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,8 +208,8 @@ mod tests {
         assert_eq!(duration("--x", "250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(duration("--x", "5m"), Ok(Duration::from_secs(300)));
         assert!(duration("--x", "5 parsecs").unwrap_err().contains("--x"));
-        assert_eq!(redact("postgres://u:s3cret@h/db?password=s3cret&x=1"), "postgres://u:***@h/db?password=***&x=1");
-        assert!(args(&["doctor", "x", "--replicas", "0"]).unwrap_err().contains("--replicas"));
-        assert!(args(&["doctor", "--bogus"]).unwrap_err().contains("--bogus"));
+        assert!(args(&["doctor", "x", "--replicas", "0"]).err().unwrap_or_default().contains("--replicas"));
+        assert!(args(&["doctor", "--bogus"]).err().unwrap_or_default().contains("--bogus"));
+        assert!(!args(&["doctor", "postgres://db/x", "s3cret"]).err().unwrap_or_default().contains("s3cret"));
     }
 }

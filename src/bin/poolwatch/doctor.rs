@@ -11,6 +11,7 @@ use sqlx::postgres::{PgConnectOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 
 use crate::args::Args;
+use crate::render::clean;
 use crate::startup::{self, Startup};
 
 #[derive(Debug, Serialize)]
@@ -136,9 +137,9 @@ pub(crate) async fn run(args: &Args) -> Report {
     let o = &args.options;
     let mut report = Report {
         target: Target {
-            hosts: args.hosts.iter().map(|(h, p)| format!("{h}:{p}")).collect(),
-            user: o.get_username().to_owned(),
-            database: o.get_database().unwrap_or(o.get_username()).to_owned(),
+            hosts: args.hosts.iter().map(|(h, p)| clean(&format!("{h}:{p}"))).collect(),
+            user: clean(o.get_username()),
+            database: clean(o.get_database().unwrap_or(o.get_username())),
             password_given: args.password_given,
         },
         addresses: Vec::new(),
@@ -166,7 +167,8 @@ pub(crate) async fn run(args: &Args) -> Report {
 
     // 1. Every address of every host, all at once (one dead host must not delay the others:
     //    that is incident 4's timeout × addresses): TCP, then the startup up to authentication.
-    let (user, database) = (report.target.user.clone(), report.target.database.clone());
+    // The startup packet carries the names as given; the report shows them cleaned.
+    let (user, database) = (o.get_username().to_owned(), o.get_database().unwrap_or(o.get_username()).to_owned());
     let probes = futures_join(args.hosts.iter().filter(|(h, _)| !h.starts_with('/')).map(|(host, port)| {
         let (user, database) = (&user, &database);
         async move {
@@ -179,10 +181,11 @@ pub(crate) async fn run(args: &Args) -> Report {
     }))
     .await;
     for (host, _) in args.hosts.iter().filter(|(h, _)| h.starts_with('/')) {
-        report.not_seen.push(format!("{host}: a unix socket directory, not probed over TCP"));
+        report.not_seen.push(format!("{}: a unix socket directory, not probed over TCP", clean(host)));
     }
     let mut live: Option<SocketAddr> = None;
     for (host, reach, up, startups) in probes {
+        let host = &clean(host);
         if let Some(cause) = reach.resolve_error {
             report.problems.push(format!("{host} did not resolve ({cause})"));
             report.addresses.push(Address {
@@ -324,7 +327,7 @@ async fn examine(args: &Args, address: SocketAddr, report: &mut Report) -> Resul
     let mut conn = tokio::time::timeout(timeout, PgConnection::connect_with(&options))
         .await
         .map_err(|_| format!("timed out after {} ms", timeout.as_millis()))?
-        .map_err(|e| format!("{} ({})", poolwatch::Cause::of(&e), e))?;
+        .map_err(|e| format!("{} ({})", poolwatch::Cause::of(&e), clean(&e.to_string())))?;
     let login_seconds = started.elapsed().as_secs_f64();
     let result = examine_on(&mut conn, args, address, login_seconds, report).await;
     let _ = tokio::time::timeout(timeout, conn.close()).await;
@@ -334,13 +337,14 @@ async fn examine(args: &Args, address: SocketAddr, report: &mut Report) -> Resul
 async fn query(conn: &mut PgConnection, timeout: Duration, sql: String) -> Result<Vec<PgRow>, String> {
     match tokio::time::timeout(timeout, poolwatch::fetch_all_text(conn, sql)).await {
         Ok(Ok(rows)) => Ok(rows),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(clean(&e.to_string())),
         Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
     }
 }
 
+/// A text column, cleaned of control characters (role names may hold any).
 fn text(row: &PgRow, i: usize) -> String {
-    row.try_get::<Option<String>, _>(i).ok().flatten().unwrap_or_default()
+    clean(&row.try_get::<Option<String>, _>(i).ok().flatten().unwrap_or_default())
 }
 
 /// Client sessions, as the role sees them: a session it may not inspect shows with NULL
@@ -358,7 +362,7 @@ async fn examine_on(
     let settings = tokio::time::timeout(t, ServerSettings::read(conn))
         .await
         .map_err(|_| "reading the server settings timed out".to_owned())?
-        .map_err(|e| format!("reading the server settings: {e}"))?;
+        .map_err(|e| format!("reading the server settings: {}", clean(&e.to_string())))?;
     let who = query(
         conn,
         t,
@@ -489,7 +493,7 @@ async fn show_pools(admin: &PgConnectOptions, timeout: Duration) -> Pooler {
     };
     let rows = match tokio::time::timeout(timeout, work).await {
         Ok(Ok(rows)) => rows,
-        Ok(Err(e)) => return Pooler { columns: Vec::new(), rows: Vec::new(), error: Some(e.to_string()) },
+        Ok(Err(e)) => return Pooler { columns: Vec::new(), rows: Vec::new(), error: Some(clean(&e.to_string())) },
         Err(_) => {
             return Pooler {
                 columns: Vec::new(),
@@ -499,13 +503,13 @@ async fn show_pools(admin: &PgConnectOptions, timeout: Duration) -> Pooler {
         }
     };
     use sqlx::{Column, ValueRef};
-    let columns = rows.first().map(|r| r.columns().iter().map(|c| c.name().to_owned()).collect()).unwrap_or_default();
+    let columns = rows.first().map(|r| r.columns().iter().map(|c| clean(c.name())).collect()).unwrap_or_default();
     let rows = rows
         .iter()
         .map(|r| {
             (0..r.columns().len())
                 .map(|i| match r.try_get_raw(i) {
-                    Ok(v) if !v.is_null() => v.as_str().map(str::to_owned).unwrap_or_default(),
+                    Ok(v) if !v.is_null() => v.as_str().map(clean).unwrap_or_default(),
                     _ => String::new(),
                 })
                 .collect()

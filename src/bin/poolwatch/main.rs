@@ -6,6 +6,7 @@ mod args;
 mod doctor;
 mod render;
 mod startup;
+mod target;
 
 use std::process::ExitCode;
 
@@ -21,6 +22,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    for warning in &args.warnings {
+        eprintln!("poolwatch: warning: {warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -29,16 +33,18 @@ fn main() -> ExitCode {
         }
     };
     let report = runtime.block_on(doctor::run(&args));
+    // Server strings are cleaned where they are read; the whole text is cleaned and the
+    // password scrubbed once more here, so that no path can print either.
     if args.json {
         match serde_json::to_string_pretty(&report) {
-            Ok(json) => println!("{json}"),
+            Ok(json) => println!("{}", target::scrub(&json, &args.secrets)),
             Err(e) => {
-                eprintln!("poolwatch: {e}");
+                eprintln!("poolwatch: {}", target::scrub(&render::clean(&e.to_string()), &args.secrets));
                 return ExitCode::from(2);
             }
         }
     } else {
-        print!("{}", render::human(&report));
+        print!("{}", target::scrub(&render::clean_output(&render::human(&report)), &args.secrets));
     }
     // Probe tasks still waiting on a dead address are abandoned, not awaited.
     runtime.shutdown_background();

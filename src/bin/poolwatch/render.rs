@@ -208,3 +208,18 @@ fn yes(b: bool) -> &'static str {
 fn show_name(n: &str) -> String {
     if n.is_empty() { "(none)".to_owned() } else { n.to_owned() }
 }
+
+/// Text from a server or the network, safe for a terminal: control characters (escape
+/// sequences, newlines that could forge report lines) and bidirectional overrides become `?`.
+pub(crate) fn clean(s: &str) -> String {
+    s.chars().map(|c| if unsafe_char(c) { '?' } else { c }).collect()
+}
+
+/// The whole printed report: every control character but the line breaks goes.
+pub(crate) fn clean_output(s: &str) -> String {
+    s.chars().map(|c| if c != '\n' && unsafe_char(c) { '?' } else { c }).collect()
+}
+
+fn unsafe_char(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}

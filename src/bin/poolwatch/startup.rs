@@ -25,7 +25,7 @@ pub(crate) async fn probe(address: SocketAddr, user: &str, database: &str, timeo
     let result = tokio::time::timeout(timeout, exchange(address, user, database)).await;
     let seconds = started.elapsed().as_secs_f64();
     match result {
-        Ok(Ok((outcome, detail))) => Startup { outcome, detail, seconds },
+        Ok(Ok((outcome, detail))) => Startup { outcome, detail: crate::render::clean(&detail), seconds },
         Ok(Err(e)) => {
             Startup { outcome: "failed", detail: format!("{} ({e})", poolwatch::Cause::of_io(e.kind())), seconds }
         }
