@@ -265,7 +265,8 @@ async fn every_runbook_query_returns_the_sessions_of_its_live_problem() {
     drop(doomed);
 
     // The runbooks' per-connection fix: `options` in the app's URL beats the role's setting.
-    let url_fix = format!("postgres://{ROLE}@127.0.0.1:{}/postgres?options=-c%20idle_session_timeout%3D0", cluster.port());
+    let url_fix =
+        format!("postgres://{ROLE}@127.0.0.1:{}/postgres?options=-c%20idle_session_timeout%3D0", cluster.port());
     let mut fixed = PgConnection::connect(&url_fix).await.unwrap();
     let value: String = sqlx::query_scalar("SHOW idle_session_timeout").fetch_one(&mut fixed).await.unwrap();
     assert_eq!(value, "0", "options=-c idle_session_timeout=0 in the URL overrides the role's 1h");
@@ -409,8 +410,10 @@ fn every_promql_name_in_the_runbooks_is_a_catalog_metric_or_a_recording_rule() {
     let mut known: BTreeSet<String> = recording_rules();
     for m in catalog::ALL {
         known.insert(m.name.to_owned());
-        for suffix in ["_bucket", "_sum", "_count"] {
-            known.insert(format!("{}{suffix}", m.name));
+        if m.kind == catalog::Kind::Histogram {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                known.insert(format!("{}{suffix}", m.name));
+            }
         }
     }
     // Prometheus's own series and postgres_exporter's (alerts/postgres_exporter/queries.yaml).
@@ -434,10 +437,7 @@ fn the_promql_scan_finds_series_and_skips_labels_functions_and_keywords() {
         r#"sum by (le, path) (rate(x_bucket{a="b{c}"}[5m])) / on (job) group_left (pod) y - changes(z[6h]) > bool 0"#,
     );
     assert_eq!(names, ["x_bucket", "y", "z"].iter().map(|s| s.to_string()).collect());
-    assert_eq!(
-        statements("SELECT 1; -- one\n-- two\nSELECT\n 2;\n"),
-        ["SELECT 1; -- one\n", "-- two\nSELECT\n 2;\n"]
-    );
+    assert_eq!(statements("SELECT 1; -- one\n-- two\nSELECT\n 2;\n"), ["SELECT 1; -- one\n", "-- two\nSELECT\n 2;\n"]);
     assert_eq!(substitute("WHERE application_name LIKE '%pw:main' AND usename = 'app' -- api's domain"), {
         format!("WHERE application_name LIKE '%pw:{POOL}' AND usename = '{ROLE}' -- {APP}'s domain")
     });
@@ -492,4 +492,29 @@ fn every_runbook_has_the_structure_today_s_names_and_an_undo_for_each_change() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Every PromQL line of every runbook parses: `promtool check rules` on them as recording rules.
+#[test]
+fn promtool_parses_every_runbook_expression() {
+    let mut rules = String::from("groups:\n  - name: runbook-expressions\n    rules:\n");
+    let mut n = 0;
+    for (name, text) in runbooks() {
+        for block in diagnosis_blocks(&text, "promql") {
+            for line in block.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+                n += 1;
+                let expr = serde_json::to_string(line).unwrap();
+                rules.push_str(&format!("      # {name}\n      - record: runbook:expr{n}\n        expr: {expr}\n"));
+            }
+        }
+    }
+    let path = std::env::temp_dir().join(format!("poolwatch-runbook-exprs-{}.yml", std::process::id()));
+    std::fs::write(&path, rules).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules", path.to_str().unwrap()])
+        .output()
+        .expect("promtool (Debian package `prometheus`; scripts/prereqs installs it)");
+    std::fs::remove_file(&path).ok();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains(&format!("SUCCESS: {n} rules found")), "{text}");
 }
