@@ -307,7 +307,9 @@ pub(crate) fn judge(i: Inputs) -> HealthReport {
 /// database is unreachable (both paths fail); the pool cannot open a connection though it is
 /// below its maximum (the server or the role is out of connection slots, 53300, or connects
 /// hang: a restart would drop the connections it still has); or every slot is checked out by
-/// this process (exhausted or leaking: a restart frees them).
+/// this process (exhausted or leaking: a restart frees them). sqlx counts a connect in flight
+/// in `size()`, so with many callers waiting a pool that cannot grow may read `open == max`
+/// here; the runbook's slots query decides then.
 fn pool_path_reason(
     hb: &HeartbeatFigures,
     diagnosis: Option<Diagnosis>,
