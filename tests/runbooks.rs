@@ -541,3 +541,34 @@ fn promtool_parses_every_runbook_expression() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.contains(&format!("SUCCESS: {n} rules found")), "{text}");
 }
+
+/// PoolwatchLockWait's claim: the server breaks a deadlock between advisory locks of two
+/// sessions (`deadlock detected`, 40P01). The session-level lock the loser already held stays
+/// held: the winner waits until that session ends (here, its task drops the connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_breaks_a_deadlock_between_advisory_locks() {
+    let cluster = Cluster::shared();
+    let mut tasks = Vec::new();
+    let (held_tx, held_rx) = tokio::sync::watch::channel(0u32);
+    for (mine, theirs) in [(1i64, 2i64), (2, 1)] {
+        let options = cluster.options();
+        let mut held = held_rx.clone();
+        let held_tx = held_tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = PgConnection::connect_with(&options).await.unwrap();
+            let lock = "SELECT pg_advisory_lock($1)";
+            sqlx::query(lock).bind(mine).execute(&mut conn).await.unwrap();
+            held_tx.send_modify(|n| *n += 1);
+            held.wait_for(|n| *n == 2).await.unwrap();
+            // The loser's connection is dropped with its task: its locks go with the session.
+            sqlx::query(lock).bind(theirs).execute(&mut conn).await.map(drop)
+        }));
+    }
+    let mut codes = Vec::new();
+    for task in tasks {
+        if let Err(e) = task.await.unwrap() {
+            codes.push(e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned()));
+        }
+    }
+    assert_eq!(codes, [Some("40P01".to_owned())], "exactly one of the two is ended as a deadlock");
+}
