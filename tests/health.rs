@@ -124,3 +124,65 @@ async fn a_hazard_is_degraded_and_the_pools_listeners_are_listed() {
     drop(listener);
     assert!(watch.health().listeners.is_empty(), "a dropped listener leaves the report");
 }
+
+/// The role runs out of connection slots (its `CONNECTION LIMIT` reached, 53300): the pool is
+/// below its maximum and cannot open a connection, while poolwatch's own connection answers.
+/// That is not this process holding its slots, and a restart would drop the connections it
+/// still has: the report says `pool_cannot_grow`, not `pool_heartbeat_failing`. At the default
+/// `Config`, as an app runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_out_of_connection_slots_reads_pool_cannot_grow_not_exhausted() {
+    recorder();
+    let cluster = Cluster::start();
+    let psql = |sql: &str| {
+        let out = std::process::Command::new("psql")
+            .arg(cluster.url())
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("run psql");
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    psql("CREATE ROLE full_role LOGIN");
+    let pool = PgPoolOptions::new()
+        .max_connections(6)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_with(cluster.options().username("full_role"))
+        .await
+        .unwrap();
+    let watch = instrument_pool(&pool, Config::new("health_full")).unwrap();
+    until(&watch, "ok with both heartbeats up", |h| {
+        h.status == HealthStatus::Ok && h.heartbeat.diagnosis == Some("healthy") && h.gap.census_up
+    })
+    .await;
+    let db = watch.pool();
+    let mut held = vec![db.acquire().await.unwrap(), db.acquire().await.unwrap()];
+    while pool.num_idle() > 0 {
+        held.push(db.acquire().await.unwrap());
+    }
+    // The role's limit is what it holds now (poolwatch's start-up lint connection aside).
+    let count = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'full_role' \
+                 AND application_name NOT LIKE 'poolwatch-lint:%'";
+    psql(&format!("ALTER ROLE full_role CONNECTION LIMIT {}", psql(count)));
+    // A caller of the app waits too, as under load.
+    let waiter = tokio::spawn({
+        let db = db.clone();
+        async move { db.acquire().await.map(drop) }
+    });
+
+    let h = until(&watch, "failing: the pool cannot grow", |h| h.status == HealthStatus::Failing).await;
+    #[cfg(feature = "serde")]
+    println!("{}", serde_json::to_string_pretty(&h).unwrap());
+    assert_eq!(codes(&h)[0], "pool_cannot_grow", "{h:?}");
+    assert!(!codes(&h).contains(&"pool_heartbeat_failing"), "not the process's slots: {h:?}");
+    assert_eq!(h.heartbeat.direct.up, Some(true), "the database answers: {h:?}");
+    assert!(h.pool.open < h.pool.max, "{:?}", h.pool);
+    assert!(h.reasons[0].message.contains("do not restart"), "{}", h.reasons[0].message);
+    assert!(matches!(waiter.await.unwrap(), Err(sqlx::Error::PoolTimedOut)));
+
+    // The undo: the role's limit reset, the pool grows again.
+    psql("ALTER ROLE full_role CONNECTION LIMIT -1");
+    until(&watch, "ok once the role has slots again", |h| h.status == HealthStatus::Ok).await;
+    drop(held);
+    watch.shutdown().await;
+}

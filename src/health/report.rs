@@ -52,7 +52,7 @@ impl fmt::Display for HealthStatus {
 pub struct Reason {
     /// How bad this one is.
     pub status: HealthStatus,
-    /// A fixed name, e.g. `pool_heartbeat_failing`, `phantom_gap_growing`, `stranded_slots`.
+    /// A fixed name, e.g. `pool_heartbeat_failing`, `pool_cannot_grow`, `phantom_gap_growing`.
     pub code: &'static str,
     /// What was seen, with its figures.
     pub message: String,
@@ -258,25 +258,8 @@ pub(crate) fn judge(i: Inputs) -> HealthReport {
     let (mut reasons, hb, freshness) = staleness(&i.liveness, i.heartbeat);
     let mut add = |status, code, message: String| reasons.push(Reason { status, code, message });
     let diagnosis = hb.diagnosis();
-    match (hb.pool.up, diagnosis) {
-        (Some(false), Some(Diagnosis::DatabaseOrNetwork)) => add(
-            HealthStatus::Failing,
-            "database_unreachable",
-            format!(
-                "both heartbeats fail (pool: {}, direct: {}): the database or the network",
-                cause(hb.pool.last_cause),
-                cause(hb.direct.last_cause)
-            ),
-        ),
-        (Some(false), _) => add(
-            HealthStatus::Failing,
-            "pool_heartbeat_failing",
-            format!(
-                "SELECT 1 through the pool fails ({}) while the database answers poolwatch's own connection: the pool is exhausted or leaking",
-                cause(hb.pool.last_cause)
-            ),
-        ),
-        _ => {}
+    if let Some((code, message)) = pool_path_reason(&hb, diagnosis, &i.pool) {
+        add(HealthStatus::Failing, code, message);
     }
     if diagnosis == Some(Diagnosis::DirectOnly) {
         add(
@@ -383,6 +366,43 @@ pub(crate) fn judge(i: Inputs) -> HealthReport {
     }
 }
 
+/// Why the pool heartbeat fails, when it does. Three problems with three different fixes: the
+/// database is unreachable (both paths fail); the pool cannot open a connection though it is
+/// below its maximum (the server or the role is out of connection slots, 53300, or connects
+/// hang: a restart would drop the connections it still has); or every slot is checked out by
+/// this process (exhausted or leaking: a restart frees them). sqlx counts a connect in flight
+/// in `size()`, so with many callers waiting a pool that cannot grow may read `open == max`
+/// here; the runbook's slots query decides then.
+fn pool_path_reason(
+    hb: &HeartbeatFigures,
+    diagnosis: Option<Diagnosis>,
+    pool: &PoolFigures,
+) -> Option<(&'static str, String)> {
+    if hb.pool.up != Some(false) {
+        return None;
+    }
+    let failing = cause(hb.pool.last_cause);
+    if diagnosis == Some(Diagnosis::DatabaseOrNetwork) {
+        let message = format!(
+            "both heartbeats fail (pool: {failing}, direct: {}): the database or the network",
+            cause(hb.direct.last_cause)
+        );
+        return Some(("database_unreachable", message));
+    }
+    if pool.open < pool.max {
+        let message = format!(
+            "SELECT 1 through the pool fails ({failing}) with {} of {} connections open while the database answers poolwatch's own connection: the pool cannot open a connection (the server or the role is out of connection slots, 53300, or new connects hang); do not restart, it would drop the connections it has",
+            pool.open, pool.max
+        );
+        return Some(("pool_cannot_grow", message));
+    }
+    let message = format!(
+        "SELECT 1 through the pool fails ({failing}) with all {} slots checked out while the database answers poolwatch's own connection: this process holds its slots (exhausted or leaking)",
+        pool.max
+    );
+    Some(("pool_heartbeat_failing", message))
+}
+
 fn cause(c: Option<crate::Cause>) -> &'static str {
     c.map_or("unknown", crate::Cause::as_str)
 }
@@ -434,6 +454,17 @@ mod tests {
         i.heartbeat.pool = down;
         i.heartbeat.direct = PathFigures { up: Some(false), ..PathFigures::default() };
         assert_eq!(codes(&judge(i)), ["database_unreachable"]);
+        // Below max and still no connection: the pool cannot open one (server or role full).
+        let mut i = inputs();
+        i.heartbeat.pool = down;
+        i.pool = PoolFigures { open: 3, idle: 0, used: 3, max: 10, min: 0 };
+        let r = judge(i);
+        assert_eq!((r.status, codes(&r)), (HealthStatus::Failing, vec!["pool_cannot_grow"]));
+        assert!(r.reasons[0].message.contains("3 of 10"), "{:?}", r.reasons);
+        let mut i = inputs();
+        i.heartbeat.pool = down;
+        i.pool = PoolFigures { open: 10, idle: 0, used: 10, max: 10, min: 0 };
+        assert_eq!(codes(&judge(i)), ["pool_heartbeat_failing"], "every slot held: the process holds them");
         let mut i = inputs();
         i.gap = GapHealth { phantom: Some(3), growing: true, recent: vec![1, 2, 3], census_up: true };
         i.hazards = vec![Finding { hazard: Hazard::MaxLifetimeUnsetOrTooLong, detail: "x".into() }];
