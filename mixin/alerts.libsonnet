@@ -119,7 +119,7 @@ local alert = import 'lib/alert.libsonnet';
             poolwatch_heartbeat_up{%(s)s, path="direct"} == 1
           |||,
             'Pool {{ $labels.db_client_connection_pool_name }} on {{ $labels.instance }} is exhausted; the database is up',
-            'Heartbeats through the pool fail while heartbeats on a dedicated connection succeed: the app cannot get connections although the database is healthy.'),
+            'Heartbeats through the pool fail while heartbeats on a dedicated connection succeed: the app cannot get connections. Either the process holds its slots, or the pool cannot grow (the server or the role is out of connection slots, or connects hang): the runbook tells which; do not restart for the second.'),
           a('PoolwatchDatabaseDown', 'critical', |||
             poolwatch_heartbeat_up{%(s)s, path="direct"} == 0
             and %(on)s

@@ -59,6 +59,8 @@ async fn retagging_against_a_hung_server_takes_one_timeout_not_one_per_connectio
     let s = watch.census_now().await.unwrap();
     let took = started.elapsed();
     println!("re-tag of {n} connections against a hung server, then a census: {took:?}; {s:?}");
-    // One after another it took n * timeout (16 s); together, one timeout and a census.
-    assert!(took < timeout * n / 2, "{took:?}");
+    // One after another, each hung re-tag waits its whole timeout: at least n * timeout (16 s) by
+    // construction. Together they take one timeout and a census; the bound only tells the two
+    // apart (12 s of slack for a loaded machine), it measures no speed.
+    assert!(took < timeout * (n - 1), "{took:?}");
 }
