@@ -572,7 +572,8 @@ impl Shared {
 
     async fn read_census(&self) -> Result<Snapshot, Cause> {
         // Bounded: a heartbeat stuck on the dedicated connection must not stall the samples.
-        let Ok(mut direct) = tokio::time::timeout(schedule::bounded(self.config.census_timeout), self.direct.lock()).await
+        let Ok(mut direct) =
+            tokio::time::timeout(schedule::bounded(self.config.census_timeout), self.direct.lock()).await
         else {
             return Err(Cause::TimedOut);
         };
