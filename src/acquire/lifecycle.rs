@@ -104,6 +104,8 @@ struct Slot {
 #[derive(Debug, Default)]
 struct Index {
     generation: u64,
+    /// The slots' creation times, sorted, side by side: the search reads no slot.
+    created: Vec<Instant>,
     slots: Vec<Arc<Slot>>,
 }
 
@@ -159,7 +161,8 @@ impl Lifecycle {
     /// Replaces the index with `slots` (sorted by creation time).
     fn replace(&self, index: &mut Arc<Index>, slots: Vec<Arc<Slot>>) {
         let generation = index.generation.wrapping_add(1);
-        *index = Arc::new(Index { generation, slots });
+        let created = slots.iter().map(|s| s.created).collect();
+        *index = Arc::new(Index { generation, created, slots });
         self.generation.store(generation, Ordering::Release);
     }
 
@@ -206,15 +209,16 @@ impl Lifecycle {
         let Some(created) = now.checked_sub(age) else { return };
         let stamp = if idle { self.stamp(now) } else { 0 };
         self.with_index(|index| {
-            let slots = &index.slots;
-            let at = slots.partition_point(|s| s.created <= created);
-            let distance = |s: &Arc<Slot>| s.created.max(created) - s.created.min(created);
-            let before = at.checked_sub(1).and_then(|i| slots.get(i));
-            let nearest = match (before, slots.get(at)) {
-                (Some(b), Some(a)) => Some(if distance(a) < distance(b) { a } else { b }),
-                (b, a) => b.or(a),
+            let at = index.created.partition_point(|c| *c <= created);
+            let distance = |i: usize| index.created.get(i).map(|c| (*c).max(created) - (*c).min(created));
+            let before = at.checked_sub(1);
+            let nearest = match (before.and_then(distance), distance(at)) {
+                (Some(b), Some(a)) => Some(if a < b { at } else { at.saturating_sub(1) }),
+                (Some(_), None) => before,
+                (None, Some(_)) => Some(at),
+                (None, None) => None,
             };
-            if let Some(slot) = nearest {
+            if let Some(slot) = nearest.and_then(|i| index.slots.get(i)) {
                 slot.idle_since.store(stamp, Ordering::Relaxed);
             }
         });
