@@ -95,7 +95,8 @@ struct Conn {
 #[derive(Debug)]
 struct Slot {
     created: Instant,
-    /// Nanoseconds from [`Lifecycle::base`] to the start of its idle time, plus 1; 0: handed out.
+    /// Nanoseconds from [`Lifecycle::base`] to the start of its idle time, plus 1; 0: handed
+    /// out. [`RELEASED`] is set when the idle time began with a release by the app.
     idle_since: AtomicU64,
 }
 
@@ -116,6 +117,9 @@ thread_local! {
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// The bit of [`Slot::idle_since`] set by `after_release` (not by a connect).
+const RELEASED: u64 = 1 << 63;
 
 /// The lifecycle ledger of one pool name, kept with its other bare-pool figures
 /// (`bare::BareFigures`, the one registry of pools by name).
@@ -150,12 +154,21 @@ impl Default for Lifecycle {
 
 impl Lifecycle {
     fn stamp(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX - 1).saturating_add(1)
+        let ns = u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX);
+        ns.min(RELEASED - 2).saturating_add(1)
     }
 
     fn idle_since(&self, slot: &Slot) -> Option<Instant> {
-        let stamp = slot.idle_since.load(Ordering::Relaxed);
+        let stamp = slot.idle_since.load(Ordering::Relaxed) & !RELEASED;
         stamp.checked_sub(1).and_then(|ns| self.base.checked_add(Duration::from_nanos(ns)))
+    }
+
+    /// Connections the app gave back (`after_release`) and did not take again since: in the
+    /// pool's idle queue, or still in sqlx's return-to-pool cleanup.
+    pub(crate) fn released(&self) -> usize {
+        self.index.lock().map_or(0, |index| {
+            index.slots.iter().filter(|s| s.idle_since.load(Ordering::Relaxed) & RELEASED != 0).count()
+        })
     }
 
     /// Replaces the index with `slots` (sorted by creation time).
@@ -207,7 +220,7 @@ impl Lifecycle {
     pub(crate) fn seen(&self, age: Duration, idle: bool) {
         let now = Instant::now();
         let Some(created) = now.checked_sub(age) else { return };
-        let stamp = if idle { self.stamp(now) } else { 0 };
+        let stamp = if idle { self.stamp(now) | RELEASED } else { 0 };
         self.with_index(|index| {
             let at = index.created.partition_point(|c| *c <= created);
             let distance = |i: usize| index.created.get(i).map(|c| (*c).max(created) - (*c).min(created));
@@ -340,6 +353,15 @@ impl Published {
         };
         published.update();
         Some(published)
+    }
+
+    /// Slots the app released (the hooks saw `after_release`) that the pool does not count
+    /// idle: a lower bound of the slots stuck in sqlx's return-to-pool cleanup (a connection
+    /// opened for an acquire goes to the app without a hook, so it is never counted here).
+    /// Read after [`update`](Self::update), which drops the connections that closed.
+    pub(crate) fn released_not_idle(&self) -> u32 {
+        let idle = self.pool.num_idle();
+        u32::try_from(self.ledger.released().saturating_sub(idle)).unwrap_or(u32::MAX)
     }
 
     /// Counts the closes since the last update and publishes the figures.
