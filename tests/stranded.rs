@@ -107,8 +107,10 @@ async fn a_released_slot_behind_a_black_hole_is_stranded_on_a_bare_pool() {
     let cluster = Cluster::start();
     let proxy = Proxy::start(cluster.port()).await;
     let options = PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(5));
-    let pool =
-        instrument_options_named(options, "bare_strand").connect_with(cluster.options().port(proxy.port())).await.unwrap();
+    let pool = instrument_options_named(options, "bare_strand")
+        .connect_with(cluster.options().port(proxy.port()))
+        .await
+        .unwrap();
     let config = Config::new("bare_strand")
         .network_path(NetworkPath::Nat)
         .sample_interval(Duration::from_millis(50))

@@ -118,6 +118,9 @@ thread_local! {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
+/// A release older than this that has not reached the idle queue is stuck, not in flight.
+const STUCK_AFTER: Duration = Duration::from_secs(1);
+
 /// The bit of [`Slot::idle_since`] set by `after_release` (not by a connect).
 const RELEASED: u64 = 1 << 63;
 
@@ -163,11 +166,12 @@ impl Lifecycle {
         stamp.checked_sub(1).and_then(|ns| self.base.checked_add(Duration::from_nanos(ns)))
     }
 
-    /// Connections the app gave back (`after_release`) and did not take again since: in the
-    /// pool's idle queue, or still in sqlx's return-to-pool cleanup.
-    pub(crate) fn released(&self) -> usize {
+    /// Connections the app gave back (`after_release`) before `before` and did not take again
+    /// since: in the pool's idle queue, or still in sqlx's return-to-pool cleanup.
+    pub(crate) fn released_before(&self, before: Instant) -> usize {
         self.index.lock().map_or(0, |index| {
-            index.slots.iter().filter(|s| s.idle_since.load(Ordering::Relaxed) & RELEASED != 0).count()
+            let released = |s: &&Arc<Slot>| s.idle_since.load(Ordering::Relaxed) & RELEASED != 0;
+            index.slots.iter().filter(released).filter(|s| self.idle_since(s).is_some_and(|t| t <= before)).count()
         })
     }
 
@@ -222,16 +226,7 @@ impl Lifecycle {
         let Some(created) = now.checked_sub(age) else { return };
         let stamp = if idle { self.stamp(now) | RELEASED } else { 0 };
         self.with_index(|index| {
-            let at = index.created.partition_point(|c| *c <= created);
-            let distance = |i: usize| index.created.get(i).map(|c| (*c).max(created) - (*c).min(created));
-            let before = at.checked_sub(1);
-            let nearest = match (before.and_then(distance), distance(at)) {
-                (Some(b), Some(a)) => Some(if a < b { at } else { at.saturating_sub(1) }),
-                (Some(_), None) => before,
-                (None, Some(_)) => Some(at),
-                (None, None) => None,
-            };
-            if let Some(slot) = nearest.and_then(|i| index.slots.get(i)) {
+            if let Some(slot) = nearest(index, created, idle) {
                 slot.idle_since.store(stamp, Ordering::Relaxed);
             }
         });
@@ -289,6 +284,36 @@ impl Lifecycle {
             oldest_age,
         }
     }
+}
+
+/// How far apart two connects can be and still be told apart by their age alone: the hook
+/// reads the age a moment after sqlx computed it, and a thread can be preempted in between.
+const AMBIGUOUS: Duration = Duration::from_millis(500);
+
+/// At most this many neighbours on each side are looked at: the work stays bounded.
+const NEIGHBOURS: usize = 8;
+
+/// The slot a hook's connection most likely is: the one created nearest `created`, but among
+/// those created within [`AMBIGUOUS`] of it, the nearest whose state fits the event (an
+/// acquire takes an idle connection, a release gives back one that was out). Without that
+/// preference, connects made together can swap, and an acquire that clears the wrong slot
+/// leaves a released mark on a connection the app holds.
+fn nearest(index: &Index, created: Instant, release: bool) -> Option<&Arc<Slot>> {
+    let at = index.created.partition_point(|c| *c <= created);
+    let lo = at.saturating_sub(NEIGHBOURS);
+    let hi = at.saturating_add(NEIGHBOURS).min(index.created.len());
+    let distance = |i: usize| index.created.get(i).map(|c| (*c).max(created) - (*c).min(created));
+    let fits = |i: usize| {
+        index.slots.get(i).is_some_and(|s| {
+            let v = s.idle_since.load(Ordering::Relaxed);
+            if release { v & RELEASED == 0 } else { v != 0 }
+        })
+    };
+    let closest = (lo..hi).filter_map(|i| Some((distance(i)?, i))).min()?;
+    let fitting =
+        (lo..hi).filter(|i| fits(*i)).filter_map(|i| Some((distance(i)?, i))).filter(|(d, _)| *d <= AMBIGUOUS).min();
+    let (_, i) = if fits(closest.1) { closest } else { fitting.unwrap_or(closest) };
+    index.slots.get(i)
 }
 
 fn oldest(conns: &[Conn]) -> usize {
@@ -355,13 +380,16 @@ impl Published {
         Some(published)
     }
 
-    /// Slots the app released (the hooks saw `after_release`) that the pool does not count
-    /// idle: a lower bound of the slots stuck in sqlx's return-to-pool cleanup (a connection
-    /// opened for an acquire goes to the app without a hook, so it is never counted here).
-    /// Read after [`update`](Self::update), which drops the connections that closed.
+    /// Slots the app released (the hooks saw `after_release`) over [`STUCK_AFTER`] ago, that
+    /// the pool does not count idle: a lower bound of the slots stuck in sqlx's return-to-pool
+    /// cleanup. A busy pool always has a few releases in flight (sqlx pings each connection
+    /// before it goes idle): those are younger. Read after [`update`](Self::update), which
+    /// drops the connections that closed.
     pub(crate) fn released_not_idle(&self) -> u32 {
         let idle = self.pool.num_idle();
-        u32::try_from(self.ledger.released().saturating_sub(idle)).unwrap_or(u32::MAX)
+        let out = (self.pool.size() as usize).saturating_sub(idle);
+        let Some(before) = Instant::now().checked_sub(STUCK_AFTER) else { return 0 };
+        u32::try_from(self.ledger.released_before(before).saturating_sub(idle).min(out)).unwrap_or(u32::MAX)
     }
 
     /// Counts the closes since the last update and publishes the figures.

@@ -23,8 +23,11 @@ use crate::health::hazards::ServerSettings;
 
 /// The settings a role, a database or the pool's startup options can change, with their
 /// `pg_settings` unit in µs.
-const FOLLOWED: [(&str, u64); 3] =
-    [("idle_session_timeout", 1_000), ("idle_in_transaction_session_timeout", 1_000), ("tcp_keepalives_idle", 1_000_000)];
+const FOLLOWED: [(&str, u64); 3] = [
+    ("idle_session_timeout", 1_000),
+    ("idle_in_transaction_session_timeout", 1_000),
+    ("tcp_keepalives_idle", 1_000_000),
+];
 
 /// `pg_settings.source` values below every role and database setting.
 const SERVER_LEVEL: [&str; 5] = ["default", "configuration file", "command line", "environment variable", "override"];
