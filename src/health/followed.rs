@@ -222,7 +222,7 @@ mod tests {
         let role = row("idle_session_timeout", "3s", "catalog:user");
         let both = row("idle_session_timeout", "2s", "catalog:database user");
         let all = row("idle_session_timeout", "9s", "catalog:global");
-        assert_eq!(ist(&[all.clone()]), Some(Some(Duration::from_secs(9))));
+        assert_eq!(ist(std::slice::from_ref(&all)), Some(Some(Duration::from_secs(9))));
         assert_eq!(ist(&[all.clone(), db.clone()]), Some(Some(Duration::from_secs(5))));
         assert_eq!(ist(&[role.clone(), db.clone(), all]), Some(Some(Duration::from_secs(3))));
         assert_eq!(ist(&[db, both, role]), Some(Some(Duration::from_secs(2))));
