@@ -105,8 +105,9 @@ struct Slot {
 #[derive(Debug, Default)]
 struct Index {
     generation: u64,
-    /// The slots' creation times, sorted, side by side: the search reads no slot.
-    created: Vec<Instant>,
+    /// The slots' creation times (ns from [`Lifecycle::base`]), sorted, side by side: the
+    /// search reads no slot and compares plain integers.
+    created: Vec<u64>,
     slots: Vec<Arc<Slot>>,
 }
 
@@ -156,6 +157,10 @@ impl Default for Lifecycle {
 }
 
 impl Lifecycle {
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    }
+
     fn stamp(&self, at: Instant) -> u64 {
         let ns = u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX);
         ns.min(RELEASED - 2).saturating_add(1)
@@ -178,7 +183,7 @@ impl Lifecycle {
     /// Replaces the index with `slots` (sorted by creation time).
     fn replace(&self, index: &mut Arc<Index>, slots: Vec<Arc<Slot>>) {
         let generation = index.generation.wrapping_add(1);
-        let created = slots.iter().map(|s| s.created).collect();
+        let created = slots.iter().map(|s| self.nanos(s.created)).collect();
         *index = Arc::new(Index { generation, created, slots });
         self.generation.store(generation, Ordering::Release);
     }
@@ -223,7 +228,8 @@ impl Lifecycle {
     /// `age` (the one opened nearest `now - age`) changed hands.
     pub(crate) fn seen(&self, age: Duration, idle: bool) {
         let now = Instant::now();
-        let Some(created) = now.checked_sub(age) else { return };
+        let age = u64::try_from(age.as_nanos()).unwrap_or(u64::MAX);
+        let created = self.nanos(now).saturating_sub(age);
         let stamp = if idle { self.stamp(now) | RELEASED } else { 0 };
         self.with_index(|index| {
             if let Some(slot) = nearest(index, created, idle) {
@@ -298,21 +304,27 @@ const NEIGHBOURS: usize = 8;
 /// acquire takes an idle connection, a release gives back one that was out). Without that
 /// preference, connects made together can swap, and an acquire that clears the wrong slot
 /// leaves a released mark on a connection the app holds.
-fn nearest(index: &Index, created: Instant, release: bool) -> Option<&Arc<Slot>> {
+fn nearest(index: &Index, created: u64, release: bool) -> Option<&Arc<Slot>> {
     let at = index.created.partition_point(|c| *c <= created);
     let lo = at.saturating_sub(NEIGHBOURS);
     let hi = at.saturating_add(NEIGHBOURS).min(index.created.len());
-    let distance = |i: usize| index.created.get(i).map(|c| (*c).max(created) - (*c).min(created));
-    let fits = |i: usize| {
-        index.slots.get(i).is_some_and(|s| {
-            let v = s.idle_since.load(Ordering::Relaxed);
-            if release { v & RELEASED == 0 } else { v != 0 }
-        })
+    let fits = |s: &Slot| {
+        let v = s.idle_since.load(Ordering::Relaxed);
+        if release { v & RELEASED == 0 } else { v != 0 }
     };
-    let closest = (lo..hi).filter_map(|i| Some((distance(i)?, i))).min()?;
-    let fitting =
-        (lo..hi).filter(|i| fits(*i)).filter_map(|i| Some((distance(i)?, i))).filter(|(d, _)| *d <= AMBIGUOUS).min();
-    let (_, i) = if fits(closest.1) { closest } else { fitting.unwrap_or(closest) };
+    let ambiguous = u64::try_from(AMBIGUOUS.as_nanos()).unwrap_or(u64::MAX);
+    let mut closest: Option<(u64, usize)> = None;
+    let mut fitting: Option<(u64, usize)> = None;
+    for (i, c) in index.created.iter().enumerate().take(hi).skip(lo) {
+        let d = c.abs_diff(created);
+        if closest.is_none_or(|(best, _)| d < best) {
+            closest = Some((d, i));
+        }
+        if d <= ambiguous && fitting.is_none_or(|(best, _)| d < best) && index.slots.get(i).is_some_and(|s| fits(s)) {
+            fitting = Some((d, i));
+        }
+    }
+    let (_, i) = fitting.or(closest)?;
     index.slots.get(i)
 }
 
