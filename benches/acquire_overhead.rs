@@ -10,6 +10,11 @@
 //! (how a library-driven pool is watched: hook counters and the lifecycle ledger run on every
 //! acquire and release).
 //!
+//! (c) the named hooks alone, beside the bare pool, at 8 and at 512 connections (`BENCH_HOOK_SIZES`,
+//!     e.g. `8,512`; 8 and 32 in the quick run), 1 task (the acquiring thread's CPU added per
+//!     acquire + release pair) and 16 tasks (pairs per second: the loss to contention). Its own
+//!     server (`max_connections` 1,100). `BENCH_ONLY_C` runs only this part.
+//!
 //! `WatchedPool` always keeps the call site of every checkout (for the exhaustion snapshot
 //! and stranded slots), so both figures include that bookkeeping.
 //!
@@ -201,6 +206,9 @@ fn main() {
     rt.block_on(async {
         let cluster = cluster::Cluster::start();
 
+        if std::env::var_os("BENCH_ONLY_C").is_some() {
+            return hooks_by_size(full).await;
+        }
         // (a) idle acquire + release.
         if std::env::var_os("BENCH_ONLY_B").is_none() {
         let (bare, _w0) = watched_pair(&cluster, 48, "bench_bare", false, false).await;
@@ -325,5 +333,87 @@ fn main() {
         control.close().await;
         hooked.close().await;
         drop(w4);
+        drop(cluster);
+        hooks_by_size(full).await;
     });
+}
+
+/// (c): the named hooks beside the bare pool at each size, 1 and 16 tasks.
+async fn hooks_by_size(full: bool) {
+    let sizes: Vec<u32> = std::env::var("BENCH_HOOK_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| if full { vec![8, 512] } else { vec![8, 32] });
+    let (rounds_1, rounds_16) = if full { (61, 30) } else { (5, 3) };
+    let cluster = cluster::Cluster::start_with(&[("max_connections", "1100")]);
+    println!("(c) named hooks vs bare pool (no WatchedPool, no watch): the hooks' own cost by pool size");
+    for size in sizes {
+        let open = async |hooks: bool| {
+            let options = PgPoolOptions::new().max_connections(size).min_connections(size).test_before_acquire(false);
+            let options =
+                if hooks { poolwatch::instrument_options_named(options, &format!("bench_c_{size}")) } else { options };
+            let pool = options.connect_with(cluster.options()).await.expect("connect");
+            warm(&pool).await;
+            pool
+        };
+        let (bare, hooked) = (open(false).await, open(true).await);
+        let variants = [Handle::Bare(bare.clone()), Handle::Bare(hooked.clone())];
+        for h in &variants {
+            let _ = pairs(h).await;
+        }
+        let mut own = [Vec::new(), Vec::new()];
+        for r in 0..rounds_1 {
+            for k in 0..2 {
+                let i = (r + k) % 2;
+                own[i].push(pairs(&variants[i]).await.2);
+            }
+        }
+        let added: Vec<f64> = own[1].iter().zip(&own[0]).map(|(h, b)| h - b).collect();
+        let (lo, hi) = interval(&added);
+        println!(
+            "    {size:>4} connections, 1 task:   bare {:>6.0} ns/pair, hooks added {:>+5.0} ns of the acquiring thread's CPU [{lo:+.0}, {hi:+.0}]",
+            median(own[0].clone()),
+            median(added)
+        );
+        let mut rate = [Vec::new(), Vec::new()];
+        for r in 0..rounds_16 {
+            for k in 0..2 {
+                let i = (r + k) % 2;
+                rate[i].push(pair_rate(&variants[i]).await);
+            }
+        }
+        let loss: Vec<f64> = rate[1].iter().zip(&rate[0]).map(|(h, b)| (1.0 - h / b) * 100.0).collect();
+        let (lo, hi) = interval(&loss);
+        println!(
+            "    {size:>4} connections, {TASKS} tasks: bare {:>8.0} pairs/s, hooks' throughput loss {:+.2} % [{lo:+.2}, {hi:+.2}]",
+            median(rate[0].clone()),
+            median(loss)
+        );
+        bare.close().await;
+        hooked.close().await;
+    }
+}
+
+/// Acquire + release pairs per second with 16 tasks, one round.
+async fn pair_rate(h: &Handle) -> f64 {
+    let deadline = Instant::now() + THROUGHPUT_WINDOW;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    h.pair().await;
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("task");
+    }
+    total as f64 / started.elapsed().as_secs_f64()
 }

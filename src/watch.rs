@@ -428,7 +428,8 @@ impl Shared {
             return;
         }
         self.probe.sample_waiters();
-        self.stranded.sample(&self.pool, self.probe.leaks.checked_out_if_used());
+        let released = self.lifecycle.as_ref().map(crate::acquire::lifecycle::Published::released_not_idle);
+        self.stranded.sample(&self.pool, self.probe.leaks.checked_out_if_used(), released);
         let mut sockets = self.client.read(figures.open).await;
         let gap = |f: &PoolFigures, s: &Option<crate::SocketCensus>| {
             s.as_ref().map(|s| i64::from(f.open) - i64::from(s.get("established")))

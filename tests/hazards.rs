@@ -254,3 +254,90 @@ async fn a_live_alter_role_is_flagged_by_the_periodic_recheck() {
     })
     .await;
 }
+
+/// New sessions the server has started so far, counted as a DBA counts them
+/// (`pg_stat_database.sessions`, every database; PostgreSQL 14+).
+async fn sessions(admin: &mut PgConnection) -> i64 {
+    sqlx::query_scalar("SELECT sum(sessions)::bigint FROM pg_stat_database").fetch_one(admin).await.unwrap()
+}
+
+/// A quiet replica (one pool, no traffic) opens no new backend while the hazard lint re-reads
+/// the settings: the re-read runs on poolwatch's own connection. A role-level
+/// `ALTER ROLE .. SET idle_session_timeout` after start-up is still found, by a re-read,
+/// without a new session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_replica_opens_no_backend_per_recheck() {
+    recorder();
+    support::spans::install();
+    let cluster = Cluster::start();
+    let mut admin = admin(&cluster).await;
+    admin.execute("CREATE ROLE app LOGIN").await.unwrap();
+    admin.execute("CREATE DATABASE app OWNER app").await.unwrap();
+    let pool = PgPoolOptions::new().connect_with(cluster.options().username("app").database("app")).await.unwrap();
+    let config = Config::new("hz_quiet")
+        .heartbeat_interval(Duration::from_millis(100))
+        .hazard_recheck_interval(Duration::from_millis(200));
+    let watch = instrument_pool(&pool, config).unwrap();
+    linted(&watch).await;
+    // Start-up is over (the fresh lint session, the census, the pool's first connection)
+    // once a re-read and a pool heartbeat came after it.
+    eventually(Duration::from_secs(30), "start-up is over", async || {
+        (lints_for("hz_quiet") >= 2 && watch.heartbeat().pool.successes >= 2).then_some(())
+    })
+    .await;
+    let before = sessions(&mut admin).await;
+    let lints = lints_for("hz_quiet");
+    const RECHECKS: usize = 8;
+    eventually(Duration::from_secs(30), "several re-reads of the settings", async || {
+        (lints_for("hz_quiet") >= lints + RECHECKS).then_some(())
+    })
+    .await;
+    // The heartbeats after the last re-read: a lint session has ended (and been counted) by then.
+    let beats = watch.heartbeat().direct.successes;
+    eventually(Duration::from_secs(30), "two more direct heartbeats", async || {
+        (watch.heartbeat().direct.successes >= beats + 2).then_some(())
+    })
+    .await;
+    let opened = sessions(&mut admin).await - before;
+    assert_eq!(opened, 0, "new backends over {RECHECKS} re-reads of the settings (want 0: the re-read opens nothing)");
+
+    admin.execute("ALTER ROLE app SET idle_session_timeout = '1s'").await.unwrap();
+    let before = sessions(&mut admin).await;
+    let found = eventually(Duration::from_secs(30), "a re-read finds the role's idle_session_timeout", async || {
+        watch.hazards().into_iter().find(|f| f.hazard == Hazard::IdleConnectionsKilledByIdleSessionTimeout)
+    })
+    .await;
+    assert!(found.detail.contains("idle_session_timeout=1s"), "{}", found.detail);
+    assert_eq!(watch.server_settings().unwrap().idle_session_timeout, Some(Duration::from_secs(1)));
+    assert!(!watch.server_settings().unwrap().superuser, "the pool's role, not poolwatch's");
+    assert_eq!(sessions(&mut admin).await - before, 0, "found without a new session");
+}
+
+/// At the defaults (a re-read every 60 s, heartbeats every 10 s), a quiet replica opens no
+/// backend over a re-read interval: nothing runs a connection per interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_replica_at_the_defaults_opens_no_backend_over_a_recheck_interval() {
+    recorder();
+    support::spans::install();
+    let cluster = Cluster::start();
+    let mut admin = admin(&cluster).await;
+    let pool = PgPoolOptions::new().connect_with(cluster.options()).await.unwrap();
+    let watch = instrument_pool(&pool, Config::new("hz_quiet_defaults")).unwrap();
+    linted(&watch).await;
+    eventually(Duration::from_secs(30), "a heartbeat after the start-up lint", async || {
+        (watch.heartbeat().pool.successes >= 2).then_some(())
+    })
+    .await;
+    let before = sessions(&mut admin).await;
+    eventually(Duration::from_secs(120), "the periodic re-read of the settings", async || {
+        (lints_for("hz_quiet_defaults") >= 2).then_some(())
+    })
+    .await;
+    let beats = watch.heartbeat().direct.successes;
+    eventually(Duration::from_secs(30), "a direct heartbeat after the re-read", async || {
+        (watch.heartbeat().direct.successes > beats).then_some(())
+    })
+    .await;
+    let opened = sessions(&mut admin).await - before;
+    assert_eq!(opened, 0, "new backends over one hazard_recheck_interval at the defaults");
+}

@@ -11,7 +11,7 @@ mod support;
 use std::time::Duration;
 
 use poolwatch::sqlx;
-use poolwatch::{Config, HealthStatus, NetworkPath, instrument_pool};
+use poolwatch::{Config, HealthStatus, NetworkPath, instrument_options_named, instrument_pool};
 use sqlx::Executor;
 use sqlx::postgres::PgPoolOptions;
 use support::proxy::{Cut, Proxy};
@@ -94,4 +94,64 @@ async fn a_silent_peer_strands_a_slot_and_its_send_queue_never_drains() {
     // The stranded slot is counted as in use (the pool heartbeat may hold one more for a moment).
     assert!((1..=2).contains(&h.pool.used), "the pool counts the stranded slot as in use: {:?}", h.pool);
     drop(proxy);
+}
+
+/// sqlx #4349 on a pool that only a library drives (no `WatchedPool`): with
+/// `instrument_options_named`'s hooks, a connection the app gave back whose peer then
+/// black-holes it (takes the bytes, answers nothing) stays counted as checked out by the pool
+/// forever (sqlx's return-to-pool ping never completes): one stranded slot, in the metric and
+/// the health report. A connection the library holds across samples is not stranded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_slot_behind_a_black_hole_is_stranded_on_a_bare_pool() {
+    recorder();
+    let cluster = Cluster::start();
+    let proxy = Proxy::start(cluster.port()).await;
+    let options = PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(5));
+    let pool = instrument_options_named(options, "bare_strand")
+        .connect_with(cluster.options().port(proxy.port()))
+        .await
+        .unwrap();
+    let config = Config::new("bare_strand")
+        .network_path(NetworkPath::Nat)
+        .sample_interval(Duration::from_millis(50))
+        .heartbeat_interval(Duration::from_secs(3600));
+    let watch = instrument_pool(&pool, config).unwrap();
+    eventually(Duration::from_secs(10), "the start-up heartbeat is done", async || {
+        watch.heartbeat().pool.up.filter(|up| *up)
+    })
+    .await;
+    // The library holds a connection across samples: that is work, not a stranded slot.
+    let held = pool.acquire().await.unwrap();
+    let before = watch.lifecycle().unwrap().opened;
+    eventually(Duration::from_secs(10), "the figure is judged while a connection is held", async || {
+        (watch.health().stranded_slots == Some(0)).then_some(())
+    })
+    .await;
+
+    let mut conn = pool.acquire().await.unwrap();
+    let port: i32 = sqlx::query_scalar("SELECT inet_client_port()").fetch_one(&mut *conn).await.unwrap();
+    proxy.cut_all(Cut::BlackHole(u16::try_from(port).unwrap()));
+    eventually(Duration::from_secs(5), "the proxy black-holes the connection", async || {
+        (proxy.black_holed() == 1).then_some(())
+    })
+    .await;
+    // The library gives it back; sqlx pings it before it goes idle, into the black hole.
+    drop(conn);
+    drop(held);
+    eventually(Duration::from_secs(10), "the slot shows as stranded", async || {
+        (metric("poolwatch_stranded_slots", &[(POOL, "bare_strand")]) == Some(1.0)).then_some(())
+    })
+    .await;
+    let h = watch.health();
+    assert_eq!(h.stranded_slots, Some(1), "{h:?}");
+    assert_eq!(h.status, HealthStatus::Degraded, "{h:?}");
+    assert!(h.reasons.iter().any(|r| r.code == "stranded_slots"), "{:?}", h.reasons);
+    assert_eq!(pool.size() as usize - pool.num_idle(), 1, "the pool still counts the slot checked out");
+    // The pool's other connections work; the count does not move with them.
+    for _ in 0..10 {
+        let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&pool).await.unwrap();
+        assert_eq!(one, 1);
+    }
+    assert_eq!(watch.health().stranded_slots, Some(1));
+    assert!(watch.lifecycle().unwrap().opened >= before);
 }

@@ -174,13 +174,13 @@ pub fn instrument_options_named(options: PgPoolOptions, pool_name: &str) -> PgPo
         })
         .before_acquire(move |_conn: &mut PgConnection, meta| -> BoxFuture<'_, Result<bool, sqlx::Error>> {
             on_acquire.hooks().idle_acquires.increment(1);
-            l_acquire.seen(meta.age, None);
+            l_acquire.seen(meta.age, false);
             stamp(&on_acquire);
             Box::pin(std::future::ready(Ok(true)))
         })
         .after_release(move |_conn: &mut PgConnection, meta| -> BoxFuture<'_, Result<bool, sqlx::Error>> {
             on_release.hooks().releases.increment(1);
-            l_release.seen(meta.age, Some(std::time::Instant::now()));
+            l_release.seen(meta.age, true);
             Box::pin(std::future::ready(Ok(true)))
         })
 }

@@ -21,6 +21,7 @@
 //! its connect, so a broken close next to it can read as `idle_timeout` when it is held longer
 //! than `idle_timeout`.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -81,7 +82,7 @@ impl LifecycleFigures {
     }
 }
 
-/// One connection as the hooks last saw it.
+/// One connection as the hooks last saw it (a copy, for [`pick`]).
 #[derive(Debug, Clone, Copy)]
 struct Conn {
     /// When `after_connect` ran (at most a few µs before sqlx's own `created_at`).
@@ -90,48 +91,168 @@ struct Conn {
     idle_since: Option<Instant>,
 }
 
+/// One open connection in the index; only its own hooks write it.
+#[derive(Debug)]
+struct Slot {
+    created: Instant,
+    /// Nanoseconds from [`Lifecycle::base`] to the start of its idle time, plus 1; 0: handed
+    /// out. [`RELEASED`] is set when the idle time began with a release by the app.
+    idle_since: AtomicU64,
+}
+
+/// The open connections by creation time, replaced whole (never changed) when one opens or
+/// closes: the hooks read it without a lock.
+#[derive(Debug, Default)]
+struct Index {
+    generation: u64,
+    /// The slots' creation times (ns from [`Lifecycle::base`]), sorted, side by side: the
+    /// search reads no slot and compares plain integers.
+    created: Vec<u64>,
+    slots: Vec<Arc<Slot>>,
+}
+
+thread_local! {
+    /// Each thread's copy of the index of each ledger (by id), refreshed when its generation
+    /// moved: the acquire and release hooks read this, not the ledger's lock.
+    static CACHED: RefCell<Vec<(u64, Arc<Index>)>> = const { RefCell::new(Vec::new()) };
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// A release older than this that has not reached the idle queue is stuck, not in flight.
+const STUCK_AFTER: Duration = Duration::from_secs(1);
+
+/// The bit of [`Slot::idle_since`] set by `after_release` (not by a connect).
+const RELEASED: u64 = 1 << 63;
+
 /// The lifecycle ledger of one pool name, kept with its other bare-pool figures
 /// (`bare::BareFigures`, the one registry of pools by name).
-#[derive(Debug, Default)]
+///
+/// Per acquire or release the hooks do one atomic load, a binary search of the index in the
+/// thread's own copy and one atomic store into that connection's slot: no lock, no scan. A
+/// connect or a counted close (rare, and each costs the server a fork) copies the index.
+#[derive(Debug)]
 pub(crate) struct Lifecycle {
+    id: u64,
+    base: Instant,
     opened: AtomicU64,
     closed: [AtomicU64; 4],
-    conns: Mutex<Vec<Conn>>,
+    /// The index's generation, read by the hooks to tell whether their copy is current.
+    generation: AtomicU64,
+    /// Taken to replace the index (connect, reconcile) and by a hook whose copy is stale.
+    index: Mutex<Arc<Index>>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            base: Instant::now(),
+            opened: AtomicU64::new(0),
+            closed: Default::default(),
+            generation: AtomicU64::new(0),
+            index: Mutex::new(Arc::default()),
+        }
+    }
 }
 
 impl Lifecycle {
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn stamp(&self, at: Instant) -> u64 {
+        let ns = u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX);
+        ns.min(RELEASED - 2).saturating_add(1)
+    }
+
+    fn idle_since(&self, slot: &Slot) -> Option<Instant> {
+        let stamp = slot.idle_since.load(Ordering::Relaxed) & !RELEASED;
+        stamp.checked_sub(1).and_then(|ns| self.base.checked_add(Duration::from_nanos(ns)))
+    }
+
+    /// Connections the app gave back (`after_release`) before `before` and did not take again
+    /// since: in the pool's idle queue, or still in sqlx's return-to-pool cleanup.
+    pub(crate) fn released_before(&self, before: Instant) -> usize {
+        self.index.lock().map_or(0, |index| {
+            let released = |s: &&Arc<Slot>| s.idle_since.load(Ordering::Relaxed) & RELEASED != 0;
+            index.slots.iter().filter(released).filter(|s| self.idle_since(s).is_some_and(|t| t <= before)).count()
+        })
+    }
+
+    /// Replaces the index with `slots` (sorted by creation time).
+    fn replace(&self, index: &mut Arc<Index>, slots: Vec<Arc<Slot>>) {
+        let generation = index.generation.wrapping_add(1);
+        let created = slots.iter().map(|s| self.nanos(s.created)).collect();
+        *index = Arc::new(Index { generation, created, slots });
+        self.generation.store(generation, Ordering::Release);
+    }
+
     /// `after_connect`: one more connection, idle as far as the hooks know.
     pub(crate) fn on_connect(&self) {
         let now = Instant::now();
         self.opened.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut conns) = self.conns.lock() {
-            conns.push(Conn { created: now, idle_since: Some(now) });
+        let slot = Arc::new(Slot { created: now, idle_since: AtomicU64::new(self.stamp(now)) });
+        if let Ok(mut index) = self.index.lock() {
+            let mut slots = index.slots.clone();
+            let at = slots.partition_point(|s| s.created <= now);
+            slots.insert(at, slot);
+            self.replace(&mut index, slots);
         }
     }
 
-    /// `before_acquire` (`idle_since` = `None`) or `after_release` (`Some(now)`): the
-    /// connection of age `age` (the one opened nearest `now - age`) changed hands.
-    pub(crate) fn seen(&self, age: Duration, idle_since: Option<Instant>) {
-        let Some(created) = Instant::now().checked_sub(age) else { return };
-        let Ok(mut conns) = self.conns.lock() else { return };
-        let distance = |c: &Conn| c.created.max(created) - c.created.min(created);
-        if let Some(c) = conns.iter_mut().min_by_key(|c| distance(c)) {
-            c.idle_since = idle_since;
-        }
+    /// The index as this thread last copied it, refreshed if a connect or close replaced it.
+    fn with_index<T>(&self, f: impl FnOnce(&Index) -> T) -> Option<T> {
+        let generation = self.generation.load(Ordering::Acquire);
+        CACHED
+            .try_with(|cached| {
+                let mut cached = cached.try_borrow_mut().ok()?;
+                let at = match cached.iter().position(|(id, _)| *id == self.id) {
+                    Some(at) => at,
+                    None => {
+                        cached.push((self.id, Arc::default()));
+                        cached.len() - 1
+                    }
+                };
+                let entry = cached.get_mut(at)?;
+                if entry.1.generation != generation || entry.1.slots.is_empty() {
+                    entry.1 = self.index.lock().ok()?.clone();
+                }
+                Some(f(&entry.1))
+            })
+            .ok()
+            .flatten()
+    }
+
+    /// `before_acquire` (`idle` = false) or `after_release` (true): the connection of age
+    /// `age` (the one opened nearest `now - age`) changed hands.
+    pub(crate) fn seen(&self, age: Duration, idle: bool) {
+        let now = Instant::now();
+        let age = u64::try_from(age.as_nanos()).unwrap_or(u64::MAX);
+        let created = self.nanos(now).saturating_sub(age);
+        let stamp = if idle { self.stamp(now) | RELEASED } else { 0 };
+        self.with_index(|index| {
+            if let Some(slot) = nearest(index, created, idle) {
+                slot.idle_since.store(stamp, Ordering::Relaxed);
+            }
+        });
     }
 
     /// Counts the closes since the last call: the connections the hooks saw opened that the
     /// pool no longer counts. Returns how many closed, by reason (like [`CloseReason::ALL`]).
     pub(crate) fn reconcile(&self, pool: &PgPool) -> [u64; 4] {
         let mut new = [0u64; 4];
-        let Ok(mut conns) = self.conns.lock() else { return new };
+        let Ok(mut index) = self.index.lock() else { return new };
         // Read under the lock: `after_connect` runs after the pool counted the connection, so
         // a connection being opened makes this read low, never high.
         let size = pool.size() as usize;
-        let gone = conns.len().saturating_sub(size);
+        let gone = index.slots.len().saturating_sub(size);
         if gone == 0 {
             return new;
         }
+        let mut slots = index.slots.clone();
+        let mut conns: Vec<Conn> =
+            slots.iter().map(|s| Conn { created: s.created, idle_since: self.idle_since(s) }).collect();
         let options = pool.options();
         let now = Instant::now();
         for _ in 0..gone {
@@ -140,20 +261,27 @@ impl Lifecycle {
             } else {
                 pick(&conns, now, options.get_idle_timeout(), options.get_max_lifetime())
             };
-            conns.swap_remove(i);
+            if i >= conns.len() {
+                break;
+            }
+            // `remove`, not `swap_remove`: the index stays sorted by creation time.
+            conns.remove(i);
+            slots.remove(i);
             let r = CloseReason::ALL.iter().position(|x| *x == reason).unwrap_or(2);
             new[r] += 1;
             self.closed[r].fetch_add(1, Ordering::Relaxed);
         }
+        self.replace(&mut index, slots);
         new
     }
 
     /// The figures now (after [`reconcile`](Self::reconcile)).
     pub(crate) fn figures(&self) -> LifecycleFigures {
         let now = Instant::now();
-        let (open, oldest_age) = self.conns.lock().map_or((0, None), |conns| {
-            let oldest = conns.iter().map(|c| now.saturating_duration_since(c.created)).max();
-            (u32::try_from(conns.len()).unwrap_or(u32::MAX), oldest)
+        let (open, oldest_age) = self.index.lock().map_or((0, None), |index| {
+            // Sorted by creation time: the first is the oldest.
+            let oldest = index.slots.first().map(|s| now.saturating_duration_since(s.created));
+            (u32::try_from(index.slots.len()).unwrap_or(u32::MAX), oldest)
         });
         LifecycleFigures {
             opened: self.opened.load(Ordering::Relaxed),
@@ -162,6 +290,42 @@ impl Lifecycle {
             oldest_age,
         }
     }
+}
+
+/// How far apart two connects can be and still be told apart by their age alone: the hook
+/// reads the age a moment after sqlx computed it, and a thread can be preempted in between.
+const AMBIGUOUS: Duration = Duration::from_millis(500);
+
+/// At most this many neighbours on each side are looked at: the work stays bounded.
+const NEIGHBOURS: usize = 8;
+
+/// The slot a hook's connection most likely is: the one created nearest `created`, but among
+/// those created within [`AMBIGUOUS`] of it, the nearest whose state fits the event (an
+/// acquire takes an idle connection, a release gives back one that was out). Without that
+/// preference, connects made together can swap, and an acquire that clears the wrong slot
+/// leaves a released mark on a connection the app holds.
+fn nearest(index: &Index, created: u64, release: bool) -> Option<&Arc<Slot>> {
+    let at = index.created.partition_point(|c| *c <= created);
+    let lo = at.saturating_sub(NEIGHBOURS);
+    let hi = at.saturating_add(NEIGHBOURS).min(index.created.len());
+    let fits = |s: &Slot| {
+        let v = s.idle_since.load(Ordering::Relaxed);
+        if release { v & RELEASED == 0 } else { v != 0 }
+    };
+    let ambiguous = u64::try_from(AMBIGUOUS.as_nanos()).unwrap_or(u64::MAX);
+    let mut closest: Option<(u64, usize)> = None;
+    let mut fitting: Option<(u64, usize)> = None;
+    for (i, c) in index.created.iter().enumerate().take(hi).skip(lo) {
+        let d = c.abs_diff(created);
+        if closest.is_none_or(|(best, _)| d < best) {
+            closest = Some((d, i));
+        }
+        if d <= ambiguous && fitting.is_none_or(|(best, _)| d < best) && index.slots.get(i).is_some_and(|s| fits(s)) {
+            fitting = Some((d, i));
+        }
+    }
+    let (_, i) = fitting.or(closest)?;
+    index.slots.get(i)
 }
 
 fn oldest(conns: &[Conn]) -> usize {
@@ -228,6 +392,18 @@ impl Published {
         Some(published)
     }
 
+    /// Slots the app released (the hooks saw `after_release`) over [`STUCK_AFTER`] ago, that
+    /// the pool does not count idle: a lower bound of the slots stuck in sqlx's return-to-pool
+    /// cleanup. A busy pool always has a few releases in flight (sqlx pings each connection
+    /// before it goes idle): those are younger. Read after [`update`](Self::update), which
+    /// drops the connections that closed.
+    pub(crate) fn released_not_idle(&self) -> u32 {
+        let idle = self.pool.num_idle();
+        let out = (self.pool.size() as usize).saturating_sub(idle);
+        let Some(before) = Instant::now().checked_sub(STUCK_AFTER) else { return 0 };
+        u32::try_from(self.ledger.released_before(before).saturating_sub(idle).min(out)).unwrap_or(u32::MAX)
+    }
+
     /// Counts the closes since the last update and publishes the figures.
     pub(crate) fn update(&self) -> LifecycleFigures {
         self.ledger.reconcile(&self.pool);
@@ -260,5 +436,54 @@ mod tests {
         assert_eq!(pick(&conns, now, Some(s(60)), Some(s(90))), (0, CloseReason::MaxLifetime));
         assert_eq!(pick(&conns, now, Some(s(60)), Some(s(120))), (1, CloseReason::Broken));
         assert_eq!(pick(&conns, now, None, None), (1, CloseReason::Broken));
+    }
+
+    /// The acquire and release hooks never wait for the ledger's lock (held here as a
+    /// connect or a sample would): the hot path takes no pool-wide lock.
+    #[test]
+    fn hooks_never_wait_for_the_ledger_lock() {
+        let ledger = Arc::new(Lifecycle::default());
+        for _ in 0..512 {
+            ledger.on_connect();
+        }
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let l = Arc::clone(&ledger);
+        let hooks = std::thread::spawn(move || {
+            l.seen(Duration::ZERO, true); // this thread's first use
+            ready_tx.send(()).ok();
+            go_rx.recv().ok();
+            for i in 0..10_000u64 {
+                l.seen(Duration::from_micros(i % 700), i % 2 == 0);
+            }
+            done_tx.send(()).ok();
+        });
+        ready.recv().unwrap();
+        let held = ledger.index.lock().unwrap();
+        go.send(()).unwrap();
+        let finished = done.recv_timeout(Duration::from_secs(20));
+        drop(held);
+        hooks.join().unwrap();
+        assert!(finished.is_ok(), "10,000 acquire/release hooks waited for the ledger's lock");
+    }
+
+    #[test]
+    fn a_hook_marks_the_connection_nearest_its_age() {
+        let ledger = Lifecycle::default();
+        for _ in 0..3 {
+            ledger.on_connect();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let created: Vec<Instant> = ledger.index.lock().unwrap().slots.iter().map(|s| s.created).collect();
+        // The middle one is handed out, then given back.
+        ledger.seen(created[1].elapsed(), false);
+        let idle = |l: &Lifecycle| -> Vec<bool> {
+            l.index.lock().unwrap().slots.iter().map(|s| l.idle_since(s).is_some()).collect()
+        };
+        assert_eq!(idle(&ledger), [true, false, true]);
+        ledger.seen(created[1].elapsed(), true);
+        assert_eq!(idle(&ledger), [true, true, true]);
+        assert!(ledger.figures().oldest_age.unwrap() >= created[0].elapsed() - Duration::from_millis(1));
     }
 }

@@ -7,7 +7,13 @@
 //! idle) and while a connection is being opened, so the exported figure is the smallest of
 //! the last [`READINGS`] samples: only a slot stranded at each of them counts.
 //!
-//! Judged only once the app has acquired through the watched pool at least once: a pool that
+//! With [`instrument_options_named`](crate::instrument_options_named)'s hooks the reading is
+//! exact on any pool, whoever drives it: the slots the app gave back (`after_release` seen,
+//! not acquired again) that the pool does not count idle (sqlx 0.9.0 strands a permit this
+//! way when the return-to-pool ping meets a silent peer, sqlx #4349). It is published from the
+//! first sample on, and never counts a library's work.
+//!
+//! Without the hooks it is judged only once the app has acquired through the watched pool at least once: a pool that
 //! only a library drives (a job queue, an ORM on the bare `PgPool`) has every checkout "not
 //! through WatchedPool", so the figure would count the library's work, not stranded slots.
 //! Until then it is absent (no series, `None` in the health report), not 0. From then on,
@@ -39,12 +45,23 @@ impl Stranded {
         Stranded { readings: Mutex::new(Vec::with_capacity(READINGS)), gauge, full: detail == crate::Detail::Full }
     }
 
-    /// Takes one reading and publishes the figure; returns it. `watched_checkouts` is `None`
-    /// until the app's first acquire through the watched pool: nothing is read or published.
-    pub(crate) fn sample(&self, pool: &PgPool, watched_checkouts: Option<usize>) -> Option<u32> {
-        let watched = watched_checkouts?;
-        let used = pool.size().saturating_sub(u32::try_from(pool.num_idle()).unwrap_or(u32::MAX));
-        let now = used.saturating_sub(u32::try_from(watched).unwrap_or(u32::MAX));
+    /// Takes one reading and publishes the figure; returns it. `released_not_idle` is the
+    /// hooks' reading (`None` without them); else `watched_checkouts` is `None` until the
+    /// app's first acquire through the watched pool: nothing is read or published.
+    pub(crate) fn sample(
+        &self,
+        pool: &PgPool,
+        watched_checkouts: Option<usize>,
+        released_not_idle: Option<u32>,
+    ) -> Option<u32> {
+        let now = match released_not_idle {
+            Some(reading) => reading,
+            None => {
+                let watched = watched_checkouts?;
+                let used = pool.size().saturating_sub(u32::try_from(pool.num_idle()).unwrap_or(u32::MAX));
+                used.saturating_sub(u32::try_from(watched).unwrap_or(u32::MAX))
+            }
+        };
         let Ok(mut r) = self.readings.lock() else { return None };
         if r.len() == READINGS {
             r.remove(0);

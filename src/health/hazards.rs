@@ -239,24 +239,31 @@ impl ServerSettings {
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
         let mut s = ServerSettings::default();
         for (name, value) in rows {
-            let n: i64 = value.parse().unwrap_or(0);
-            let positive = u64::try_from(n).ok().filter(|n| *n > 0);
-            let count = u32::try_from(n).unwrap_or(0);
-            match name.as_str() {
-                "idle_session_timeout" => s.idle_session_timeout = positive.map(Duration::from_millis),
-                "idle_in_transaction_session_timeout" => {
-                    s.idle_in_transaction_session_timeout = positive.map(Duration::from_millis)
-                }
-                "tcp_keepalives_idle" => s.tcp_keepalives_idle = positive.map(Duration::from_secs),
-                "max_connections" => s.max_connections = count,
-                "superuser_reserved_connections" => s.superuser_reserved_connections = count,
-                "reserved_connections" => s.reserved_connections = count,
-                "rolsuper" => s.superuser = value == "true",
-                "rolconnlimit" => s.role_connection_limit = u32::try_from(n).ok(),
-                _ => {}
-            }
+            s.apply(&name, &value);
         }
         Ok(s)
+    }
+
+    /// Takes one `name = value` row of [`read`](Self::read)'s query (`pg_settings` units:
+    /// ms for the session timeouts, s for `tcp_keepalives_idle`).
+    pub(crate) fn apply(&mut self, name: &str, value: &str) {
+        let s = self;
+        let n: i64 = value.parse().unwrap_or(0);
+        let positive = u64::try_from(n).ok().filter(|n| *n > 0);
+        let count = u32::try_from(n).unwrap_or(0);
+        match name {
+            "idle_session_timeout" => s.idle_session_timeout = positive.map(Duration::from_millis),
+            "idle_in_transaction_session_timeout" => {
+                s.idle_in_transaction_session_timeout = positive.map(Duration::from_millis)
+            }
+            "tcp_keepalives_idle" => s.tcp_keepalives_idle = positive.map(Duration::from_secs),
+            "max_connections" => s.max_connections = count,
+            "superuser_reserved_connections" => s.superuser_reserved_connections = count,
+            "reserved_connections" => s.reserved_connections = count,
+            "rolsuper" => s.superuser = value == "true",
+            "rolconnlimit" => s.role_connection_limit = u32::try_from(n).ok(),
+            _ => {}
+        }
     }
 }
 

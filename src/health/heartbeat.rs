@@ -12,10 +12,12 @@
 //!
 //! The [hazard lint](crate::health::hazards) runs at start-up, again after each reconnect of the
 //! dedicated connection, and every [`Config::hazard_recheck_interval`] (so a live settings change
-//! is flagged within that interval plus one heartbeat tick), on a short-lived connection with the pool's own connect options
-//! (same role, database and pooler, so per-role settings apply; `application_name`
-//! `poolwatch-lint:<pool>`), never on a pool slot. The dedicated connection cannot
-//! serve: it switches `idle_session_timeout` off for itself, so it would read 0.
+//! is flagged within that interval plus one heartbeat tick). At start-up and after a reconnect
+//! it reads on a short-lived connection with the pool's own connect options (same role,
+//! database and pooler, so per-role settings apply; `application_name`
+//! `poolwatch-lint:<pool>`), never on a pool slot. The periodic re-read opens nothing: it runs
+//! on the dedicated connection and works out what a new session of the pool would get
+//! ([`followed`](crate::health::followed)), so a quiet replica makes the server fork no backend.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -29,6 +31,7 @@ use tokio::sync::oneshot;
 
 use crate::catalog::{self, CAUSE, HAZARD, PATH, POOL_NAME};
 use crate::direct::DirectConnection;
+use crate::health::followed::{self, Baseline};
 use crate::health::hazards::{self, Finding, Hazard, PoolSettings, ServerSettings};
 use crate::{Cause, Config};
 
@@ -110,6 +113,8 @@ struct State {
     hazards: Vec<Finding>,
     settings: Option<ServerSettings>,
     warned: HashSet<Hazard>,
+    /// What the last fresh session showed, for the re-reads on the dedicated connection.
+    baseline: Option<Baseline>,
 }
 
 /// The heartbeats' state and metric handles for one watched pool.
@@ -194,6 +199,7 @@ impl Heartbeat {
             backoff: Backoff::new(config.heartbeat_interval, config.heartbeat_max_backoff),
             seen_connects: 0,
             lint_due: true,
+            fresh_due: true,
             first: true,
             last_lint: None,
         };
@@ -250,6 +256,7 @@ impl Heartbeat {
                 // The dedicated connection (re)connected: the server may have changed.
                 cycle.seen_connects = connects;
                 cycle.lint_due = true;
+                cycle.fresh_due = true;
             }
             self.record(Path::Direct, result, took);
         }
@@ -258,7 +265,13 @@ impl Heartbeat {
             cycle.lint_due = true;
         }
         if cycle.lint_due && (direct_ok || cycle.first) {
-            let read = self.lint(pool, direct, config, lint_app_name).await;
+            // A re-read answers `None` when only a new session can show a value it needs.
+            let reread = if cycle.fresh_due { None } else { self.relint(pool, direct, config).await };
+            let read = match reread {
+                Some(read) => read,
+                None => self.lint(pool, direct, config, lint_app_name).await,
+            };
+            cycle.fresh_due &= !read;
             cycle.lint_due = !read;
             if read {
                 cycle.last_lint = Some(Instant::now());
@@ -395,14 +408,14 @@ impl Heartbeat {
         let Ok(_census) = tokio::time::timeout(timeout, direct.lock()).await else { return false };
         let read = async {
             let mut conn = PgConnection::connect_with(&options).await?;
-            let settings = ServerSettings::read(&mut conn).await;
+            let settings = followed::read_fresh(&mut conn).await;
             let _ = conn.close().await;
             settings
         };
         self.linting.store(true, std::sync::atomic::Ordering::Relaxed);
         let outcome = tokio::time::timeout(timeout, read).await;
         self.linting.store(false, std::sync::atomic::Ordering::Relaxed);
-        let settings = match outcome {
+        let (settings, baseline) = match outcome {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::debug!(pool = %self.pool_name, cause = %Cause::of(&e), "poolwatch could not read the server settings; the hazard lint will retry");
@@ -413,9 +426,43 @@ impl Heartbeat {
                 return false;
             }
         };
+        if let Ok(mut state) = self.state.lock() {
+            state.baseline = Some(baseline);
+        }
         let found = hazards::lint(&settings, &PoolSettings::of(pool.options()), config);
         self.publish(found, settings);
         true
+    }
+
+    /// The periodic re-read, on the dedicated connection (no new session). Returns whether
+    /// the settings could be read, or `None` when only a fresh session can tell.
+    async fn relint(
+        &self,
+        pool: &PgPool,
+        direct: &tokio::sync::Mutex<DirectConnection>,
+        config: &Config,
+    ) -> Option<bool> {
+        let baseline = self.state.lock().ok().and_then(|s| s.baseline.clone())?;
+        let options = pool.connect_options();
+        let role = options.get_username().to_owned();
+        // A database left out of the options is the role's name, as libpq does.
+        let database = options.get_database().unwrap_or(role.as_str()).to_owned();
+        let Ok(mut conn) = tokio::time::timeout(config.heartbeat_timeout, direct.lock()).await else {
+            return Some(false);
+        };
+        let read = conn.run(async |c: &mut PgConnection| followed::read_followed(c, &role, &database, &baseline).await);
+        let settings = match read.await {
+            Ok(Some(settings)) => settings,
+            Ok(None) => return None,
+            Err(cause) => {
+                tracing::debug!(pool = %self.pool_name, %cause, "poolwatch could not re-read the server settings; the hazard lint will retry");
+                return Some(false);
+            }
+        };
+        drop(conn);
+        let found = hazards::lint(&settings, &PoolSettings::of(pool.options()), config);
+        self.publish(found, settings);
+        Some(true)
     }
 
     fn publish(&self, found: Vec<Finding>, settings: ServerSettings) {
@@ -484,8 +531,11 @@ struct Cycle {
     backoff: Backoff,
     /// The dedicated connection's connect count at the last direct heartbeat.
     seen_connects: u64,
-    /// The lint has to run (start-up, or the dedicated connection reconnected).
+    /// The lint has to run (start-up, the dedicated connection reconnected, or the interval).
     lint_due: bool,
+    /// The lint has to read on a fresh session (start-up, or the dedicated connection
+    /// reconnected); otherwise it re-reads on the dedicated connection.
+    fresh_due: bool,
     first: bool,
     /// When the lint last read the settings.
     last_lint: Option<Instant>,

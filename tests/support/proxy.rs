@@ -1,7 +1,9 @@
 //! A loopback TCP proxy in front of the test server that can cut its live connections the
 //! way networks and poolers do: a reset (RST, `SO_LINGER` 0) or a half-close (FIN), or make
 //! one go silent: it stops forwarding and stops reading while keeping both sockets open (no
-//! RST, no FIN), like a NAT that dropped the flow.
+//! RST, no FIN), like a NAT that dropped the flow, or black-hole it: keep reading and
+//! dropping what the client sends, answer nothing (a peer that went silent after startup
+//! while its socket still takes bytes).
 
 #![allow(dead_code)]
 
@@ -24,6 +26,9 @@ pub enum Cut {
     /// Only the connection whose upstream local port is given (the server's
     /// `inet_client_port()` for that session).
     Freeze(u16),
+    /// Black-hole: keep reading what the client sends and drop it, forward and answer nothing,
+    /// keep both sockets open. Only the connection whose upstream local port is given.
+    BlackHole(u16),
 }
 
 /// A running proxy; it stops accepting when dropped.
@@ -34,6 +39,8 @@ pub struct Proxy {
     live: Arc<AtomicUsize>,
     /// Frozen connections, kept open while the proxy lives.
     frozen: Arc<Mutex<Vec<(TcpStream, TcpStream)>>>,
+    /// Connections black-holed so far.
+    holes: Arc<AtomicUsize>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -57,15 +64,17 @@ impl Proxy {
         let (cut, _) = broadcast::channel(16);
         let live = Arc::new(AtomicUsize::new(0));
         let frozen = Arc::new(Mutex::new(Vec::new()));
+        let holes = Arc::new(AtomicUsize::new(0));
         let (cut_tx, live_count, frozen_list) = (cut.clone(), Arc::clone(&live), Arc::clone(&frozen));
+        let hole_count = Arc::clone(&holes);
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(upstream) = TcpStream::connect(("127.0.0.1", upstream_port)).await else { continue };
                 let args = (cut_tx.subscribe(), Arc::clone(&live_count), Arc::clone(&frozen_list));
-                tokio::spawn(pipe(client, upstream, args.0, args.1, args.2));
+                tokio::spawn(pipe(client, upstream, args.0, args.1, args.2, Arc::clone(&hole_count)));
             }
         });
-        Proxy { port, cut, live, frozen, accept }
+        Proxy { port, cut, live, frozen, holes, accept }
     }
 
     /// The port clients connect to.
@@ -81,6 +90,11 @@ impl Proxy {
     /// Cuts every live connection; new ones are still accepted.
     pub fn cut_all(&self, how: Cut) {
         let _ = self.cut.send(how);
+    }
+
+    /// Connections black-holed so far.
+    pub fn black_holed(&self) -> usize {
+        self.holes.load(Ordering::SeqCst)
     }
 
     /// Connections frozen so far.
@@ -101,6 +115,7 @@ async fn pipe(
     mut cut: broadcast::Receiver<Cut>,
     live: Arc<AtomicUsize>,
     frozen: Arc<Mutex<Vec<(TcpStream, TcpStream)>>>,
+    holes: Arc<AtomicUsize>,
 ) {
     live.fetch_add(1, Ordering::SeqCst);
     let upstream_port = upstream.local_addr().map(|a| a.port()).unwrap_or(0);
@@ -111,13 +126,21 @@ async fn pipe(
             tokio::select! {
                 _ = &mut copy => break None,
                 how = cut.recv() => match how {
-                    Ok(Cut::Freeze(port)) if port != upstream_port => continue,
+                    Ok(Cut::Freeze(port) | Cut::BlackHole(port)) if port != upstream_port => continue,
                     how => break how.ok(),
                 },
             }
         }
     };
     live.fetch_sub(1, Ordering::SeqCst);
+    if matches!(how, Some(Cut::BlackHole(_))) {
+        holes.fetch_add(1, Ordering::SeqCst);
+        // Read and drop until the client closes; the server's side stays open meanwhile.
+        let mut sink = vec![0u8; 64 * 1024];
+        while matches!(tokio::io::AsyncReadExt::read(&mut client, &mut sink).await, Ok(n) if n > 0) {}
+        drop(upstream);
+        return;
+    }
     if matches!(how, Some(Cut::Freeze(_))) {
         frozen.lock().unwrap().push((client, upstream));
         return;
@@ -139,6 +162,6 @@ async fn pipe(
             })
             .await;
         }
-        Some(Cut::Freeze(_)) | None => {}
+        Some(Cut::Freeze(_) | Cut::BlackHole(_)) | None => {}
     }
 }
