@@ -420,7 +420,8 @@ impl Shared {
             self.send_queues.update(s);
         }
         if let Some(s) = &sockets {
-            self.follow_ended(s).await;
+            // A negative gap: some sockets are another client's (not told apart yet).
+            self.follow_ended(s, client_gap.is_none_or(|g| g >= 0)).await;
         }
         if let (Some(s), Some(g)) = (&sockets, client_gap) {
             self.gauges.sockets(s, g);
@@ -448,7 +449,7 @@ impl Shared {
     /// server or a pooler ended is counted within two samples, whatever the census cadence.
     /// Costs nothing while no socket ends; then one read of the kernel's sockets and, on a
     /// direct path, one small query for the server's session-end counters.
-    async fn follow_ended(&self, census: &sockets::SocketCensus) {
+    async fn follow_ended(&self, census: &sockets::SocketCensus, admit_new: bool) {
         let at = Instant::now();
         let open: Vec<(u64, u16, usize)> = census
             .sockets
@@ -456,7 +457,7 @@ impl Shared {
             .filter(|s| self.client.owns_port(s.local.port()))
             .filter_map(|s| Some((s.inode, s.local.port(), sockets::TCP_STATES.iter().position(|n| *n == s.state)?)))
             .collect();
-        let Some(gone) = self.ended.lock().ok().map(|mut l| l.follow(&open, at)) else { return };
+        let Some(gone) = self.ended.lock().ok().map(|mut l| l.follow(&open, at, admit_new)) else { return };
         if !gone.is_empty() {
             // What the kernel still holds of them tells who closed first.
             let peers = self.client.peers();

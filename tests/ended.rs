@@ -14,6 +14,7 @@ use poolwatch::sqlx;
 use poolwatch::{Config, PoolWatch, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, PgPool};
+use support::pgbouncer::PgBouncer;
 use support::{Cluster, eventually, metric, recorder};
 
 const POOL: &str = "db_client_connection_pool_name";
@@ -105,8 +106,13 @@ async fn every_kill_of_a_busy_pool_is_counted_at_the_default_config() {
         }
         killed += 4;
         let at = Instant::now();
+        let mut last = 0;
         let s = eventually(Duration::from_secs(60), "every killed session counted", async || {
             let s = watch.snapshot();
+            if s.sessions_ended != last {
+                last = s.sessions_ended;
+                eprintln!("round {round}: {last} of {killed} counted {:?} after the kill", at.elapsed());
+            }
             (s.sessions_ended >= killed).then_some(s)
         })
         .await;
@@ -176,6 +182,44 @@ async fn churn_alone(cluster: &Cluster, name: &str, options: PgPoolOptions, busy
     assert_eq!(counted, Some(0.0), "{name}");
     watch.shutdown().await;
     pool.close().await;
+}
+
+/// Behind PgBouncer, README's setup and nothing else (the admin console declared, poolwatch's
+/// own connection to the server): the pooler's `client_idle_timeout` ends the connections the
+/// app holds without using (and the idle ones); each held one is counted within two samples
+/// as `pooler_idle_timeout`, two rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooler_kills_are_counted_at_the_default_config() {
+    recorder();
+    let cluster = Cluster::start();
+    let bouncer = PgBouncer::start(cluster.port(), &[("client_idle_timeout", "2")]);
+    let pool = PgPoolOptions::new().max_connections(5).connect_lazy_with(bouncer.options());
+    let config =
+        Config::new("ended_pooler").direct_connect_options(cluster.options()).pooler_admin(bouncer.admin_url());
+    let watch = instrument_pool(&pool, config).unwrap();
+    let ended = |cause: &str| metric("poolwatch_sessions_ended_total", &[(POOL, "ended_pooler"), ("cause", cause)]);
+    for round in 1..=2 {
+        let base = watch.snapshot().sessions_ended;
+        let held = futures_hold(&pool, 3).await;
+        let at = Instant::now();
+        let s = eventually(Duration::from_secs(60), "the held connections killed and counted", async || {
+            let s = watch.snapshot();
+            (s.sessions_ended >= base + 3).then_some(s)
+        })
+        .await;
+        eprintln!(
+            "round {round}: {} counted {:?} after the connections were taken",
+            s.sessions_ended - base,
+            at.elapsed()
+        );
+        // The idle ones (the heartbeat's) may be counted too: all as the pooler's idle timeout.
+        assert_eq!(ended("pooler_idle_timeout"), Some(s.sessions_ended as f64), "round {round}: {s:?}");
+        drop(held);
+        // sqlx pings them on return and closes them: not counted again.
+        eventually(Duration::from_secs(30), "the dead connections closed", async || (pool.size() <= 2).then_some(()))
+            .await;
+    }
+    assert!(matches!(ended("connection_ended"), None | Some(0.0)), "{:?}", ended("connection_ended"));
 }
 
 async fn futures_hold(pool: &PgPool, n: usize) -> Vec<sqlx::pool::PoolConnection<sqlx::Postgres>> {

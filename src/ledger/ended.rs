@@ -93,6 +93,8 @@ struct Followed {
     born_after: Option<Instant>,
     /// Found closed by the peer already (a `close_wait` socket stays until the pool notices).
     reported: bool,
+    /// Taken as the pool's: seen when the sockets were no more than the pool counts.
+    admitted: bool,
 }
 
 /// A session of the pool found ended by its peer at a sample, not counted yet.
@@ -228,8 +230,10 @@ impl Ledger {
     /// One sample's view of the pool's open sockets, `(inode, local port, TCP state index)`,
     /// read at `at`. Sockets seen closed by the peer become suspects at once; the sockets gone
     /// since the last sample are returned, for [`Ledger::suspect_gone`] to judge by what the
-    /// kernel still holds of them.
-    pub(crate) fn follow(&mut self, open: &[(u64, u16, usize)], at: Instant) -> Vec<Suspect> {
+    /// kernel still holds of them. `admit_new`: the sockets are no more than the pool counts;
+    /// else some are another client's of the app (a listener not yet told apart by a census)
+    /// and sockets not followed yet are left alone until they are.
+    pub(crate) fn follow(&mut self, open: &[(u64, u16, usize)], at: Instant, admit_new: bool) -> Vec<Suspect> {
         let prev = self.follower.last_read;
         // A `time_wait` outlives a gap this short: a socket gone without one was closed by the peer.
         let judged = prev.is_some_and(|t| at.saturating_duration_since(t) <= MAX_GAP);
@@ -239,10 +243,9 @@ impl Ledger {
         let mut found = Vec::new();
         for &(inode, port, state) in open {
             let known = self.follower.sockets.get(&inode).copied();
-            let mut f = known.unwrap_or(Followed { port, born_after: prev, reported: false });
-            // Only a socket seen open before: one closed before any sample saw it cannot be
-            // told from a connection that is none of the pool's (the dedicated one being replaced).
-            if known.is_some() && !f.reported && [CLOSE_WAIT, CLOSE, LAST_ACK].contains(&state) {
+            let mut f = known.unwrap_or(Followed { port, born_after: prev, reported: false, admitted: false });
+            f.admitted |= admit_new;
+            if f.admitted && !f.reported && [CLOSE_WAIT, CLOSE, LAST_ACK].contains(&state) {
                 f.reported = true;
                 if !self.counted_since(port, f.born_after) {
                     found.push(Suspect { port, sure: true, born_after: f.born_after, ended_by: at, base });
@@ -254,7 +257,7 @@ impl Ledger {
             .follower
             .sockets
             .iter()
-            .filter(|(inode, f)| judged && !f.reported && !next.contains_key(inode))
+            .filter(|(inode, f)| judged && f.admitted && !f.reported && !next.contains_key(inode))
             .filter(|(_, f)| !self.counted_since(f.port, f.born_after))
             .map(|(_, f)| Suspect { port: f.port, sure: false, born_after: f.born_after, ended_by: at, base })
             .collect();
@@ -299,8 +302,7 @@ impl Ledger {
     /// returns their causes. `evidence.ends` is not used (`counters` are).
     pub(crate) fn settle(&mut self, counters: Counters, evidence: Evidence) -> Vec<Cause> {
         let pending = std::mem::take(&mut self.follower.pending);
-        let pending: Vec<Suspect> =
-            pending.into_iter().filter(|s| !self.counted_since(s.port, s.born_after)).collect();
+        let pending: Vec<Suspect> = pending.into_iter().filter(|s| !self.counted_since(s.port, s.born_after)).collect();
         let base = self.follower.pending_base;
         let ends = match counters {
             Counters::Read(ends) => ends,
@@ -321,7 +323,8 @@ impl Ledger {
             _ => None,
         };
         let waiting = i64::try_from(pending.len()).unwrap_or(i64::MAX);
-        if grew.is_some_and(|g| g < waiting) && !self.follower.waited && !pending.is_empty() {
+        let may_catch_up = counters != Counters::NotServer;
+        if may_catch_up && grew.is_some_and(|g| g < waiting) && !self.follower.waited && !pending.is_empty() {
             // A backend leaves a moment before it flushes its counters: look again next sample.
             self.follower.pending = pending;
             self.follower.waited = true;
@@ -465,7 +468,7 @@ mod tests {
     /// Follows `ports` (inode = port) in `states` at `at`.
     fn sample(ledger: &mut Ledger, sockets: &[(u16, usize)], at: Instant) -> Vec<Suspect> {
         let open: Vec<(u64, u16, usize)> = sockets.iter().map(|(p, s)| (u64::from(*p), *p, *s)).collect();
-        ledger.follow(&open, at)
+        ledger.follow(&open, at, true)
     }
 
     #[test]
@@ -489,7 +492,8 @@ mod tests {
         // Counted once: the close_wait socket seen again, and a census finding both vanished.
         assert!(sample(&mut ledger, &[(1, CLOSE_WAIT), (5, 0), (6, 0)], at(15)).is_empty());
         assert!(!ledger.pending());
-        let census = ledger.update_read_at([(5, Seen::Server(None))].into(), &[socket(1, CLOSE_WAIT, true)], ends(2, 0), at(16));
+        let census =
+            ledger.update_read_at([(5, Seen::Server(None))].into(), &[socket(1, CLOSE_WAIT, true)], ends(2, 0), at(16));
         assert!(census.is_empty(), "{census:?}");
     }
 
@@ -512,13 +516,17 @@ mod tests {
         // Gone after a gap a time_wait may not outlive: not judged.
         sample(&mut ledger, &[(4, 0)], at(12));
         assert!(sample(&mut ledger, &[], at(12) + MAX_GAP + Duration::from_secs(1)).is_empty());
+        // More sockets than the pool counts: a new one may be another client's, not followed.
+        sample(&mut ledger, &[(7, 0)], at(90));
+        assert!(ledger.follow(&[(7, 7, 0), (8, 8, CLOSE_WAIT)], at(91), false).is_empty());
+        assert!(!ledger.pending(), "8 is nobody's yet");
+        assert!(ledger.follow(&[(7, 7, 0)], at(92), false).is_empty(), "nor when it goes");
         // Behind a pooler only a socket seen in close_wait counts.
         sample(&mut ledger, &[(5, 0), (6, 0)], at(100));
         let gone = sample(&mut ledger, &[(5, CLOSE_WAIT)], at(105));
         ledger.suspect_gone(gone, &[]);
         let timeout = Evidence { client_idle_timeout: Some(Duration::from_secs(1)), ..Evidence::default() };
-        assert!(ledger.settle(Counters::NotServer, timeout).is_empty());
-        assert_eq!(ledger.settle(Counters::NotServer, timeout), vec![Cause::PoolerIdleTimeout]);
+        assert_eq!(ledger.settle(Counters::NotServer, timeout), vec![Cause::PoolerIdleTimeout], "nothing to wait for");
     }
 
     #[test]
