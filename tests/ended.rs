@@ -106,7 +106,7 @@ async fn every_kill_of_a_busy_pool_is_counted_at_the_default_config() {
         }
         killed += 4;
         let at = Instant::now();
-        let mut last = 0;
+        let mut last = killed - 4;
         let s = eventually(Duration::from_secs(60), "every killed session counted", async || {
             let s = watch.snapshot();
             if s.sessions_ended != last {
