@@ -132,7 +132,7 @@ pub(crate) struct Vanished {
     /// Each session, and whether this process still holds its socket closed by the peer
     /// (sure) or the socket is gone (the pool dropped it: a close of its own may have raced
     /// the server's, so a server session then needs the server's counters to agree).
-    seen: Vec<(Seen, bool)>,
+    seen: Vec<(u16, Seen, bool)>,
     gap: Duration,
     ends_before: Option<SessionEnds>,
 }
@@ -146,7 +146,7 @@ impl Vanished {
     /// sessions that vanished (or cannot tell: no counters). A backend leaves
     /// `pg_stat_activity` a moment before it flushes them, longer on a loaded server.
     pub(crate) fn counted_by(&self, ends: Option<SessionEnds>) -> bool {
-        let servers = self.seen.iter().filter(|(s, _)| matches!(s, Seen::Server(_))).count() as i64;
+        let servers = self.seen.iter().filter(|(_, s, _)| matches!(s, Seen::Server(_))).count() as i64;
         match (self.ends_before, ends) {
             (Some(b), Some(a)) => a.killed + a.fatal - b.killed - b.fatal >= servers,
             _ => true,
@@ -154,18 +154,30 @@ impl Vanished {
     }
 
     /// Their causes, from what the server or pooler says now.
+    #[cfg(test)]
     pub(crate) fn causes(&self, evidence: Evidence) -> Vec<Cause> {
+        self.judge(evidence).0
+    }
+
+    /// The causes of those counted, from what the server or pooler says now, and the ports
+    /// of those not counted (gone, with the server's counters flat): for
+    /// [`Ledger::unclaim`], so a later sample can still count one whose counters lagged.
+    pub(crate) fn judge(&self, evidence: Evidence) -> (Vec<Cause>, Vec<u16>) {
         let ended_on_server = match (self.ends_before, evidence.ends) {
             (Some(b), Some(a)) if a.killed >= b.killed && a.fatal >= b.fatal => {
                 Some(a.killed + a.fatal > b.killed + b.fatal)
             }
             _ => None,
         };
-        self.seen
-            .iter()
-            .filter(|(seen, sure)| *sure || !matches!(seen, Seen::Server(_)) || ended_on_server != Some(false))
-            .map(|(seen, _)| cause(*seen, self.gap, self.ends_before, evidence))
-            .collect()
+        let (mut causes, mut dropped) = (Vec::new(), Vec::new());
+        for (port, seen, sure) in &self.seen {
+            if *sure || !matches!(seen, Seen::Server(_)) || ended_on_server != Some(false) {
+                causes.push(cause(*seen, self.gap, self.ends_before, evidence));
+            } else {
+                dropped.push(*port);
+            }
+        }
+        (causes, dropped)
     }
 }
 
@@ -217,7 +229,7 @@ impl Ledger {
                     None => (gap <= MAX_GAP, false),
                 };
                 if by_peer {
-                    vanished.seen.push((*seen, sure));
+                    vanished.seen.push((*port, *seen, sure));
                     self.counted.insert(*port, Instant::now());
                 }
             }
@@ -401,6 +413,13 @@ impl Ledger {
         }
     }
 
+    /// Lets the follower judge again the sessions a census found gone but did not count.
+    pub(crate) fn unclaim(&mut self, ports: &[u16]) {
+        for port in ports {
+            self.counted.remove(port);
+        }
+    }
+
     /// Forgets the last census (it failed: the next one starts afresh).
     pub(crate) fn forget(&mut self) {
         self.last = None;
@@ -527,6 +546,24 @@ mod tests {
         ledger.suspect_gone(gone, &[]);
         let timeout = Evidence { client_idle_timeout: Some(Duration::from_secs(1)), ..Evidence::default() };
         assert_eq!(ledger.settle(Counters::NotServer, timeout), vec![Cause::PoolerIdleTimeout], "nothing to wait for");
+    }
+
+    #[test]
+    fn a_census_that_cannot_confirm_a_gone_session_leaves_it_to_the_samples() {
+        let ends = |killed, fatal| Some(SessionEnds { killed, fatal });
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_millis(s);
+        let mut ledger = Ledger::default();
+        ledger.update_read_at([(1, Seen::Server(None))].into(), &[], ends(0, 0), t0);
+        sample(&mut ledger, &[(1, 0)], at(10));
+        // Killed; a census finds it gone before its backend flushed the counters.
+        let vanished = ledger.update_read_at(HashMap::new(), &[], ends(0, 0), at(20));
+        let (causes, dropped) = vanished.judge(Evidence { ends: ends(0, 0), ..Evidence::default() });
+        assert_eq!((causes.len(), dropped.as_slice()), (0, &[1][..]));
+        ledger.unclaim(&dropped);
+        let gone = sample(&mut ledger, &[], at(30));
+        ledger.suspect_gone(gone, &[]);
+        assert_eq!(ledger.settle(Counters::Read(ends(1, 0)), Evidence::default()), vec![Cause::AdminShutdown]);
     }
 
     #[test]
