@@ -420,8 +420,7 @@ impl Shared {
             self.send_queues.update(s);
         }
         if let Some(s) = &sockets {
-            // A negative gap: some sockets are another client's (not told apart yet).
-            self.follow_ended(s, client_gap.is_none_or(|g| g >= 0)).await;
+            self.follow_ended(s, figures.open).await;
         }
         if let (Some(s), Some(g)) = (&sockets, client_gap) {
             self.gauges.sockets(s, g);
@@ -449,7 +448,7 @@ impl Shared {
     /// server or a pooler ended is counted within two samples, whatever the census cadence.
     /// Costs nothing while no socket ends; then one read of the kernel's sockets and, on a
     /// direct path, one small query for the server's session-end counters.
-    async fn follow_ended(&self, census: &sockets::SocketCensus, admit_new: bool) {
+    async fn follow_ended(&self, census: &sockets::SocketCensus, pool_open: u32) {
         let at = Instant::now();
         let open: Vec<(u64, u16, usize)> = census
             .sockets
@@ -457,7 +456,7 @@ impl Shared {
             .filter(|s| self.client.owns_port(s.local.port()))
             .filter_map(|s| Some((s.inode, s.local.port(), sockets::TCP_STATES.iter().position(|n| *n == s.state)?)))
             .collect();
-        let Some(gone) = self.ended.lock().ok().map(|mut l| l.follow(&open, at, admit_new)) else { return };
+        let Some(gone) = self.ended.lock().ok().map(|mut l| l.follow(&open, at, pool_open)) else { return };
         // Behind a pooler a gone socket cannot be confirmed (see `ledger::ended`): not read.
         if !gone.is_empty() && self.path != NetworkPath::Pooler {
             // What the kernel still holds of them tells who closed first.

@@ -242,28 +242,46 @@ impl Ledger {
     /// One sample's view of the pool's open sockets, `(inode, local port, TCP state index)`,
     /// read at `at`. Sockets seen closed by the peer become suspects at once; the sockets gone
     /// since the last sample are returned, for [`Ledger::suspect_gone`] to judge by what the
-    /// kernel still holds of them. `admit_new`: the sockets are no more than the pool counts;
-    /// else some are another client's of the app (a listener not yet told apart by a census)
-    /// and sockets not followed yet are left alone until they are.
-    pub(crate) fn follow(&mut self, open: &[(u64, u16, usize)], at: Instant, admit_new: bool) -> Vec<Suspect> {
+    /// kernel still holds of them. `pool_open`: the pool's count; sockets beyond it are
+    /// another client's of the app (a connection not yet told apart by a census), so new
+    /// sockets are taken as the pool's only up to it, the newest first (another client's
+    /// socket is usually older: it was left out when it appeared).
+    pub(crate) fn follow(&mut self, open: &[(u64, u16, usize)], at: Instant, pool_open: u32) -> Vec<Suspect> {
         let prev = self.follower.last_read;
         // A `time_wait` outlives a gap this short: a socket gone without one was closed by the peer.
         let judged = prev.is_some_and(|t| at.saturating_duration_since(t) <= MAX_GAP);
         // Counters known before the sockets were last seen open: read before any end found now.
         let base = self.follower.ends_at_read;
-        let mut next = HashMap::with_capacity(open.len());
+        let mut next: HashMap<u64, Followed> = open
+            .iter()
+            .map(|&(inode, port, _)| {
+                let new = Followed { port, born_after: prev, reported: false, admitted: false };
+                (inode, self.follower.sockets.get(&inode).copied().unwrap_or(new))
+            })
+            .collect();
+        let admitted = next.values().filter(|f| f.admitted).count();
+        let mut free = usize::try_from(pool_open).unwrap_or(usize::MAX).saturating_sub(admitted);
+        let mut waiting: Vec<(u64, Option<Instant>)> =
+            next.iter().filter(|(_, f)| !f.admitted).map(|(i, f)| (*i, f.born_after)).collect();
+        waiting.sort_unstable_by(|a, b| (b.1, b.0).cmp(&(a.1, a.0)));
+        for (inode, _) in waiting {
+            if free == 0 {
+                break;
+            }
+            if let Some(f) = next.get_mut(&inode) {
+                f.admitted = true;
+                free -= 1;
+            }
+        }
         let mut found = Vec::new();
         for &(inode, port, state) in open {
-            let known = self.follower.sockets.get(&inode).copied();
-            let mut f = known.unwrap_or(Followed { port, born_after: prev, reported: false, admitted: false });
-            f.admitted |= admit_new;
+            let Some(f) = next.get_mut(&inode) else { continue };
             if f.admitted && !f.reported && [CLOSE_WAIT, CLOSE, LAST_ACK].contains(&state) {
                 f.reported = true;
-                if !self.counted_since(port, f.born_after) {
+                if !counted_since(&self.counted, port, f.born_after) {
                     found.push(Suspect { port, sure: true, born_after: f.born_after, ended_by: at, base });
                 }
             }
-            next.insert(inode, f);
         }
         let gone = self
             .follower
@@ -395,7 +413,7 @@ impl Ledger {
 
     /// Whether the session at `port` opened after `born_after` was counted already.
     fn counted_since(&self, port: u16, born_after: Option<Instant>) -> bool {
-        self.counted.get(&port).is_some_and(|t| born_after.is_none_or(|b| *t >= b))
+        counted_since(&self.counted, port, born_after)
     }
 
     /// Forgets counted ports neither the census nor the follower can meet again: counted
@@ -424,6 +442,10 @@ impl Ledger {
     pub(crate) fn forget(&mut self) {
         self.last = None;
     }
+}
+
+fn counted_since(counted: &HashMap<u16, Instant>, port: u16, born_after: Option<Instant>) -> bool {
+    counted.get(&port).is_some_and(|t| born_after.is_none_or(|b| *t >= b))
 }
 
 /// Slack on the idle time of a vanished session: the server's clock against ours, and the
@@ -487,7 +509,7 @@ mod tests {
     /// Follows `ports` (inode = port) in `states` at `at`.
     fn sample(ledger: &mut Ledger, sockets: &[(u16, usize)], at: Instant) -> Vec<Suspect> {
         let open: Vec<(u64, u16, usize)> = sockets.iter().map(|(p, s)| (u64::from(*p), *p, *s)).collect();
-        ledger.follow(&open, at, true)
+        ledger.follow(&open, at, u32::MAX)
     }
 
     #[test]
@@ -535,11 +557,12 @@ mod tests {
         // Gone after a gap a time_wait may not outlive: not judged.
         sample(&mut ledger, &[(4, 0)], at(12));
         assert!(sample(&mut ledger, &[], at(12) + MAX_GAP + Duration::from_secs(1)).is_empty());
-        // More sockets than the pool counts: a new one may be another client's, not followed.
-        sample(&mut ledger, &[(7, 0)], at(90));
-        assert!(ledger.follow(&[(7, 7, 0), (8, 8, CLOSE_WAIT)], at(91), false).is_empty());
-        assert!(!ledger.pending(), "8 is nobody's yet");
-        assert!(ledger.follow(&[(7, 7, 0)], at(92), false).is_empty(), "nor when it goes");
+        // More sockets than the pool counts: the one that appeared first beyond the count is
+        // another client's, not followed; the pool's new ones are.
+        ledger.follow(&[(7, 7, 0)], at(90), 0);
+        ledger.follow(&[(7, 7, 0), (8, 8, 0), (9, 9, 0)], at(91), 2);
+        assert!(ledger.follow(&[(8, 8, CLOSE_WAIT), (9, 9, 0)], at(92), 2).is_empty(), "7 was nobody's");
+        assert!(ledger.settle(Counters::Read(None), Evidence::default()).len() == 1, "8 was the pool's");
         // Behind a pooler only a socket seen in close_wait counts.
         sample(&mut ledger, &[(5, 0), (6, 0)], at(100));
         let gone = sample(&mut ledger, &[(5, CLOSE_WAIT)], at(105));
