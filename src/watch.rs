@@ -462,7 +462,6 @@ impl Shared {
             // What the kernel still holds of them tells who closed first.
             let peers = self.client.peers();
             let list = tokio::task::spawn_blocking(move || sockets::list(&peers, None).ok()).await.ok().flatten();
-            if let Some(l) = &list {}
             if let (Some(list), Ok(mut ledger)) = (list, self.ended.lock()) {
                 ledger.suspect_gone(gone, &list);
             }
@@ -719,16 +718,12 @@ impl Shared {
                         }
                     }
                 }
-                let (causes, dropped) = vanished.judge(Evidence {
+                let evidence = Evidence {
                     ends,
                     idle_session_timeout: self.heartbeat.server_settings().and_then(|s| s.idle_session_timeout),
                     client_idle_timeout: pooler_view.as_ref().and_then(|(_, _, t)| *t),
-                });
-                if let Ok(mut ended) = self.ended.lock() {
-                    // Their counters may only lag: the sample following their sockets decides.
-                    ended.unclaim(&dropped);
-                }
-                ended_now = causes;
+                };
+                ended_now = self.ended.lock().map(|mut l| l.judge_census(&vanished, evidence)).unwrap_or_default();
             }
             let ended_total = self.gauges.sessions_ended(&ended_now);
             if let (Some(g), Some((figures, _, _))) = (&self.pooler_gauges, &pooler_view) {

@@ -69,6 +69,9 @@ pub(crate) struct Ledger {
     counted: HashMap<u16, Instant>,
     /// The newest session-end counters read (by a census or the follower).
     ends_known: Option<SessionEnds>,
+    /// The counters' growth already explained by sessions counted (by either): both judge
+    /// the growth left over, so one kill cannot confirm two sessions.
+    consumed: SessionEnds,
 }
 
 /// The pool's open sockets at the last sample and the sessions found ended, not yet counted.
@@ -135,6 +138,8 @@ pub(crate) struct Vanished {
     seen: Vec<(u16, Seen, bool)>,
     gap: Duration,
     ends_before: Option<SessionEnds>,
+    /// `consumed` when `ends_before` was taken off it.
+    consumed: SessionEnds,
 }
 
 impl Vanished {
@@ -146,6 +151,7 @@ impl Vanished {
     /// sessions that vanished (or cannot tell: no counters). A backend leaves
     /// `pg_stat_activity` a moment before it flushes them, longer on a loaded server.
     pub(crate) fn counted_by(&self, ends: Option<SessionEnds>) -> bool {
+        let ends = ends.map(|e| minus(e, self.consumed));
         let servers = self.seen.iter().filter(|(_, s, _)| matches!(s, Seen::Server(_))).count() as i64;
         match (self.ends_before, ends) {
             (Some(b), Some(a)) => a.killed + a.fatal - b.killed - b.fatal >= servers,
@@ -163,6 +169,7 @@ impl Vanished {
     /// of those not counted (gone, with the server's counters flat): for
     /// [`Ledger::unclaim`], so a later sample can still count one whose counters lagged.
     pub(crate) fn judge(&self, evidence: Evidence) -> (Vec<Cause>, Vec<u16>) {
+        let evidence = Evidence { ends: evidence.ends.map(|e| minus(e, self.consumed)), ..evidence };
         let ended_on_server = match (self.ends_before, evidence.ends) {
             (Some(b), Some(a)) if a.killed >= b.killed && a.fatal >= b.fatal => {
                 Some(a.killed + a.fatal > b.killed + b.fatal)
@@ -205,10 +212,11 @@ impl Ledger {
         ends: Option<SessionEnds>,
         at: Instant,
     ) -> Vanished {
-        let mut vanished = Vanished::default();
+        let mut vanished = Vanished { consumed: self.consumed, ..Vanished::default() };
         if ends.is_some() {
             self.ends_known = ends;
         }
+        let ends = ends.map(|e| minus(e, self.consumed));
         if let Some((then, before, ends_before)) = self.last.take() {
             let gap = at.duration_since(then);
             vanished.gap = gap;
@@ -293,7 +301,7 @@ impl Ledger {
             .collect();
         self.follower.sockets = next;
         self.follower.last_read = Some(at);
-        self.follower.ends_at_read = self.ends_known;
+        self.follower.ends_at_read = self.ends_known.map(|e| minus(e, self.consumed));
         self.suspect(found);
         self.prune();
         gone
@@ -341,6 +349,8 @@ impl Ledger {
         if ends.is_some() {
             self.ends_known = ends;
         }
+        // What no counted session explains yet (the base was taken the same way).
+        let ends = ends.map(|e| minus(e, self.consumed));
         // How many sessions the server ended meanwhile; `None`: cannot tell (every suspect
         // counts). Nothing can confirm a gone socket behind a pooler: a pool's own close races
         // the pooler's answer to its goodbye often (PgBouncer closes at once), so only sure
@@ -377,6 +387,7 @@ impl Ledger {
             let server = counters != Counters::NotServer;
             causes.push(self.cause_of(&s, server, base, ends, evidence));
         }
+        self.consume(&causes);
         causes
     }
 
@@ -431,10 +442,25 @@ impl Ledger {
         }
     }
 
-    /// Lets the follower judge again the sessions a census found gone but did not count.
-    pub(crate) fn unclaim(&mut self, ports: &[u16]) {
-        for port in ports {
-            self.counted.remove(port);
+    /// The census's verdict on `vanished`: the causes of those counted. Those it did not
+    /// count (gone, counters flat) are left to the follower, whose counters may show more.
+    pub(crate) fn judge_census(&mut self, vanished: &Vanished, evidence: Evidence) -> Vec<Cause> {
+        let (causes, dropped) = vanished.judge(evidence);
+        for port in dropped {
+            self.counted.remove(&port);
+        }
+        self.consume(&causes);
+        causes
+    }
+
+    /// Records the counters' growth that `causes` explain.
+    fn consume(&mut self, causes: &[Cause]) {
+        for cause in causes {
+            match cause {
+                Cause::AdminShutdown => self.consumed.killed = self.consumed.killed.saturating_add(1),
+                Cause::IdleSessionTimeout => self.consumed.fatal = self.consumed.fatal.saturating_add(1),
+                _ => {}
+            }
         }
     }
 
@@ -442,6 +468,11 @@ impl Ledger {
     pub(crate) fn forget(&mut self) {
         self.last = None;
     }
+}
+
+/// `a - b`, field by field.
+fn minus(a: SessionEnds, b: SessionEnds) -> SessionEnds {
+    SessionEnds { killed: a.killed.saturating_sub(b.killed), fatal: a.fatal.saturating_sub(b.fatal) }
 }
 
 fn counted_since(counted: &HashMap<u16, Instant>, port: u16, born_after: Option<Instant>) -> bool {
@@ -581,12 +612,33 @@ mod tests {
         sample(&mut ledger, &[(1, 0)], at(10));
         // Killed; a census finds it gone before its backend flushed the counters.
         let vanished = ledger.update_read_at(HashMap::new(), &[], ends(0, 0), at(20));
-        let (causes, dropped) = vanished.judge(Evidence { ends: ends(0, 0), ..Evidence::default() });
-        assert_eq!((causes.len(), dropped.as_slice()), (0, &[1][..]));
-        ledger.unclaim(&dropped);
+        assert!(ledger.judge_census(&vanished, Evidence { ends: ends(0, 0), ..Evidence::default() }).is_empty());
         let gone = sample(&mut ledger, &[], at(30));
         ledger.suspect_gone(gone, &[]);
         assert_eq!(ledger.settle(Counters::Read(ends(1, 0)), Evidence::default()), vec![Cause::AdminShutdown]);
+    }
+
+    #[test]
+    fn one_kill_confirms_one_session_whoever_counts_it() {
+        let ends = |killed, fatal| Some(SessionEnds { killed, fatal });
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_millis(s);
+        let mut ledger = Ledger::default();
+        let idle = Seen::Server(Some(Duration::ZERO));
+        ledger.update_read_at([(1, idle), (2, idle)].into(), &[], ends(0, 0), t0);
+        sample(&mut ledger, &[(1, 0), (2, 0), (3, 0)], at(10));
+        // The pool closes 3 itself (racing the server's answer: no time_wait); counters flat.
+        let gone = sample(&mut ledger, &[(1, 0), (2, 0)], at(20));
+        ledger.suspect_gone(gone, &[]);
+        assert!(ledger.settle(Counters::Read(ends(0, 0)), Evidence::default()).is_empty(), "waits");
+        // 1 and 2 killed; a census counts them (their sockets in close_wait) before the sample.
+        let closed = [socket(1, CLOSE_WAIT, true), socket(2, CLOSE_WAIT, true)];
+        let vanished = ledger.update_read_at(HashMap::new(), &closed, ends(2, 0), at(30));
+        let census = ledger.judge_census(&vanished, Evidence { ends: ends(2, 0), ..Evidence::default() });
+        assert_eq!(census, vec![Cause::AdminShutdown; 2]);
+        // The two kills explain the growth: 3 stays the pool's own close.
+        assert!(ledger.settle(Counters::Read(ends(2, 0)), Evidence::default()).is_empty());
+        assert!(!ledger.pending());
     }
 
     #[test]
