@@ -271,7 +271,7 @@ impl Ledger {
         let mut free = usize::try_from(pool_open).unwrap_or(usize::MAX).saturating_sub(admitted);
         let mut waiting: Vec<(u64, Option<Instant>)> =
             next.iter().filter(|(_, f)| !f.admitted).map(|(i, f)| (*i, f.born_after)).collect();
-        waiting.sort_unstable_by(|a, b| (b.1, b.0).cmp(&(a.1, a.0)));
+        waiting.sort_unstable_by_key(|w| std::cmp::Reverse((w.1, w.0)));
         for (inode, _) in waiting {
             if free == 0 {
                 break;
