@@ -78,6 +78,9 @@ pub(crate) struct Ledger {
 #[derive(Debug, Default)]
 struct Follower {
     sockets: HashMap<u64, Followed>,
+    /// Sockets missing from a later sample, kept by inode (never reused): one left out of a
+    /// read for a while (told another client's, then not) comes back as it was.
+    missing: HashMap<u64, Followed>,
     /// When the last sample read the sockets, and the session-end counters known then.
     last_read: Option<Instant>,
     ends_at_read: Option<SessionEnds>,
@@ -126,6 +129,8 @@ pub(crate) enum Counters {
     NotServer,
 }
 
+/// How long a counted port is remembered at least.
+const COUNTED_KEPT: Duration = Duration::from_secs(600);
 /// Bound on the ports remembered as counted (they are pruned long before in practice).
 const COUNTED_MAX: usize = 4096;
 
@@ -264,7 +269,8 @@ impl Ledger {
             .iter()
             .map(|&(inode, port, _)| {
                 let new = Followed { port, born_after: prev, reported: false, admitted: false };
-                (inode, self.follower.sockets.get(&inode).copied().unwrap_or(new))
+                let known = self.follower.sockets.get(&inode).or_else(|| self.follower.missing.get(&inode));
+                (inode, known.copied().unwrap_or(new))
             })
             .collect();
         let admitted = next.values().filter(|f| f.admitted).count();
@@ -284,11 +290,16 @@ impl Ledger {
         let mut found = Vec::new();
         for &(inode, port, state) in open {
             let Some(f) = next.get_mut(&inode) else { continue };
-            if f.admitted && !f.reported && [CLOSE_WAIT, CLOSE, LAST_ACK].contains(&state) {
+            if f.reported || ![CLOSE_WAIT, CLOSE, LAST_ACK].contains(&state) {
+                continue;
+            }
+            if counted_since(&self.counted, port, f.born_after) {
+                // A census counted it: marked now, even if not taken as the pool's yet (the
+                // census's record is forgotten once both have looked).
                 f.reported = true;
-                if !counted_since(&self.counted, port, f.born_after) {
-                    found.push(Suspect { port, sure: true, born_after: f.born_after, ended_by: at, base });
-                }
+            } else if f.admitted {
+                f.reported = true;
+                found.push(Suspect { port, sure: true, born_after: f.born_after, ended_by: at, base });
             }
         }
         let gone = self
@@ -299,7 +310,18 @@ impl Ledger {
             .filter(|(_, f)| !self.counted_since(f.port, f.born_after))
             .map(|(_, f)| Suspect { port: f.port, sure: false, born_after: f.born_after, ended_by: at, base })
             .collect();
-        self.follower.sockets = next;
+        let old = std::mem::replace(&mut self.follower.sockets, next);
+        if self.follower.missing.len() > COUNTED_MAX {
+            self.follower.missing.clear();
+        }
+        for (inode, f) in old {
+            if !self.follower.sockets.contains_key(&inode) {
+                self.follower.missing.insert(inode, f);
+            }
+        }
+        for inode in open.iter().map(|o| o.0) {
+            self.follower.missing.remove(&inode);
+        }
         self.follower.last_read = Some(at);
         self.follower.ends_at_read = self.ends_known.map(|e| minus(e, self.consumed));
         self.suspect(found);
@@ -428,13 +450,15 @@ impl Ledger {
     }
 
     /// Forgets counted ports neither the census nor the follower can meet again: counted
-    /// before both last looked.
+    /// well before both last looked.
     fn prune(&mut self) {
         let horizon = match (self.last.as_ref().map(|l| l.0), self.follower.last_read) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if let Some(h) = horizon {
+        // And kept 10 minutes at least: a socket left out of the reads meanwhile (told
+        // another client's for a while) may come back.
+        if let Some(h) = horizon.and_then(|h| h.checked_sub(COUNTED_KEPT)) {
             self.counted.retain(|_, t| *t >= h);
         }
         if self.counted.len() > COUNTED_MAX {
@@ -600,6 +624,13 @@ mod tests {
         ledger.suspect_gone(gone, &[]);
         let timeout = Evidence { client_idle_timeout: Some(Duration::from_secs(1)), ..Evidence::default() };
         assert_eq!(ledger.settle(Counters::NotServer, timeout), vec![Cause::PoolerIdleTimeout], "nothing to wait for");
+        // A socket left out of one read comes back as it was: found closed once only.
+        ledger.follow(&[(20, 20, 0)], at(200), 1);
+        ledger.follow(&[(20, 20, CLOSE_WAIT)], at(201), 1);
+        assert_eq!(ledger.settle(Counters::NotServer, Evidence::default()).len(), 1);
+        ledger.follow(&[], at(202), 1);
+        ledger.follow(&[(20, 20, CLOSE_WAIT)], at(203), 1);
+        assert!(!ledger.pending(), "not found again");
     }
 
     #[test]
