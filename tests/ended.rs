@@ -82,8 +82,6 @@ fn followed(watch: &PoolWatch) -> HashSet<u64> {
 async fn every_kill_of_a_busy_pool_is_counted_at_the_default_config() {
     recorder();
     let cluster = Cluster::start();
-    // Opened first: the first census tells it apart from the pool's sockets (a later one
-    // would wait for a census the client-side ledger asks for, up to 10 samples later).
     let mut admin = admin(&cluster).await;
     let pool = PgPoolOptions::new().max_connections(4).connect_with(cluster.options()).await.unwrap();
     let watch = instrument_pool(&pool, Config::new("ended_default")).unwrap();
@@ -95,7 +93,10 @@ async fn every_kill_of_a_busy_pool_is_counted_at_the_default_config() {
     let mut before = HashSet::new();
     for round in 1..=3 {
         // A sample has seen this round's connections (all new since the last round).
-        let seen = eventually(Duration::from_secs(30), "a sample saw the pool's 4 new connections", async || {
+        // The admin connection reads as one more until a census tells it apart: the first
+        // one may not (the pool's count moved meanwhile), the one the client-side ledger then
+        // asks for runs up to 10 samples after it.
+        let seen = eventually(Duration::from_secs(120), "a sample saw the pool's 4 new connections", async || {
             let now = followed(&watch);
             (now.len() == 4 && now.is_disjoint(&before) && pool.size() == 4).then_some(now)
         })
