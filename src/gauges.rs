@@ -111,6 +111,9 @@ pub(crate) struct Gauges {
     /// Registered at the first sample that read the pool's sockets (absent for a unix socket
     /// or off Linux): `poolwatch_client_sockets` by state and `poolwatch_client_gap`.
     client: OnceLock<(Vec<LazyGauge>, Gauge)>,
+    /// Sessions counted in `poolwatch_sessions_ended_total` (every cause): the snapshot's
+    /// figure, counted by the census and by every sample alike.
+    ended_total: std::sync::atomic::AtomicU64,
 }
 
 /// The census-derived gauges; at [`Detail::Standard`] the state families register their
@@ -205,6 +208,7 @@ impl Gauges {
             census_duration: OnceLock::new(),
             measured: OnceLock::new(),
             client: OnceLock::new(),
+            ended_total: std::sync::atomic::AtomicU64::new(0),
             pool_name: p,
             detail,
         };
@@ -214,11 +218,15 @@ impl Gauges {
         gauges
     }
 
-    /// Counts sessions of the pool that ended without the pool closing them.
-    pub(crate) fn sessions_ended(&self, causes: &[Cause]) {
+    /// Counts sessions of the pool that ended without the pool closing them; returns how
+    /// many were counted so far.
+    pub(crate) fn sessions_ended(&self, causes: &[Cause]) -> u64 {
         for cause in causes {
             self.ended(*cause).increment(1);
         }
+        let n = u64::try_from(causes.len()).unwrap_or(u64::MAX);
+        let ordering = std::sync::atomic::Ordering::Relaxed;
+        self.ended_total.fetch_add(n, ordering).saturating_add(n)
     }
 
     fn ended(&self, cause: Cause) -> Counter {

@@ -21,7 +21,7 @@ use crate::health::reach::Reach;
 use crate::health::report::{self, GapHealth, WaitHealth};
 use crate::ledger::attribution::Tag;
 use crate::ledger::client::ClientLedger;
-use crate::ledger::ended::{Evidence, Ledger, Seen, Vanished};
+use crate::ledger::ended::{Counters, Evidence, Ledger, Seen, Vanished};
 use crate::ledger::pooler::{self, PoolerConnection};
 use crate::ledger::retag::{self, Untagged};
 use crate::ledger::{census, sockets};
@@ -449,6 +449,9 @@ impl Shared {
             // Send queues are watched at every sample (a census is rare).
             self.send_queues.update(s);
         }
+        if let Some(s) = &sockets {
+            self.follow_ended(s, figures.open).await;
+        }
         if let (Some(s), Some(g)) = (&sockets, client_gap) {
             self.gauges.sockets(s, g);
             let now = (g, s.unattributed);
@@ -462,11 +465,62 @@ impl Shared {
                 self.census_wanted.notify_one();
             }
         }
+        let ended = self.gauges.sessions_ended(&[]);
         self.update(|s| {
             s.pool = figures;
             s.sockets = sockets;
             s.client_gap = client_gap;
+            s.sessions_ended = ended;
         });
+    }
+
+    /// Follows the pool's sockets from sample to sample (see `ledger::ended`): a session the
+    /// server or a pooler ended is counted within two samples, whatever the census cadence.
+    /// Costs nothing while no socket ends; then one read of the kernel's sockets and, on a
+    /// direct path, one small query for the server's session-end counters.
+    async fn follow_ended(&self, census: &sockets::SocketCensus, pool_open: u32) {
+        let at = Instant::now();
+        let open: Vec<(u64, u16, usize)> = census
+            .sockets
+            .iter()
+            .filter(|s| self.client.owns_port(s.local.port()))
+            .filter_map(|s| Some((s.inode, s.local.port(), sockets::TCP_STATES.iter().position(|n| *n == s.state)?)))
+            .collect();
+        let Some(gone) = self.ended.lock().ok().map(|mut l| l.follow(&open, at, pool_open)) else { return };
+        // Behind a pooler a gone socket cannot be confirmed (see `ledger::ended`): not read.
+        if !gone.is_empty() && self.path != NetworkPath::Pooler {
+            // What the kernel still holds of them tells who closed first.
+            let peers = self.client.peers();
+            let list = tokio::task::spawn_blocking(move || sockets::list(&peers, None).ok()).await.ok().flatten();
+            if let (Some(list), Ok(mut ledger)) = (list, self.ended.lock()) {
+                ledger.suspect_gone(gone, &list);
+            }
+        }
+        if !self.ended.lock().is_ok_and(|l| l.pending()) {
+            return;
+        }
+        let counters = if self.path == NetworkPath::Pooler {
+            Counters::NotServer
+        } else {
+            match self.direct.lock().await.run(async |c| ServerFacts::read(c).await).await {
+                Ok(facts) => Counters::Read(facts.ends),
+                Err(_) => Counters::Unread,
+            }
+        };
+        let client_idle_timeout = match &self.pooler {
+            Some(p) => p.try_lock().ok().and_then(|c| c.client_idle_timeout),
+            None => None,
+        };
+        let evidence = Evidence {
+            ends: None,
+            idle_session_timeout: self.heartbeat.server_settings().and_then(|s| s.idle_session_timeout),
+            client_idle_timeout,
+        };
+        let causes = self.ended.lock().map(|mut l| l.settle(counters, evidence)).unwrap_or_default();
+        if !causes.is_empty() {
+            tracing::debug!(pool = %self.config.pool_name, ?causes, "sessions of the pool ended without the pool closing them");
+            self.gauges.sessions_ended(&causes);
+        }
     }
 
     /// Connect trouble seen since the last reachability probe (census or heartbeat connect
@@ -703,17 +757,17 @@ impl Shared {
                         }
                     }
                 }
-                ended_now = vanished.causes(Evidence {
+                let evidence = Evidence {
                     ends,
                     idle_session_timeout: self.heartbeat.server_settings().and_then(|s| s.idle_session_timeout),
                     client_idle_timeout: pooler_view.as_ref().and_then(|(_, _, t)| *t),
-                });
+                };
+                ended_now = self.ended.lock().map(|mut l| l.judge_census(&vanished, evidence)).unwrap_or_default();
             }
-            self.gauges.sessions_ended(&ended_now);
+            let ended_total = self.gauges.sessions_ended(&ended_now);
             if let (Some(g), Some((figures, _, _))) = (&self.pooler_gauges, &pooler_view) {
                 g.set(figures);
             }
-            let ended_total = self.latest().sessions_ended + ended_now.len() as u64;
             let peer = peers.as_ref().and_then(|p| p.first().copied());
             drop(direct);
             // Peers are resolved here, rarely; every sample reuses them.

@@ -148,8 +148,11 @@ async fn pooler_idle_kills_are_counted_and_the_poolers_view_exported() {
     let alive = watch.census_now().await.unwrap();
     assert_eq!(alive.phantom, Some(0), "{alive:?}");
     let (base, base_metric) = (alive.sessions_ended, ended("pooler_idle_timeout").unwrap());
+    // Counted as soon as a sample sees the sockets closed (maybe before a census misses the
+    // clients at the pooler): wait for both.
     let s = eventually(Duration::from_secs(30), "every idle pool connection killed and counted", async || {
-        watch.census_now().await.ok().filter(|s| s.sessions_ended >= base + u64::from(n))
+        let s = watch.census_now().await.ok()?;
+        (s.sessions_ended >= base + u64::from(n) && s.phantom == Some(i64::from(n))).then_some(s)
     })
     .await;
     assert_eq!(s.phantom, Some(i64::from(n)), "dead idle slots until sqlx pings them: {s:?}");

@@ -115,6 +115,16 @@ impl ClientLedger {
         });
     }
 
+    /// Whether the socket at local `port` is surely this pool's: no other watched pool shares
+    /// its address, or the last census gave the port to this pool. The ledger of ended
+    /// sessions follows only these (an unattributed socket may be a sibling pool's).
+    pub(crate) fn owns_port(&self, port: u16) -> bool {
+        let Ok(pools) = POOLS.lock() else { return false };
+        let Some(me) = pools.iter().find(|e| e.id == self.id) else { return false };
+        me.ports.contains(&port)
+            || !pools.iter().any(|e| e.id != self.id && e.peers.iter().any(|p| me.peers.contains(p)))
+    }
+
     fn with_entry(&self, f: impl FnOnce(&mut Entry)) {
         if let Ok(mut pools) = POOLS.lock()
             && let Some(e) = pools.iter_mut().find(|e| e.id == self.id)
