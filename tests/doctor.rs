@@ -378,6 +378,20 @@ fn refused(cluster: &Cluster, (slash, split, mixed): (&'static str, &'static str
             vec![split],
             2,
         ),
+        // A flag whose value is missing takes the URL as its value: no error may quote it.
+        (
+            "URL taken as a count",
+            vec!["--max-connections".into(), format!("postgres://app_split:{split}@{at}/postgres")],
+            vec![split],
+            2,
+        ),
+        (
+            "URL taken as a duration",
+            vec!["--query-timeout".into(), format!("postgres://app_slash:{slash}@{at}/postgres")],
+            vec![slash],
+            2,
+        ),
+        ("password as an option", vec![cluster.url(), format!("--{mixed}")], vec![mixed], 2),
     ]
 }
 

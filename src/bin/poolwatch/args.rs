@@ -136,7 +136,9 @@ pub(crate) fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Arg
             "--startup-timeout" => a.startup_timeout = duration(&flag, &value()?)?,
             "--query-timeout" => a.query_timeout = duration(&flag, &value()?)?,
             // Only a `--name` is quoted back: anything else may be a secret typed in the wrong place.
-            f if f.starts_with("--") => return Err(format!("unknown option `{f}` (see poolwatch doctor --help)")),
+            f if f.starts_with("--") && f[2..].bytes().all(|b| b.is_ascii_lowercase() || b == b'-') => {
+                return Err(format!("unknown option `{f}` (see poolwatch doctor --help)"));
+            }
             f if f.starts_with('-') => return Err("unknown option (see poolwatch doctor --help)".to_owned()),
             _ if url.is_none() => url = Some(arg),
             _ => {
@@ -165,7 +167,8 @@ pub(crate) fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Arg
 }
 
 fn count(flag: &str, v: &str) -> Result<u32, String> {
-    v.parse().map_err(|_| format!("{flag} {v:?} is not a whole number, e.g. {flag} 10"))
+    // The value is not quoted back: a misplaced DATABASE_URL would be printed whole.
+    v.parse().map_err(|_| format!("{flag} needs a whole number, e.g. {flag} 10"))
 }
 
 fn optional_duration(flag: &str, v: &str) -> Result<Option<Duration>, String> {
@@ -173,7 +176,7 @@ fn optional_duration(flag: &str, v: &str) -> Result<Option<Duration>, String> {
 }
 
 fn duration(flag: &str, v: &str) -> Result<Duration, String> {
-    let bad = || format!("{flag} {v:?} is not a duration; use e.g. 250ms, 10s, 5m, 1h");
+    let bad = || format!("{flag} needs a duration, e.g. 250ms, 10s, 5m, 1h");
     let (number, unit) = v.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((v, ""), |i| v.split_at(i));
     let n: f64 = number.parse().map_err(|_| bad())?;
     let seconds = match unit {
@@ -185,7 +188,7 @@ fn duration(flag: &str, v: &str) -> Result<Duration, String> {
     };
     match Duration::try_from_secs_f64(seconds) {
         Ok(d) if !d.is_zero() => Ok(d),
-        _ => Err(format!("{flag} {v:?} must be a positive duration, e.g. 10s")),
+        _ => Err(format!("{flag} needs a positive duration, e.g. 10s")),
     }
 }
 
