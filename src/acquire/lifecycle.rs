@@ -111,6 +111,9 @@ struct Index {
     slots: Vec<Arc<Slot>>,
 }
 
+/// How many pools' indexes a thread keeps copies of (the least recently added goes first).
+const CACHED_POOLS: usize = 16;
+
 thread_local! {
     /// Each thread's copy of the index of each ledger (by id), refreshed when its generation
     /// moved: the acquire and release hooks read this, not the ledger's lock.
@@ -210,6 +213,11 @@ impl Lifecycle {
                 let at = match cached.iter().position(|(id, _)| *id == self.id) {
                     Some(at) => at,
                     None => {
+                        // Bounded: a process that opens a pool per tenant must not keep every
+                        // closed pool's index alive on every thread.
+                        if cached.len() >= CACHED_POOLS {
+                            cached.remove(0);
+                        }
                         cached.push((self.id, Arc::default()));
                         cached.len() - 1
                     }
