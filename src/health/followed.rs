@@ -48,6 +48,10 @@ pub(crate) struct Baseline {
     client: [Option<String>; 3],
     /// The server level, when the fresh session showed it (not hidden by a role setting).
     server: [Option<String>; 3],
+    /// The role and database the fresh session really had: behind a pooler the options name
+    /// the pooler's alias, not the server's database.
+    pub(crate) role: Option<String>,
+    pub(crate) database: Option<String>,
 }
 
 /// One row: name, value, source (`catalog:<scope>` for a `pg_db_role_setting` entry).
@@ -65,7 +69,9 @@ async fn rows(conn: &mut PgConnection, sql: String) -> Result<Vec<SettingRow>, s
 pub(crate) async fn read_fresh(conn: &mut PgConnection) -> Result<(ServerSettings, Baseline), sqlx::Error> {
     let sql = format!(
         "{SETTINGS} UNION ALL SELECT 'rolsuper', rolsuper::text, '' FROM pg_roles WHERE rolname = current_user \
-         UNION ALL SELECT 'rolconnlimit', rolconnlimit::text, '' FROM pg_roles WHERE rolname = current_user"
+         UNION ALL SELECT 'rolconnlimit', rolconnlimit::text, '' FROM pg_roles WHERE rolname = current_user \
+         UNION ALL SELECT 'current_user', current_user::text, '' \
+         UNION ALL SELECT 'current_database', current_database()::text, ''"
     );
     Ok(fresh(&rows(conn, sql).await?))
 }
@@ -111,9 +117,13 @@ fn followed_index(name: &str) -> Option<usize> {
 fn fresh(rows: &[SettingRow]) -> (ServerSettings, Baseline) {
     let mut s = ServerSettings::default();
     // A setting the server does not have (idle_session_timeout before 14) is off.
-    let mut b = Baseline { client: Default::default(), server: std::array::from_fn(|_| Some("0".to_owned())) };
+    let mut b = Baseline { server: std::array::from_fn(|_| Some("0".to_owned())), ..Baseline::default() };
     for (name, value, source) in rows {
-        s.apply(name, value);
+        match name.as_str() {
+            "current_user" => b.role = Some(value.clone()),
+            "current_database" => b.database = Some(value.clone()),
+            _ => s.apply(name, value),
+        }
         if let Some(i) = followed_index(name) {
             b.server[i] = SERVER_LEVEL.contains(&source.as_str()).then(|| value.clone());
             b.client[i] = (source == "client").then(|| value.clone());
@@ -143,8 +153,7 @@ fn followed(rows: &[SettingRow], baseline: &Baseline) -> Option<ServerSettings> 
             (Some(i), Some(scope)) => {
                 let rank = scope_rank(scope);
                 if catalog[i].as_ref().is_none_or(|(r, _)| rank > *r) {
-                    // A value the lint cannot convert: let a fresh session read it.
-                    catalog[i] = Some((rank, to_units(value, FOLLOWED[i].1)?.to_string()));
+                    catalog[i] = Some((rank, value.clone()));
                 }
             }
             (None, Some(_)) => {}
@@ -154,11 +163,13 @@ fn followed(rows: &[SettingRow], baseline: &Baseline) -> Option<ServerSettings> 
         }
     }
     for (i, (name, _)) in FOLLOWED.iter().enumerate() {
-        let value = baseline.client[i]
-            .clone()
-            .or_else(|| catalog[i].take().map(|(_, v)| v))
-            .or_else(|| own[i].take())
-            .or_else(|| baseline.server[i].clone())?;
+        // Only the winning catalog value is converted (an outranked one never matters); one
+        // the lint cannot convert lets a fresh session read it.
+        let value = match (baseline.client[i].clone(), catalog[i].take()) {
+            (Some(v), _) => v,
+            (None, Some((_, v))) => to_units(&v, FOLLOWED[i].1)?.to_string(),
+            (None, None) => own[i].take().or_else(|| baseline.server[i].clone())?,
+        };
         s.apply(name, &value);
     }
     Some(s)
@@ -227,6 +238,9 @@ mod tests {
         assert_eq!(ist(&[role.clone(), db.clone(), all]), Some(Some(Duration::from_secs(3))));
         assert_eq!(ist(&[db, both, role]), Some(Some(Duration::from_secs(2))));
         assert_eq!(ist(&[row("idle_session_timeout", "0", "catalog:user")]), Some(None), "a role can switch it off");
+        // An outranked value the lint cannot convert never matters: no fresh session for it.
+        let odd = row("idle_session_timeout", "1 parsec", "catalog:database");
+        assert_eq!(ist(&[odd, row("idle_session_timeout", "4s", "catalog:user")]), Some(Some(Duration::from_secs(4))));
     }
 
     #[test]

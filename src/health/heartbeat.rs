@@ -443,10 +443,11 @@ impl Heartbeat {
         config: &Config,
     ) -> Option<bool> {
         let baseline = self.state.lock().ok().and_then(|s| s.baseline.clone())?;
+        // The role and database the fresh session had; else the options' (a database left
+        // out of them is the role's name, as libpq does).
         let options = pool.connect_options();
-        let role = options.get_username().to_owned();
-        // A database left out of the options is the role's name, as libpq does.
-        let database = options.get_database().unwrap_or(role.as_str()).to_owned();
+        let role = baseline.role.clone().unwrap_or_else(|| options.get_username().to_owned());
+        let database = baseline.database.clone().unwrap_or_else(|| options.get_database().unwrap_or(&role).to_owned());
         let Ok(mut conn) = tokio::time::timeout(config.heartbeat_timeout, direct.lock()).await else {
             return Some(false);
         };
