@@ -229,6 +229,11 @@ impl Gauges {
         self.ended_total.fetch_add(n, ordering).saturating_add(n)
     }
 
+    /// Sessions counted as ended so far.
+    pub(crate) fn ended_total(&self) -> u64 {
+        self.ended_total.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn ended(&self, cause: Cause) -> Counter {
         counter!(catalog::SESSIONS_ENDED.name, POOL_NAME => self.pool_name.clone(), CAUSE => cause.as_str())
     }

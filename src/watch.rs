@@ -465,7 +465,7 @@ impl Shared {
                 self.census_wanted.notify_one();
             }
         }
-        let ended = self.gauges.sessions_ended(&[]);
+        let ended = self.gauges.ended_total();
         self.update(|s| {
             s.pool = figures;
             s.sockets = sockets;
@@ -490,8 +490,7 @@ impl Shared {
         // Behind a pooler a gone socket cannot be confirmed (see `ledger::ended`): not read.
         if !gone.is_empty() && self.path != NetworkPath::Pooler {
             // What the kernel still holds of them tells who closed first.
-            let peers = self.client.peers();
-            let list = tokio::task::spawn_blocking(move || sockets::list(&peers, None).ok()).await.ok().flatten();
+            let list = sockets::list_blocking(Some(&self.client.peers()), None).await;
             if let (Some(list), Ok(mut ledger)) = (list, self.ended.lock()) {
                 ledger.suspect_gone(gone, &list);
             }
@@ -502,8 +501,12 @@ impl Shared {
         let counters = if self.path == NetworkPath::Pooler {
             Counters::NotServer
         } else {
-            match self.direct.lock().await.run(async |c| ServerFacts::read(c).await).await {
-                Ok(facts) => Counters::Read(facts.ends),
+            // Bounded like the census: a heartbeat stuck on the connection must not stall samples.
+            match tokio::time::timeout(schedule::bounded(self.config.census_timeout), self.direct.lock()).await {
+                Ok(mut direct) => match direct.run(async |c| ServerFacts::read(c).await).await {
+                    Ok(facts) => Counters::Read(facts.ends),
+                    Err(_) => Counters::Unread,
+                },
                 Err(_) => Counters::Unread,
             }
         };
