@@ -96,19 +96,21 @@ impl DirectConnection {
     pub(crate) async fn get(&mut self) -> Result<&mut PgConnection, Cause> {
         if self.conn.is_none() {
             self.options = derive(self.source.base(), &self.app_name, self.timeout);
-            // One deadline for the whole sequence: a reconnect holds the connection's lock,
-            // and the census and samples wait for it.
-            let options = &self.options;
-            let connect = async {
-                let mut conn = PgConnection::connect_with(options).await?;
-                session_settings(&mut conn).await;
-                let port: Option<i32> = sqlx::query_scalar("SELECT inet_client_port()").fetch_one(&mut conn).await?;
-                Ok::<_, sqlx::Error>((conn, port))
-            };
-            let (mut conn, port) = tokio::time::timeout(self.timeout, connect)
+            let mut conn = tokio::time::timeout(self.timeout, PgConnection::connect_with(&self.options))
                 .await
                 .map_err(|_| Cause::TimedOut)?
                 .map_err(|e| Cause::of(&e))?;
+            tokio::time::timeout(self.timeout, session_settings(&mut conn))
+                .await
+                .map_err(|_| Cause::TimedOut)?
+                .map_err(|e| Cause::of(&e))?;
+            let port: Option<i32> = tokio::time::timeout(
+                self.timeout,
+                sqlx::query_scalar("SELECT inet_client_port()").fetch_one(&mut conn),
+            )
+            .await
+            .map_err(|_| Cause::TimedOut)?
+            .map_err(|e| Cause::of(&e))?;
             if let Some(tag) = self.verify_tag.take() {
                 let own = self.options.get_application_name().unwrap_or_default().to_owned();
                 let verify = crate::ledger::attribution::verify_stored(&mut conn, &own, &tag);
@@ -159,15 +161,20 @@ impl DirectConnection {
 }
 
 /// Switches the server's `idle_session_timeout` off for this session, where the server has it.
-/// A refusal (a proxy in front, a server that does not report its version) is logged, never
-/// fatal: failing the connect would only reconnect at every use and fail again.
-async fn session_settings(conn: &mut PgConnection) {
+/// A server that does not report its version gets the `SET` too, and may refuse it.
+async fn session_settings(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     let version = crate::server_version::of(conn);
     if !crate::server_version::has_idle_session_timeout(version) {
-        return;
+        return Ok(());
     }
-    if let Err(e) = crate::sqlx_adapter::fetch_all_simple(conn, "SET idle_session_timeout = 0").await {
-        tracing::debug!(error = %e, "poolwatch could not switch idle_session_timeout off for its own connection");
+    let set = crate::sqlx_adapter::fetch_all_simple(conn, "SET idle_session_timeout = 0").await;
+    match (set, version) {
+        (Ok(_), _) => Ok(()),
+        (Err(e), Some(_)) => Err(e),
+        (Err(e), None) => {
+            tracing::debug!(error = %e, "the server has no idle_session_timeout");
+            Ok(())
+        }
     }
 }
 

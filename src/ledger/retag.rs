@@ -87,7 +87,7 @@ pub(crate) async fn retag(
     method: Method,
     within: Duration,
 ) -> Outcome {
-    let until = crate::schedule::after(Instant::now(), within);
+    let until = Instant::now() + within;
     let sql = (method == Method::SetConfig).then(|| retag_sql(app_name));
     let mut outcome = Outcome { retagged: 0, failed: 0, unreached: untagged.elsewhere };
     let held = untagged.held;
@@ -106,7 +106,7 @@ pub(crate) async fn retag(
                 break;
             }
         }
-        tokio::time::sleep_until(until.min(crate::schedule::after(Instant::now(), SETTLE_POLL))).await;
+        tokio::time::sleep_until(until.min(Instant::now() + SETTLE_POLL)).await;
     }
     outcome
 }
