@@ -98,6 +98,10 @@ struct Slot {
     /// Nanoseconds from [`Lifecycle::base`] to the start of its idle time, plus 1; 0: handed
     /// out. [`RELEASED`] is set when the idle time began with a release by the app.
     idle_since: AtomicU64,
+    /// At its last acquire from the idle queue after a release: when that release was
+    /// (stamped like `idle_since`) and when it was taken again; 0: never.
+    popped_release: AtomicU64,
+    popped_at: AtomicU64,
 }
 
 /// The open connections by creation time, replaced whole (never changed) when one opens or
@@ -174,13 +178,44 @@ impl Lifecycle {
         stamp.checked_sub(1).and_then(|ns| self.base.checked_add(Duration::from_nanos(ns)))
     }
 
-    /// Connections the app gave back (`after_release`) before `before` and did not take again
-    /// since: in the pool's idle queue, or still in sqlx's return-to-pool cleanup.
-    pub(crate) fn released_before(&self, before: Instant) -> usize {
-        self.index.lock().map_or(0, |index| {
-            let released = |s: &&Arc<Slot>| s.idle_since.load(Ordering::Relaxed) & RELEASED != 0;
-            index.slots.iter().filter(released).filter(|s| self.idle_since(s).is_some_and(|t| t <= before)).count()
-        })
+    /// What the hooks know of the slots not handed out, for the stranded-slot reading.
+    pub(crate) fn releases(&self, now: Instant) -> Releases {
+        let Ok(index) = self.index.lock() else { return Releases::default() };
+        let stuck_after = u64::try_from(STUCK_AFTER.as_nanos()).unwrap_or(u64::MAX);
+        let old = self.stamp(now).saturating_sub(stuck_after);
+        let mut r = Releases::default();
+        // The idle queue is first in, first out: a connection taken again more than
+        // `STUCK_AFTER` after an earlier release proves that earlier one was not in the queue.
+        // Sorted by release, with the latest take of any release at or after each one.
+        let mut proof: Vec<(u64, u64)> = index
+            .slots
+            .iter()
+            .map(|s| (s.popped_release.load(Ordering::Relaxed), s.popped_at.load(Ordering::Relaxed)))
+            .filter(|(release, _)| *release != 0)
+            .collect();
+        proof.sort_unstable();
+        for i in (1..proof.len()).rev() {
+            proof[i - 1].1 = proof[i - 1].1.max(proof[i].1);
+        }
+        let passed_over = |at: u64| {
+            let i = proof.partition_point(|(release, _)| *release <= at);
+            proof.get(i).is_some_and(|(_, popped)| popped.saturating_sub(at) > stuck_after)
+        };
+        for s in &index.slots {
+            let v = s.idle_since.load(Ordering::Relaxed);
+            if v == 0 {
+                r.handed_out += 1;
+            } else if v & RELEASED != 0 {
+                let at = v & !RELEASED;
+                if at <= old {
+                    r.old += 1;
+                }
+                if passed_over(at) {
+                    r.passed_over += 1;
+                }
+            }
+        }
+        r
     }
 
     /// Replaces the index with `slots` (sorted by creation time).
@@ -195,7 +230,12 @@ impl Lifecycle {
     pub(crate) fn on_connect(&self) {
         let now = Instant::now();
         self.opened.fetch_add(1, Ordering::Relaxed);
-        let slot = Arc::new(Slot { created: now, idle_since: AtomicU64::new(self.stamp(now)) });
+        let slot = Arc::new(Slot {
+            created: now,
+            idle_since: AtomicU64::new(self.stamp(now)),
+            popped_release: AtomicU64::new(0),
+            popped_at: AtomicU64::new(0),
+        });
         if let Ok(mut index) = self.index.lock() {
             let mut slots = index.slots.clone();
             let at = slots.partition_point(|s| s.created <= now);
@@ -240,8 +280,15 @@ impl Lifecycle {
         let created = self.nanos(now).saturating_sub(age);
         let stamp = if idle { self.stamp(now) | RELEASED } else { 0 };
         self.with_index(|index| {
-            if let Some(slot) = nearest(index, created, idle) {
+            let Some(slot) = nearest(index, created, idle) else { return };
+            if idle {
                 slot.idle_since.store(stamp, Ordering::Relaxed);
+                return;
+            }
+            let before = slot.idle_since.swap(0, Ordering::Relaxed);
+            if before & RELEASED != 0 {
+                slot.popped_release.store(before & !RELEASED, Ordering::Relaxed);
+                slot.popped_at.store(self.stamp(now), Ordering::Relaxed);
             }
         });
     }
@@ -298,6 +345,18 @@ impl Lifecycle {
             oldest_age,
         }
     }
+}
+
+/// The slots the hooks last saw given back or handed out (see [`Lifecycle::releases`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Releases {
+    /// Handed out to the app (an acquire from the idle queue, not given back since).
+    handed_out: usize,
+    /// Given back over [`STUCK_AFTER`] ago and not taken again.
+    old: usize,
+    /// Given back, not taken again, and passed over: a connection released later was taken
+    /// from the idle queue over [`STUCK_AFTER`] after this release.
+    passed_over: usize,
 }
 
 /// How far apart two connects can be and still be told apart by their age alone: the hook
@@ -405,11 +464,17 @@ impl Published {
     /// cleanup. A busy pool always has a few releases in flight (sqlx pings each connection
     /// before it goes idle): those are younger. Read after [`update`](Self::update), which
     /// drops the connections that closed.
+    ///
+    /// Two lower bounds, the larger wins. Releases over `STUCK_AFTER` old minus every idle
+    /// connection reads 0 on a busy pool (its recent releases sit in the idle queue), so the
+    /// queue's order is used too: releases passed over by a later one (sqlx hands out the
+    /// longest idle first), as far as the slots not idle and not handed out allow.
     pub(crate) fn released_not_idle(&self) -> u32 {
         let idle = self.pool.num_idle();
         let out = (self.pool.size() as usize).saturating_sub(idle);
-        let Some(before) = Instant::now().checked_sub(STUCK_AFTER) else { return 0 };
-        u32::try_from(self.ledger.released_before(before).saturating_sub(idle).min(out)).unwrap_or(u32::MAX)
+        let r = self.ledger.releases(Instant::now());
+        let passed_over = r.passed_over.min(out.saturating_sub(r.handed_out));
+        u32::try_from(r.old.saturating_sub(idle).max(passed_over).min(out)).unwrap_or(u32::MAX)
     }
 
     /// Counts the closes since the last update and publishes the figures.
@@ -493,5 +558,33 @@ mod tests {
         ledger.seen(created[1].elapsed(), true);
         assert_eq!(idle(&ledger), [true, true, true]);
         assert!(ledger.figures().oldest_age.unwrap() >= created[0].elapsed() - Duration::from_millis(1));
+    }
+
+    /// sqlx hands out the longest idle connection first: a release passed over by a later
+    /// release taken again over a second after it is not in the idle queue, however many
+    /// connections are idle now.
+    #[test]
+    fn a_release_passed_over_by_the_idle_queue_is_stuck() {
+        let ledger = Lifecycle::default();
+        for _ in 0..3 {
+            ledger.on_connect();
+        }
+        let secs = |s: u64| ledger.stamp(ledger.base + Duration::from_secs(s));
+        {
+            let index = ledger.index.lock().unwrap();
+            let [stuck, busy, other] = [0, 1, 2].map(|i| &index.slots[i]);
+            // Both given back at 10 s; `busy` was taken again at 12 s and given back at 12.5 s.
+            stuck.idle_since.store(secs(10) | RELEASED, Ordering::Relaxed);
+            busy.popped_release.store(secs(10) + 1, Ordering::Relaxed);
+            busy.popped_at.store(secs(12), Ordering::Relaxed);
+            busy.idle_since.store((secs(12) + 500_000_000) | RELEASED, Ordering::Relaxed);
+            other.idle_since.store(0, Ordering::Relaxed);
+        }
+        let r = ledger.releases(ledger.base + Duration::from_millis(12_700));
+        assert_eq!((r.handed_out, r.old, r.passed_over), (1, 1, 1));
+        // Taken again too soon after the release to tell: no proof.
+        ledger.index.lock().unwrap().slots[1].popped_at.store(secs(10) + 900_000_000, Ordering::Relaxed);
+        let r = ledger.releases(ledger.base + Duration::from_millis(12_700));
+        assert_eq!((r.old, r.passed_over), (1, 0));
     }
 }
