@@ -96,8 +96,29 @@ async fn every_kill_of_a_busy_pool_is_counted_at_the_default_config() {
         // The admin connection reads as one more until a census tells it apart: the first
         // one may not (the pool's count moved meanwhile), the one the client-side ledger then
         // asks for runs up to 10 samples after it.
+        let mut last = String::new();
         let seen = eventually(Duration::from_secs(120), "a sample saw the pool's 4 new connections", async || {
+            // A kill that lands on the workload's query in flight makes sqlx close that
+            // connection without a replacement (one query at a time needs one): a busy app
+            // opens it again, as this does.
+            if pool.size() < 4 {
+                drop(futures_hold(&pool, 4).await);
+            }
             let now = followed(&watch);
+            let s = watch.snapshot();
+            let state = format!(
+                "round {round}: followed {now:?} (before {before:?}), pool size {}, client gap {:?}, sockets {:?}",
+                pool.size(),
+                s.client_gap,
+                s.sockets.as_ref().map(|c| (
+                    c.unattributed,
+                    c.sockets.iter().map(|s| (s.inode, s.local.port(), s.state)).collect::<Vec<_>>()
+                ))
+            );
+            if state != last {
+                eprintln!("{state}");
+                last = state;
+            }
             (now.len() == 4 && now.is_disjoint(&before) && pool.size() == 4).then_some(now)
         })
         .await;
