@@ -13,7 +13,7 @@ pub const POOL_NAME: &str = "db_client_connection_pool_name";
 pub const CONNECTION_STATE: &str = "db_client_connection_state";
 /// Label key for a state from a fixed set (server session state, socket state).
 pub const STATE: &str = "state";
-/// Label key for a [`Cause`](crate::Cause).
+/// Label key for a [`Cause`](crate::cause::Cause).
 pub const CAUSE: &str = "cause";
 
 /// What kind of instrument a metric is.
@@ -131,7 +131,7 @@ pub const CLIENT_SOCKETS: Metric = gauge(
 );
 
 // --- progress (issue 7) ---
-/// Units of work the app reported done with this pool ([`Progress`](crate::Progress)).
+/// Units of work the app reported done with this pool ([`Progress`](crate::health::progress::Progress)).
 pub const PROGRESS: Metric = counter(
     "poolwatch_progress_total",
     "Units of work the app reported done with this pool (Progress::tick). Flat while connections stay checked out: work stalled.",
@@ -166,7 +166,7 @@ pub const DOWNTIME_BUCKETS: &[f64] = &[1.0, 10.0, 60.0];
 /// [`Detail::Standard`](crate::Detail::Standard); `None` for a name that is not a histogram.
 /// [`export::Exporter`](crate::export) and `export::prometheus_builder` apply them; give the same bounds to any
 /// other recorder (an OpenTelemetry `View`).
-pub fn buckets(name: &str, detail: crate::Detail) -> Option<&'static [f64]> {
+pub fn buckets(name: &str, detail: crate::config::Detail) -> Option<&'static [f64]> {
     let coarse = match name {
         n if n == WAIT_TIME.name => WAIT_BUCKETS,
         n if n == USE_TIME.name => USE_BUCKETS,
@@ -186,7 +186,7 @@ pub fn buckets(name: &str, detail: crate::Detail) -> Option<&'static [f64]> {
 pub const LINT_EXCEPTIONS: &[&str] = &["db_client_connection_count"];
 
 // --- listener reconnects (issue 4) ---
-/// Label key of the listener metrics: the name given to a [`WatchedListener`](crate::WatchedListener).
+/// Label key of the listener metrics: the name given to a [`WatchedListener`](crate::listener::watched::WatchedListener).
 pub const LISTENER: &str = "listener";
 /// 1 while a watched listener's connection is up and LISTENing, else 0.
 pub const LISTENER_CONNECTED: Metric = gauge(
@@ -225,7 +225,7 @@ pub const LISTENER_LAST_NOTIFICATION: Metric = gauge(
 /// Label key of the heartbeat metrics: `pool` (acquire + `SELECT 1`) or `direct` (the
 /// dedicated connection outside the pool).
 pub const PATH: &str = "path";
-/// Label key of `poolwatch_config_hazard`: a [`Hazard`](crate::Hazard) name.
+/// Label key of `poolwatch_config_hazard`: a [`Hazard`](crate::health::hazards::Hazard) name.
 pub const HAZARD: &str = "hazard";
 /// How long each heartbeat took, by path.
 pub const HEARTBEAT_DURATION: Metric = histogram(
@@ -418,7 +418,7 @@ pub const POOLER_SERVER_CONNECTIONS: Metric = gauge(
 
 // --- the ledger at fleet scale (issue 14) ---
 /// Label key of [`POOL_INFO`]: the pool's stable `application_name` tag
-/// ([`attribution::fleet_tag`](crate::attribution::fleet_tag)).
+/// ([`attribution::fleet_tag`](crate::ledger::attribution::fleet_tag)).
 pub const APPLICATION_NAME: &str = "application_name";
 /// The pool's connections without an established socket, read on every sample.
 pub const CLIENT_GAP: Metric = gauge(
@@ -437,17 +437,17 @@ pub const POOL_INFO: Metric = gauge(
 );
 
 // --- connection lifecycle (issue 13) ---
-/// Label key of [`CONNECTIONS_CLOSED`]: a [`CloseReason`](crate::CloseReason).
+/// Label key of [`CONNECTIONS_CLOSED`]: a [`CloseReason`](crate::acquire::lifecycle::CloseReason).
 pub const REASON: &str = "reason";
 /// Connections the pool closed, by reason (needs
-/// [`instrument_options_named`](crate::instrument_options_named); [`Detail::Full`](crate::Detail::Full)).
+/// [`instrument_options_named`](crate::acquire::bare::instrument_options_named); [`Detail::Full`](crate::Detail::Full)).
 pub const CONNECTIONS_CLOSED: Metric = counter(
     "poolwatch_connections_closed_total",
     "Connections that left the pool, by reason: idle_timeout, max_lifetime, broken (failed ping, error, closed or detached by the app), pool_closed. Inferred from sqlx's rules (sqlx has no close hook); see docs/lifecycle.md.",
     &[REASON],
 );
 /// The age of the oldest connection the pool holds (needs
-/// [`instrument_options_named`](crate::instrument_options_named)).
+/// [`instrument_options_named`](crate::acquire::bare::instrument_options_named)).
 pub const CONNECTION_OLDEST_AGE: Metric = gauge(
     "poolwatch_connection_oldest_age_seconds",
     Unit::Seconds,
@@ -577,7 +577,7 @@ pub fn find(series: &str) -> Option<&'static Metric> {
 }
 
 /// Describes every metric (unit and help text) to the installed `metrics` recorder.
-/// Called by [`instrument_pool`](crate::instrument_pool); harmless to call again.
+/// Called by [`instrument_pool`](crate::watch::instrument_pool); harmless to call again.
 pub fn describe() {
     for m in ALL {
         match m.kind {

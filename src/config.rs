@@ -4,7 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 /// How poolwatch watches one pool. Build it with [`Config::new`] and the setters; every
-/// field documents its default. Values are checked by [`instrument_pool`](crate::instrument_pool).
+/// field documents its default. Values are checked by [`instrument_pool`](crate::watch::instrument_pool).
 /// Any non-zero duration works, up to `Duration::MAX` ("never": waits longer than about 30
 /// years are waited as 30 years).
 #[derive(Debug, Clone)]
@@ -47,11 +47,11 @@ pub struct Config {
     /// Default `None` (no pooler declared).
     pub pooler_idle_timeout: Option<Duration>,
     /// Declared: what lies between the pool and the server: decides how sessions are attributed
-    /// to this process (see [`NetworkPath`](crate::NetworkPath)). Default `None`: inferred:
+    /// to this process (see [`NetworkPath`](crate::ledger::attribution::NetworkPath)). Default `None`: inferred:
     /// `Pooler` when [`Config::pooler_admin`] is set or [`Config::direct_connect_options`] points
     /// at another host or port than the pool; otherwise `Direct` over TCP, and `Nat` (a nonce)
     /// for a unix socket or a system without the socket list (not Linux).
-    pub network_path: Option<crate::NetworkPath>,
+    pub network_path: Option<crate::ledger::attribution::NetworkPath>,
     /// Declared: the pooler's admin console (PgBouncer: database `pgbouncer`, a user in
     /// `stats_users`), as a URL. With it the census reads `SHOW CLIENTS` and `SHOW POOLS` and
     /// the phantom gap stays exact behind the pooler. Default `None`.
@@ -68,7 +68,7 @@ pub struct Config {
     /// is flagged within `hazard_recheck_interval` + `heartbeat_interval` + `heartbeat_timeout`.
     /// Each re-read is one short-lived connection and one query. Default 60 s.
     pub hazard_recheck_interval: Duration,
-    /// How long a connection checked out through [`WatchedPool`](crate::WatchedPool) may be
+    /// How long a connection checked out through [`WatchedPool`](crate::acquire::watched_pool::WatchedPool) may be
     /// held before it is reported as a leak or stuck suspect. Default `None` (off).
     pub leak_threshold: Option<Duration>,
     /// How long a socket to the database may keep unacknowledged bytes in its send queue,
@@ -166,7 +166,7 @@ impl Config {
     }
 
     /// Declares [`Config::network_path`].
-    pub fn network_path(mut self, path: crate::NetworkPath) -> Self {
+    pub fn network_path(mut self, path: crate::ledger::attribution::NetworkPath) -> Self {
         self.network_path = Some(path);
         self
     }

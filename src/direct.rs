@@ -14,7 +14,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
-use crate::Cause;
+use crate::cause::Cause;
 
 /// Where the dedicated connection's options come from.
 #[derive(Clone)]

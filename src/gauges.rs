@@ -7,7 +7,7 @@ use metrics::{Counter, Gauge, counter, gauge};
 use crate::catalog::{self, APPLICATION_NAME, CAUSE, CONNECTION_STATE, POOL_NAME, STATE};
 use crate::ledger::census::SESSION_STATES;
 use crate::ledger::sockets::{SocketCensus, TCP_STATES};
-use crate::{Cause, Detail, PoolFigures, Snapshot};
+use crate::{cause::Cause, config::Detail, ledger::snapshot::PoolFigures, ledger::snapshot::Snapshot};
 
 /// Session states whose count is exported from the start at [`Detail::Standard`] (the others
 /// once seen non-zero): the dashboard's ledger.
@@ -186,7 +186,7 @@ impl PoolerGauges {
         }
     }
 
-    pub(crate) fn set(&self, f: &crate::PoolerFigures) {
+    pub(crate) fn set(&self, f: &crate::ledger::pooler::PoolerFigures) {
         self.waiting.set(f.waiting_clients);
         self.max_wait.set(f.max_wait.as_secs_f64());
         self.active.set(f.servers_active);

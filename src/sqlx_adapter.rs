@@ -14,8 +14,8 @@ use sqlx_core08::ext::async_stream::TryAsyncStream;
 #[cfg(feature = "sqlx-0_9")]
 use sqlx_core09::ext::async_stream::TryAsyncStream;
 
-use crate::WatchedPool;
 use crate::acquire::leak::Origin;
+use crate::acquire::watched_pool::WatchedPool;
 
 #[cfg(all(feature = "sqlx-0_9", feature = "sqlx-0_8"))]
 compile_error!(

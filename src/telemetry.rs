@@ -36,7 +36,7 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{Layer, Registry};
 
-use crate::{ConfigError, catalog};
+use crate::{catalog, config::ConfigError};
 
 /// A setup [`init`] cannot run: the error names the [`TelemetryConfig`] field and the fix.
 pub type TelemetryError = ConfigError;
@@ -267,7 +267,7 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
         let writer = config.log_writer.unwrap_or_else(|| BoxMakeWriter::new(std::io::stderr));
         let fmt = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer).with_filter(log_filter);
         let otlp = spans.as_ref().map(|p| p.layer()).transpose()?;
-        let subscriber = Registry::default().with(fmt).with(otlp).with(crate::sqlx_acquire_layer());
+        let subscriber = Registry::default().with(fmt).with(otlp).with(crate::acquire::bare::sqlx_acquire_layer());
         tracing::subscriber::set_global_default(subscriber).map_err(|_| {
             ConfigError::new(
                 "install_subscriber",

@@ -1,4 +1,4 @@
-//! Figures of acquires that bypass [`WatchedPool`](crate::WatchedPool): an ORM, a job queue or
+//! Figures of acquires that bypass [`WatchedPool`](crate::acquire::watched_pool::WatchedPool): an ORM, a job queue or
 //! a session store that takes the bare `PgPool`. Two sources, both from sqlx itself:
 //!
 //! - the pool's hooks, installed by [`instrument_options_named`]: connections opened
@@ -136,7 +136,7 @@ impl BareFigures {
     }
 }
 
-/// [`instrument_options`](crate::instrument_options), plus hooks that count every acquire and
+/// [`instrument_options`](crate::acquire::probe::instrument_options), plus hooks that count every acquire and
 /// release of the pool whoever makes it (a library on the bare `PgPool` included), the
 /// connection lifecycle figures ([`PoolWatch::lifecycle`](crate::PoolWatch::lifecycle):
 /// opened, closed by reason, the oldest one's age; `docs/lifecycle.md`), and sqlx's
@@ -201,7 +201,7 @@ pub(crate) fn in_watched_poll<T>(poll: impl FnOnce() -> T) -> T {
 
 /// A `tracing` layer that reads sqlx's own acquire events (target `sqlx::pool::acquire`) into
 /// `db_client_connection_wait_time_seconds` and `poolwatch_pool_slow_acquires_total`, for
-/// acquires that bypass [`WatchedPool`](crate::WatchedPool). It has its own filter: add it to
+/// acquires that bypass [`WatchedPool`](crate::acquire::watched_pool::WatchedPool). It has its own filter: add it to
 /// a `tracing_subscriber::Registry` next to your other layers. A global filter in front of it
 /// (e.g. `registry().with(EnvFilter)`) hides the TRACE events from it; give that filter to
 /// your `fmt` layer instead (`fmt::layer().with_filter(EnvFilter..)`).

@@ -1,5 +1,5 @@
 //! Leak and stuck suspects: connections checked out through a
-//! [`WatchedPool`](crate::WatchedPool) for longer than
+//! [`WatchedPool`](crate::acquire::watched_pool::WatchedPool) for longer than
 //! [`Config::leak_threshold`](crate::Config::leak_threshold).
 //!
 //! Each checkout is entered in a small registry (a slab under a mutex, one entry per

@@ -61,7 +61,7 @@ impl CloseReason {
 }
 
 /// The lifecycle figures of one pool (needs the hooks of
-/// [`instrument_options_named`](crate::instrument_options_named)).
+/// [`instrument_options_named`](crate::acquire::bare::instrument_options_named)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct LifecycleFigures {
@@ -441,7 +441,7 @@ pub(crate) struct Published {
 
 impl Published {
     /// The metrics of `pool_name`, if its options carry the hooks.
-    pub(crate) fn new(pool: &PgPool, pool_name: &str, detail: crate::Detail) -> Option<Published> {
+    pub(crate) fn new(pool: &PgPool, pool_name: &str, detail: crate::config::Detail) -> Option<Published> {
         let ledger = crate::acquire::bare::lifecycle_of(pool_name)?;
         let p = pool_name.to_owned();
         let closed = (detail == crate::Detail::Full).then(|| {

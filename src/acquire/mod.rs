@@ -1,4 +1,4 @@
-//! Acquires through a [`WatchedPool`](crate::WatchedPool): wait, use and connect times, waiters,
+//! Acquires through a [`WatchedPool`](crate::acquire::watched_pool::WatchedPool): wait, use and connect times, waiters,
 //! timeouts and leak suspects, and their spans.
 pub(crate) mod bare;
 pub(crate) mod leak;

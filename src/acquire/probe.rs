@@ -1,4 +1,4 @@
-//! The figures of acquires made through a [`WatchedPool`](crate::WatchedPool): wait,
+//! The figures of acquires made through a [`WatchedPool`](crate::acquire::watched_pool::WatchedPool): wait,
 //! waiters, timeouts, use time and create time, recorded on the hot path with pre-registered
 //! metric handles (a few atomic operations and clock reads per acquire).
 
@@ -20,7 +20,7 @@ use tracing::Span;
 use crate::acquire::leak::{Leaks, Origin};
 use crate::acquire::spans as acquire_spans;
 use crate::catalog::{self, POOL_NAME};
-use crate::{Cause, Config, Snapshot};
+use crate::{cause::Cause, config::Config, ledger::snapshot::Snapshot};
 
 /// At most one exhaustion WARN per pool per this period (the others are DEBUG span events).
 const EXHAUSTION_WARN_EVERY: Duration = Duration::from_secs(10);
@@ -30,13 +30,13 @@ thread_local! {
     static CONNECTED: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
-/// Installs the `after_connect` hook that lets a [`WatchedPool`](crate::WatchedPool) measure
+/// Installs the `after_connect` hook that lets a [`WatchedPool`](crate::acquire::watched_pool::WatchedPool) measure
 /// `db_client_connection_create_time_seconds` and emit `db.pool.connect` spans.
 ///
 /// It replaces any `after_connect` hook set before. If you need your own hook, call
 /// [`mark_connected`] first thing in it instead.
 ///
-/// [`instrument_options_named`](crate::instrument_options_named) does this too, and counts
+/// [`instrument_options_named`](crate::acquire::bare::instrument_options_named) does this too, and counts
 /// every acquire and release for apps whose pool is driven by a library.
 pub fn instrument_options(options: PgPoolOptions) -> PgPoolOptions {
     options.after_connect(|_conn: &mut PgConnection, _meta| -> BoxFuture<'_, Result<(), sqlx::Error>> {
@@ -436,7 +436,7 @@ fn describe_census(ago: Duration, s: &Snapshot) -> String {
     let server = match &s.server {
         None => "server not read".to_owned(),
         Some(c) => {
-            let states: Vec<String> = crate::SESSION_STATES
+            let states: Vec<String> = crate::ledger::census::SESSION_STATES
                 .iter()
                 .zip(c.counts)
                 .filter(|(_, n)| *n > 0)

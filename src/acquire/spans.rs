@@ -9,8 +9,8 @@ use std::time::Duration;
 use tracing::Span;
 use tracing::field::Empty;
 
-use crate::Cause;
 use crate::acquire::probe::Probe;
+use crate::cause::Cause;
 
 /// The span of one acquire, entered while it waits.
 pub(crate) fn acquire(p: &Probe) -> Span {

@@ -7,7 +7,7 @@
 //! idle) and while a connection is being opened, so the exported figure is the smallest of
 //! the last [`READINGS`] samples: only a slot stranded at each of them counts.
 //!
-//! With [`instrument_options_named`](crate::instrument_options_named)'s hooks the reading is
+//! With [`instrument_options_named`](crate::acquire::bare::instrument_options_named)'s hooks the reading is
 //! exact on any pool, whoever drives it: the slots the app gave back (`after_release` seen,
 //! not acquired again) that the pool does not count idle (sqlx 0.9.0 strands a permit this
 //! way when the return-to-pool ping meets a silent peer, sqlx #4349). It is published from the
@@ -39,7 +39,7 @@ pub(crate) struct Stranded {
 
 impl Stranded {
     /// At `Detail::Standard` the series appears at the first stranded slot (the series budget).
-    pub(crate) fn new(pool_name: &str, detail: crate::Detail) -> Stranded {
+    pub(crate) fn new(pool_name: &str, detail: crate::config::Detail) -> Stranded {
         let gauge =
             crate::gauges::LazyGauge::new(catalog::STRANDED_SLOTS.name, vec![(POOL_NAME, pool_name.to_owned())], false);
         Stranded { readings: Mutex::new(Vec::with_capacity(READINGS)), gauge, full: detail == crate::Detail::Full }

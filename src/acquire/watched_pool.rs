@@ -20,7 +20,7 @@ use crate::acquire::probe::{Probe, Ticket};
 ///
 /// Acquires through it record `db_client_connection_wait_time_seconds`,
 /// `_pending_requests`, `_timeouts_total`, `_use_time_seconds`, `_create_time_seconds`
-/// (with [`instrument_options`](crate::instrument_options)), the `db.pool.acquire` span, and
+/// (with [`instrument_options`](crate::acquire::probe::instrument_options)), the `db.pool.acquire` span, and
 /// leak suspects when [`Config::leak_threshold`](crate::Config::leak_threshold) is set.
 /// Acquires made with the bare pool still show in the sampled `db_client_connection_count`.
 ///

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::recorder::{Layout, PrometheusHandle, PrometheusRecorder};
 use crate::catalog::{self, Kind};
-use crate::{ConfigError, Detail};
+use crate::{config::ConfigError, config::Detail};
 
 /// The bounds of histograms nobody gave bounds for: the Prometheus client libraries' default.
 pub const DEFAULT_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];

@@ -2,8 +2,8 @@
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
-use crate::Detail;
 use crate::catalog::{self, Kind};
+use crate::config::Detail;
 
 /// A `PrometheusBuilder` whose poolwatch histograms render as histograms, with the coarse
 /// buckets of [`Detail::Standard`]. Chain your own settings (`with_http_listener`,

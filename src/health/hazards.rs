@@ -12,7 +12,7 @@ use std::time::Duration;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgConnection, Row};
 
-use crate::Config;
+use crate::config::Config;
 
 /// A configuration that leads to a known failure. The names are fixed label values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

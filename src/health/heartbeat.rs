@@ -33,7 +33,7 @@ use crate::catalog::{self, CAUSE, HAZARD, PATH, POOL_NAME};
 use crate::direct::DirectConnection;
 use crate::health::followed::{self, Baseline};
 use crate::health::hazards::{self, Finding, Hazard, PoolSettings, ServerSettings};
-use crate::{Cause, Config};
+use crate::{cause::Cause, config::Config};
 
 /// The two heartbeat paths (the `path` label values).
 pub const PATHS: [&str; 2] = ["pool", "direct"];
@@ -137,7 +137,7 @@ enum Path {
 }
 
 impl Heartbeat {
-    pub(crate) fn new(pool_name: &str, detail: crate::Detail) -> Heartbeat {
+    pub(crate) fn new(pool_name: &str, detail: crate::config::Detail) -> Heartbeat {
         let p = || pool_name.to_owned();
         // The failure an alert reads with `increase()` (PoolwatchSessionsEndedByPooler: a
         // pooler's query_wait_timeout on the pool path) exists at 0 from the start, so the

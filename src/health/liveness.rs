@@ -143,7 +143,7 @@ impl Limits {
     /// A few intervals of each task, plus the time its slowest step may legitimately take
     /// (the census and the probes block the sample loop for up to a few `census_timeout`s).
     /// Saturating: any duration `Config` accepts.
-    pub(crate) fn of(c: &crate::Config) -> Limits {
+    pub(crate) fn of(c: &crate::config::Config) -> Limits {
         let slack = c.census_timeout.saturating_mul(4);
         let sample = c.sample_interval.saturating_mul(3).saturating_add(slack);
         // A heartbeat is seen at a sample: never stale sooner than the sample is.

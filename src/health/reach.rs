@@ -32,15 +32,15 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use metrics::{Gauge, gauge};
 use sqlx::postgres::PgConnectOptions;
 use tokio::task::JoinSet;
 
-use crate::Cause;
 use crate::catalog::{self, POOL_NAME, SERVER_ADDRESS};
+use crate::cause::Cause;
 
 /// At most this many resolved addresses are probed per census (the first ones, in DNS order).
 pub const MAX_ADDRESSES: usize = 16;
@@ -174,6 +174,11 @@ pub(crate) struct Reach {
     resolve_failing: AtomicBool,
     /// Per-address series only at [`Detail::Full`](crate::Detail::Full).
     per_address: bool,
+    /// The connect-trouble count when the probe last ran.
+    trouble_seen: AtomicU64,
+    /// When the probe last ran: an address found down is probed again every `recheck` until
+    /// it answers (else it would read down until the next scheduled probe).
+    last_run: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug)]
@@ -183,7 +188,7 @@ struct AddressGauges {
 }
 
 impl Reach {
-    pub(crate) fn new(pool_name: &str, detail: crate::Detail) -> Reach {
+    pub(crate) fn new(pool_name: &str, detail: crate::config::Detail) -> Reach {
         Reach {
             per_address: detail == crate::Detail::Full,
             pool_name: pool_name.to_owned(),
@@ -191,7 +196,35 @@ impl Reach {
             latest: Mutex::new(Reachability::default()),
             over_cap_warned: AtomicBool::new(false),
             resolve_failing: AtomicBool::new(false),
+            trouble_seen: AtomicU64::new(u64::MAX),
+            last_run: Mutex::new(None),
         }
+    }
+
+    /// Whether a probe is due beside the schedule: connects failed or slowed down since the
+    /// last probe (`trouble` counts them), or an address is down and `recheck` passed since
+    /// (a recovered address must not read down for hours; costs the server a probe per
+    /// `recheck` only while something is down).
+    pub(crate) fn wanted(&self, trouble: u64, recheck: Duration) -> bool {
+        let last = self.last_run.lock().ok().and_then(|l| *l);
+        let recheck_down = self.any_down() && last.is_none_or(|at| at.elapsed() >= recheck);
+        self.trouble_seen.load(Ordering::Relaxed) != trouble || recheck_down
+    }
+
+    /// Probes now (on its schedule, or soon after [`wanted`](Self::wanted)); `trouble` is the
+    /// connect-trouble count now.
+    pub(crate) async fn run_now(&self, trouble: u64, options: &PgConnectOptions, timeout: Duration) {
+        self.trouble_seen.store(trouble, Ordering::Relaxed);
+        if let Ok(mut last) = self.last_run.lock() {
+            *last = Some(Instant::now());
+        }
+        // The probes' sockets are left out of any socket census by port (`OwnPort`).
+        self.run(options, timeout).await;
+    }
+
+    /// Clears what a panicked task left poisoned.
+    pub(crate) fn clear_poison(&self) {
+        self.last_run.clear_poison();
     }
 
     pub(crate) fn figures(&self) -> Reachability {

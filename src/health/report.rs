@@ -15,7 +15,10 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::listener::status::ListenerHealth;
-use crate::{Diagnosis, HeartbeatFigures, PathFigures, PoolFigures};
+use crate::{
+    health::heartbeat::Diagnosis, health::heartbeat::HeartbeatFigures, health::heartbeat::PathFigures,
+    ledger::snapshot::PoolFigures,
+};
 
 /// The verdict, worst last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -80,7 +83,7 @@ pub struct PathHealth {
     pub up: Option<bool>,
     /// How long the last one took, in seconds.
     pub last_seconds: Option<f64>,
-    /// Why the last one failed (a [`Cause`](crate::Cause) name).
+    /// Why the last one failed (a [`Cause`](crate::cause::Cause) name).
     pub last_cause: Option<&'static str>,
     /// Heartbeats that succeeded so far.
     pub successes: u64,
@@ -150,7 +153,7 @@ pub struct HealthReport {
     pub gap: GapHealth,
     /// Both heartbeat paths.
     pub heartbeat: HeartbeatHealth,
-    /// The pool's [`WatchedListener`](crate::WatchedListener)s alive in this process.
+    /// The pool's [`WatchedListener`](crate::listener::watched::WatchedListener)s alive in this process.
     pub listeners: Vec<ListenerHealth>,
     /// Configuration hazards found by the last lint.
     pub hazards: Vec<HazardHealth>,
@@ -168,8 +171,8 @@ pub struct HealthReport {
     pub addresses: usize,
     /// Connections opened, closed by reason, and the oldest one's age (`watch.lifecycle()`);
     /// `None` unless the pool was built with
-    /// [`instrument_options_named`](crate::instrument_options_named). Informative only.
-    pub lifecycle: Option<crate::LifecycleFigures>,
+    /// [`instrument_options_named`](crate::acquire::bare::instrument_options_named). Informative only.
+    pub lifecycle: Option<crate::acquire::lifecycle::LifecycleFigures>,
     /// How old the background tasks' figures are.
     pub freshness: Freshness,
 }
@@ -200,12 +203,12 @@ pub(crate) struct Inputs {
     pub(crate) gap: GapHealth,
     pub(crate) heartbeat: HeartbeatFigures,
     pub(crate) listeners: Vec<ListenerHealth>,
-    pub(crate) hazards: Vec<crate::Finding>,
+    pub(crate) hazards: Vec<crate::health::hazards::Finding>,
     pub(crate) stranded: Option<u32>,
-    pub(crate) lifecycle: Option<crate::LifecycleFigures>,
+    pub(crate) lifecycle: Option<crate::acquire::lifecycle::LifecycleFigures>,
     pub(crate) send_queue_stuck: u32,
     pub(crate) waits: WaitHealth,
-    pub(crate) reach: crate::Reachability,
+    pub(crate) reach: crate::health::reach::Reachability,
     pub(crate) liveness: Liveness,
 }
 
@@ -403,7 +406,7 @@ fn pool_path_reason(
     Some(("pool_heartbeat_failing", message))
 }
 
-fn cause(c: Option<crate::Cause>) -> &'static str {
+fn cause(c: Option<crate::cause::Cause>) -> &'static str {
     c.map_or("unknown", crate::Cause::as_str)
 }
 
@@ -415,7 +418,7 @@ pub(crate) fn growing(recent: &[i64]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Cause, Finding, Hazard};
+    use crate::{cause::Cause, health::hazards::Finding, health::hazards::Hazard};
 
     fn inputs() -> Inputs {
         let up = PathFigures { up: Some(true), successes: 1, ..PathFigures::default() };

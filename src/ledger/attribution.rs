@@ -14,7 +14,7 @@
 //! Where ports cannot be matched (a NAT or proxy that rewrites them, a unix socket, a system
 //! without the socket list), the tag ends in a per-process nonce instead,
 //! `<app> pw:<pool>:<nonce>`: exact again, at the old costs. A NAT is declared
-//! ([`NetworkPath::Nat`](crate::NetworkPath)); unix sockets and non-Linux systems fall back by
+//! ([`NetworkPath::Nat`](crate::ledger::attribution::NetworkPath)); unix sockets and non-Linux systems fall back by
 //! themselves.
 //!
 //! The tag rides in the startup packet (no extra round trip). Connections the pool opened

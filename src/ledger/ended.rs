@@ -30,9 +30,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::Cause;
+use crate::cause::Cause;
+use crate::ledger::loss::{SessionEnds, explain_silent_loss};
 use crate::ledger::sockets::{CLOSE, CLOSE_WAIT, LAST_ACK, Socket};
-use crate::listener::loss::{SessionEnds, explain_silent_loss};
 
 /// Censuses further apart than this cannot trust a missing `time_wait` (Linux keeps one 60 s).
 pub(crate) const MAX_GAP: Duration = Duration::from_secs(50);

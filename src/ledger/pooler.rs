@@ -17,7 +17,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow};
 use sqlx::{ConnectOptions, Connection, Row};
 
-use crate::Cause;
+use crate::cause::Cause;
 use crate::ledger::sockets::OwnPort;
 
 /// The pooler's view of this app's pool at the last census (PgBouncer's `SHOW POOLS` row of

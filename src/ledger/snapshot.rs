@@ -58,7 +58,7 @@ pub struct Snapshot {
     /// Whether the last census succeeded.
     pub census_up: bool,
     /// The pooler's view at the last census (`None`: no pooler admin console declared).
-    pub pooler: Option<crate::PoolerFigures>,
+    pub pooler: Option<crate::ledger::pooler::PoolerFigures>,
     /// Sessions of this pool that ended without the pool closing them, since instrumented.
     pub sessions_ended: u64,
 }

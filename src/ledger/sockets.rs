@@ -116,52 +116,6 @@ pub struct SocketQueue {
     pub recv: u32,
 }
 
-/// Sockets whose send queue stays non-empty from census to census: the peer stopped
-/// acknowledging (a silent peer: no RST, no FIN, e.g. a NAT that dropped the flow). A busy
-/// socket drains between censuses; a silent one never does.
-#[derive(Debug)]
-pub(crate) struct StuckSendQueues {
-    bound: std::time::Duration,
-    since: std::sync::Mutex<std::collections::HashMap<u64, std::time::Instant>>,
-    gauge: crate::gauges::LazyGauge,
-}
-
-impl StuckSendQueues {
-    /// At `Detail::Standard` the series appears at the first stuck queue (the series budget).
-    pub(crate) fn new(pool_name: &str, bound: std::time::Duration, detail: crate::Detail) -> StuckSendQueues {
-        let gauge = crate::gauges::LazyGauge::new(
-            crate::catalog::SEND_QUEUE_STUCK.name,
-            vec![(crate::catalog::POOL_NAME, pool_name.to_owned())],
-            detail == crate::Detail::Full,
-        );
-        StuckSendQueues { bound, since: std::sync::Mutex::new(std::collections::HashMap::new()), gauge }
-    }
-
-    /// Takes this census's queues; returns and publishes how many sockets have had a
-    /// non-empty send queue at every census for at least the bound.
-    pub(crate) fn update(&self, census: &SocketCensus) -> u32 {
-        let now = std::time::Instant::now();
-        let Ok(mut since) = self.since.lock() else { return 0 };
-        since.retain(|inode, _| census.send_queued.iter().any(|q| q.inode == *inode));
-        for q in &census.send_queued {
-            since.entry(q.inode).or_insert(now);
-        }
-        let stuck = since.values().filter(|at| now.saturating_duration_since(**at) >= self.bound).count();
-        let stuck = u32::try_from(stuck).unwrap_or(u32::MAX);
-        self.gauge.set(f64::from(stuck));
-        stuck
-    }
-
-    /// The figure of the last census.
-    pub(crate) fn figure(&self) -> u32 {
-        let now = std::time::Instant::now();
-        self.since.lock().map_or(0, |s| {
-            u32::try_from(s.values().filter(|at| now.saturating_duration_since(**at) >= self.bound).count())
-                .unwrap_or(0)
-        })
-    }
-}
-
 /// Local ports of poolwatch's own short-lived sockets open now (reachability probes): the
 /// socket census leaves them out.
 static OWN_PORTS: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());

@@ -1,4 +1,3 @@
 //! `WatchedListener`: LISTEN on a connection whose every loss is counted, with its cause.
-pub(crate) mod loss;
 pub(crate) mod status;
 pub(crate) mod watched;

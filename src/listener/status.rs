@@ -1,11 +1,11 @@
-//! The live state of every [`WatchedListener`](crate::WatchedListener) in the process, by
+//! The live state of every [`WatchedListener`](crate::listener::watched::WatchedListener) in the process, by
 //! pool name, so a pool's [health report](crate::PoolWatch::health) can include its
 //! listeners. Each listener registers when it connects and leaves when dropped.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::Cause;
+use crate::cause::Cause;
 
 static LISTENERS: Mutex<Vec<Arc<Status>>> = Mutex::new(Vec::new());
 

@@ -20,9 +20,9 @@ use tokio::time::Instant;
 use crate::catalog::{self, CAUSE, EVIDENCE, LISTENER, POOL_NAME};
 use crate::cause::connection_lost;
 use crate::config::check_name;
-use crate::listener::loss::{Basis, ServerFacts, explain_silent_loss};
+use crate::ledger::loss::{Basis, ServerFacts, explain_silent_loss};
 use crate::listener::status::Registered;
-use crate::{Cause, ConfigError};
+use crate::{cause::Cause, config::ConfigError};
 
 /// How a [`WatchedListener`] is named and kept alive.
 #[derive(Debug, Clone)]

@@ -11,14 +11,14 @@
 //! - the database's session-end counters (`pg_stat_database.sessions_killed`,
 //!   `sessions_fatal`, PostgreSQL 14+), compared before and after the loss.
 //!
-//! [`WatchedListener`]: crate::WatchedListener
+//! [`WatchedListener`]: crate::listener::watched::WatchedListener
 
 use std::time::Duration;
 
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 
-use crate::Cause;
+use crate::cause::Cause;
 
 /// What the server said about itself at one (re)connect.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -1,5 +1,4 @@
-//! The server census: which backends in `pg_stat_activity` really belong to this pool of this
-//! process (see [`attribution`](crate::ledger::attribution) for how they are told apart).
+//! The census query and its sums.
 
 use std::time::Duration;
 

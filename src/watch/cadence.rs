@@ -1,0 +1,315 @@
+//! The watch's cadence: the sample, census, reachability and leak-scan schedules in one loop,
+//! the heartbeat task, and their supervision (a panicked task restarts, with backoff).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::catalog;
+use crate::cause::Cause;
+use crate::ledger::snapshot::Snapshot;
+use crate::schedule;
+use crate::watch::shared::Shared;
+
+/// After `pool.close()`, how long the watch keeps counting connections as they close. sqlx 0.8
+/// can leave one open for good (docs/lifecycle.md), so the count must not go on forever.
+const CLOSE_DRAIN_LIMIT: Duration = Duration::from_secs(600);
+
+/// The sample and census task, restarted after a panic (with backoff); then it closes the
+/// watch's connections.
+pub(super) async fn run(shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
+    let mut panics = 0u32;
+    let stopped = loop {
+        let watch = schedule::Supervised::new(watch_until_stopped(&shared, &mut stop), &shared.faults[0]);
+        match watch.await {
+            Ok(stopped) => break stopped,
+            Err(message) => {
+                panics = panics.saturating_add(1);
+                shared.liveness.watch_lost();
+                shared.update(|s| s.census_up = false);
+                if let Some(stopped) = shared.after_panic("watch", &message, panics, &mut stop).await {
+                    break stopped;
+                }
+            }
+        }
+    };
+    // Stopped before the re-tag ran: give the idle connections back, or `pool.close()` waits.
+    drop(shared.untagged.lock().map(|mut held| std::mem::take(&mut *held)));
+    shared.direct.lock().await.close().await;
+    if let Some(pooler) = &shared.pooler {
+        pooler.lock().await.close().await;
+    }
+    if let (false, Some(l)) = (stopped, &shared.lifecycle) {
+        // The pool closed: count its connections as they close (checked-out ones close when
+        // given back), until none is left, the watch is dropped, or CLOSE_DRAIN_LIMIT passed.
+        let until = schedule::after(tokio::time::Instant::now(), CLOSE_DRAIN_LIMIT);
+        loop {
+            l.update();
+            if shared.pool.size() == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= until {
+                tracing::debug!(
+                    pool = %shared.config.pool_name,
+                    open = shared.pool.size(),
+                    "pool closed; stopped counting its last connections"
+                );
+                break;
+            }
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tokio::time::sleep(schedule::bounded(shared.config.sample_interval)) => {}
+            }
+        }
+    }
+    // The watch is over: its series leave poolwatch's exporter once nothing holds them.
+    crate::export::pool_ended(&shared.config.pool_name);
+}
+
+/// The heartbeat task, restarted after a panic (with backoff).
+pub(super) async fn supervise_heartbeat(s: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
+    let lint_app_name = s.tag.census_app_name.replacen("poolwatch-census:", "poolwatch-lint:", 1);
+    let mut panics = 0u32;
+    loop {
+        let beat = async {
+            // Not before the idle connections are re-tagged and back in the pool.
+            s.retagged.get_or_init(|| s.retag_idle()).await;
+            s.heartbeat.run(&s.pool, &s.direct, &s.config, &lint_app_name, &mut stop).await
+        };
+        match schedule::Supervised::new(beat, &s.faults[1]).await {
+            Ok(()) => return,
+            Err(message) => {
+                panics = panics.saturating_add(1);
+                s.liveness.heartbeat_lost();
+                s.heartbeat.forget();
+                if s.after_panic("heartbeat", &message, panics, &mut stop).await.is_some() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// After a task panicked: logs it once, counts it, clears the locks it poisoned and waits
+    /// before the restart (1 s, 2 s … 60 s, ±20 %). `Some`: stopped meanwhile (`true` by the
+    /// handle, `false` by the pool closing).
+    async fn after_panic(
+        &self,
+        task: &'static str,
+        message: &str,
+        panics: u32,
+        stop: &mut oneshot::Receiver<()>,
+    ) -> Option<bool> {
+        let wait = schedule::backoff(Duration::from_secs(1), Duration::from_secs(60), panics);
+        tracing::error!(
+            pool = %self.config.pool_name,
+            task,
+            panics,
+            panic = message,
+            "poolwatch background task panicked (a bug in poolwatch: please report it); its figures read unknown \
+             until it restarts in {wait:?}"
+        );
+        metrics::counter!(catalog::TASK_RESTARTS.name, catalog::POOL_NAME => self.config.pool_name.clone(), catalog::TASK => task)
+            .increment(1);
+        self.latest.clear_poison();
+        self.gaps.clear_poison();
+        self.disagreement.clear_poison();
+        self.reach.clear_poison();
+        self.untagged.clear_poison();
+        self.ended.clear_poison();
+        if let Ok(mut ended) = self.ended.lock() {
+            ended.forget();
+        }
+        tokio::select! {
+            _ = &mut *stop => Some(true),
+            _ = self.pool.close_event() => Some(false),
+            _ = tokio::time::sleep(wait) => None,
+        }
+    }
+
+    /// One sample, its liveness stamp, and whether a reachability probe is wanted.
+    async fn sample_tick(&self) -> bool {
+        self.sample().await;
+        self.liveness.sampled(self.heartbeat_count());
+        self.reach.wanted(self.connect_trouble(), self.config.sample_interval.saturating_mul(10))
+    }
+}
+
+/// How soon a reachability probe follows the connect trouble that wants it (±20 %, so a
+/// fleet that saw one outage does not probe the recovering server at one instant).
+const REACH_SOON: Duration = Duration::from_secs(5);
+
+/// Returns `true` when stopped by the handle, `false` when the pool closed.
+async fn watch_until_stopped(shared: &Shared, stop: &mut oneshot::Receiver<()>) -> bool {
+    let closed = shared.pool.close_event();
+    tokio::pin!(closed);
+    tokio::select! {
+        _ = &mut *stop => return true,
+        _ = &mut closed => return false,
+        _ = shared.retagged.get_or_init(|| shared.retag_idle()) => {}
+    }
+    let config = &shared.config;
+    let mut sample = schedule::interval(config.sample_interval);
+    let scan_every = shared.probe.leaks.scan_every();
+    let mut leak_scan = schedule::interval(scan_every.unwrap_or(Duration::from_secs(3600)));
+    // The first census and probe at once (they learn the peers and the ports), then each
+    // on its own jittered schedule.
+    let census_at = tokio::time::sleep(Duration::ZERO);
+    let reach_at = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(census_at, reach_at);
+    let mut plan = CensusPlan { first: true, ..CensusPlan::default() };
+    let floor = config.sample_interval.saturating_mul(10);
+    loop {
+        tokio::select! {
+            _ = &mut *stop => return true,
+            _ = &mut closed => return false,
+            _ = sample.tick() => {
+                let wanted = tokio::select! {
+                    _ = &mut *stop => return true,
+                    _ = &mut closed => return false,
+                    wanted = shared.sample_tick() => wanted,
+                };
+                let soon = schedule::after(tokio::time::Instant::now(), schedule::jitter(config.sample_interval.min(REACH_SOON)));
+                if wanted && !plan.first && reach_at.deadline() > soon {
+                    reach_at.as_mut().reset(soon);
+                }
+            }
+            _ = leak_scan.tick(), if scan_every.is_some() => { shared.probe.leaks.scan(); }
+            _ = &mut reach_at, if !plan.first => tokio::select! {
+                _ = &mut *stop => return true,
+                _ = &mut closed => return false,
+                _ = shared.probe_reach() => {
+                    let next = schedule::jitter(config.reach_interval);
+                    reach_at.as_mut().reset(schedule::after(tokio::time::Instant::now(), next));
+                }
+            },
+            wanted = async {
+                tokio::select! {
+                    _ = &mut census_at => false,
+                    _ = shared.census_wanted.notified() => true,
+                }
+            } => {
+                if let Some(due) = plan.held_back(wanted, floor) {
+                    // Censuses run by disagreements: at most one per 10 samples; later ones
+                    // wait for that (a flapping gap cannot turn into a census per sample).
+                    if census_at.deadline() > due {
+                        census_at.as_mut().reset(due);
+                    }
+                    continue;
+                }
+                let result = tokio::select! {
+                    _ = &mut *stop => return true,
+                    _ = &mut closed => return false,
+                    result = shared.census() => result,
+                };
+                if wanted {
+                    tracing::debug!(pool = %config.pool_name, "census run by the client-side ledger");
+                }
+                let next = plan.next(&result, config.census_interval);
+                census_at.as_mut().reset(schedule::after(tokio::time::Instant::now(), next));
+                if std::mem::take(&mut plan.first) {
+                    // The first census resolved the peers: the ledger can read sockets now.
+                    shared.sample().await;
+                }
+            }
+        }
+    }
+}
+
+/// A census that saw a session in one of these states this long, or lock waiters, or a
+/// phantom gap, is confirmed by a follow-up soon (see [`CensusPlan::next`]).
+const CONFIRM_AFTER: Duration = Duration::from_secs(60);
+
+/// When the next census runs: every `census_interval` (±20 %); sooner after a failure
+/// (5 s, 10 s … ±20 %, see [`schedule::census_retry`]); and a follow-up 45 s (±20 %) after a
+/// census that saw something to confirm, then 90 s, 180 s … back to the interval while it
+/// stays. So one failure or one glimpse of a lock wait does not hold its figure for 15 min.
+#[derive(Debug, Default)]
+struct CensusPlan {
+    first: bool,
+    last: Option<tokio::time::Instant>,
+    failures: u32,
+    follow_ups: u32,
+}
+
+impl CensusPlan {
+    /// The time a census woken by the client-side ledger waits for (`floor` after the last),
+    /// `None` when it may run now.
+    fn held_back(&self, wanted: bool, floor: Duration) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        self.last.map(|at| schedule::after(at, floor)).filter(|due| wanted && now < *due)
+    }
+
+    /// Records a census's outcome; returns the wait before the next.
+    fn next(&mut self, result: &Result<Snapshot, Cause>, interval: Duration) -> Duration {
+        self.last = Some(tokio::time::Instant::now());
+        match result {
+            Err(_) => {
+                self.failures = self.failures.saturating_add(1);
+                schedule::census_retry(interval, self.failures)
+            }
+            Ok(snapshot) if needs_confirming(snapshot) => {
+                self.failures = 0;
+                self.follow_ups = self.follow_ups.saturating_add(1);
+                let first = Duration::from_secs(45).min(interval / 2);
+                schedule::backoff(first, schedule::bounded(interval), self.follow_ups)
+            }
+            Ok(_) => {
+                (self.failures, self.follow_ups) = (0, 0);
+                schedule::jitter(interval)
+            }
+        }
+    }
+}
+
+/// Whether a census saw something its figures would otherwise hold for a whole interval:
+/// lock waiters, a transaction or statement open [`CONFIRM_AFTER`], a phantom gap.
+fn needs_confirming(s: &Snapshot) -> bool {
+    let long = ["idle_in_transaction", "idle_in_transaction_aborted", "active"];
+    s.phantom.is_some_and(|p| p != 0)
+        || s.server
+            .as_ref()
+            .is_some_and(|c| c.lock_waiters > 0 || long.iter().any(|state| c.longest_in(state) >= CONFIRM_AFTER))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn census(lock_waiters: u32, active_for: u64, phantom: i64) -> Result<Snapshot, Cause> {
+        let mut longest = [Duration::ZERO; 7];
+        longest[0] = Duration::from_secs(active_for);
+        let server = crate::ledger::census::ServerCensus { lock_waiters, longest, ..crate::ServerCensus::default() };
+        Ok(Snapshot { server: Some(server), phantom: Some(phantom), census_up: true, ..Snapshot::default() })
+    }
+
+    #[test]
+    fn a_failed_census_is_retried_within_seconds_not_at_the_next_tick() {
+        let mut plan = CensusPlan::default();
+        let interval = Duration::from_secs(900);
+        let waits: Vec<u64> = (0..8).map(|_| plan.next(&Err(Cause::TimedOut), interval).as_secs()).collect();
+        assert!((4..=6).contains(&waits[0]), "{waits:?}");
+        assert!(waits.iter().all(|w| *w <= 144), "capped well below the interval: {waits:?}");
+        assert!(waits[3] > waits[0], "backs off: {waits:?}");
+        let normal = plan.next(&census(0, 0, 0), interval).as_secs();
+        assert!((720..=1080).contains(&normal), "{normal}");
+    }
+
+    #[test]
+    fn what_needs_confirming_is_confirmed_soon_then_less_often() {
+        let interval = Duration::from_secs(900);
+        for seen in [census(1, 0, 0), census(0, 61, 0), census(0, 0, 2)] {
+            let mut plan = CensusPlan::default();
+            let waits: Vec<u64> = (0..6).map(|_| plan.next(&seen, interval).as_secs()).collect();
+            assert!((36..=54).contains(&waits[0]), "{waits:?}");
+            assert!((72..=108).contains(&waits[1]), "{waits:?}");
+            assert!(waits[5] >= 720 && waits.iter().all(|w| *w <= 1080), "{waits:?}");
+            let clear = plan.next(&census(0, 0, 0), interval).as_secs();
+            assert!((720..=1080).contains(&clear), "{clear}");
+        }
+        let state = crate::ledger::census::SESSION_STATES.iter().position(|s| *s == "active");
+        assert_eq!(state, Some(0), "the test's `longest[0]` is `active`");
+    }
+}

@@ -1,0 +1,99 @@
+//! The live-pool registry and tagging: a pool is watched by at most one live [`PoolWatch`]
+//! in this process, and its connections carry a tag that names it on the server.
+//!
+//! [`PoolWatch`]: crate::watch::PoolWatch
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use sqlx::PgPool;
+
+use crate::config::{Config, ConfigError};
+use crate::ledger::attribution::{self, NetworkPath, Tag};
+
+/// The `application_name` tags of the pools watched by a live [`PoolWatch`] in this process,
+/// with their pool names: a pool is watched by at most one, and a tag names one pool.
+static LIVE: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+
+/// A pool as registered: its tag and how its sessions are attributed.
+#[derive(Debug)]
+pub(super) struct Registered {
+    pub(super) tag: Tag,
+    pub(super) path: NetworkPath,
+    /// Ports cannot be matched: the tag carries a per-process nonce.
+    pub(super) nonce: bool,
+}
+
+/// Registers `pool` under `config`'s name and tags its connections. Checked and tagged under
+/// one lock, so two racing calls cannot both succeed.
+pub(super) fn register(pool: &PgPool, config: &Config) -> Result<Registered, ConfigError> {
+    let mut live = LIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let options = pool.connect_options();
+    let current = options.get_application_name();
+    if current.is_some_and(|name| live.contains_key(name)) {
+        return Err(ConfigError::new(
+            "pool",
+            format!(
+                "is already instrumented by a live PoolWatch (its connections are tagged {:?}); a second \
+                 watch would re-tag them and the first would count none of its sessions (a false leak)",
+                current.unwrap_or_default()
+            ),
+            "keep one PoolWatch per pool and share it (or its pool() handle); to re-instrument, drop or \
+             shut down the first PoolWatch before calling instrument_pool again",
+        ));
+    }
+    let path = network_path(&options, config);
+    let unix = options.get_socket().is_some() || options.get_host().starts_with('/');
+    // Ports cannot be matched through a NAT, over a unix socket, or without the socket list.
+    let nonce = path == NetworkPath::Nat || (path == NetworkPath::Direct && (unix || !cfg!(target_os = "linux")));
+    let tag = Tag::new(current.map(attribution::without_tag), &config.pool_name, nonce);
+    if let Some(other) = live.get(&tag.pool_app_name) {
+        return Err(shared_tag(&config.pool_name, other, &tag.pool_app_name));
+    }
+    pool.set_connect_options((*options).clone().application_name(&tag.pool_app_name));
+    live.insert(tag.pool_app_name.clone(), config.pool_name.clone());
+    Ok(Registered { tag, path, nonce })
+}
+
+/// The pool tagged `app_name` may be instrumented again from now on.
+pub(super) fn unregister(app_name: &str) {
+    if let Ok(mut live) = LIVE.lock() {
+        live.remove(app_name);
+    }
+}
+
+/// The error for a pool whose tag another live watch of this process already uses.
+fn shared_tag(pool_name: &str, other: &str, tag: &str) -> ConfigError {
+    if pool_name == other {
+        // The stable tag is per pool name: two pools of one process under one name would
+        // count each other's sessions.
+        return ConfigError::new(
+            "pool_name",
+            format!("{pool_name:?} is already used by another live PoolWatch in this process"),
+            "give each pool its own name, e.g. Config::new(\"main\") and Config::new(\"jobs\")",
+        );
+    }
+    ConfigError::new(
+        "pool_name",
+        format!(
+            "{pool_name:?} and the live pool {other:?} would share the application_name {tag:?} (pool names are \
+             cut to 16 bytes with a 6-digit hash of the whole name): each would count the other's sessions"
+        ),
+        "give the two pools names that differ within their first 9 characters",
+    )
+}
+
+/// The declared network path, or the one inferred from the config (see `Config::network_path`).
+fn network_path(options: &sqlx::postgres::PgConnectOptions, config: &Config) -> NetworkPath {
+    if let Some(path) = config.network_path {
+        return path;
+    }
+    if config.pooler_admin.is_some() {
+        return NetworkPath::Pooler;
+    }
+    let elsewhere = config
+        .direct_connect_options
+        .as_ref()
+        .is_some_and(|d| d.0.get_host() != options.get_host() || d.0.get_port() != options.get_port());
+    if elsewhere { NetworkPath::Pooler } else { NetworkPath::Direct }
+}
