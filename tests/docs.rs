@@ -12,7 +12,8 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// The page that holds the generated metric table, and the markers around the table.
 const METRICS_PAGE: &str = "docs/metrics.md";
-const TABLE_BEGIN: &str = "<!-- BEGIN metric table: generated from poolwatch::catalog::ALL by tests/docs.rs; do not edit -->";
+const TABLE_BEGIN: &str =
+    "<!-- BEGIN metric table: generated from poolwatch::catalog::ALL by tests/docs.rs; do not edit -->";
 const TABLE_END: &str = "<!-- END metric table -->";
 /// Set to 1 to rewrite the generated table of docs/metrics.md instead of failing on a stale one.
 const BLESS: &str = "POOLWATCH_BLESS";
@@ -42,7 +43,8 @@ fn metrics_page_table_is_generated_from_the_catalog() {
     let mut page = std::fs::read_to_string(&path).unwrap();
     let begin = page.find(TABLE_BEGIN).unwrap_or_else(|| panic!("{METRICS_PAGE} lacks the line {TABLE_BEGIN}"));
     let start = begin + TABLE_BEGIN.len();
-    let end = start + page[start..].find(TABLE_END).unwrap_or_else(|| panic!("{METRICS_PAGE} lacks the line {TABLE_END}"));
+    let end =
+        start + page[start..].find(TABLE_END).unwrap_or_else(|| panic!("{METRICS_PAGE} lacks the line {TABLE_END}"));
     let wanted = format!("\n{}", metric_table());
     if page[start..end] != wanted {
         assert!(
