@@ -8,6 +8,61 @@ use std::fmt;
 use std::io::ErrorKind;
 
 /// Why a connection or an operation on it failed.
+///
+/// Every `cause` label and `error.type` span attribute takes its value from this one closed set,
+/// shared by the census, heartbeats, listener and acquire spans. Renaming one is a breaking
+/// change (CHANGELOG).
+///
+/// | cause | what produces it | alerts that use it |
+/// |---|---|---|
+/// | `idle_session_timeout` | SQLSTATE 57P05: the server ended a session idle longer than `idle_session_timeout` (incident 1); for a listener inferred when sqlx hides the FATAL (see `evidence`) | PoolwatchListenerIdleSessionTimeout, PoolwatchListenerReconnectLoop |
+/// | `admin_shutdown` | 57P01: `pg_terminate_backend`, a fast or smart server shutdown | PoolwatchListenerReconnectLoop, PoolwatchDatabaseDown |
+/// | `crash_shutdown` | 57P02: a backend crashed, the server restarted every session | PoolwatchDatabaseDown |
+/// | `cannot_connect_now` | 57P03: the server is starting, stopping or in recovery | PoolwatchDatabaseDown, PoolwatchListenerDown |
+/// | `idle_in_transaction_timeout` | 25P03: `idle_in_transaction_session_timeout` ended a session | PoolwatchListenerReconnectLoop |
+/// | `too_many_connections` | 53300: no connection slot left on the server or pooler | PoolwatchDatabaseDown |
+/// | `connection_ended` | unexpected EOF / 08006: the peer (server, pooler, proxy) closed the socket (incident 2's `CONNECTION_ENDED`) | PoolwatchListenerReconnectLoop |
+/// | `connection_reset` | TCP RST from the peer, a proxy, a firewall or NAT | PoolwatchListenerReconnectLoop |
+/// | `broken_pipe` | a write to a socket the peer had closed | PoolwatchListenerReconnectLoop |
+/// | `timed_out` | poolwatch's own timeout, a socket timeout, `statement_timeout` (57014) | PoolwatchDatabaseDown, PoolwatchCensusDown |
+/// | `refused` | nothing listens at the address / 08001, 08004 | PoolwatchDatabaseDown, PoolwatchCensusDown |
+/// | `pool_timed_out` | `acquire()` waited `acquire_timeout` for a slot (incident 4) | PoolwatchPoolExhausted, PoolwatchAcquireTimeouts |
+/// | `pool_closed` | the pool was closed | - |
+/// | `tls` | TLS negotiation failed | PoolwatchDatabaseDown |
+/// | `auth` | SQLSTATE class 28: authentication failed | PoolwatchDatabaseDown |
+/// | `pooler_idle_timeout` | PgBouncer `client_idle_timeout`: the pooler closed a client connection idle (in the pool, or held by the app) longer than its limit; incident 1 behind a pooler | PoolwatchSessionsEndedByPooler |
+/// | `pooler_wait_timeout` | PgBouncer `query_wait_timeout`: a query waited too long for one of the pooler's server connections; the pooler's pool (`default_pool_size`), not the app's, is exhausted | PoolwatchSessionsEndedByPooler |
+/// | `other` | anything else | - |
+///
+/// Each case is driven by a real server or socket in the tests: `idle_session_timeout` on the
+/// throwaway cluster, `pg_terminate_backend`, a stopped server, and a loopback proxy that resets
+/// or half-closes connections.
+///
+/// # Behind a pooler
+///
+/// PgBouncer sends every error of its own as SQLSTATE 08P01 with the reason
+/// as the message; [`Cause::of`] reads the message ([`Cause::of_pooler_message`]). Each row below is
+/// triggered through a real PgBouncer in `tests/pooler_causes.rs`, in the app's error and, where
+/// poolwatch's pool-path heartbeat meets it, in `poolwatch_heartbeat_failures_total{cause}` and the
+/// `poolwatch.heartbeat` span's `error.type`:
+///
+/// | PgBouncer says (FATAL 08P01) | when | cause |
+/// |---|---|---|
+/// | `client_idle_timeout` | a client idle longer than `client_idle_timeout` (transaction mode; PgBouncer never applies it to a client linked to a server, i.e. a session-mode client after its first query) | `pooler_idle_timeout` |
+/// | `query_wait_timeout` | a query waited `query_wait_timeout` for a server connection | `pooler_wait_timeout` |
+/// | `no more connections allowed (max_client_conn)` | a new client over `max_client_conn` | `too_many_connections` |
+/// | `server conn crashed?` | the server connection died under the client's query (server crash, network cut) | `connection_ended` |
+/// | `idle transaction timeout` | PgBouncer's `idle_transaction_timeout` | `idle_in_transaction_timeout` |
+/// | `query timeout`, `query_timeout` | PgBouncer's `query_timeout` | `timed_out` |
+/// | `client_login_timeout (server down)`, `server login has been failing, ...` | PgBouncer cannot log in to the server behind it | `cannot_connect_now` |
+/// | `client_login_timeout` | the client did not finish logging in within `client_login_timeout` | `timed_out` |
+/// | `database removed`, `database configuration changed`, `suspend_timeout` | an admin's `KILL`, a `RELOAD` that changed `[databases]`, `SUSPEND` | `admin_shutdown` |
+/// | `password authentication failed`, `server login failed: ...`, `no such user`, ... | authentication | `auth` |
+/// | server FATALs (57P05, 57P01, ...) | forwarded by PgBouncer to a linked client (session mode, or mid-transaction) | the server's cause |
+///
+/// PgBouncer's `server_idle_timeout` and `server_lifetime` close only server connections no client
+/// is linked to: the client never sees them (the next query gets another server connection), so
+/// they produce no error and no cause.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Cause {
@@ -135,6 +190,7 @@ impl Cause {
     /// Classifies a pooler's error message. PgBouncer sends every error of its own as SQLSTATE
     /// 08P01 (`protocol_violation`) with the reason as the message, so the message is the only
     /// way to tell its kills apart. Matched on PgBouncer's wording (1.x); unknown text: `other`.
+    /// The messages it knows and the cause of each: the "Behind a pooler" table on [`Cause`].
     pub fn of_pooler_message(message: &str) -> Cause {
         let m = message.trim();
         let starts = |p: &str| m.starts_with(p);

@@ -98,4 +98,10 @@ mod doc_examples {
     #[cfg(feature = "telemetry")]
     #[doc = include_str!("../docs/telemetry.md")]
     struct Telemetry;
+    #[doc = include_str!("../docs/ledger.md")]
+    struct Ledger;
+    #[doc = include_str!("../docs/library-pools.md")]
+    struct LibraryPools;
+    #[doc = include_str!("../docs/oncall.md")]
+    struct Oncall;
 }

@@ -21,6 +21,105 @@
 //! before it was instrumented are re-tagged once it settles (closed and reopened behind a pooler);
 //! those the app holds all along are not, and a WARN says how many. Every name is printable
 //! ASCII, so the server stores exactly what is sent ([`stable_tag`]).
+//!
+//! # How the census attributes sessions to a pool
+//!
+//! The census must count exactly the sessions of *this* pool in *this* process, even when two
+//! pools in one process use the same database, or when many replicas share one
+//! `application_name`, and it must stay cheap for the database, for PgBouncer and for
+//! postgres_exporter.
+//!
+//! 1. **A stable tag per pool.** `instrument_pool` sets the pool's connect options to the
+//!    `application_name` `"<your application_name> pw:<pool>"` (at most 63 bytes: PostgreSQL's
+//!    limit; your own name stays first and is shortened to fit). It is printable ASCII, so the
+//!    server stores exactly what is sent on every version: other characters become `\xNN`
+//!    escapes of their UTF-8 bytes (`café` → `caf\xc3\xa9`), and a name cut to fit (a pool name
+//!    past 16 bytes, a long app name) ends in `~` and a 6-digit hash of the whole name, so
+//!    `orders-primary-rw` and `orders-primary-ro` get two tags. poolwatch reads the stored name
+//!    back once and warns if it differs. It is the same on every replica
+//!    and every restart: `poolwatch::attribution::stable_tag(Some("api"), "main")` gives
+//!    `"api pw:main"` (join fleet metrics on it), `watch.application_name()` the name a watch
+//!    uses. It rides in the startup packet (no round trip). Connections the pool opened before
+//!    (idle, or still being opened or returned by sqlx's own tasks, as right after `connect_with`)
+//!    are re-tagged once the pool settles, all at once under `census_timeout`: with `set_config`
+//!    straight to the server; behind a pooler they are closed and reopened instead (PgBouncer
+//!    learns a client's name only from a server report, sent only when the value changes).
+//!    Connections the app holds all that time cannot be (a WARN gives their count: call
+//!    `instrument_pool` right after creating the pool). To rotate credentials, derive the new
+//!    options from `pool.connect_options()` (they carry the tag), e.g.
+//!    `pool.set_connect_options((*pool.connect_options()).clone().password(new))`; poolwatch's
+//!    own connection takes the pool's current options at each connect.
+//! 2. **This process, by port.** The census reads this process's own sockets toward the database
+//!    (local address and port; Linux) and keeps only the tagged `pg_stat_activity` rows whose
+//!    (`client_addr`, `client_port`) is one of them. The tag separates the pools of one process;
+//!    the ports separate the process from its replicas (another process's sessions with the same
+//!    tag are never counted: `tests/attribution.rs` checks it against a real second process).
+//! 3. **A nonce only where ports cannot be matched.** A NAT or TCP proxy that rewrites the client's
+//!    address or port must be declared (`Config::network_path(NetworkPath::Nat)`): the tag then
+//!    ends in a per-process nonce, `"<app> pw:<pool>:<nonce>"`, and the census counts by tag alone
+//!    (exact, at the old costs: `docs/performance.md`). A unix-socket pool, or a system without the socket list,
+//!    falls back to the nonce by itself.
+//! 4. **Behind a pooler** the server sees the pooler's connections, never the pool's: see
+//!    the "Behind a pooler" section of `docs/ledger.md`.
+//! 5. The census runs on poolwatch's own dedicated connection (never a pool slot, so it works when
+//!    the pool is wedged; connect and `statement_timeout` bounded by `census_timeout`;
+//!    `idle_session_timeout` off for that session only) the one query `poolwatch::CENSUS_SQL`. It
+//!    reads the pool's `size()` before and after and retries (up to 3 times) when a connection
+//!    opened or closed meanwhile, so both sides describe one moment.
+//! 6. `poolwatch_phantom_connections = pool.size() - real sessions`. Positive: slots the pool counts
+//!    that do not exist (leaked after a server kill, or dead idle connections not yet pinged).
+//!    Negative: sessions that exist but the pool no longer counts (e.g. `detach()`ed).
+//!
+//! `application_name` is visible in `pg_stat_activity` to every role, but `client_addr` and
+//! `client_port` of another role's sessions are not without `pg_read_all_stats`. A census role
+//! without it cannot match by port: with `replicas` = 1 (the default declaration) the tag alone
+//! still counts exactly; with more replicas the phantom gap is not exported. One WARN says so
+//! (grant `pg_read_all_stats`); the states then read `unknown`. If the app changes
+//! `application_name` on a session, that session leaves the census: don't, or expect the gap to
+//! show it.
+//!
+//! What the stable tag saves behind PgBouncer, against a nonce per process, is measured in
+//! `docs/performance.md`.
+//!
+//! # The client-side ledger's sockets
+//!
+//! The **client-side ledger** (Linux) runs on every sample, on Tokio's blocking pool (never on a
+//! runtime worker). It reads the process's TCP sockets whose peer is the database's address with one
+//! netlink `sock_diag` dump whose bytecode filter keeps only that peer (the kernel copies out a
+//! handful of sockets, not its whole table), keeps those whose inode is one of `/proc/self/fd`'s
+//! (that directory is read only when a socket not seen before shows up), and leaves out poolwatch's
+//! own (every watched pool's dedicated connection, the reachability probes, the lint's short-lived
+//! connection). Where netlink is refused it falls back to `/proc/self/net/tcp{,6}`
+//! (`SocketCensus::source` says which). The server census lists the sockets the same way, also on
+//! the blocking pool, and remembers which inodes are the process's, so a census beside thousands
+//! of open descriptors does not walk `/proc/self/fd` again. The netlink socket has a 1 s receive
+//! timeout; a failed dump is retried on a fresh socket before one read falls back to `/proc`.
+//! Sockets are looked up one by one (instead of dumped) only after a read that found exactly the
+//! pool's count. `poolwatch_client_gap = pool.size() - established sockets`;
+//! a gap is read again 50 ms later (a connection opening or closing disagrees for a moment), and a
+//! gap that is still there and differs from the last one runs a server census at once. Each
+//! socket is listed with its local and peer address, state and send/receive queue
+//! (`snapshot().sockets`, `poolwatch::process_sockets`): match its local port with
+//! `pg_stat_activity.client_port`.
+//!
+//! **Sockets of two pools to the same address** look alike to the kernel. Each server census reads
+//! the `client_port` of the pool's own sessions: a socket whose local port a census gave to this
+//! pool is this pool's; one a census gave to another pool is not. A socket no census has seen yet
+//! (opened since the last one) is *unattributed* (`SocketCensus::unattributed`): it counts for
+//! every pool sharing the address, so the client gap can read low there, never high, and it runs a
+//! census at once to attribute it. A socket whose session is already gone (`close_wait`) cannot be
+//! attributed by any census: it counts in each sharing pool's `close_wait`. Other connections of
+//! the app to the same address (a `PgListener`, a raw `PgConnection`) are told apart the same way:
+//! each census marks the established sockets that are none of the pool's sessions, and the ledger
+//! leaves them out from then on (one opened since reads as a negative gap until the census it runs
+//! has seen it). When the sessions' client ports are not the process's own (a pooler or NAT in
+//! between), ports tell nothing and every socket to the address counts as the pool's. For
+//! unix-socket connections, and off Linux, the client-side ledger is absent.
+//!
+//! Each server census also lists the process's sockets to the database once (one netlink dump of
+//! every TCP state but `listen`, `/proc` where netlink is refused), including those no process
+//! holds any more (`time_wait`, `fin_wait*`, `last_ack`: inode 0): the census matches sessions by
+//! their local port and tells sessions the peer ended from those the pool closed by them.
 
 use std::hash::{BuildHasher, Hasher};
 
