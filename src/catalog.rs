@@ -7,7 +7,7 @@
 
 use metrics::Unit;
 
-/// Label key on every metric: the pool name given in [`Config::new`](crate::Config::new).
+/// Label key on every metric: the pool name given in [`Config::new`](crate::config::Config::new).
 pub const POOL_NAME: &str = "db_client_connection_pool_name";
 /// Label key of `db_client_connection_count`: `used` or `idle`.
 pub const CONNECTION_STATE: &str = "db_client_connection_state";
@@ -140,7 +140,7 @@ pub const PROGRESS: Metric = counter(
 
 // --- telemetry (issue 6) ---
 /// The fine bucket bounds (seconds) of every poolwatch histogram at
-/// [`Detail::Full`](crate::Detail::Full) (wait, use, create, heartbeat, listener downtime),
+/// [`Detail::Full`](crate::config::Detail::Full) (wait, use, create, heartbeat, listener downtime),
 /// from 100 µs (an idle acquire) to 60 s (a connect stuck across several resolved addresses):
 /// 21 series per histogram. [`buckets`] gives the coarse default set per histogram;
 /// `export::with_buckets(builder, Detail::Full)` applies these.
@@ -148,7 +148,7 @@ pub const SECONDS_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// The coarse buckets of [`Detail::Standard`](crate::Detail::Standard), chosen per histogram
+/// The coarse buckets of [`Detail::Standard`](crate::config::Detail::Standard), chosen per histogram
 /// for what its alert or panel asks: few enough that one pool stays within its series budget.
 /// Acquire wait: 10 ms (an idle acquire is below) to 10 s (near `acquire_timeout`).
 pub const WAIT_BUCKETS: &[f64] = &[0.01, 0.1, 1.0, 10.0];
@@ -162,8 +162,8 @@ pub const HEARTBEAT_BUCKETS: &[f64] = &[0.1];
 pub const DOWNTIME_BUCKETS: &[f64] = &[1.0, 10.0, 60.0];
 
 /// The bucket bounds of the histogram `name` at `detail`: [`SECONDS_BUCKETS`] for
-/// [`Detail::Full`](crate::Detail::Full), the coarse per-histogram set for
-/// [`Detail::Standard`](crate::Detail::Standard); `None` for a name that is not a histogram.
+/// [`Detail::Full`](crate::config::Detail::Full), the coarse per-histogram set for
+/// [`Detail::Standard`](crate::config::Detail::Standard); `None` for a name that is not a histogram.
 /// [`export::Exporter`](crate::export) and `export::prometheus_builder` apply them; give the same bounds to any
 /// other recorder (an OpenTelemetry `View`).
 pub fn buckets(name: &str, detail: crate::config::Detail) -> Option<&'static [f64]> {
@@ -176,7 +176,7 @@ pub fn buckets(name: &str, detail: crate::config::Detail) -> Option<&'static [f6
         n if find(n).is_some_and(|m| m.kind == Kind::Histogram) => SECONDS_BUCKETS,
         _ => return None,
     };
-    Some(if detail == crate::Detail::Full { SECONDS_BUCKETS } else { coarse })
+    Some(if detail == crate::config::Detail::Full { SECONDS_BUCKETS } else { coarse })
 }
 
 /// Names kept in their OpenTelemetry form although `promtool check metrics` reserves the
@@ -234,7 +234,7 @@ pub const HEARTBEAT_DURATION: Metric = histogram(
     &[PATH],
 );
 /// How many configuration hazards the last lint found (always present, unlike the
-/// per-hazard series of [`Detail::Standard`](crate::Detail::Standard)).
+/// per-hazard series of [`Detail::Standard`](crate::config::Detail::Standard)).
 pub const CONFIG_HAZARDS: Metric = gauge(
     "poolwatch_config_hazards",
     Unit::Count,
@@ -339,7 +339,7 @@ pub const SERVER_ADDRESSES: Metric = gauge(
     &[],
 );
 /// How many probed addresses failed a TCP connect at the last probe (always present, unlike
-/// the per-address series of [`Detail::Full`](crate::Detail::Full)).
+/// the per-address series of [`Detail::Full`](crate::config::Detail::Full)).
 pub const SERVER_ADDRESSES_DOWN: Metric = gauge(
     "poolwatch_server_addresses_down",
     Unit::Count,
@@ -440,7 +440,7 @@ pub const POOL_INFO: Metric = gauge(
 /// Label key of [`CONNECTIONS_CLOSED`]: a [`CloseReason`](crate::acquire::lifecycle::CloseReason).
 pub const REASON: &str = "reason";
 /// Connections the pool closed, by reason (needs
-/// [`instrument_options_named`](crate::acquire::bare::instrument_options_named); [`Detail::Full`](crate::Detail::Full)).
+/// [`instrument_options_named`](crate::acquire::bare::instrument_options_named); [`Detail::Full`](crate::config::Detail::Full)).
 pub const CONNECTIONS_CLOSED: Metric = counter(
     "poolwatch_connections_closed_total",
     "Connections that left the pool, by reason: idle_timeout, max_lifetime, broken (failed ping, error, closed or detached by the app), pool_closed. Inferred from sqlx's rules (sqlx has no close hook); see docs/lifecycle.md.",
@@ -612,7 +612,7 @@ mod tests {
         assert_eq!((SECONDS_BUCKETS.first(), SECONDS_BUCKETS.last()), (Some(&0.0001), Some(&60.0)));
         assert!(SECONDS_BUCKETS.windows(2).all(|w| w[0] < w[1]));
         for m in ALL {
-            let coarse = buckets(m.name, crate::Detail::Standard);
+            let coarse = buckets(m.name, crate::config::Detail::Standard);
             assert_eq!(coarse.is_some(), m.kind == Kind::Histogram, "{}", m.name);
             let coarse = coarse.unwrap_or(&[1.0]);
             assert!(coarse.len() <= 5 && coarse.windows(2).all(|w| w[0] < w[1]), "{}", m.name);

@@ -172,7 +172,7 @@ impl Config {
     }
 
     /// Declares the pooler's admin console URL ([`Config::pooler_admin`]), e.g.
-    /// `postgres://stats@pgbouncer:6432/pgbouncer`. Implies [`NetworkPath::Pooler`](crate::NetworkPath::Pooler).
+    /// `postgres://stats@pgbouncer:6432/pgbouncer`. Implies [`NetworkPath::Pooler`](crate::ledger::attribution::NetworkPath::Pooler).
     /// The password, if any, is never logged.
     pub fn pooler_admin(mut self, url: impl Into<String>) -> Self {
         self.pooler_admin = Some(PoolerAdmin(url.into()));
@@ -281,7 +281,10 @@ impl Config {
         }
         if let Some(admin) = &self.pooler_admin {
             admin.options()?;
-            if matches!(self.network_path, Some(crate::NetworkPath::Direct | crate::NetworkPath::Nat)) {
+            if matches!(
+                self.network_path,
+                Some(crate::ledger::attribution::NetworkPath::Direct | crate::ledger::attribution::NetworkPath::Nat)
+            ) {
                 return Err(ConfigError::new(
                     "network_path",
                     "contradicts pooler_admin (a pooler's console is declared)",
@@ -413,7 +416,7 @@ mod tests {
             (
                 Config::new("a")
                     .pooler_admin("postgres://s@127.0.0.1:6432/pgbouncer")
-                    .network_path(crate::NetworkPath::Direct),
+                    .network_path(crate::ledger::attribution::NetworkPath::Direct),
                 "network_path",
             ),
             (Config::new("a").hazard_recheck_interval(Duration::ZERO), "hazard_recheck_interval"),

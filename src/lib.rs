@@ -51,7 +51,8 @@ pub use ledger::attribution;
 
 pub use acquire::bare::{instrument_options_named, sqlx_acquire_layer};
 pub use acquire::lifecycle::{CloseReason, LifecycleFigures};
-pub use acquire::probe::{instrument_options, mark_connected};
+pub use acquire::probe::instrument_options;
+pub use acquire::stamps::mark_connected;
 pub use acquire::watched_pool::{Watched, WatchedConnection, WatchedPool, WatchedTransaction};
 pub use cause::Cause;
 pub use config::{Config, ConfigError, Detail, PoolerAdmin};

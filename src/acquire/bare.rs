@@ -13,7 +13,7 @@
 //! stamps its pool in a thread-local that the layer takes. Without the hooks, an event is
 //! given to the only pool poolwatch knows, and dropped when there are several.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
@@ -27,7 +27,7 @@ use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::acquire::lifecycle::Lifecycle;
-use crate::acquire::probe::mark_connected;
+use crate::acquire::stamps::{self, mark_connected};
 use crate::catalog::{self, POOL_NAME};
 use crate::sqlx_adapter;
 
@@ -38,8 +38,6 @@ thread_local! {
     /// The pool whose acquire hook ran last on this thread, for the acquire event that follows.
     /// Weak: without the layer nothing takes it, and a closed pool's figures must not stay.
     static STAMP: RefCell<Option<Weak<BareFigures>>> = const { RefCell::new(None) };
-    /// A `WatchedPool` acquire is being polled here: it records its own wait.
-    static IN_WATCHED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// The pools poolwatch knows by name (instrumented or given hooks). A handful per process.
@@ -72,6 +70,12 @@ pub(crate) struct BareFigures {
     hooks: OnceLock<Hooks>,
     /// Set by [`instrument_options_named`]: the connection lifecycle ledger its hooks feed.
     lifecycle: OnceLock<Arc<Lifecycle>>,
+}
+
+/// Forgets the pool stamped on this thread: a `WatchedPool` acquire's poll is over, and
+/// sqlx's event inside it was left to the `WatchedPool`, which records the wait itself.
+pub(crate) fn forget_stamp() {
+    STAMP.with(|s| s.borrow_mut().take());
 }
 
 /// The figures of `pool_name`, created (counters at 0) on first use.
@@ -138,10 +142,10 @@ impl BareFigures {
 
 /// [`instrument_options`](crate::acquire::probe::instrument_options), plus hooks that count every acquire and
 /// release of the pool whoever makes it (a library on the bare `PgPool` included), the
-/// connection lifecycle figures ([`PoolWatch::lifecycle`](crate::PoolWatch::lifecycle):
+/// connection lifecycle figures ([`PoolWatch::lifecycle`](crate::watch::PoolWatch::lifecycle):
 /// opened, closed by reason, the oldest one's age; `docs/lifecycle.md`), and sqlx's
 /// per-acquire event turned on (at TRACE) for [`sqlx_acquire_layer`] to read the wait.
-/// `pool_name` must be the name given to [`Config::new`](crate::Config::new).
+/// `pool_name` must be the name given to [`Config::new`](crate::config::Config::new).
 ///
 /// It replaces the `after_connect`, `before_acquire` and `after_release` hooks set before, and
 /// sets `acquire_time_level`. If you need your own hooks, keep yours and do without these
@@ -189,16 +193,6 @@ fn stamp(f: &Arc<BareFigures>) {
     STAMP.with(|s| *s.borrow_mut() = Some(Arc::downgrade(f)));
 }
 
-/// Runs one poll of a `WatchedPool` acquire: sqlx's event inside it is left to the
-/// `WatchedPool`, which records the wait itself.
-pub(crate) fn in_watched_poll<T>(poll: impl FnOnce() -> T) -> T {
-    IN_WATCHED.with(|w| w.set(true));
-    let out = poll();
-    IN_WATCHED.with(|w| w.set(false));
-    STAMP.with(|s| s.borrow_mut().take());
-    out
-}
-
 /// A `tracing` layer that reads sqlx's own acquire events (target `sqlx::pool::acquire`) into
 /// `db_client_connection_wait_time_seconds` and `poolwatch_pool_slow_acquires_total`, for
 /// acquires that bypass [`WatchedPool`](crate::acquire::watched_pool::WatchedPool). It has its own filter: add it to
@@ -233,7 +227,7 @@ impl<S: Subscriber> Layer<S> for AcquireEvents {
             return;
         }
         let stamped = STAMP.with(|s| s.borrow_mut().take()).and_then(|w| w.upgrade());
-        if IN_WATCHED.with(Cell::get) {
+        if stamps::in_watched() {
             return;
         }
         let mut fields = AcquireFields::default();

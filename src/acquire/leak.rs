@@ -1,6 +1,6 @@
 //! Leak and stuck suspects: connections checked out through a
 //! [`WatchedPool`](crate::acquire::watched_pool::WatchedPool) for longer than
-//! [`Config::leak_threshold`](crate::Config::leak_threshold).
+//! [`Config::leak_threshold`](crate::config::Config::leak_threshold).
 //!
 //! Each checkout is entered in a small registry (a slab under a mutex, one entry per
 //! connection checked out now, so memory is bounded by the pool size): its time and the call

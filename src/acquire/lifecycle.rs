@@ -428,7 +428,7 @@ fn pick(
 }
 
 /// One watched pool's lifecycle metrics: the oldest age always, the counters (at 0 from the
-/// start) at [`Detail::Full`](crate::Detail::Full) (the series budget of `Detail::Standard`).
+/// start) at [`Detail::Full`](crate::config::Detail::Full) (the series budget of `Detail::Standard`).
 #[derive(Debug)]
 pub(crate) struct Published {
     ledger: Arc<Lifecycle>,
@@ -440,11 +440,15 @@ pub(crate) struct Published {
 }
 
 impl Published {
-    /// The metrics of `pool_name`, if its options carry the hooks.
-    pub(crate) fn new(pool: &PgPool, pool_name: &str, detail: crate::config::Detail) -> Option<Published> {
-        let ledger = crate::acquire::bare::lifecycle_of(pool_name)?;
+    /// The metrics of `pool_name`, whose options carry the hooks that feed `ledger`.
+    pub(crate) fn new(
+        pool: &PgPool,
+        pool_name: &str,
+        detail: crate::config::Detail,
+        ledger: Arc<Lifecycle>,
+    ) -> Published {
         let p = pool_name.to_owned();
-        let closed = (detail == crate::Detail::Full).then(|| {
+        let closed = (detail == crate::config::Detail::Full).then(|| {
             CloseReason::ALL.map(
                 |r| counter!(catalog::CONNECTIONS_CLOSED.name, POOL_NAME => p.clone(), catalog::REASON => r.as_str()),
             )
@@ -456,7 +460,7 @@ impl Published {
             pool: pool.clone(),
         };
         published.update();
-        Some(published)
+        published
     }
 
     /// Slots the app released (the hooks saw `after_release`) over [`STUCK_AFTER`] ago, that

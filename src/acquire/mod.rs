@@ -5,5 +5,6 @@ pub(crate) mod leak;
 pub(crate) mod lifecycle;
 pub(crate) mod probe;
 pub(crate) mod spans;
+pub(crate) mod stamps;
 pub(crate) mod stranded;
 pub(crate) mod watched_pool;

@@ -2,7 +2,6 @@
 //! waiters, timeouts, use time and create time, recorded on the hot path with pre-registered
 //! metric handles (a few atomic operations and clock reads per acquire).
 
-use std::cell::Cell;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -19,16 +18,12 @@ use tracing::Span;
 
 use crate::acquire::leak::{Leaks, Origin};
 use crate::acquire::spans as acquire_spans;
+use crate::acquire::stamps::{self, mark_connected};
 use crate::catalog::{self, POOL_NAME};
 use crate::{cause::Cause, config::Config, ledger::snapshot::Snapshot};
 
 /// At most one exhaustion WARN per pool per this period (the others are DEBUG span events).
 const EXHAUSTION_WARN_EVERY: Duration = Duration::from_secs(10);
-
-thread_local! {
-    /// Set by the `after_connect` hook when a connection was just opened on this thread.
-    static CONNECTED: Cell<Option<Instant>> = const { Cell::new(None) };
-}
 
 /// Installs the `after_connect` hook that lets a [`WatchedPool`](crate::acquire::watched_pool::WatchedPool) measure
 /// `db_client_connection_create_time_seconds` and emit `db.pool.connect` spans.
@@ -43,12 +38,6 @@ pub fn instrument_options(options: PgPoolOptions) -> PgPoolOptions {
         mark_connected();
         Box::pin(std::future::ready(Ok(())))
     })
-}
-
-/// Tells poolwatch that a new connection was just opened. Call it at the start of your own
-/// `after_connect` hook if you do not use [`instrument_options`].
-pub fn mark_connected() {
-    CONNECTED.with(|c| c.set(Some(Instant::now())));
 }
 
 /// The metric handles and settings of one watched pool.
@@ -129,6 +118,11 @@ pub(crate) struct Exhaustion {
 const SLOW_CREATE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Probe {
+    /// What the acquire and connect spans name.
+    pub(crate) fn target(&self) -> acquire_spans::Target<'_> {
+        acquire_spans::Target { pool_name: &self.pool_name, host: &self.host, port: self.port }
+    }
+
     pub(crate) fn new(pool: &PgPool, config: &Config) -> Probe {
         let p = config.pool_name.clone();
         let options = pool.connect_options();
@@ -142,9 +136,9 @@ impl Probe {
             oldest_wait: crate::gauges::LazyGauge::new(
                 catalog::OLDEST_WAIT.name,
                 vec![(POOL_NAME, p.clone())],
-                config.detail == crate::Detail::Full,
+                config.detail == crate::config::Detail::Full,
             ),
-            leaks: Leaks::new(&p, config.leak_threshold, config.detail == crate::Detail::Full),
+            leaks: Leaks::new(&p, config.leak_threshold, config.detail == crate::config::Detail::Full),
             waiters: Waiters::default(),
             census: Mutex::new(None),
             last_warn: Mutex::new(None),
@@ -193,7 +187,7 @@ impl Probe {
             if took > SLOW_CREATE {
                 self.trouble.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            acquire_spans::connected(self, span, took, None);
+            acquire_spans::connected(self.target(), span, took, None);
         }
         match result {
             Ok(conn) => {
@@ -213,9 +207,9 @@ impl Probe {
                     }
                     Cause::PoolClosed => {}
                     // Any other acquire error comes from opening a new connection.
-                    _ => acquire_spans::connected(self, span, waited, Some(cause)),
+                    _ => acquire_spans::connected(self.target(), span, waited, Some(cause)),
                 }
-                acquire_spans::failed(self, span, waited, cause);
+                acquire_spans::failed(self.target(), span, waited, cause);
                 Err(err)
             }
         }
@@ -240,7 +234,7 @@ impl Probe {
     pub(crate) fn exhaustion(&self) -> Exhaustion {
         let holders = self.leaks.holders();
         let (waiters, oldest_wait) = self.sample_waiters();
-        let figures = crate::PoolFigures::of(&self.pool);
+        let figures = crate::ledger::snapshot::PoolFigures::of(&self.pool);
         let watched: usize = holders.iter().map(|h| h.count).sum();
         let census = match self.census.lock().ok().and_then(|c| c.clone()) {
             None => "no census yet".to_owned(),
@@ -348,7 +342,7 @@ impl<T> Future for Acquiring<T> {
             Some(inner) => inner,
             None => {
                 // The caller's span is current here: it is polling us.
-                this.span = acquire_spans::acquire(&this.probe);
+                this.span = acquire_spans::acquire(this.probe.target());
                 this.started = Instant::now();
                 this.inner.insert(Box::pin(this.probe.pool.acquire()))
             }
@@ -356,9 +350,10 @@ impl<T> Future for Acquiring<T> {
         let entered = this.span.enter();
         // The pool's `after_connect` hook runs inside this poll, on this thread, when the
         // acquire opens a connection: it stamps CONNECTED.
-        CONNECTED.with(|c| c.set(None));
-        let poll = crate::acquire::bare::in_watched_poll(|| inner.as_mut().poll(cx));
-        if let Some(at) = CONNECTED.with(Cell::take) {
+        stamps::clear_connected();
+        let poll = stamps::in_watched_poll(|| inner.as_mut().poll(cx));
+        crate::acquire::bare::forget_stamp();
+        if let Some(at) = stamps::take_connected() {
             this.connected = Some(at);
         }
         drop(entered);

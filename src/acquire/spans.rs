@@ -9,11 +9,18 @@ use std::time::Duration;
 use tracing::Span;
 use tracing::field::Empty;
 
-use crate::acquire::probe::Probe;
 use crate::cause::Cause;
 
+/// What the spans name: the pool and the server it connects to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Target<'a> {
+    pub(crate) pool_name: &'a str,
+    pub(crate) host: &'a str,
+    pub(crate) port: u16,
+}
+
 /// The span of one acquire, entered while it waits.
-pub(crate) fn acquire(p: &Probe) -> Span {
+pub(crate) fn acquire(p: Target<'_>) -> Span {
     tracing::debug_span!(
         "db.pool.acquire",
         "db.client.connection.pool.name" = %p.pool_name,
@@ -35,7 +42,7 @@ pub(crate) fn acquired(span: &Span, waited: Duration) {
 }
 
 /// The acquire failed after `waited`: records the outcome and emits one WARN event.
-pub(crate) fn failed(p: &Probe, span: &Span, waited: Duration, cause: Cause) {
+pub(crate) fn failed(p: Target<'_>, span: &Span, waited: Duration, cause: Cause) {
     let outcome = match cause {
         Cause::PoolTimedOut => "timeout",
         Cause::PoolClosed => "closed",
@@ -58,7 +65,7 @@ pub(crate) fn failed(p: &Probe, span: &Span, waited: Duration, cause: Cause) {
 /// A new connection was opened (`cause` is `None`) or failed to open, taking `took`.
 /// The span is created when the outcome is known; `db.client.connection.create_time`
 /// carries the duration.
-pub(crate) fn connected(p: &Probe, parent: &Span, took: Duration, cause: Option<Cause>) {
+pub(crate) fn connected(p: Target<'_>, parent: &Span, took: Duration, cause: Option<Cause>) {
     let seconds = took.as_secs_f64();
     match cause {
         None => {

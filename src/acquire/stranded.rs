@@ -42,7 +42,11 @@ impl Stranded {
     pub(crate) fn new(pool_name: &str, detail: crate::config::Detail) -> Stranded {
         let gauge =
             crate::gauges::LazyGauge::new(catalog::STRANDED_SLOTS.name, vec![(POOL_NAME, pool_name.to_owned())], false);
-        Stranded { readings: Mutex::new(Vec::with_capacity(READINGS)), gauge, full: detail == crate::Detail::Full }
+        Stranded {
+            readings: Mutex::new(Vec::with_capacity(READINGS)),
+            gauge,
+            full: detail == crate::config::Detail::Full,
+        }
     }
 
     /// Takes one reading and publishes the figure; returns it. `released_not_idle` is the

@@ -14,14 +14,14 @@ use sqlx::{PgPool, Postgres, Transaction};
 use crate::acquire::leak::Origin;
 use crate::acquire::probe::{Probe, Ticket};
 
-/// A watched `PgPool`: get it with [`PoolWatch::pool`](crate::PoolWatch::pool). Cheap to
+/// A watched `PgPool`: get it with [`PoolWatch::pool`](crate::watch::PoolWatch::pool). Cheap to
 /// clone (one `Arc`). Use it where you used the pool: `acquire()`, `begin()`,
 /// `try_acquire()`, and `sqlx::query(..).fetch_one(&pool)` (it is an [`Executor`](sqlx::Executor)).
 ///
 /// Acquires through it record `db_client_connection_wait_time_seconds`,
 /// `_pending_requests`, `_timeouts_total`, `_use_time_seconds`, `_create_time_seconds`
 /// (with [`instrument_options`](crate::acquire::probe::instrument_options)), the `db.pool.acquire` span, and
-/// leak suspects when [`Config::leak_threshold`](crate::Config::leak_threshold) is set.
+/// leak suspects when [`Config::leak_threshold`](crate::config::Config::leak_threshold) is set.
 /// Acquires made with the bare pool still show in the sampled `db_client_connection_count`.
 ///
 /// ```no_run

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use super::recorder::{Layout, PrometheusHandle, PrometheusRecorder};
+use super::recorder::{PrometheusHandle, PrometheusRecorder};
+use super::series::Layout;
 use crate::catalog::{self, Kind};
 use crate::{config::ConfigError, config::Detail};
 

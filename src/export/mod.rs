@@ -27,6 +27,10 @@ mod recorder;
 mod render;
 #[cfg(feature = "prometheus")]
 mod retire;
+#[cfg(feature = "prometheus")]
+mod series;
+#[cfg(feature = "prometheus")]
+mod text;
 
 /// A pool's watch has ended (stopped, dropped, or its pool closed and drained): with feature
 /// `prometheus`, its series leave the exposition of every [`Exporter`] once nothing holds them

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use metrics::Key;
 
-use super::recorder::Inner;
+use super::series::Inner;
 use crate::catalog;
 
 /// Sweeps at most this often: each visits every series.
@@ -37,13 +37,6 @@ const BARE: [&str; 5] = [
 
 /// Every recorder built in this process (a pool's end reaches each).
 static RECORDERS: Mutex<Vec<Weak<Inner>>> = Mutex::new(Vec::new());
-
-/// The retired pool names of one recorder and its last sweep.
-#[derive(Debug, Default)]
-pub(super) struct Retired {
-    names: HashSet<String>,
-    last_sweep: Option<Instant>,
-}
 
 pub(super) fn subscribe(inner: &Arc<Inner>) {
     let mut all = RECORDERS.lock().unwrap_or_else(PoisonError::into_inner);

@@ -159,7 +159,11 @@ impl Heartbeat {
                 .iter()
                 .map(|h| {
                     let labels = vec![(POOL_NAME, p()), (HAZARD, h.as_str().to_owned())];
-                    crate::gauges::LazyGauge::new(catalog::CONFIG_HAZARD.name, labels, detail == crate::Detail::Full)
+                    crate::gauges::LazyGauge::new(
+                        catalog::CONFIG_HAZARD.name,
+                        labels,
+                        detail == crate::config::Detail::Full,
+                    )
                 })
                 .collect(),
             hazards_found: gauge!(catalog::CONFIG_HAZARDS.name, POOL_NAME => p()),

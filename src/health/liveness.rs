@@ -1,6 +1,6 @@
 //! Whether the background tasks are still running: the time of the last completed sample,
 //! census and heartbeat, published as unix timestamps (`time() - x` is their age in PromQL)
-//! and judged by [`health()`](crate::PoolWatch::health). A stalled or dead task otherwise
+//! and judged by [`health()`](crate::watch::PoolWatch::health). A stalled or dead task otherwise
 //! leaves its last figures in place, and a dashboard reads "ok" forever.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -127,7 +127,7 @@ impl Liveness {
     }
 }
 
-/// How old each task's figures may get before [`health()`](crate::PoolWatch::health) calls
+/// How old each task's figures may get before [`health()`](crate::watch::PoolWatch::health) calls
 /// them stale, and the interval each is expected at (for the message).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Limits {
@@ -172,11 +172,11 @@ mod tests {
 
     #[test]
     fn limits_at_the_defaults_and_at_the_extremes() {
-        let l = Limits::of(&crate::Config::new("a"));
+        let l = Limits::of(&crate::config::Config::new("a"));
         assert_eq!(l.sample, Duration::from_secs(35), "3 × 5 s + 4 × 5 s");
         assert_eq!(l.heartbeat, Duration::from_secs(50));
         assert_eq!(l.census, Duration::from_secs(2160 + 20 + 35));
-        let max = crate::Config::new("a")
+        let max = crate::config::Config::new("a")
             .sample_interval(Duration::MAX)
             .census_interval(Duration::MAX)
             .heartbeat_interval(Duration::MAX)

@@ -9,7 +9,7 @@ use crate::catalog::{self, POOL_NAME};
 /// A cheap, clonable handle that counts work done with one pool
 /// (`poolwatch_progress_total{db_client_connection_pool_name=..}`).
 ///
-/// Get one from [`PoolWatch::progress`](crate::PoolWatch::progress) or [`Progress::new`], keep
+/// Get one from [`PoolWatch::progress`](crate::watch::PoolWatch::progress) or [`Progress::new`], keep
 /// it next to the work loop, and call [`tick`](Progress::tick) per job, batch or message.
 /// Creating it registers the counter at 0, so the `PoolwatchWorkStalled` alert sees a flat
 /// line even if no work was ever done.
@@ -29,7 +29,7 @@ pub struct Progress {
 
 impl Progress {
     /// A progress handle for the pool named `pool_name` (the name given to
-    /// [`Config::new`](crate::Config::new)), bound to the recorder installed now.
+    /// [`Config::new`](crate::config::Config::new)), bound to the recorder installed now.
     pub fn new(pool_name: &str) -> Progress {
         let counter = metrics::counter!(catalog::PROGRESS.name, POOL_NAME => pool_name.to_owned());
         counter.increment(0);

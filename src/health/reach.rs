@@ -172,7 +172,7 @@ pub(crate) struct Reach {
     latest: Mutex<Reachability>,
     over_cap_warned: AtomicBool,
     resolve_failing: AtomicBool,
-    /// Per-address series only at [`Detail::Full`](crate::Detail::Full).
+    /// Per-address series only at [`Detail::Full`](crate::config::Detail::Full).
     per_address: bool,
     /// The connect-trouble count when the probe last ran.
     trouble_seen: AtomicU64,
@@ -190,7 +190,7 @@ struct AddressGauges {
 impl Reach {
     pub(crate) fn new(pool_name: &str, detail: crate::config::Detail) -> Reach {
         Reach {
-            per_address: detail == crate::Detail::Full,
+            per_address: detail == crate::config::Detail::Full,
             pool_name: pool_name.to_owned(),
             series: Mutex::new(HashMap::new()),
             latest: Mutex::new(Reachability::default()),
@@ -319,7 +319,7 @@ mod tests {
 
     #[test]
     fn series_stop_at_the_cap() {
-        let reach = Reach::new("cap", crate::Detail::Full);
+        let reach = Reach::new("cap", crate::config::Detail::Full);
         for round in 0..5u16 {
             let addresses = (0..MAX_ADDRESSES as u16)
                 .map(|i| AddressFigures {

@@ -1,4 +1,4 @@
-//! [`PoolWatch::health`](crate::PoolWatch::health): one plain report a readiness endpoint can
+//! [`PoolWatch::health`](crate::watch::PoolWatch::health): one plain report a readiness endpoint can
 //! serve: `ok`, `degraded` or `failing`, the reasons, and the figures behind them. It reads
 //! what the background tasks last measured; building it does no I/O.
 //!
@@ -96,7 +96,7 @@ impl From<PathFigures> for PathHealth {
         PathHealth {
             up: p.up,
             last_seconds: p.last_duration.map(|d| d.as_secs_f64()),
-            last_cause: p.last_cause.map(crate::Cause::as_str),
+            last_cause: p.last_cause.map(crate::cause::Cause::as_str),
             successes: p.successes,
             failures: p.failures,
         }
@@ -195,7 +195,7 @@ pub struct Freshness {
 /// Acquires waiting longer than this make the report `degraded`.
 pub(crate) const LONG_WAIT: Duration = Duration::from_secs(1);
 
-/// What [`PoolWatch::health`](crate::PoolWatch::health) gathers before judging.
+/// What [`PoolWatch::health`](crate::watch::PoolWatch::health) gathers before judging.
 #[derive(Debug)]
 pub(crate) struct Inputs {
     pub(crate) pool_name: String,
@@ -407,7 +407,7 @@ fn pool_path_reason(
 }
 
 fn cause(c: Option<crate::cause::Cause>) -> &'static str {
-    c.map_or("unknown", crate::Cause::as_str)
+    c.map_or("unknown", crate::cause::Cause::as_str)
 }
 
 /// The gap rose over the readings (at least three) and never fell.
@@ -433,7 +433,7 @@ mod tests {
             lifecycle: None,
             send_queue_stuck: 0,
             waits: WaitHealth::default(),
-            reach: crate::Reachability::default(),
+            reach: crate::health::reach::Reachability::default(),
             liveness: Liveness::default(),
         }
     }
@@ -485,7 +485,7 @@ mod tests {
     #[test]
     fn stale_figures_are_not_reported_as_current() {
         use crate::health::liveness::{Ages, Limits};
-        let limits = Limits::of(&crate::Config::new("unit"));
+        let limits = Limits::of(&crate::config::Config::new("unit"));
         let fresh = Some(Duration::from_secs(1));
         let ages = Ages { watch: Duration::from_secs(3600), sample: fresh, census: fresh, heartbeat: fresh };
         let mut i = inputs();

@@ -9,7 +9,7 @@
 //! is told apart from its replicas by matching `pg_stat_activity`'s (`client_addr`,
 //! `client_port`) to the local address and port of this process's own sockets toward the
 //! database (the socket census's per-socket list), or, behind a pooler, the
-//! pooler's `SHOW CLIENTS` rows ([`Config::pooler_admin`](crate::Config::pooler_admin)).
+//! pooler's `SHOW CLIENTS` rows ([`Config::pooler_admin`](crate::config::Config::pooler_admin)).
 //!
 //! Where ports cannot be matched (a NAT or proxy that rewrites them, a unix socket, a system
 //! without the socket list), the tag ends in a per-process nonce instead,
@@ -124,7 +124,7 @@
 use std::hash::{BuildHasher, Hasher};
 
 /// Declared: what lies between the pool and the database server
-/// ([`Config::network_path`](crate::Config::network_path)). It decides how a server session is
+/// ([`Config::network_path`](crate::config::Config::network_path)). It decides how a server session is
 /// attributed to this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -138,7 +138,7 @@ pub enum NetworkPath {
     Nat,
     /// The pool goes through a connection pooler (PgBouncer, Supavisor, ...): the server sees
     /// the pooler's connections, never the pool's. Stable tag; the phantom gap comes from the
-    /// pooler's admin console ([`Config::pooler_admin`](crate::Config::pooler_admin)), and
+    /// pooler's admin console ([`Config::pooler_admin`](crate::config::Config::pooler_admin)), and
     /// without it is not exported.
     Pooler,
 }

@@ -1,5 +1,5 @@
 //! The live state of every [`WatchedListener`](crate::listener::watched::WatchedListener) in the process, by
-//! pool name, so a pool's [health report](crate::PoolWatch::health) can include its
+//! pool name, so a pool's [health report](crate::watch::PoolWatch::health) can include its
 //! listeners. Each listener registers when it connects and leaves when dropped.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

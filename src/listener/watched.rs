@@ -29,7 +29,7 @@ use crate::{cause::Cause, config::ConfigError};
 #[non_exhaustive]
 pub struct ListenerConfig {
     /// The `db_client_connection_pool_name` label value (the pool the listener belongs to,
-    /// as in [`Config::new`](crate::Config::new)). Same rules as the pool name.
+    /// as in [`Config::new`](crate::config::Config::new)). Same rules as the pool name.
     pub pool_name: String,
     /// The `listener` label value. 1-64 characters from `A-Z a-z 0-9 _ - . :`.
     pub listener: String,

@@ -281,7 +281,11 @@ mod tests {
     fn census(lock_waiters: u32, active_for: u64, phantom: i64) -> Result<Snapshot, Cause> {
         let mut longest = [Duration::ZERO; 7];
         longest[0] = Duration::from_secs(active_for);
-        let server = crate::ledger::census::ServerCensus { lock_waiters, longest, ..crate::ServerCensus::default() };
+        let server = crate::ledger::census::ServerCensus {
+            lock_waiters,
+            longest,
+            ..crate::ledger::census::ServerCensus::default()
+        };
         Ok(Snapshot { server: Some(server), phantom: Some(phantom), census_up: true, ..Snapshot::default() })
     }
 

@@ -94,7 +94,7 @@ impl PoolWatch {
     }
 
     /// A plain health report for a readiness endpoint: `ok` / `degraded` / `failing`, the
-    /// reasons and the figures behind them (see [`report`](crate::report)). No I/O: it reads
+    /// reasons and the figures behind them (see [`report`](crate::health::report)). No I/O: it reads
     /// what the background tasks last measured. With the `serde` feature it is `Serialize`.
     pub fn health(&self) -> HealthReport {
         let s = &self.shared;

@@ -111,7 +111,9 @@ impl Shared {
             send_queues: StuckSendQueues::new(&config.pool_name, config.send_queue_stuck_after, config.detail),
             gaps: Mutex::new(std::collections::VecDeque::new()),
             probe: Arc::new(Probe::new(pool, &config)),
-            lifecycle: crate::acquire::lifecycle::Published::new(pool, &config.pool_name, config.detail),
+            lifecycle: crate::acquire::bare::lifecycle_of(&config.pool_name).map(|ledger| {
+                crate::acquire::lifecycle::Published::new(pool, &config.pool_name, config.detail, ledger)
+            }),
             latest: Mutex::new(Snapshot { pool: PoolFigures::of(pool), ..Snapshot::default() }),
             untagged: Mutex::new(untagged),
             retagged: tokio::sync::OnceCell::new(),
