@@ -310,83 +310,115 @@ impl PoolSettings {
 /// Checks the three sources against each other; pure, so every rule is unit-tested.
 pub fn lint(server: &ServerSettings, pool: &PoolSettings, config: &Config) -> Vec<Finding> {
     let mut found = Vec::new();
-    let mut add = |hazard: Hazard, detail: String| found.push(Finding { hazard, detail });
-    let ist = server.idle_session_timeout;
-    let pooler = config.pooler_idle_timeout;
-
-    if let Some(ist) = ist {
-        let longest = pool.longest_idle();
-        if longest.is_none_or(|l| l >= ist) {
-            let detail = format!(
-                "min_connections={}, idle_timeout={}, max_lifetime={}, idle_session_timeout={}",
-                pool.min_connections,
-                show(pool.idle_timeout),
-                show(pool.max_lifetime),
-                show(Some(ist))
-            );
-            if pool.min_connections > 0 {
-                add(Hazard::MinConnectionsKilledByIdleSessionTimeout, detail);
-            } else {
-                add(Hazard::IdleConnectionsKilledByIdleSessionTimeout, detail);
-            }
-        }
-    }
+    idle_session_rules(&mut found, server, pool);
     if let Some(refresh) = config.expect_refresh_every {
-        let r = show(Some(refresh));
-        if let Some(idle) = pool.idle_timeout.filter(|idle| refresh > *idle) {
-            add(
-                Hazard::RefreshSlowerThanIdleTimeout,
-                format!("refresh every {r}, pool idle_timeout={}", show(Some(idle))),
-            );
-        }
-        if let Some(ist) = ist.filter(|ist| refresh >= *ist) {
-            add(
-                Hazard::RefreshSlowerThanIdleSessionTimeout,
-                format!("refresh every {r}, idle_session_timeout={}", show(Some(ist))),
-            );
-        }
-        if let Some(iit) = server.idle_in_transaction_session_timeout.filter(|t| refresh >= *t) {
-            add(
-                Hazard::RefreshSlowerThanIdleInTransactionTimeout,
-                format!("refresh every {r}, idle_in_transaction_session_timeout={}", show(Some(iit))),
-            );
-        }
-        if let Some(p) = pooler.filter(|p| refresh > *p) {
-            add(
-                Hazard::RefreshSlowerThanPoolerIdleTimeout,
-                format!("refresh every {r}, pooler idle timeout={}", show(Some(p))),
-            );
-        }
-        if pool.acquire_timeout > refresh {
-            add(
-                Hazard::AcquireTimeoutLongerThanRefresh,
-                format!("refresh every {r}, acquire_timeout={}", show(Some(pool.acquire_timeout))),
-            );
-        }
+        refresh_rules(&mut found, server, pool, config.pooler_idle_timeout, refresh);
     }
-    let idle_limit = [ist, pooler].into_iter().flatten().min();
+    let idle_limit = [server.idle_session_timeout, config.pooler_idle_timeout].into_iter().flatten().min();
     if let (Some(keepalive), Some(limit)) = (config.listener_keepalive, idle_limit) {
-        let limits = format!(
-            "idle_session_timeout={}, pooler idle timeout={}, tcp_keepalives_idle={}",
-            show(ist),
-            show(pooler),
-            show(server.tcp_keepalives_idle)
-        );
-        match keepalive {
-            None => add(Hazard::ListenerWithoutKeepalive, format!("listener declared without keepalive; {limits}")),
-            Some(k) if k >= limit => add(
-                Hazard::ListenerKeepaliveSlowerThanIdleTimeout,
-                format!("listener keepalive every {}; {limits}", show(Some(k))),
-            ),
-            Some(_) => {}
-        }
+        listener_rules(&mut found, server, config.pooler_idle_timeout, keepalive, limit);
     }
-    // Through a pooler the server's slots are shared by the pooler, not by the pool.
-    let demand = u64::from(config.replicas) * (u64::from(pool.max_connections) + 1);
-    if pooler.is_none() && server.max_connections > 0 && demand > u64::from(server.usable_connections()) {
+    capacity_rules(&mut found, server, pool, config);
+    lifetime_rules(&mut found, server, pool, config.pooler_idle_timeout, idle_limit);
+    found
+}
+
+/// The server's `idle_session_timeout` against the pool's idle connections.
+fn idle_session_rules(found: &mut Vec<Finding>, server: &ServerSettings, pool: &PoolSettings) {
+    let Some(ist) = server.idle_session_timeout else { return };
+    if pool.longest_idle().is_some_and(|l| l < ist) {
+        return;
+    }
+    let detail = format!(
+        "min_connections={}, idle_timeout={}, max_lifetime={}, idle_session_timeout={}",
+        pool.min_connections,
+        show(pool.idle_timeout),
+        show(pool.max_lifetime),
+        show(Some(ist))
+    );
+    let hazard = if pool.min_connections > 0 {
+        Hazard::MinConnectionsKilledByIdleSessionTimeout
+    } else {
+        Hazard::IdleConnectionsKilledByIdleSessionTimeout
+    };
+    found.push(Finding { hazard, detail });
+}
+
+/// A connection refreshed every `refresh` (a lock, a LISTEN) against every idle limit.
+fn refresh_rules(
+    found: &mut Vec<Finding>,
+    server: &ServerSettings,
+    pool: &PoolSettings,
+    pooler: Option<Duration>,
+    refresh: Duration,
+) {
+    let mut add = |hazard: Hazard, detail: String| found.push(Finding { hazard, detail });
+    let r = show(Some(refresh));
+    if let Some(idle) = pool.idle_timeout.filter(|idle| refresh > *idle) {
+        add(Hazard::RefreshSlowerThanIdleTimeout, format!("refresh every {r}, pool idle_timeout={}", show(Some(idle))));
+    }
+    if let Some(ist) = server.idle_session_timeout.filter(|ist| refresh >= *ist) {
         add(
-            Hazard::MaxConnectionsOverServerCapacity,
-            format!(
+            Hazard::RefreshSlowerThanIdleSessionTimeout,
+            format!("refresh every {r}, idle_session_timeout={}", show(Some(ist))),
+        );
+    }
+    if let Some(iit) = server.idle_in_transaction_session_timeout.filter(|t| refresh >= *t) {
+        add(
+            Hazard::RefreshSlowerThanIdleInTransactionTimeout,
+            format!("refresh every {r}, idle_in_transaction_session_timeout={}", show(Some(iit))),
+        );
+    }
+    if let Some(p) = pooler.filter(|p| refresh > *p) {
+        add(
+            Hazard::RefreshSlowerThanPoolerIdleTimeout,
+            format!("refresh every {r}, pooler idle timeout={}", show(Some(p))),
+        );
+    }
+    if pool.acquire_timeout > refresh {
+        add(
+            Hazard::AcquireTimeoutLongerThanRefresh,
+            format!("refresh every {r}, acquire_timeout={}", show(Some(pool.acquire_timeout))),
+        );
+    }
+}
+
+/// A listener's keepalive (`None`: declared without one) against the tightest idle `limit`.
+fn listener_rules(
+    found: &mut Vec<Finding>,
+    server: &ServerSettings,
+    pooler: Option<Duration>,
+    keepalive: Option<Duration>,
+    limit: Duration,
+) {
+    let limits = format!(
+        "idle_session_timeout={}, pooler idle timeout={}, tcp_keepalives_idle={}",
+        show(server.idle_session_timeout),
+        show(pooler),
+        show(server.tcp_keepalives_idle)
+    );
+    let (hazard, detail) = match keepalive {
+        None => (Hazard::ListenerWithoutKeepalive, format!("listener declared without keepalive; {limits}")),
+        Some(k) if k >= limit => (
+            Hazard::ListenerKeepaliveSlowerThanIdleTimeout,
+            format!("listener keepalive every {}; {limits}", show(Some(k))),
+        ),
+        Some(_) => return,
+    };
+    found.push(Finding { hazard, detail });
+}
+
+/// Every replica's pool at its max, plus poolwatch's connection, against the server's and the
+/// role's connection limits. Through a pooler the server's slots are the pooler's, not the pool's.
+fn capacity_rules(found: &mut Vec<Finding>, server: &ServerSettings, pool: &PoolSettings, config: &Config) {
+    let demand = u64::from(config.replicas) * (u64::from(pool.max_connections) + 1);
+    if config.pooler_idle_timeout.is_none()
+        && server.max_connections > 0
+        && demand > u64::from(server.usable_connections())
+    {
+        found.push(Finding {
+            hazard: Hazard::MaxConnectionsOverServerCapacity,
+            detail: format!(
                 "replicas={} × (max_connections={} + 1 poolwatch) = {demand} > {} usable (server max_connections={}, reserved={})",
                 config.replicas,
                 pool.max_connections,
@@ -394,29 +426,34 @@ pub fn lint(server: &ServerSettings, pool: &PoolSettings, config: &Config) -> Ve
                 server.max_connections,
                 server.max_connections - server.usable_connections()
             ),
-        );
+        });
     }
     if let Some(limit) = server.role_connection_limit.filter(|l| demand > u64::from(*l)) {
-        add(
-            Hazard::MaxConnectionsOverRoleLimit,
-            format!(
+        found.push(Finding {
+            hazard: Hazard::MaxConnectionsOverRoleLimit,
+            detail: format!(
                 "replicas={} × (max_connections={} + 1) = {demand} > role CONNECTION LIMIT {limit}",
                 config.replicas, pool.max_connections
             ),
-        );
+        });
     }
-    let lifetime_limit = idle_limit;
-    match (pool.max_lifetime, lifetime_limit) {
-        (None, _) => {
-            add(Hazard::MaxLifetimeUnsetOrTooLong, format!("max_lifetime unset; {}", limits_text(ist, pooler)))
-        }
-        (Some(l), Some(limit)) if l > limit => add(
-            Hazard::MaxLifetimeUnsetOrTooLong,
-            format!("max_lifetime={}; {}", show(Some(l)), limits_text(ist, pooler)),
-        ),
-        _ => {}
-    }
-    found
+}
+
+/// `max_lifetime` unset, or longer than the tightest idle limit.
+fn lifetime_rules(
+    found: &mut Vec<Finding>,
+    server: &ServerSettings,
+    pool: &PoolSettings,
+    pooler: Option<Duration>,
+    limit: Option<Duration>,
+) {
+    let ist = server.idle_session_timeout;
+    let detail = match (pool.max_lifetime, limit) {
+        (None, _) => format!("max_lifetime unset; {}", limits_text(ist, pooler)),
+        (Some(l), Some(limit)) if l > limit => format!("max_lifetime={}; {}", show(Some(l)), limits_text(ist, pooler)),
+        _ => return,
+    };
+    found.push(Finding { hazard: Hazard::MaxLifetimeUnsetOrTooLong, detail });
 }
 
 fn limits_text(ist: Option<Duration>, pooler: Option<Duration>) -> String {

@@ -259,82 +259,20 @@ fn staleness(l: &Liveness, heartbeat: HeartbeatFigures) -> (Vec<Reason>, Heartbe
 /// Judges the figures; pure, so every rule is unit-tested.
 pub(crate) fn judge(i: Inputs) -> HealthReport {
     let (mut reasons, hb, freshness) = staleness(&i.liveness, i.heartbeat);
-    let mut add = |status, code, message: String| reasons.push(Reason { status, code, message });
     let diagnosis = hb.diagnosis();
-    if let Some((code, message)) = pool_path_reason(&hb, diagnosis, &i.pool) {
-        add(HealthStatus::Failing, code, message);
-    }
-    if diagnosis == Some(Diagnosis::DirectOnly) {
-        add(
-            HealthStatus::Degraded,
-            "direct_heartbeat_failing",
-            format!("poolwatch's own connection fails ({}); the pool works", cause(hb.direct.last_cause)),
-        );
-    }
-    if !i.gap.census_up && !i.gap.recent.is_empty() {
-        add(HealthStatus::Degraded, "census_down", "the last server census failed; the gap figures are stale".into());
-    }
-    if let Some(p) = i.gap.phantom.filter(|p| *p > 0) {
-        if i.gap.growing {
-            add(
-                HealthStatus::Degraded,
-                "phantom_gap_growing",
-                format!(
-                    "the pool counts {p} connections the server does not have, and the gap grows ({:?})",
-                    i.gap.recent
-                ),
-            );
-        } else {
-            add(
-                HealthStatus::Degraded,
-                "phantom_gap",
-                format!("the pool counts {p} connections the server does not have"),
-            );
-        }
-    }
-    if let Some(stranded) = i.stranded.filter(|s| *s > 0) {
-        add(
-            HealthStatus::Degraded,
-            "stranded_slots",
-            format!(
-                "{stranded} slot(s) counted by the pool are neither idle nor held through the watched pool (stuck in sqlx's return-to-pool cleanup, or bare-pool acquires)"
-            ),
-        );
-    }
-    if i.send_queue_stuck > 0 {
-        add(
-            HealthStatus::Degraded,
-            "send_queue_stuck",
-            format!(
-                "{} socket(s) to the database have unacknowledged data that never drains: a silent peer",
-                i.send_queue_stuck
-            ),
-        );
-    }
-    if i.waits.waiters > 0 && i.waits.oldest_wait_seconds >= LONG_WAIT.as_secs_f64() {
-        add(
-            HealthStatus::Degraded,
-            "acquires_waiting",
-            format!("{} acquire(s) waiting, the oldest for {:.1}s", i.waits.waiters, i.waits.oldest_wait_seconds),
-        );
-    }
-    for l in i.listeners.iter().filter(|l| !l.connected) {
-        add(
-            HealthStatus::Degraded,
-            "listener_down",
-            format!("listener {} is not connected: notifications are lost", l.name),
-        );
-    }
-    for h in &i.hazards {
-        add(HealthStatus::Degraded, "config_hazard", format!("{}: {}", h.hazard, h.detail));
-    }
+    heartbeat_reasons(&mut reasons, &hb, diagnosis, &i.pool);
+    gap_reasons(&mut reasons, &i.gap);
+    slot_reasons(&mut reasons, &i);
     let down = i.reach.addresses.iter().filter(|a| !a.up).count();
     if down > 0 {
-        add(
-            HealthStatus::Degraded,
-            "address_unreachable",
-            format!("{down} of {} resolved address(es) of the database host do not answer", i.reach.addresses.len()),
-        );
+        reasons.push(Reason {
+            status: HealthStatus::Degraded,
+            code: "address_unreachable",
+            message: format!(
+                "{down} of {} resolved address(es) of the database host do not answer",
+                i.reach.addresses.len()
+            ),
+        });
     }
     reasons.sort_by_key(|r| std::cmp::Reverse(r.status));
     HealthReport {
@@ -366,6 +304,80 @@ pub(crate) fn judge(i: Inputs) -> HealthReport {
         addresses: i.reach.addresses.len(),
         lifecycle: i.lifecycle,
         freshness,
+    }
+}
+
+/// The heartbeats' reasons: the pool path failing, or poolwatch's own connection.
+fn heartbeat_reasons(
+    reasons: &mut Vec<Reason>,
+    hb: &HeartbeatFigures,
+    diagnosis: Option<Diagnosis>,
+    pool: &PoolFigures,
+) {
+    if let Some((code, message)) = pool_path_reason(hb, diagnosis, pool) {
+        reasons.push(Reason { status: HealthStatus::Failing, code, message });
+    }
+    if diagnosis == Some(Diagnosis::DirectOnly) {
+        reasons.push(Reason {
+            status: HealthStatus::Degraded,
+            code: "direct_heartbeat_failing",
+            message: format!("poolwatch's own connection fails ({}); the pool works", cause(hb.direct.last_cause)),
+        });
+    }
+}
+
+/// The census's reasons: a failed census, a phantom gap (growing or not).
+fn gap_reasons(reasons: &mut Vec<Reason>, gap: &GapHealth) {
+    let mut add = |code, message: String| reasons.push(Reason { status: HealthStatus::Degraded, code, message });
+    if !gap.census_up && !gap.recent.is_empty() {
+        add("census_down", "the last server census failed; the gap figures are stale".into());
+    }
+    if let Some(p) = gap.phantom.filter(|p| *p > 0) {
+        if gap.growing {
+            add(
+                "phantom_gap_growing",
+                format!(
+                    "the pool counts {p} connections the server does not have, and the gap grows ({:?})",
+                    gap.recent
+                ),
+            );
+        } else {
+            add("phantom_gap", format!("the pool counts {p} connections the server does not have"));
+        }
+    }
+}
+
+/// The reasons about slots, sockets, waiters, listeners and the setup.
+fn slot_reasons(reasons: &mut Vec<Reason>, i: &Inputs) {
+    let mut add = |code, message: String| reasons.push(Reason { status: HealthStatus::Degraded, code, message });
+    if let Some(stranded) = i.stranded.filter(|s| *s > 0) {
+        add(
+            "stranded_slots",
+            format!(
+                "{stranded} slot(s) counted by the pool are neither idle nor held through the watched pool (stuck in sqlx's return-to-pool cleanup, or bare-pool acquires)"
+            ),
+        );
+    }
+    if i.send_queue_stuck > 0 {
+        add(
+            "send_queue_stuck",
+            format!(
+                "{} socket(s) to the database have unacknowledged data that never drains: a silent peer",
+                i.send_queue_stuck
+            ),
+        );
+    }
+    if i.waits.waiters > 0 && i.waits.oldest_wait_seconds >= LONG_WAIT.as_secs_f64() {
+        add(
+            "acquires_waiting",
+            format!("{} acquire(s) waiting, the oldest for {:.1}s", i.waits.waiters, i.waits.oldest_wait_seconds),
+        );
+    }
+    for l in i.listeners.iter().filter(|l| !l.connected) {
+        add("listener_down", format!("listener {} is not connected: notifications are lost", l.name));
+    }
+    for h in &i.hazards {
+        add("config_hazard", format!("{}: {}", h.hazard, h.detail));
     }
 }
 
