@@ -1,4 +1,5 @@
-//! The checks of `poolwatch doctor`, gathered into one [`Report`] (printed as tables or JSON).
+//! The checks of `poolwatch doctor`, gathered into one [`Report`] of plain data (render.rs
+//! prints it as tables or JSON).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -6,127 +7,15 @@ use std::time::{Duration, Instant};
 use poolwatch::hazards::{self, PoolSettings};
 use poolwatch::sqlx;
 use poolwatch::{Config, ServerSettings, probe_host};
-use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 
 use crate::args::Args;
-use crate::render::clean;
-use crate::startup::{self, Startup};
-
-#[derive(Debug, Serialize)]
-pub(crate) struct Report {
-    /// Host list, port, user and database: never the password.
-    pub(crate) target: Target,
-    pub(crate) addresses: Vec<Address>,
-    pub(crate) server: Option<Server>,
-    pub(crate) sessions: Vec<SessionGroup>,
-    pub(crate) stuck: Vec<StuckSession>,
-    pub(crate) stuck_after_seconds: f64,
-    pub(crate) advisory_locks: Vec<LockHolder>,
-    pub(crate) pool: PoolFlags,
-    pub(crate) hazards: Vec<HazardFound>,
-    /// What the role could not see, and why.
-    pub(crate) not_seen: Vec<String>,
-    pub(crate) pooler: Option<Pooler>,
-    /// Why the exit status is non-zero (empty: healthy).
-    pub(crate) problems: Vec<String>,
-    pub(crate) took_seconds: f64,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct Target {
-    pub(crate) hosts: Vec<String>,
-    pub(crate) user: String,
-    pub(crate) database: String,
-    pub(crate) password_given: bool,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct Address {
-    pub(crate) host: String,
-    pub(crate) address: Option<String>,
-    /// `up`, or the cause (`refused`, `timed_out`, ...), or a resolve error.
-    pub(crate) tcp: String,
-    pub(crate) tcp_seconds: f64,
-    pub(crate) startup: Option<Startup>,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct Server {
-    pub(crate) via: String,
-    pub(crate) version: String,
-    pub(crate) user: String,
-    pub(crate) superuser: bool,
-    pub(crate) read_all_stats: bool,
-    pub(crate) login_seconds: f64,
-    pub(crate) max_connections: u32,
-    pub(crate) reserved_connections: u32,
-    pub(crate) usable_connections: u32,
-    pub(crate) client_sessions: u32,
-    /// Usable connections left for this role (`usable - client_sessions`).
-    pub(crate) headroom: i64,
-    pub(crate) idle_session_timeout_seconds: Option<f64>,
-    pub(crate) idle_in_transaction_session_timeout_seconds: Option<f64>,
-    pub(crate) tcp_keepalives_idle_seconds: Option<f64>,
-    pub(crate) role_connection_limit: Option<u32>,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct SessionGroup {
-    pub(crate) application_name: String,
-    /// `pg_stat_activity.state`; `hidden` where the role may not see it.
-    pub(crate) state: String,
-    pub(crate) count: i64,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct StuckSession {
-    pub(crate) pid: i32,
-    pub(crate) user: String,
-    pub(crate) application_name: String,
-    pub(crate) state: String,
-    pub(crate) in_state_seconds: f64,
-    pub(crate) transaction_seconds: Option<f64>,
-    pub(crate) waiting_on: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct LockHolder {
-    pub(crate) pid: i32,
-    pub(crate) user: String,
-    pub(crate) application_name: String,
-    pub(crate) state: String,
-    pub(crate) held: i64,
-    pub(crate) waiting: i64,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct PoolFlags {
-    pub(crate) max_connections: u32,
-    pub(crate) min_connections: u32,
-    pub(crate) idle_timeout_seconds: Option<f64>,
-    pub(crate) max_lifetime_seconds: Option<f64>,
-    pub(crate) acquire_timeout_seconds: f64,
-    pub(crate) replicas: u32,
-    pub(crate) refresh_every_seconds: Option<f64>,
-    pub(crate) pooler_idle_timeout_seconds: Option<f64>,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct HazardFound {
-    pub(crate) hazard: &'static str,
-    pub(crate) detail: String,
-    pub(crate) consequence: &'static str,
-    pub(crate) fix: &'static str,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct Pooler {
-    pub(crate) columns: Vec<String>,
-    pub(crate) rows: Vec<Vec<String>>,
-    pub(crate) error: Option<String>,
-}
+use crate::report::{
+    Address, HazardFound, LockHolder, PoolFlags, Pooler, Report, Server, SessionGroup, StuckSession, Target,
+};
+use crate::startup;
+use crate::text::{clean, dur};
 
 fn secs(d: Option<Duration>) -> Option<f64> {
     d.map(|d| d.as_secs_f64())
@@ -165,8 +54,9 @@ pub(crate) async fn run(args: &Args) -> Report {
         took_seconds: 0.0,
     };
 
-    // 1. Every address of every host, all at once (one dead host must not delay the others:
-    //    that is incident 4's timeout × addresses): TCP, then the startup up to authentication.
+    // 1. Every address of every host, all at once (one dead host must not delay the others: a
+    //    timeout per address, one after another, would add up): TCP, then the startup up to
+    //    authentication.
     // The startup packet carries the names as given; the report shows them cleaned.
     let (user, database) = (o.get_username().to_owned(), o.get_database().unwrap_or(o.get_username()).to_owned());
     let probes = futures_join(args.hosts.iter().filter(|(h, _)| !h.starts_with('/')).map(|(host, port)| {
@@ -474,7 +364,7 @@ async fn examine_on(
         report.problems.push(format!(
             "{} session(s) idle in transaction or active for more than {}",
             report.stuck.len(),
-            crate::render::dur(after)
+            dur(after)
         ));
     }
     if i64::from(usable) - client_sessions <= 0 {

@@ -5,27 +5,18 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// What the server answered to the startup packet.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct Startup {
-    /// `ok`: the server asked for credentials or let us in; `rejected`: it answered with an
-    /// error; `failed`: no PostgreSQL answer within the bound.
-    pub(crate) outcome: &'static str,
-    /// e.g. `authentication ok (trust)`, `asks for SCRAM-SHA-256`, `FATAL 28000 ...`.
-    pub(crate) detail: String,
-    pub(crate) seconds: f64,
-}
+use crate::report::Startup;
+use crate::text::clean;
 
 pub(crate) async fn probe(address: SocketAddr, user: &str, database: &str, timeout: Duration) -> Startup {
     let started = Instant::now();
     let result = tokio::time::timeout(timeout, exchange(address, user, database)).await;
     let seconds = started.elapsed().as_secs_f64();
     match result {
-        Ok(Ok((outcome, detail))) => Startup { outcome, detail: crate::render::clean(&detail), seconds },
+        Ok(Ok((outcome, detail))) => Startup { outcome, detail: clean(&detail), seconds },
         Ok(Err(e)) => {
             Startup { outcome: "failed", detail: format!("{} ({e})", poolwatch::Cause::of_io(e.kind())), seconds }
         }
