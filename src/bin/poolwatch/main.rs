@@ -41,7 +41,7 @@ fn main() -> ExitCode {
     // Server strings are cleaned where they are read; the whole text is cleaned and the
     // password scrubbed once more here, so that no path can print either.
     if args.json {
-        match serde_json::to_string_pretty(&report) {
+        match render::json(&report) {
             Ok(json) => println!("{}", target::scrub(&json, &args.secrets)),
             Err(e) => {
                 eprintln!("poolwatch: {}", target::scrub(&text::clean(&e.to_string()), &args.secrets));
