@@ -81,8 +81,38 @@ pub(crate) fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Arg
             return Err(format!("unknown command `{other}`; the command is `poolwatch doctor <DATABASE_URL>`"));
         }
     }
+    let mut a = defaults();
     let mut url = None;
-    let mut a = Args {
+    while let Some(arg) = argv.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        if matches!(flag.as_str(), "-h" | "--help") {
+            return Ok(None);
+        }
+        let value = || inline.clone().or_else(|| argv.next()).ok_or_else(|| format!("{flag} needs a value"));
+        if option(&mut a, &flag, value)? {
+            continue;
+        }
+        if url.is_some() {
+            return Err("more than one DATABASE_URL argument (not repeated here: it may hold a secret); \
+                 give one, and quote key=value pairs as one argument: 'host=db user=app'"
+                .to_owned());
+        }
+        url = Some(arg);
+    }
+    let url = url.or_else(|| std::env::var("DATABASE_URL").ok()).ok_or(
+        "DATABASE_URL missing: poolwatch doctor postgres://user@host:5432/db (or set $DATABASE_URL)".to_owned(),
+    )?;
+    check_counts(&a)?;
+    apply_target(&mut a, &url)?;
+    Ok(Some(a))
+}
+
+/// sqlx's pool defaults, no declared deployment, no URL yet.
+fn defaults() -> Args {
+    Args {
         hosts: Vec::new(),
         options: PgConnectOptions::new_without_pgpass(),
         password_given: false,
@@ -103,67 +133,65 @@ pub(crate) fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Arg
         startup_timeout: Duration::from_secs(3),
         query_timeout: Duration::from_secs(5),
         json: false,
-    };
-    while let Some(arg) = argv.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = || -> Result<String, String> {
-            inline.clone().or_else(|| argv.next()).ok_or_else(|| format!("{flag} needs a value"))
-        };
-        match flag.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "--json" => a.json = true,
-            "--max-connections" => a.max_connections = count(&flag, &value()?)?,
-            "--min-connections" => a.min_connections = count(&flag, &value()?)?,
-            "--idle-timeout" => a.idle_timeout = optional_duration(&flag, &value()?)?,
-            "--max-lifetime" => a.max_lifetime = optional_duration(&flag, &value()?)?,
-            "--acquire-timeout" => a.acquire_timeout = duration(&flag, &value()?)?,
-            "--replicas" => a.replicas = count(&flag, &value()?)?,
-            "--refresh-every" => a.refresh_every = Some(duration(&flag, &value()?)?),
-            "--pooler-idle-timeout" => a.pooler_idle_timeout = Some(duration(&flag, &value()?)?),
-            "--listener-keepalive" => a.listener_keepalive = Some(optional_duration(&flag, &value()?)?),
-            "--stuck-after" => a.stuck_after = duration(&flag, &value()?)?,
-            "--pooler-admin" => {
-                let admin = target::parse("--pooler-admin", &value()?)
-                    .map_err(|e| format!("{e} (e.g. postgres://admin@127.0.0.1:6432/pgbouncer)"))?;
-                a.secrets.extend(admin.secrets);
-                a.warnings.extend(admin.warnings);
-                a.pooler_admin = Some(admin.options);
-            }
-            "--connect-timeout" => a.connect_timeout = duration(&flag, &value()?)?,
-            "--startup-timeout" => a.startup_timeout = duration(&flag, &value()?)?,
-            "--query-timeout" => a.query_timeout = duration(&flag, &value()?)?,
-            // Only a `--name` is quoted back: anything else may be a secret typed in the wrong place.
-            f if f.starts_with("--") && f[2..].bytes().all(|b| b.is_ascii_lowercase() || b == b'-') => {
-                return Err(format!("unknown option `{f}` (see poolwatch doctor --help)"));
-            }
-            f if f.starts_with('-') => return Err("unknown option (see poolwatch doctor --help)".to_owned()),
-            _ if url.is_none() => url = Some(arg),
-            _ => {
-                return Err("more than one DATABASE_URL argument (not repeated here: it may hold a secret); \
-                     give one, and quote key=value pairs as one argument: 'host=db user=app'"
-                    .to_owned());
-            }
-        }
     }
-    let url = url.or_else(|| std::env::var("DATABASE_URL").ok()).ok_or(
-        "DATABASE_URL missing: poolwatch doctor postgres://user@host:5432/db (or set $DATABASE_URL)".to_owned(),
-    )?;
+}
+
+/// Applies the option `flag`, taking its value from `value` when it has one. `Ok(false)`:
+/// `flag` is no option but an argument (the URL).
+fn option(a: &mut Args, flag: &str, mut value: impl FnMut() -> Result<String, String>) -> Result<bool, String> {
+    match flag {
+        "--json" => a.json = true,
+        "--max-connections" => a.max_connections = count(flag, &value()?)?,
+        "--min-connections" => a.min_connections = count(flag, &value()?)?,
+        "--idle-timeout" => a.idle_timeout = optional_duration(flag, &value()?)?,
+        "--max-lifetime" => a.max_lifetime = optional_duration(flag, &value()?)?,
+        "--acquire-timeout" => a.acquire_timeout = duration(flag, &value()?)?,
+        "--replicas" => a.replicas = count(flag, &value()?)?,
+        "--refresh-every" => a.refresh_every = Some(duration(flag, &value()?)?),
+        "--pooler-idle-timeout" => a.pooler_idle_timeout = Some(duration(flag, &value()?)?),
+        "--listener-keepalive" => a.listener_keepalive = Some(optional_duration(flag, &value()?)?),
+        "--stuck-after" => a.stuck_after = duration(flag, &value()?)?,
+        "--pooler-admin" => {
+            let admin = target::parse("--pooler-admin", &value()?)
+                .map_err(|e| format!("{e} (e.g. postgres://admin@127.0.0.1:6432/pgbouncer)"))?;
+            a.secrets.extend(admin.secrets);
+            a.warnings.extend(admin.warnings);
+            a.pooler_admin = Some(admin.options);
+        }
+        "--connect-timeout" => a.connect_timeout = duration(flag, &value()?)?,
+        "--startup-timeout" => a.startup_timeout = duration(flag, &value()?)?,
+        "--query-timeout" => a.query_timeout = duration(flag, &value()?)?,
+        // Only a `--name` is quoted back: anything else may be a secret typed in the wrong place.
+        f if f.starts_with("--") && f[2..].bytes().all(|b| b.is_ascii_lowercase() || b == b'-') => {
+            return Err(format!("unknown option `{f}` (see poolwatch doctor --help)"));
+        }
+        f if f.starts_with('-') => return Err("unknown option (see poolwatch doctor --help)".to_owned()),
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// A deployment runs at least one process with at least one connection.
+fn check_counts(a: &Args) -> Result<(), String> {
     if a.replicas == 0 {
         return Err("--replicas is zero; declare how many processes run the pool (at least 1)".to_owned());
     }
     if a.max_connections == 0 {
         return Err("--max-connections is zero; give the pool's max_connections (sqlx default 10)".to_owned());
     }
-    let target = target::parse("DATABASE_URL", &url)?;
+    Ok(())
+}
+
+/// Where to go and how to log in, from DATABASE_URL; its secrets and warnings join the
+/// --pooler-admin ones.
+fn apply_target(a: &mut Args, url: &str) -> Result<(), String> {
+    let target = target::parse("DATABASE_URL", url)?;
     a.options = target.options;
     a.hosts = target.hosts;
     a.password_given = target.password_given;
     a.secrets.extend(target.secrets);
     a.warnings.extend(target.warnings);
-    Ok(Some(a))
+    Ok(())
 }
 
 fn count(flag: &str, v: &str) -> Result<u32, String> {

@@ -1,141 +1,40 @@
-//! The checks of `poolwatch doctor`, gathered into one [`Report`] (printed as tables or JSON).
+//! The checks of `poolwatch doctor`: every address, the server, the hazard lint and the
+//! pooler, each filling its part of one [`Report`] of plain data (render.rs prints it).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use poolwatch::hazards::{self, PoolSettings};
 use poolwatch::sqlx;
-use poolwatch::{Config, ServerSettings, probe_host};
-use serde::Serialize;
+use poolwatch::{AddressFigures, Config, Reachability, ServerSettings, probe_host};
 use sqlx::postgres::{PgConnectOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 
 use crate::args::Args;
-use crate::render::clean;
-use crate::startup::{self, Startup};
+use crate::report::{
+    Address, HazardFound, LockHolder, PoolFlags, Pooler, Report, Server, SessionGroup, Startup, StuckSession, Target,
+};
+use crate::startup;
+use crate::text::{clean, dur};
 
-#[derive(Debug, Serialize)]
-pub(crate) struct Report {
-    /// Host list, port, user and database: never the password.
-    pub(crate) target: Target,
-    pub(crate) addresses: Vec<Address>,
-    pub(crate) server: Option<Server>,
-    pub(crate) sessions: Vec<SessionGroup>,
-    pub(crate) stuck: Vec<StuckSession>,
-    pub(crate) stuck_after_seconds: f64,
-    pub(crate) advisory_locks: Vec<LockHolder>,
-    pub(crate) pool: PoolFlags,
-    pub(crate) hazards: Vec<HazardFound>,
-    /// What the role could not see, and why.
-    pub(crate) not_seen: Vec<String>,
-    pub(crate) pooler: Option<Pooler>,
-    /// Why the exit status is non-zero (empty: healthy).
-    pub(crate) problems: Vec<String>,
-    pub(crate) took_seconds: f64,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct Target {
-    pub(crate) hosts: Vec<String>,
-    pub(crate) user: String,
-    pub(crate) database: String,
-    pub(crate) password_given: bool,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct Address {
-    pub(crate) host: String,
-    pub(crate) address: Option<String>,
-    /// `up`, or the cause (`refused`, `timed_out`, ...), or a resolve error.
-    pub(crate) tcp: String,
-    pub(crate) tcp_seconds: f64,
-    pub(crate) startup: Option<Startup>,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct Server {
-    pub(crate) via: String,
-    pub(crate) version: String,
-    pub(crate) user: String,
-    pub(crate) superuser: bool,
-    pub(crate) read_all_stats: bool,
-    pub(crate) login_seconds: f64,
-    pub(crate) max_connections: u32,
-    pub(crate) reserved_connections: u32,
-    pub(crate) usable_connections: u32,
-    pub(crate) client_sessions: u32,
-    /// Usable connections left for this role (`usable - client_sessions`).
-    pub(crate) headroom: i64,
-    pub(crate) idle_session_timeout_seconds: Option<f64>,
-    pub(crate) idle_in_transaction_session_timeout_seconds: Option<f64>,
-    pub(crate) tcp_keepalives_idle_seconds: Option<f64>,
-    pub(crate) role_connection_limit: Option<u32>,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct SessionGroup {
-    pub(crate) application_name: String,
-    /// `pg_stat_activity.state`; `hidden` where the role may not see it.
-    pub(crate) state: String,
-    pub(crate) count: i64,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct StuckSession {
-    pub(crate) pid: i32,
-    pub(crate) user: String,
-    pub(crate) application_name: String,
-    pub(crate) state: String,
-    pub(crate) in_state_seconds: f64,
-    pub(crate) transaction_seconds: Option<f64>,
-    pub(crate) waiting_on: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct LockHolder {
-    pub(crate) pid: i32,
-    pub(crate) user: String,
-    pub(crate) application_name: String,
-    pub(crate) state: String,
-    pub(crate) held: i64,
-    pub(crate) waiting: i64,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct PoolFlags {
-    pub(crate) max_connections: u32,
-    pub(crate) min_connections: u32,
-    pub(crate) idle_timeout_seconds: Option<f64>,
-    pub(crate) max_lifetime_seconds: Option<f64>,
-    pub(crate) acquire_timeout_seconds: f64,
-    pub(crate) replicas: u32,
-    pub(crate) refresh_every_seconds: Option<f64>,
-    pub(crate) pooler_idle_timeout_seconds: Option<f64>,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct HazardFound {
-    pub(crate) hazard: &'static str,
-    pub(crate) detail: String,
-    pub(crate) consequence: &'static str,
-    pub(crate) fix: &'static str,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct Pooler {
-    pub(crate) columns: Vec<String>,
-    pub(crate) rows: Vec<Vec<String>>,
-    pub(crate) error: Option<String>,
-}
-
-fn secs(d: Option<Duration>) -> Option<f64> {
-    d.map(|d| d.as_secs_f64())
-}
-
+/// Runs every check in turn; a step that cannot run says why in the report.
 pub(crate) async fn run(args: &Args) -> Report {
     let started = Instant::now();
+    let mut report = blank_report(args);
+    let live = check_addresses(args, &mut report).await;
+    let settings = examine_live(args, live, &mut report).await;
+    lint_hazards(args, settings.as_ref(), &mut report);
+    if let Some(admin) = &args.pooler_admin {
+        check_pooler(admin, args.query_timeout, &mut report).await;
+    }
+    report.took_seconds = started.elapsed().as_secs_f64();
+    report
+}
+
+/// The report before any check: what was asked, nothing found yet.
+fn blank_report(args: &Args) -> Report {
     let o = &args.options;
-    let mut report = Report {
+    Report {
         target: Target {
             hosts: args.hosts.iter().map(|(h, p)| clean(&format!("{h}:{p}"))).collect(),
             user: clean(o.get_username()),
@@ -163,132 +62,114 @@ pub(crate) async fn run(args: &Args) -> Report {
         pooler: None,
         problems: Vec::new(),
         took_seconds: 0.0,
-    };
+    }
+}
 
-    // 1. Every address of every host, all at once (one dead host must not delay the others:
-    //    that is incident 4's timeout × addresses): TCP, then the startup up to authentication.
-    // The startup packet carries the names as given; the report shows them cleaned.
-    let (user, database) = (o.get_username().to_owned(), o.get_database().unwrap_or(o.get_username()).to_owned());
-    let probes = futures_join(args.hosts.iter().filter(|(h, _)| !h.starts_with('/')).map(|(host, port)| {
-        let (user, database) = (&user, &database);
-        async move {
-            let reach = probe_host(host, *port, args.connect_timeout).await;
-            let up: Vec<SocketAddr> = reach.addresses.iter().filter(|a| a.up).map(|a| a.address).collect();
-            let startups =
-                futures_join(up.iter().map(|a| startup::probe(*a, user, database, args.startup_timeout))).await;
-            (host, reach, up, startups)
-        }
-    }))
-    .await;
+fn secs(d: Option<Duration>) -> Option<f64> {
+    d.map(|d| d.as_secs_f64())
+}
+
+// ---- 1. Every address: TCP, then the startup up to authentication ----
+
+/// One host's probe: its addresses, those that took the TCP connection, and the startup on
+/// each of those (same order as `up`).
+struct HostProbe<'a> {
+    host: &'a str,
+    reach: Reachability,
+    up: Vec<SocketAddr>,
+    startups: Vec<Startup>,
+}
+
+/// Probes every address of every host and records them; returns the first address whose
+/// startup succeeded, where the server is examined.
+async fn check_addresses(args: &Args, report: &mut Report) -> Option<SocketAddr> {
+    let probes = probe_hosts(args).await;
     for (host, _) in args.hosts.iter().filter(|(h, _)| h.starts_with('/')) {
         report.not_seen.push(format!("{}: a unix socket directory, not probed over TCP", clean(host)));
     }
-    let mut live: Option<SocketAddr> = None;
-    for (host, reach, up, startups) in probes {
-        let host = &clean(host);
-        if let Some(cause) = reach.resolve_error {
-            report.problems.push(format!("{host} did not resolve ({cause})"));
-            report.addresses.push(Address {
-                host: host.clone(),
-                address: None,
-                tcp: format!("resolve failed: {cause}"),
-                tcp_seconds: 0.0,
-                startup: None,
-            });
-            continue;
-        }
-        for a in &reach.addresses {
-            let startup = up.iter().position(|u| *u == a.address).map(|i| startups[i].clone());
-            let tcp = match a.error {
-                None => "up".to_owned(),
-                Some(cause) => cause.to_string(),
-            };
-            match &startup {
-                None => report.problems.push(format!("{} ({host}) is unreachable: {tcp}", a.address)),
-                Some(s) if s.outcome != "ok" => {
-                    report.problems.push(format!("{} ({host}) startup {}: {}", a.address, s.outcome, s.detail))
-                }
-                Some(_) => {
-                    live.get_or_insert(a.address);
-                }
-            }
-            report.addresses.push(Address {
-                host: host.clone(),
-                address: Some(a.address.to_string()),
-                tcp,
-                tcp_seconds: a.connect_time.as_secs_f64(),
-                startup,
-            });
-        }
-        if reach.resolved > reach.addresses.len() {
-            report.not_seen.push(format!(
-                "{host} resolved to {} addresses; only the first {} were probed",
-                reach.resolved,
-                reach.addresses.len()
-            ));
+    let mut live = None;
+    for probe in probes {
+        if let Some(address) = record_host(probe, report) {
+            live.get_or_insert(address);
         }
     }
+    live
+}
 
-    // 2. Log in on a live address and read the server.
-    let settings = match live {
-        None => {
-            report
-                .problems
-                .push("no address answered the PostgreSQL startup: the server could not be examined".to_owned());
-            None
+/// Every address of every TCP host, all at once: one dead host must not delay the others (a
+/// timeout per address, one after another, would add up).
+async fn probe_hosts(args: &Args) -> Vec<HostProbe<'_>> {
+    // The startup packet carries the names as given; the report shows them cleaned.
+    let o = &args.options;
+    let (user, database) = (o.get_username(), o.get_database().unwrap_or(o.get_username()));
+    let tcp_hosts = args.hosts.iter().filter(|(h, _)| !h.starts_with('/'));
+    futures_join(tcp_hosts.map(|(host, port)| probe_one_host(args, host, *port, user, database))).await
+}
+
+async fn probe_one_host<'a>(args: &Args, host: &'a str, port: u16, user: &str, database: &str) -> HostProbe<'a> {
+    let reach = probe_host(host, port, args.connect_timeout).await;
+    let up: Vec<SocketAddr> = reach.addresses.iter().filter(|a| a.up).map(|a| a.address).collect();
+    let startups = futures_join(up.iter().map(|a| startup::probe(*a, user, database, args.startup_timeout))).await;
+    HostProbe { host, reach, up, startups }
+}
+
+/// Records one host's addresses and their problems; returns its first live address.
+fn record_host(probe: HostProbe<'_>, report: &mut Report) -> Option<SocketAddr> {
+    let host = &clean(probe.host);
+    let reach = &probe.reach;
+    if let Some(cause) = reach.resolve_error {
+        report.problems.push(format!("{host} did not resolve ({cause})"));
+        report.addresses.push(Address {
+            host: host.clone(),
+            address: None,
+            tcp: format!("resolve failed: {cause}"),
+            tcp_seconds: 0.0,
+            startup: None,
+        });
+        return None;
+    }
+    let mut live = None;
+    for a in &reach.addresses {
+        let startup = probe.up.iter().position(|u| *u == a.address).map(|i| probe.startups[i].clone());
+        if record_address(host, a, startup, report) {
+            live.get_or_insert(a.address);
         }
-        Some(address) => match examine(args, address, &mut report).await {
-            Ok(settings) => Some(settings),
-            Err(e) => {
-                report.problems.push(format!("logging in on {address} failed: {e}"));
-                None
-            }
-        },
+    }
+    if reach.resolved > reach.addresses.len() {
+        report.not_seen.push(format!(
+            "{host} resolved to {} addresses; only the first {} were probed",
+            reach.resolved,
+            reach.addresses.len()
+        ));
+    }
+    live
+}
+
+/// Records one address (`startup`: `None` when TCP failed); true when it is live.
+fn record_address(host: &str, a: &AddressFigures, startup: Option<Startup>, report: &mut Report) -> bool {
+    let tcp = match a.error {
+        None => "up".to_owned(),
+        Some(cause) => cause.to_string(),
     };
-
-    // 3. The hazard lint: the server's settings against the pool's flags.
-    match &settings {
-        Some(server) => {
-            let pool = PoolSettings {
-                max_connections: args.max_connections,
-                min_connections: args.min_connections,
-                idle_timeout: args.idle_timeout,
-                max_lifetime: args.max_lifetime,
-                acquire_timeout: args.acquire_timeout,
-            };
-            let mut config = Config::new("doctor").replicas(args.replicas);
-            if let Some(d) = args.refresh_every {
-                config = config.expect_refresh_every(d);
-            }
-            if let Some(d) = args.pooler_idle_timeout {
-                config = config.pooler_idle_timeout(d);
-            }
-            if let Some(k) = args.listener_keepalive {
-                config = config.listener_keepalive(k);
-            }
-            for f in hazards::lint(server, &pool, &config) {
-                report.problems.push(format!("hazard {}", f.hazard));
-                report.hazards.push(HazardFound {
-                    hazard: f.hazard.as_str(),
-                    detail: f.detail,
-                    consequence: f.hazard.consequence(),
-                    fix: f.hazard.fix(),
-                });
-            }
+    let live = match &startup {
+        None => {
+            report.problems.push(format!("{} ({host}) is unreachable: {tcp}", a.address));
+            false
         }
-        None => report.not_seen.push("the hazard lint: the server's settings could not be read".to_owned()),
-    }
-
-    // 4. The pooler's own view.
-    if let Some(admin) = &args.pooler_admin {
-        let pooler = show_pools(admin, args.query_timeout).await;
-        if let Some(e) = &pooler.error {
-            report.problems.push(format!("pooler admin console: {e}"));
+        Some(s) if s.outcome != "ok" => {
+            report.problems.push(format!("{} ({host}) startup {}: {}", a.address, s.outcome, s.detail));
+            false
         }
-        report.pooler = Some(pooler);
-    }
-    report.took_seconds = started.elapsed().as_secs_f64();
-    report
+        Some(_) => true,
+    };
+    report.addresses.push(Address {
+        host: host.to_owned(),
+        address: Some(a.address.to_string()),
+        tcp,
+        tcp_seconds: a.connect_time.as_secs_f64(),
+        startup,
+    });
+    live
 }
 
 /// Runs the futures at once, keeping their order.
@@ -311,20 +192,28 @@ async fn futures_join<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Out
     out.into_iter().flatten().collect()
 }
 
+// ---- 2. Log in on a live address and read the server ----
+
+/// The server's settings (for the hazard lint), when a live address let the doctor in.
+async fn examine_live(args: &Args, live: Option<SocketAddr>, report: &mut Report) -> Option<ServerSettings> {
+    let Some(address) = live else {
+        report.problems.push("no address answered the PostgreSQL startup: the server could not be examined".to_owned());
+        return None;
+    };
+    match examine(args, address, report).await {
+        Ok(settings) => Some(settings),
+        Err(e) => {
+            report.problems.push(format!("logging in on {address} failed: {e}"));
+            None
+        }
+    }
+}
+
 /// Logs in on `address` and fills the server, sessions, stuck sessions and advisory locks.
 async fn examine(args: &Args, address: SocketAddr, report: &mut Report) -> Result<ServerSettings, String> {
     let timeout = args.query_timeout;
-    let ms = timeout.as_millis().max(1).to_string();
-    let options = args
-        .options
-        .clone()
-        .host(&address.ip().to_string())
-        .port(address.port())
-        .application_name("poolwatch-doctor")
-        .options([("statement_timeout", ms.as_str())])
-        .disable_statement_logging();
     let started = Instant::now();
-    let mut conn = tokio::time::timeout(timeout, PgConnection::connect_with(&options))
+    let mut conn = tokio::time::timeout(timeout, PgConnection::connect_with(&login_options(args, address)))
         .await
         .map_err(|_| format!("timed out after {} ms", timeout.as_millis()))?
         .map_err(|e| format!("{} ({})", poolwatch::Cause::of(&e), clean(&e.to_string())))?;
@@ -332,6 +221,52 @@ async fn examine(args: &Args, address: SocketAddr, report: &mut Report) -> Resul
     let result = examine_on(&mut conn, args, address, login_seconds, report).await;
     let _ = tokio::time::timeout(timeout, conn.close()).await;
     result
+}
+
+/// The URL's options on `address`, named, with the query bound also on the server's side.
+fn login_options(args: &Args, address: SocketAddr) -> PgConnectOptions {
+    let ms = args.query_timeout.as_millis().max(1).to_string();
+    args.options
+        .clone()
+        .host(&address.ip().to_string())
+        .port(address.port())
+        .application_name("poolwatch-doctor")
+        .options([("statement_timeout", ms.as_str())])
+        .disable_statement_logging()
+}
+
+/// Each read fills its part of the report as soon as it succeeds: a later failure keeps the
+/// earlier parts.
+async fn examine_on(
+    conn: &mut PgConnection,
+    args: &Args,
+    address: SocketAddr,
+    login_seconds: f64,
+    report: &mut Report,
+) -> Result<ServerSettings, String> {
+    let t = args.query_timeout;
+    let settings = read_settings(conn, t).await?;
+    let who = read_who(conn, t).await?;
+    report.sessions = read_sessions(conn, t).await?;
+    let client_sessions: i64 = report.sessions.iter().map(|g| g.count).sum();
+    if let Some(note) = hidden_sessions(&report.sessions, settings.superuser || who.read_all_stats, &who.user) {
+        report.not_seen.push(note);
+    }
+    report.stuck = read_stuck(conn, t, args.stuck_after).await?;
+    report.advisory_locks = read_advisory_locks(conn, t).await?;
+    let server = server_of(&settings, who, address, login_seconds, client_sessions);
+    if !report.stuck.is_empty() {
+        report.problems.push(format!(
+            "{} session(s) idle in transaction or active for more than {}",
+            report.stuck.len(),
+            dur(args.stuck_after.as_secs_f64())
+        ));
+    }
+    if server.headroom <= 0 {
+        report.problems.push("no connection slot left on the server for this role".to_owned());
+    }
+    report.server = Some(server);
+    Ok(settings)
 }
 
 async fn query(conn: &mut PgConnection, timeout: Duration, sql: String) -> Result<Vec<PgRow>, String> {
@@ -347,23 +282,23 @@ fn text(row: &PgRow, i: usize) -> String {
     clean(&row.try_get::<Option<String>, _>(i).ok().flatten().unwrap_or_default())
 }
 
-/// Client sessions, as the role sees them: a session it may not inspect shows with NULL
-/// `backend_type` and `state`; those with a database are clients too.
-const CLIENTS: &str = "datid IS NOT NULL AND (backend_type = 'client backend' OR backend_type IS NULL)";
-
-async fn examine_on(
-    conn: &mut PgConnection,
-    args: &Args,
-    address: SocketAddr,
-    login_seconds: f64,
-    report: &mut Report,
-) -> Result<ServerSettings, String> {
-    let t = args.query_timeout;
-    let settings = tokio::time::timeout(t, ServerSettings::read(conn))
+async fn read_settings(conn: &mut PgConnection, t: Duration) -> Result<ServerSettings, String> {
+    tokio::time::timeout(t, ServerSettings::read(conn))
         .await
         .map_err(|_| "reading the server settings timed out".to_owned())?
-        .map_err(|e| format!("reading the server settings: {}", clean(&e.to_string())))?;
-    let who = query(
+        .map_err(|e| format!("reading the server settings: {}", clean(&e.to_string())))
+}
+
+/// Who the doctor is logged in as; empty when the server returned no row.
+#[derive(Default)]
+struct Who {
+    user: String,
+    version: String,
+    read_all_stats: bool,
+}
+
+async fn read_who(conn: &mut PgConnection, t: Duration) -> Result<Who, String> {
+    let rows = query(
         conn,
         t,
         "SELECT current_user::text, current_setting('server_version'), \
@@ -371,11 +306,18 @@ async fn examine_on(
             .to_owned(),
     )
     .await?;
-    let (user, version, read_all_stats) =
-        who.first().map(|r| (text(r, 0), text(r, 1), text(r, 2) == "true")).unwrap_or_default();
-    let sees_all = settings.superuser || read_all_stats;
+    Ok(rows
+        .first()
+        .map(|r| Who { user: text(r, 0), version: text(r, 1), read_all_stats: text(r, 2) == "true" })
+        .unwrap_or_default())
+}
 
-    let groups = query(
+/// Client sessions, as the role sees them: a session it may not inspect shows with NULL
+/// `backend_type` and `state`; those with a database are clients too.
+const CLIENTS: &str = "datid IS NOT NULL AND (backend_type = 'client backend' OR backend_type IS NULL)";
+
+async fn read_sessions(conn: &mut PgConnection, t: Duration) -> Result<Vec<SessionGroup>, String> {
+    let rows = query(
         conn,
         t,
         format!(
@@ -385,22 +327,28 @@ async fn examine_on(
         ),
     )
     .await?;
-    report.sessions = groups
+    Ok(rows
         .iter()
         .map(|r| SessionGroup { application_name: text(r, 0), state: text(r, 1), count: r.try_get(2).unwrap_or(0) })
-        .collect();
-    let client_sessions: i64 = report.sessions.iter().map(|g| g.count).sum();
-    let hidden: i64 = report.sessions.iter().filter(|g| g.state == "hidden").map(|g| g.count).sum();
-    if hidden > 0 || !sees_all {
-        report.not_seen.push(format!(
+        .collect())
+}
+
+/// What a role without `pg_read_all_stats` cannot see of the other roles' sessions.
+fn hidden_sessions(sessions: &[SessionGroup], sees_all: bool, user: &str) -> Option<String> {
+    let hidden: i64 = sessions.iter().filter(|g| g.state == "hidden").map(|g| g.count).sum();
+    (hidden > 0 || !sees_all).then(|| {
+        format!(
             "state, query times and waits of {hidden} session(s) of other roles: role {user} lacks \
              pg_read_all_stats (their count and application_name are exact; stuck sessions among them \
              cannot be found). Fix: GRANT pg_read_all_stats TO {user}"
-        ));
-    }
+        )
+    })
+}
 
-    let after = args.stuck_after.as_secs_f64();
-    let stuck = query(
+/// Client sessions idle in transaction or active for longer than `after`, the oldest first.
+async fn read_stuck(conn: &mut PgConnection, t: Duration, after: Duration) -> Result<Vec<StuckSession>, String> {
+    let after = after.as_secs_f64();
+    let rows = query(
         conn,
         t,
         format!(
@@ -416,7 +364,7 @@ async fn examine_on(
         ),
     )
     .await?;
-    report.stuck = stuck
+    Ok(rows
         .iter()
         .map(|r| StuckSession {
             pid: r.try_get(0).unwrap_or(0),
@@ -427,9 +375,12 @@ async fn examine_on(
             transaction_seconds: r.try_get(5).ok().flatten(),
             waiting_on: r.try_get(6).ok().flatten(),
         })
-        .collect();
+        .collect())
+}
 
-    let locks = query(
+/// Sessions holding or waiting for advisory locks, the biggest holders first.
+async fn read_advisory_locks(conn: &mut PgConnection, t: Duration) -> Result<Vec<LockHolder>, String> {
+    let rows = query(
         conn,
         t,
         "SELECT l.pid, coalesce(a.usename::text, ''), coalesce(a.application_name, ''), \
@@ -440,7 +391,7 @@ async fn examine_on(
             .to_owned(),
     )
     .await?;
-    report.advisory_locks = locks
+    Ok(rows
         .iter()
         .map(|r| LockHolder {
             pid: r.try_get(0).unwrap_or(0),
@@ -450,15 +401,23 @@ async fn examine_on(
             held: r.try_get(4).unwrap_or(0),
             waiting: r.try_get(5).unwrap_or(0),
         })
-        .collect();
+        .collect())
+}
 
+fn server_of(
+    settings: &ServerSettings,
+    who: Who,
+    address: SocketAddr,
+    login_seconds: f64,
+    client_sessions: i64,
+) -> Server {
     let usable = settings.usable_connections();
-    report.server = Some(Server {
+    Server {
         via: address.to_string(),
-        version,
-        user,
+        version: who.version,
+        user: who.user,
         superuser: settings.superuser,
-        read_all_stats,
+        read_all_stats: who.read_all_stats,
         login_seconds,
         max_connections: settings.max_connections,
         reserved_connections: settings.superuser_reserved_connections + settings.reserved_connections,
@@ -469,18 +428,60 @@ async fn examine_on(
         idle_in_transaction_session_timeout_seconds: secs(settings.idle_in_transaction_session_timeout),
         tcp_keepalives_idle_seconds: secs(settings.tcp_keepalives_idle),
         role_connection_limit: settings.role_connection_limit,
-    });
-    if !report.stuck.is_empty() {
-        report.problems.push(format!(
-            "{} session(s) idle in transaction or active for more than {}",
-            report.stuck.len(),
-            crate::render::dur(after)
-        ));
     }
-    if i64::from(usable) - client_sessions <= 0 {
-        report.problems.push("no connection slot left on the server for this role".to_owned());
+}
+
+// ---- 3. The hazard lint: the server's settings against the pool's flags ----
+
+fn lint_hazards(args: &Args, settings: Option<&ServerSettings>, report: &mut Report) {
+    let Some(server) = settings else {
+        report.not_seen.push("the hazard lint: the server's settings could not be read".to_owned());
+        return;
+    };
+    for f in hazards::lint(server, &pool_settings(args), &declared_deployment(args)) {
+        report.problems.push(format!("hazard {}", f.hazard));
+        report.hazards.push(HazardFound {
+            hazard: f.hazard.as_str(),
+            detail: f.detail,
+            consequence: f.hazard.consequence(),
+            fix: f.hazard.fix(),
+        });
     }
-    Ok(settings)
+}
+
+fn pool_settings(args: &Args) -> PoolSettings {
+    PoolSettings {
+        max_connections: args.max_connections,
+        min_connections: args.min_connections,
+        idle_timeout: args.idle_timeout,
+        max_lifetime: args.max_lifetime,
+        acquire_timeout: args.acquire_timeout,
+    }
+}
+
+/// The deployment declared on the command line, as the library's [`Config`] declares it.
+fn declared_deployment(args: &Args) -> Config {
+    let mut config = Config::new("doctor").replicas(args.replicas);
+    if let Some(d) = args.refresh_every {
+        config = config.expect_refresh_every(d);
+    }
+    if let Some(d) = args.pooler_idle_timeout {
+        config = config.pooler_idle_timeout(d);
+    }
+    if let Some(k) = args.listener_keepalive {
+        config = config.listener_keepalive(k);
+    }
+    config
+}
+
+// ---- 4. The pooler's own view ----
+
+async fn check_pooler(admin: &PgConnectOptions, timeout: Duration, report: &mut Report) {
+    let pooler = show_pools(admin, timeout).await;
+    if let Some(e) = &pooler.error {
+        report.problems.push(format!("pooler admin console: {e}"));
+    }
+    report.pooler = Some(pooler);
 }
 
 /// PgBouncer's `SHOW POOLS` on its admin console, every column as text.
@@ -491,17 +492,16 @@ async fn show_pools(admin: &PgConnectOptions, timeout: Duration) -> Pooler {
         let _ = conn.close().await;
         rows
     };
-    let rows = match tokio::time::timeout(timeout, work).await {
-        Ok(Ok(rows)) => rows,
-        Ok(Err(e)) => return Pooler { columns: Vec::new(), rows: Vec::new(), error: Some(clean(&e.to_string())) },
-        Err(_) => {
-            return Pooler {
-                columns: Vec::new(),
-                rows: Vec::new(),
-                error: Some(format!("timed out after {} ms", timeout.as_millis())),
-            };
-        }
+    let error = match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(rows)) => return pools_table(&rows),
+        Ok(Err(e)) => clean(&e.to_string()),
+        Err(_) => format!("timed out after {} ms", timeout.as_millis()),
     };
+    Pooler { columns: Vec::new(), rows: Vec::new(), error: Some(error) }
+}
+
+/// Every column name and cell of `rows` as cleaned text (NULL: empty).
+fn pools_table(rows: &[PgRow]) -> Pooler {
     use sqlx::{Column, ValueRef};
     let columns = rows.first().map(|r| r.columns().iter().map(|c| clean(c.name())).collect()).unwrap_or_default();
     let rows = rows

@@ -2,11 +2,16 @@
 //! every address, the startup, sessions, stuck sessions, advisory locks, headroom, config
 //! hazards and the pooler. Install with `cargo install --path . --features cli`.
 
+// Who uses whom, one way only: `text` (cleaning, durations) and `report` (the plain data found)
+// use no other module; `target` uses text; `args` uses target; `startup` uses report and text;
+// `doctor` (the checks) uses args, startup, report and text; `render` uses report and text.
 mod args;
 mod doctor;
 mod render;
+mod report;
 mod startup;
 mod target;
+mod text;
 
 use std::process::ExitCode;
 
@@ -36,15 +41,15 @@ fn main() -> ExitCode {
     // Server strings are cleaned where they are read; the whole text is cleaned and the
     // password scrubbed once more here, so that no path can print either.
     if args.json {
-        match serde_json::to_string_pretty(&report) {
+        match render::json(&report) {
             Ok(json) => println!("{}", target::scrub(&json, &args.secrets)),
             Err(e) => {
-                eprintln!("poolwatch: {}", target::scrub(&render::clean(&e.to_string()), &args.secrets));
+                eprintln!("poolwatch: {}", target::scrub(&text::clean(&e.to_string()), &args.secrets));
                 return ExitCode::from(2);
             }
         }
     } else {
-        print!("{}", target::scrub(&render::clean_output(&render::human(&report)), &args.secrets));
+        print!("{}", target::scrub(&text::clean_output(&render::human(&report)), &args.secrets));
     }
     // Probe tasks still waiting on a dead address are abandoned, not awaited.
     runtime.shutdown_background();

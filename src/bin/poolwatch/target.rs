@@ -6,6 +6,8 @@
 use poolwatch::sqlx;
 use sqlx::postgres::PgConnectOptions;
 
+use crate::text::clean;
+
 /// A parsed target: where to go and how to log in.
 pub(crate) struct Target {
     /// Every `host:port` (or unix socket directory and port), in order.
@@ -296,7 +298,7 @@ fn encode(s: &str) -> String {
 
 /// A key name for a message, without control characters.
 fn printable(s: &str) -> String {
-    crate::render::clean(s)
+    clean(s)
 }
 
 /// Replaces every secret (and its JSON-escaped form) with `***`.
