@@ -273,7 +273,13 @@ async fn a_quiet_replica_opens_no_backend_per_recheck() {
     let mut admin = admin(&cluster).await;
     admin.execute("CREATE ROLE app LOGIN").await.unwrap();
     admin.execute("CREATE DATABASE app OWNER app").await.unwrap();
-    let pool = PgPoolOptions::new().connect_with(cluster.options().username("app").database("app")).await.unwrap();
+    // One connection: on a loaded machine a heartbeat can come before sqlx has taken the last
+    // one back (its return-to-pool ping runs in a task), and a larger pool opens another.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(cluster.options().username("app").database("app"))
+        .await
+        .unwrap();
     let config = Config::new("hz_quiet")
         .heartbeat_interval(Duration::from_millis(100))
         .hazard_recheck_interval(Duration::from_millis(200));
