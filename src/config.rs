@@ -62,7 +62,7 @@ pub struct Config {
     pub listener_keepalive: Option<Option<Duration>>,
     /// Where poolwatch's dedicated connection goes. Default `None`: the pool's own server and
     /// role. Set it when the pool goes through a pooler (see [`Config::direct_connect_options`]).
-    pub direct_connect_options: Option<crate::health::heartbeat::DirectOptions>,
+    pub direct_connect_options: Option<DirectOptions>,
     /// How often the [hazard lint](crate::health::hazards) re-reads the server settings while
     /// poolwatch's connection stays up, so a live `ALTER ROLE .. SET` or `ALTER SYSTEM` + reload
     /// is flagged within `hazard_recheck_interval` + `heartbeat_interval` + `heartbeat_timeout`.
@@ -190,7 +190,7 @@ impl Config {
     /// census then reads the real server, and the direct heartbeat tells the pooler's health
     /// from the server's. The password, if any, is never logged.
     pub fn direct_connect_options(mut self, options: sqlx::postgres::PgConnectOptions) -> Self {
-        self.direct_connect_options = Some(crate::health::heartbeat::DirectOptions(options));
+        self.direct_connect_options = Some(DirectOptions(options));
         self
     }
 
@@ -375,6 +375,22 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Connect options for poolwatch's dedicated connection ([`Config::direct_connect_options`]).
+/// Its `Debug` shows host, port, database and user, never the password.
+#[derive(Clone)]
+pub struct DirectOptions(pub(crate) sqlx::postgres::PgConnectOptions);
+
+impl std::fmt::Debug for DirectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectOptions")
+            .field("host", &self.0.get_host())
+            .field("port", &self.0.get_port())
+            .field("database", &self.0.get_database())
+            .field("username", &self.0.get_username())
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,5 +445,12 @@ mod tests {
             assert_eq!(err.field, field);
             assert!(err.to_string().contains(field) && err.to_string().contains("fix:"), "{err}");
         }
+    }
+
+    #[test]
+    fn direct_options_never_show_the_password() {
+        let o = DirectOptions(sqlx::postgres::PgConnectOptions::new_without_pgpass().host("db").password("s3cret"));
+        let shown = format!("{o:?}");
+        assert!(shown.contains("db") && !shown.contains("s3cret"), "{shown}");
     }
 }

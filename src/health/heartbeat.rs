@@ -20,12 +20,11 @@
 //! ([`followed`](crate::health::followed)), so a quiet replica makes the server fork no backend.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use metrics::{Gauge, Histogram, counter, gauge, histogram};
-use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::postgres::PgConnection;
 use sqlx::{ConnectOptions, Connection, Executor, PgPool};
 use tokio::sync::oneshot;
 
@@ -37,22 +36,6 @@ use crate::{cause::Cause, config::Config};
 
 /// The two heartbeat paths (the `path` label values).
 pub const PATHS: [&str; 2] = ["pool", "direct"];
-
-/// Connect options for poolwatch's dedicated connection ([`Config::direct_connect_options`]).
-/// Its `Debug` shows host, port, database and user, never the password.
-#[derive(Clone)]
-pub struct DirectOptions(pub(crate) PgConnectOptions);
-
-impl fmt::Debug for DirectOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DirectOptions")
-            .field("host", &self.0.get_host())
-            .field("port", &self.0.get_port())
-            .field("database", &self.0.get_database())
-            .field("username", &self.0.get_username())
-            .finish_non_exhaustive()
-    }
-}
 
 /// The heartbeat figures of one path.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -623,12 +606,5 @@ mod tests {
             b.record(ok);
             let _ = b.ready();
         }
-    }
-
-    #[test]
-    fn direct_options_never_show_the_password() {
-        let o = DirectOptions(PgConnectOptions::new_without_pgpass().host("db").password("s3cret"));
-        let shown = format!("{o:?}");
-        assert!(shown.contains("db") && !shown.contains("s3cret"), "{shown}");
     }
 }
