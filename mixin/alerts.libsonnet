@@ -247,7 +247,7 @@ local alert = import 'lib/alert.libsonnet';
             'A TCP connect to some resolved address of the database host fails or times out while other addresses answer. New connections that try it first hang or fail; some connects are fast and others very slow. poolwatch_server_address_up (Detail::Full) or PoolWatch::reachability() names the address.'),
         ],
       },
-      // Pooler kills (issue 10): PgBouncer closes the pool's idle connections or fails its queries.
+      // Pooler kills: PgBouncer closes the pool's idle connections or fails its queries.
       {
         name: 'poolwatch-pooler',
         rules: [
@@ -265,7 +265,7 @@ local alert = import 'lib/alert.libsonnet';
             'PgBouncer closed the pool\'s connections (pooler_idle_timeout: client_idle_timeout) or made its queries give up waiting for a server connection (pooler_wait_timeout: query_wait_timeout). Held connections fail the app\'s next query.'),
         ],
       },
-      // Stranded slots and silent peers (issue 13). A slot the pool counts as checked out that
+      // Stranded slots and silent peers. A slot the pool counts as checked out that
       // the app does not hold through WatchedPool: typically stuck in sqlx's return-to-pool ping
       // on a connection whose peer went silent (no RST, no FIN). No census shows it: the server
       // session is alive. The gauge already needs the slot stranded at 3 consecutive samples;

@@ -1,4 +1,4 @@
-// The fleet gap (issue 14): per pool, across every replica, what the pools believe minus the
+// The fleet gap: per pool, across every replica, what the pools believe minus the
 // server sessions that really exist, joined on the pool's stable tag (application_name).
 //
 // Needs two sources scraped by the same Prometheus:

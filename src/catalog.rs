@@ -130,7 +130,7 @@ pub const CLIENT_SOCKETS: Metric = gauge(
     &[STATE],
 );
 
-// --- progress (issue 7) ---
+// --- progress ---
 /// Units of work the app reported done with this pool ([`Progress`](crate::health::progress::Progress)).
 pub const PROGRESS: Metric = counter(
     "poolwatch_progress_total",
@@ -138,7 +138,7 @@ pub const PROGRESS: Metric = counter(
     &[],
 );
 
-// --- telemetry (issue 6) ---
+// --- telemetry ---
 /// The fine bucket bounds (seconds) of every poolwatch histogram at
 /// [`Detail::Full`](crate::config::Detail::Full) (wait, use, create, heartbeat, listener downtime),
 /// from 100 µs (an idle acquire) to 60 s (a connect stuck across several resolved addresses):
@@ -185,7 +185,7 @@ pub fn buckets(name: &str, detail: crate::config::Detail) -> Option<&'static [f6
 /// finding on poolwatch's output is this one (tests/telemetry.rs checks).
 pub const LINT_EXCEPTIONS: &[&str] = &["db_client_connection_count"];
 
-// --- listener reconnects (issue 4) ---
+// --- listener reconnects ---
 /// Label key of the listener metrics: the name given to a [`WatchedListener`](crate::listener::watched::WatchedListener).
 pub const LISTENER: &str = "listener";
 /// 1 while a watched listener's connection is up and LISTENing, else 0.
@@ -221,7 +221,7 @@ pub const LISTENER_LAST_NOTIFICATION: Metric = gauge(
     &[LISTENER],
 );
 
-// --- heartbeats and config hazards (issue 5) ---
+// --- heartbeats and config hazards ---
 /// Label key of the heartbeat metrics: `pool` (acquire + `SELECT 1`) or `direct` (the
 /// dedicated connection outside the pool).
 pub const PATH: &str = "path";
@@ -258,7 +258,7 @@ pub const CONFIG_HAZARD: Metric = gauge(
     &[HAZARD],
 );
 
-// --- acquire, use and connect (issue 3) ---
+// --- acquire, use and connect ---
 /// How long `WatchedPool` acquires waited for a connection (successful acquires).
 pub const WAIT_TIME: Metric = histogram(
     "db_client_connection_wait_time_seconds",
@@ -361,7 +361,7 @@ pub const SERVER_ADDRESS_CONNECT_TIME: Metric = gauge(
     &[SERVER_ADDRESS],
 );
 
-// --- acquires that bypass WatchedPool (issue 12) ---
+// --- acquires that bypass WatchedPool ---
 /// Connections the pool opened, min-connection fills included (its `after_connect` hook).
 pub const POOL_CONNECTS: Metric = counter(
     "poolwatch_pool_connects_total",
@@ -387,7 +387,7 @@ pub const SLOW_ACQUIRES: Metric = counter(
     &[],
 );
 
-// --- the ledger behind a pooler, ended sessions (issue 10) ---
+// --- the ledger behind a pooler, ended sessions ---
 /// Sessions of this pool that ended without the pool closing them, by cause.
 pub const SESSIONS_ENDED: Metric = counter(
     "poolwatch_sessions_ended_total",
@@ -416,7 +416,7 @@ pub const POOLER_SERVER_CONNECTIONS: Metric = gauge(
     &[STATE],
 );
 
-// --- the ledger at fleet scale (issue 14) ---
+// --- the ledger at fleet scale ---
 /// Label key of [`POOL_INFO`]: the pool's stable `application_name` tag
 /// ([`attribution::fleet_tag`](crate::ledger::attribution::fleet_tag)).
 pub const APPLICATION_NAME: &str = "application_name";
@@ -436,7 +436,7 @@ pub const POOL_INFO: Metric = gauge(
     &[APPLICATION_NAME],
 );
 
-// --- connection lifecycle (issue 13) ---
+// --- connection lifecycle ---
 /// Label key of [`CONNECTIONS_CLOSED`]: a [`CloseReason`](crate::acquire::lifecycle::CloseReason).
 pub const REASON: &str = "reason";
 /// Connections the pool closed, by reason (needs
@@ -507,21 +507,21 @@ pub const ALL: &[Metric] = &[
     SERVER_LOCK_WAITERS,
     SERVER_ADVISORY_LOCKS,
     SERVER_ADVISORY_LOCKS_MAX,
-    // --- progress (issue 7) ---
+    // --- progress ---
     PROGRESS,
-    // --- listener reconnects (issue 4) ---
+    // --- listener reconnects ---
     LISTENER_CONNECTED,
     LISTENER_RECONNECTS,
     LISTENER_DOWNTIME,
     LISTENER_NOTIFICATIONS,
     LISTENER_LAST_NOTIFICATION,
-    // --- heartbeats and config hazards (issue 5) ---
+    // --- heartbeats and config hazards ---
     HEARTBEAT_DURATION,
     HEARTBEAT_FAILURES,
     HEARTBEAT_UP,
     CONFIG_HAZARD,
     CONFIG_HAZARDS,
-    // --- acquire, use and connect (issue 3) ---
+    // --- acquire, use and connect ---
     WAIT_TIME,
     PENDING_REQUESTS,
     TIMEOUTS,
@@ -530,7 +530,7 @@ pub const ALL: &[Metric] = &[
     OLDEST_WAIT,
     STRANDED_SLOTS,
     SEND_QUEUE_STUCK,
-    // --- acquires that bypass WatchedPool (issue 12) ---
+    // --- acquires that bypass WatchedPool ---
     POOL_CONNECTS,
     IDLE_ACQUIRES,
     RELEASES,
@@ -542,15 +542,15 @@ pub const ALL: &[Metric] = &[
     SERVER_ADDRESSES_DOWN,
     SERVER_ADDRESS_UP,
     SERVER_ADDRESS_CONNECT_TIME,
-    // --- the ledger behind a pooler, ended sessions (issue 10) ---
+    // --- the ledger behind a pooler, ended sessions ---
     SESSIONS_ENDED,
     POOLER_WAITING_CLIENTS,
     POOLER_MAX_WAIT,
     POOLER_SERVER_CONNECTIONS,
-    // --- the ledger at fleet scale (issue 14) ---
+    // --- the ledger at fleet scale ---
     CLIENT_GAP,
     POOL_INFO,
-    // --- connection lifecycle (issue 13) ---
+    // --- connection lifecycle ---
     CONNECTIONS_CLOSED,
     CONNECTION_OLDEST_AGE,
     // --- liveness of the background tasks ---

@@ -18,8 +18,8 @@ pub struct Config {
     pub sample_interval: Duration,
     /// How often the server census (`pg_stat_activity`) runs, each wait drawn within ±20 % so
     /// replicas spread out. It also runs at once when the client-side ledger disagrees with
-    /// the pool (at most once per 10 `sample_interval`s). Default 900 s (see README
-    /// "Performance" for the cost per replica).
+    /// the pool (at most once per 10 `sample_interval`s). Default 900 s (see docs/performance.md for the cost
+    /// per replica).
     pub census_interval: Duration,
     /// How often the per-address reachability probe runs when nothing is wrong (±20 %); it
     /// also runs when connects fail or slow down (census or heartbeat connect failures,
@@ -85,7 +85,7 @@ pub struct Config {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Detail {
-    /// The series budget (README, "Series budget"): states only once seen non-zero, a count
+    /// The series budget (docs/metrics.md, "Series budget"): states only once seen non-zero, a count
     /// of configuration hazards instead of one series per hazard, a count of reachable
     /// addresses instead of series per address, coarse histogram buckets
     /// ([`catalog::buckets`](crate::catalog::buckets)).

@@ -481,10 +481,15 @@ impl Published {
         u32::try_from(r.old.saturating_sub(idle).max(passed_over).min(out)).unwrap_or(u32::MAX)
     }
 
-    /// Counts the closes since the last update and publishes the figures.
-    pub(crate) fn update(&self) -> LifecycleFigures {
+    /// Counts the closes since the last reading; returns the figures (publishes nothing).
+    pub(crate) fn read(&self) -> LifecycleFigures {
         self.ledger.reconcile(&self.pool);
-        let f = self.ledger.figures();
+        self.ledger.figures()
+    }
+
+    /// Counts the closes since the last reading and publishes the figures.
+    pub(crate) fn update(&self) -> LifecycleFigures {
+        let f = self.read();
         self.oldest.set(f.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
         if let Some(closed) = &self.closed {
             for (c, n) in closed.iter().zip(f.closed) {

@@ -215,12 +215,15 @@ impl Probe {
         }
     }
 
-    /// Publishes the oldest waiter's wait (called by the watch's sampler); returns the
-    /// waiters now and that wait.
-    pub(crate) fn sample_waiters(&self) -> (usize, Duration) {
-        let (n, oldest) = self.waiters.figures();
+    /// The acquires waiting now and the oldest one's wait.
+    pub(crate) fn waiters(&self) -> (usize, Duration) {
+        self.waiters.figures()
+    }
+
+    /// Publishes the oldest waiter's wait (the watch's sampler calls it).
+    pub(crate) fn sample_waiters(&self) {
+        let (_, oldest) = self.waiters();
         self.oldest_wait.set(oldest.as_secs_f64());
-        (n, oldest)
     }
 
     /// Keeps the latest census for the exhaustion snapshot.
@@ -233,7 +236,7 @@ impl Probe {
     /// The exhaustion snapshot now.
     pub(crate) fn exhaustion(&self) -> Exhaustion {
         let holders = self.leaks.holders();
-        let (waiters, oldest_wait) = self.sample_waiters();
+        let (waiters, oldest_wait) = self.waiters();
         let figures = crate::ledger::snapshot::PoolFigures::of(&self.pool);
         let watched: usize = holders.iter().map(|h| h.count).sum();
         let census = match self.census.lock().ok().and_then(|c| c.clone()) {

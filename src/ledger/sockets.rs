@@ -70,8 +70,8 @@ pub struct SocketCensus {
     /// Each socket counted, in no particular order.
     pub sockets: Vec<ClientSocket>,
     /// Sockets counted here that may belong to another watched pool of this process with the
-    /// same database address, not yet told apart by a server census (README: "Sockets of two
-    /// pools to the same address").
+    /// same database address, not yet told apart by a server census (see [`attribution`](crate::ledger::attribution),
+    /// "Sockets of two pools to the same address").
     pub unattributed: u32,
     /// The sockets with bytes in their send queue (sent, not yet acknowledged by the peer);
     /// a queue that never drains is a silent peer.

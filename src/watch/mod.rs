@@ -100,7 +100,7 @@ impl PoolWatch {
         let s = &self.shared;
         let latest = s.latest();
         let recent: Vec<i64> = s.gaps.lock().map(|g| g.iter().copied().collect()).unwrap_or_default();
-        let (waiters, oldest) = s.probe.sample_waiters();
+        let (waiters, oldest) = s.probe.waiters();
         report::judge(report::Inputs {
             pool_name: s.config.pool_name.clone(),
             pool: PoolFigures::of(&s.pool),
@@ -129,7 +129,7 @@ impl PoolWatch {
     /// `None` unless the pool was built with
     /// [`instrument_options_named`](crate::acquire::bare::instrument_options_named) under this pool's name.
     pub fn lifecycle(&self) -> Option<LifecycleFigures> {
-        self.shared.lifecycle.as_ref().map(Published::update)
+        self.shared.lifecycle.as_ref().map(Published::read)
     }
 
     /// The latest figures (from the last sample and census).
