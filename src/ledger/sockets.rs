@@ -147,6 +147,12 @@ pub(crate) fn is_own(port: u16) -> bool {
     OWN_PORTS.lock().is_ok_and(|ports| ports.contains(&port))
 }
 
+/// Emits the trace event of a blocking socket read, on the thread that reads (a test checks
+/// that no read runs on a runtime thread). One call site for every read.
+fn note_read() {
+    tracing::trace!(target: "poolwatch::sockets", "reading the process's sockets");
+}
+
 /// Every TCP socket of this process whose peer is one of `peers` (poolwatch's own sockets
 /// included; `time_wait` and `listen` ones have no file descriptor and are never listed), read
 /// with one filtered netlink dump per address family, or from `/proc` where netlink is
@@ -228,6 +234,7 @@ impl SocketReader {
     /// This process's sockets to `peers` (poolwatch's own included). Blocking.
     #[cfg(target_os = "linux")]
     pub fn read(&mut self, peers: &[SocketAddr]) -> std::io::Result<SocketCensus> {
+        note_read();
         self.known_hint = None;
         let peers: Vec<SocketAddr> = peers.iter().map(|p| SocketAddr::new(p.ip().to_canonical(), p.port())).collect();
         let (rows, source) = match self.dump(&peers) {
@@ -390,6 +397,7 @@ impl SocketCensus {
 /// address family (every state but `listen`), or `/proc` where netlink is refused. Blocking.
 #[cfg(target_os = "linux")]
 pub(crate) fn list(peers: &[SocketAddr], exclude_local_port: Option<u16>) -> std::io::Result<Vec<Socket>> {
+    note_read();
     let peers: Vec<SocketAddr> = peers.iter().map(|p| SocketAddr::new(p.ip().to_canonical(), p.port())).collect();
     let rows = match list_rows(&peers) {
         Ok(rows) => rows,
