@@ -119,6 +119,7 @@ impl Shared {
         self.reach.clear_poison();
         self.untagged.clear_poison();
         self.ended.clear_poison();
+        self.client_idle_timeout.clear_poison();
         if let Ok(mut ended) = self.ended.lock() {
             ended.forget();
         }

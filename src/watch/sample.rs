@@ -113,7 +113,10 @@ impl Shared {
             }
         };
         let client_idle_timeout = match &self.pooler {
-            Some(p) => p.try_lock().ok().and_then(|c| c.client_idle_timeout),
+            Some(p) => p.try_lock().ok().and_then(|c| c.client_idle_timeout).or_else(|| {
+                // A census holds the admin connection: what the last one read.
+                self.client_idle_timeout.lock().ok().and_then(|t| *t)
+            }),
             None => None,
         };
         let evidence = Evidence {

@@ -66,6 +66,9 @@ pub(super) struct Shared {
     pub(super) by_port: bool,
     pub(super) pooler: Option<tokio::sync::Mutex<PoolerConnection>>,
     pub(super) pooler_gauges: Option<PoolerGauges>,
+    /// The pooler's `client_idle_timeout` the last census read: a sample needs it without
+    /// waiting for the admin connection a census may hold.
+    pub(super) client_idle_timeout: Mutex<Option<std::time::Duration>>,
     pub(super) ended: Mutex<Ledger>,
 }
 
@@ -102,6 +105,7 @@ impl Shared {
             heartbeat: Heartbeat::new(&config.pool_name, config.detail),
             gauges,
             pooler_gauges: pooler.as_ref().map(|_| PoolerGauges::new(&config.pool_name)),
+            client_idle_timeout: Mutex::new(None),
             pooler,
             path,
             by_port: !nonce,
@@ -185,6 +189,9 @@ impl Shared {
                 let sessions_ended = self.gauges.sessions_ended(&reading.ended);
                 if let (Some(g), Some(figures)) = (&self.pooler_gauges, &reading.snapshot.pooler) {
                     g.set(figures);
+                }
+                if let (Some(t), Ok(mut known)) = (reading.client_idle_timeout, self.client_idle_timeout.lock()) {
+                    *known = Some(t);
                 }
                 let snapshot = Snapshot { sessions_ended, ..reading.snapshot };
                 if self.census_failing.swap(false, Ordering::Relaxed) {

@@ -71,6 +71,8 @@ pub(crate) struct Reading {
     pub(crate) snapshot: Snapshot,
     /// The sessions the pool did not close that vanished since the last census, by cause.
     pub(crate) ended: Vec<Cause>,
+    /// The pooler's `client_idle_timeout`, as its admin console showed it.
+    pub(crate) client_idle_timeout: Option<Duration>,
 }
 
 /// What the pooler's admin console showed: its figures, the pool's clients, and its
@@ -132,6 +134,7 @@ impl Census<'_> {
         let then = self.client.read_all().await.filter(|_| self.pool.size() == moment.pool.open);
         let clients = moment.pooler.as_ref().map(|(_, c, _)| c.as_slice());
         self.client.learn(&pool_ports(clients, &moment.server), then.as_ref());
+        let client_idle_timeout = moment.pooler.as_ref().and_then(|(_, _, t)| *t);
         let snapshot = Snapshot {
             phantom: moment.real.map(|r| i64::from(moment.pool.open) - i64::from(r)),
             pool: moment.pool,
@@ -142,7 +145,7 @@ impl Census<'_> {
             sessions_ended: 0,
             client_gap: None,
         };
-        Ok(Reading { snapshot, ended })
+        Ok(Reading { snapshot, ended, client_idle_timeout })
     }
 
     /// One reading: the sockets, the server's sessions and end counters, the pooler's view
