@@ -13,11 +13,9 @@ use poolwatch::{Config, PoolWatch, WatchedPool, instrument_options, instrument_p
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Executor, PgPool, Row};
 use support::exact::ExactRecorder;
-use support::{Cluster, eventually, logs};
+use support::{Cluster, POOL, eventually, logs};
 use support::{metric, recorder};
 use tracing::Instrument;
-
-const POOL: &str = "db_client_connection_pool_name";
 
 fn setup() {
     recorder();

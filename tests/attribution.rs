@@ -11,9 +11,7 @@ use poolwatch::sqlx;
 use poolwatch::{Cause, Config, NetworkPath, attribution, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, PgPool};
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 /// The pool heartbeat runs once at start; the census runs only when the test asks.
 fn config(name: &str) -> Config {

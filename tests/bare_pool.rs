@@ -12,10 +12,8 @@ use poolwatch::sqlx;
 use poolwatch::{Config, instrument_options_named, instrument_pool, sqlx_acquire_layer};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use support::{Cluster, eventually, metric, recorder};
+use support::{Cluster, POOL, eventually, metric, recorder};
 use tracing_subscriber::layer::SubscriberExt;
-
-const POOL: &str = "db_client_connection_pool_name";
 
 /// The app's setup: a Prometheus recorder and a subscriber with poolwatch's layer.
 fn setup() {

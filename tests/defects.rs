@@ -10,9 +10,7 @@ use poolwatch::sqlx;
 use poolwatch::{Cause, Config, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, PgPool};
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 /// A census only when asked, no pool heartbeat after the first: the tests own the pool.
 fn config(name: &str) -> Config {

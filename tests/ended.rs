@@ -15,9 +15,7 @@ use poolwatch::{Config, PoolWatch, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, PgPool};
 use support::pgbouncer::PgBouncer;
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 /// What an ORM does: a query every 50 ms through the pool, until dropped. Owned by the test.
 struct Workload {

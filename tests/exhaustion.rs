@@ -12,10 +12,8 @@ use poolwatch::sqlx;
 use poolwatch::{Config, instrument_pool};
 use sqlx::Executor;
 use sqlx::postgres::PgPoolOptions;
-use support::{Cluster, eventually, metric, recorder};
+use support::{Cluster, POOL, eventually, metric, recorder};
 use tracing::Level;
-
-const POOL: &str = "db_client_connection_pool_name";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acquire_timeout_says_who_holds_the_pool_who_waits_and_what_the_census_saw() {

@@ -10,9 +10,7 @@ use poolwatch::sqlx;
 use poolwatch::{Config, Hazard, PoolWatch, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor, PgPool};
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 /// Per-hazard series (checked here) are `Detail::Full`; the default's hazard count is in
 /// tests/export.rs.

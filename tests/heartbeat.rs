@@ -10,9 +10,7 @@ use poolwatch::{Cause, Config, Diagnosis, PoolWatch, instrument_pool};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use support::spans::spans_named;
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 fn config(name: &str) -> Config {
     Config::new(name)

@@ -9,9 +9,7 @@ use poolwatch::sqlx;
 use poolwatch::{Cause, Config, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor, PgPool};
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 fn config(name: &str) -> Config {
     Config::new(name).sample_interval(Duration::from_millis(100)).census_interval(Duration::from_millis(300))

@@ -10,9 +10,7 @@ use poolwatch::sqlx;
 use poolwatch::{CloseReason, Config, Detail, LifecycleFigures, PoolWatch, instrument_options_named, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, PgPool};
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 /// A pool built with the lifecycle hooks and watched at `Detail::Full` (the counters), after
 /// its one start-up heartbeat (none during the test: it would open and use connections).

@@ -15,10 +15,9 @@ use poolwatch::{Cause, ListenerConfig, WatchedListener};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor};
 use support::proxy::{Cut, Proxy};
-use support::{Cluster, eventually, metric, metric_sum, recorder};
+use support::{Cluster, POOL, eventually, metric, metric_sum, recorder};
 use tokio::task::JoinHandle;
 
-const POOL: &str = "db_client_connection_pool_name";
 const SPAN: &str = "db.listener.reconnect";
 
 // ---- a tracing layer that keeps every closed `db.listener.reconnect` span ----

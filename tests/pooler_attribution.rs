@@ -15,9 +15,7 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Row};
 use support::pgbouncer::PgBouncer;
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 /// A query every ~20 ms on `pool` until `stop`; owned by the test (joined at the end).
 fn busy(pool: &PgPool, stop: &Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {

@@ -12,9 +12,7 @@ use poolwatch::{Config, NetworkPath, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor};
 use support::pgbouncer::PgBouncer;
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 /// README's setup behind PgBouncer: the pool through the pooler, poolwatch's own connection
 /// straight to the server, the admin console declared. The heartbeat runs once at start.

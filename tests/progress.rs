@@ -9,9 +9,7 @@ use std::time::Duration;
 use poolwatch::sqlx;
 use poolwatch::{Config, Progress, instrument_pool};
 use sqlx::postgres::PgPoolOptions;
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_is_flat_while_a_connection_is_held_and_moves_with_ticks() {

@@ -13,9 +13,7 @@ use poolwatch::sqlx;
 use poolwatch::{Config, Fault, HealthStatus, NetworkPath, PoolWatch, instrument_pool};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, Executor};
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 /// Every panic of this test binary, with its thread: a background task's panic is otherwise
 /// only a line on stderr.

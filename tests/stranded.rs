@@ -15,9 +15,7 @@ use poolwatch::{Config, HealthStatus, NetworkPath, instrument_options_named, ins
 use sqlx::Executor;
 use sqlx::postgres::PgPoolOptions;
 use support::proxy::{Cut, Proxy};
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_strands_a_slot_and_its_send_queue_never_drains() {

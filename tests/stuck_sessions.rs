@@ -11,9 +11,7 @@ use poolwatch::sqlx;
 use poolwatch::{Config, instrument_pool};
 use sqlx::Executor;
 use sqlx::postgres::PgPoolOptions;
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stuck_transaction_lock_waiter_and_advisory_locks_are_visible() {
