@@ -23,10 +23,7 @@ async fn watched(cluster: &Cluster, name: &str, options: PgPoolOptions) -> (PgPo
         .heartbeat_interval(Duration::from_secs(3600))
         .detail(Detail::Full);
     let watch = instrument_pool(&pool, config).unwrap();
-    eventually(Duration::from_secs(10), "the start-up heartbeat is done", async || {
-        watch.heartbeat().pool.up.filter(|up| *up)
-    })
-    .await;
+    support::startup_heartbeat(&watch).await;
     (pool, watch)
 }
 
@@ -186,7 +183,7 @@ async fn closing_the_pool_counts_pool_closed() {
 async fn without_the_hooks_there_are_no_lifecycle_figures() {
     let cluster = Cluster::start();
     recorder();
-    let pool = PgPoolOptions::new().max_connections(1).connect_with(cluster.options()).await.unwrap();
+    let pool = support::pool(&cluster, 1).await;
     let watch = instrument_pool(&pool, Config::new("lc_none")).unwrap();
     assert_eq!(watch.lifecycle(), None);
     assert_eq!(watch.health().lifecycle, None);

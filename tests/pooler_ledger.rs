@@ -17,11 +17,7 @@ use support::{Cluster, POOL, eventually, metric, recorder};
 /// README's setup behind PgBouncer: the pool through the pooler, poolwatch's own connection
 /// straight to the server, the admin console declared. The heartbeat runs once at start.
 fn config(name: &str, bouncer: &PgBouncer, cluster: &Cluster) -> Config {
-    Config::new(name)
-        .direct_connect_options(cluster.options())
-        .pooler_admin(bouncer.admin_url())
-        .heartbeat_interval(Duration::from_secs(3600))
-        .census_interval(Duration::from_secs(3600))
+    support::quiet_config(name).direct_connect_options(cluster.options()).pooler_admin(bouncer.admin_url())
 }
 
 /// Incident 1 behind a pooler: each slot leaked inside a transaction is ended by the pooler

@@ -18,8 +18,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use poolwatch::Config;
 use poolwatch::sqlx;
+use poolwatch::{Config, PoolWatch};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor, PgPool};
 
@@ -86,6 +86,15 @@ pub fn fast_config(name: &str) -> Config {
 /// and pool heartbeat hourly, so the heartbeat runs once at start and no census runs unasked.
 pub fn quiet_config(name: &str) -> Config {
     Config::new(name).heartbeat_interval(Duration::from_secs(3600)).census_interval(Duration::from_secs(3600))
+}
+
+/// Waits until `watch`'s start-up pool heartbeat has succeeded: for tests that run no other
+/// heartbeat, and count pool connections once it no longer holds one.
+pub async fn startup_heartbeat(watch: &PoolWatch) {
+    eventually(Duration::from_secs(10), "the start-up heartbeat is done", async || {
+        watch.heartbeat().pool.up.filter(|up| *up)
+    })
+    .await;
 }
 
 /// A pool of at most `max` connections to `cluster`.
