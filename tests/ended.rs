@@ -212,9 +212,7 @@ async fn pooler_kills_are_counted_at_the_default_config() {
     let cluster = Cluster::start();
     let bouncer = PgBouncer::start(cluster.port(), &[("client_idle_timeout", "2")]);
     let pool = PgPoolOptions::new().max_connections(5).connect_lazy_with(bouncer.options());
-    let config =
-        Config::new("ended_pooler").direct_connect_options(cluster.options()).pooler_admin(bouncer.admin_url());
-    let watch = instrument_pool(&pool, config).unwrap();
+    let watch = instrument_pool(&pool, bouncer.declared(Config::new("ended_pooler"), &cluster)).unwrap();
     let ended = |cause: &str| metric("poolwatch_sessions_ended_total", &[(POOL, "ended_pooler"), ("cause", cause)]);
     for round in 1..=2 {
         let base = watch.snapshot().sessions_ended;
