@@ -13,19 +13,18 @@ use poolwatch::{Config, PoolWatch, WatchedPool, instrument_options, instrument_p
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Executor, PgPool, Row};
 use support::exact::ExactRecorder;
-use support::{Cluster, eventually, logs};
-use support::{metric, recorder};
+use support::{Cluster, POOL, eventually, logs};
+use support::{metric, pool_value, recorder};
 use tracing::Instrument;
-
-const POOL: &str = "db_client_connection_pool_name";
 
 fn setup() {
     recorder();
     logs::capture("poolwatch=debug,acquire=info,sqlx=warn");
 }
 
+/// [`support::fast_config`] with the census every minute instead.
 fn config(name: &str) -> Config {
-    Config::new(name).sample_interval(Duration::from_millis(100)).census_interval(Duration::from_secs(60))
+    support::fast_config(name).census_interval(Duration::from_secs(60))
 }
 
 async fn watched(cluster: &Cluster, options: PgPoolOptions, config: Config) -> (PgPool, PoolWatch, WatchedPool) {
@@ -38,11 +37,6 @@ async fn watched(cluster: &Cluster, options: PgPoolOptions, config: Config) -> (
     let watch = instrument_pool(&pool, config).expect("instrument");
     let handle = watch.pool();
     (pool, watch, handle)
-}
-
-/// A series of `name` for pool `pool`, 0 when absent.
-fn value(name: &str, pool: &str) -> f64 {
-    metric(name, &[(POOL, pool)]).unwrap_or(0.0)
 }
 
 /// Incident 4: 10 callers want 2 connections for 300 ms each with a 200 ms acquire timeout.
@@ -67,7 +61,7 @@ async fn incident_4_exhaustion_counts_waiters_waits_and_timeouts() {
         })
         .collect();
     let waiting = eventually(Duration::from_secs(2), "waiters show in pending_requests", async || {
-        Some(value("db_client_connection_pending_requests", "exhaust")).filter(|n| *n > 0.0)
+        Some(pool_value("db_client_connection_pending_requests", "exhaust")).filter(|n| *n > 0.0)
     })
     .await;
     // Callers opening a new connection are pending too, so up to all 10 at first.
@@ -84,14 +78,14 @@ async fn incident_4_exhaustion_counts_waiters_waits_and_timeouts() {
     }
     assert!(timed_out >= 1, "with 2 connections held 300 ms, 200 ms waiters must time out");
     assert_eq!(ok + timed_out, 10);
-    assert_eq!(value("db_client_connection_timeouts_total", "exhaust"), f64::from(timed_out));
-    assert_eq!(value("db_client_connection_wait_time_seconds_count", "exhaust"), f64::from(ok));
-    assert!(value("db_client_connection_wait_time_seconds_sum", "exhaust") >= 0.0);
+    assert_eq!(pool_value("db_client_connection_timeouts_total", "exhaust"), f64::from(timed_out));
+    assert_eq!(pool_value("db_client_connection_wait_time_seconds_count", "exhaust"), f64::from(ok));
+    assert!(pool_value("db_client_connection_wait_time_seconds_sum", "exhaust") >= 0.0);
     let le = |le: &str| metric("db_client_connection_wait_time_seconds_bucket", &[(POOL, "exhaust"), ("le", le)]);
     assert_eq!(le("60"), Some(f64::from(ok)), "every successful wait is in the 60 s bucket");
     assert!(le("0.0001").is_some(), "the recommended buckets start at 100 µs");
-    assert_eq!(value("db_client_connection_pending_requests", "exhaust"), 0.0, "no waiter left");
-    assert_eq!(value("db_client_connection_use_time_seconds_count", "exhaust"), f64::from(ok));
+    assert_eq!(pool_value("db_client_connection_pending_requests", "exhaust"), 0.0, "no waiter left");
+    assert_eq!(pool_value("db_client_connection_use_time_seconds_count", "exhaust"), f64::from(ok));
 
     let warns = logs::lines_with("pool=exhaust");
     let timeouts: Vec<_> = warns.iter().filter(|l| l.contains("acquire failed")).collect();
@@ -128,10 +122,10 @@ async fn a_connection_held_past_the_threshold_is_a_suspect_with_its_location() {
     drop(quick);
 
     eventually(Duration::from_secs(3), "the held connection becomes a suspect", async || {
-        (value("poolwatch_leak_suspects", "leaky") == 1.0).then_some(())
+        (pool_value("poolwatch_leak_suspects", "leaky") == 1.0).then_some(())
     })
     .await;
-    assert_eq!(value("poolwatch_leak_suspects_total", "leaky"), 1.0);
+    assert_eq!(pool_value("poolwatch_leak_suspects_total", "leaky"), 1.0);
     let warns = logs::lines_with("leak_threshold");
     let warn = warns.iter().find(|l| l.contains("pool=leaky")).expect("a WARN for the suspect");
     assert!(warn.contains("WARN"), "{warn}");
@@ -142,7 +136,7 @@ async fn a_connection_held_past_the_threshold_is_a_suspect_with_its_location() {
     // scan, which saw the first one again and did not report it again.
     let second = pool.acquire().await.unwrap();
     eventually(Duration::from_secs(3), "the second held connection becomes a suspect", async || {
-        (value("poolwatch_leak_suspects_total", "leaky") == 2.0).then_some(())
+        (pool_value("poolwatch_leak_suspects_total", "leaky") == 2.0).then_some(())
     })
     .await;
     let first_at = format!("acquired_at=tests/acquire.rs:{line}");
@@ -150,10 +144,10 @@ async fn a_connection_held_past_the_threshold_is_a_suspect_with_its_location() {
     assert_eq!(warns.iter().filter(|l| l.contains("pool=leaky")).count(), 2, "{warns:#?}");
     assert_eq!(warns.iter().filter(|l| l.contains("pool=leaky") && l.contains(&first_at)).count(), 1, "{warns:#?}");
     drop(second);
-    assert_eq!(value("poolwatch_leak_suspects", "leaky"), 1.0, "the second left the gauge when returned");
+    assert_eq!(pool_value("poolwatch_leak_suspects", "leaky"), 1.0, "the second left the gauge when returned");
 
     drop(conn);
-    assert_eq!(value("poolwatch_leak_suspects", "leaky"), 0.0, "the gauge drops when it is returned");
+    assert_eq!(pool_value("poolwatch_leak_suspects", "leaky"), 0.0, "the gauge drops when it is returned");
     let info = logs::lines_with("leak suspect returned");
     let info = info.iter().find(|l| l.contains("pool=leaky")).expect("an INFO on return");
     assert!(info.contains("INFO"), "{info}");
@@ -163,8 +157,8 @@ async fn a_connection_held_past_the_threshold_is_a_suspect_with_its_location() {
     // leak(): the slot is lost for good, so it stays a suspect.
     let conn = pool.acquire().await.unwrap();
     let (raw, leak_line) = (conn.leak(), line!());
-    assert_eq!(value("poolwatch_leak_suspects", "leaky"), 1.0);
-    assert_eq!(value("poolwatch_leak_suspects_total", "leaky"), 3.0);
+    assert_eq!(pool_value("poolwatch_leak_suspects", "leaky"), 1.0);
+    assert_eq!(pool_value("poolwatch_leak_suspects_total", "leaky"), 3.0);
     let warns = logs::lines_with("leak()");
     let warn = warns.iter().find(|l| l.contains("pool=leaky")).expect("a WARN for leak()");
     assert!(warn.contains(&format!("taken_out_at=tests/acquire.rs:{leak_line}")), "{warn}");
@@ -195,7 +189,7 @@ async fn cancelled_acquires_leave_pending_requests_exact() {
         }));
     }
     eventually(Duration::from_secs(30), "20 waiters", async || {
-        (value("db_client_connection_pending_requests", "cancel") == 20.0).then_some(())
+        (pool_value("db_client_connection_pending_requests", "cancel") == 20.0).then_some(())
     })
     .await;
     // Sample the gauge all along: it must never go below 0.
@@ -205,7 +199,7 @@ async fn cancelled_acquires_leave_pending_requests_exact() {
         async move {
             let mut lowest = f64::MAX;
             while !stop.load(Ordering::Relaxed) {
-                lowest = lowest.min(value("db_client_connection_pending_requests", "cancel"));
+                lowest = lowest.min(pool_value("db_client_connection_pending_requests", "cancel"));
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             lowest
@@ -219,11 +213,11 @@ async fn cancelled_acquires_leave_pending_requests_exact() {
     for w in waiters {
         assert!(w.await.unwrap(), "every waiter was cancelled");
     }
-    assert_eq!(value("db_client_connection_pending_requests", "cancel"), 0.0, "no drift after 20 cancels");
+    assert_eq!(pool_value("db_client_connection_pending_requests", "cancel"), 0.0, "no drift after 20 cancels");
     stop.store(true, Ordering::Relaxed);
     let lowest = sampler.await.unwrap();
     assert!(lowest >= 0.0, "pending_requests went negative: {lowest}");
-    assert_eq!(value("db_client_connection_timeouts_total", "cancel"), 0.0, "a cancel is not a pool timeout");
+    assert_eq!(pool_value("db_client_connection_timeouts_total", "cancel"), 0.0, "a cancel is not a pool timeout");
 
     // The pool still works and the gauge still counts.
     let next = tokio::spawn({
@@ -231,12 +225,12 @@ async fn cancelled_acquires_leave_pending_requests_exact() {
         async move { pool.acquire().await.map(drop) }
     });
     eventually(Duration::from_secs(2), "one waiter", async || {
-        (value("db_client_connection_pending_requests", "cancel") == 1.0).then_some(())
+        (pool_value("db_client_connection_pending_requests", "cancel") == 1.0).then_some(())
     })
     .await;
     drop(held);
     next.await.unwrap().unwrap();
-    assert_eq!(value("db_client_connection_pending_requests", "cancel"), 0.0);
+    assert_eq!(pool_value("db_client_connection_pending_requests", "cancel"), 0.0);
 }
 
 /// Use time is acquire to release, for connections and transactions; create time is measured
@@ -266,13 +260,17 @@ async fn use_time_create_time_and_executor() {
     let held = conn.held();
     drop(conn);
     let outer = outer.elapsed();
-    assert_eq!(value("db_client_connection_use_time_seconds_count", "usage"), 1.0);
-    let sum = value("db_client_connection_use_time_seconds_sum", "usage");
+    assert_eq!(pool_value("db_client_connection_use_time_seconds_count", "usage"), 1.0);
+    let sum = pool_value("db_client_connection_use_time_seconds_sum", "usage");
     // Between the hold the connection reports and the whole acquire-to-drop span, however
     // slow the machine is.
     assert!(sum >= held.as_secs_f64() && sum <= outer.as_secs_f64(), "use time {sum} vs held {held:?}, {outer:?}");
     assert!(sum >= 0.25, "use time {sum} for a 250 ms hold");
-    assert_eq!(value("db_client_connection_create_time_seconds_count", "usage"), 1.0, "the first acquire connected");
+    assert_eq!(
+        pool_value("db_client_connection_create_time_seconds_count", "usage"),
+        1.0,
+        "the first acquire connected"
+    );
 
     let outer2 = Instant::now();
     let mut tx = wpool.begin().await.unwrap();
@@ -280,8 +278,8 @@ async fn use_time_create_time_and_executor() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     tx.commit().await.unwrap();
     let outer = outer + outer2.elapsed();
-    assert_eq!(value("db_client_connection_use_time_seconds_count", "usage"), 2.0);
-    let sum = value("db_client_connection_use_time_seconds_sum", "usage");
+    assert_eq!(pool_value("db_client_connection_use_time_seconds_count", "usage"), 2.0);
+    let sum = pool_value("db_client_connection_use_time_seconds_sum", "usage");
     assert!(sum >= 0.35 && sum <= outer.as_secs_f64(), "use time {sum} after 250 + 100 ms (within {outer:?})");
 
     // Executor for &WatchedPool: each query is one acquire.
@@ -292,16 +290,16 @@ async fn use_time_create_time_and_executor() {
     (&wpool).execute("SELECT 1").await.unwrap();
     let err = sqlx::query("SELECT * FROM missing_table").fetch_optional(&wpool).await.unwrap_err();
     assert!(err.as_database_error().is_some(), "{err}");
-    assert_eq!(value("db_client_connection_wait_time_seconds_count", "usage"), 6.0);
+    assert_eq!(pool_value("db_client_connection_wait_time_seconds_count", "usage"), 6.0);
     eventually(Duration::from_secs(2), "Executor connections are released", async || {
-        (value("db_client_connection_use_time_seconds_count", "usage") == 6.0).then_some(())
+        (pool_value("db_client_connection_use_time_seconds_count", "usage") == 6.0).then_some(())
     })
     .await;
 
     // Three connections held at once: two more were opened, each timed.
     let held: Vec<_> = futures_join3(&wpool).await;
-    assert_eq!(value("db_client_connection_create_time_seconds_count", "usage"), 3.0);
-    let create = value("db_client_connection_create_time_seconds_sum", "usage");
+    assert_eq!(pool_value("db_client_connection_create_time_seconds_count", "usage"), 3.0);
+    let create = pool_value("db_client_connection_create_time_seconds_sum", "usage");
     assert!(create > 0.0 && create <= test_started.elapsed().as_secs_f64(), "create time sum {create}");
     drop(held);
     drop(parked);
@@ -314,12 +312,12 @@ async fn use_time_create_time_and_executor() {
     })
     .await;
     drop(bare);
-    assert_eq!(value("db_client_connection_wait_time_seconds_count", "usage"), 9.0);
+    assert_eq!(pool_value("db_client_connection_wait_time_seconds_count", "usage"), 9.0);
     // try_acquire: recorded with no wait once an idle connection is back.
     let taken = eventually(Duration::from_secs(2), "an idle connection", async || wpool.try_acquire()).await;
     drop(taken);
-    assert_eq!(value("db_client_connection_wait_time_seconds_count", "usage"), 10.0);
-    assert_eq!(value("db_client_connection_pending_requests", "usage"), 0.0);
+    assert_eq!(pool_value("db_client_connection_wait_time_seconds_count", "usage"), 10.0);
+    assert_eq!(pool_value("db_client_connection_pending_requests", "usage"), 0.0);
     let connect = logs::lines_with("db.client.connection.pool.name=usage");
     assert!(connect.is_empty(), "successful acquires and connects log nothing at INFO/WARN: {connect:?}");
 }
@@ -415,15 +413,15 @@ async fn failures_are_classified_and_detach_is_reported() {
     let failed = logs::lines_with("acquire failed");
     let failed = failed.iter().find(|l| l.contains("pool=broken")).expect("acquire WARN");
     assert!(failed.contains("poolwatch.outcome=\"error\""), "{failed}");
-    assert_eq!(value("db_client_connection_timeouts_total", "broken"), 0.0);
-    assert_eq!(value("db_client_connection_pending_requests", "broken"), 0.0);
+    assert_eq!(pool_value("db_client_connection_timeouts_total", "broken"), 0.0);
+    assert_eq!(pool_value("db_client_connection_pending_requests", "broken"), 0.0);
 
     let config = config("closing").leak_threshold(Some(Duration::from_secs(60)));
     let (pool, _watch, wpool) = watched(&cluster, PgPoolOptions::new().max_connections(2), config).await;
     let conn = wpool.acquire().await.unwrap();
     let (raw, line) = (conn.detach(), line!());
-    assert_eq!(value("poolwatch_leak_suspects_total", "closing"), 1.0);
-    assert_eq!(value("poolwatch_leak_suspects", "closing"), 0.0, "detach() frees the slot");
+    assert_eq!(pool_value("poolwatch_leak_suspects_total", "closing"), 1.0);
+    assert_eq!(pool_value("poolwatch_leak_suspects", "closing"), 0.0, "detach() frees the slot");
     let warns = logs::lines_with("detach()");
     let warn = warns.iter().find(|l| l.contains("pool=closing")).expect("a WARN for detach()");
     assert!(warn.contains(&format!("taken_out_at=tests/acquire.rs:{line}")), "{warn}");

@@ -6,6 +6,11 @@
 //! The copies given to the daemons differ from the shipped files only in timing: every `for:`
 //! is 2 s (the thresholds themselves are unit-tested by promtool), Alertmanager's `group_wait`
 //! is 1 s, and the receivers' webhook URLs point at this test.
+//!
+//! This process's `/metrics` is the crate's own `export::Exporter` with its HTTP listener (the
+//! README's setup), hence feature `prometheus`.
+
+#![cfg(feature = "prometheus")]
 
 mod support;
 
@@ -13,12 +18,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use poolwatch::sqlx;
-use poolwatch::{Config, instrument_pool};
+use poolwatch::instrument_pool;
 use serde_json::Value;
-use sqlx::postgres::PgPoolOptions;
-use support::prometheus::{Alertmanager, Prometheus, http_get, serve_metrics};
-use support::{Cluster, eventually, recorder};
+use support::prometheus::{Alertmanager, Prometheus, http_get};
+use support::{Cluster, eventually, fast_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -114,14 +117,13 @@ async fn rule_evaluated_at(prometheus: SocketAddr, name: &str) -> Option<String>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_pool_reaches_alertmanager_as_a_ticket_and_clears() {
-    recorder();
+    // Installed before the pool is watched: the series registered at start are served too.
+    let metrics = SocketAddr::from(([127, 0, 0, 1], support::cluster::free_port()));
+    poolwatch::export::Exporter::new().with_http_listener(metrics).install().expect("install the recorder");
     let cluster = Cluster::start();
-    let pool = PgPoolOptions::new().max_connections(2).connect_with(cluster.options()).await.unwrap();
-    let config =
-        Config::new("e2e").sample_interval(Duration::from_millis(100)).census_interval(Duration::from_millis(300));
-    let watch = instrument_pool(&pool, config).unwrap();
+    let pool = support::pool(&cluster, 2).await;
+    let watch = instrument_pool(&pool, fast_config("e2e")).unwrap();
 
-    let metrics = serve_metrics().await;
     let (hook, received) = webhook().await;
     let dir = std::env::temp_dir().join(format!("poolwatch-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -7,29 +7,12 @@ use std::time::Duration;
 
 use poolwatch::sqlx;
 use poolwatch::{Config, PoolWatch, instrument_pool};
-use sqlx::postgres::{PgConnection, PgPoolOptions};
-use sqlx::{Connection, PgPool};
+use sqlx::Connection;
+use sqlx::postgres::PgPoolOptions;
 use support::{Cluster, eventually, logs, recorder};
-
-async fn sessions_named(cluster: &Cluster, name: &str) -> i64 {
-    let mut c = PgConnection::connect_with(&cluster.options()).await.unwrap();
-    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
-        .bind(name)
-        .fetch_one(&mut c)
-        .await
-        .unwrap()
-}
 
 async fn phantom(watch: &PoolWatch) -> Option<i64> {
     watch.census_now().await.ok().and_then(|s| s.phantom)
-}
-
-async fn hold(pool: &PgPool, n: usize) -> Vec<sqlx::pool::PoolConnection<sqlx::Postgres>> {
-    let mut held = Vec::new();
-    for _ in 0..n {
-        held.push(pool.acquire().await.unwrap());
-    }
-    held
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,12 +31,12 @@ async fn non_ascii_and_colliding_names_read_zero_and_exact_with_a_leak() {
         assert!(name.len() <= 63 && name.bytes().all(|b| (32..=126).contains(&b)), "{name:?}");
         assert!(name.starts_with(r"caf\xc3\xa9-api \xe2\x98\x95 pw:orders-pr~"), "{name:?}");
     }
-    let (mut held_rw, held_ro) = (hold(&rw, 3).await, hold(&ro, 2).await);
+    let (mut held_rw, held_ro) = (support::hold(&rw, 3).await, support::hold(&ro, 2).await);
     for (w, pool) in [(&wrw, &rw), (&wro, &ro)] {
         // The server stores the name exactly as poolwatch sent it (the pool's first
         // connection, re-tagged, included).
         let n = i64::from(pool.size());
-        assert_eq!(sessions_named(&cluster, w.application_name()).await, n, "{}", w.application_name());
+        assert_eq!(support::sessions_named(&cluster, w.application_name()).await, n, "{}", w.application_name());
         assert_eq!(phantom(w).await, Some(0), "{}", w.application_name());
     }
     // One leaked slot on rw: its connection closed, the pool still counts it.

@@ -8,25 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use poolwatch::sqlx;
-use poolwatch::{Cause, Config, NetworkPath, attribution, instrument_pool};
+use poolwatch::{Cause, NetworkPath, attribution, instrument_pool};
+use sqlx::Connection;
 use sqlx::postgres::{PgConnection, PgPoolOptions};
-use sqlx::{Connection, PgPool};
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
-
-/// The pool heartbeat runs once at start; the census runs only when the test asks.
-fn config(name: &str) -> Config {
-    Config::new(name).heartbeat_interval(Duration::from_secs(3600)).census_interval(Duration::from_secs(3600))
-}
-
-async fn hold(pool: &PgPool, n: usize) -> Vec<sqlx::pool::PoolConnection<sqlx::Postgres>> {
-    let mut held = Vec::new();
-    for _ in 0..n {
-        held.push(pool.acquire().await.unwrap());
-    }
-    held
-}
+use support::{Cluster, POOL, eventually, metric, quiet_config, recorder};
 
 /// Another process (a replica) with sessions under the same `application_name`.
 struct Replica(Child);
@@ -52,15 +37,6 @@ impl Drop for Replica {
     }
 }
 
-async fn sessions_named(cluster: &Cluster, name: &str) -> i64 {
-    let mut c = PgConnection::connect_with(&cluster.options()).await.unwrap();
-    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
-        .bind(name)
-        .fetch_one(&mut c)
-        .await
-        .unwrap()
-}
-
 /// The tag is the same on every start (no new postgres_exporter series per deploy), keeps
 /// the user's name, and a replica's sessions under the same tag are not counted: they are
 /// told apart by client address and port.
@@ -70,15 +46,15 @@ async fn stable_tag_is_exact_against_a_replica_with_the_same_tag() {
     let cluster = Cluster::start();
     let options = cluster.options().application_name("api");
     let pool = PgPoolOptions::new().max_connections(5).connect_with(options.clone()).await.unwrap();
-    let watch = instrument_pool(&pool, config("main")).unwrap();
+    let watch = instrument_pool(&pool, quiet_config("main")).unwrap();
     assert_eq!(watch.application_name(), "api pw:main");
     assert_eq!(watch.application_name(), attribution::stable_tag(Some("api"), "main"));
     assert_eq!(watch.network_path(), NetworkPath::Direct);
 
     let _replica = Replica::start(&cluster, watch.application_name());
-    let held = hold(&pool, 3).await;
+    let held = support::hold(&pool, 3).await;
     eventually(Duration::from_secs(20), "the replica's session is up", async || {
-        (sessions_named(&cluster, watch.application_name()).await > i64::from(pool.size())).then_some(())
+        (support::sessions_named(&cluster, watch.application_name()).await > i64::from(pool.size())).then_some(())
     })
     .await;
     let s = watch.census_now().await.unwrap();
@@ -90,7 +66,7 @@ async fn stable_tag_is_exact_against_a_replica_with_the_same_tag() {
 
     // A restart: the same name again.
     let pool = PgPoolOptions::new().max_connections(5).connect_lazy_with(options);
-    let watch = instrument_pool(&pool, config("main")).unwrap();
+    let watch = instrument_pool(&pool, quiet_config("main")).unwrap();
     assert_eq!(watch.application_name(), "api pw:main", "the same on every start");
     watch.shutdown().await;
 }
@@ -103,12 +79,12 @@ async fn declared_nat_falls_back_to_a_nonce() {
     let cluster = Cluster::start();
     let options = cluster.options().application_name("api");
     let pool = PgPoolOptions::new().max_connections(5).connect_with(options.clone()).await.unwrap();
-    let watch = instrument_pool(&pool, config("natted").network_path(NetworkPath::Nat)).unwrap();
+    let watch = instrument_pool(&pool, quiet_config("natted").network_path(NetworkPath::Nat)).unwrap();
     let other = PgPoolOptions::new().max_connections(1).connect_lazy_with(options);
-    let other_watch = instrument_pool(&other, config("natted").network_path(NetworkPath::Nat)).unwrap();
+    let other_watch = instrument_pool(&other, quiet_config("natted").network_path(NetworkPath::Nat)).unwrap();
     assert!(watch.application_name().starts_with("api pw:natted:"), "{}", watch.application_name());
     assert_ne!(watch.application_name(), other_watch.application_name(), "a nonce per process start");
-    let held = hold(&pool, 2).await;
+    let held = support::hold(&pool, 2).await;
     let s = watch.census_now().await.unwrap();
     assert_eq!((s.server.as_ref().unwrap().total(), s.phantom), (pool.size(), Some(0)), "{s:?}");
     drop(held);
@@ -120,15 +96,15 @@ async fn declared_nat_falls_back_to_a_nonce() {
 async fn terminated_pool_sessions_are_counted_by_cause() {
     recorder();
     let cluster = Cluster::start();
-    let pool = PgPoolOptions::new().max_connections(5).connect_with(cluster.options()).await.unwrap();
-    let watch = instrument_pool(&pool, config("ended_kill")).unwrap();
+    let pool = support::pool(&cluster, 5).await;
+    let watch = instrument_pool(&pool, quiet_config("ended_kill")).unwrap();
     let ended = |cause: &str| metric("poolwatch_sessions_ended_total", &[(POOL, "ended_kill"), ("cause", cause)]);
     assert_eq!(ended("admin_shutdown"), Some(0.0), "the counter exists at 0 from the start");
     eventually(Duration::from_secs(20), "the start-up heartbeat ran", async || {
         (watch.heartbeat().pool.successes >= 1).then_some(())
     })
     .await;
-    drop(hold(&pool, 4).await);
+    drop(support::hold(&pool, 4).await);
     watch.census_now().await.unwrap();
 
     // The pool closes one itself: not counted.
@@ -165,12 +141,12 @@ async fn idle_session_timeout_kills_of_idle_pool_connections_are_counted() {
     // Long enough that the census below sees the held sessions alive on a loaded machine.
     let cluster = Cluster::start_with(&[("idle_session_timeout", "5s")]);
     let pool = PgPoolOptions::new().max_connections(5).connect_lazy_with(cluster.options());
-    let watch = instrument_pool(&pool, config("ended_idle")).unwrap();
+    let watch = instrument_pool(&pool, quiet_config("ended_idle")).unwrap();
     eventually(Duration::from_secs(20), "the lint read the server's idle_session_timeout", async || {
         watch.server_settings().filter(|s| s.idle_session_timeout.is_some())
     })
     .await;
-    drop(hold(&pool, 3).await);
+    drop(support::hold(&pool, 3).await);
     let n = pool.size();
     let s = watch.census_now().await.unwrap();
     assert_eq!(s.server.as_ref().unwrap().total(), n, "seen alive first: {s:?}");

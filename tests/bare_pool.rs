@@ -12,10 +12,8 @@ use poolwatch::sqlx;
 use poolwatch::{Config, instrument_options_named, instrument_pool, sqlx_acquire_layer};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use support::{Cluster, eventually, metric, recorder};
+use support::{Cluster, eventually, pool_value, recorder};
 use tracing_subscriber::layer::SubscriberExt;
-
-const POOL: &str = "db_client_connection_pool_name";
 
 /// The app's setup: a Prometheus recorder and a subscriber with poolwatch's layer.
 fn setup() {
@@ -27,18 +25,14 @@ fn setup() {
     });
 }
 
-fn value(name: &str, pool: &str) -> f64 {
-    metric(name, &[(POOL, pool)]).unwrap_or(0.0)
-}
-
 /// The bare-pool figures of `pool`: connects, idle acquires, releases, waits seen, slow.
 fn figures(pool: &str) -> [f64; 5] {
     [
-        value("poolwatch_pool_connects_total", pool),
-        value("poolwatch_pool_idle_acquires_total", pool),
-        value("poolwatch_pool_releases_total", pool),
-        value("db_client_connection_wait_time_seconds_count", pool),
-        value("poolwatch_pool_slow_acquires_total", pool),
+        pool_value("poolwatch_pool_connects_total", pool),
+        pool_value("poolwatch_pool_idle_acquires_total", pool),
+        pool_value("poolwatch_pool_releases_total", pool),
+        pool_value("db_client_connection_wait_time_seconds_count", pool),
+        pool_value("poolwatch_pool_slow_acquires_total", pool),
     ]
 }
 
@@ -121,7 +115,7 @@ async fn a_slow_bare_acquire_is_counted_with_its_wait() {
     let options = PgPoolOptions::new().max_connections(1).acquire_slow_threshold(Duration::from_millis(100));
     let p = pool(&cluster, "bare_slow", options).await;
     let before = settled("bare_slow", &p).await;
-    let sum_before = value("db_client_connection_wait_time_seconds_sum", "bare_slow");
+    let sum_before = pool_value("db_client_connection_wait_time_seconds_sum", "bare_slow");
 
     let held = p.acquire().await.unwrap();
     let started = Instant::now();
@@ -140,6 +134,6 @@ async fn a_slow_bare_acquire_is_counted_with_its_wait() {
     let after = settled("bare_slow", &p).await;
     assert_eq!(after[4] - before[4], 1.0, "one slow acquire: {before:?} -> {after:?}");
     assert_eq!(after[3] - before[3], 2.0, "both acquires' waits");
-    let waited = value("db_client_connection_wait_time_seconds_sum", "bare_slow") - sum_before;
+    let waited = pool_value("db_client_connection_wait_time_seconds_sum", "bare_slow") - sum_before;
     assert!(waited >= 0.1, "the slow acquire's wait is in the histogram: {waited}");
 }

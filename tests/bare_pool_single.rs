@@ -9,10 +9,8 @@ use std::time::{Duration, Instant};
 use poolwatch::sqlx;
 use poolwatch::{Config, instrument_pool, sqlx_acquire_layer};
 use sqlx::postgres::PgPoolOptions;
-use support::{Cluster, eventually, metric, recorder};
+use support::{Cluster, POOL, eventually, metric, recorder};
 use tracing_subscriber::layer::SubscriberExt;
-
-const POOL: &str = "db_client_connection_pool_name";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_pool_gets_sqlx_slow_acquire_events_without_hooks() {

@@ -8,31 +8,12 @@ use std::time::Duration;
 
 use poolwatch::sqlx;
 use poolwatch::{Cause, Config, instrument_pool};
-use sqlx::postgres::{PgConnection, PgPoolOptions};
-use sqlx::{Connection, PgPool};
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
-
-/// A census only when asked, no pool heartbeat after the first: the tests own the pool.
-fn config(name: &str) -> Config {
-    Config::new(name).census_interval(Duration::from_secs(3600)).heartbeat_interval(Duration::from_secs(3600))
-}
-
-async fn pool(cluster: &Cluster, max: u32) -> PgPool {
-    PgPoolOptions::new().max_connections(max).connect_with(cluster.options()).await.expect("connect")
-}
+use sqlx::Connection;
+use support::{Cluster, POOL, eventually, metric, quiet_config, recorder};
 
 async fn sessions_named(cluster: &Cluster, pattern: &str) -> i64 {
-    let mut admin = PgConnection::connect_with(&cluster.options()).await.expect("admin");
-    // This test's database only: the binary's other tests share the server.
-    let n = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE $1 AND datname = current_database()",
-    )
-    .bind(pattern)
-    .fetch_one(&mut admin)
-    .await
-    .expect("count sessions");
+    let mut admin = support::admin(cluster).await;
+    let n = support::sessions_like(&mut admin, pattern).await;
     let _ = admin.close().await;
     n
 }
@@ -43,9 +24,9 @@ async fn sessions_named(cluster: &Cluster, pattern: &str) -> i64 {
 async fn a_second_instrument_pool_on_a_watched_pool_is_refused() {
     recorder();
     let cluster = Cluster::shared();
-    let pool = pool(&cluster, 4).await;
-    let first = instrument_pool(&pool, config("dup_first")).expect("the first watch");
-    let err = instrument_pool(&pool, config("dup_second")).expect_err("a second watch on the same pool");
+    let pool = support::pool(&cluster, 4).await;
+    let first = instrument_pool(&pool, quiet_config("dup_first")).expect("the first watch");
+    let err = instrument_pool(&pool, quiet_config("dup_second")).expect_err("a second watch on the same pool");
     assert_eq!(err.field, "pool", "{err}");
     assert!(err.to_string().contains("already instrumented") && err.to_string().contains("fix:"), "{err}");
 
@@ -67,7 +48,7 @@ async fn a_second_instrument_pool_on_a_watched_pool_is_refused() {
         (pool.num_idle() == pool.size() as usize).then_some(())
     })
     .await;
-    let again = instrument_pool(&pool, config("dup_again")).expect("instrument again after shutdown");
+    let again = instrument_pool(&pool, quiet_config("dup_again")).expect("instrument again after shutdown");
     assert_eq!(again.application_name().matches("pw:").count(), 1, "{}", again.application_name());
     let s = eventually(Duration::from_secs(30), "a settled census", async || {
         again.census_now().await.ok().filter(|s| s.pool.open == s.server.as_ref().map_or(0, |c| c.total()))
@@ -76,7 +57,7 @@ async fn a_second_instrument_pool_on_a_watched_pool_is_refused() {
     assert_eq!(s.phantom, Some(0), "{s:?}");
     drop(again);
     // Dropping the handle frees the pool as well.
-    instrument_pool(&pool, config("dup_dropped")).expect("instrument again after drop");
+    instrument_pool(&pool, quiet_config("dup_dropped")).expect("instrument again after drop");
 }
 
 /// Defect 2: `census_timeout` becomes the dedicated connection's `statement_timeout`; above
@@ -85,15 +66,17 @@ async fn a_second_instrument_pool_on_a_watched_pool_is_refused() {
 async fn a_census_timeout_postgres_cannot_take_is_a_config_error() {
     recorder();
     let cluster = Cluster::shared();
-    let pool = pool(&cluster, 2).await;
+    let pool = support::pool(&cluster, 2).await;
     for too_long in [Duration::from_millis(2_147_483_648), Duration::MAX] {
-        let err = instrument_pool(&pool, config("timeout_big").census_timeout(too_long)).expect_err("out of range");
+        let err =
+            instrument_pool(&pool, quiet_config("timeout_big").census_timeout(too_long)).expect_err("out of range");
         assert_eq!(err.field, "census_timeout", "{err}");
         assert!(err.to_string().contains("2147483647 ms"), "{err}");
     }
     // The largest value the server takes works end to end.
-    let watch = instrument_pool(&pool, config("timeout_max").census_timeout(Duration::from_millis(2_147_483_647)))
-        .expect("the limit itself is valid");
+    let watch =
+        instrument_pool(&pool, quiet_config("timeout_max").census_timeout(Duration::from_millis(2_147_483_647)))
+            .expect("the limit itself is valid");
     let s = watch.census_now().await.expect("the server takes statement_timeout = 2147483647");
     assert!(s.census_up);
 }
@@ -103,8 +86,8 @@ async fn a_census_timeout_postgres_cannot_take_is_a_config_error() {
 async fn no_census_and_no_new_connection_after_the_pool_closes() {
     recorder();
     let cluster = Cluster::shared();
-    let pool = pool(&cluster, 2).await;
-    let watch = instrument_pool(&pool, config("closed")).unwrap();
+    let pool = support::pool(&cluster, 2).await;
+    let watch = instrument_pool(&pool, quiet_config("closed")).unwrap();
     watch.census_now().await.expect("a census while open");
     tokio::time::timeout(Duration::from_secs(30), pool.close()).await.expect("the pool closes");
     eventually(Duration::from_secs(30), "poolwatch's connections closed", async || {
@@ -124,7 +107,7 @@ async fn no_census_and_no_new_connection_after_the_pool_closes() {
 async fn census_figures_are_absent_until_a_census_succeeds() {
     recorder();
     let cluster = Cluster::shared();
-    let pool = pool(&cluster, 2).await;
+    let pool = support::pool(&cluster, 2).await;
     // The census reads a database that does not exist: it fails at every tick.
     let direct = cluster.options().database("no_such_database");
     let config = Config::new("unmeasured")
@@ -149,7 +132,7 @@ async fn census_figures_are_absent_until_a_census_succeeds() {
     drop(watch);
 
     // A census that succeeds publishes them.
-    let pool2 = self::pool(&cluster, 2).await;
+    let pool2 = support::pool(&cluster, 2).await;
     let watch = instrument_pool(&pool2, config_measured()).unwrap();
     watch.census_now().await.expect("a census");
     let labels = [(POOL, "measured")];
@@ -159,5 +142,5 @@ async fn census_figures_are_absent_until_a_census_succeeds() {
 }
 
 fn config_measured() -> Config {
-    config("measured")
+    quiet_config("measured")
 }

@@ -12,12 +12,10 @@ use std::time::{Duration, Instant};
 
 use poolwatch::sqlx;
 use poolwatch::{Config, PoolWatch, instrument_pool};
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnection, PgPoolOptions};
-use sqlx::{Connection, PgPool};
 use support::pgbouncer::PgBouncer;
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 /// What an ORM does: a query every 50 ms through the pool, until dropped. Owned by the test.
 struct Workload {
@@ -56,10 +54,6 @@ impl Drop for Workload {
     }
 }
 
-async fn admin(cluster: &Cluster) -> PgConnection {
-    PgConnection::connect_with(&cluster.options()).await.unwrap()
-}
-
 async fn pids(admin: &mut PgConnection, app_name: &str) -> Vec<i32> {
     sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
         .bind(app_name)
@@ -82,12 +76,12 @@ fn followed(watch: &PoolWatch) -> HashSet<u64> {
 async fn every_kill_of_a_busy_pool_is_counted_at_the_default_config() {
     recorder();
     let cluster = Cluster::start();
-    let mut admin = admin(&cluster).await;
-    let pool = PgPoolOptions::new().max_connections(4).connect_with(cluster.options()).await.unwrap();
+    let mut admin = support::admin(&cluster).await;
+    let pool = support::pool(&cluster, 4).await;
     let watch = instrument_pool(&pool, Config::new("ended_default")).unwrap();
     let ended = |cause: &str| metric("poolwatch_sessions_ended_total", &[(POOL, "ended_default"), ("cause", cause)]);
     // Four connections open, then a query every 50 ms rotates through them.
-    drop(futures_hold(&pool, 4).await);
+    drop(support::hold(&pool, 4).await);
     let work = Workload::start(&pool);
     let mut killed = 0u64;
     let mut before = HashSet::new();
@@ -102,7 +96,7 @@ async fn every_kill_of_a_busy_pool_is_counted_at_the_default_config() {
             // connection without a replacement (one query at a time needs one): a busy app
             // opens it again, as this does.
             if pool.size() < 4 {
-                drop(futures_hold(&pool, 4).await);
+                drop(support::hold(&pool, 4).await);
             }
             let now = followed(&watch);
             let s = watch.snapshot();
@@ -175,7 +169,7 @@ async fn churn_alone(cluster: &Cluster, name: &str, options: PgPoolOptions, busy
     let mut seen = HashSet::new();
     eventually(Duration::from_secs(120), "samples saw 8 connections of the pool come and go", async || {
         if !busy && pool.size() == 0 {
-            drop(futures_hold(&pool, 4).await);
+            drop(support::hold(&pool, 4).await);
         }
         let now = followed(&watch);
         let gone = seen.difference(&now).count();
@@ -218,13 +212,11 @@ async fn pooler_kills_are_counted_at_the_default_config() {
     let cluster = Cluster::start();
     let bouncer = PgBouncer::start(cluster.port(), &[("client_idle_timeout", "2")]);
     let pool = PgPoolOptions::new().max_connections(5).connect_lazy_with(bouncer.options());
-    let config =
-        Config::new("ended_pooler").direct_connect_options(cluster.options()).pooler_admin(bouncer.admin_url());
-    let watch = instrument_pool(&pool, config).unwrap();
+    let watch = instrument_pool(&pool, bouncer.declared(Config::new("ended_pooler"), &cluster)).unwrap();
     let ended = |cause: &str| metric("poolwatch_sessions_ended_total", &[(POOL, "ended_pooler"), ("cause", cause)]);
     for round in 1..=2 {
         let base = watch.snapshot().sessions_ended;
-        let held = futures_hold(&pool, 3).await;
+        let held = support::hold(&pool, 3).await;
         let at = Instant::now();
         let s = eventually(Duration::from_secs(60), "the held connections killed and counted", async || {
             let s = watch.snapshot();
@@ -244,12 +236,4 @@ async fn pooler_kills_are_counted_at_the_default_config() {
             .await;
     }
     assert!(matches!(ended("connection_ended"), None | Some(0.0)), "{:?}", ended("connection_ended"));
-}
-
-async fn futures_hold(pool: &PgPool, n: usize) -> Vec<sqlx::pool::PoolConnection<sqlx::Postgres>> {
-    let mut held = Vec::new();
-    for _ in 0..n {
-        held.push(pool.acquire().await.unwrap());
-    }
-    held
 }

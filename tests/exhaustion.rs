@@ -12,10 +12,8 @@ use poolwatch::sqlx;
 use poolwatch::{Config, instrument_pool};
 use sqlx::Executor;
 use sqlx::postgres::PgPoolOptions;
-use support::{Cluster, eventually, metric, recorder};
+use support::{Cluster, POOL, eventually, metric, recorder};
 use tracing::Level;
-
-const POOL: &str = "db_client_connection_pool_name";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acquire_timeout_says_who_holds_the_pool_who_waits_and_what_the_census_saw() {
@@ -34,10 +32,7 @@ async fn an_acquire_timeout_says_who_holds_the_pool_who_waits_and_what_the_censu
         // One heartbeat at start (it uses a pool slot), then none during the test.
         .heartbeat_interval(Duration::from_secs(3600));
     let watch = instrument_pool(&pool, config).unwrap();
-    eventually(Duration::from_secs(10), "the start-up heartbeat is done", async || {
-        watch.heartbeat().pool.up.filter(|up| *up)
-    })
-    .await;
+    support::startup_heartbeat(&watch).await;
     let db = watch.pool();
 
     // Two slow requests at one call site, a transaction left open at another.

@@ -17,9 +17,7 @@ use poolwatch::sqlx;
 use poolwatch::{Config, Detail, ListenerConfig, WatchedListener};
 use sqlx::postgres::PgPoolOptions;
 use support::prometheus::http_get;
-use support::{Cluster, eventually};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually};
 
 /// The README's "Use it" setup, with a free loopback port instead of 9184.
 fn install_recorder() -> SocketAddr {

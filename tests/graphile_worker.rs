@@ -38,9 +38,8 @@ mod on_sqlx_0_9 {
     use tracing_subscriber::layer::SubscriberExt;
 
     use crate::driver::WatchedDriver;
-    use crate::support::{Cluster, eventually, metric, metric_sum, recorder};
+    use crate::support::{Cluster, POOL, eventually, metric, metric_sum, recorder};
 
-    const POOL: &str = "db_client_connection_pool_name";
     /// Jobs before, and again after, the LISTEN session is ended.
     const JOBS: u32 = 150;
 

@@ -10,9 +10,7 @@ use poolwatch::sqlx;
 use poolwatch::{Config, Hazard, PoolWatch, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor, PgPool};
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 /// Per-hazard series (checked here) are `Detail::Full`; the default's hazard count is in
 /// tests/export.rs.
@@ -21,12 +19,6 @@ fn config(name: &str) -> Config {
         .detail(poolwatch::Detail::Full)
         .heartbeat_interval(Duration::from_millis(100))
         .heartbeat_timeout(Duration::from_secs(2))
-}
-
-async fn admin(cluster: &Cluster) -> PgConnection {
-    let mut admin = PgConnection::connect_with(&cluster.options()).await.expect("admin connection");
-    admin.execute("SET idle_session_timeout = 0").await.unwrap();
-    admin
 }
 
 /// Waits for the first lint and returns the hazard names it found.
@@ -69,7 +61,7 @@ async fn clean_setup_has_none_and_alter_system_is_seen_after_a_reconnect() {
     assert_eq!(settings.max_connections, 300, "the harness's max_connections");
     assert!(settings.superuser);
 
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::lasting_admin(&cluster).await;
     admin.execute("ALTER SYSTEM SET idle_session_timeout = '2s'").await.unwrap();
     admin.execute("SELECT pg_reload_conf()").await.unwrap();
     eventually(Duration::from_secs(10), "new sessions see the new setting", async || {
@@ -182,7 +174,7 @@ async fn idle_session_timeout_hazards_from_postgresql_conf() {
 async fn per_role_settings_and_capacity() {
     recorder();
     let cluster = Cluster::start();
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::lasting_admin(&cluster).await;
     admin.execute("CREATE ROLE app LOGIN CONNECTION LIMIT 5").await.unwrap();
     admin.execute("ALTER ROLE app SET idle_in_transaction_session_timeout = '1s'").await.unwrap();
     let app_options = cluster.options().username("app");
@@ -224,7 +216,7 @@ async fn per_role_settings_and_capacity() {
 async fn a_live_alter_role_is_flagged_by_the_periodic_recheck() {
     recorder();
     let cluster = Cluster::start();
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::lasting_admin(&cluster).await;
     admin.execute("CREATE ROLE live LOGIN SUPERUSER").await.unwrap();
     let options = PgPoolOptions::new().max_connections(3).max_lifetime(Duration::from_secs(600));
     let pool = options.connect_with(cluster.options().username("live")).await.unwrap();
@@ -270,7 +262,7 @@ async fn a_quiet_replica_opens_no_backend_per_recheck() {
     recorder();
     support::spans::install();
     let cluster = Cluster::start();
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::lasting_admin(&cluster).await;
     admin.execute("CREATE ROLE app LOGIN").await.unwrap();
     admin.execute("CREATE DATABASE app OWNER app").await.unwrap();
     // One connection: on a loaded machine a heartbeat can come before sqlx has taken the last
@@ -326,7 +318,7 @@ async fn a_quiet_replica_at_the_defaults_opens_no_backend_over_a_recheck_interva
     recorder();
     support::spans::install();
     let cluster = Cluster::start();
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::lasting_admin(&cluster).await;
     let pool = PgPoolOptions::new().connect_with(cluster.options()).await.unwrap();
     let watch = instrument_pool(&pool, Config::new("hz_quiet_defaults")).unwrap();
     linted(&watch).await;

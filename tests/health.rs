@@ -82,7 +82,7 @@ async fn ok_then_failing_when_exhausted_then_ok_then_failing_when_the_database_s
 async fn leaked_slots_make_the_gap_grow_then_stand_degraded() {
     recorder();
     let cluster = Cluster::start();
-    let pool = PgPoolOptions::new().max_connections(10).connect_with(cluster.options()).await.unwrap();
+    let pool = support::pool(&cluster, 10).await;
     let watch = instrument_pool(&pool, config("health_b")).unwrap();
     until(&watch, "ok", |h| h.status == HealthStatus::Ok && h.gap.census_up).await;
     let db = watch.pool();
@@ -108,7 +108,7 @@ async fn leaked_slots_make_the_gap_grow_then_stand_degraded() {
 async fn a_hazard_is_degraded_and_the_pools_listeners_are_listed() {
     recorder();
     let cluster = Cluster::start();
-    let pool = PgPoolOptions::new().max_connections(10).connect_with(cluster.options()).await.unwrap();
+    let pool = support::pool(&cluster, 10).await;
     // 40 replicas × (10 + 1) connections do not fit the server's 300.
     let watch = instrument_pool(&pool, config("health_c").replicas(40)).unwrap();
     let listener = WatchedListener::connect((*pool.connect_options()).clone(), ListenerConfig::new("health_c", "jobs"))

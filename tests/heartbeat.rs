@@ -10,9 +10,7 @@ use poolwatch::{Cause, Config, Diagnosis, PoolWatch, instrument_pool};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use support::spans::spans_named;
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 fn config(name: &str) -> Config {
     Config::new(name)
@@ -31,18 +29,16 @@ fn failures(name: &str, path: &str) -> (f64, Vec<String>) {
     let text = recorder().render();
     let mut total = 0.0;
     let mut causes = Vec::new();
-    for line in text.lines().filter(|l| l.starts_with("poolwatch_heartbeat_failures_total{")) {
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
-        if series.contains(&format!("{POOL}=\"{name}\"")) && series.contains(&format!("path=\"{path}\"")) {
-            let value = value.parse::<f64>().unwrap_or(0.0);
-            total += value;
-            // A series at 0 (registered from the start for an alert) is no failure.
-            if value == 0.0 {
-                continue;
-            }
-            if let Some(cause) = series.split("cause=\"").nth(1).and_then(|r| r.split('"').next()) {
-                causes.push(cause.to_owned());
-            }
+    for (labels, value) in
+        support::series_values(&text, "poolwatch_heartbeat_failures_total", &[(POOL, name), ("path", path)])
+    {
+        total += value;
+        // A series at 0 (registered from the start for an alert) is no failure.
+        if value == 0.0 {
+            continue;
+        }
+        if let Some(cause) = labels.split("cause=\"").nth(1).and_then(|r| r.split('"').next()) {
+            causes.push(cause.to_owned());
         }
     }
     (total, causes)

@@ -7,19 +7,9 @@ use std::time::Duration;
 
 use poolwatch::sqlx;
 use poolwatch::{Cause, Config, instrument_pool};
+use sqlx::Executor;
 use sqlx::postgres::{PgConnection, PgPoolOptions};
-use sqlx::{Connection, Executor, PgPool};
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
-
-fn config(name: &str) -> Config {
-    Config::new(name).sample_interval(Duration::from_millis(100)).census_interval(Duration::from_millis(300))
-}
-
-async fn admin(cluster: &Cluster) -> PgConnection {
-    PgConnection::connect_with(&cluster.options()).await.expect("admin connection")
-}
+use support::{Cluster, POOL, eventually, fast_config, metric, recorder};
 
 /// Waits until the server ended session `pid` (its `idle_session_timeout`).
 async fn killed_by_server(admin: &mut PgConnection, pid: i32) {
@@ -34,27 +24,16 @@ async fn killed_by_server(admin: &mut PgConnection, pid: i32) {
     .await;
 }
 
-async fn sessions_named(admin: &mut PgConnection, pattern: &str) -> i64 {
-    // This test's database only: the binary's other tests share the server.
-    sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE $1 AND datname = current_database()",
-    )
-    .bind(pattern)
-    .fetch_one(admin)
-    .await
-    .expect("count sessions")
-}
-
 /// Incident 1: a listener's connect step takes a pool connection and `leak()`s it; the
 /// server's `idle_session_timeout` kills it; every reconnect leaks one more slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incident_1_leaked_listener_slots_grow_the_phantom_gap() {
     recorder();
     let cluster = Cluster::start_with(&[("idle_session_timeout", "1s")]);
-    let pool = PgPoolOptions::new().max_connections(20).connect_with(cluster.options()).await.unwrap();
+    let pool = support::pool(&cluster, 20).await;
     let census_interval = Duration::from_millis(300);
-    let watch = instrument_pool(&pool, config("incident1")).unwrap();
-    let mut admin = admin(&cluster).await;
+    let watch = instrument_pool(&pool, fast_config("incident1")).unwrap();
+    let mut admin = support::admin(&cluster).await;
     // The admin session must outlive the 1 s idle timeout too.
     admin.execute("SET idle_session_timeout = 0").await.unwrap();
     let before = watch.census_now().await.unwrap();
@@ -110,12 +89,12 @@ async fn incident_1_client_ledger_sees_each_killed_slot_without_a_scheduled_cens
     recorder();
     // Its own server: the socket census counts every socket of this process to the server's port.
     let cluster = Cluster::start();
-    let pool = PgPoolOptions::new().max_connections(20).connect_with(cluster.options()).await.unwrap();
+    let pool = support::pool(&cluster, 20).await;
     let sample_interval = Duration::from_millis(200);
     let config =
         Config::new("incident1_client").sample_interval(sample_interval).census_interval(Duration::from_secs(3600));
     let watch = instrument_pool(&pool, config).unwrap();
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::admin(&cluster).await;
     let labels = [(POOL, "incident1_client")];
     eventually(Duration::from_secs(10), "the first sample reads the sockets", async || {
         watch.snapshot().sockets.map(|_| ())
@@ -168,20 +147,20 @@ async fn two_pools_sharing_an_application_name_are_attributed_exactly() {
     let options = cluster.options().application_name("api");
     let a = PgPoolOptions::new().max_connections(5).connect_with(options.clone()).await.unwrap();
     let b = PgPoolOptions::new().max_connections(5).connect_with(options).await.unwrap();
-    let wa = instrument_pool(&a, config("two_a")).unwrap();
-    let wb = instrument_pool(&b, config("two_b")).unwrap();
+    let wa = instrument_pool(&a, fast_config("two_a")).unwrap();
+    let wb = instrument_pool(&b, fast_config("two_b")).unwrap();
     assert_ne!(wa.application_name(), wb.application_name());
     assert!(wa.application_name().starts_with("api "), "{}", wa.application_name());
 
-    let held_a: Vec<_> = futures_join(&a, 3).await;
-    let held_b: Vec<_> = futures_join(&b, 1).await;
+    let held_a: Vec<_> = support::hold(&a, 3).await;
+    let held_b: Vec<_> = support::hold(&b, 1).await;
     let (sa, sb) = (wa.census_now().await.unwrap(), wb.census_now().await.unwrap());
     assert_eq!(sa.server.as_ref().unwrap().total(), a.size(), "{sa:?}");
     assert_eq!(sb.server.as_ref().unwrap().total(), b.size(), "{sb:?}");
     assert_eq!((sa.phantom, sb.phantom), (Some(0), Some(0)));
     assert!(sa.pool.used >= 3 && sb.pool.used >= 1);
 
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::admin(&cluster).await;
     let killed: Vec<bool> =
         sqlx::query_scalar("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1")
             .bind(wa.application_name())
@@ -198,14 +177,6 @@ async fn two_pools_sharing_an_application_name_are_attributed_exactly() {
     assert_eq!(sb.phantom, Some(0), "pool b is untouched");
     assert_eq!(sb.server.unwrap().total(), b.size());
     drop((held_a, held_b));
-}
-
-async fn futures_join(pool: &PgPool, n: usize) -> Vec<sqlx::pool::PoolConnection<sqlx::Postgres>> {
-    let mut held = Vec::new();
-    for _ in 0..n {
-        held.push(pool.acquire().await.unwrap());
-    }
-    held
 }
 
 /// A healthy pool: the gap stays zero through 1,000 acquire/release cycles, growth to max
@@ -245,7 +216,7 @@ async fn healthy_pool_has_no_phantoms_through_churn_and_resizing() {
     assert_eq!(s.phantom, Some(0), "after 1,000 cycles: {s:?}");
     assert_eq!(s.server.as_ref().unwrap().total(), pool.size());
 
-    let held = futures_join(&pool, 10).await;
+    let held = support::hold(&pool, 10).await;
     let s = watch.census_now().await.unwrap();
     assert_eq!((s.pool.used, s.phantom), (10, Some(0)), "grown to max: {s:?}");
     assert_eq!(s.server.as_ref().unwrap().get("idle"), 10, "checked out but idle on the server");
@@ -275,8 +246,8 @@ async fn healthy_pool_has_no_phantoms_through_churn_and_resizing() {
 async fn census_survives_a_server_restart() {
     recorder();
     let cluster = Cluster::start();
-    let pool = PgPoolOptions::new().max_connections(3).connect_with(cluster.options()).await.unwrap();
-    let watch = instrument_pool(&pool, config("restart").census_timeout(Duration::from_secs(20))).unwrap();
+    let pool = support::pool(&cluster, 3).await;
+    let watch = instrument_pool(&pool, fast_config("restart").census_timeout(Duration::from_secs(20))).unwrap();
     let up = [(POOL, "restart")];
     eventually(Duration::from_secs(120), "census up", async || {
         metric("poolwatch_census_up", &up).filter(|v| *v == 1.0)
@@ -311,32 +282,32 @@ async fn census_survives_a_server_restart() {
 async fn the_handle_and_pool_close_stop_the_background_task() {
     recorder();
     let cluster = Cluster::shared();
-    let mut admin = admin(&cluster).await;
-    let pool = PgPoolOptions::new().max_connections(3).connect_with(cluster.options()).await.unwrap();
+    let mut admin = support::admin(&cluster).await;
+    let pool = support::pool(&cluster, 3).await;
     let census_sessions = "poolwatch-census:%";
 
-    let watch = instrument_pool(&pool, config("lifecycle")).unwrap();
+    let watch = instrument_pool(&pool, fast_config("lifecycle")).unwrap();
     watch.census_now().await.unwrap();
-    assert_eq!(sessions_named(&mut admin, census_sessions).await, 1);
+    assert_eq!(support::sessions_like(&mut admin, census_sessions).await, 1);
     drop(watch);
     eventually(Duration::from_secs(5), "drop closes the census connection", async || {
-        (sessions_named(&mut admin, census_sessions).await == 0).then_some(())
+        (support::sessions_like(&mut admin, census_sessions).await == 0).then_some(())
     })
     .await;
 
-    let watch = instrument_pool(&pool, config("lifecycle")).unwrap();
+    let watch = instrument_pool(&pool, fast_config("lifecycle")).unwrap();
     watch.census_now().await.unwrap();
     watch.shutdown().await;
     eventually(Duration::from_secs(5), "shutdown closes the census connection", async || {
-        (sessions_named(&mut admin, census_sessions).await == 0).then_some(())
+        (support::sessions_like(&mut admin, census_sessions).await == 0).then_some(())
     })
     .await;
 
-    let watch = instrument_pool(&pool, config("lifecycle")).unwrap();
+    let watch = instrument_pool(&pool, fast_config("lifecycle")).unwrap();
     watch.census_now().await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), pool.close()).await.expect("pool.close() finishes while watched");
     eventually(Duration::from_secs(5), "pool close ends the task", async || {
-        (sessions_named(&mut admin, census_sessions).await == 0).then_some(())
+        (support::sessions_like(&mut admin, census_sessions).await == 0).then_some(())
     })
     .await;
     drop(watch);
@@ -346,7 +317,7 @@ async fn the_handle_and_pool_close_stop_the_background_task() {
     for _ in 0..5 {
         let pool =
             PgPoolOptions::new().min_connections(2).max_connections(3).connect_with(cluster.options()).await.unwrap();
-        let watch = instrument_pool(&pool, config("lifecycle")).unwrap();
+        let watch = instrument_pool(&pool, fast_config("lifecycle")).unwrap();
         tokio::time::timeout(Duration::from_secs(10), pool.close()).await.expect("close right after instrumenting");
         drop(watch);
     }
@@ -359,13 +330,13 @@ async fn socket_census_sees_close_wait_after_the_server_hangs_up() {
     recorder();
     // Its own server: the socket census counts every socket of this process to the server's port.
     let cluster = Cluster::start();
-    let pool = PgPoolOptions::new().max_connections(3).connect_with(cluster.options()).await.unwrap();
-    let watch = instrument_pool(&pool, config("sockets")).unwrap();
-    drop(futures_join(&pool, 3).await);
+    let pool = support::pool(&cluster, 3).await;
+    let watch = instrument_pool(&pool, fast_config("sockets")).unwrap();
+    drop(support::hold(&pool, 3).await);
     let s = watch.census_now().await.unwrap();
     assert_eq!(s.sockets.as_ref().map(|c| c.get("established")), Some(3), "{s:?}");
 
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::admin(&cluster).await;
     sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1")
         .bind(watch.application_name())
         .execute(&mut admin)
@@ -402,12 +373,12 @@ async fn census_role_without_stats_privilege_degrades_to_unknown_states() {
     recorder();
     support::spans::install();
     let cluster = Cluster::start();
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::admin(&cluster).await;
     admin.execute("CREATE ROLE app LOGIN; CREATE ROLE monitor LOGIN").await.unwrap();
     let pool = PgPoolOptions::new().max_connections(3).connect_with(cluster.options().username("app")).await.unwrap();
     let census_role = cluster.options().username("monitor");
-    let watch = instrument_pool(&pool, config("degraded").direct_connect_options(census_role)).unwrap();
-    let held = futures_join(&pool, 2).await;
+    let watch = instrument_pool(&pool, fast_config("degraded").direct_connect_options(census_role)).unwrap();
+    let held = support::hold(&pool, 2).await;
 
     for _ in 0..2 {
         let s = watch.census_now().await.expect("a degraded census still succeeds");
@@ -436,8 +407,8 @@ async fn poolwatch_queries_stay_out_of_the_sqlx_statement_log() {
     recorder();
     support::spans::install();
     let cluster = Cluster::shared();
-    let pool = PgPoolOptions::new().max_connections(2).connect_with(cluster.options()).await.unwrap();
-    let watch = instrument_pool(&pool, config("quiet").heartbeat_interval(Duration::from_millis(100))).unwrap();
+    let pool = support::pool(&cluster, 2).await;
+    let watch = instrument_pool(&pool, fast_config("quiet").heartbeat_interval(Duration::from_millis(100))).unwrap();
     for _ in 0..3 {
         watch.census_now().await.unwrap();
     }

@@ -10,9 +10,7 @@ use poolwatch::sqlx;
 use poolwatch::{CloseReason, Config, Detail, LifecycleFigures, PoolWatch, instrument_options_named, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, PgPool};
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 /// A pool built with the lifecycle hooks and watched at `Detail::Full` (the counters), after
 /// its one start-up heartbeat (none during the test: it would open and use connections).
@@ -25,10 +23,7 @@ async fn watched(cluster: &Cluster, name: &str, options: PgPoolOptions) -> (PgPo
         .heartbeat_interval(Duration::from_secs(3600))
         .detail(Detail::Full);
     let watch = instrument_pool(&pool, config).unwrap();
-    eventually(Duration::from_secs(10), "the start-up heartbeat is done", async || {
-        watch.heartbeat().pool.up.filter(|up| *up)
-    })
-    .await;
+    support::startup_heartbeat(&watch).await;
     (pool, watch)
 }
 
@@ -188,7 +183,7 @@ async fn closing_the_pool_counts_pool_closed() {
 async fn without_the_hooks_there_are_no_lifecycle_figures() {
     let cluster = Cluster::start();
     recorder();
-    let pool = PgPoolOptions::new().max_connections(1).connect_with(cluster.options()).await.unwrap();
+    let pool = support::pool(&cluster, 1).await;
     let watch = instrument_pool(&pool, Config::new("lc_none")).unwrap();
     assert_eq!(watch.lifecycle(), None);
     assert_eq!(watch.health().lifecycle, None);

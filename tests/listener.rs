@@ -12,13 +12,12 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use poolwatch::sqlx;
 use poolwatch::{Cause, ListenerConfig, WatchedListener};
+use sqlx::Executor;
 use sqlx::postgres::{PgConnection, PgPoolOptions};
-use sqlx::{Connection, Executor};
 use support::proxy::{Cut, Proxy};
-use support::{Cluster, eventually, metric, metric_sum, recorder};
+use support::{Cluster, POOL, eventually, metric, metric_sum, recorder};
 use tokio::task::JoinHandle;
 
-const POOL: &str = "db_client_connection_pool_name";
 const SPAN: &str = "db.listener.reconnect";
 
 // ---- a tracing layer that keeps every closed `db.listener.reconnect` span ----
@@ -156,12 +155,6 @@ fn connected(listener: &str) -> Option<f64> {
 }
 
 /// A connection for sending NOTIFYs and admin commands that the server's idle timeout spares.
-async fn admin(cluster: &Cluster) -> PgConnection {
-    let mut conn = PgConnection::connect_with(&cluster.options()).await.expect("admin connection");
-    conn.execute("SET idle_session_timeout = 0").await.expect("disable idle timeout for the admin");
-    conn
-}
-
 async fn notify(conn: &mut PgConnection, payload: &str) {
     sqlx::query("SELECT pg_notify('jobs', $1)").bind(payload).execute(conn).await.expect("NOTIFY");
 }
@@ -228,11 +221,11 @@ fn assert_one_reconnect_span(listener: &str, cause: Cause, basis: &str) -> SpanR
 async fn idle_session_timeout_reconnects_lose_only_the_downtime_window() {
     setup();
     let cluster = Cluster::start_with(&[("idle_session_timeout", "1s")]);
-    let pool = PgPoolOptions::new().max_connections(3).connect_with(cluster.options()).await.unwrap();
+    let pool = support::pool(&cluster, 3).await;
     let mut listener = WatchedListener::connect_with(&pool, ListenerConfig::new("main", "idle")).await.unwrap();
     listener.listen("jobs").await.unwrap();
     assert!(warned_about_idle_timeout("idle"), "start-up warns that the idle timeout will end the listener");
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::lasting_admin(&cluster).await;
     let task = receive_until_stop(listener);
 
     let mut sent = Vec::new(); // (payload, before, after): the NOTIFY committed in between
@@ -296,7 +289,7 @@ async fn keepalive_below_the_idle_timeout_prevents_every_reconnect() {
     let mut listener = WatchedListener::connect(options, config).await.unwrap();
     listener.listen("jobs").await.unwrap();
     assert!(!warned_about_idle_timeout("keepalive"), "a keepalive below the idle timeout needs no warning");
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::lasting_admin(&cluster).await;
     let task = receive_until_stop(listener);
 
     let started = Instant::now();
@@ -342,7 +335,7 @@ async fn pg_terminate_backend_is_admin_shutdown() {
         .unwrap();
     let mut listener = WatchedListener::connect_with(&pool, ListenerConfig::new("main", "term")).await.unwrap();
     listener.listen("jobs").await.unwrap();
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::lasting_admin(&cluster).await;
     let within = Duration::from_secs(20);
     notify(&mut admin, "before").await;
     let n = tokio::time::timeout(within, listener.try_recv()).await.unwrap().unwrap();
@@ -381,7 +374,7 @@ async fn a_fatal_read_by_a_command_is_observed() {
     let options = cluster.options().application_name("fatal-listener");
     let mut listener = WatchedListener::connect(options, ListenerConfig::new("main", "fatal")).await.unwrap();
     listener.listen("jobs").await.unwrap();
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::lasting_admin(&cluster).await;
     let within = Duration::from_secs(20);
     // Not receiving: the loss is not seen until the next command. Wait for the server to end it.
     eventually(Duration::from_secs(60), "the server ended the idle listener session", async || {
@@ -419,7 +412,7 @@ async fn proxy_reset_is_connection_reset() {
     let options = cluster.options().port(proxy.port());
     let mut listener = WatchedListener::connect(options, ListenerConfig::new("main", "rst")).await.unwrap();
     listener.listen_all(["other", "jobs"]).await.unwrap();
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::lasting_admin(&cluster).await;
     let task = receive_until_stop(listener);
     assert_eq!(proxy.live(), 1);
 
@@ -446,7 +439,7 @@ async fn proxy_half_close_is_connection_ended() {
     let options = cluster.options().port(proxy.port());
     let mut listener = WatchedListener::connect(options, ListenerConfig::new("main", "fin")).await.unwrap();
     listener.listen("jobs").await.unwrap();
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::lasting_admin(&cluster).await;
     let mut stream = listener.into_stream();
     let task = tokio::spawn(async move {
         while let Some(n) = stream.next().await {
@@ -495,7 +488,7 @@ async fn server_restart_takes_connected_to_zero_and_back() {
     })
     .await;
     let down_for = stopped.elapsed();
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::lasting_admin(&cluster).await;
     send_after_until_received(&mut admin, "restart").await;
     let (_got, _listener) = stop(&mut admin, task).await;
 
@@ -536,7 +529,7 @@ async fn bad_listener_names_are_refused() {
 async fn ten_ms_idle_session_kills_are_all_explained_as_idle_session_timeout() {
     setup();
     let cluster = Cluster::start();
-    let mut admin = admin(&cluster).await;
+    let mut admin = support::lasting_admin(&cluster).await;
     admin.execute("CREATE ROLE fast LOGIN; ALTER ROLE fast SET idle_session_timeout = '10ms'").await.unwrap();
     let options = cluster.options().username("fast");
     let pool = PgPoolOptions::new().max_connections(1).connect_lazy_with(options);

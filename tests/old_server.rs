@@ -12,7 +12,7 @@ use std::time::Duration;
 use poolwatch::sqlx;
 use poolwatch::{Config, NetworkPath, instrument_pool};
 use sqlx::Connection;
-use sqlx::postgres::{PgConnection, PgPoolOptions};
+use sqlx::postgres::PgConnection;
 use support::{Cluster, eventually, recorder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -98,7 +98,7 @@ async fn census_and_direct_heartbeat_start_on_the_pre_14_path() {
     };
 
     // PostgreSQL 15 as itself: the setting is SET after connecting, never in the startup packet.
-    let pool = PgPoolOptions::new().max_connections(3).connect_with(cluster.options()).await.unwrap();
+    let pool = support::pool(&cluster, 3).await;
     let watch = watch_with(&pool, "pg15");
     assert!(watch.census_now().await.unwrap().census_up);
     let seen = proxy.connections();

@@ -8,9 +8,7 @@ use poolwatch::sqlx;
 use poolwatch::{Cause, CloseReason, Config, Diagnosis, Hazard, instrument_options_named, instrument_pool};
 use sqlx::postgres::PgPoolOptions;
 use support::pgbouncer::PgBouncer;
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 /// Per-hazard series (checked here) are `Detail::Full`; the default's hazard count is in
 /// tests/export.rs.

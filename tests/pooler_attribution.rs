@@ -15,9 +15,7 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Row};
 use support::pgbouncer::PgBouncer;
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 /// A query every ~20 ms on `pool` until `stop`; owned by the test (joined at the end).
 fn busy(pool: &PgPool, stop: &Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
@@ -78,8 +76,7 @@ async fn two_busy_pools_on_one_pgbouncer_read_zero_and_exact_with_a_leak() {
         let a =
             PgPoolOptions::new().max_connections(3).min_connections(2).connect_with(bouncer.options()).await.unwrap();
         let b = PgPoolOptions::new().max_connections(3).connect_with(bouncer.options()).await.unwrap();
-        let declared =
-            |name: &str| Config::new(name).pooler_admin(bouncer.admin_url()).direct_connect_options(cluster.options());
+        let declared = |name: &str| bouncer.declared(Config::new(name), &cluster);
         let (na, nb) = (format!("pgb_two_a_{mode}"), format!("pgb_two_b_{mode}"));
         let wa = instrument_pool(&a, declared(&na)).unwrap();
         let wb = instrument_pool(&b, declared(&nb)).unwrap();

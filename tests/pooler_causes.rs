@@ -13,9 +13,7 @@ use sqlx::{Connection, Executor};
 use support::pgbouncer::PgBouncer;
 use support::proxy::{Cut, Proxy};
 use support::spans::spans_named;
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 /// A watch whose only pool use is the pool-path heartbeat, every `every`; the dedicated
 /// connection goes straight to the server.

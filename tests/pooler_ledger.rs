@@ -8,23 +8,11 @@ mod support;
 use std::time::{Duration, Instant};
 
 use poolwatch::sqlx;
-use poolwatch::{Config, NetworkPath, instrument_pool};
+use poolwatch::{NetworkPath, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor};
 use support::pgbouncer::PgBouncer;
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
-
-/// README's setup behind PgBouncer: the pool through the pooler, poolwatch's own connection
-/// straight to the server, the admin console declared. The heartbeat runs once at start.
-fn config(name: &str, bouncer: &PgBouncer, cluster: &Cluster) -> Config {
-    Config::new(name)
-        .direct_connect_options(cluster.options())
-        .pooler_admin(bouncer.admin_url())
-        .heartbeat_interval(Duration::from_secs(3600))
-        .census_interval(Duration::from_secs(3600))
-}
+use support::{Cluster, POOL, eventually, metric, quiet_config, recorder};
 
 /// Incident 1 behind a pooler: each slot leaked inside a transaction is ended by the pooler
 /// (`idle_transaction_timeout` in transaction mode; in session mode the server ends the
@@ -41,7 +29,7 @@ async fn leaked_slots_killed_by_the_pooler_grow_the_gap_by_one_each() {
         let bouncer = PgBouncer::start(cluster.port(), settings);
         let name = format!("pgb_ledger_{mode}");
         let pool = PgPoolOptions::new().max_connections(8).connect_lazy_with(bouncer.options());
-        let watch = instrument_pool(&pool, config(&name, &bouncer, &cluster)).unwrap();
+        let watch = instrument_pool(&pool, bouncer.declared(quiet_config(&name), &cluster)).unwrap();
         assert_eq!(watch.network_path(), NetworkPath::Pooler);
         eventually(Duration::from_secs(20), "the start-up heartbeat ran", async || {
             (watch.heartbeat().pool.successes >= 1).then_some(())
@@ -99,7 +87,7 @@ async fn pooler_idle_kills_are_counted_and_the_poolers_view_exported() {
     let cluster = Cluster::start();
     let bouncer = PgBouncer::start(cluster.port(), &[("client_idle_timeout", "2"), ("default_pool_size", "2")]);
     let pool = PgPoolOptions::new().max_connections(4).connect_lazy_with(bouncer.options());
-    let watch = instrument_pool(&pool, config("pgb_idle_kills", &bouncer, &cluster)).unwrap();
+    let watch = instrument_pool(&pool, bouncer.declared(quiet_config("pgb_idle_kills"), &cluster)).unwrap();
     let ended = |cause: &str| metric("poolwatch_sessions_ended_total", &[(POOL, "pgb_idle_kills"), ("cause", cause)]);
     assert_eq!(ended("pooler_idle_timeout"), Some(0.0), "exists at 0 from the start");
     eventually(Duration::from_secs(20), "the start-up heartbeat ran", async || {

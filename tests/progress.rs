@@ -8,16 +8,13 @@ use std::time::Duration;
 
 use poolwatch::sqlx;
 use poolwatch::{Config, Progress, instrument_pool};
-use sqlx::postgres::PgPoolOptions;
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_is_flat_while_a_connection_is_held_and_moves_with_ticks() {
     recorder();
     let cluster = Cluster::start();
-    let pool = PgPoolOptions::new().max_connections(4).connect_with(cluster.options()).await.unwrap();
+    let pool = support::pool(&cluster, 4).await;
     let config = Config::new("worker").sample_interval(Duration::from_millis(50));
     let watch = instrument_pool(&pool, config).unwrap();
     let labels = [(POOL, "worker")];

@@ -13,9 +13,8 @@ use poolwatch::{Cause, Config, Detail, instrument_pool, probe_addresses, probe_h
 use socket2::{Domain, Socket, Type};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use support::cluster::free_port;
-use support::{Cluster, eventually, metric, recorder};
+use support::{Cluster, POOL, eventually, metric, recorder};
 
-const POOL: &str = "db_client_connection_pool_name";
 const ADDRESS: &str = "server_address";
 const UP: &str = "poolwatch_server_address_up";
 const CONNECT: &str = "poolwatch_server_address_connect_seconds";

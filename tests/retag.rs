@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use poolwatch::sqlx;
 use poolwatch::{Config, instrument_pool};
-use sqlx::postgres::PgPoolOptions;
 use support::{Cluster, recorder};
 
 /// Stopped backends, resumed on drop (also when the test fails).
@@ -36,7 +35,7 @@ async fn retagging_against_a_hung_server_takes_one_timeout_not_one_per_connectio
     recorder();
     let cluster = Cluster::start();
     let n = 8;
-    let pool = PgPoolOptions::new().max_connections(n).connect_with(cluster.options()).await.unwrap();
+    let pool = support::pool(&cluster, n).await;
     let mut held = Vec::new();
     let mut pids = Vec::new();
     for _ in 0..n {

@@ -11,11 +11,8 @@ use std::time::Duration;
 
 use poolwatch::sqlx;
 use poolwatch::{Config, Fault, HealthStatus, NetworkPath, PoolWatch, instrument_pool};
-use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, Executor};
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 /// Every panic of this test binary, with its thread: a background task's panic is otherwise
 /// only a line on stderr.
@@ -99,7 +96,7 @@ async fn every_duration_config_accepts_runs_without_a_panic() {
     recorder();
     record_panics();
     let cluster = Cluster::shared();
-    let pool = PgPoolOptions::new().max_connections(2).connect_with(cluster.options()).await.unwrap();
+    let pool = support::pool(&cluster, 2).await;
     // Zero is refused by name, never a panic.
     for (field, set) in fields() {
         let err = instrument_pool(&pool, set(Config::new("zero"), Duration::ZERO)).expect_err(field);
@@ -133,7 +130,7 @@ async fn a_panicked_task_is_logged_once_restarted_and_reads_unknown_meanwhile() 
     recorder();
     support::logs::capture("poolwatch=info");
     let cluster = Cluster::shared();
-    let pool = PgPoolOptions::new().max_connections(2).connect_with(cluster.options()).await.unwrap();
+    let pool = support::pool(&cluster, 2).await;
     let name = "supervised";
     let watch = instrument_pool(&pool, fast(name)).unwrap();
     let healthy = async |what: &str| {
@@ -183,7 +180,7 @@ async fn a_panicked_task_is_logged_once_restarted_and_reads_unknown_meanwhile() 
 async fn a_stalled_watch_turns_health_degraded_and_its_timestamp_stops() {
     recorder();
     let cluster = Cluster::shared();
-    let pool = PgPoolOptions::new().max_connections(2).connect_with(cluster.options()).await.unwrap();
+    let pool = support::pool(&cluster, 2).await;
     let name = "stalled";
     let config = fast(name).census_timeout(Duration::from_secs(1));
     let watch = instrument_pool(&pool, config).unwrap();
@@ -235,7 +232,7 @@ async fn forward(listen: u16, upstream: u16) -> tokio::task::JoinHandle<()> {
 async fn at_the_default_cadence_a_failed_census_is_retried_and_a_lock_wait_confirmed_soon() {
     recorder();
     let cluster = Cluster::shared();
-    let pool = PgPoolOptions::new().max_connections(3).connect_with(cluster.options()).await.unwrap();
+    let pool = support::pool(&cluster, 3).await;
     let name = "cadence";
     let port = support::cluster::free_port();
     let config =
@@ -303,7 +300,7 @@ async fn a_listener_with_a_keepalive_of_duration_max_receives() {
 async fn a_stalled_heartbeat_reads_unknown_not_its_last_value() {
     recorder();
     let cluster = Cluster::shared();
-    let pool = PgPoolOptions::new().max_connections(2).connect_with(cluster.options()).await.unwrap();
+    let pool = support::pool(&cluster, 2).await;
     let name = "deaf";
     let config = fast(name).census_timeout(Duration::from_secs(1)).heartbeat_timeout(Duration::from_secs(1));
     let watch = instrument_pool(&pool, config).unwrap();

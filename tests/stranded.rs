@@ -15,9 +15,7 @@ use poolwatch::{Config, HealthStatus, NetworkPath, instrument_options_named, ins
 use sqlx::Executor;
 use sqlx::postgres::PgPoolOptions;
 use support::proxy::{Cut, Proxy};
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_strands_a_slot_and_its_send_queue_never_drains() {
@@ -116,10 +114,7 @@ async fn a_released_slot_behind_a_black_hole_is_stranded_on_a_bare_pool() {
         .sample_interval(Duration::from_millis(50))
         .heartbeat_interval(Duration::from_secs(3600));
     let watch = instrument_pool(&pool, config).unwrap();
-    eventually(Duration::from_secs(10), "the start-up heartbeat is done", async || {
-        watch.heartbeat().pool.up.filter(|up| *up)
-    })
-    .await;
+    support::startup_heartbeat(&watch).await;
     // The library holds a connection across samples: that is work, not a stranded slot.
     let held = pool.acquire().await.unwrap();
     let before = watch.lifecycle().unwrap().opened;

@@ -10,17 +10,14 @@ use std::time::Duration;
 use poolwatch::sqlx;
 use poolwatch::{Config, instrument_pool};
 use sqlx::Executor;
-use sqlx::postgres::PgPoolOptions;
-use support::{Cluster, eventually, metric, recorder};
-
-const POOL: &str = "db_client_connection_pool_name";
+use support::{Cluster, POOL, eventually, metric, recorder};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stuck_transaction_lock_waiter_and_advisory_locks_are_visible() {
     recorder();
     support::spans::install();
     let cluster = Cluster::start();
-    let pool = PgPoolOptions::new().max_connections(4).connect_with(cluster.options()).await.unwrap();
+    let pool = support::pool(&cluster, 4).await;
     let config = Config::new("stuck")
         .sample_interval(Duration::from_millis(100))
         .census_interval(Duration::from_millis(200))

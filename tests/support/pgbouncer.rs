@@ -119,6 +119,12 @@ impl PgBouncer {
         format!("postgres://postgres@127.0.0.1:{}/pgbouncer", self.port)
     }
 
+    /// `config` as the README declares a pool behind this PgBouncer: poolwatch's own
+    /// connection straight to the server (`cluster`), the admin console declared.
+    pub fn declared(&self, config: poolwatch::Config, cluster: &super::cluster::Cluster) -> poolwatch::Config {
+        config.direct_connect_options(cluster.options()).pooler_admin(self.admin_url())
+    }
+
     /// The port PgBouncer listens on.
     pub fn port(&self) -> u16 {
         self.port

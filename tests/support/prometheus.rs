@@ -1,6 +1,6 @@
-//! A real Prometheus and Alertmanager on free loopback ports with temp storage, and a tiny
-//! `/metrics` endpoint serving this test binary's recorder. Both daemons are killed (and their
-//! directories removed) on drop, also when a test panics.
+//! A real Prometheus and Alertmanager on free loopback ports with temp storage, and an HTTP
+//! `GET` to read their APIs and `/metrics`. Both daemons are killed (and their directories
+//! removed) on drop, also when a test panics.
 
 #![allow(dead_code)]
 
@@ -10,35 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// Serves `GET /metrics` (the rendered recorder) on a free loopback port until the runtime ends.
-pub async fn serve_metrics() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind /metrics");
-    let addr = listener.local_addr().expect("local addr");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let body = super::recorder().render();
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(head.as_bytes()).await;
-                let _ = stream.write_all(body.as_bytes()).await;
-            });
-        }
-    });
-    addr
-}
+use tokio::net::TcpStream;
 
 /// `GET http://addr/path`; the body of a 200 response, else `None`.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
