@@ -1,4 +1,4 @@
-//! Defects found by the fault matrix (issue 9), each on a real server: a second
+//! Defects found by the fault matrix, each on a real server: a second
 //! `instrument_pool` on a watched pool, a census timeout PostgreSQL cannot take, a census
 //! after `pool.close()`, and census figures published before any census ran.
 

@@ -210,7 +210,7 @@ async fn per_role_settings_and_capacity() {
     assert!(detail.contains("330 > 300"), "{detail}");
 }
 
-/// Issue 9, defect 6: a live `ALTER ROLE .. SET idle_session_timeout` while poolwatch's
+/// A live `ALTER ROLE .. SET idle_session_timeout` while poolwatch's
 /// connection stays up is flagged by the periodic re-check, and clears when reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_alter_role_is_flagged_by_the_periodic_recheck() {

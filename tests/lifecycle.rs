@@ -1,4 +1,4 @@
-//! Lifecycle figures on a real server (issue 13, item 4): connections opened, closed by
+//! Lifecycle figures on a real server: connections opened, closed by
 //! reason (idle timeout, max lifetime, a killed backend, pool close) and the oldest one's age,
 //! with the pool built as the README says (`instrument_options_named`).
 

@@ -521,7 +521,7 @@ async fn bad_listener_names_are_refused() {
     }
 }
 
-/// Issue 9, defect 3: under 10 ms `idle_session_timeout` kills, the server often ends the new
+/// Under 10 ms `idle_session_timeout` kills, the server often ends the new
 /// session before the facts query after a reconnect returns. That failure was swallowed and
 /// the next loss judged with no facts (`connection_ended`). Every reconnect here was the
 /// server's idle-session timeout, and must be explained so, under any machine load.
