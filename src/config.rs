@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::ledger::attribution::NetworkPath;
+
 /// How poolwatch watches one pool. Build it with [`Config::new`] and the setters; every
 /// field documents its default. Values are checked by [`instrument_pool`](crate::watch::instrument_pool).
 /// Any non-zero duration works, up to `Duration::MAX` ("never": waits longer than about 30
@@ -37,32 +39,10 @@ pub struct Config {
     /// The longest wait between two reconnect attempts of the direct heartbeat (the wait
     /// doubles from `heartbeat_interval` after each failure). Default 60 s.
     pub heartbeat_max_backoff: Duration,
-    /// Declared: the app refreshes something on a pool connection this often (a lock
-    /// refresh, a job heartbeat). Default `None` (nothing declared).
-    pub expect_refresh_every: Option<Duration>,
-    /// Declared: how many processes run this pool against the same server. Default 1.
-    pub replicas: u32,
-    /// Declared: the pool goes through a pooler (PgBouncer `server_idle_timeout` /
-    /// `client_idle_timeout`, Supavisor, an L7 proxy) that ends connections idle this long.
-    /// Default `None` (no pooler declared).
-    pub pooler_idle_timeout: Option<Duration>,
-    /// Declared: what lies between the pool and the server: decides how sessions are attributed
-    /// to this process (see [`NetworkPath`](crate::ledger::attribution::NetworkPath)). Default `None`: inferred:
-    /// `Pooler` when [`Config::pooler_admin`] is set or [`Config::direct_connect_options`] points
-    /// at another host or port than the pool; otherwise `Direct` over TCP, and `Nat` (a nonce)
-    /// for a unix socket or a system without the socket list (not Linux).
-    pub network_path: Option<crate::ledger::attribution::NetworkPath>,
-    /// Declared: the pooler's admin console (PgBouncer: database `pgbouncer`, a user in
-    /// `stats_users`), as a URL. With it the census reads `SHOW CLIENTS` and `SHOW POOLS` and
-    /// the phantom gap stays exact behind the pooler. Default `None`.
-    pub pooler_admin: Option<PoolerAdmin>,
-    /// Declared: the app runs a LISTEN listener on this server. `None`: no listener declared
-    /// (default); `Some(None)`: a listener without keepalive; `Some(Some(d))`: a listener
-    /// that runs `SELECT 1` every `d`.
-    pub listener_keepalive: Option<Option<Duration>>,
-    /// Where poolwatch's dedicated connection goes. Default `None`: the pool's own server and
-    /// role. Set it when the pool goes through a pooler (see [`Config::direct_connect_options`]).
-    pub direct_connect_options: Option<DirectOptions>,
+    /// What you declare about the deployment (replicas, network path, pooler, refresh cadence,
+    /// listener, dedicated connection): facts poolwatch cannot see from inside one process.
+    /// Default: one replica, nothing else declared. The declaring setters below write here.
+    pub deployment: Deployment,
     /// How often the [hazard lint](crate::health::hazards) re-reads the server settings while
     /// poolwatch's connection stays up, so a live `ALTER ROLE .. SET` or `ALTER SYSTEM` + reload
     /// is flagged within `hazard_recheck_interval` + `heartbeat_interval` + `heartbeat_timeout`.
@@ -109,13 +89,7 @@ impl Config {
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(5),
             heartbeat_max_backoff: Duration::from_secs(60),
-            expect_refresh_every: None,
-            replicas: 1,
-            pooler_idle_timeout: None,
-            network_path: None,
-            pooler_admin: None,
-            listener_keepalive: None,
-            direct_connect_options: None,
+            deployment: Deployment::default(),
             leak_threshold: None,
             detail: Detail::Standard,
             hazard_recheck_interval: Duration::from_secs(60),
@@ -147,41 +121,41 @@ impl Config {
         self
     }
 
-    /// Declares [`Config::expect_refresh_every`].
+    /// Declares [`Deployment::expect_refresh_every`].
     pub fn expect_refresh_every(mut self, every: Duration) -> Self {
-        self.expect_refresh_every = Some(every);
+        self.deployment.expect_refresh_every = Some(every);
         self
     }
 
-    /// Declares [`Config::replicas`].
+    /// Declares [`Deployment::replicas`].
     pub fn replicas(mut self, n: u32) -> Self {
-        self.replicas = n;
+        self.deployment.replicas = n;
         self
     }
 
-    /// Declares [`Config::pooler_idle_timeout`].
+    /// Declares [`Deployment::pooler_idle_timeout`].
     pub fn pooler_idle_timeout(mut self, timeout: Duration) -> Self {
-        self.pooler_idle_timeout = Some(timeout);
+        self.deployment.pooler_idle_timeout = Some(timeout);
         self
     }
 
-    /// Declares [`Config::network_path`].
-    pub fn network_path(mut self, path: crate::ledger::attribution::NetworkPath) -> Self {
-        self.network_path = Some(path);
+    /// Declares [`Deployment::network_path`].
+    pub fn network_path(mut self, path: NetworkPath) -> Self {
+        self.deployment.network_path = Some(path);
         self
     }
 
-    /// Declares the pooler's admin console URL ([`Config::pooler_admin`]), e.g.
-    /// `postgres://stats@pgbouncer:6432/pgbouncer`. Implies [`NetworkPath::Pooler`](crate::ledger::attribution::NetworkPath::Pooler).
+    /// Declares the pooler's admin console URL ([`Deployment::pooler_admin`]), e.g.
+    /// `postgres://stats@pgbouncer:6432/pgbouncer`. Implies [`NetworkPath::Pooler`](NetworkPath::Pooler).
     /// The password, if any, is never logged.
     pub fn pooler_admin(mut self, url: impl Into<String>) -> Self {
-        self.pooler_admin = Some(PoolerAdmin(url.into()));
+        self.deployment.pooler_admin = Some(PoolerAdmin(url.into()));
         self
     }
 
-    /// Declares a listener and its keepalive period ([`Config::listener_keepalive`]).
+    /// Declares a listener and its keepalive period ([`Deployment::listener_keepalive`]).
     pub fn listener_keepalive(mut self, every: Option<Duration>) -> Self {
-        self.listener_keepalive = Some(every);
+        self.deployment.listener_keepalive = Some(every);
         self
     }
 
@@ -190,7 +164,13 @@ impl Config {
     /// census then reads the real server, and the direct heartbeat tells the pooler's health
     /// from the server's. The password, if any, is never logged.
     pub fn direct_connect_options(mut self, options: sqlx::postgres::PgConnectOptions) -> Self {
-        self.direct_connect_options = Some(DirectOptions(options));
+        self.deployment.direct_connect_options = Some(DirectOptions(options));
+        self
+    }
+
+    /// Sets everything declared about the deployment at once ([`Config::deployment`]).
+    pub fn deployment(mut self, deployment: Deployment) -> Self {
+        self.deployment = deployment;
         self
     }
 
@@ -248,8 +228,8 @@ impl Config {
             ("heartbeat_interval", self.heartbeat_interval),
             ("heartbeat_timeout", self.heartbeat_timeout),
             ("heartbeat_max_backoff", self.heartbeat_max_backoff),
-            ("expect_refresh_every", self.expect_refresh_every.unwrap_or(Duration::MAX)),
-            ("pooler_idle_timeout", self.pooler_idle_timeout.unwrap_or(Duration::MAX)),
+            ("expect_refresh_every", self.deployment.expect_refresh_every.unwrap_or(Duration::MAX)),
+            ("pooler_idle_timeout", self.deployment.pooler_idle_timeout.unwrap_or(Duration::MAX)),
             ("leak_threshold", self.leak_threshold.unwrap_or(Duration::MAX)),
             ("hazard_recheck_interval", self.hazard_recheck_interval),
             ("send_queue_stuck_after", self.send_queue_stuck_after),
@@ -272,6 +252,120 @@ impl Config {
                 ));
             }
         }
+        self.deployment.validate()
+    }
+}
+
+/// What the user declares about the deployment: facts poolwatch cannot see from inside one
+/// process (how many replicas, what lies between the pool and the server, what the app does
+/// on a connection). [`Config`] is how to watch; this is what is being watched. The lint
+/// ([`hazards::lint`](crate::health::hazards::lint)) and the census read it; the `poolwatch
+/// doctor` builds one from its flags.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Deployment {
+    /// The app refreshes something on a pool connection this often (a lock
+    /// refresh, a job heartbeat). Default `None` (nothing declared).
+    pub expect_refresh_every: Option<Duration>,
+    /// How many processes run this pool against the same server. Default 1.
+    pub replicas: u32,
+    /// The pool goes through a pooler (PgBouncer `server_idle_timeout` /
+    /// `client_idle_timeout`, Supavisor, an L7 proxy) that ends connections idle this long.
+    /// Default `None` (no pooler declared).
+    pub pooler_idle_timeout: Option<Duration>,
+    /// What lies between the pool and the server: decides how sessions are attributed
+    /// to this process (see [`NetworkPath`]). Default `None`: inferred:
+    /// `Pooler` when [`Deployment::pooler_admin`] is set or [`Config::direct_connect_options`] points
+    /// at another host or port than the pool; otherwise `Direct` over TCP, and `Nat` (a nonce)
+    /// for a unix socket or a system without the socket list (not Linux).
+    pub network_path: Option<NetworkPath>,
+    /// The pooler's admin console (PgBouncer: database `pgbouncer`, a user in
+    /// `stats_users`), as a URL. With it the census reads `SHOW CLIENTS` and `SHOW POOLS` and
+    /// the phantom gap stays exact behind the pooler. Default `None`.
+    pub pooler_admin: Option<PoolerAdmin>,
+    /// The app runs a LISTEN listener on this server. `None`: no listener declared
+    /// (default); `Some(None)`: a listener without keepalive; `Some(Some(d))`: a listener
+    /// that runs `SELECT 1` every `d`.
+    pub listener_keepalive: Option<Option<Duration>>,
+    /// Where poolwatch's dedicated connection goes. Default `None`: the pool's own server and
+    /// role. Set it when the pool goes through a pooler (see [`Config::direct_connect_options`]).
+    pub direct_connect_options: Option<DirectOptions>,
+}
+
+impl Default for Deployment {
+    fn default() -> Self {
+        Deployment {
+            expect_refresh_every: None,
+            replicas: 1,
+            pooler_idle_timeout: None,
+            network_path: None,
+            pooler_admin: None,
+            listener_keepalive: None,
+            direct_connect_options: None,
+        }
+    }
+}
+
+impl Deployment {
+    /// One replica, nothing else declared.
+    pub fn new() -> Self {
+        Deployment::default()
+    }
+
+    /// Declares [`Deployment::replicas`].
+    pub fn replicas(mut self, n: u32) -> Self {
+        self.replicas = n;
+        self
+    }
+
+    /// Declares [`Deployment::pooler_idle_timeout`].
+    pub fn pooler_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.pooler_idle_timeout = Some(timeout);
+        self
+    }
+
+    /// Declares [`Deployment::expect_refresh_every`].
+    pub fn expect_refresh_every(mut self, every: Duration) -> Self {
+        self.expect_refresh_every = Some(every);
+        self
+    }
+
+    /// Declares a listener and its keepalive period ([`Deployment::listener_keepalive`]).
+    pub fn listener_keepalive(mut self, every: Option<Duration>) -> Self {
+        self.listener_keepalive = Some(every);
+        self
+    }
+
+    /// Declares [`Deployment::network_path`].
+    pub fn network_path(mut self, path: NetworkPath) -> Self {
+        self.network_path = Some(path);
+        self
+    }
+
+    /// Declares the pooler's admin console URL ([`Deployment::pooler_admin`]). The password,
+    /// if any, is never logged.
+    pub fn pooler_admin(mut self, url: impl Into<String>) -> Self {
+        self.pooler_admin = Some(PoolerAdmin(url.into()));
+        self
+    }
+
+    /// Points poolwatch's dedicated connection straight at the database server
+    /// ([`Config::direct_connect_options`] says when).
+    pub fn direct_connect_options(mut self, options: sqlx::postgres::PgConnectOptions) -> Self {
+        self.direct_connect_options = Some(DirectOptions(options));
+        self
+    }
+
+    /// Checks the declarations; the error names the first bad one and how to fix it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, value) in [
+            ("expect_refresh_every", self.expect_refresh_every.unwrap_or(Duration::MAX)),
+            ("pooler_idle_timeout", self.pooler_idle_timeout.unwrap_or(Duration::MAX)),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(field, "is zero", "use a positive duration (see the field's default)"));
+            }
+        }
         if self.replicas == 0 {
             return Err(ConfigError::new(
                 "replicas",
@@ -281,10 +375,7 @@ impl Config {
         }
         if let Some(admin) = &self.pooler_admin {
             admin.options()?;
-            if matches!(
-                self.network_path,
-                Some(crate::ledger::attribution::NetworkPath::Direct | crate::ledger::attribution::NetworkPath::Nat)
-            ) {
+            if matches!(self.network_path, Some(NetworkPath::Direct | NetworkPath::Nat)) {
                 return Err(ConfigError::new(
                     "network_path",
                     "contradicts pooler_admin (a pooler's console is declared)",
@@ -432,7 +523,7 @@ mod tests {
             (
                 Config::new("a")
                     .pooler_admin("postgres://s@127.0.0.1:6432/pgbouncer")
-                    .network_path(crate::ledger::attribution::NetworkPath::Direct),
+                    .network_path(NetworkPath::Direct),
                 "network_path",
             ),
             (Config::new("a").hazard_recheck_interval(Duration::ZERO), "hazard_recheck_interval"),

@@ -55,7 +55,7 @@ pub use acquire::probe::instrument_options;
 pub use acquire::stamps::mark_connected;
 pub use acquire::watched_pool::{Watched, WatchedConnection, WatchedPool, WatchedTransaction};
 pub use cause::Cause;
-pub use config::{Config, ConfigError, Detail, DirectOptions, PoolerAdmin};
+pub use config::{Config, ConfigError, Deployment, Detail, DirectOptions, PoolerAdmin};
 pub use health::hazards::{Finding, Hazard, ServerSettings};
 pub use health::heartbeat::{Diagnosis, HeartbeatFigures, PATHS, PathFigures};
 pub use health::progress::Progress;

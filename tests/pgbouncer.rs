@@ -147,8 +147,13 @@ async fn hooks_and_lifecycle_through_pgbouncer() {
         (hook("poolwatch_pool_releases_total") >= 3.0).then_some(())
     })
     .await;
-    let broken = metric("poolwatch_connections_closed_total", &[(POOL, "pgb_hooks"), ("reason", "broken")]);
-    assert_eq!(broken, Some(f.closed_for(CloseReason::Broken) as f64));
+    // `lifecycle()` only reads; the next sample publishes what it counted.
+    let broken = || metric("poolwatch_connections_closed_total", &[(POOL, "pgb_hooks"), ("reason", "broken")]);
+    let want = f.closed_for(CloseReason::Broken) as f64;
+    eventually(Duration::from_secs(10), "the next sample publishes the closes", async || {
+        (broken() == Some(want)).then_some(())
+    })
+    .await;
     watch.shutdown().await;
     pool.close().await;
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgConnection, Row};
 
-use crate::config::Config;
+use crate::config::Deployment;
 
 /// A configuration that leads to a known failure. The names are fixed label values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -308,18 +308,18 @@ impl PoolSettings {
 }
 
 /// Checks the three sources against each other; pure, so every rule is unit-tested.
-pub fn lint(server: &ServerSettings, pool: &PoolSettings, config: &Config) -> Vec<Finding> {
+pub fn lint(server: &ServerSettings, pool: &PoolSettings, deployment: &Deployment) -> Vec<Finding> {
     let mut found = Vec::new();
     idle_session_rules(&mut found, server, pool);
-    if let Some(refresh) = config.expect_refresh_every {
-        refresh_rules(&mut found, server, pool, config.pooler_idle_timeout, refresh);
+    if let Some(refresh) = deployment.expect_refresh_every {
+        refresh_rules(&mut found, server, pool, deployment.pooler_idle_timeout, refresh);
     }
-    let idle_limit = [server.idle_session_timeout, config.pooler_idle_timeout].into_iter().flatten().min();
-    if let (Some(keepalive), Some(limit)) = (config.listener_keepalive, idle_limit) {
-        listener_rules(&mut found, server, config.pooler_idle_timeout, keepalive, limit);
+    let idle_limit = [server.idle_session_timeout, deployment.pooler_idle_timeout].into_iter().flatten().min();
+    if let (Some(keepalive), Some(limit)) = (deployment.listener_keepalive, idle_limit) {
+        listener_rules(&mut found, server, deployment.pooler_idle_timeout, keepalive, limit);
     }
-    capacity_rules(&mut found, server, pool, config);
-    lifetime_rules(&mut found, server, pool, config.pooler_idle_timeout, idle_limit);
+    capacity_rules(&mut found, server, pool, deployment);
+    lifetime_rules(&mut found, server, pool, deployment.pooler_idle_timeout, idle_limit);
     found
 }
 
@@ -410,9 +410,9 @@ fn listener_rules(
 
 /// Every replica's pool at its max, plus poolwatch's connection, against the server's and the
 /// role's connection limits. Through a pooler the server's slots are the pooler's, not the pool's.
-fn capacity_rules(found: &mut Vec<Finding>, server: &ServerSettings, pool: &PoolSettings, config: &Config) {
-    let demand = u64::from(config.replicas) * (u64::from(pool.max_connections) + 1);
-    if config.pooler_idle_timeout.is_none()
+fn capacity_rules(found: &mut Vec<Finding>, server: &ServerSettings, pool: &PoolSettings, deployment: &Deployment) {
+    let demand = u64::from(deployment.replicas) * (u64::from(pool.max_connections) + 1);
+    if deployment.pooler_idle_timeout.is_none()
         && server.max_connections > 0
         && demand > u64::from(server.usable_connections())
     {
@@ -420,7 +420,7 @@ fn capacity_rules(found: &mut Vec<Finding>, server: &ServerSettings, pool: &Pool
             hazard: Hazard::MaxConnectionsOverServerCapacity,
             detail: format!(
                 "replicas={} × (max_connections={} + 1 poolwatch) = {demand} > {} usable (server max_connections={}, reserved={})",
-                config.replicas,
+                deployment.replicas,
                 pool.max_connections,
                 server.usable_connections(),
                 server.max_connections,
@@ -433,7 +433,7 @@ fn capacity_rules(found: &mut Vec<Finding>, server: &ServerSettings, pool: &Pool
             hazard: Hazard::MaxConnectionsOverRoleLimit,
             detail: format!(
                 "replicas={} × (max_connections={} + 1) = {demand} > role CONNECTION LIMIT {limit}",
-                config.replicas, pool.max_connections
+                deployment.replicas, pool.max_connections
             ),
         });
     }
@@ -471,6 +471,7 @@ fn show(d: Option<Duration>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn pool() -> PoolSettings {
         PoolSettings::of(&PgPoolOptions::new())
@@ -486,7 +487,7 @@ mod tests {
 
     #[test]
     fn sqlx_defaults_on_a_default_server_are_clean() {
-        assert_eq!(names(&lint(&server(), &pool(), &Config::new("a"))), Vec::<&str>::new());
+        assert_eq!(names(&lint(&server(), &pool(), &Deployment::new())), Vec::<&str>::new());
     }
 
     #[test]
@@ -551,7 +552,7 @@ mod tests {
         ];
         assert_eq!(cases.len(), Hazard::ALL.len(), "one case per hazard");
         for (server, pool, config, hazard) in cases {
-            let found = lint(&server, &pool, &config);
+            let found = lint(&server, &pool, &config.deployment);
             assert!(found.iter().any(|f| f.hazard == hazard), "{hazard} not found in {:?}", names(&found));
         }
     }
@@ -566,7 +567,7 @@ mod tests {
             ..pool()
         };
         let listener = Config::new("a").listener_keepalive(Some(Duration::from_secs(20)));
-        assert_eq!(names(&lint(&server, &pool, &listener)), Vec::<&str>::new());
+        assert_eq!(names(&lint(&server, &pool, &listener.deployment)), Vec::<&str>::new());
     }
 
     #[test]

@@ -416,7 +416,7 @@ impl Heartbeat {
         if let Ok(mut state) = self.state.lock() {
             state.baseline = Some(baseline);
         }
-        let found = hazards::lint(&settings, &PoolSettings::of(pool.options()), config);
+        let found = hazards::lint(&settings, &PoolSettings::of(pool.options()), &config.deployment);
         self.publish(found, settings);
         true
     }
@@ -448,7 +448,7 @@ impl Heartbeat {
             }
         };
         drop(conn);
-        let found = hazards::lint(&settings, &PoolSettings::of(pool.options()), config);
+        let found = hazards::lint(&settings, &PoolSettings::of(pool.options()), &config.deployment);
         self.publish(found, settings);
         Some(true)
     }

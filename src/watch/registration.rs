@@ -85,13 +85,14 @@ fn shared_tag(pool_name: &str, other: &str, tag: &str) -> ConfigError {
 
 /// The declared network path, or the one inferred from the config (see `Config::network_path`).
 fn network_path(options: &sqlx::postgres::PgConnectOptions, config: &Config) -> NetworkPath {
-    if let Some(path) = config.network_path {
+    if let Some(path) = config.deployment.network_path {
         return path;
     }
-    if config.pooler_admin.is_some() {
+    if config.deployment.pooler_admin.is_some() {
         return NetworkPath::Pooler;
     }
     let elsewhere = config
+        .deployment
         .direct_connect_options
         .as_ref()
         .is_some_and(|d| d.0.get_host() != options.get_host() || d.0.get_port() != options.get_port());

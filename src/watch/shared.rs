@@ -76,7 +76,7 @@ impl Shared {
     /// The watch's parts for `pool`, registered as `registered`.
     pub(super) fn new(pool: &PgPool, config: Config, registered: Registered) -> Result<Shared, ConfigError> {
         let Registered { tag, path, nonce } = registered;
-        let pooler = match &config.pooler_admin {
+        let pooler = match &config.deployment.pooler_admin {
             Some(admin) => Some(tokio::sync::Mutex::new(PoolerConnection::new(
                 admin.options()?,
                 &tag.admin_app_name,
@@ -88,7 +88,7 @@ impl Shared {
         // them out before the task re-tags them.
         let untagged = Untagged::take(pool);
         // The pool's options at every connect (rotated credentials reach it), or the declared ones.
-        let source = match &config.direct_connect_options {
+        let source = match &config.deployment.direct_connect_options {
             Some(d) => crate::direct::Source::Declared(Box::new(d.0.clone())),
             None => crate::direct::Source::Pool(pool.clone()),
         };
@@ -248,7 +248,7 @@ impl Shared {
             tag: &self.tag,
             path: self.path,
             by_port: self.by_port,
-            replicas: self.config.replicas,
+            replicas: self.config.deployment.replicas,
             timeout: self.config.census_timeout,
             direct: &self.direct,
             pooler: self.pooler.as_ref(),

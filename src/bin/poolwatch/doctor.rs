@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use poolwatch::hazards::{self, PoolSettings};
 use poolwatch::sqlx;
-use poolwatch::{AddressFigures, Config, Reachability, ServerSettings, probe_host};
+use poolwatch::{AddressFigures, Deployment, Reachability, ServerSettings, probe_host};
 use sqlx::postgres::{PgConnectOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 
@@ -459,19 +459,19 @@ fn pool_settings(args: &Args) -> PoolSettings {
     }
 }
 
-/// The deployment declared on the command line, as the library's [`Config`] declares it.
-fn declared_deployment(args: &Args) -> Config {
-    let mut config = Config::new("doctor").replicas(args.replicas);
+/// The deployment declared on the command line, as a [`Deployment`] the library's lint reads.
+fn declared_deployment(args: &Args) -> Deployment {
+    let mut deployment = Deployment::new().replicas(args.replicas);
     if let Some(d) = args.refresh_every {
-        config = config.expect_refresh_every(d);
+        deployment = deployment.expect_refresh_every(d);
     }
     if let Some(d) = args.pooler_idle_timeout {
-        config = config.pooler_idle_timeout(d);
+        deployment = deployment.pooler_idle_timeout(d);
     }
     if let Some(k) = args.listener_keepalive {
-        config = config.listener_keepalive(k);
+        deployment = deployment.listener_keepalive(k);
     }
-    config
+    deployment
 }
 
 // ---- 4. The pooler's own view ----
