@@ -15,8 +15,9 @@ mod pgbouncer;
 
 use std::time::{Duration, Instant};
 
+use poolwatch::attribution::NetworkPath;
 use poolwatch::sqlx;
-use poolwatch::{Config, NetworkPath, instrument_pool};
+use poolwatch::{Config, instrument_pool};
 use sqlx::Executor;
 use sqlx::postgres::PgPoolOptions;
 

@@ -19,8 +19,9 @@ mod pgbouncer;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use poolwatch::reach::probe_addresses;
 use poolwatch::sqlx;
-use poolwatch::{Config, instrument_pool, probe_addresses};
+use poolwatch::{Config, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor};
 

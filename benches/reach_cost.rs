@@ -11,7 +11,7 @@ mod cluster;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use poolwatch::{probe_addresses, probe_host};
+use poolwatch::reach::{probe_addresses, probe_host};
 
 /// Between probes, as between two censuses (seconds apart in production). Back to back (about
 /// 650 connects/s to one server), the 16-address probe hit a 1 s connect (a SYN retransmit)

@@ -19,8 +19,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
+use poolwatch::PoolWatch;
+use poolwatch::report::{HealthReport, HealthStatus};
 use poolwatch::sqlx;
-use poolwatch::{HealthReport, HealthStatus, PoolWatch};
 use sqlx::postgres::PgPoolOptions;
 
 async fn health(State(watch): State<Arc<PoolWatch>>) -> (StatusCode, Json<HealthReport>) {

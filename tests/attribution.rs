@@ -7,8 +7,9 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use poolwatch::attribution::NetworkPath;
 use poolwatch::sqlx;
-use poolwatch::{Cause, NetworkPath, attribution, instrument_pool};
+use poolwatch::{Cause, attribution, instrument_pool};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use support::{Cluster, POOL, eventually, metric, quiet_config, recorder};

@@ -6,8 +6,9 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use poolwatch::hazards::Hazard;
 use poolwatch::sqlx;
-use poolwatch::{Config, Hazard, PoolWatch, instrument_pool};
+use poolwatch::{Config, PoolWatch, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor, PgPool};
 use support::{Cluster, POOL, eventually, metric, recorder};

@@ -7,8 +7,9 @@ mod support;
 
 use std::time::Duration;
 
+use poolwatch::report::{HealthReport, HealthStatus};
 use poolwatch::sqlx;
-use poolwatch::{Config, HealthReport, HealthStatus, ListenerConfig, PoolWatch, WatchedListener, instrument_pool};
+use poolwatch::{Config, ListenerConfig, PoolWatch, WatchedListener, instrument_pool};
 use sqlx::postgres::PgPoolOptions;
 use support::{Cluster, eventually, recorder};
 

@@ -9,8 +9,9 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use poolwatch::attribution::NetworkPath;
 use poolwatch::sqlx;
-use poolwatch::{Config, NetworkPath, instrument_pool};
+use poolwatch::{Config, instrument_pool};
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 use support::{Cluster, eventually, recorder};

@@ -4,8 +4,9 @@ mod support;
 
 use std::time::Duration;
 
+use poolwatch::hazards::Hazard;
 use poolwatch::sqlx;
-use poolwatch::{Cause, CloseReason, Config, Diagnosis, Hazard, instrument_options_named, instrument_pool};
+use poolwatch::{Cause, CloseReason, Config, Diagnosis, instrument_options_named, instrument_pool};
 use sqlx::postgres::PgPoolOptions;
 use support::pgbouncer::PgBouncer;
 use support::{Cluster, POOL, eventually, metric, recorder};

@@ -7,8 +7,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use poolwatch::attribution::NetworkPath;
+use poolwatch::instrument_pool;
 use poolwatch::sqlx;
-use poolwatch::{NetworkPath, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor};
 use support::pgbouncer::PgBouncer;

@@ -8,8 +8,9 @@ mod support;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use poolwatch::reach::{probe_addresses, probe_host};
 use poolwatch::sqlx;
-use poolwatch::{Cause, Config, Detail, instrument_pool, probe_addresses, probe_host};
+use poolwatch::{Cause, Config, Detail, instrument_pool};
 use socket2::{Domain, Socket, Type};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use support::cluster::free_port;
@@ -204,7 +205,7 @@ async fn unix_socket_hosts_are_not_probed() {
         (support::metric_sum("poolwatch_census_errors_total", &[(POOL, "reach_unix")]) >= 2.0).then_some(())
     })
     .await;
-    assert_eq!(watch.reachability(), poolwatch::Reachability::default());
+    assert_eq!(watch.reachability(), poolwatch::reach::Reachability::default());
     assert_eq!(metric(RESOLVED, &[(POOL, "reach_unix")]), None);
     watch.shutdown().await;
     std::fs::remove_dir_all(dir).ok();

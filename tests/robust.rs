@@ -9,8 +9,10 @@ mod support;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use poolwatch::attribution::NetworkPath;
+use poolwatch::report::HealthStatus;
 use poolwatch::sqlx;
-use poolwatch::{Config, Fault, HealthStatus, NetworkPath, PoolWatch, instrument_pool};
+use poolwatch::{Config, Fault, PoolWatch, instrument_pool};
 use sqlx::{Connection, Executor};
 use support::{Cluster, POOL, eventually, metric, recorder};
 

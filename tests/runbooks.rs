@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use poolwatch::attribution::NetworkPath;
 use poolwatch::sqlx;
-use poolwatch::{Config, NetworkPath, catalog, instrument_pool};
+use poolwatch::{Config, catalog, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor};
 use support::{Cluster, eventually, recorder};

@@ -10,8 +10,10 @@ mod support;
 
 use std::time::Duration;
 
+use poolwatch::attribution::NetworkPath;
+use poolwatch::report::HealthStatus;
 use poolwatch::sqlx;
-use poolwatch::{Config, HealthStatus, NetworkPath, instrument_options_named, instrument_pool};
+use poolwatch::{Config, instrument_options_named, instrument_pool};
 use sqlx::Executor;
 use sqlx::postgres::PgPoolOptions;
 use support::proxy::{Cut, Proxy};

@@ -1,6 +1,6 @@
 //! The configuration hazard lint: server settings × pool options × what the app declares in
-//! [`Config`], checked at start-up, after each reconnect of the dedicated connection and every
-//! [`Config::hazard_recheck_interval`].
+//! its [`Deployment`], checked at start-up, after each reconnect of the dedicated connection
+//! and every [`Config::hazard_recheck_interval`](crate::config::Config::hazard_recheck_interval).
 //!
 //! Each [`Hazard`] is a known failure mode (incidents 1 and 2). A found hazard is reported
 //! once as a WARN that says the consequence and the fix, and as

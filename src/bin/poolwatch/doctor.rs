@@ -4,9 +4,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use poolwatch::Deployment;
+use poolwatch::hazards::ServerSettings;
 use poolwatch::hazards::{self, PoolSettings};
+use poolwatch::reach::{AddressFigures, Reachability, probe_host};
 use poolwatch::sqlx;
-use poolwatch::{AddressFigures, Deployment, Reachability, ServerSettings, probe_host};
 use sqlx::postgres::{PgConnectOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 
