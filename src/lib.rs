@@ -68,12 +68,14 @@ pub use listener::status::ListenerHealth;
 pub use listener::watched::{ListenerConfig, WatchedListener};
 pub use watch::{PoolWatch, instrument_pool};
 
+/// Hooks for poolwatch's own tests and its `poolwatch` binary (other crates): not part of the
+/// API, and may change in any release.
 #[doc(hidden)]
-pub use schedule::Fault;
-#[doc(hidden)]
-pub use server_version::pretend_server_version;
-#[doc(hidden)]
-pub use sqlx_adapter::fetch_all_text;
+pub mod internals {
+    pub use crate::schedule::Fault;
+    pub use crate::server_version::pretend_server_version;
+    pub use crate::sqlx_adapter::fetch_all_text;
+}
 
 /// The README's and docs' Rust examples, compiled as doctests.
 #[cfg(doctest)]

@@ -111,7 +111,7 @@ async fn census_and_direct_heartbeat_start_on_the_pre_14_path() {
     watch.shutdown().await;
 
     // As PostgreSQL 13: neither sent nor SET; census and direct heartbeat up.
-    poolwatch::pretend_server_version(Some(130_000));
+    poolwatch::internals::pretend_server_version(Some(130_000));
     let watch = watch_with(&pool, "pg13");
     let held = pool.acquire().await.unwrap();
     let s = watch.census_now().await.unwrap();

@@ -10,9 +10,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use poolwatch::attribution::NetworkPath;
+use poolwatch::internals::Fault;
 use poolwatch::report::HealthStatus;
 use poolwatch::sqlx;
-use poolwatch::{Config, Fault, PoolWatch, instrument_pool};
+use poolwatch::{Config, PoolWatch, instrument_pool};
 use sqlx::{Connection, Executor};
 use support::{Cluster, POOL, eventually, metric, recorder};
 

@@ -56,7 +56,7 @@ async fn a_silent_peer_strands_a_slot_and_its_send_queue_never_drains() {
         .await;
     // A request bigger than the peer's window: most of it stays in our send queue.
     let big = format!("SELECT length('{}')", "x".repeat(256 * 1024));
-    let query = poolwatch::fetch_all_text(&mut conn, big);
+    let query = poolwatch::internals::fetch_all_text(&mut conn, big);
     assert!(tokio::time::timeout(Duration::from_millis(500), query).await.is_err(), "the silent peer never answers");
     // The app gives up on it and drops the connection: sqlx pings it before taking it back.
     drop(conn);

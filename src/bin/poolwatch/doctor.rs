@@ -272,7 +272,7 @@ async fn examine_on(
 }
 
 async fn query(conn: &mut PgConnection, timeout: Duration, sql: String) -> Result<Vec<PgRow>, String> {
-    match tokio::time::timeout(timeout, poolwatch::fetch_all_text(conn, sql)).await {
+    match tokio::time::timeout(timeout, poolwatch::internals::fetch_all_text(conn, sql)).await {
         Ok(Ok(rows)) => Ok(rows),
         Ok(Err(e)) => Err(clean(&e.to_string())),
         Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
