@@ -22,7 +22,7 @@
 //! ```no_run
 //! # async fn demo() {
 //! use std::time::Duration;
-//! let reach = poolwatch::probe_host("db.internal", 5432, Duration::from_secs(2)).await;
+//! let reach = poolwatch::reach::probe_host("db.internal", 5432, Duration::from_secs(2)).await;
 //! for a in &reach.addresses {
 //!     println!("{} up={} in {:?}", a.address, a.up, a.connect_time);
 //! }
