@@ -106,6 +106,9 @@ pub(crate) struct Heartbeat {
     pool_name: String,
     /// While the lint's short-lived connection is open (the client-side ledger would count it).
     pub(crate) linting: std::sync::atomic::AtomicBool,
+    /// Pool connections the pool heartbeat holds now: poolwatch's own checkouts, which the
+    /// stranded-slot figure must not count as the app's.
+    holding: std::sync::atomic::AtomicUsize,
     state: Mutex<State>,
     duration: [Histogram; 2],
     up: [Gauge; 2],
@@ -151,8 +154,14 @@ impl Heartbeat {
                 .collect(),
             hazards_found: gauge!(catalog::CONFIG_HAZARDS.name, POOL_NAME => p()),
             pool_name: p(),
+            holding: std::sync::atomic::AtomicUsize::new(0),
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// Pool connections the pool heartbeat holds now.
+    pub(crate) fn holding(&self) -> usize {
+        self.holding.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The latest figures of both paths.
@@ -277,6 +286,7 @@ impl Heartbeat {
                 Ok(Err(e)) => return Err(Cause::of(&e)),
                 Ok(Ok(conn)) => conn,
             };
+            let _held = Holding::new(&self.holding);
             let left = timeout.saturating_sub(started.elapsed());
             let query = tokio::time::timeout(left, conn.execute(sqlx::raw_sql("SELECT 1"))).await;
             let result = match query {
@@ -564,6 +574,22 @@ impl Backoff {
     fn delay(&self) -> Duration {
         let exp = self.failures.saturating_sub(1).min(20);
         self.base.saturating_mul(1 << exp).min(self.max).saturating_sub(self.base)
+    }
+}
+
+/// Counts a connection the pool heartbeat holds, until it is dropped (a cancelled beat too).
+struct Holding<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Holding<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Holding<'a> {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Holding(count)
+    }
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

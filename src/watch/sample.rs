@@ -31,7 +31,9 @@ impl Shared {
         }
         self.probe.sample_waiters();
         let released = self.lifecycle.as_ref().map(crate::acquire::lifecycle::Published::released_not_idle);
-        self.stranded.sample(&self.pool, self.probe.leaks.checked_out_if_used(), released);
+        // The pool heartbeat's own checkout is not the app's.
+        let watched = self.probe.leaks.checked_out_if_used().map(|n| n + self.heartbeat.holding());
+        self.stranded.sample(&self.pool, watched, released);
         let mut sockets = self.client.read(figures.open).await;
         let gap = |f: &PoolFigures, s: &Option<SocketCensus>| {
             s.as_ref().map(|s| i64::from(f.open) - i64::from(s.get("established")))
