@@ -123,25 +123,25 @@ impl Config {
 
     /// Declares [`Deployment::expect_refresh_every`].
     pub fn expect_refresh_every(mut self, every: Duration) -> Self {
-        self.deployment.expect_refresh_every = Some(every);
+        self.deployment = self.deployment.expect_refresh_every(every);
         self
     }
 
     /// Declares [`Deployment::replicas`].
     pub fn replicas(mut self, n: u32) -> Self {
-        self.deployment.replicas = n;
+        self.deployment = self.deployment.replicas(n);
         self
     }
 
     /// Declares [`Deployment::pooler_idle_timeout`].
     pub fn pooler_idle_timeout(mut self, timeout: Duration) -> Self {
-        self.deployment.pooler_idle_timeout = Some(timeout);
+        self.deployment = self.deployment.pooler_idle_timeout(timeout);
         self
     }
 
     /// Declares [`Deployment::network_path`].
     pub fn network_path(mut self, path: NetworkPath) -> Self {
-        self.deployment.network_path = Some(path);
+        self.deployment = self.deployment.network_path(path);
         self
     }
 
@@ -149,13 +149,13 @@ impl Config {
     /// `postgres://stats@pgbouncer:6432/pgbouncer`. Implies [`NetworkPath::Pooler`](NetworkPath::Pooler).
     /// The password, if any, is never logged.
     pub fn pooler_admin(mut self, url: impl Into<String>) -> Self {
-        self.deployment.pooler_admin = Some(PoolerAdmin(url.into()));
+        self.deployment = self.deployment.pooler_admin(url);
         self
     }
 
     /// Declares a listener and its keepalive period ([`Deployment::listener_keepalive`]).
     pub fn listener_keepalive(mut self, every: Option<Duration>) -> Self {
-        self.deployment.listener_keepalive = Some(every);
+        self.deployment = self.deployment.listener_keepalive(every);
         self
     }
 
@@ -164,7 +164,7 @@ impl Config {
     /// census then reads the real server, and the direct heartbeat tells the pooler's health
     /// from the server's. The password, if any, is never logged.
     pub fn direct_connect_options(mut self, options: sqlx::postgres::PgConnectOptions) -> Self {
-        self.deployment.direct_connect_options = Some(DirectOptions(options));
+        self.deployment = self.deployment.direct_connect_options(options);
         self
     }
 
@@ -228,8 +228,6 @@ impl Config {
             ("heartbeat_interval", self.heartbeat_interval),
             ("heartbeat_timeout", self.heartbeat_timeout),
             ("heartbeat_max_backoff", self.heartbeat_max_backoff),
-            ("expect_refresh_every", self.deployment.expect_refresh_every.unwrap_or(Duration::MAX)),
-            ("pooler_idle_timeout", self.deployment.pooler_idle_timeout.unwrap_or(Duration::MAX)),
             ("leak_threshold", self.leak_threshold.unwrap_or(Duration::MAX)),
             ("hazard_recheck_interval", self.hazard_recheck_interval),
             ("send_queue_stuck_after", self.send_queue_stuck_after),
