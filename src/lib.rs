@@ -36,10 +36,10 @@ mod cause;
 mod config;
 mod direct;
 pub mod export;
-mod gauges;
 mod health;
 mod ledger;
 mod listener;
+mod publish;
 mod schedule;
 mod server_version;
 #[cfg(feature = "telemetry")]

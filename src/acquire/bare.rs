@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use futures_core::future::BoxFuture;
-use metrics::{Counter, Histogram, counter, histogram};
+use metrics::{Counter, Histogram};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -28,7 +28,7 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::acquire::lifecycle::Lifecycle;
 use crate::acquire::stamps::{self, mark_connected};
-use crate::catalog::{self, POOL_NAME};
+use crate::publish::{self, acquire::HookCounters};
 use crate::sqlx_adapter;
 
 /// sqlx's target for its acquire events.
@@ -48,14 +48,6 @@ static POOLS: Mutex<Vec<Arc<BareFigures>>> = Mutex::new(Vec::new());
 /// acquires, so the series stays out of the pool's series budget.
 static LAYER: AtomicBool = AtomicBool::new(false);
 
-/// The hook counters of one pool (only with [`instrument_options_named`]).
-#[derive(Debug)]
-struct Hooks {
-    connects: Counter,
-    idle_acquires: Counter,
-    releases: Counter,
-}
-
 /// The bare-pool figures of one pool name.
 #[derive(Debug)]
 pub(crate) struct BareFigures {
@@ -67,7 +59,8 @@ pub(crate) struct BareFigures {
     /// is on): only then do slow acquires' waits go in the histogram, which would otherwise
     /// hold nothing but the slow tail.
     timed: AtomicBool,
-    hooks: OnceLock<Hooks>,
+    /// The hook counters (only with [`instrument_options_named`]).
+    hooks: OnceLock<HookCounters>,
     /// Set by [`instrument_options_named`]: the connection lifecycle ledger its hooks feed.
     lifecycle: OnceLock<Arc<Lifecycle>>,
 }
@@ -86,7 +79,7 @@ pub(crate) fn figures(pool_name: &str) -> Arc<BareFigures> {
     }
     let p = pool_name.to_owned();
     let f = Arc::new(BareFigures {
-        wait: histogram!(catalog::WAIT_TIME.name, POOL_NAME => p.clone()),
+        wait: publish::acquire::bare_wait(&p),
         slow: OnceLock::new(),
         timed: AtomicBool::new(false),
         hooks: OnceLock::new(),
@@ -117,25 +110,13 @@ pub(crate) fn lifecycle_of(pool_name: &str) -> Option<Arc<Lifecycle>> {
 
 impl BareFigures {
     fn slow(&self) -> &Counter {
-        self.slow.get_or_init(|| {
-            let c = counter!(catalog::SLOW_ACQUIRES.name, POOL_NAME => self.name.clone());
-            c.increment(0);
-            c
-        })
+        self.slow.get_or_init(|| publish::acquire::slow_acquires(&self.name))
     }
 
-    fn hooks(&self) -> &Hooks {
+    fn hooks(&self) -> &HookCounters {
         self.hooks.get_or_init(|| {
-            let p = self.name.clone();
-            let h = Hooks {
-                connects: counter!(catalog::POOL_CONNECTS.name, POOL_NAME => p.clone()),
-                idle_acquires: counter!(catalog::IDLE_ACQUIRES.name, POOL_NAME => p.clone()),
-                releases: counter!(catalog::RELEASES.name, POOL_NAME => p),
-            };
-            for c in [&h.connects, &h.idle_acquires, &h.releases, self.slow()] {
-                c.increment(0);
-            }
-            h
+            self.slow();
+            HookCounters::new(&self.name)
         })
     }
 }

@@ -15,10 +15,9 @@ use std::panic::Location;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use metrics::{Counter, counter};
 use tracing::Span;
 
-use crate::catalog::{self, POOL_NAME};
+use crate::publish::acquire::LeakMetrics;
 
 /// Where a connection was acquired.
 #[derive(Debug, Clone, Copy)]
@@ -84,11 +83,9 @@ pub(crate) struct Leaks {
     /// Some acquire went through the watched pool: until then the app's checkouts are all
     /// elsewhere (a library on the bare pool), and "not through WatchedPool" means nothing.
     used: std::sync::atomic::AtomicBool,
-    /// At `Detail::Standard` registered at the first suspect (the alert reads `> 0`).
-    suspects: crate::gauges::LazyGauge,
+    metrics: LeakMetrics,
     /// Suspects now; changed under the slab's lock only.
     suspect_count: std::sync::atomic::AtomicU64,
-    total: Counter,
 }
 
 impl Leaks {
@@ -99,13 +96,8 @@ impl Leaks {
             slab: Mutex::new(Slab::default()),
             leaked: std::sync::atomic::AtomicUsize::new(0),
             used: std::sync::atomic::AtomicBool::new(false),
-            suspects: crate::gauges::LazyGauge::new(
-                catalog::LEAK_SUSPECTS.name,
-                vec![(POOL_NAME, pool_name.to_owned())],
-                eager,
-            ),
+            metrics: LeakMetrics::new(pool_name, eager),
             suspect_count: std::sync::atomic::AtomicU64::new(0),
-            total: counter!(catalog::LEAK_SUSPECTS_TOTAL.name, POOL_NAME => pool_name.to_owned()),
         }
     }
 
@@ -117,7 +109,7 @@ impl Leaks {
         } else {
             self.suspect_count.fetch_sub(by.unsigned_abs(), Relaxed).saturating_sub(by.unsigned_abs())
         };
-        self.suspects.set(now as f64);
+        self.metrics.suspects.set(now as f64);
     }
 
     /// How often the background task should scan: a quarter of the threshold, 10 ms to 1 s.
@@ -225,7 +217,7 @@ impl Leaks {
         }
         if self.threshold.is_some() {
             if !entry.reported {
-                self.total.increment(1);
+                self.metrics.total.increment(1);
             }
             if leaked {
                 self.suspects_add(1);
@@ -258,7 +250,7 @@ impl Leaks {
                 if !entry.reported && held >= threshold {
                     entry.reported = true;
                     self.suspects_add(1);
-                    self.total.increment(1);
+                    self.metrics.total.increment(1);
                     found.push((entry.origin, entry.span.clone().unwrap_or_else(Span::none), held));
                 }
             }

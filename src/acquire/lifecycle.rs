@@ -26,10 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use metrics::{Counter, Gauge, counter, gauge};
 use sqlx::PgPool;
-
-use crate::catalog::{self, POOL_NAME};
 
 /// Why a connection closed, as far as sqlx lets it be told (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -427,46 +424,24 @@ fn pick(
     (longest_idle.map_or(o, |(i, _)| i), CloseReason::Broken)
 }
 
-/// One watched pool's lifecycle metrics: the oldest age always, the counters (at 0 from the
-/// start) at [`Detail::Full`](crate::config::Detail::Full) (the series budget of `Detail::Standard`).
+/// One watched pool's lifecycle ledger, as the watch reads it (published by
+/// [`publish::pool`](crate::publish::pool)).
 #[derive(Debug)]
 pub(crate) struct Published {
     ledger: Arc<Lifecycle>,
     pool: PgPool,
-    oldest: Gauge,
-    /// The closes by reason (the opens are `poolwatch_pool_connects_total`, counted by the
-    /// same hook in `bare.rs`).
-    closed: Option<[Counter; 4]>,
 }
 
 impl Published {
-    /// The metrics of `pool_name`, whose options carry the hooks that feed `ledger`.
-    pub(crate) fn new(
-        pool: &PgPool,
-        pool_name: &str,
-        detail: crate::config::Detail,
-        ledger: Arc<Lifecycle>,
-    ) -> Published {
-        let p = pool_name.to_owned();
-        let closed = (detail == crate::config::Detail::Full).then(|| {
-            CloseReason::ALL.map(
-                |r| counter!(catalog::CONNECTIONS_CLOSED.name, POOL_NAME => p.clone(), catalog::REASON => r.as_str()),
-            )
-        });
-        let published = Published {
-            oldest: gauge!(catalog::CONNECTION_OLDEST_AGE.name, POOL_NAME => p),
-            closed,
-            ledger,
-            pool: pool.clone(),
-        };
-        published.update();
-        published
+    /// The ledger of `pool`, whose options carry the hooks that feed it.
+    pub(crate) fn new(pool: &PgPool, ledger: Arc<Lifecycle>) -> Published {
+        Published { ledger, pool: pool.clone() }
     }
 
     /// Slots the app released (the hooks saw `after_release`) over [`STUCK_AFTER`] ago, that
     /// the pool does not count idle: a lower bound of the slots stuck in sqlx's return-to-pool
     /// cleanup. A busy pool always has a few releases in flight (sqlx pings each connection
-    /// before it goes idle): those are younger. Read after [`update`](Self::update), which
+    /// before it goes idle): those are younger. Read after [`read`](Self::read), which
     /// drops the connections that closed.
     ///
     /// Two lower bounds, the larger wins. Releases over `STUCK_AFTER` old minus every idle
@@ -485,18 +460,6 @@ impl Published {
     pub(crate) fn read(&self) -> LifecycleFigures {
         self.ledger.reconcile(&self.pool);
         self.ledger.figures()
-    }
-
-    /// Counts the closes since the last reading and publishes the figures.
-    pub(crate) fn update(&self) -> LifecycleFigures {
-        let f = self.read();
-        self.oldest.set(f.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
-        if let Some(closed) = &self.closed {
-            for (c, n) in closed.iter().zip(f.closed) {
-                c.absolute(n);
-            }
-        }
-        f
     }
 }
 

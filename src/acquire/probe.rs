@@ -10,7 +10,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_core::future::BoxFuture;
-use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
@@ -19,7 +18,7 @@ use tracing::Span;
 use crate::acquire::leak::{Leaks, Origin};
 use crate::acquire::spans as acquire_spans;
 use crate::acquire::stamps::{self, mark_connected};
-use crate::catalog::{self, POOL_NAME};
+use crate::publish::acquire::AcquireMetrics;
 use crate::{cause::Cause, config::Config, ledger::snapshot::Snapshot};
 
 /// At most one exhaustion WARN per pool per this period (the others are DEBUG span events).
@@ -47,12 +46,7 @@ pub(crate) struct Probe {
     pub(crate) pool_name: String,
     pub(crate) host: String,
     pub(crate) port: u16,
-    wait: Histogram,
-    pending: Gauge,
-    timeouts: Counter,
-    use_time: Histogram,
-    create: Histogram,
-    oldest_wait: crate::gauges::LazyGauge,
+    metrics: AcquireMetrics,
     pub(crate) leaks: Leaks,
     waiters: Waiters,
     /// The last census the watch took, and when: for the exhaustion snapshot.
@@ -127,17 +121,7 @@ impl Probe {
         let p = config.pool_name.clone();
         let options = pool.connect_options();
         Probe {
-            wait: histogram!(catalog::WAIT_TIME.name, POOL_NAME => p.clone()),
-            pending: gauge!(catalog::PENDING_REQUESTS.name, POOL_NAME => p.clone()),
-            timeouts: counter!(catalog::TIMEOUTS.name, POOL_NAME => p.clone()),
-            use_time: histogram!(catalog::USE_TIME.name, POOL_NAME => p.clone()),
-            create: histogram!(catalog::CREATE_TIME.name, POOL_NAME => p.clone()),
-            // At Detail::Standard: from the first acquire that waits (the series budget).
-            oldest_wait: crate::gauges::LazyGauge::new(
-                catalog::OLDEST_WAIT.name,
-                vec![(POOL_NAME, p.clone())],
-                config.detail == crate::config::Detail::Full,
-            ),
+            metrics: AcquireMetrics::new(&p),
             leaks: Leaks::new(&p, config.leak_threshold, config.detail == crate::config::Detail::Full),
             waiters: Waiters::default(),
             census: Mutex::new(None),
@@ -183,7 +167,7 @@ impl Probe {
         let waited = now - started;
         if let Some(at) = connected {
             let took = at.saturating_duration_since(started);
-            self.create.record(took.as_secs_f64());
+            self.metrics.create.record(took.as_secs_f64());
             if took > SLOW_CREATE {
                 self.trouble.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
@@ -191,7 +175,7 @@ impl Probe {
         }
         match result {
             Ok(conn) => {
-                self.wait.record(waited.as_secs_f64());
+                self.metrics.wait.record(waited.as_secs_f64());
                 acquire_spans::acquired(span, waited);
                 Ok((conn, Arc::clone(self).checkout(now, origin)))
             }
@@ -202,7 +186,7 @@ impl Probe {
                 }
                 match cause {
                     Cause::PoolTimedOut => {
-                        self.timeouts.increment(1);
+                        self.metrics.timeouts.increment(1);
                         self.exhausted(span, waited);
                     }
                     Cause::PoolClosed => {}
@@ -218,12 +202,6 @@ impl Probe {
     /// The acquires waiting now and the oldest one's wait.
     pub(crate) fn waiters(&self) -> (usize, Duration) {
         self.waiters.figures()
-    }
-
-    /// Publishes the oldest waiter's wait (the watch's sampler calls it).
-    pub(crate) fn sample_waiters(&self) {
-        let (_, oldest) = self.waiters();
-        self.oldest_wait.set(oldest.as_secs_f64());
     }
 
     /// Keeps the latest census for the exhaustion snapshot.
@@ -305,7 +283,7 @@ impl Probe {
 
     /// Records a connection taken without waiting (`try_acquire`).
     pub(crate) fn took(self: Arc<Self>, origin: Origin) -> Ticket {
-        self.wait.record(0.0);
+        self.metrics.wait.record(0.0);
         self.checkout(Instant::now(), origin)
     }
 
@@ -363,14 +341,14 @@ impl<T> Future for Acquiring<T> {
         let Poll::Ready(result) = poll else {
             if this.waiting.is_none() {
                 this.waiting = Some(this.probe.waiters.enter(this.started).unwrap_or(usize::MAX));
-                this.probe.pending.increment(1.0);
+                this.probe.metrics.pending.increment(1.0);
             }
             return Poll::Pending;
         };
         this.inner = None;
         if let Some(i) = this.waiting.take() {
             this.probe.waiters.leave(i);
-            this.probe.pending.decrement(1.0);
+            this.probe.metrics.pending.decrement(1.0);
         }
         let finish = this.finish;
         Poll::Ready(
@@ -386,7 +364,7 @@ impl<T> Drop for Acquiring<T> {
         // Dropped while waiting (cancelled): the waiter leaves the gauge.
         if let Some(i) = self.waiting.take() {
             self.probe.waiters.leave(i);
-            self.probe.pending.decrement(1.0);
+            self.probe.metrics.pending.decrement(1.0);
         }
     }
 }
@@ -422,7 +400,7 @@ impl Drop for Ticket {
             return;
         }
         let held = self.acquired.elapsed();
-        self.probe.use_time.record(held.as_secs_f64());
+        self.probe.metrics.use_time.record(held.as_secs_f64());
         if let Some(slot) = self.slot {
             self.probe.leaks.returned(slot, held);
         }

@@ -24,35 +24,23 @@ use std::sync::Mutex;
 
 use sqlx::PgPool;
 
-use crate::catalog::{self, POOL_NAME};
-
 /// How many consecutive samples a slot must be stranded in to count.
 pub(crate) const READINGS: usize = 3;
 
 #[derive(Debug)]
 pub(crate) struct Stranded {
     readings: Mutex<Vec<u32>>,
-    gauge: crate::gauges::LazyGauge,
-    /// `Detail::Full`: the series exists (at 0) from the first judged figure on.
-    full: bool,
 }
 
 impl Stranded {
-    /// At `Detail::Standard` the series appears at the first stranded slot (the series budget).
-    pub(crate) fn new(pool_name: &str, detail: crate::config::Detail) -> Stranded {
-        let gauge =
-            crate::gauges::LazyGauge::new(catalog::STRANDED_SLOTS.name, vec![(POOL_NAME, pool_name.to_owned())], false);
-        Stranded {
-            readings: Mutex::new(Vec::with_capacity(READINGS)),
-            gauge,
-            full: detail == crate::config::Detail::Full,
-        }
+    pub(crate) fn new() -> Stranded {
+        Stranded { readings: Mutex::new(Vec::with_capacity(READINGS)) }
     }
 
-    /// Takes one reading and publishes the figure; returns it. `released_not_idle` is the
+    /// Takes one reading; returns the figure. `released_not_idle` is the
     /// hooks' reading (`None` without them); else `watched_checkouts` is `None` until the
-    /// app's first acquire through the watched pool: nothing is read or published.
-    pub(crate) fn sample(
+    /// app's first acquire through the watched pool: nothing is read.
+    pub(crate) fn read(
         &self,
         pool: &PgPool,
         watched_checkouts: Option<usize>,
@@ -71,16 +59,10 @@ impl Stranded {
             r.remove(0);
         }
         r.push(now);
-        let figure = judged(&r)?;
-        if self.full {
-            self.gauge.set_registered(f64::from(figure));
-        } else {
-            self.gauge.set(f64::from(figure));
-        }
-        Some(figure)
+        judged(&r)
     }
 
-    /// The last published figure; `None` before [`READINGS`] samples since the first acquire
+    /// The last figure; `None` before [`READINGS`] samples since the first acquire
     /// through the watched pool.
     pub(crate) fn figure(&self) -> Option<u32> {
         self.readings.lock().ok().and_then(|r| judged(&r))

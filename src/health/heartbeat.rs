@@ -23,15 +23,14 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use metrics::{Gauge, Histogram, counter, gauge, histogram};
 use sqlx::postgres::PgConnection;
 use sqlx::{ConnectOptions, Connection, Executor, PgPool};
 use tokio::sync::oneshot;
 
-use crate::catalog::{self, CAUSE, HAZARD, PATH, POOL_NAME};
 use crate::direct::DirectConnection;
 use crate::health::followed::{self, Baseline};
 use crate::health::hazards::{self, Finding, Hazard, PoolSettings, ServerSettings};
+use crate::publish::health::HeartbeatMetrics;
 use crate::{cause::Cause, config::Config};
 
 /// The two heartbeat paths (the `path` label values).
@@ -110,10 +109,7 @@ pub(crate) struct Heartbeat {
     /// stranded-slot figure must not count as the app's.
     holding: std::sync::atomic::AtomicUsize,
     state: Mutex<State>,
-    duration: [Histogram; 2],
-    up: [Gauge; 2],
-    hazard: Vec<crate::gauges::LazyGauge>,
-    hazards_found: Gauge,
+    metrics: HeartbeatMetrics,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -125,34 +121,9 @@ enum Path {
 impl Heartbeat {
     pub(crate) fn new(pool_name: &str, detail: crate::config::Detail) -> Heartbeat {
         let p = || pool_name.to_owned();
-        // The failure an alert reads with `increase()` (PoolwatchSessionsEndedByPooler: a
-        // pooler's query_wait_timeout on the pool path) exists at 0 from the start, so the
-        // first one is seen; every other cause's series appears at its first count.
-        counter!(
-            catalog::HEARTBEAT_FAILURES.name,
-            POOL_NAME => p(),
-            PATH => PATHS[Path::Pool as usize],
-            CAUSE => Cause::PoolerWaitTimeout.as_str()
-        )
-        .absolute(0);
         Heartbeat {
             linting: std::sync::atomic::AtomicBool::new(false),
-            duration: PATHS.map(|path| histogram!(catalog::HEARTBEAT_DURATION.name, POOL_NAME => p(), PATH => path)),
-            up: PATHS.map(|path| gauge!(catalog::HEARTBEAT_UP.name, POOL_NAME => p(), PATH => path)),
-            // Standard detail: a hazard's series exists once it was found (then 1, or 0 once
-            // fixed); the count is always there.
-            hazard: Hazard::ALL
-                .iter()
-                .map(|h| {
-                    let labels = vec![(POOL_NAME, p()), (HAZARD, h.as_str().to_owned())];
-                    crate::gauges::LazyGauge::new(
-                        catalog::CONFIG_HAZARD.name,
-                        labels,
-                        detail == crate::config::Detail::Full,
-                    )
-                })
-                .collect(),
-            hazards_found: gauge!(catalog::CONFIG_HAZARDS.name, POOL_NAME => p()),
+            metrics: HeartbeatMetrics::new(pool_name, detail, PATHS),
             pool_name: p(),
             holding: std::sync::atomic::AtomicUsize::new(0),
             state: Mutex::new(State::default()),
@@ -330,8 +301,7 @@ impl Heartbeat {
     fn record(&self, path: Path, result: Result<(), Cause>, took: Duration) {
         let i = path as usize;
         let name = PATHS[i];
-        self.duration[i].record(took.as_secs_f64());
-        self.up[i].set(if result.is_ok() { 1.0 } else { 0.0 });
+        self.metrics.beat(i, result, took.as_secs_f64());
         let was_up = match self.state.lock() {
             Ok(mut s) => {
                 let f = match path {
@@ -368,8 +338,6 @@ impl Heartbeat {
                 });
             }
             Err(cause) => {
-                counter!(catalog::HEARTBEAT_FAILURES.name, POOL_NAME => pool.to_owned(), PATH => name, CAUSE => cause.as_str())
-                    .increment(1);
                 let span = tracing::warn_span!(
                     "poolwatch.heartbeat",
                     "db.client.connection.pool.name" = pool,
@@ -464,10 +432,7 @@ impl Heartbeat {
     }
 
     fn publish(&self, found: Vec<Finding>, settings: ServerSettings) {
-        for (gauge, hazard) in self.hazard.iter().zip(Hazard::ALL) {
-            gauge.set(if found.iter().any(|f| f.hazard == hazard) { 1.0 } else { 0.0 });
-        }
-        self.hazards_found.set(found.len() as f64);
+        self.metrics.hazards(&found);
         let Ok(mut state) = self.state.lock() else { return };
         let pool = self.pool_name.as_str();
         for f in &found {

@@ -6,10 +6,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use metrics::{Gauge, gauge};
-
-use crate::catalog::{self, PATH, POOL_NAME};
 use crate::health::heartbeat::PATHS;
+use crate::publish::health::LivenessMetrics;
 use crate::schedule::unix_now;
 
 /// "Never": no completion recorded yet.
@@ -18,7 +16,6 @@ const NEVER: u64 = u64::MAX;
 /// The last completions of one watch's tasks.
 #[derive(Debug)]
 pub(crate) struct Liveness {
-    pool_name: String,
     started: Instant,
     /// Milliseconds after `started` of the last completed sample, census and heartbeat tick.
     sample_ms: AtomicU64,
@@ -26,10 +23,7 @@ pub(crate) struct Liveness {
     heartbeat_ms: AtomicU64,
     /// Heartbeats counted (both paths) when the last sample looked.
     heartbeats_seen: AtomicU64,
-    last_sample: Gauge,
-    last_census: Gauge,
-    last_heartbeat: Gauge,
-    census_age: Gauge,
+    metrics: LivenessMetrics,
 }
 
 /// How long ago each task last completed (`None`: never yet).
@@ -44,22 +38,13 @@ pub(crate) struct Ages {
 
 impl Liveness {
     pub(crate) fn new(pool_name: &str) -> Liveness {
-        let g = |m: &catalog::Metric| gauge!(m.name, POOL_NAME => pool_name.to_owned());
-        for task in ["watch", "heartbeat"] {
-            let labels = [(POOL_NAME, pool_name.to_owned()), (catalog::TASK, task.to_owned())];
-            metrics::counter!(catalog::TASK_RESTARTS.name, &labels).absolute(0);
-        }
         Liveness {
-            pool_name: pool_name.to_owned(),
             started: Instant::now(),
             sample_ms: AtomicU64::new(NEVER),
             census_ms: AtomicU64::new(NEVER),
             heartbeat_ms: AtomicU64::new(NEVER),
             heartbeats_seen: AtomicU64::new(0),
-            last_sample: g(&catalog::LAST_SAMPLE),
-            last_census: g(&catalog::LAST_CENSUS),
-            last_heartbeat: g(&catalog::LAST_HEARTBEAT),
-            census_age: g(&catalog::CENSUS_AGE),
+            metrics: LivenessMetrics::new(pool_name, PATHS),
         }
     }
 
@@ -78,18 +63,18 @@ impl Liveness {
     /// failures): when it moved, the heartbeat task is alive.
     pub(crate) fn sampled(&self, heartbeats: u64) {
         self.sample_ms.store(self.now_ms(), Ordering::Relaxed);
-        self.last_sample.set(unix_now());
+        self.metrics.last_sample.set(unix_now());
         self.heartbeats(heartbeats);
         // Measured from the watch's start until the first census.
         let age = self.age(&self.census_ms).unwrap_or(self.started.elapsed());
-        self.census_age.set(age.as_secs_f64());
+        self.metrics.census_age.set(age.as_secs_f64());
     }
 
     /// A census succeeded.
     pub(crate) fn census_done(&self) {
         self.census_ms.store(self.now_ms(), Ordering::Relaxed);
-        self.last_census.set(unix_now());
-        self.census_age.set(0.0);
+        self.metrics.last_census.set(unix_now());
+        self.metrics.census_age.set(0.0);
     }
 
     /// Both paths' heartbeat count now (successes and failures): when it moved since the
@@ -97,7 +82,7 @@ impl Liveness {
     fn heartbeats(&self, count: u64) {
         if self.heartbeats_seen.swap(count, Ordering::Relaxed) != count {
             self.heartbeat_ms.store(self.now_ms(), Ordering::Relaxed);
-            self.last_heartbeat.set(unix_now());
+            self.metrics.last_heartbeat.set(unix_now());
         }
     }
 
@@ -113,17 +98,14 @@ impl Liveness {
         }
     }
 
-    /// The sample and census task died: its figures are unknown until it runs again
-    /// (NaN: "no value" to Prometheus, so no alert reads a stale 1 as healthy).
+    /// The sample and census task died: its figures are unknown until it runs again.
     pub(crate) fn watch_lost(&self) {
-        gauge!(catalog::CENSUS_UP.name, POOL_NAME => self.pool_name.clone()).set(f64::NAN);
+        self.metrics.watch_lost();
     }
 
     /// The heartbeat task died: both paths' figures are unknown until it runs again.
     pub(crate) fn heartbeat_lost(&self) {
-        for path in PATHS {
-            gauge!(catalog::HEARTBEAT_UP.name, POOL_NAME => self.pool_name.clone(), PATH => path).set(f64::NAN);
-        }
+        self.metrics.heartbeat_lost();
     }
 }
 

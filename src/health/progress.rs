@@ -4,8 +4,6 @@
 
 use metrics::Counter;
 
-use crate::catalog::{self, POOL_NAME};
-
 /// A cheap, clonable handle that counts work done with one pool
 /// (`poolwatch_progress_total{db_client_connection_pool_name=..}`).
 ///
@@ -31,9 +29,7 @@ impl Progress {
     /// A progress handle for the pool named `pool_name` (the name given to
     /// [`Config::new`](crate::config::Config::new)), bound to the recorder installed now.
     pub fn new(pool_name: &str) -> Progress {
-        let counter = metrics::counter!(catalog::PROGRESS.name, POOL_NAME => pool_name.to_owned());
-        counter.increment(0);
-        Progress { counter }
+        Progress { counter: crate::publish::health::progress(pool_name) }
     }
 
     /// One unit of work done.

@@ -29,17 +29,14 @@
 //! # }
 //! ```
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use metrics::{Gauge, gauge};
 use sqlx::postgres::PgConnectOptions;
 use tokio::task::JoinSet;
 
-use crate::catalog::{self, POOL_NAME, SERVER_ADDRESS};
 use crate::cause::Cause;
 
 /// At most this many resolved addresses are probed per census (the first ones, in DNS order).
@@ -168,12 +165,8 @@ async fn resolve(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketA
 #[derive(Debug)]
 pub(crate) struct Reach {
     pool_name: String,
-    series: Mutex<HashMap<SocketAddr, AddressGauges>>,
     latest: Mutex<Reachability>,
-    over_cap_warned: AtomicBool,
     resolve_failing: AtomicBool,
-    /// Per-address series only at [`Detail::Full`](crate::config::Detail::Full).
-    per_address: bool,
     /// The connect-trouble count when the probe last ran.
     trouble_seen: AtomicU64,
     /// When the probe last ran: an address found down is probed again every `recheck` until
@@ -181,20 +174,11 @@ pub(crate) struct Reach {
     last_run: Mutex<Option<Instant>>,
 }
 
-#[derive(Debug)]
-struct AddressGauges {
-    up: Gauge,
-    connect: Gauge,
-}
-
 impl Reach {
-    pub(crate) fn new(pool_name: &str, detail: crate::config::Detail) -> Reach {
+    pub(crate) fn new(pool_name: &str) -> Reach {
         Reach {
-            per_address: detail == crate::config::Detail::Full,
             pool_name: pool_name.to_owned(),
-            series: Mutex::new(HashMap::new()),
             latest: Mutex::new(Reachability::default()),
-            over_cap_warned: AtomicBool::new(false),
             resolve_failing: AtomicBool::new(false),
             trouble_seen: AtomicU64::new(u64::MAX),
             last_run: Mutex::new(None),
@@ -213,13 +197,18 @@ impl Reach {
 
     /// Probes now (on its schedule, or soon after [`wanted`](Self::wanted)); `trouble` is the
     /// connect-trouble count now.
-    pub(crate) async fn run_now(&self, trouble: u64, options: &PgConnectOptions, timeout: Duration) {
+    pub(crate) async fn run_now(
+        &self,
+        trouble: u64,
+        options: &PgConnectOptions,
+        timeout: Duration,
+    ) -> Option<Reachability> {
         self.trouble_seen.store(trouble, Ordering::Relaxed);
         if let Ok(mut last) = self.last_run.lock() {
             *last = Some(Instant::now());
         }
         // The probes' sockets are left out of any socket census by port (`OwnPort`).
-        self.run(options, timeout).await;
+        self.run(options, timeout).await
     }
 
     /// Clears what a panicked task left poisoned.
@@ -237,12 +226,12 @@ impl Reach {
         self.latest.lock().is_ok_and(|r| r.resolve_error.is_some() || r.up() < r.addresses.len())
     }
 
-    /// Probes the addresses of the host in `options` and publishes the figures. Does nothing
-    /// for a unix socket.
-    pub(crate) async fn run(&self, options: &PgConnectOptions, timeout: Duration) {
+    /// Probes the addresses of the host in `options` and keeps the figures; returns them
+    /// (to publish). Does nothing for a unix socket.
+    pub(crate) async fn run(&self, options: &PgConnectOptions, timeout: Duration) -> Option<Reachability> {
         let host = options.get_host();
         if options.get_socket().is_some() || host.starts_with('/') {
-            return;
+            return None;
         }
         let reach = probe_host(host, options.get_port(), timeout).await;
         match reach.resolve_error {
@@ -254,51 +243,10 @@ impl Reach {
             }
             _ => {}
         }
-        self.publish(&reach);
         if let Ok(mut latest) = self.latest.lock() {
-            *latest = reach;
+            *latest = reach.clone();
         }
-    }
-
-    fn publish(&self, reach: &Reachability) {
-        // Registered at the first probe: a unix-socket pool never exports it.
-        gauge!(catalog::SERVER_ADDRESSES.name, POOL_NAME => self.pool_name.clone()).set(reach.resolved as f64);
-        let down = reach.addresses.iter().filter(|a| !a.up).count();
-        gauge!(catalog::SERVER_ADDRESSES_DOWN.name, POOL_NAME => self.pool_name.clone()).set(down as f64);
-        if !self.per_address {
-            return;
-        }
-        let Ok(mut series) = self.series.lock() else { return };
-        for (address, g) in series.iter() {
-            if reach.get(*address).is_none() {
-                // Not probed this time (left the DNS answer): no value until it comes back.
-                g.up.set(f64::NAN);
-                g.connect.set(f64::NAN);
-            }
-        }
-        for a in &reach.addresses {
-            if !series.contains_key(&a.address) && series.len() >= MAX_SERIES {
-                if !self.over_cap_warned.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        pool = %self.pool_name,
-                        max = MAX_SERIES,
-                        "the database host has resolved to more distinct addresses than poolwatch exports \
-                         series for; newer addresses show only in PoolWatch::reachability()"
-                    );
-                }
-                continue;
-            }
-            let g = series.entry(a.address).or_insert_with(|| {
-                let p = self.pool_name.clone();
-                let address = a.address.to_string();
-                AddressGauges {
-                    up: gauge!(catalog::SERVER_ADDRESS_UP.name, POOL_NAME => p.clone(), SERVER_ADDRESS => address.clone()),
-                    connect: gauge!(catalog::SERVER_ADDRESS_CONNECT_TIME.name, POOL_NAME => p, SERVER_ADDRESS => address),
-                }
-            });
-            g.up.set(if a.up { 1.0 } else { 0.0 });
-            g.connect.set(a.connect_time.as_secs_f64());
-        }
+        Some(reach)
     }
 }
 
@@ -315,24 +263,6 @@ mod tests {
         let localhost = resolve("localhost", 5432, Duration::from_secs(5)).await.unwrap();
         let unique: std::collections::HashSet<_> = localhost.iter().collect();
         assert!(!localhost.is_empty() && unique.len() == localhost.len(), "{localhost:?}");
-    }
-
-    #[test]
-    fn series_stop_at_the_cap() {
-        let reach = Reach::new("cap", crate::config::Detail::Full);
-        for round in 0..5u16 {
-            let addresses = (0..MAX_ADDRESSES as u16)
-                .map(|i| AddressFigures {
-                    address: SocketAddr::from(([10, 0, round as u8, i as u8], 5432)),
-                    up: true,
-                    connect_time: Duration::from_millis(1),
-                    error: None,
-                })
-                .collect();
-            reach.publish(&Reachability { resolved: MAX_ADDRESSES, addresses, resolve_error: None });
-        }
-        assert_eq!(reach.series.lock().unwrap().len(), MAX_SERIES);
-        assert!(reach.over_cap_warned.load(Ordering::Relaxed));
     }
 
     #[tokio::test]

@@ -4,9 +4,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::catalog;
-use crate::config::Detail;
-use crate::gauges::LazyGauge;
 use crate::ledger::sockets::SocketCensus;
 
 /// Sockets whose send queue stays non-empty from census to census: the peer stopped
@@ -16,21 +13,14 @@ use crate::ledger::sockets::SocketCensus;
 pub(crate) struct StuckSendQueues {
     bound: Duration,
     since: Mutex<HashMap<u64, Instant>>,
-    gauge: LazyGauge,
 }
 
 impl StuckSendQueues {
-    /// At `Detail::Standard` the series appears at the first stuck queue (the series budget).
-    pub(crate) fn new(pool_name: &str, bound: Duration, detail: Detail) -> StuckSendQueues {
-        let gauge = LazyGauge::new(
-            catalog::SEND_QUEUE_STUCK.name,
-            vec![(catalog::POOL_NAME, pool_name.to_owned())],
-            detail == Detail::Full,
-        );
-        StuckSendQueues { bound, since: Mutex::new(HashMap::new()), gauge }
+    pub(crate) fn new(bound: Duration) -> StuckSendQueues {
+        StuckSendQueues { bound, since: Mutex::new(HashMap::new()) }
     }
 
-    /// Takes this census's queues; returns and publishes how many sockets have had a
+    /// Takes this census's queues; returns how many sockets have had a
     /// non-empty send queue at every census for at least the bound.
     pub(crate) fn update(&self, census: &SocketCensus) -> u32 {
         let now = Instant::now();
@@ -40,9 +30,7 @@ impl StuckSendQueues {
             since.entry(q.inode).or_insert(now);
         }
         let stuck = since.values().filter(|at| now.saturating_duration_since(**at) >= self.bound).count();
-        let stuck = u32::try_from(stuck).unwrap_or(u32::MAX);
-        self.gauge.set(f64::from(stuck));
-        stuck
+        u32::try_from(stuck).unwrap_or(u32::MAX)
     }
 
     /// The figure of the last census.

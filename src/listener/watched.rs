@@ -12,16 +12,15 @@ use std::collections::VecDeque;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_core::Stream;
-use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgNotification, PgPoolOptions};
 use sqlx::{Acquire, PgPool};
 use tokio::time::Instant;
 
-use crate::catalog::{self, CAUSE, EVIDENCE, LISTENER, POOL_NAME};
 use crate::cause::connection_lost;
 use crate::config::check_name;
 use crate::ledger::loss::{Basis, ServerFacts, explain_silent_loss};
 use crate::listener::status::Registered;
+use crate::publish::listener::ListenerMetrics;
 use crate::{cause::Cause, config::ConfigError};
 
 /// How a [`WatchedListener`] is named and kept alive.
@@ -157,7 +156,7 @@ impl WatchedListener {
         config: ListenerConfig,
         metrics: Handles,
     ) -> Result<Self, sqlx::Error> {
-        catalog::describe();
+        crate::catalog::describe();
         // The loss is seen by `try_recv`; the reconnect is ours, so it can be timed.
         inner.eager_reconnect(false);
         let conn = inner.acquire().await.map_err(|e| metrics.down(e))?;
@@ -344,9 +343,8 @@ impl WatchedListener {
     }
 
     fn delivered(&self, n: PgNotification) -> PgNotification {
-        self.metrics.notifications.increment(1);
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        self.metrics.last_notification.set(now.as_secs_f64());
+        self.metrics.metrics.notified(now.as_secs_f64());
         n
     }
 
@@ -552,38 +550,15 @@ const ZERO_BASES: [Basis; 3] = [Basis::Observed, Basis::ServerCounters, Basis::I
 
 #[derive(Debug)]
 struct Handles {
-    pool_name: String,
-    listener: String,
-    connected: Gauge,
-    notifications: Counter,
-    last_notification: Gauge,
-    downtime: Histogram,
+    metrics: ListenerMetrics,
     status: Registered,
 }
 
 impl Handles {
     fn new(config: &ListenerConfig) -> Handles {
-        let (p, l) = (config.pool_name.clone(), config.listener.clone());
-        // At 0 from the start, so `increase()` sees the first idle-session kill
-        // (PoolwatchListenerIdleSessionTimeout), whichever way its cause is known.
-        for basis in ZERO_BASES {
-            counter!(
-                catalog::LISTENER_RECONNECTS.name,
-                POOL_NAME => p.clone(),
-                LISTENER => l.clone(),
-                CAUSE => Cause::IdleSessionTimeout.as_str(),
-                EVIDENCE => basis.as_str()
-            )
-            .increment(0);
-        }
         Handles {
-            connected: gauge!(catalog::LISTENER_CONNECTED.name, POOL_NAME => p.clone(), LISTENER => l.clone()),
-            notifications: counter!(catalog::LISTENER_NOTIFICATIONS.name, POOL_NAME => p.clone(), LISTENER => l.clone()),
-            last_notification: gauge!(catalog::LISTENER_LAST_NOTIFICATION.name, POOL_NAME => p.clone(), LISTENER => l.clone()),
-            downtime: histogram!(catalog::LISTENER_DOWNTIME.name, POOL_NAME => p.clone(), LISTENER => l.clone()),
-            status: Registered::new(&p, &l),
-            pool_name: p,
-            listener: l,
+            metrics: ListenerMetrics::new(&config.pool_name, &config.listener, &ZERO_BASES.map(Basis::as_str)),
+            status: Registered::new(&config.pool_name, &config.listener),
         }
     }
 
@@ -594,21 +569,12 @@ impl Handles {
     }
 
     fn set_connected(&self, up: bool) {
-        self.connected.set(if up { 1.0 } else { 0.0 });
+        self.metrics.connected(up);
         self.status.connected(up);
     }
 
     fn reconnected(&self, cause: Cause, basis: Basis, downtime: Duration) {
-        counter!(
-            catalog::LISTENER_RECONNECTS.name,
-            POOL_NAME => self.pool_name.clone(),
-            LISTENER => self.listener.clone(),
-            CAUSE => cause.as_str(),
-            EVIDENCE => basis.as_str()
-        )
-        .increment(1);
-        self.downtime.record(downtime.as_secs_f64());
-        self.connected.set(1);
+        self.metrics.reconnected(cause, basis.as_str(), downtime.as_secs_f64());
         self.status.reconnected(cause);
     }
 }

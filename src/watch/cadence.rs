@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::catalog;
 use crate::cause::Cause;
 use crate::ledger::snapshot::Snapshot;
 use crate::schedule;
@@ -21,12 +20,12 @@ const CLOSE_DRAIN_LIMIT: Duration = Duration::from_secs(600);
 pub(super) async fn run(shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
     let mut panics = 0u32;
     let stopped = loop {
-        let watch = schedule::Supervised::new(watch_until_stopped(&shared, &mut stop), &shared.faults[0]);
+        let watch = schedule::Supervised::new(watch_until_stopped(&shared, &mut stop), &shared.state.faults[0]);
         match watch.await {
             Ok(stopped) => break stopped,
             Err(message) => {
                 panics = panics.saturating_add(1);
-                shared.liveness.watch_lost();
+                shared.health.liveness.watch_lost();
                 shared.update(|s| s.census_up = false);
                 if let Some(stopped) = shared.after_panic("watch", &message, panics, &mut stop).await {
                     break stopped;
@@ -35,17 +34,17 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
         }
     };
     // Stopped before the re-tag ran: give the idle connections back, or `pool.close()` waits.
-    drop(shared.untagged.lock().map(|mut held| std::mem::take(&mut *held)));
-    shared.direct.lock().await.close().await;
-    if let Some(pooler) = &shared.pooler {
+    drop(shared.ledger.untagged.lock().map(|mut held| std::mem::take(&mut *held)));
+    shared.ledger.direct.lock().await.close().await;
+    if let Some(pooler) = &shared.ledger.pooler {
         pooler.lock().await.close().await;
     }
-    if let (false, Some(l)) = (stopped, &shared.lifecycle) {
+    if let (false, Some(l)) = (stopped, &shared.acquire.lifecycle) {
         // The pool closed: count its connections as they close (checked-out ones close when
         // given back), until none is left, the watch is dropped, or CLOSE_DRAIN_LIMIT passed.
         let until = schedule::after(tokio::time::Instant::now(), CLOSE_DRAIN_LIMIT);
         loop {
-            l.update();
+            shared.metrics.lifecycle(&l.read());
             if shared.pool.size() == 0 {
                 break;
             }
@@ -74,15 +73,15 @@ pub(super) async fn supervise_heartbeat(s: Arc<Shared>, mut stop: oneshot::Recei
     loop {
         let beat = async {
             // Not before the idle connections are re-tagged and back in the pool.
-            s.retagged.get_or_init(|| s.retag_idle()).await;
-            s.heartbeat.run(&s.pool, &s.direct, &s.config, &lint_app_name, &mut stop).await
+            s.ledger.retagged.get_or_init(|| s.retag_idle()).await;
+            s.health.heartbeat.run(&s.pool, &s.ledger.direct, &s.config, &lint_app_name, &mut stop).await
         };
-        match schedule::Supervised::new(beat, &s.faults[1]).await {
+        match schedule::Supervised::new(beat, &s.state.faults[1]).await {
             Ok(()) => return,
             Err(message) => {
                 panics = panics.saturating_add(1);
-                s.liveness.heartbeat_lost();
-                s.heartbeat.forget();
+                s.health.liveness.heartbeat_lost();
+                s.health.heartbeat.forget();
                 if s.after_panic("heartbeat", &message, panics, &mut stop).await.is_some() {
                     return;
                 }
@@ -111,16 +110,16 @@ impl Shared {
             "poolwatch background task panicked (a bug in poolwatch: please report it); its figures read unknown \
              until it restarts in {wait:?}"
         );
-        metrics::counter!(catalog::TASK_RESTARTS.name, catalog::POOL_NAME => self.config.pool_name.clone(), catalog::TASK => task)
-            .increment(1);
-        self.latest.clear_poison();
-        self.gaps.clear_poison();
-        self.disagreement.clear_poison();
-        self.reach.clear_poison();
-        self.untagged.clear_poison();
-        self.ended.clear_poison();
-        self.client_idle_timeout.clear_poison();
-        if let Ok(mut ended) = self.ended.lock() {
+        self.metrics.task_restarted(task);
+        self.state.latest.clear_poison();
+        self.state.gaps.clear_poison();
+        self.state.disagreement.clear_poison();
+        self.health.reach.clear_poison();
+        self.metrics.reach.clear_poison();
+        self.ledger.untagged.clear_poison();
+        self.ledger.ended.clear_poison();
+        self.ledger.client_idle_timeout.clear_poison();
+        if let Ok(mut ended) = self.ledger.ended.lock() {
             ended.forget();
         }
         tokio::select! {
@@ -133,8 +132,8 @@ impl Shared {
     /// One sample, its liveness stamp, and whether a reachability probe is wanted.
     async fn sample_tick(&self) -> bool {
         self.sample().await;
-        self.liveness.sampled(self.heartbeat_count());
-        self.reach.wanted(self.connect_trouble(), self.config.sample_interval.saturating_mul(10))
+        self.health.liveness.sampled(self.heartbeat_count());
+        self.health.reach.wanted(self.connect_trouble(), self.config.sample_interval.saturating_mul(10))
     }
 }
 
@@ -149,11 +148,11 @@ async fn watch_until_stopped(shared: &Shared, stop: &mut oneshot::Receiver<()>) 
     tokio::select! {
         _ = &mut *stop => return true,
         _ = &mut closed => return false,
-        _ = shared.retagged.get_or_init(|| shared.retag_idle()) => {}
+        _ = shared.ledger.retagged.get_or_init(|| shared.retag_idle()) => {}
     }
     let config = &shared.config;
     let mut sample = schedule::interval(config.sample_interval);
-    let scan_every = shared.probe.leaks.scan_every();
+    let scan_every = shared.acquire.probe.leaks.scan_every();
     let mut leak_scan = schedule::interval(scan_every.unwrap_or(Duration::from_secs(3600)));
     // The first census and probe at once (they learn the peers and the ports), then each
     // on its own jittered schedule.
@@ -177,7 +176,7 @@ async fn watch_until_stopped(shared: &Shared, stop: &mut oneshot::Receiver<()>) 
                     reach_at.as_mut().reset(soon);
                 }
             }
-            _ = leak_scan.tick(), if scan_every.is_some() => { shared.probe.leaks.scan(); }
+            _ = leak_scan.tick(), if scan_every.is_some() => { shared.acquire.probe.leaks.scan(); }
             _ = &mut reach_at, if !plan.first => tokio::select! {
                 _ = &mut *stop => return true,
                 _ = &mut closed => return false,
@@ -189,7 +188,7 @@ async fn watch_until_stopped(shared: &Shared, stop: &mut oneshot::Receiver<()>) 
             wanted = async {
                 tokio::select! {
                     _ = &mut census_at => false,
-                    _ = shared.census_wanted.notified() => true,
+                    _ = shared.state.census_wanted.notified() => true,
                 }
             } => {
                 if let Some(due) = plan.held_back(wanted, floor) {

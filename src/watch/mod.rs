@@ -73,24 +73,24 @@ pub struct PoolWatch {
 impl PoolWatch {
     /// The latest heartbeat figures of both paths (`pool` and `direct`).
     pub fn heartbeat(&self) -> HeartbeatFigures {
-        self.shared.heartbeat.figures()
+        self.shared.health.heartbeat.figures()
     }
 
     /// The configuration hazards found by the last lint (start-up, a periodic re-check, or the last reconnect of
     /// the dedicated connection). Empty before the first lint and on a clean setup.
     pub fn hazards(&self) -> Vec<Finding> {
-        self.shared.heartbeat.hazards()
+        self.shared.health.heartbeat.hazards()
     }
 
     /// The server settings the last lint read (`None` before it could read them).
     pub fn server_settings(&self) -> Option<ServerSettings> {
-        self.shared.heartbeat.server_settings()
+        self.shared.health.heartbeat.server_settings()
     }
 
     /// Every address the database host resolved to at the last census tick and whether a TCP
     /// connect to each succeeded: see [`reach`](crate::health::reach).
     pub fn reachability(&self) -> Reachability {
-        self.shared.reach.figures()
+        self.shared.health.reach.figures()
     }
 
     /// A plain health report for a readiness endpoint: `ok` / `degraded` / `failing`, the
@@ -99,8 +99,8 @@ impl PoolWatch {
     pub fn health(&self) -> HealthReport {
         let s = &self.shared;
         let latest = s.latest();
-        let recent: Vec<i64> = s.gaps.lock().map(|g| g.iter().copied().collect()).unwrap_or_default();
-        let (waiters, oldest) = s.probe.waiters();
+        let recent: Vec<i64> = s.state.gaps.lock().map(|g| g.iter().copied().collect()).unwrap_or_default();
+        let (waiters, oldest) = s.acquire.probe.waiters();
         report::judge(report::Inputs {
             pool_name: s.config.pool_name.clone(),
             pool: PoolFigures::of(&s.pool),
@@ -110,16 +110,16 @@ impl PoolWatch {
                 recent,
                 census_up: latest.census_up,
             },
-            heartbeat: s.heartbeat.figures(),
+            heartbeat: s.health.heartbeat.figures(),
             listeners: crate::listener::status::of_pool(&s.config.pool_name),
-            hazards: s.heartbeat.hazards(),
-            stranded: s.stranded.figure(),
+            hazards: s.health.heartbeat.hazards(),
+            stranded: s.acquire.stranded.figure(),
             lifecycle: self.lifecycle(),
-            send_queue_stuck: s.send_queues.figure(),
+            send_queue_stuck: s.ledger.send_queues.figure(),
             waits: WaitHealth { waiters, oldest_wait_seconds: oldest.as_secs_f64() },
-            reach: s.reach.figures(),
+            reach: s.health.reach.figures(),
             liveness: report::Liveness {
-                ages: s.liveness.ages(s.heartbeat_count()),
+                ages: s.health.liveness.ages(s.heartbeat_count()),
                 limits: crate::health::liveness::Limits::of(&s.config),
             },
         })
@@ -129,7 +129,7 @@ impl PoolWatch {
     /// `None` unless the pool was built with
     /// [`instrument_options_named`](crate::acquire::bare::instrument_options_named) under this pool's name.
     pub fn lifecycle(&self) -> Option<LifecycleFigures> {
-        self.shared.lifecycle.as_ref().map(Published::read)
+        self.shared.acquire.lifecycle.as_ref().map(Published::read)
     }
 
     /// The latest figures (from the last sample and census).
@@ -148,7 +148,7 @@ impl PoolWatch {
     /// The watched pool handle: use it instead of the bare pool so acquires are timed and
     /// watched for leaks. Leak suspects are scanned for while this `PoolWatch` lives.
     pub fn pool(&self) -> WatchedPool {
-        WatchedPool::new(Arc::clone(&self.shared.probe))
+        WatchedPool::new(Arc::clone(&self.shared.acquire.probe))
     }
 
     /// The `application_name` that marks this pool's connections on the server: the stable
@@ -182,7 +182,7 @@ impl PoolWatch {
     /// supervision and the liveness figures. Not part of the API.
     #[doc(hidden)]
     pub fn inject_fault(&self, fault: Fault) {
-        let [watch, heartbeat] = &self.shared.faults;
+        let [watch, heartbeat] = &self.shared.state.faults;
         match fault {
             Fault::PanicWatch => watch.panic(),
             Fault::PanicHeartbeat => heartbeat.panic(),
