@@ -40,6 +40,7 @@ mod health;
 mod ledger;
 mod listener;
 mod publish;
+mod registry;
 mod schedule;
 mod server_version;
 #[cfg(feature = "telemetry")]

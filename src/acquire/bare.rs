@@ -15,7 +15,7 @@
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use futures_core::future::BoxFuture;
 use metrics::{Counter, Histogram};
@@ -29,6 +29,7 @@ use tracing_subscriber::registry::LookupSpan;
 use crate::acquire::lifecycle::Lifecycle;
 use crate::acquire::stamps::{self, mark_connected};
 use crate::publish::{self, acquire::HookCounters};
+use crate::registry;
 use crate::sqlx_adapter;
 
 /// sqlx's target for its acquire events.
@@ -40,15 +41,13 @@ thread_local! {
     static STAMP: RefCell<Option<Weak<BareFigures>>> = const { RefCell::new(None) };
 }
 
-/// The pools poolwatch knows by name (instrumented or given hooks). A handful per process.
-static POOLS: Mutex<Vec<Arc<BareFigures>>> = Mutex::new(Vec::new());
-
 /// [`sqlx_acquire_layer`] was created: from then on every known pool exports its slow-acquire
 /// counter, at 0 until one happens. Without the layer (or the hooks) nothing can count slow
 /// acquires, so the series stays out of the pool's series budget.
 static LAYER: AtomicBool = AtomicBool::new(false);
 
-/// The bare-pool figures of one pool name.
+/// The bare-pool figures of one pool name: a [`registry`](crate::registry) table of
+/// `Arc<BareFigures>` holds those of every pool poolwatch knows (instrumented or given hooks).
 #[derive(Debug)]
 pub(crate) struct BareFigures {
     name: String,
@@ -73,7 +72,7 @@ pub(crate) fn forget_stamp() {
 
 /// The figures of `pool_name`, created (counters at 0) on first use.
 pub(crate) fn figures(pool_name: &str) -> Arc<BareFigures> {
-    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut pools = registry::lock::<Arc<BareFigures>>();
     if let Some(f) = pools.iter().find(|f| f.name == pool_name) {
         return Arc::clone(f);
     }
@@ -98,13 +97,13 @@ pub(crate) fn figures(pool_name: &str) -> Arc<BareFigures> {
 /// pool per tenant keeps every tenant's figures, and their series, forever.
 #[cfg(feature = "prometheus")]
 pub(crate) fn forget_unheld(ended: impl Fn(&str) -> bool) {
-    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut pools = registry::lock::<Arc<BareFigures>>();
     pools.retain(|f| !(ended(&f.name) && Arc::strong_count(f) == 1));
 }
 
 /// The lifecycle ledger of `pool_name`, if its options carry the hooks.
 pub(crate) fn lifecycle_of(pool_name: &str) -> Option<Arc<Lifecycle>> {
-    let pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    let pools = registry::lock::<Arc<BareFigures>>();
     pools.iter().find(|f| f.name == pool_name).and_then(|f| f.lifecycle.get().cloned())
 }
 
@@ -192,7 +191,7 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     LAYER.store(true, Ordering::Relaxed);
-    for pool in POOLS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+    for pool in registry::lock::<Arc<BareFigures>>().iter() {
         pool.slow();
     }
     AcquireEvents.with_filter(Targets::new().with_target(ACQUIRE_TARGET, tracing::Level::TRACE))
@@ -228,7 +227,7 @@ impl<S: Subscriber> Layer<S> for AcquireEvents {
 
 /// The only pool poolwatch knows, if there is exactly one.
 fn sole_pool() -> Option<Arc<BareFigures>> {
-    let pools = POOLS.lock().ok()?;
+    let pools = registry::lock::<Arc<BareFigures>>();
     match pools.as_slice() {
         [only] => Some(Arc::clone(only)),
         _ => None,

@@ -13,13 +13,14 @@
 //! unless the pool's hooks are still alive.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use metrics::Key;
 
 use super::series::Inner;
 use crate::catalog;
+use crate::registry;
 
 /// Sweeps at most this often: each visits every series.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -35,19 +36,17 @@ const BARE: [&str; 5] = [
     catalog::RELEASES.name,
 ];
 
-/// Every recorder built in this process (a pool's end reaches each).
-static RECORDERS: Mutex<Vec<Weak<Inner>>> = Mutex::new(Vec::new());
-
+/// Every recorder built in this process (a pool's end reaches each): a
+/// [`registry`](crate::registry) table of `Weak<Inner>`.
 pub(super) fn subscribe(inner: &Arc<Inner>) {
-    let mut all = RECORDERS.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut all = registry::lock::<Weak<Inner>>();
     all.retain(|r| r.strong_count() > 0);
     all.push(Arc::downgrade(inner));
 }
 
 /// A pool's watch has ended: its series go once nothing holds them.
 pub(super) fn pool_ended(pool_name: &str) {
-    let live: Vec<Arc<Inner>> =
-        RECORDERS.lock().unwrap_or_else(PoisonError::into_inner).iter().filter_map(Weak::upgrade).collect();
+    let live: Vec<Arc<Inner>> = registry::lock::<Weak<Inner>>().iter().filter_map(Weak::upgrade).collect();
     for inner in live {
         inner.retired.lock().unwrap_or_else(PoisonError::into_inner).names.insert(pool_name.to_owned());
         sweep_if_due(&inner);

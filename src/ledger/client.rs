@@ -30,12 +30,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::ledger::sockets::{self, SocketCensus, SocketReader};
+use crate::registry;
 
-/// The watched pools of this process: their peers, their dedicated connection's local port
-/// and the local ports their last census attributed to them.
-static POOLS: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// A watched pool of this process (a [`registry`](crate::registry) table): its peers, its
+/// dedicated connection's local port and the local ports its last census attributed to it.
 #[derive(Debug)]
 struct Entry {
     id: u64,
@@ -62,9 +62,13 @@ impl ClientLedger {
     /// (0: none).
     pub(crate) fn new(direct_port: Arc<AtomicU32>) -> ClientLedger {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut pools) = POOLS.lock() {
-            pools.push(Entry { id, peers: Vec::new(), direct_port, ports: HashSet::new(), foreign: HashSet::new() });
-        }
+        registry::lock::<Entry>().push(Entry {
+            id,
+            peers: Vec::new(),
+            direct_port,
+            ports: HashSet::new(),
+            foreign: HashSet::new(),
+        });
         ClientLedger {
             id,
             reader: Arc::new(Mutex::new(SocketReader::default())),
@@ -119,16 +123,14 @@ impl ClientLedger {
     /// its address, or the last census gave the port to this pool. The ledger of ended
     /// sessions follows only these (an unattributed socket may be a sibling pool's).
     pub(crate) fn owns_port(&self, port: u16) -> bool {
-        let Ok(pools) = POOLS.lock() else { return false };
+        let pools = registry::lock::<Entry>();
         let Some(me) = pools.iter().find(|e| e.id == self.id) else { return false };
         me.ports.contains(&port)
             || !pools.iter().any(|e| e.id != self.id && e.peers.iter().any(|p| me.peers.contains(p)))
     }
 
     fn with_entry(&self, f: impl FnOnce(&mut Entry)) {
-        if let Ok(mut pools) = POOLS.lock()
-            && let Some(e) = pools.iter_mut().find(|e| e.id == self.id)
-        {
+        if let Some(e) = registry::lock::<Entry>().iter_mut().find(|e| e.id == self.id) {
             f(e);
         }
     }
@@ -174,16 +176,14 @@ impl ClientLedger {
 
 impl Drop for ClientLedger {
     fn drop(&mut self) {
-        if let Ok(mut pools) = POOLS.lock() {
-            pools.retain(|e| e.id != self.id);
-        }
+        registry::lock::<Entry>().retain(|e| e.id != self.id);
     }
 }
 
 /// Keeps the sockets of pool `id`: not poolwatch's own and, with `by_pool`, neither known as
 /// another client's nor attributed to a sibling pool.
 fn attribute(id: u64, mut census: SocketCensus, by_pool: bool) -> SocketCensus {
-    let Ok(pools) = POOLS.lock() else { return census };
+    let pools = registry::lock::<Entry>();
     let Some(me) = pools.iter().find(|e| e.id == id) else { return census };
     // Only dedicated connections to these peers: one to another address may have the same
     // local port as a socket of this pool (the kernel shares a local port between

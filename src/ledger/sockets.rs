@@ -19,6 +19,8 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 
+use crate::registry;
+
 /// TCP states as the kernel numbers them (1-11).
 pub const TCP_STATES: [&str; 11] = [
     "established",
@@ -116,9 +118,10 @@ pub struct SocketQueue {
     pub recv: u32,
 }
 
-/// Local ports of poolwatch's own short-lived sockets open now (reachability probes): the
-/// socket census leaves them out.
-static OWN_PORTS: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+/// A local port of one of poolwatch's own short-lived sockets open now (reachability probes),
+/// in a [`registry`](crate::registry) table: the socket census leaves them out.
+#[derive(Debug)]
+struct Own(u16);
 
 /// Marks a local port as poolwatch's own while it lives.
 #[derive(Debug)]
@@ -126,25 +129,22 @@ pub(crate) struct OwnPort(u16);
 
 impl OwnPort {
     pub(crate) fn new(port: u16) -> OwnPort {
-        if let Ok(mut ports) = OWN_PORTS.lock() {
-            ports.push(port);
-        }
+        registry::lock::<Own>().push(Own(port));
         OwnPort(port)
     }
 }
 
 impl Drop for OwnPort {
     fn drop(&mut self) {
-        if let Ok(mut ports) = OWN_PORTS.lock()
-            && let Some(i) = ports.iter().position(|p| *p == self.0)
-        {
+        let mut ports = registry::lock::<Own>();
+        if let Some(i) = ports.iter().position(|p| p.0 == self.0) {
             ports.swap_remove(i);
         }
     }
 }
 
 pub(crate) fn is_own(port: u16) -> bool {
-    OWN_PORTS.lock().is_ok_and(|ports| ports.contains(&port))
+    registry::lock::<Own>().iter().any(|p| p.0 == port)
 }
 
 /// Emits the trace event of a blocking socket read, on the thread that reads (a test checks

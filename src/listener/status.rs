@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::cause::Cause;
+use crate::registry;
 
-static LISTENERS: Mutex<Vec<Arc<Status>>> = Mutex::new(Vec::new());
-
+/// A live listener's state (a [`registry`](crate::registry) table of `Arc<Status>`).
 #[derive(Debug)]
 pub(crate) struct Status {
     pool_name: String,
@@ -31,9 +31,7 @@ impl Registered {
             reconnects: AtomicU64::new(0),
             last_cause: Mutex::new(None),
         });
-        if let Ok(mut all) = LISTENERS.lock() {
-            all.push(Arc::clone(&status));
-        }
+        registry::lock::<Arc<Status>>().push(Arc::clone(&status));
         Registered(status)
     }
 
@@ -52,9 +50,7 @@ impl Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        if let Ok(mut all) = LISTENERS.lock() {
-            all.retain(|s| !Arc::ptr_eq(s, &self.0));
-        }
+        registry::lock::<Arc<Status>>().retain(|s| !Arc::ptr_eq(s, &self.0));
     }
 }
 
@@ -74,8 +70,8 @@ pub struct ListenerHealth {
 
 /// The live listeners of the pool named `pool_name`.
 pub(crate) fn of_pool(pool_name: &str) -> Vec<ListenerHealth> {
-    let Ok(all) = LISTENERS.lock() else { return Vec::new() };
-    all.iter()
+    registry::lock::<Arc<Status>>()
+        .iter()
         .filter(|s| s.pool_name == pool_name)
         .map(|s| ListenerHealth {
             name: s.listener.clone(),

@@ -3,17 +3,20 @@
 //!
 //! [`PoolWatch`]: crate::watch::PoolWatch
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
-
 use sqlx::PgPool;
 
 use crate::config::{Config, ConfigError};
 use crate::ledger::attribution::{self, NetworkPath, Tag};
+use crate::registry;
 
-/// The `application_name` tags of the pools watched by a live [`PoolWatch`] in this process,
-/// with their pool names: a pool is watched by at most one, and a tag names one pool.
-static LIVE: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+/// The `application_name` tag of a pool watched by a live [`PoolWatch`] in this process, with
+/// its pool name (a [`registry`](crate::registry) table): a pool is watched by at most one,
+/// and a tag names one pool.
+#[derive(Debug)]
+struct Live {
+    tag: String,
+    pool_name: String,
+}
 
 /// A pool as registered: its tag and how its sessions are attributed.
 #[derive(Debug)]
@@ -27,10 +30,10 @@ pub(super) struct Registered {
 /// Registers `pool` under `config`'s name and tags its connections. Checked and tagged under
 /// one lock, so two racing calls cannot both succeed.
 pub(super) fn register(pool: &PgPool, config: &Config) -> Result<Registered, ConfigError> {
-    let mut live = LIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut live = registry::lock::<Live>();
     let options = pool.connect_options();
     let current = options.get_application_name();
-    if current.is_some_and(|name| live.contains_key(name)) {
+    if current.is_some_and(|name| live.iter().any(|l| l.tag == name)) {
         return Err(ConfigError::new(
             "pool",
             format!(
@@ -47,19 +50,17 @@ pub(super) fn register(pool: &PgPool, config: &Config) -> Result<Registered, Con
     // Ports cannot be matched through a NAT, over a unix socket, or without the socket list.
     let nonce = path == NetworkPath::Nat || (path == NetworkPath::Direct && (unix || !cfg!(target_os = "linux")));
     let tag = Tag::new(current.map(attribution::without_tag), &config.pool_name, nonce);
-    if let Some(other) = live.get(&tag.pool_app_name) {
-        return Err(shared_tag(&config.pool_name, other, &tag.pool_app_name));
+    if let Some(other) = live.iter().find(|l| l.tag == tag.pool_app_name) {
+        return Err(shared_tag(&config.pool_name, &other.pool_name, &tag.pool_app_name));
     }
     pool.set_connect_options((*options).clone().application_name(&tag.pool_app_name));
-    live.insert(tag.pool_app_name.clone(), config.pool_name.clone());
+    live.push(Live { tag: tag.pool_app_name.clone(), pool_name: config.pool_name.clone() });
     Ok(Registered { tag, path, nonce })
 }
 
 /// The pool tagged `app_name` may be instrumented again from now on.
 pub(super) fn unregister(app_name: &str) {
-    if let Ok(mut live) = LIVE.lock() {
-        live.remove(app_name);
-    }
+    registry::lock::<Live>().retain(|l| l.tag != app_name);
 }
 
 /// The error for a pool whose tag another live watch of this process already uses.
