@@ -168,7 +168,8 @@ async fn watched_pair(
     // release).
     let options = if name.contains("hooks") { poolwatch::instrument_options_named(options, name) } else { options };
     let pool = options.connect_with(cluster.options()).await.expect("connect");
-    let config = Config::new(name).leak_threshold(leak.then_some(Duration::from_secs(30)));
+    let mut config = Config::new(name);
+    config.leak_threshold = leak.then_some(Duration::from_secs(30));
     let watch = instrument_pool(&pool, config).expect("instrument");
     (pool, watch)
 }

@@ -153,12 +153,6 @@ impl Config {
         self
     }
 
-    /// Declares a listener and its keepalive period ([`Deployment::listener_keepalive`]).
-    pub fn listener_keepalive(mut self, every: Option<Duration>) -> Self {
-        self.deployment = self.deployment.listener_keepalive(every);
-        self
-    }
-
     /// Points poolwatch's dedicated connection (census + direct heartbeat) straight at the
     /// database server, e.g. when the pool goes through PgBouncer in transaction mode: the
     /// census then reads the real server, and the direct heartbeat tells the pooler's health
@@ -198,9 +192,10 @@ impl Config {
         self
     }
 
-    /// Sets [`Config::leak_threshold`], e.g. `Some(Duration::from_secs(30))`.
-    pub fn leak_threshold(mut self, threshold: Option<Duration>) -> Self {
-        self.leak_threshold = threshold;
+    /// Turns the leak watch on: a checkout held longer than `threshold` is a suspect
+    /// ([`Config::leak_threshold`], off by default).
+    pub fn leak_threshold(mut self, threshold: Duration) -> Self {
+        self.leak_threshold = Some(threshold);
         self
     }
 
@@ -515,8 +510,11 @@ mod tests {
             (Config::new("a").expect_refresh_every(Duration::ZERO), "expect_refresh_every"),
             (Config::new("a").pooler_idle_timeout(Duration::ZERO), "pooler_idle_timeout"),
             (Config::new("a").replicas(0), "replicas"),
-            (Config::new("a").listener_keepalive(Some(Duration::ZERO)), "listener_keepalive"),
-            (Config::new("a").leak_threshold(Some(Duration::ZERO)), "leak_threshold"),
+            (
+                Config::new("a").deployment(Deployment::default().listener_keepalive(Some(Duration::ZERO))),
+                "listener_keepalive",
+            ),
+            (Config::new("a").leak_threshold(Duration::ZERO), "leak_threshold"),
             (Config::new("a").pooler_admin("not a url"), "pooler_admin"),
             (
                 Config::new("a")

@@ -110,7 +110,7 @@ async fn incident_4_exhaustion_counts_waiters_waits_and_timeouts() {
 async fn a_connection_held_past_the_threshold_is_a_suspect_with_its_location() {
     setup();
     let cluster = Cluster::shared();
-    let config = config("leaky").leak_threshold(Some(Duration::from_millis(300)));
+    let config = config("leaky").leak_threshold(Duration::from_millis(300));
     let (_pool, _watch, pool) = watched(&cluster, PgPoolOptions::new().max_connections(4), config).await;
 
     let job = tracing::info_span!("checkout_job", job = 7);
@@ -338,7 +338,7 @@ async fn figures_stay_exact_under_64_tasks_and_100k_cycles() {
     // No ping per acquire: the figures are poolwatch's, and 100k pings are minutes on a loaded machine.
     let options =
         PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(120)).test_before_acquire(false);
-    let config = config("load").leak_threshold(Some(Duration::from_secs(600)));
+    let config = config("load").leak_threshold(Duration::from_secs(600));
     let bare = options.connect_with(cluster.options()).await.expect("connect");
     let exact = Arc::new(ExactRecorder::default());
     let _watch = metrics::with_local_recorder(&*exact, || instrument_pool(&bare, config)).expect("instrument");
@@ -416,7 +416,7 @@ async fn failures_are_classified_and_detach_is_reported() {
     assert_eq!(pool_value("db_client_connection_timeouts_total", "broken"), 0.0);
     assert_eq!(pool_value("db_client_connection_pending_requests", "broken"), 0.0);
 
-    let config = config("closing").leak_threshold(Some(Duration::from_secs(60)));
+    let config = config("closing").leak_threshold(Duration::from_secs(60));
     let (pool, _watch, wpool) = watched(&cluster, PgPoolOptions::new().max_connections(2), config).await;
     let conn = wpool.acquire().await.unwrap();
     let (raw, line) = (conn.detach(), line!());

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use poolwatch::hazards::Hazard;
 use poolwatch::sqlx;
-use poolwatch::{Config, PoolWatch, instrument_pool};
+use poolwatch::{Config, ListenerConfig, PoolWatch, WatchedListener, instrument_pool};
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor, PgPool};
 use support::{Cluster, POOL, eventually, metric, recorder};
@@ -138,13 +138,15 @@ fn warns_for(pool_name: &str) -> Vec<(String, String)> {
 }
 
 /// Incident 1's settings in postgresql.conf: a 1 s `idle_session_timeout` against minimum
-/// connections, a listener without keepalive and a slow refresh.
+/// connections, a listener without keepalive and a slow refresh. The listeners are
+/// `WatchedListener`s on the pool's name: they tell the lint their keepalive, nothing declared.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_session_timeout_hazards_from_postgresql_conf() {
     recorder();
     let cluster = Cluster::start_with(&[("idle_session_timeout", "1s")]);
     let risky = pool(PgPoolOptions::new().max_connections(4).min_connections(2), &cluster).await;
-    let declared = config("hz_ist").listener_keepalive(None).expect_refresh_every(Duration::from_secs(5));
+    let _listener = WatchedListener::connect(cluster.options(), ListenerConfig::new("hz_ist", "jobs")).await.unwrap();
+    let declared = config("hz_ist").expect_refresh_every(Duration::from_secs(5));
     let watch = instrument_pool(&risky, declared).unwrap();
     let want = set(&[
         "min_connections_killed_by_idle_session_timeout",
@@ -162,8 +164,9 @@ async fn idle_session_timeout_hazards_from_postgresql_conf() {
         .idle_timeout(Duration::from_millis(200))
         .max_lifetime(Duration::from_millis(300));
     let careful = pool(options, &cluster).await;
-    let watch2 =
-        instrument_pool(&careful, config("hz_ist_ok").listener_keepalive(Some(Duration::from_secs(2)))).unwrap();
+    let slow_keepalive = ListenerConfig::new("hz_ist_ok", "jobs").keepalive(Duration::from_secs(2));
+    let _listener2 = WatchedListener::connect(cluster.options(), slow_keepalive).await.unwrap();
+    let watch2 = instrument_pool(&careful, config("hz_ist_ok")).unwrap();
     let want = set(&["listener_keepalive_slower_than_idle_timeout"]);
     assert_eq!(linted(&watch2).await, want, "{:#?}", watch2.hazards());
     assert_gauges("hz_ist_ok", &want);
@@ -221,7 +224,9 @@ async fn a_live_alter_role_is_flagged_by_the_periodic_recheck() {
     admin.execute("CREATE ROLE live LOGIN SUPERUSER").await.unwrap();
     let options = PgPoolOptions::new().max_connections(3).max_lifetime(Duration::from_secs(600));
     let pool = options.connect_with(cluster.options().username("live")).await.unwrap();
-    let config = config("hz_live").listener_keepalive(None).hazard_recheck_interval(Duration::from_millis(300));
+    let listener = ListenerConfig::new("hz_live", "jobs");
+    let _listener = WatchedListener::connect(cluster.options().username("live"), listener).await.unwrap();
+    let config = config("hz_live").hazard_recheck_interval(Duration::from_millis(300));
     let watch = instrument_pool(&pool, config).unwrap();
     assert!(!linted(&watch).await.contains("listener_without_keepalive"), "{:?}", watch.hazards());
     let connects_before = watch.heartbeat().direct.failures;

@@ -13,7 +13,7 @@ use poolwatch::attribution::NetworkPath;
 use poolwatch::internals::Fault;
 use poolwatch::report::HealthStatus;
 use poolwatch::sqlx;
-use poolwatch::{Config, PoolWatch, instrument_pool};
+use poolwatch::{Config, Deployment, PoolWatch, instrument_pool};
 use sqlx::{Connection, Executor};
 use support::{Cluster, POOL, eventually, metric, recorder};
 
@@ -67,8 +67,8 @@ fn fields() -> Vec<(&'static str, Set)> {
         ("send_queue_stuck_after", |c, d| c.send_queue_stuck_after(d)),
         ("expect_refresh_every", |c, d| c.expect_refresh_every(d)),
         ("pooler_idle_timeout", |c, d| c.pooler_idle_timeout(d)),
-        ("leak_threshold", |c, d| c.leak_threshold(Some(d))),
-        ("listener_keepalive", |c, d| c.listener_keepalive(Some(d))),
+        ("leak_threshold", |c, d| c.leak_threshold(d)),
+        ("listener_keepalive", |c, d| c.deployment(Deployment::default().listener_keepalive(Some(d)))),
     ]
 }
 

@@ -21,7 +21,7 @@ async fn stuck_transaction_lock_waiter_and_advisory_locks_are_visible() {
     let config = Config::new("stuck")
         .sample_interval(Duration::from_millis(100))
         .census_interval(Duration::from_millis(200))
-        .leak_threshold(Some(Duration::from_millis(500)));
+        .leak_threshold(Duration::from_millis(500));
     let watch = instrument_pool(&pool, config).unwrap();
     let db = watch.pool();
     let progress = watch.progress();

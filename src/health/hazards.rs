@@ -153,7 +153,7 @@ impl Hazard {
                 "refresh more often than the pooler's idle timeout, raise it, and retry connection_ended as transient"
             }
             Hazard::ListenerWithoutKeepalive => {
-                "run SELECT 1 on the listener's connection more often than the idle limit (Config::listener_keepalive), or give the listener a role without idle_session_timeout"
+                "run SELECT 1 on the listener's connection more often than the idle limit (ListenerConfig::keepalive on a WatchedListener), or give the listener a role without idle_session_timeout"
             }
             Hazard::ListenerKeepaliveSlowerThanIdleTimeout => {
                 "make the listener keepalive shorter than half the idle limit"
@@ -523,13 +523,8 @@ mod tests {
                     .pooler_idle_timeout(Duration::from_secs(60)),
                 Hazard::RefreshSlowerThanPoolerIdleTimeout,
             ),
-            (s(60), pool(), Config::new("a").listener_keepalive(None), Hazard::ListenerWithoutKeepalive),
-            (
-                s(60),
-                pool(),
-                Config::new("a").listener_keepalive(Some(Duration::from_secs(90))),
-                Hazard::ListenerKeepaliveSlowerThanIdleTimeout,
-            ),
+            (s(60), pool(), listener(None), Hazard::ListenerWithoutKeepalive),
+            (s(60), pool(), listener(Some(Duration::from_secs(90))), Hazard::ListenerKeepaliveSlowerThanIdleTimeout),
             (server(), pool(), Config::new("a").replicas(10), Hazard::MaxConnectionsOverServerCapacity),
             (
                 ServerSettings { role_connection_limit: Some(5), ..server() },
@@ -557,6 +552,11 @@ mod tests {
         }
     }
 
+    /// A config whose deployment has a listener with `keepalive`.
+    fn listener(keepalive: Option<Duration>) -> Config {
+        Config::new("a").deployment(crate::config::Deployment::default().listener_keepalive(keepalive))
+    }
+
     #[test]
     fn recycling_before_the_server_kill_is_safe() {
         let server = ServerSettings { idle_session_timeout: Some(Duration::from_secs(60)), ..server() };
@@ -566,7 +566,7 @@ mod tests {
             max_lifetime: Some(Duration::from_secs(25)),
             ..pool()
         };
-        let listener = Config::new("a").listener_keepalive(Some(Duration::from_secs(20)));
+        let listener = listener(Some(Duration::from_secs(20)));
         assert_eq!(names(&lint(&server, &pool, &listener.deployment)), Vec::<&str>::new());
     }
 

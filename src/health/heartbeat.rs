@@ -30,8 +30,9 @@ use tokio::sync::oneshot;
 use crate::direct::DirectConnection;
 use crate::health::followed::{self, Baseline};
 use crate::health::hazards::{self, Finding, Hazard, PoolSettings, ServerSettings};
+use crate::listener::status;
 use crate::publish::health::HeartbeatMetrics;
-use crate::{cause::Cause, config::Config};
+use crate::{cause::Cause, config::Config, config::Deployment};
 
 /// The two heartbeat paths (the `path` label values).
 pub const PATHS: [&str; 2] = ["pool", "direct"];
@@ -394,7 +395,7 @@ impl Heartbeat {
         if let Ok(mut state) = self.state.lock() {
             state.baseline = Some(baseline);
         }
-        let found = hazards::lint(&settings, &PoolSettings::of(pool.options()), &config.deployment);
+        let found = hazards::lint(&settings, &PoolSettings::of(pool.options()), &with_listeners(config));
         self.publish(found, settings);
         true
     }
@@ -426,7 +427,7 @@ impl Heartbeat {
             }
         };
         drop(conn);
-        let found = hazards::lint(&settings, &PoolSettings::of(pool.options()), &config.deployment);
+        let found = hazards::lint(&settings, &PoolSettings::of(pool.options()), &with_listeners(config));
         self.publish(found, settings);
         Some(true)
     }
@@ -461,6 +462,18 @@ impl Heartbeat {
         state.hazards = found;
         state.settings = Some(settings);
     }
+}
+
+/// The deployment as declared, plus what the pool's live
+/// [`WatchedListener`](crate::listener::watched::WatchedListener)s tell of themselves (their
+/// keepalive): a listener needs no declaring.
+fn with_listeners(config: &Config) -> Deployment {
+    let mut deployment = config.deployment.clone();
+    if let Some(live) = status::keepalive_of(&config.pool_name) {
+        deployment.listener_keepalive =
+            Some(deployment.listener_keepalive.map_or(live, |declared| status::worst_keepalive(declared, live)));
+    }
+    deployment
 }
 
 fn failure_hint(path: Path) -> &'static str {

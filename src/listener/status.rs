@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::cause::Cause;
 use crate::registry;
@@ -13,6 +14,8 @@ use crate::registry;
 pub(crate) struct Status {
     pool_name: String,
     listener: String,
+    /// Its keepalive period (`None`: none), for the hazard lint.
+    keepalive: Option<Duration>,
     connected: AtomicBool,
     reconnects: AtomicU64,
     last_cause: Mutex<Option<Cause>>,
@@ -23,10 +26,11 @@ pub(crate) struct Status {
 pub(crate) struct Registered(Arc<Status>);
 
 impl Registered {
-    pub(crate) fn new(pool_name: &str, listener: &str) -> Registered {
+    pub(crate) fn new(pool_name: &str, listener: &str, keepalive: Option<Duration>) -> Registered {
         let status = Arc::new(Status {
             pool_name: pool_name.to_owned(),
             listener: listener.to_owned(),
+            keepalive,
             connected: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
             last_cause: Mutex::new(None),
@@ -80,4 +84,17 @@ pub(crate) fn of_pool(pool_name: &str) -> Vec<ListenerHealth> {
             last_cause: s.last_cause.lock().ok().and_then(|c| c.map(Cause::as_str)),
         })
         .collect()
+}
+
+/// The keepalive the hazard lint must judge for the live listeners of `pool_name`: the
+/// worst of them (one without keepalive, else the slowest). `None`: no live listener.
+pub(crate) fn keepalive_of(pool_name: &str) -> Option<Option<Duration>> {
+    let all = registry::lock::<Arc<Status>>();
+    let mine = all.iter().filter(|s| s.pool_name == pool_name);
+    mine.map(|s| s.keepalive).reduce(worst_keepalive)
+}
+
+/// The worse of two listeners' keepalives for the lint: none at all, else the slower.
+pub(crate) fn worst_keepalive(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    a.zip(b).map(|(a, b)| a.max(b))
 }

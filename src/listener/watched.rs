@@ -558,7 +558,7 @@ impl Handles {
     fn new(config: &ListenerConfig) -> Handles {
         Handles {
             metrics: ListenerMetrics::new(&config.pool_name, &config.listener, &ZERO_BASES.map(Basis::as_str)),
-            status: Registered::new(&config.pool_name, &config.listener),
+            status: Registered::new(&config.pool_name, &config.listener, config.keepalive),
         }
     }
 
