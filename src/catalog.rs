@@ -437,7 +437,7 @@ pub const POOL_INFO: Metric = gauge(
 );
 
 // --- connection lifecycle ---
-/// Label key of [`CONNECTIONS_CLOSED`]: a [`CloseReason`](crate::acquire::lifecycle::CloseReason).
+/// Label key of [`CONNECTIONS_CLOSED`]: a [`CloseReason`](crate::ledger::snapshot::CloseReason).
 pub const REASON: &str = "reason";
 /// Connections the pool closed, by reason (needs
 /// [`instrument_options_named`](crate::acquire::bare::instrument_options_named); [`Detail::Full`](crate::config::Detail::Full)).

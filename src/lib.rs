@@ -51,7 +51,6 @@ pub use health::{hazards, reach, report};
 pub use ledger::attribution;
 
 pub use acquire::bare::{instrument_options_named, sqlx_acquire_layer};
-pub use acquire::lifecycle::{CloseReason, LifecycleFigures};
 pub use acquire::probe::instrument_options;
 pub use acquire::stamps::mark_connected;
 pub use acquire::watched_pool::{Watched, WatchedConnection, WatchedPool, WatchedTransaction};
@@ -61,6 +60,7 @@ pub use health::heartbeat::{Diagnosis, HeartbeatFigures, PATHS, PathFigures};
 pub use health::progress::Progress;
 pub use ledger::census::{CENSUS_SQL, SESSION_STATES, ServerCensus};
 pub use ledger::pooler::PoolerFigures;
+pub use ledger::snapshot::{CloseReason, LifecycleFigures};
 pub use ledger::snapshot::{PoolFigures, Snapshot};
 pub use ledger::sockets::{
     ClientSocket, SocketCensus, SocketQueue, SocketReader, SocketSource, TCP_STATES, process_sockets,

@@ -124,7 +124,7 @@ impl Heartbeat {
         let p = || pool_name.to_owned();
         Heartbeat {
             linting: std::sync::atomic::AtomicBool::new(false),
-            metrics: HeartbeatMetrics::new(pool_name, detail, PATHS),
+            metrics: HeartbeatMetrics::new(pool_name, detail, PATHS, &Hazard::ALL.map(Hazard::as_str)),
             pool_name: p(),
             holding: std::sync::atomic::AtomicUsize::new(0),
             state: Mutex::new(State::default()),
@@ -433,7 +433,7 @@ impl Heartbeat {
     }
 
     fn publish(&self, found: Vec<Finding>, settings: ServerSettings) {
-        self.metrics.hazards(&found);
+        self.metrics.hazards(|i| found.iter().any(|f| f.hazard == Hazard::ALL[i]), found.len());
         let Ok(mut state) = self.state.lock() else { return };
         let pool = self.pool_name.as_str();
         for f in &found {

@@ -172,7 +172,7 @@ pub struct HealthReport {
     /// Connections opened, closed by reason, and the oldest one's age (`watch.lifecycle()`);
     /// `None` unless the pool was built with
     /// [`instrument_options_named`](crate::acquire::bare::instrument_options_named). Informative only.
-    pub lifecycle: Option<crate::acquire::lifecycle::LifecycleFigures>,
+    pub lifecycle: Option<crate::ledger::snapshot::LifecycleFigures>,
     /// How old the background tasks' figures are.
     pub freshness: Freshness,
 }
@@ -205,7 +205,7 @@ pub(crate) struct Inputs {
     pub(crate) listeners: Vec<ListenerHealth>,
     pub(crate) hazards: Vec<crate::health::hazards::Finding>,
     pub(crate) stranded: Option<u32>,
-    pub(crate) lifecycle: Option<crate::acquire::lifecycle::LifecycleFigures>,
+    pub(crate) lifecycle: Option<crate::ledger::snapshot::LifecycleFigures>,
     pub(crate) send_queue_stuck: u32,
     pub(crate) waits: WaitHealth,
     pub(crate) reach: crate::health::reach::Reachability,

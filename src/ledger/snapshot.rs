@@ -1,5 +1,7 @@
 //! Plain structs of figures: what the pool believes, what really exists, and the gap.
 
+use std::time::Duration;
+
 use sqlx::PgPool;
 
 use crate::ledger::census::ServerCensus;
@@ -61,4 +63,55 @@ pub struct Snapshot {
     pub pooler: Option<crate::ledger::pooler::PoolerFigures>,
     /// Sessions of this pool that ended without the pool closing them, since instrumented.
     pub sessions_ended: u64,
+}
+
+/// Why a connection closed, as far as sqlx lets it be told (see [`lifecycle`](crate::acquire::lifecycle)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// Idle past the pool's `idle_timeout` (closed by sqlx's reaper).
+    IdleTimeout,
+    /// Older than the pool's `max_lifetime`.
+    MaxLifetime,
+    /// Any other close: a failed ping, an error, or closed or detached by the app.
+    Broken,
+    /// The pool was closed.
+    PoolClosed,
+}
+
+impl CloseReason {
+    /// Every reason, in the order of [`LifecycleFigures::closed`].
+    pub const ALL: [CloseReason; 4] =
+        [CloseReason::IdleTimeout, CloseReason::MaxLifetime, CloseReason::Broken, CloseReason::PoolClosed];
+
+    /// The label value (`reason` of `poolwatch_connections_closed_total`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::MaxLifetime => "max_lifetime",
+            CloseReason::Broken => "broken",
+            CloseReason::PoolClosed => "pool_closed",
+        }
+    }
+}
+
+/// The lifecycle figures of one pool (needs the hooks of
+/// [`instrument_options_named`](crate::acquire::bare::instrument_options_named)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct LifecycleFigures {
+    /// Connections opened since the hooks were installed.
+    pub opened: u64,
+    /// Connections closed, by reason, indexed like [`CloseReason::ALL`].
+    pub closed: [u64; 4],
+    /// Connections opened and not yet counted closed.
+    pub open: u32,
+    /// How old the oldest of them is (`None`: none open).
+    pub oldest_age: Option<Duration>,
+}
+
+impl LifecycleFigures {
+    /// Connections closed for `reason`.
+    pub fn closed_for(&self, reason: CloseReason) -> u64 {
+        CloseReason::ALL.iter().position(|r| *r == reason).map_or(0, |i| self.closed[i])
+    }
 }

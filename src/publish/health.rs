@@ -12,8 +12,6 @@ use super::LazyGauge;
 use crate::catalog::{self, CAUSE, HAZARD, PATH, POOL_NAME, SERVER_ADDRESS};
 use crate::cause::Cause;
 use crate::config::Detail;
-use crate::health::hazards::{Finding, Hazard};
-use crate::health::reach::{MAX_SERIES, Reachability};
 
 /// The heartbeats' and the lint's handles.
 #[derive(Debug)]
@@ -27,8 +25,14 @@ pub(crate) struct HeartbeatMetrics {
 }
 
 impl HeartbeatMetrics {
-    /// `paths` are the heartbeat's two paths' label values (`pool`, `direct`).
-    pub(crate) fn new(pool_name: &str, detail: Detail, paths: [&'static str; 2]) -> HeartbeatMetrics {
+    /// `paths` are the heartbeat's two paths' label values (`pool`, `direct`), `hazards` the
+    /// lint's hazard names.
+    pub(crate) fn new(
+        pool_name: &str,
+        detail: Detail,
+        paths: [&'static str; 2],
+        hazards: &[&'static str],
+    ) -> HeartbeatMetrics {
         let p = || pool_name.to_owned();
         // The failure an alert reads with `increase()` (PoolwatchSessionsEndedByPooler: a
         // pooler's query_wait_timeout on the pool path) exists at 0 from the start, so the
@@ -45,10 +49,10 @@ impl HeartbeatMetrics {
             up: paths.map(|path| gauge!(catalog::HEARTBEAT_UP.name, POOL_NAME => p(), PATH => path)),
             // Standard detail: a hazard's series exists once it was found (then 1, or 0 once
             // fixed); the count is always there.
-            hazard: Hazard::ALL
+            hazard: hazards
                 .iter()
                 .map(|h| {
-                    let labels = vec![(POOL_NAME, p()), (HAZARD, h.as_str().to_owned())];
+                    let labels = vec![(POOL_NAME, p()), (HAZARD, (*h).to_owned())];
                     LazyGauge::new(catalog::CONFIG_HAZARD.name, labels, detail == Detail::Full)
                 })
                 .collect(),
@@ -68,12 +72,13 @@ impl HeartbeatMetrics {
         }
     }
 
-    /// The hazards the last lint found.
-    pub(crate) fn hazards(&self, found: &[Finding]) {
-        for (gauge, hazard) in self.hazard.iter().zip(Hazard::ALL) {
-            gauge.set(if found.iter().any(|f| f.hazard == hazard) { 1.0 } else { 0.0 });
+    /// The hazards the last lint found: `found(i)` tells whether the `i`-th of the names
+    /// given to [`new`](Self::new) was, `count` how many were.
+    pub(crate) fn hazards(&self, found: impl Fn(usize) -> bool, count: usize) {
+        for (i, gauge) in self.hazard.iter().enumerate() {
+            gauge.set(if found(i) { 1.0 } else { 0.0 });
         }
-        self.hazards_found.set(found.len() as f64);
+        self.hazards_found.set(count as f64);
     }
 }
 
@@ -81,6 +86,8 @@ impl HeartbeatMetrics {
 #[derive(Debug)]
 pub(crate) struct ReachMetrics {
     pool_name: String,
+    /// Addresses that get series at most, over the process's life.
+    cap: usize,
     /// Per-address series only at [`Detail::Full`].
     per_address: bool,
     series: Mutex<HashMap<SocketAddr, AddressGauges>>,
@@ -94,38 +101,41 @@ struct AddressGauges {
 }
 
 impl ReachMetrics {
-    pub(crate) fn new(pool_name: &str, detail: Detail) -> ReachMetrics {
+    /// At most `cap` addresses get series (at `Detail::Full` only).
+    pub(crate) fn new(pool_name: &str, detail: Detail, cap: usize) -> ReachMetrics {
         ReachMetrics {
             pool_name: pool_name.to_owned(),
+            cap,
             per_address: detail == Detail::Full,
             series: Mutex::new(HashMap::new()),
             over_cap_warned: AtomicBool::new(false),
         }
     }
 
-    /// Publishes one probe's figures.
-    pub(crate) fn publish(&self, reach: &Reachability) {
+    /// Publishes one probe: how many addresses the host resolved to, and each address probed
+    /// (whether it is up, its connect time).
+    pub(crate) fn publish(&self, resolved: usize, probed: &[Probed]) {
         // Registered at the first probe: a unix-socket pool never exports it.
-        gauge!(catalog::SERVER_ADDRESSES.name, POOL_NAME => self.pool_name.clone()).set(reach.resolved as f64);
-        let down = reach.addresses.iter().filter(|a| !a.up).count();
+        gauge!(catalog::SERVER_ADDRESSES.name, POOL_NAME => self.pool_name.clone()).set(resolved as f64);
+        let down = probed.iter().filter(|a| !a.up).count();
         gauge!(catalog::SERVER_ADDRESSES_DOWN.name, POOL_NAME => self.pool_name.clone()).set(down as f64);
         if !self.per_address {
             return;
         }
         let Ok(mut series) = self.series.lock() else { return };
         for (address, g) in series.iter() {
-            if reach.get(*address).is_none() {
+            if !probed.iter().any(|a| a.address == *address) {
                 // Not probed this time (left the DNS answer): no value until it comes back.
                 g.up.set(f64::NAN);
                 g.connect.set(f64::NAN);
             }
         }
-        for a in &reach.addresses {
-            if !series.contains_key(&a.address) && series.len() >= MAX_SERIES {
+        for a in probed {
+            if !series.contains_key(&a.address) && series.len() >= self.cap {
                 if !self.over_cap_warned.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         pool = %self.pool_name,
-                        max = MAX_SERIES,
+                        max = self.cap,
                         "the database host has resolved to more distinct addresses than poolwatch exports \
                          series for; newer addresses show only in PoolWatch::reachability()"
                     );
@@ -149,6 +159,14 @@ impl ReachMetrics {
     pub(crate) fn clear_poison(&self) {
         self.series.clear_poison();
     }
+}
+
+/// One address as a reachability probe found it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Probed {
+    pub(crate) address: SocketAddr,
+    pub(crate) up: bool,
+    pub(crate) connect_time: std::time::Duration,
 }
 
 /// The tasks' liveness: when each last completed, and the census's age.
@@ -206,23 +224,21 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::health::reach::{AddressFigures, MAX_ADDRESSES};
 
     #[test]
     fn series_stop_at_the_cap() {
-        let reach = ReachMetrics::new("cap", Detail::Full);
-        for round in 0..5u16 {
-            let addresses = (0..MAX_ADDRESSES as u16)
-                .map(|i| AddressFigures {
-                    address: SocketAddr::from(([10, 0, round as u8, i as u8], 5432)),
+        let reach = ReachMetrics::new("cap", Detail::Full, 16);
+        for round in 0..5u8 {
+            let probed: Vec<Probed> = (0..8u8)
+                .map(|i| Probed {
+                    address: SocketAddr::from(([10, 0, round, i], 5432)),
                     up: true,
                     connect_time: Duration::from_millis(1),
-                    error: None,
                 })
                 .collect();
-            reach.publish(&Reachability { resolved: MAX_ADDRESSES, addresses, resolve_error: None });
+            reach.publish(8, &probed);
         }
-        assert_eq!(reach.series.lock().unwrap().len(), MAX_SERIES);
+        assert_eq!(reach.series.lock().unwrap().len(), 16);
         assert!(reach.over_cap_warned.load(Ordering::Relaxed));
     }
 }

@@ -9,13 +9,12 @@ use metrics::{Counter, Gauge, counter, gauge};
 
 use super::health::ReachMetrics;
 use super::{LazyGauge, by_state};
-use crate::acquire::lifecycle::{CloseReason, LifecycleFigures};
 use crate::catalog::{self, APPLICATION_NAME, CAUSE, CONNECTION_STATE, POOL_NAME, STATE};
 use crate::cause::Cause;
 use crate::config::Detail;
 use crate::ledger::census::SESSION_STATES;
 use crate::ledger::pooler::PoolerFigures;
-use crate::ledger::snapshot::{PoolFigures, Snapshot};
+use crate::ledger::snapshot::{CloseReason, LifecycleFigures, PoolFigures, Snapshot};
 use crate::ledger::sockets::{SocketCensus, TCP_STATES};
 
 /// Session states whose count is exported from the start at [`Detail::Standard`] (the others
@@ -101,8 +100,15 @@ struct LifecycleMetrics {
 
 impl PoolMetrics {
     /// The handles of `pool_name`, tagged `fleet_tag` on the server; `lifecycle` when its
-    /// options carry the hooks, `pooler` when a pooler admin console is declared.
-    pub(crate) fn new(pool_name: &str, detail: Detail, fleet_tag: &str, lifecycle: bool, pooler: bool) -> PoolMetrics {
+    /// options carry the hooks, `pooler` when a pooler admin console is declared; at most
+    /// `reach_cap` addresses get reachability series.
+    pub(crate) fn new(
+        pool_name: &str,
+        detail: Detail,
+        fleet_tag: &str,
+        (lifecycle, pooler): (bool, bool),
+        reach_cap: usize,
+    ) -> PoolMetrics {
         let p = pool_name.to_owned();
         let full = detail == Detail::Full;
         let state = |name: &'static str, key: &'static str, value: &'static str| gauge!(name, POOL_NAME => p.clone(), key => value);
@@ -135,7 +141,7 @@ impl PoolMetrics {
             send_queue_stuck: lazy(catalog::SEND_QUEUE_STUCK.name),
             lifecycle,
             pooler: pooler.then(|| PoolerGauges::new(pool_name)),
-            reach: ReachMetrics::new(pool_name, detail),
+            reach: ReachMetrics::new(pool_name, detail, reach_cap),
             pool_name: p,
             detail,
         };

@@ -1,8 +1,9 @@
 //! [`instrument_pool`] and the [`PoolWatch`] handle that owns the background tasks.
 //!
 //! One sample travels one way: [`registration`] tags the pool, [`shared`] holds the parts,
-//! [`cadence`] runs the loop, [`sample`] reads the pool and its sockets, the census reads the
-//! server (`ledger::census::settle`), and the figures are published on the way back up.
+//! [`cadence`] runs the loop, [`sample`] reads the pool and its sockets into one plain
+//! figure, and `publish::pool` maps it to metrics in one call. A census goes the same way
+//! through `ledger::census::settle`.
 
 mod cadence;
 mod registration;
@@ -15,7 +16,7 @@ use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::acquire::lifecycle::{LifecycleFigures, Published};
+use crate::acquire::lifecycle::Published;
 use crate::acquire::watched_pool::WatchedPool;
 use crate::catalog;
 use crate::cause::Cause;
@@ -26,6 +27,7 @@ use crate::health::progress::Progress;
 use crate::health::reach::Reachability;
 use crate::health::report::{self, GapHealth, HealthReport, WaitHealth};
 use crate::ledger::attribution::NetworkPath;
+use crate::ledger::snapshot::LifecycleFigures;
 use crate::ledger::snapshot::{PoolFigures, Snapshot};
 use crate::schedule::Fault;
 use cadence::{run, supervise_heartbeat};

@@ -25,6 +25,7 @@ use crate::ledger::pooler::PoolerConnection;
 use crate::ledger::retag::{self, Untagged};
 use crate::ledger::send_queues::StuckSendQueues;
 use crate::ledger::snapshot::{PoolFigures, Snapshot};
+use crate::publish::health::Probed;
 use crate::publish::pool::{CensusFigures, PoolMetrics};
 use crate::schedule;
 use crate::watch::registration::Registered;
@@ -110,8 +111,8 @@ impl Shared {
             &config.pool_name,
             config.detail,
             &tag.stable,
-            lifecycle.is_some(),
-            ledger.pooler.is_some(),
+            (lifecycle.is_some(), ledger.pooler.is_some()),
+            crate::health::reach::MAX_SERIES,
         );
         Ok(Shared {
             metrics,
@@ -170,7 +171,12 @@ impl Shared {
         let options = self.pool.connect_options();
         let reach = self.health.reach.run_now(self.connect_trouble(), &options, self.config.census_timeout).await;
         if let Some(reach) = reach {
-            self.metrics.reach.publish(&reach);
+            let probed: Vec<Probed> = reach
+                .addresses
+                .iter()
+                .map(|a| Probed { address: a.address, up: a.up, connect_time: a.connect_time })
+                .collect();
+            self.metrics.reach.publish(reach.resolved, &probed);
         }
     }
 
