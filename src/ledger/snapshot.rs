@@ -65,7 +65,7 @@ pub struct Snapshot {
     pub sessions_ended: u64,
 }
 
-/// Why a connection closed, as far as sqlx lets it be told (see [`lifecycle`](crate::acquire::lifecycle)).
+/// Why a connection closed, as far as sqlx lets it be told (see `docs/lifecycle.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CloseReason {
     /// Idle past the pool's `idle_timeout` (closed by sqlx's reaper).
