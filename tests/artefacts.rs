@@ -608,3 +608,41 @@ fn mixin_installs_with_jsonnet_bundler_and_imports_by_one_path() {
         "the example renders the alerts with its jobSelector: {rendered}"
     );
 }
+
+/// The fleet query ships for sql_exporter (burningalchemist/sql_exporter, where
+/// postgres_exporter's deprecated `--extend.query-path` users are sent) as for
+/// postgres_exporter: the same SQL, the same series name and labels, so alerts/fleet.rules.yml
+/// reads either. (sql_exporter is not packaged here and needs Go 1.22 to build: the SQL and the
+/// series are what tests/fleet.rs and tests/fleet_e2e.rs check through postgres_exporter.)
+#[test]
+fn fleet_query_ships_for_sql_exporter_as_for_postgres_exporter() {
+    let pe = yaml(&root().join("alerts/postgres_exporter/queries.yaml"));
+    let (name, pe_query) = pe.as_mapping().and_then(|m| m.iter().next()).expect("one postgres_exporter query");
+    let pe_metrics = serde_yaml::to_string(&pe_query["metrics"]).unwrap();
+    assert_eq!(format!("{}_count", name.as_str().unwrap()), catalog::EXPORTER_SESSIONS, "postgres_exporter's series");
+    assert!(pe_metrics.contains("application_name") && pe_metrics.contains("state"), "{pe_metrics}");
+
+    let collector = yaml(&root().join("alerts/sql_exporter/poolwatch.collector.yml"));
+    let metrics = collector["metrics"].as_sequence().expect("collector metrics");
+    assert_eq!(metrics.len(), 1, "one metric");
+    let m = &metrics[0];
+    let strings = |v: &Yaml| -> Vec<String> {
+        v.as_sequence().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_owned)).collect()
+    };
+    assert_eq!(m["metric_name"].as_str(), Some(catalog::EXPORTER_SESSIONS), "the series the fleet rules read");
+    assert_eq!(m["type"].as_str(), Some("gauge"));
+    assert_eq!(strings(&m["key_labels"]), ["application_name", "state"]);
+    assert_eq!(strings(&m["values"]), ["count"]);
+    assert_eq!(
+        m["query"].as_str(),
+        pe_query["query"].as_str(),
+        "the same SQL as alerts/postgres_exporter/queries.yaml"
+    );
+
+    let config = yaml(&root().join("alerts/sql_exporter/sql_exporter.yml"));
+    assert!(strings(&config["collector_files"]).iter().any(|f| f == "poolwatch.collector.yml"));
+    assert_eq!(strings(&config["target"]["collectors"]), [collector["collector_name"].as_str().unwrap().to_owned()]);
+    let dsn = config["target"]["data_source_name"].as_str().unwrap_or_default();
+    let user = dsn.strip_prefix("postgres://").and_then(|rest| rest.split_once('@')).map(|(user, _)| user);
+    assert!(user.is_some_and(|u| !u.contains(':')), "a postgres:// DSN with no password in the example: {dsn}");
+}
