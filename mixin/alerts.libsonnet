@@ -168,7 +168,7 @@ local alert = import 'lib/alert.libsonnet';
         name: 'poolwatch-work',
         rules: [
           a('PoolwatchLeakSuspects', 'warning', |||
-            poolwatch_leak_suspects{%(s)s} > 0
+            poolwatch_leak_suspect_connections{%(s)s} > 0
           |||,
             'Pool {{ $labels.db_client_connection_pool_name }} on {{ $labels.instance }}: {{ $value }} connection(s) held past the leak threshold',
             'Connections have been checked out far longer than expected. poolwatch logs where each was acquired.'),
@@ -225,7 +225,7 @@ local alert = import 'lib/alert.libsonnet';
           // min, gone 1 min) keeps one alert firing instead of firing and resolving at each
           // restart. Static until fixed.
           a('PoolwatchConfigHazard', 'warning', |||
-            max_over_time(poolwatch_config_hazard{%(s)s}[%(hazardWindow)s]) > 0
+            max_over_time(poolwatch_config_hazard_active{%(s)s}[%(hazardWindow)s]) > 0
           |||,
             'Pool {{ $labels.db_client_connection_pool_name }} on {{ $labels.instance }}: configuration hazard {{ $labels.hazard }}',
             'poolwatch found a setting that will end idle connections under the app (listeners, minimum connections, heartbeats). See the runbook for each hazard.'),

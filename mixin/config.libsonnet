@@ -1,5 +1,6 @@
 // Everything a user may change when importing the mixin. Override with
-//   (import 'poolwatch/mixin.libsonnet') + { _config+:: { jobSelector: 'job="api"' } }
+//   (import 'github.com/poolwatch/poolwatch/mixin/mixin.libsonnet') + { _config+:: { jobSelector: 'job="api"' } }
+// (installed with `jb install github.com/poolwatch/poolwatch/mixin@main`; see README.md).
 {
   _config+:: {
     // Selects the app processes that run poolwatch. Every alert, recording rule and

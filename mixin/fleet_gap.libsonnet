@@ -3,8 +3,9 @@
 //
 // Needs two sources scraped by the same Prometheus:
 // - every app replica's poolwatch metrics (db_client_connection_count, poolwatch_pool_info);
-// - postgres_exporter with alerts/postgres_exporter/queries.yaml
-//   (pg_stat_activity_by_app_count{application_name, state}).
+// - postgres_exporter with alerts/postgres_exporter/queries.yaml, or sql_exporter with
+//   alerts/sql_exporter/poolwatch.collector.yml (the same query and series:
+//   pg_stat_activity_by_app_count{application_name, state}).
 // Sessions that reach the server through a pooler carry the pooler's application_name, not the
 // app's: the join holds for apps that connect to PostgreSQL directly (or through a pooler that
 // forwards application_name, e.g. PgBouncer session mode with track_extra_parameters).

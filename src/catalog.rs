@@ -225,7 +225,7 @@ pub const LISTENER_LAST_NOTIFICATION: Metric = gauge(
 /// Label key of the heartbeat metrics: `pool` (acquire + `SELECT 1`) or `direct` (the
 /// dedicated connection outside the pool).
 pub const PATH: &str = "path";
-/// Label key of `poolwatch_config_hazard`: a [`Hazard`](crate::health::hazards::Hazard) name.
+/// Label key of `poolwatch_config_hazard_active`: a [`Hazard`](crate::health::hazards::Hazard) name.
 pub const HAZARD: &str = "hazard";
 /// How long each heartbeat took, by path.
 pub const HEARTBEAT_DURATION: Metric = histogram(
@@ -238,7 +238,7 @@ pub const HEARTBEAT_DURATION: Metric = histogram(
 pub const CONFIG_HAZARDS: Metric = gauge(
     "poolwatch_config_hazards",
     Unit::Count,
-    "How many configuration hazards the last lint found (poolwatch_config_hazard names each one found).",
+    "How many configuration hazards the last lint found (poolwatch_config_hazard_active names each one found).",
     &[],
 );
 /// Failed heartbeats, by path and cause.
@@ -252,7 +252,7 @@ pub const HEARTBEAT_UP: Metric =
     gauge("poolwatch_heartbeat_up", Unit::Count, "1 if the last heartbeat on the path succeeded, else 0.", &[PATH]);
 /// 1 for each configuration hazard found at start-up or after a reconnect, 0 for the others.
 pub const CONFIG_HAZARD: Metric = gauge(
-    "poolwatch_config_hazard",
+    "poolwatch_config_hazard_active",
     Unit::Count,
     "1 if the server, pool or declared settings combine into a known failure mode (see the hazard's WARN log and docs), else 0.",
     &[HAZARD],
@@ -313,7 +313,7 @@ pub const SEND_QUEUE_STUCK: Metric = gauge(
 );
 /// Connections checked out longer than `leak_threshold` now (plus slots lost to `leak()`).
 pub const LEAK_SUSPECTS: Metric = gauge(
-    "poolwatch_leak_suspects",
+    "poolwatch_leak_suspect_connections",
     Unit::Count,
     "Connections checked out longer than leak_threshold now, plus pool slots lost to leak().",
     &[],

@@ -122,7 +122,7 @@ async fn a_connection_held_past_the_threshold_is_a_suspect_with_its_location() {
     drop(quick);
 
     eventually(Duration::from_secs(3), "the held connection becomes a suspect", async || {
-        (pool_value("poolwatch_leak_suspects", "leaky") == 1.0).then_some(())
+        (pool_value("poolwatch_leak_suspect_connections", "leaky") == 1.0).then_some(())
     })
     .await;
     assert_eq!(pool_value("poolwatch_leak_suspects_total", "leaky"), 1.0);
@@ -144,10 +144,14 @@ async fn a_connection_held_past_the_threshold_is_a_suspect_with_its_location() {
     assert_eq!(warns.iter().filter(|l| l.contains("pool=leaky")).count(), 2, "{warns:#?}");
     assert_eq!(warns.iter().filter(|l| l.contains("pool=leaky") && l.contains(&first_at)).count(), 1, "{warns:#?}");
     drop(second);
-    assert_eq!(pool_value("poolwatch_leak_suspects", "leaky"), 1.0, "the second left the gauge when returned");
+    assert_eq!(
+        pool_value("poolwatch_leak_suspect_connections", "leaky"),
+        1.0,
+        "the second left the gauge when returned"
+    );
 
     drop(conn);
-    assert_eq!(pool_value("poolwatch_leak_suspects", "leaky"), 0.0, "the gauge drops when it is returned");
+    assert_eq!(pool_value("poolwatch_leak_suspect_connections", "leaky"), 0.0, "the gauge drops when it is returned");
     let info = logs::lines_with("leak suspect returned");
     let info = info.iter().find(|l| l.contains("pool=leaky")).expect("an INFO on return");
     assert!(info.contains("INFO"), "{info}");
@@ -157,7 +161,7 @@ async fn a_connection_held_past_the_threshold_is_a_suspect_with_its_location() {
     // leak(): the slot is lost for good, so it stays a suspect.
     let conn = pool.acquire().await.unwrap();
     let (raw, leak_line) = (conn.leak(), line!());
-    assert_eq!(pool_value("poolwatch_leak_suspects", "leaky"), 1.0);
+    assert_eq!(pool_value("poolwatch_leak_suspect_connections", "leaky"), 1.0);
     assert_eq!(pool_value("poolwatch_leak_suspects_total", "leaky"), 3.0);
     let warns = logs::lines_with("leak()");
     let warn = warns.iter().find(|l| l.contains("pool=leaky")).expect("a WARN for leak()");
@@ -390,7 +394,7 @@ async fn figures_stay_exact_under_64_tasks_and_100k_cycles() {
     assert_eq!(exact.gauge("db_client_connection_pending_requests", &load), Some(0.0));
     assert_eq!(exact.counter("db_client_connection_timeouts_total", &load), Some(0));
     // At Detail::Standard the suspects gauge exists once a suspect was seen: absent or 0.
-    let suspects = exact.gauge("poolwatch_leak_suspects", &load);
+    let suspects = exact.gauge("poolwatch_leak_suspect_connections", &load);
     assert!(matches!(suspects, None | Some(0.0)), "leak suspects: {suspects:?}");
     assert_eq!(exact.counter("poolwatch_leak_suspects_total", &load), Some(0));
 }
@@ -421,7 +425,7 @@ async fn failures_are_classified_and_detach_is_reported() {
     let conn = wpool.acquire().await.unwrap();
     let (raw, line) = (conn.detach(), line!());
     assert_eq!(pool_value("poolwatch_leak_suspects_total", "closing"), 1.0);
-    assert_eq!(pool_value("poolwatch_leak_suspects", "closing"), 0.0, "detach() frees the slot");
+    assert_eq!(pool_value("poolwatch_leak_suspect_connections", "closing"), 0.0, "detach() frees the slot");
     let warns = logs::lines_with("detach()");
     let warn = warns.iter().find(|l| l.contains("pool=closing")).expect("a WARN for detach()");
     assert!(warn.contains(&format!("taken_out_at=tests/acquire.rs:{line}")), "{warn}");

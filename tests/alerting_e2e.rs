@@ -223,3 +223,62 @@ async fn a_saturated_pool_reaches_alertmanager_as_a_ticket_and_clears() {
     pool.close().await;
     cluster.stop();
 }
+
+/// `POST` `body` (JSON) to `http://addr/path`; the response's status line (`None`: not
+/// listening yet).
+async fn http_post(addr: SocketAddr, path: &str, body: &str) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!(
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.lines().next().map(str::to_owned)
+}
+
+/// Two services whose pools are both called "main" get one notification each: the shipped
+/// Alertmanager config groups by job as well as by alert and pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_of_the_same_name_in_two_services_are_two_notifications() {
+    let (hook, received) = webhook().await;
+    let dir = std::env::temp_dir().join(format!("poolwatch-groups-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let am_config = dir.join("alertmanager.yml");
+    std::fs::write(&am_config, test_alertmanager_config(hook)).unwrap();
+    let alertmanager = Alertmanager::start(&am_config);
+    let alert = |job: &str, instance: &str| {
+        format!(
+            r#"{{"labels":{{"alertname":"{ALERT}","severity":"warning","job":"{job}","instance":"{instance}","db_client_connection_pool_name":"main"}}}}"#
+        )
+    };
+    // Two instances of "api" (one problem) and one of "worker" (another).
+    let body = format!("[{},{},{}]", alert("api", "a:9184"), alert("api", "b:9184"), alert("worker", "w:9184"));
+    let status = eventually(Duration::from_secs(60), "Alertmanager accepts alerts", async || {
+        let status = http_post(alertmanager.addr, "/api/v2/alerts", &body).await?;
+        status.contains(" 200").then_some(status)
+    })
+    .await;
+    assert!(status.contains(" 200"), "{status}\n{}", alertmanager.log());
+    // Every alert grouped, and every group notified once.
+    let groups = eventually(Duration::from_secs(60), "the alerts grouped and notified", async || {
+        let groups = json(alertmanager.addr, "/api/v2/alerts/groups").await?;
+        let list = groups.as_array()?;
+        let alerts: usize = list.iter().map(|g| g["alerts"].as_array().map_or(0, Vec::len)).sum();
+        let delivered = received.lock().unwrap().len();
+        (alerts == 3 && delivered >= list.len()).then_some(groups)
+    })
+    .await;
+    let mut sizes: Vec<(String, usize)> = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["labels"]["job"].as_str().unwrap_or("").to_owned(), g["alerts"].as_array().map_or(0, Vec::len)))
+        .collect();
+    sizes.sort();
+    assert_eq!(sizes, [("api".to_owned(), 2), ("worker".to_owned(), 1)], "{groups:#}");
+    let notifications = received.lock().unwrap().clone();
+    assert_eq!(notifications.len(), 2, "one notification per service: {notifications:#?}");
+    std::fs::remove_dir_all(&dir).ok();
+}

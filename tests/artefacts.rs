@@ -279,11 +279,17 @@ fn amtool_accepts_the_alertmanager_example_and_routes_by_severity() {
         assert_eq!(out.lines().next().map(str::trim), Some(receiver), "{labels:?} routes to {receiver}: {out}");
     }
 
-    // Grouping by alert and pool; database-down inhibits pool-exhausted for the same pool.
+    // Grouping by alert, job and pool (pools of two services may share a name, "main"), with
+    // the `cluster` slot documented; database-down inhibits pool-exhausted for the same pool.
     let am = yaml(&root().join(config));
     let group_by: Vec<&str> =
         am["route"]["group_by"].as_sequence().unwrap().iter().filter_map(|v| v.as_str()).collect();
-    assert_eq!(group_by, ["alertname", catalog::POOL_NAME]);
+    assert_eq!(group_by, ["alertname", "job", catalog::POOL_NAME]);
+    let text = read(&root().join(config));
+    assert!(
+        text.contains("#   group_by: [alertname, cluster, job, db_client_connection_pool_name]"),
+        "alerts/alertmanager.yml documents where `cluster` goes"
+    );
     let inhibits_exhausted = am["inhibit_rules"].as_sequence().unwrap().iter().any(|rule| {
         let text = serde_yaml::to_string(rule).unwrap();
         let source = serde_yaml::to_string(&rule["source_matchers"]).unwrap();
@@ -386,7 +392,7 @@ fn dashboard_is_valid_and_every_panel_explains_itself() {
         };
         assert_eq!(var("datasource")["type"], "datasource");
         assert_eq!(var("datasource")["query"], "prometheus");
-        assert_eq!(dash["schemaVersion"], 41, "{file}: the schemaVersion current Grafana writes");
+        grafana_10_rules(&file.to_string(), &dash);
         assert_eq!(dash["editable"], false, "{file}: uneditable-dashboard (provisioned, changed in the mixin)");
         dashboard_linter_rules(&file.to_string(), &dash);
         let mut ids = BTreeSet::new();
@@ -428,6 +434,46 @@ fn dashboard_is_valid_and_every_panel_explains_itself() {
         for topic in topics {
             assert!(rows.iter().any(|r| r.starts_with(topic)), "{file}: no `{topic}` row in {rows:?}");
         }
+    }
+}
+
+/// The schemaVersion Grafana 10.0 writes: the oldest Grafana mixin/README.md promises. Later
+/// Grafanas migrate it up; Grafana 10 would load a newer one without knowing its fields.
+const GRAFANA_10_SCHEMA: u64 = 38;
+/// Core panel types Grafana 10.0 ships (no plugin to install) that the dashboards may use.
+const GRAFANA_10_PANELS: &[&str] =
+    &["row", "timeseries", "stat", "table", "gauge", "bargauge", "text", "state-timeline", "status-history"];
+
+/// What keeps the dashboards importable from Grafana 10.0 on: schemaVersion at most 38, core
+/// panel types of 10.0 only, no library panels (they live in one Grafana instance), every
+/// panel and variable on the datasource variable; and nothing the migrations 39-41 would
+/// rewrite (a `timeSeriesTable` transformation, a non-string `refresh`,
+/// `timepicker.time_options`), so 10, 11 and 12 show the same dashboard.
+fn grafana_10_rules(file: &str, dash: &Json) {
+    let version = dash["schemaVersion"].as_u64().unwrap_or(u64::MAX);
+    assert!(version <= GRAFANA_10_SCHEMA, "{file}: schemaVersion {version} is newer than Grafana 10.0 writes (38)");
+    assert!(dash["refresh"].is_string(), "{file}: refresh must be a string (schema 40 rewrites it)");
+    assert!(dash["timepicker"]["time_options"].is_null(), "{file}: timepicker.time_options (schema 41 drops it)");
+    let mut all: Vec<&Json> = dash["panels"].as_array().expect("panels").iter().collect();
+    let nested: Vec<&Json> = all.iter().flat_map(|p| p["panels"].as_array().into_iter().flatten()).collect();
+    all.extend(nested);
+    for panel in all {
+        let (title, kind) = (panel["title"].as_str().unwrap_or_default(), panel["type"].as_str().unwrap_or_default());
+        assert!(
+            GRAFANA_10_PANELS.contains(&kind),
+            "{file}: panel {title:?} type {kind:?} is not a Grafana 10 core panel"
+        );
+        assert!(panel["libraryPanel"].is_null(), "{file}: panel {title:?} is a library panel");
+        let transformations = panel["transformations"].as_array().into_iter().flatten();
+        for t in transformations {
+            assert_ne!(t["id"], "timeSeriesTable", "{file}: panel {title:?}: timeSeriesTable (schema 39 rewrites it)");
+        }
+        if kind != "row" {
+            assert_eq!(panel["datasource"]["uid"], "${datasource}", "{file}: panel {title:?} datasource");
+        }
+    }
+    for v in dash["templating"]["list"].as_array().expect("templating.list").iter().filter(|v| v["type"] == "query") {
+        assert_eq!(v["datasource"]["uid"], "${datasource}", "{file}: variable {} datasource", v["name"]);
     }
 }
 
@@ -517,4 +563,86 @@ fn generated_files_match_the_mixin() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The one path the mixin is imported by: where `jb install github.com/poolwatch/poolwatch/mixin`
+/// vendors it.
+const MIXIN_IMPORT: &str = "github.com/poolwatch/poolwatch/mixin/mixin.libsonnet";
+
+/// The mixin installs with jsonnet-bundler (`mixin/jsonnetfile.json`, no dependencies), every
+/// page and comment imports it by the one path jb vendors it under, and the README's example,
+/// run against a `vendor/` laid out as jb lays it out, renders the alerts with its overrides.
+#[test]
+fn mixin_installs_with_jsonnet_bundler_and_imports_by_one_path() {
+    let jb: Json = serde_json::from_str(&read(&root().join("mixin/jsonnetfile.json"))).expect("jsonnetfile.json");
+    assert_eq!(jb["version"], 1, "mixin/jsonnetfile.json: version");
+    assert_eq!(jb["dependencies"], Json::Array(vec![]), "mixin/jsonnetfile.json: no dependencies");
+
+    let mut pages = vec![root().join("README.md"), root().join("mixin/README.md")];
+    pages.extend(files("docs", ".md"));
+    pages.extend(files("mixin", ".libsonnet"));
+    for page in &pages {
+        let text = read(page);
+        for (i, _) in text.match_indices("import '") {
+            let path = text[i + "import '".len()..].split('\'').next().unwrap_or_default();
+            if path.ends_with("mixin.libsonnet") && path.contains('/') {
+                assert_eq!(path, MIXIN_IMPORT, "{}: import path", page.display());
+            }
+        }
+    }
+
+    let readme = read(&root().join("mixin/README.md"));
+    let example = readme.split("```jsonnet\n").nth(1).and_then(|r| r.split("```").next()).expect("a jsonnet example");
+    assert!(example.contains(MIXIN_IMPORT), "mixin/README.md's example imports {MIXIN_IMPORT}");
+    let vendor = std::env::temp_dir().join(format!("poolwatch-jb-vendor-{}", std::process::id()));
+    let at = vendor.join(Path::new(MIXIN_IMPORT).parent().expect("mixin dir"));
+    std::fs::create_dir_all(at.parent().expect("parent")).expect("vendor dir");
+    std::os::unix::fs::symlink(root().join("mixin"), &at).expect("vendor the mixin");
+    let out = Command::new("jsonnet").args(["-J", vendor.to_str().unwrap(), "-e", example]).output();
+    std::fs::remove_dir_all(&vendor).ok();
+    let out = out.expect("jsonnet (scripts/prereqs installs it)");
+    let rendered = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "the README example fails: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        rendered.contains("PoolwatchPoolSaturated") && rendered.contains(r#"job=~\"api|worker\""#),
+        "the example renders the alerts with its jobSelector: {rendered}"
+    );
+}
+
+/// The fleet query ships for sql_exporter (burningalchemist/sql_exporter, where
+/// postgres_exporter's deprecated `--extend.query-path` users are sent) as for
+/// postgres_exporter: the same SQL, the same series name and labels, so alerts/fleet.rules.yml
+/// reads either. (sql_exporter is not packaged here and needs Go 1.22 to build: the SQL and the
+/// series are what tests/fleet.rs and tests/fleet_e2e.rs check through postgres_exporter.)
+#[test]
+fn fleet_query_ships_for_sql_exporter_as_for_postgres_exporter() {
+    let pe = yaml(&root().join("alerts/postgres_exporter/queries.yaml"));
+    let (name, pe_query) = pe.as_mapping().and_then(|m| m.iter().next()).expect("one postgres_exporter query");
+    let pe_metrics = serde_yaml::to_string(&pe_query["metrics"]).unwrap();
+    assert_eq!(format!("{}_count", name.as_str().unwrap()), catalog::EXPORTER_SESSIONS, "postgres_exporter's series");
+    assert!(pe_metrics.contains("application_name") && pe_metrics.contains("state"), "{pe_metrics}");
+
+    let collector = yaml(&root().join("alerts/sql_exporter/poolwatch.collector.yml"));
+    let metrics = collector["metrics"].as_sequence().expect("collector metrics");
+    assert_eq!(metrics.len(), 1, "one metric");
+    let m = &metrics[0];
+    let strings = |v: &Yaml| -> Vec<String> {
+        v.as_sequence().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_owned)).collect()
+    };
+    assert_eq!(m["metric_name"].as_str(), Some(catalog::EXPORTER_SESSIONS), "the series the fleet rules read");
+    assert_eq!(m["type"].as_str(), Some("gauge"));
+    assert_eq!(strings(&m["key_labels"]), ["application_name", "state"]);
+    assert_eq!(strings(&m["values"]), ["count"]);
+    assert_eq!(
+        m["query"].as_str(),
+        pe_query["query"].as_str(),
+        "the same SQL as alerts/postgres_exporter/queries.yaml"
+    );
+
+    let config = yaml(&root().join("alerts/sql_exporter/sql_exporter.yml"));
+    assert!(strings(&config["collector_files"]).iter().any(|f| f == "poolwatch.collector.yml"));
+    assert_eq!(strings(&config["target"]["collectors"]), [collector["collector_name"].as_str().unwrap().to_owned()]);
+    let dsn = config["target"]["data_source_name"].as_str().unwrap_or_default();
+    let user = dsn.strip_prefix("postgres://").and_then(|rest| rest.split_once('@')).map(|(user, _)| user);
+    assert!(user.is_some_and(|u| !u.contains(':')), "a postgres:// DSN with no password in the example: {dsn}");
 }

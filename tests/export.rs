@@ -152,6 +152,48 @@ async fn promtool_parses_the_exposition() {
     pool.close().await;
 }
 
+/// The exposition is valid for both formats a scraper may read it as: Prometheus text 0.0.4
+/// (`promtool check metrics`) and OpenMetrics (prometheus_client's parser, reading the
+/// families as an OpenMetrics consumer maps them). In OpenMetrics a counter `x_total` is the
+/// family `x`, so a gauge `x` beside it, or a histogram whose `_count` is another metric's
+/// name, is one family twice: the whole scrape is rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exposition_is_valid_prometheus_text_and_openmetrics() {
+    let addr = install_recorder();
+    let cluster = Cluster::shared();
+    let (pool, watch, _listener) = watched(&cluster, "formats", Detail::Full).await;
+    let _progress = watch.progress();
+    // The families a healthy direct pool does not publish: census errors (a census that reads a
+    // database that does not exist) and the pooler's figures (a pool behind PgBouncer).
+    let failing_pool = support::pool(&cluster, 1).await;
+    let failing = Config::new("formats_failing")
+        .census_interval(Duration::from_millis(100))
+        .direct_connect_options(cluster.options().database("no_such_database"));
+    let failing = poolwatch::instrument_pool(&failing_pool, failing).expect("instrument");
+    let bouncer = support::pgbouncer::PgBouncer::start(cluster.port(), &[]);
+    let pooled_pool = PgPoolOptions::new().max_connections(2).connect_lazy_with(bouncer.options());
+    let pooled = Config::new("formats_pooled").sample_interval(Duration::from_millis(100));
+    let pooled = poolwatch::instrument_pool(&pooled_pool, bouncer.declared(pooled, &cluster)).expect("instrument");
+    settled(addr, &watch, "formats").await;
+    let text = eventually(Duration::from_secs(60), "every catalog family in one scrape", async || {
+        let text = scrape(addr).await;
+        let absent = poolwatch::catalog::ALL.iter().any(|m| !text.contains(&format!("# TYPE {} ", m.name)));
+        (!absent).then_some(text)
+    })
+    .await;
+    support::prometheus::promtool_check_metrics(&text);
+    let families = support::prometheus::openmetrics_families(&support::prometheus::as_openmetrics(&text));
+    for m in poolwatch::catalog::ALL {
+        let family = m.name.strip_suffix("_total").unwrap_or(m.name);
+        assert!(families.iter().any(|f| f.split(' ').next() == Some(family)), "{family} not read:\n{families:?}");
+    }
+    println!("{} families read as OpenMetrics", families.len());
+    for (watch, pool) in [(watch, pool), (failing, failing_pool), (pooled, pooled_pool)] {
+        drop(watch);
+        pool.close().await;
+    }
+}
+
 /// The counters every alert reads with `increase()` / `rate()`, with their equality
 /// matchers (`cause="idle_session_timeout"`): `(metric, [(label, value)])`.
 fn alert_counter_selectors() -> Vec<(String, Vec<(String, String)>)> {

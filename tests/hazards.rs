@@ -29,12 +29,12 @@ async fn linted(watch: &PoolWatch) -> BTreeSet<&'static str> {
     watch.hazards().iter().map(|f| f.hazard.as_str()).collect()
 }
 
-/// Each found hazard is 1 in `poolwatch_config_hazard`, every other one 0.
+/// Each found hazard is 1 in `poolwatch_config_hazard_active`, every other one 0.
 fn assert_gauges(pool_name: &str, found: &BTreeSet<&str>) {
     for h in Hazard::ALL {
-        let v = metric("poolwatch_config_hazard", &[(POOL, pool_name), ("hazard", h.as_str())]);
+        let v = metric("poolwatch_config_hazard_active", &[(POOL, pool_name), ("hazard", h.as_str())]);
         let want = if found.contains(h.as_str()) { 1.0 } else { 0.0 };
-        assert_eq!(v, Some(want), "{pool_name}: poolwatch_config_hazard{{hazard=\"{h}\"}}");
+        assert_eq!(v, Some(want), "{pool_name}: poolwatch_config_hazard_active{{hazard=\"{h}\"}}");
     }
 }
 
@@ -237,7 +237,7 @@ async fn a_live_alter_role_is_flagged_by_the_periodic_recheck() {
     })
     .await;
     assert_eq!(
-        metric("poolwatch_config_hazard", &[(POOL, "hz_live"), ("hazard", "listener_without_keepalive")]),
+        metric("poolwatch_config_hazard_active", &[(POOL, "hz_live"), ("hazard", "listener_without_keepalive")]),
         Some(1.0)
     );
     assert_eq!(

@@ -54,7 +54,7 @@ async fn heartbeats_and_pooler_hazard_through_pgbouncer_in_transaction_mode() {
     let names: Vec<&str> = found.iter().map(|f| f.hazard.as_str()).collect();
     assert!(names.contains(&"refresh_slower_than_pooler_idle_timeout"), "{names:?}");
     assert!(!names.contains(&"max_connections_over_server_capacity"), "not checked behind a pooler: {names:?}");
-    let gauge = |h: Hazard| metric("poolwatch_config_hazard", &[(POOL, "pgb"), ("hazard", h.as_str())]);
+    let gauge = |h: Hazard| metric("poolwatch_config_hazard_active", &[(POOL, "pgb"), ("hazard", h.as_str())]);
     assert_eq!(gauge(Hazard::RefreshSlowerThanPoolerIdleTimeout), Some(1.0));
     assert_eq!(gauge(Hazard::MaxConnectionsOverServerCapacity), Some(0.0));
 

@@ -66,7 +66,7 @@ async fn stuck_transaction_lock_waiter_and_advisory_locks_are_visible() {
     assert!(stuck_for.is_some_and(|v| v >= 1.0), "{stuck_for:?}");
     // Both checked-out connections are leak/stuck suspects; work has stopped.
     eventually(Duration::from_secs(3), "two leak suspects", async || {
-        (gauge("poolwatch_leak_suspects") == Some(2.0)).then_some(())
+        (gauge("poolwatch_leak_suspect_connections") == Some(2.0)).then_some(())
     })
     .await;
     assert_eq!(gauge("poolwatch_progress_total"), Some(1.0), "no progress since the wedge");

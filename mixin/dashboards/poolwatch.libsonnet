@@ -211,7 +211,7 @@ local d = import '../lib/dashboard.libsonnet';
           "short",
           [
             ["max by (db_client_connection_pool_name) (poolwatch_config_hazards{%(sel)s})", "{{db_client_connection_pool_name}} hazards found"],
-            ["max by (db_client_connection_pool_name, hazard) (poolwatch_config_hazard{%(sel)s})", "{{db_client_connection_pool_name}} {{hazard}}"],
+            ["max by (db_client_connection_pool_name, hazard) (poolwatch_config_hazard_active{%(sel)s})", "{{db_client_connection_pool_name}} {{hazard}}"],
           ],
           "stat", {"fieldConfig": {"defaults": {"unit": "short", "thresholds": {"mode": "absolute", "steps": [{"color": "green", "value": null}, {"color": "orange", "value": 1}]}}}},
         ),
@@ -225,7 +225,7 @@ local d = import '../lib/dashboard.libsonnet';
           "Connections held longer than the leak threshold now, and new suspects found. Suspects for 10 min fire PoolwatchLeakSuspects; the app log names where each was acquired.",
           "short",
           [
-            ["sum by (db_client_connection_pool_name) (poolwatch_leak_suspects{%(sel)s})", "{{db_client_connection_pool_name}} held now"],
+            ["sum by (db_client_connection_pool_name) (poolwatch_leak_suspect_connections{%(sel)s})", "{{db_client_connection_pool_name}} held now"],
             ["sum by (db_client_connection_pool_name) (increase(poolwatch_leak_suspects_total{%(sel)s}[$__rate_interval]))", "{{db_client_connection_pool_name}} new"],
           ],
         ),

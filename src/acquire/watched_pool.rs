@@ -150,7 +150,7 @@ impl WatchedConnection {
 
     /// Like `PoolConnection::leak`: the connection leaves the pool but its slot stays taken
     /// forever. With a leak threshold set, it is reported as a leak suspect (WARN with both
-    /// places) and stays in `poolwatch_leak_suspects`.
+    /// places) and stays in `poolwatch_leak_suspect_connections`.
     #[track_caller]
     pub fn leak(self) -> PgConnection {
         let Watched { inner, ticket } = self;

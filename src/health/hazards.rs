@@ -4,7 +4,7 @@
 //!
 //! Each [`Hazard`] is a known failure mode (incidents 1 and 2). A found hazard is reported
 //! once as a WARN that says the consequence and the fix, and as
-//! `poolwatch_config_hazard{hazard="<name>"} 1` (0 for the hazards not found).
+//! `poolwatch_config_hazard_active{hazard="<name>"} 1` (0 for the hazards not found).
 
 use std::fmt;
 use std::time::Duration;

@@ -235,3 +235,50 @@ pub fn promtool_check_metrics(text: &str) {
     assert!(findings.is_empty(), "promtool check metrics: {findings:?}\n---\n{text}");
     assert!(out.status.success() || said.lines().count() > 0, "promtool failed without a finding: {said}");
 }
+
+/// `text` (Prometheus text 0.0.4, as metrics-exporter-prometheus serves it) as an OpenMetrics
+/// consumer reads the same families: a counter's family is its name without `_total` (its
+/// sample keeps the suffix), no blank lines, `# EOF` at the end. metrics-exporter-prometheus
+/// has no OpenMetrics output of its own; this is the view of prometheus-client, the OTel
+/// collector's receiver, and any scraper that maps families by OpenMetrics rules.
+pub fn as_openmetrics(text: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> =
+        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(text.len() + 8);
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut parts = line.splitn(4, ' ');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("#"), Some(kind), Some(name), Some(rest)) if counters.contains(name) => {
+                let family = name.strip_suffix("_total").unwrap_or(name);
+                out.push_str(&format!("# {kind} {family} {rest}\n"));
+            }
+            _ => out.push_str(&format!("{line}\n")),
+        }
+    }
+    out.push_str("# EOF\n");
+    out
+}
+
+/// The OpenMetrics parser of the Python client (`prometheus_client.openmetrics.parser`, Debian
+/// `python3-prometheus-client` for the system `/usr/bin/python3`) reads `text` entirely;
+/// panics with its error (a clashing family name, a bad histogram) otherwise. Returns the
+/// family names it read.
+pub fn openmetrics_families(text: &str) -> Vec<String> {
+    const READ: &str = "import sys\n\
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse\n\
+        try:\n    print('\\n'.join(f.name + ' ' + f.type for f in parse(sys.stdin.read())))\n\
+        except ValueError as e:\n    sys.exit('OpenMetrics parser: %s' % e)\n";
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", READ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("/usr/bin/python3 (apt-get install python3-prometheus-client)");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), text.as_bytes()).expect("write to python3");
+    let out = child.wait_with_output().expect("python3 ran");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!said.contains("No module named"), "python3-prometheus-client missing (scripts/prereqs): {said}");
+    assert!(out.status.success(), "{said}\n---\n{text}");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
