@@ -9,7 +9,7 @@
 // Sessions that reach the server through a pooler carry the pooler's application_name, not the
 // app's: the join holds for apps that connect to PostgreSQL directly (or through a pooler that
 // forwards application_name, e.g. PgBouncer session mode with track_extra_parameters).
-// Rendered into alerts/fleet.rules.yml (group `poolwatch-fleet-gap`).
+// Rendered into alerts/fleet-gap.rules.yml (group `poolwatch-fleet-gap`).
 local alert = import 'lib/alert.libsonnet';
 
 {

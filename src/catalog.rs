@@ -428,7 +428,7 @@ pub const CLIENT_GAP: Metric = gauge(
     &[],
 );
 /// 1, labelled with the pool's stable `application_name` tag: joins the pool's own counts
-/// with postgres_exporter's per-`application_name` counts (`alerts/fleet.rules.yml`).
+/// with postgres_exporter's per-`application_name` counts (`alerts/fleet-gap.rules.yml`).
 pub const POOL_INFO: Metric = gauge(
     "poolwatch_pool_info",
     Unit::Count,

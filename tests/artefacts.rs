@@ -356,7 +356,7 @@ fn every_alert_has_severity_a_runbook_and_firing_and_quiet_unit_tests() {
             );
             for series in test["input_series"].as_sequence().unwrap() {
                 let s = series["series"].as_str().unwrap_or_default();
-                // postgres_exporter's series (alerts/fleet.rules.yml) are per database, not per pool.
+                // postgres_exporter's series (alerts/fleet-gap.rules.yml) are per database, not per pool.
                 let exporter = s.starts_with(catalog::EXPORTER_SESSIONS);
                 assert!(
                     exporter || s.contains(catalog::POOL_NAME),
@@ -611,7 +611,7 @@ fn mixin_installs_with_jsonnet_bundler_and_imports_by_one_path() {
 
 /// The fleet query ships for sql_exporter (burningalchemist/sql_exporter, where
 /// postgres_exporter's deprecated `--extend.query-path` users are sent) as for
-/// postgres_exporter: the same SQL, the same series name and labels, so alerts/fleet.rules.yml
+/// postgres_exporter: the same SQL, the same series name and labels, so alerts/fleet-gap.rules.yml
 /// reads either. (sql_exporter is not packaged here and needs Go 1.22 to build: the SQL and the
 /// series are what tests/fleet.rs and tests/fleet_e2e.rs check through postgres_exporter.)
 #[test]

@@ -1,7 +1,7 @@
 //! The fleet gap end to end: several app processes (this test binary, spawned again as
 //! replicas), one of them leaking slots whose sessions the server killed; a real
 //! postgres_exporter with poolwatch's query file; a real Prometheus with
-//! `alerts/fleet.rules.yml` (its `for:` shortened). Per pool across the fleet, believed minus
+//! `alerts/fleet-gap.rules.yml` (its `for:` shortened). Per pool across the fleet, believed minus
 //! real must equal the leaked slots, and `PoolwatchFleetGap` must fire.
 //!
 //! Needs `prometheus` and `prometheus-postgres-exporter` (Debian packages; `scripts/prereqs`).
@@ -77,7 +77,7 @@ async fn the_fleet_gap_equals_the_leaked_slots_and_the_alert_fires() {
     let replicas: Vec<Replica> = [0, leaked, 0].iter().map(|&leak| Replica::spawn(&cluster.url(), leak)).collect();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let exporter = PostgresExporter::start(&cluster.url(), &root.join("alerts/postgres_exporter/queries.yaml"));
-    let rules = std::fs::read_to_string(root.join("alerts/fleet.rules.yml")).expect("read fleet rules");
+    let rules = std::fs::read_to_string(root.join("alerts/fleet-gap.rules.yml")).expect("read fleet rules");
     assert!(rules.contains("for: 10m"), "the fleet alert waits 10 minutes");
     let rules = rules.replace("for: 10m", "for: 2s");
     let apps: Vec<SocketAddr> = replicas.iter().map(|r| r.metrics).collect();

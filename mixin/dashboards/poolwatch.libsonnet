@@ -376,7 +376,7 @@ local d = import '../lib/dashboard.libsonnet';
         ),
         d.panel(
           "Fleet gap per pool (all replicas believed − server real, via postgres_exporter)",
-          "Per pool across every replica: what the pools believe open minus the server sessions postgres_exporter counts for the pool's stable tag (application_name). Needs alerts/fleet.rules.yml and postgres_exporter with alerts/postgres_exporter/queries.yaml. Above 0 for 10 min: PoolwatchFleetGap; find the replica with the client gap above.",
+          "Per pool across every replica: what the pools believe open minus the server sessions postgres_exporter counts for the pool's stable tag (application_name). Needs alerts/fleet-gap.rules.yml and postgres_exporter with alerts/postgres_exporter/queries.yaml. Above 0 for 10 min: PoolwatchFleetGap; find the replica with the client gap above.",
           "short",
           [
             ["max by (db_client_connection_pool_name, application_name) (application_name:poolwatch_fleet_gap_connections:sum * on (application_name) group_left () max by (application_name) (poolwatch_pool_info{%(sel)s}))", "{{db_client_connection_pool_name}} ({{application_name}})"],

@@ -258,7 +258,7 @@ fn fnv1a(s: &str) -> u64 {
 
 /// The part of a pool's `application_name` that is the same in every replica and across
 /// restarts: `<your application_name> pw:<pool>`, without a per-process suffix. The fleet
-/// join (`alerts/fleet.rules.yml`) matches it with the `application_name` label of the
+/// join (`alerts/fleet-gap.rules.yml`) matches it with the `application_name` label of the
 /// postgres_exporter query in `alerts/postgres_exporter/queries.yaml`, which strips the same
 /// suffix; `poolwatch_pool_info` carries it. A name without poolwatch's tag is returned whole.
 ///
