@@ -135,13 +135,16 @@ impl Limits {
             .saturating_add(c.heartbeat_timeout.saturating_mul(2))
             .saturating_add(c.census_timeout.saturating_mul(2))
             .max(sample);
-        // Two missed censuses (each up to 1.2 × the interval with the jitter).
-        let census = crate::schedule::scale(c.census_interval, 2.4).saturating_add(slack).saturating_add(sample);
+        // Two missed censuses (each up to 1.2 × the longest wait with the jitter): while the
+        // client-side ledger confirms the pool the wait stretches to CENSUS_STRETCH intervals.
+        // A stalled task shows sooner as a stale sample (the census runs in the same task).
+        let census_every = c.census_interval.saturating_mul(crate::schedule::CENSUS_STRETCH);
+        let census = crate::schedule::scale(census_every, 2.4).saturating_add(slack).saturating_add(sample);
         Limits {
             sample,
             sample_every: c.sample_interval,
             census,
-            census_every: c.census_interval,
+            census_every,
             heartbeat: beat,
             heartbeat_every: c.heartbeat_interval,
         }
@@ -157,7 +160,7 @@ mod tests {
         let l = Limits::of(&crate::config::Config::new("a"));
         assert_eq!(l.sample, Duration::from_secs(35), "3 × 5 s + 4 × 5 s");
         assert_eq!(l.heartbeat, Duration::from_secs(50));
-        assert_eq!(l.census, Duration::from_secs(2160 + 20 + 35));
+        assert_eq!(l.census, Duration::from_secs(51840 + 20 + 35), "2.4 × 6 h (the stretched census) + slack");
         let max = crate::config::Config::new("a")
             .sample_interval(Duration::MAX)
             .census_interval(Duration::MAX)

@@ -505,7 +505,8 @@ mod tests {
         assert_eq!(codes(&judge(i)), Vec::<&str>::new());
         let mut i = inputs();
         let old = Some(Duration::from_secs(3000));
-        i.liveness = Liveness { ages: Ages { sample: old, census: old, heartbeat: old, ..ages }, limits };
+        let census = Some(Duration::from_secs(60_000));
+        i.liveness = Liveness { ages: Ages { sample: old, census, heartbeat: old, ..ages }, limits };
         let r = judge(i);
         assert_eq!(r.status, HealthStatus::Degraded);
         assert_eq!(codes(&r), ["watch_stalled", "census_stale", "heartbeat_stale"]);

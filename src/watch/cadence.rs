@@ -160,6 +160,7 @@ async fn watch_until_stopped(shared: &Shared, stop: &mut oneshot::Receiver<()>) 
     let reach_at = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(census_at, reach_at);
     let mut plan = CensusPlan { first: true, ..CensusPlan::default() };
+    let mut reach_plan = ReachPlan::default();
     let floor = config.sample_interval.saturating_mul(10);
     loop {
         tokio::select! {
@@ -180,8 +181,8 @@ async fn watch_until_stopped(shared: &Shared, stop: &mut oneshot::Receiver<()>) 
             _ = &mut reach_at, if !plan.first => tokio::select! {
                 _ = &mut *stop => return true,
                 _ = &mut closed => return false,
-                _ = shared.probe_reach() => {
-                    let next = schedule::jitter(config.reach_interval);
+                clean = shared.probe_reach() => {
+                    let next = reach_plan.next(clean, config.reach_interval);
                     reach_at.as_mut().reset(schedule::after(tokio::time::Instant::now(), next));
                 }
             },
@@ -207,7 +208,9 @@ async fn watch_until_stopped(shared: &Shared, stop: &mut oneshot::Receiver<()>) 
                 if wanted {
                     tracing::debug!(pool = %config.pool_name, "census run by the client-side ledger");
                 }
-                let next = plan.next(&result, config.census_interval);
+                let confirmed = shared.ledger_confirmed_since_census();
+                let quiet = !wanted && confirmed;
+                let next = plan.next(&result, config.census_interval, quiet);
                 census_at.as_mut().reset(schedule::after(tokio::time::Instant::now(), next));
                 if std::mem::take(&mut plan.first) {
                     // The first census resolved the peers: the ledger can read sockets now.
@@ -226,12 +229,36 @@ const CONFIRM_AFTER: Duration = Duration::from_secs(60);
 /// (5 s, 10 s … ±20 %, see [`schedule::census_retry`]); and a follow-up 45 s (±20 %) after a
 /// census that saw something to confirm, then 90 s, 180 s … back to the interval while it
 /// stays. So one failure or one glimpse of a lock wait does not hold its figure for 15 min.
+///
+/// While the client-side ledger confirms the pool (see [`Shared::ledger_confirmed_since_census`])
+/// the census has nothing to add but a silent peer, so its wait doubles after each quiet census,
+/// up to [`schedule::CENSUS_STRETCH`] × the interval (900 s → 1,800 s … 6 h); the first census that is
+/// not quiet (a disagreement, a failure, something to confirm) brings the interval back.
 #[derive(Debug, Default)]
 struct CensusPlan {
     first: bool,
     last: Option<tokio::time::Instant>,
     failures: u32,
     follow_ups: u32,
+    /// Quiet censuses in a row: the stretch.
+    quiet: u32,
+}
+
+/// When the next scheduled reachability probe runs: `reach_interval` (±20 %) after a probe
+/// that found an address down or followed connect trouble; after clean ones, doubling up to
+/// [`schedule::REACH_STRETCH`] × the interval. Trouble and down addresses bring probes sooner anyway
+/// (`Reach::wanted`): the scheduled probe only finds a dead address no connect has hit yet.
+#[derive(Debug, Default)]
+struct ReachPlan {
+    clean: u32,
+}
+
+impl ReachPlan {
+    /// Records whether the probe was clean; returns the wait before the next.
+    fn next(&mut self, clean: bool, interval: Duration) -> Duration {
+        self.clean = if clean { self.clean.saturating_add(1) } else { 0 };
+        schedule::stretched(interval, self.clean.saturating_sub(1), schedule::REACH_STRETCH)
+    }
 }
 
 impl CensusPlan {
@@ -242,23 +269,27 @@ impl CensusPlan {
         self.last.map(|at| schedule::after(at, floor)).filter(|due| wanted && now < *due)
     }
 
-    /// Records a census's outcome; returns the wait before the next.
-    fn next(&mut self, result: &Result<Snapshot, Cause>, interval: Duration) -> Duration {
+    /// Records a census's outcome; `quiet`: the client-side ledger confirmed the pool at every
+    /// sample since the last census. Returns the wait before the next.
+    fn next(&mut self, result: &Result<Snapshot, Cause>, interval: Duration, quiet: bool) -> Duration {
         self.last = Some(tokio::time::Instant::now());
         match result {
             Err(_) => {
-                self.failures = self.failures.saturating_add(1);
+                (self.quiet, self.failures) = (0, self.failures.saturating_add(1));
                 schedule::census_retry(interval, self.failures)
             }
             Ok(snapshot) if needs_confirming(snapshot) => {
-                self.failures = 0;
+                (self.quiet, self.failures) = (0, 0);
                 self.follow_ups = self.follow_ups.saturating_add(1);
                 let first = Duration::from_secs(45).min(interval / 2);
                 schedule::backoff(first, schedule::bounded(interval), self.follow_ups)
             }
             Ok(_) => {
+                // A quiet census after a follow-up or a failure is not yet a quiet streak.
+                let calm = quiet && self.failures == 0 && self.follow_ups == 0;
+                self.quiet = if calm { self.quiet.saturating_add(1) } else { 0 };
                 (self.failures, self.follow_ups) = (0, 0);
-                schedule::jitter(interval)
+                schedule::stretched(interval, self.quiet, schedule::CENSUS_STRETCH)
             }
         }
     }
@@ -293,11 +324,11 @@ mod tests {
     fn a_failed_census_is_retried_within_seconds_not_at_the_next_tick() {
         let mut plan = CensusPlan::default();
         let interval = Duration::from_secs(900);
-        let waits: Vec<u64> = (0..8).map(|_| plan.next(&Err(Cause::TimedOut), interval).as_secs()).collect();
+        let waits: Vec<u64> = (0..8).map(|_| plan.next(&Err(Cause::TimedOut), interval, true).as_secs()).collect();
         assert!((4..=6).contains(&waits[0]), "{waits:?}");
         assert!(waits.iter().all(|w| *w <= 144), "capped well below the interval: {waits:?}");
         assert!(waits[3] > waits[0], "backs off: {waits:?}");
-        let normal = plan.next(&census(0, 0, 0), interval).as_secs();
+        let normal = plan.next(&census(0, 0, 0), interval, true).as_secs();
         assert!((720..=1080).contains(&normal), "{normal}");
     }
 
@@ -306,14 +337,81 @@ mod tests {
         let interval = Duration::from_secs(900);
         for seen in [census(1, 0, 0), census(0, 61, 0), census(0, 0, 2)] {
             let mut plan = CensusPlan::default();
-            let waits: Vec<u64> = (0..6).map(|_| plan.next(&seen, interval).as_secs()).collect();
+            let waits: Vec<u64> = (0..6).map(|_| plan.next(&seen, interval, true).as_secs()).collect();
             assert!((36..=54).contains(&waits[0]), "{waits:?}");
             assert!((72..=108).contains(&waits[1]), "{waits:?}");
             assert!(waits[5] >= 720 && waits.iter().all(|w| *w <= 1080), "{waits:?}");
-            let clear = plan.next(&census(0, 0, 0), interval).as_secs();
+            let clear = plan.next(&census(0, 0, 0), interval, true).as_secs();
             assert!((720..=1080).contains(&clear), "{clear}");
         }
         let state = crate::ledger::census::SESSION_STATES.iter().position(|s| *s == "active");
         assert_eq!(state, Some(0), "the test's `longest[0]` is `active`");
+    }
+
+    /// Censuses over a simulated day: `quiet(n)` says whether the ledger confirmed the pool
+    /// before the n-th census. Returns the waits.
+    fn day(plan: &mut CensusPlan, interval: Duration, quiet: impl Fn(usize) -> bool) -> Vec<u64> {
+        let (mut at, mut waits) = (Duration::ZERO, Vec::new());
+        while at < Duration::from_secs(86_400) {
+            let wait = plan.next(&census(0, 0, 0), interval, quiet(waits.len()));
+            at += wait;
+            waits.push(wait.as_secs());
+        }
+        waits
+    }
+
+    #[test]
+    fn while_the_ledger_confirms_the_pool_the_census_stretches_to_six_hours() {
+        let interval = Duration::from_secs(900);
+        let waits = day(&mut CensusPlan::default(), interval, |_| true);
+        for (i, base) in [1800u64, 3600, 7200, 14_400, 21_600, 21_600].iter().enumerate() {
+            assert!(waits[i] * 10 >= base * 8 && waits[i] * 10 <= base * 12, "wait {i}: {waits:?}");
+        }
+        assert!(waits.iter().all(|w| *w <= 25_920), "at most 6 h + 20 %: {waits:?}");
+        // The base cadence is 96 censuses a day (± jitter); a quiet day is a tenth of that.
+        assert!(waits.len() <= 10, "{} censuses in a quiet day: {waits:?}", waits.len());
+        let base = day(&mut CensusPlan::default(), interval, |_| false);
+        assert!(base.len() >= 80 && base.iter().all(|w| (720..=1080).contains(w)), "no ledger: {base:?}");
+    }
+
+    #[test]
+    fn a_disagreement_a_failure_or_something_to_confirm_brings_the_interval_back() {
+        let interval = Duration::from_secs(900);
+        let base = |w: Duration| (720..=1080).contains(&w.as_secs());
+        let stretched = || {
+            let mut plan = CensusPlan::default();
+            day(&mut plan, interval, |_| true);
+            plan
+        };
+        let mut plan = stretched();
+        assert!(base(plan.next(&census(0, 0, 0), interval, false)), "a sample disagreed");
+        assert!(plan.next(&census(0, 0, 0), interval, true) <= Duration::from_secs(2160), "then it stretches anew");
+        let mut plan = stretched();
+        plan.next(&Err(Cause::TimedOut), interval, true);
+        assert!(base(plan.next(&census(0, 0, 0), interval, true)), "after a failure");
+        let mut plan = stretched();
+        plan.next(&census(1, 0, 0), interval, true);
+        assert!(base(plan.next(&census(0, 0, 0), interval, true)), "after a follow-up");
+        // A tiny interval and `Duration::MAX` stay bounded.
+        let mut plan = CensusPlan::default();
+        let tiny: Vec<Duration> = (0..40).map(|_| plan.next(&census(0, 0, 0), Duration::from_nanos(1), true)).collect();
+        assert!(tiny.iter().all(|w| *w <= Duration::from_nanos(29)), "{tiny:?}");
+        let mut plan = CensusPlan::default();
+        (0..40)
+            .for_each(|_| assert!(plan.next(&census(0, 0, 0), Duration::MAX, true) <= schedule::HORIZON.mul_f64(1.2)));
+    }
+
+    #[test]
+    fn clean_reachability_probes_stretch_to_a_day_and_any_trouble_brings_3_hours_back() {
+        let interval = Duration::from_secs(10_800);
+        let mut plan = ReachPlan::default();
+        let clean: Vec<u64> = (0..6).map(|_| plan.next(true, interval).as_secs()).collect();
+        for (i, base) in [10_800u64, 21_600, 43_200, 86_400, 86_400, 86_400].iter().enumerate() {
+            assert!(clean[i] * 10 >= base * 8 && clean[i] * 10 <= base * 12, "wait {i}: {clean:?}");
+        }
+        let after_trouble = plan.next(false, interval).as_secs();
+        assert!((8640..=12_960).contains(&after_trouble), "{after_trouble}");
+        let again = plan.next(true, interval).as_secs();
+        assert!((8640..=12_960).contains(&again), "the first clean probe after trouble: {again}");
     }
 }

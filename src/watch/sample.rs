@@ -68,6 +68,14 @@ impl Shared {
         if let (Some(s), Some(g)) = (&sockets, client_gap) {
             self.wake_census_on_disagreement(g, s.unattributed);
         }
+        let in_use = usize::try_from(figures.used).unwrap_or(usize::MAX);
+        let unattributed = sockets.as_ref().map(|s| s.unattributed);
+        self.ledger_sampled(
+            client_gap == Some(0)
+                && unattributed == Some(0)
+                && ended.is_empty()
+                && in_use <= self.health.heartbeat.holding(),
+        );
         self.metrics.sample(&SampleFigures {
             sockets: sockets.as_ref().zip(client_gap),
             stuck_send_queues,

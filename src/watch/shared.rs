@@ -95,6 +95,11 @@ pub(super) struct WatchState {
     /// The (client gap, unattributed sockets) that last woke a census.
     pub(super) disagreement: Mutex<(i64, u32)>,
     pub(super) census_failing: AtomicBool,
+    /// A sample since the last census found the client-side ledger missing or not agreeing
+    /// with the pool (see [`Shared::ledger_confirmed_since_census`]).
+    pub(super) ledger_doubt: AtomicBool,
+    /// A sample since the last census found the client-side ledger agreeing with the pool.
+    pub(super) ledger_agreed: AtomicBool,
     /// Sessions that ended without the pool closing them, counted by censuses and samples.
     pub(super) sessions_ended: AtomicU64,
     /// Test-only faults of the watch task (`[0]`) and the heartbeat task (`[1]`).
@@ -129,6 +134,8 @@ impl Shared {
                 census_wanted: tokio::sync::Notify::new(),
                 disagreement: Mutex::new((0, 0)),
                 census_failing: AtomicBool::new(false),
+                ledger_doubt: AtomicBool::new(false),
+                ledger_agreed: AtomicBool::new(false),
                 sessions_ended: AtomicU64::new(0),
                 faults: [schedule::Faults::default(), schedule::Faults::default()],
             },
@@ -166,10 +173,34 @@ impl Shared {
             .fold(self.acquire.probe.trouble.load(Ordering::Relaxed), u64::saturating_add)
     }
 
-    /// Probes the reachability of the pool's host now.
-    pub(super) async fn probe_reach(&self) {
+    /// What one sample tells the census schedule: whether the client-side ledger confirmed
+    /// the pool (a socket per connection, none unattributed, no session ended, nothing
+    /// checked out but the pool heartbeat's). Behind a pooler the sockets end at the pooler,
+    /// so they confirm nothing about the server's sessions.
+    pub(super) fn ledger_sampled(&self, confirmed: bool) {
+        let confirmed = confirmed && self.path != NetworkPath::Pooler;
+        let flag = if confirmed { &self.state.ledger_agreed } else { &self.state.ledger_doubt };
+        flag.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether at least one sample ran since the last call and every one confirmed the pool
+    /// (see [`Shared::ledger_sampled`]); starts over. Off Linux and on a unix socket there is
+    /// no client-side ledger: never.
+    pub(super) fn ledger_confirmed_since_census(&self) -> bool {
+        let doubt = self.state.ledger_doubt.swap(false, Ordering::Relaxed);
+        let agreed = self.state.ledger_agreed.swap(false, Ordering::Relaxed);
+        agreed && !doubt
+    }
+
+    /// Probes the reachability of the pool's host now; returns whether the probe was clean:
+    /// no connect trouble since the last probe and every address up (a unix socket, which is
+    /// never probed, counts as clean).
+    pub(super) async fn probe_reach(&self) -> bool {
         let options = self.pool.connect_options();
-        let reach = self.health.reach.run_now(self.connect_trouble(), &options, self.config.census_timeout).await;
+        let trouble = self.connect_trouble();
+        let calm = !self.health.reach.wanted(trouble, std::time::Duration::MAX);
+        let reach = self.health.reach.run_now(trouble, &options, self.config.census_timeout).await;
+        let clean = calm && !self.health.reach.any_down();
         if let Some(reach) = reach {
             let probed: Vec<Probed> = reach
                 .addresses
@@ -178,6 +209,7 @@ impl Shared {
                 .collect();
             self.metrics.reach.publish(reach.resolved, &probed);
         }
+        clean
     }
 
     /// Heartbeats run so far, both paths, successes and failures.
