@@ -68,14 +68,9 @@ impl Shared {
         if let (Some(s), Some(g)) = (&sockets, client_gap) {
             self.wake_census_on_disagreement(g, s.unattributed);
         }
-        let in_use = usize::try_from(figures.used).unwrap_or(usize::MAX);
         let unattributed = sockets.as_ref().map(|s| s.unattributed);
-        self.ledger_sampled(
-            client_gap == Some(0)
-                && unattributed == Some(0)
-                && ended.is_empty()
-                && in_use <= self.health.heartbeat.holding(),
-        );
+        let held = self.held_over_samples(figures.used);
+        self.ledger_sampled(client_gap == Some(0) && unattributed == Some(0) && ended.is_empty() && !held);
         self.metrics.sample(&SampleFigures {
             sockets: sockets.as_ref().zip(client_gap),
             stuck_send_queues,
@@ -89,6 +84,15 @@ impl Shared {
             s.client_gap = client_gap;
             s.sessions_ended = ended;
         });
+    }
+
+    /// Whether the app held a connection at this sample and the last one (a transaction or
+    /// lock wait the census would look for). One sample is not enough: the pool heartbeat's
+    /// connection reads checked out for a moment after it is given back.
+    fn held_over_samples(&self, used: u32) -> bool {
+        let mine = u32::try_from(self.health.heartbeat.holding()).unwrap_or(u32::MAX);
+        let held = used > mine;
+        self.state.held.swap(held, Ordering::Relaxed) && held
     }
 
     /// A client-side gap (or unattributed sockets) that differs from the last one wakes a census.

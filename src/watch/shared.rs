@@ -100,6 +100,8 @@ pub(super) struct WatchState {
     pub(super) ledger_doubt: AtomicBool,
     /// A sample since the last census found the client-side ledger agreeing with the pool.
     pub(super) ledger_agreed: AtomicBool,
+    /// The app held a connection at the last sample.
+    pub(super) held: AtomicBool,
     /// Sessions that ended without the pool closing them, counted by censuses and samples.
     pub(super) sessions_ended: AtomicU64,
     /// Test-only faults of the watch task (`[0]`) and the heartbeat task (`[1]`).
@@ -136,6 +138,7 @@ impl Shared {
                 census_failing: AtomicBool::new(false),
                 ledger_doubt: AtomicBool::new(false),
                 ledger_agreed: AtomicBool::new(false),
+                held: AtomicBool::new(false),
                 sessions_ended: AtomicU64::new(0),
                 faults: [schedule::Faults::default(), schedule::Faults::default()],
             },
@@ -174,8 +177,8 @@ impl Shared {
     }
 
     /// What one sample tells the census schedule: whether the client-side ledger confirmed
-    /// the pool (a socket per connection, none unattributed, no session ended, nothing
-    /// checked out but the pool heartbeat's). Behind a pooler the sockets end at the pooler,
+    /// the pool (a socket per connection, none unattributed, no session ended, no connection
+    /// held by the app over two samples). Behind a pooler the sockets end at the pooler,
     /// so they confirm nothing about the server's sessions.
     pub(super) fn ledger_sampled(&self, confirmed: bool) {
         let confirmed = confirmed && self.path != NetworkPath::Pooler;
