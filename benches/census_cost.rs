@@ -8,6 +8,11 @@
 //! so its CPU is the postmaster's own plus its reaped children's (`/proc/<pid>/stat`, clock
 //! ticks) over N probes. Under `cargo test` it runs a quick smoke pass.
 //!
+//! `CENSUS_COST_STEADY=<seconds>`: only the steady state of one quiet replica at the default
+//! `Config` (one pool, no traffic), counted on the server over that many seconds: backends
+//! started, statements (`pg_stat_statements`), the server CPU of the watch's backends, and one
+//! `SELECT 1` against one protocol-level ping (what the heartbeats could send instead).
+//!
 //! Then the census through a real PgBouncer with the pooler census (`pooler_admin`: `SHOW
 //! CLIENTS` + `SHOW POOLS` on the admin console, 200 other clients on the pooler).
 
@@ -30,6 +35,10 @@ const REPLICAS: f64 = 1000.0;
 #[tokio::main]
 async fn main() {
     let full = std::env::args().any(|a| a == "--bench");
+    if let Some(secs) = std::env::var("CENSUS_COST_STEADY").ok().and_then(|s| s.parse().ok()) {
+        steady_state(Duration::from_secs(secs)).await;
+        return;
+    }
     let (steps, rounds, probes): (&[usize], usize, usize) =
         if full { (&[10, 200, 1000], 300, 300) } else { (&[10], 5, 5) };
     // `CENSUS_COST_STEPS=1000 CENSUS_COST_ROUNDS=100`: one step, fewer rounds (a shared machine).
@@ -287,4 +296,125 @@ fn report(what: &str, mut ms: Vec<f64>) {
     let mean = ms.iter().sum::<f64>() / ms.len() as f64;
     let pct = |p: f64| ms[((ms.len() - 1) as f64 * p) as usize];
     println!("{what} mean {mean:.3} ms, p50 {:.3} ms, p99 {:.3} ms", pct(0.5), pct(0.99));
+}
+
+/// Statement text → (calls, total execution ms), from `pg_stat_statements`.
+async fn statements(admin: &mut PgConnection) -> std::collections::BTreeMap<String, (i64, f64)> {
+    let rows: Vec<(String, i64, f64)> = sqlx::query_as(
+        "SELECT regexp_replace(left(query, 70), '\\s+', ' ', 'g'), calls, total_exec_time FROM pg_stat_statements \
+         WHERE query NOT LIKE '%pg_stat_statements%' AND query NOT LIKE '%pg_stat_activity WHERE application_name IN%'",
+    )
+    .fetch_all(admin)
+    .await
+    .unwrap();
+    let mut by_text = std::collections::BTreeMap::new();
+    for (text, calls, ms) in rows {
+        let e: &mut (i64, f64) = by_text.entry(text).or_default();
+        (e.0, e.1) = (e.0 + calls, e.1 + ms);
+    }
+    by_text
+}
+
+/// The pids of the watch's backends: the pool's connections and poolwatch's own.
+async fn watch_pids(admin: &mut PgConnection, tag: &str) -> Vec<i32> {
+    sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name IN ($1, 'poolwatch-census:steady')")
+        .bind(tag)
+        .fetch_all(admin)
+        .await
+        .unwrap()
+}
+
+/// One quiet replica at the defaults, counted on the server (see the module docs).
+async fn steady_state(span: Duration) {
+    let cluster = cluster::Cluster::start_with(&[("shared_preload_libraries", "pg_stat_statements")]);
+    let mut admin = PgConnection::connect_with(&cluster.options()).await.unwrap();
+    admin.execute("CREATE EXTENSION pg_stat_statements").await.unwrap();
+    println!("steady state of one quiet replica at the defaults ({}), over {span:?}:", uptime());
+    // One SELECT 1 against one ping (a Sync message: no statement), on a backend of its own.
+    let mut c = PgConnection::connect_with(&cluster.options()).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut c).await.unwrap();
+    for round in 0..2 {
+        let before = schedstat_ns(pid);
+        for _ in 0..5000 {
+            c.execute(sqlx::raw_sql("SELECT 1")).await.unwrap();
+        }
+        let select1 = (schedstat_ns(pid) - before) as f64 / 5e3 / 1e3;
+        let before = schedstat_ns(pid);
+        for _ in 0..5000 {
+            c.ping().await.unwrap();
+        }
+        let ping = (schedstat_ns(pid) - before) as f64 / 5e3 / 1e3;
+        println!(
+            "  round {round}: server CPU per SELECT 1 {select1:.1} µs, per ping (Sync) {ping:.1} µs (back to back)"
+        );
+    }
+    // Spaced out as the heartbeats are (here one a second): each finds the backend's caches cold.
+    for _ in 0..2 {
+        for what in ["SELECT 1", "ping"] {
+            let mut ns = 0u64;
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let before = schedstat_ns(pid);
+                if what == "ping" {
+                    c.ping().await.unwrap();
+                } else {
+                    c.execute(sqlx::raw_sql("SELECT 1")).await.unwrap();
+                }
+                ns += schedstat_ns(pid) - before;
+            }
+            println!("  spaced 1 s apart: server CPU per {what} {:.1} µs", ns as f64 / 20.0 / 1e3);
+        }
+    }
+    drop(c);
+    let pool = PgPoolOptions::new().connect_with(cluster.options()).await.unwrap();
+    let watch = instrument_pool(&pool, Config::new("steady")).unwrap();
+    let tag = watch.application_name().to_owned();
+    while watch.server_settings().is_none() || watch.heartbeat().pool.successes < 3 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Start-up (the lint's session, the first census and probe, the pool's connection) is over.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let pids = watch_pids(&mut admin, &tag).await;
+    let cpu = |pids: &[i32]| pids.iter().map(|p| schedstat_ns(*p)).sum::<u64>();
+    let postmaster = parent_pid(pids[0]);
+    let (cpu0, forks0) = (cpu(&pids), process_cpu_with_children_ms(postmaster));
+    let cpu0_each: Vec<u64> = pids.iter().map(|p| schedstat_ns(*p)).collect();
+    let sessions0: i64 =
+        sqlx::query_scalar("SELECT sum(sessions)::bigint FROM pg_stat_database").fetch_one(&mut admin).await.unwrap();
+    let statements0 = statements(&mut admin).await;
+    tokio::time::sleep(span).await;
+    let statements1 = statements(&mut admin).await;
+    let sessions1: i64 =
+        sqlx::query_scalar("SELECT sum(sessions)::bigint FROM pg_stat_database").fetch_one(&mut admin).await.unwrap();
+    assert_eq!(watch_pids(&mut admin, &tag).await, pids, "the watch's backends stayed the same");
+    let (cpu1, forks1) = (cpu(&pids), process_cpu_with_children_ms(postmaster));
+    let per_hour = 3600.0 / span.as_secs_f64();
+    for (pid, (before, after)) in pids.iter().zip(cpu0_each.iter().zip(pids.iter().map(|p| schedstat_ns(*p)))) {
+        let name: String = sqlx::query_scalar("SELECT application_name FROM pg_stat_activity WHERE pid = $1")
+            .bind(pid)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+        println!("  backend {name}: {:.1} ms per hour", (after - before) as f64 / 1e6 * per_hour);
+    }
+    println!("  the watch's backends: {} (the pool's and poolwatch's own)", pids.len());
+    println!("  backends started: {:.1} per hour", (sessions1 - sessions0) as f64 * per_hour);
+    for (text, (calls, ms)) in &statements1 {
+        let (c0, ms0) = statements0.get(text).copied().unwrap_or_default();
+        if calls > &c0 {
+            let n = (calls - c0) as f64;
+            println!("  {:>7.0} per hour, {:.3} ms exec each: {text}", n * per_hour, (ms - ms0) / n);
+        }
+    }
+    let backend_ms = (cpu1 - cpu0) as f64 / 1e6;
+    let us_per_s = backend_ms * 1e3 / span.as_secs_f64();
+    println!(
+        "  server CPU of the watch's backends: {:.1} ms per hour = {us_per_s:.2} µs/s per replica: {:.4} core for 1,000 replicas, {:.3} for 10,000",
+        backend_ms * per_hour,
+        us_per_s * 1e-3,
+        us_per_s * 1e-2
+    );
+    // Coarse (clock ticks), and it counts the server's own children too (autovacuum workers).
+    println!("  postmaster + reaped children: {:.1} ms per hour", (forks1 - forks0) * per_hour);
+    println!("  load after: {}", uptime());
 }

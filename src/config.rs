@@ -20,13 +20,19 @@ pub struct Config {
     pub sample_interval: Duration,
     /// How often the server census (`pg_stat_activity`) runs, each wait drawn within ±20 % so
     /// replicas spread out. It also runs at once when the client-side ledger disagrees with
-    /// the pool (at most once per 10 `sample_interval`s). Default 900 s (see docs/performance.md for the cost
-    /// per replica).
+    /// the pool (at most once per 10 `sample_interval`s). While every sample's client-side
+    /// ledger confirms the pool (a socket per connection, none unattributed, no session
+    /// ended, no connection held over two samples; Linux, TCP, no pooler) the wait doubles
+    /// after each census, up to 24 × this interval; the first disagreement brings it back.
+    /// Default 900 s, so 6 h on a quiet replica (see docs/performance.md for the cost per
+    /// replica).
     pub census_interval: Duration,
     /// How often the per-address reachability probe runs when nothing is wrong (±20 %); it
     /// also runs when connects fail or slow down (census or heartbeat connect failures,
-    /// acquire errors and timeouts, creates slower than 1 s). Each probe costs the server a
-    /// forked backend. Default 10800 s (3 h).
+    /// acquire errors and timeouts, creates slower than 1 s). After probes that found every
+    /// address up with no connect trouble between them, the wait doubles, up to 8 × this
+    /// interval. Each probe costs the server a forked backend. Default 10800 s (3 h; 24 h
+    /// while nothing is wrong).
     pub reach_interval: Duration,
     /// Connect and statement timeout of the census's dedicated connection. Default 5 s; at
     /// most 2,147,483,647 ms (PostgreSQL's limit for `statement_timeout`).
