@@ -50,9 +50,11 @@ pub struct Config {
     /// Default: one replica, nothing else declared. The declaring setters below write here.
     pub deployment: Deployment,
     /// How often the [hazard lint](crate::health::hazards) re-reads the server settings while
-    /// poolwatch's connection stays up, so a live `ALTER ROLE .. SET` or `ALTER SYSTEM` + reload
-    /// is flagged within `hazard_recheck_interval` + `heartbeat_interval` + `heartbeat_timeout`.
-    /// Each re-read is one short-lived connection and one query. Default 60 s.
+    /// poolwatch's connection stays up; while they stay the same the wait doubles, up to 5 ×
+    /// this interval (60 s, 120 s, 240 s, 300 s), and a change found brings it back. So a live
+    /// `ALTER ROLE .. SET` or `ALTER SYSTEM` + reload is flagged within 5 ×
+    /// `hazard_recheck_interval` + `heartbeat_interval` + `heartbeat_timeout`. Each re-read is
+    /// one query on poolwatch's own connection (no new session). Default 60 s.
     pub hazard_recheck_interval: Duration,
     /// How long a connection checked out through [`WatchedPool`](crate::acquire::watched_pool::WatchedPool) may be
     /// held before it is reported as a leak or stuck suspect. Default `None` (off).

@@ -11,9 +11,10 @@
 //! `heartbeat_interval` × 2ⁿ, capped at `heartbeat_max_backoff`.
 //!
 //! The [hazard lint](crate::health::hazards) runs at start-up, again after each reconnect of the
-//! dedicated connection, and every [`Config::hazard_recheck_interval`] (so a live settings change
-//! is flagged within that interval plus one heartbeat tick). At start-up and after a reconnect
-//! it reads on a short-lived connection with the pool's own connect options (same role,
+//! dedicated connection, and every [`Config::hazard_recheck_interval`], doubling while the
+//! settings stay the same up to 5 × that interval (so a live settings change is flagged within
+//! 5 intervals plus one heartbeat tick; one change found brings the interval back). At
+//! start-up and after a reconnect it reads on a short-lived connection with the pool's own connect options (same role,
 //! database and pooler, so per-role settings apply; `application_name`
 //! `poolwatch-lint:<pool>`), never on a pool slot. The periodic re-read opens nothing: it runs
 //! on the dedicated connection and works out what a new session of the pool would get
@@ -98,6 +99,20 @@ struct State {
     warned: HashSet<Hazard>,
     /// What the last fresh session showed, for the re-reads on the dedicated connection.
     baseline: Option<Baseline>,
+    /// Reads in a row that found the settings as the one before: the re-read's stretch.
+    unchanged: u32,
+}
+
+/// The longest wait between two re-reads of unchanged settings, in
+/// `hazard_recheck_interval`s (5 min at the default 60 s).
+pub(crate) const RECHECK_STRETCH: u32 = 5;
+
+/// The wait before the next re-read: `every` × 2^`unchanged`, at most [`RECHECK_STRETCH`] ×
+/// `every` (60 s, 120 s, 240 s, 300 s …). Settings seldom change; a re-read costs the server
+/// about 1 ms of CPU (docs/performance.md), and one that finds a change brings `every` back.
+fn recheck_after(every: Duration, unchanged: u32) -> Duration {
+    let factor = 1u32.checked_shl(unchanged.min(31)).unwrap_or(u32::MAX).min(RECHECK_STRETCH);
+    every.saturating_mul(factor)
 }
 
 /// The heartbeats' state and metric handles for one watched pool.
@@ -144,6 +159,11 @@ impl Heartbeat {
     /// The hazards found by the last successful lint.
     pub(crate) fn hazards(&self) -> Vec<Finding> {
         self.state.lock().map(|s| s.hazards.clone()).unwrap_or_default()
+    }
+
+    /// Reads in a row that found the settings unchanged.
+    fn unchanged_reads(&self) -> u32 {
+        self.state.lock().map(|s| s.unchanged).unwrap_or(0)
     }
 
     /// The server settings read by the last successful lint.
@@ -228,7 +248,8 @@ impl Heartbeat {
             }
             self.record(Path::Direct, result, took);
         }
-        if cycle.last_lint.is_some_and(|at| at.elapsed() >= config.hazard_recheck_interval) {
+        let recheck = recheck_after(config.hazard_recheck_interval, self.unchanged_reads());
+        if cycle.last_lint.is_some_and(|at| at.elapsed() >= recheck) {
             // Settings can change while the dedicated connection stays up (ALTER ROLE, reload).
             cycle.lint_due = true;
         }
@@ -459,6 +480,8 @@ impl Heartbeat {
         // One line per lint (rare: start-up, reconnects, the periodic re-read), so a reader
         // can tell "linted, nothing new" from "not linted yet".
         tracing::debug!(pool, hazards = found.len(), "poolwatch linted the server settings");
+        state.unchanged =
+            if state.settings.as_ref() == Some(&settings) { state.unchanged.saturating_add(1) } else { 0 };
         state.hazards = found;
         state.settings = Some(settings);
     }
@@ -610,5 +633,37 @@ mod tests {
             b.record(ok);
             let _ = b.ready();
         }
+    }
+
+    #[test]
+    fn re_reads_of_unchanged_settings_stretch_to_five_intervals() {
+        let every = Duration::from_secs(60);
+        let waits: Vec<u64> = (0..6).map(|n| recheck_after(every, n).as_secs()).collect();
+        assert_eq!(waits, [60, 120, 240, 300, 300, 300]);
+        assert_eq!(recheck_after(Duration::MAX, u32::MAX), Duration::MAX);
+        // Over an hour of unchanged settings: 13 re-reads instead of 60.
+        let (mut at, mut reads) = (0u64, 0u32);
+        while at < 3600 {
+            at += recheck_after(every, reads).as_secs();
+            reads += 1;
+        }
+        assert!(reads <= 14, "{reads} re-reads in an hour");
+    }
+
+    #[test]
+    fn a_changed_setting_brings_the_re_read_interval_back() {
+        let hb = Heartbeat::new("unit", crate::config::Detail::Standard);
+        let calm = ServerSettings { max_connections: 100, ..ServerSettings::default() };
+        let reads: Vec<u32> = (0..3)
+            .map(|_| {
+                hb.publish(Vec::new(), calm.clone());
+                hb.unchanged_reads()
+            })
+            .collect();
+        assert_eq!(reads, [0, 1, 2], "the first read, then two that found the same");
+        let changed = ServerSettings { idle_session_timeout: Some(Duration::from_secs(60)), ..calm };
+        hb.publish(Vec::new(), changed);
+        assert_eq!(hb.unchanged_reads(), 0);
+        assert_eq!(recheck_after(Duration::from_secs(60), hb.unchanged_reads()), Duration::from_secs(60));
     }
 }
