@@ -1,6 +1,7 @@
 //! What a quiet replica costs the server: the census stretches while the client-side ledger
 //! confirms the pool, and comes back to its interval when a session dies under the pool.
-//! Counted on the server (`pg_stat_statements`, `pg_stat_database.sessions`), in windows
+//! Unchanged settings are re-read less often. Counted on the server (`pg_stat_statements`,
+//! `pg_stat_database.sessions`), in windows
 //! measured in heartbeats, never in seconds. The schedules themselves, at the defaults over
 //! simulated days, are unit-tested in `src/watch/cadence.rs`.
 
@@ -97,4 +98,40 @@ async fn a_quiet_pool_stretches_its_census_until_a_backend_dies_under_it() {
     let after = censuses(&mut admin).await - ran;
     println!("after the kill (60 heartbeats): {after} censuses");
     assert!(after >= 3, "{after} censuses over 60 heartbeats after a disagreement (want ≥ 3: back at 300 ms)");
+}
+
+/// How many times the server ran the hazard re-read's statement so far.
+async fn re_reads(admin: &mut PgConnection) -> i64 {
+    sqlx::query_scalar("SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements WHERE query LIKE $1")
+        .bind("SELECT $1, current_setting($2)%")
+        .fetch_one(admin)
+        .await
+        .unwrap()
+}
+
+/// Unchanged settings are re-read less and less often, up to 5 × `hazard_recheck_interval`:
+/// at 200 ms, over 40 heartbeats (≥ 4 s) the server runs the re-read at most 7 times (13-20
+/// at the base interval), and starts no backend for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_settings_are_re_read_less_often() {
+    recorder();
+    let cluster = Cluster::start_with(&[("shared_preload_libraries", "pg_stat_statements")]);
+    let mut admin = support::lasting_admin(&cluster).await;
+    admin.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await.unwrap();
+    let pool = PgPoolOptions::new().max_connections(1).connect_with(cluster.options()).await.unwrap();
+    let config = Config::new("fp_reread")
+        .heartbeat_interval(Duration::from_millis(100))
+        .heartbeat_timeout(Duration::from_secs(2))
+        .hazard_recheck_interval(Duration::from_millis(200));
+    let watch = instrument_pool(&pool, config).unwrap();
+    // Four re-reads of the same settings (200, 400, 800 ms, 1 s): the next waits are at the cap.
+    eventually(Duration::from_secs(60), "four re-reads", async || (re_reads(&mut admin).await >= 4).then_some(()))
+        .await;
+    let (ran, opened) = (re_reads(&mut admin).await, sessions(&mut admin).await);
+    heartbeats(&watch, 40).await;
+    let quiet = re_reads(&mut admin).await - ran;
+    let new_backends = sessions(&mut admin).await - opened;
+    println!("40 heartbeats: {quiet} re-reads, {new_backends} new backends");
+    assert!(quiet <= 7, "{quiet} re-reads of unchanged settings over 40 heartbeats (want ≤ 7: one a second at most)");
+    assert_eq!(new_backends, 0);
 }
