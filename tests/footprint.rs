@@ -1,9 +1,9 @@
 //! What a quiet replica costs the server: the census stretches while the client-side ledger
-//! confirms the pool, and comes back to its interval when a session dies under the pool.
-//! Unchanged settings are re-read less often. Counted on the server (`pg_stat_statements`,
-//! `pg_stat_database.sessions`), in windows
-//! measured in heartbeats, never in seconds. The schedules themselves, at the defaults over
-//! simulated days, are unit-tested in `src/watch/cadence.rs`.
+//! confirms the pool, and comes back to its interval when a session dies under the pool;
+//! unchanged settings are re-read less often. Counted on the server (`pg_stat_statements`,
+//! `pg_stat_database.sessions`), in windows measured in heartbeats, never in seconds. The
+//! schedules themselves, at the defaults over simulated days, are unit-tested in
+//! `src/watch/cadence.rs` and `src/health/heartbeat.rs`.
 
 mod support;
 
