@@ -9,7 +9,8 @@
 //! ticks) over N probes. Under `cargo test` it runs a quick smoke pass.
 //!
 //! `CENSUS_COST_STEADY=<seconds>`: only the steady state of one quiet replica at the default
-//! `Config` (one pool, no traffic), counted on the server over that many seconds: backends
+//! `Config` (one pool, no traffic), counted on the server over that many seconds after
+//! `CENSUS_COST_WARMUP` (15 s; 420 s lets the settings re-read reach its stretch): backends
 //! started, statements (`pg_stat_statements`), the server CPU of the watch's backends, and one
 //! `SELECT 1` against one protocol-level ping (what the heartbeats could send instead).
 //!
@@ -372,8 +373,10 @@ async fn steady_state(span: Duration) {
     while watch.server_settings().is_none() || watch.heartbeat().pool.successes < 3 {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Start-up (the lint's session, the first census and probe, the pool's connection) is over.
-    tokio::time::sleep(Duration::from_secs(15)).await;
+    // Start-up (the lint's session, the first census and probe, the pool's connection) is
+    // over; `CENSUS_COST_WARMUP=<seconds>` waits longer, until the re-read has stretched too.
+    let warmup = std::env::var("CENSUS_COST_WARMUP").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
+    tokio::time::sleep(Duration::from_secs(warmup)).await;
     let pids = watch_pids(&mut admin, &tag).await;
     let cpu = |pids: &[i32]| pids.iter().map(|p| schedstat_ns(*p)).sum::<u64>();
     let postmaster = parent_pid(pids[0]);
