@@ -230,10 +230,11 @@ const CONFIRM_AFTER: Duration = Duration::from_secs(60);
 /// census that saw something to confirm, then 90 s, 180 s … back to the interval while it
 /// stays. So one failure or one glimpse of a lock wait does not hold its figure for 15 min.
 ///
-/// While the client-side ledger confirms the pool (see [`Shared::ledger_confirmed_since_census`])
-/// the census has nothing to add but a silent peer, so its wait doubles after each quiet census,
-/// up to [`schedule::CENSUS_STRETCH`] × the interval (900 s → 1,800 s … 6 h); the first census that is
-/// not quiet (a disagreement, a failure, something to confirm) brings the interval back.
+/// While the client-side ledger confirms the pool (see
+/// [`Shared::ledger_confirmed_since_census`]) the census has nothing to add but a silent peer,
+/// so its wait doubles after each quiet census, up to [`schedule::CENSUS_STRETCH`] × the
+/// interval (900 s → 1,800 s … 6 h); the first census that is not quiet (a disagreement, a
+/// failure, something to confirm) brings the interval back.
 #[derive(Debug, Default)]
 struct CensusPlan {
     first: bool,
@@ -246,8 +247,9 @@ struct CensusPlan {
 
 /// When the next scheduled reachability probe runs: `reach_interval` (±20 %) after a probe
 /// that found an address down or followed connect trouble; after clean ones, doubling up to
-/// [`schedule::REACH_STRETCH`] × the interval. Trouble and down addresses bring probes sooner anyway
-/// (`Reach::wanted`): the scheduled probe only finds a dead address no connect has hit yet.
+/// [`schedule::REACH_STRETCH`] × the interval. Trouble and down addresses bring probes sooner
+/// anyway (`Reach::wanted`): the scheduled probe only finds a dead address no connect has hit
+/// yet.
 #[derive(Debug, Default)]
 struct ReachPlan {
     clean: u32,
