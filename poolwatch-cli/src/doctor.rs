@@ -8,7 +8,6 @@ use poolwatch::Deployment;
 use poolwatch::hazards::ServerSettings;
 use poolwatch::hazards::{self, PoolSettings};
 use poolwatch::reach::{AddressFigures, Reachability, probe_host};
-use poolwatch::sqlx;
 use sqlx::postgres::{PgConnectOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 
@@ -272,11 +271,20 @@ async fn examine_on(
 }
 
 async fn query(conn: &mut PgConnection, timeout: Duration, sql: String) -> Result<Vec<PgRow>, String> {
-    match tokio::time::timeout(timeout, poolwatch::internals::fetch_all_text(conn, sql)).await {
+    match tokio::time::timeout(timeout, fetch_all(conn, sql)).await {
         Ok(Ok(rows)) => Ok(rows),
         Ok(Err(e)) => Err(clean(&e.to_string())),
         Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
     }
+}
+
+/// Runs SQL built at run time (from the doctor's own constants and numbers, never from input)
+/// with the simple protocol: sqlx 0.9 wants it marked `AssertSqlSafe`, 0.8 borrows it.
+async fn fetch_all(conn: &mut PgConnection, sql: String) -> Result<Vec<PgRow>, sqlx::Error> {
+    #[cfg(feature = "sqlx-0_9")]
+    return sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).fetch_all(conn).await;
+    #[cfg(not(feature = "sqlx-0_9"))]
+    return sqlx::raw_sql(&sql).fetch_all(conn).await;
 }
 
 /// A text column, cleaned of control characters (role names may hold any).

@@ -3,7 +3,6 @@
 //! (a base64 password holds `/`, `+` and `=`; some hold `?`, `#` or `@`), and an error never
 //! quotes the input: it names the part that is wrong and the fix.
 
-use poolwatch::sqlx;
 use sqlx::postgres::PgConnectOptions;
 
 use crate::text::clean;
@@ -301,17 +300,11 @@ fn printable(s: &str) -> String {
     clean(s)
 }
 
-/// Replaces every secret (and its JSON-escaped form) with `***`.
+/// Replaces every secret with `***` in plain text (a string value, a line of the report).
 pub(crate) fn scrub(text: &str, secrets: &[String]) -> String {
     let mut out = text.to_owned();
     for s in secrets.iter().filter(|s| !s.is_empty()) {
         out = out.replace(s.as_str(), "***");
-        if let Ok(json) = serde_json::to_string(s) {
-            let inner = json.trim_matches('"');
-            if !inner.is_empty() {
-                out = out.replace(inner, "***");
-            }
-        }
     }
     out
 }

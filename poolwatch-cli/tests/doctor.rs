@@ -2,7 +2,17 @@
 //! and stuck sessions, a dead and a silent address beside a live one, a role without
 //! `pg_read_all_stats`, a password that must never show, and PgBouncer's admin console.
 
-mod support;
+// The library's test harness (one harness for the workspace): the parts the doctor needs.
+#[path = "../../tests/support"]
+#[allow(dead_code)]
+mod support {
+    pub mod cluster;
+    pub mod password;
+    pub mod pgbouncer;
+    pub mod wait;
+    pub use cluster::Cluster;
+    pub use wait::eventually;
+}
 
 use std::time::Duration;
 
@@ -184,8 +194,8 @@ async fn the_password_is_used_and_never_printed() {
     let cluster = Cluster::start();
     let secret = "Sh0uldNeverShow";
     let url = support::password::password_role(&cluster, "app_pw", secret).await;
-    for args in [vec![url.as_str()], vec![url.as_str(), "--json"]] {
-        let r = doctor(&args).await;
+    for args in [&[url.as_str()][..], &[url.as_str(), "--json"]] {
+        let r = doctor(args).await;
         assert_eq!(r.code, 0, "{}", r.stdout);
         assert!(!r.stdout.contains(secret) && !r.stderr.contains(secret), "the password leaked");
         assert!(r.stdout.contains("SCRAM-SHA-256"), "the startup shows what the server asks for");
