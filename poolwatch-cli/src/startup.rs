@@ -1,22 +1,33 @@
 //! The PostgreSQL startup up to authentication, on one address: send the startup packet, read
 //! the server's first answer (an authentication request or an error), then leave. No password
 //! is sent: the server's answer already says it is alive and willing.
+//!
+//! TLS: unless `sslmode=disable` (or `allow`), the probe first sends an SSLRequest, as libpq
+//! does. A server that answers `S` is reported as accepting TLS and the probe stops there: the
+//! startup inside TLS (certificate checks included) is the login's, through sqlx and rustls.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use sqlx::postgres::PgSslMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::report::Startup;
 use crate::text::clean;
 
-pub(crate) async fn probe(address: SocketAddr, user: &str, database: &str, timeout: Duration) -> Startup {
+pub(crate) async fn probe(
+    address: SocketAddr,
+    user: &str,
+    database: &str,
+    tls: PgSslMode,
+    timeout: Duration,
+) -> Startup {
     let started = Instant::now();
-    let result = tokio::time::timeout(timeout, exchange(address, user, database)).await;
+    let result = tokio::time::timeout(timeout, exchange(address, user, database, tls)).await;
     let seconds = started.elapsed().as_secs_f64();
     match result {
-        Ok(Ok((outcome, detail))) => Startup { outcome, detail: clean(&detail), seconds },
+        Ok(Ok((outcome, detail))) => Startup { outcome, detail: clean(&explain(&detail, tls)), seconds },
         Ok(Err(e)) => {
             Startup { outcome: "failed", detail: format!("{} ({e})", poolwatch::Cause::of_io(e.kind())), seconds }
         }
@@ -30,9 +41,17 @@ pub(crate) async fn probe(address: SocketAddr, user: &str, database: &str, timeo
 
 /// Sends the startup packet and reads up to the server's first answer: the outcome and its
 /// detail, not yet cleaned.
-async fn exchange(address: SocketAddr, user: &str, database: &str) -> std::io::Result<(&'static str, String)> {
+async fn exchange(
+    address: SocketAddr,
+    user: &str,
+    database: &str,
+    tls: PgSslMode,
+) -> std::io::Result<(&'static str, String)> {
     let mut stream = TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
+    if let Some(answer) = ssl_request(&mut stream, tls).await? {
+        return Ok(answer);
+    }
     stream.write_all(&startup_packet(user, database)).await?;
     loop {
         let kind = stream.read_u8().await?;
@@ -56,6 +75,51 @@ async fn exchange(address: SocketAddr, user: &str, database: &str) -> std::io::R
             b'N' => continue,
             other => return Ok(("failed", format!("unexpected PostgreSQL message {:?}", other as char))),
         }
+    }
+}
+
+/// The libpq name of `mode`, as the URL spells it.
+pub(crate) fn mode_name(mode: PgSslMode) -> &'static str {
+    match mode {
+        PgSslMode::Disable => "disable",
+        PgSslMode::Allow => "allow",
+        PgSslMode::Prefer => "prefer",
+        PgSslMode::Require => "require",
+        PgSslMode::VerifyCa => "verify-ca",
+        PgSslMode::VerifyFull => "verify-full",
+    }
+}
+
+/// Sends an SSLRequest when `tls` asks for TLS first. `Some(outcome)`: the probe ends here
+/// (the server accepts TLS, or refuses it to a mode that needs it); `None`: go on in plain text.
+async fn ssl_request(stream: &mut TcpStream, tls: PgSslMode) -> std::io::Result<Option<(&'static str, String)>> {
+    if matches!(tls, PgSslMode::Disable | PgSslMode::Allow) {
+        return Ok(None);
+    }
+    // Length 8, then the SSLRequest code 1234.5679.
+    stream.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
+    let mode = mode_name(tls);
+    Ok(match stream.read_u8().await? {
+        b'S' => Some((
+            "ok",
+            format!("accepts TLS (sslmode={mode}); the startup inside TLS is checked by the login, not probed here"),
+        )),
+        b'N' if matches!(tls, PgSslMode::Prefer) => None,
+        b'N' => Some(("rejected", format!("the server does not offer TLS, and sslmode={mode} requires it"))),
+        other => Some(("failed", format!("not a PostgreSQL answer to the SSLRequest ({:?})", other as char))),
+    })
+}
+
+/// A refusal of a connection without TLS, said as such: the server's own words name pg_hba.conf.
+fn explain(detail: &str, tls: PgSslMode) -> String {
+    if detail.contains(" 28000 ") && detail.contains("no encryption") {
+        let mode = mode_name(tls);
+        format!(
+            "{detail} -- the server requires TLS for this connection (sslmode={mode} sent none): \
+             use sslmode=require, or verify-full with sslrootcert=<CA file>"
+        )
+    } else {
+        detail.to_owned()
     }
 }
 

@@ -485,3 +485,55 @@ async fn server_strings_cannot_drive_the_terminal() {
     assert!(runs[2].stdout.contains("gh?[31most"), "the startup's FATAL is shown, cleaned: {}", runs[2].stdout);
     holder.close().await.ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_letter_password_leaves_the_json_whole() {
+    let cluster = Cluster::start();
+    // "e" is in nearly every key and value: scrubbing the JSON text would break it.
+    let url = support::password::password_role(&cluster, "app_e", "e").await;
+    let r = doctor(&[&url, "--json"]).await;
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    let j = r.json();
+    assert_eq!(j["target"]["password_given"], true, "{j}");
+    assert_eq!(j["server"]["max_connections"], 300, "keys and numbers untouched: {j}");
+    assert_eq!(j["addresses"][0]["tcp"], "up");
+}
+
+/// A TLS-only server's URL with `query` (sslmode and sslrootcert).
+fn tls_url(cluster: &Cluster, query: &str) -> String {
+    format!("postgres://postgres@127.0.0.1:{}/postgres?{query}", cluster.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_only_server_is_examined_over_tls() {
+    let cluster = Cluster::start_tls();
+    let ca = cluster.ca_cert().display().to_string();
+    for query in ["sslmode=require".to_owned(), format!("sslmode=verify-full&sslrootcert={ca}")] {
+        let r = doctor(&[&tls_url(&cluster, &query), "--json"]).await;
+        assert_eq!(r.code, 0, "{query}: {}{}", r.stdout, r.stderr);
+        let j = r.json();
+        let startup = &j["addresses"][0]["startup"];
+        assert_eq!(startup["outcome"], "ok", "{startup}");
+        assert!(startup["detail"].as_str().is_some_and(|d| d.contains("accepts TLS")), "{startup}");
+        assert!(j["server"]["version"].as_str().is_some_and(|v| v.starts_with(char::is_numeric)), "{j}");
+    }
+    let human = doctor(&[&tls_url(&cluster, "sslmode=require")]).await;
+    assert!(human.stdout.contains("accepts TLS (sslmode=require)"), "{}", human.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_only_server_refuses_a_wrong_ca_and_no_tls_with_clear_words() {
+    let cluster = Cluster::start_tls();
+    let wrong = cluster.wrong_ca_cert().display().to_string();
+    let r = doctor(&[&tls_url(&cluster, &format!("sslmode=verify-full&sslrootcert={wrong}"))]).await;
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(
+        r.stdout.contains("certificate") && r.stdout.contains("sslrootcert") && r.stdout.contains("logging in"),
+        "the certificate problem is named: {}",
+        r.stdout
+    );
+    let r = doctor(&[&tls_url(&cluster, "sslmode=disable")]).await;
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(r.stdout.contains("the server requires TLS"), "{}", r.stdout);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+}
