@@ -253,10 +253,17 @@ fn host_ports(what: &str, hosts: &[String], ports: &[String]) -> Result<Vec<(Str
     Ok(out)
 }
 
-/// `host:port`, `[v6]:port`, `[v6]`, `host`, or a socket directory.
+/// `host:port`, `[v6]:port`, `[v6]`, `host`, or a socket directory (percent-encoded in a URL's
+/// host list, where a `:port` may follow it as libpq reads it).
 fn split_port(h: &str) -> (&str, Option<&str>) {
-    if h.starts_with('/') || h.starts_with("%2F") || h.starts_with("%2f") {
+    if h.starts_with('/') {
         return (h, None);
+    }
+    if h.starts_with("%2F") || h.starts_with("%2f") {
+        return match h.rsplit_once(':') {
+            Some((dir, port)) if port.bytes().all(|b| b.is_ascii_digit()) => (dir, Some(port)),
+            _ => (h, None),
+        };
     }
     if let Some(v6) = h.strip_prefix('[') {
         return match v6.split_once(']') {
@@ -330,6 +337,9 @@ mod tests {
         assert_eq!(t.secrets, ["a b'c"]);
         let t = ok("postgres://app@/app?host=/run/postgresql");
         assert_eq!(t.hosts, [("/run/postgresql".to_owned(), 5432)]);
+        let t = ok("postgres://app@%2Frun%2Fpostgresql:5433/app");
+        assert_eq!(t.hosts, [("/run/postgresql".to_owned(), 5433)]);
+        assert_eq!(t.options.get_socket().map(|p| p.display().to_string()), Some("/run/postgresql".to_owned()));
     }
 
     #[test]

@@ -537,3 +537,21 @@ async fn a_tls_only_server_refuses_a_wrong_ca_and_no_tls_with_clear_words() {
     assert!(r.stdout.contains("the server requires TLS"), "{}", r.stdout);
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_url_is_logged_in_through_not_looked_up() {
+    let cluster = Cluster::start();
+    let dir = cluster.socket_dir().expect("a throwaway cluster").display().to_string();
+    let port = cluster.port();
+    let encoded = dir.replace('/', "%2F");
+    for url in [
+        format!("postgres://postgres@/postgres?host={dir}&port={port}"),
+        format!("postgres://postgres@{encoded}:{port}/postgres"),
+    ] {
+        let r = doctor(&[&url, "--json"]).await;
+        assert_eq!(r.code, 0, "{url}: {}{}", r.stdout, r.stderr);
+        let j = r.json();
+        assert!(j["server"]["via"].as_str().is_some_and(|v| v.contains("unix socket")), "{j}");
+        assert_eq!(j["addresses"].as_array().map(Vec::len), Some(0), "no DNS lookup, no TCP probe: {j}");
+    }
+}

@@ -200,6 +200,11 @@ impl Cluster {
         }
     }
 
+    /// The directory of the server's unix socket (a throwaway cluster's own directory).
+    pub fn socket_dir(&self) -> Option<&Path> {
+        self.dir.as_deref().or(self.shared_dir.as_deref())
+    }
+
     /// The port the server listens on.
     pub fn port(&self) -> u16 {
         self.port
