@@ -96,6 +96,8 @@ pub(crate) struct Args {
     pub(crate) hosts: Vec<(String, u16)>,
     /// The URL's options (first host), password and TLS settings included: used to log in only.
     pub(crate) options: PgConnectOptions,
+    /// The URL's `sslrootcert` (else `$PGSSLROOTCERT`): the startup probe's extra CA.
+    pub(crate) ssl_root_cert: Option<std::path::PathBuf>,
     /// Whether the URL carries a password (shown as a yes/no, never the value).
     pub(crate) password_given: bool,
     /// Every form of the passwords given (DATABASE_URL, --pooler-admin): scrubbed from output.
@@ -168,6 +170,7 @@ fn resolve(f: Flags) -> Result<Args, String> {
     Ok(Args {
         hosts: t.hosts,
         options: t.options,
+        ssl_root_cert: t.ssl_root_cert,
         password_given: t.password_given,
         secrets,
         warnings,

@@ -104,17 +104,22 @@ async fn probe_hosts(args: &Args) -> Vec<HostProbe<'_>> {
     // The startup packet carries the names as given; the report shows them cleaned.
     let o = &args.options;
     let (user, database) = (o.get_username(), o.get_database().unwrap_or(o.get_username()));
+    let mode = o.get_ssl_mode();
+    let tls = startup::Tls { mode, config: crate::tls::config(mode, args.ssl_root_cert.as_deref()) };
     let tcp_hosts = args.hosts.iter().filter(|(h, _)| !h.starts_with('/'));
-    futures_join(tcp_hosts.map(|(host, port)| probe_one_host(args, host, *port, user, database))).await
+    futures_join(tcp_hosts.map(|(host, port)| probe_one_host(args, host, *port, (user, database), &tls))).await
 }
 
-async fn probe_one_host<'a>(args: &Args, host: &'a str, port: u16, user: &str, database: &str) -> HostProbe<'a> {
+async fn probe_one_host<'a>(
+    args: &Args,
+    host: &'a str,
+    port: u16,
+    login: (&str, &str),
+    tls: &startup::Tls,
+) -> HostProbe<'a> {
     let reach = probe_host(host, port, args.connect_timeout).await;
     let up: Vec<SocketAddr> = reach.addresses.iter().filter(|a| a.up).map(|a| a.address).collect();
-    let startups = futures_join(
-        up.iter().map(|a| startup::probe(*a, user, database, args.options.get_ssl_mode(), args.startup_timeout)),
-    )
-    .await;
+    let startups = futures_join(up.iter().map(|a| startup::probe(*a, host, login, tls, args.startup_timeout))).await;
     HostProbe { host, reach, up, startups }
 }
 
@@ -251,18 +256,10 @@ fn login_error(args: &Args, e: &sqlx::Error) -> String {
     let text = clean(&e.to_string());
     let mode = startup::mode_name(args.options.get_ssl_mode());
     // rustls's error can come as `Tls` or, during the handshake, inside `Io`: read its words.
-    let hint = if text.contains("UnknownIssuer") || text.contains("BadSignature") {
-        format!(
-            "; the server's certificate is not signed by a CA trusted here (sslmode={mode}): \
-             give the server's CA with sslrootcert=<file>"
-        )
-    } else if text.contains("NotValidForName") {
-        "; the server's certificate does not name the host connected to (sslmode=verify-full checks it)".to_owned()
-    } else if matches!(e, sqlx::Error::Tls(_)) || text.contains("certificate") {
-        format!("; TLS failed (sslmode={mode})")
-    } else {
-        String::new()
-    };
+    let mut hint = startup::certificate_hint(&text, args.options.get_ssl_mode());
+    if hint.is_empty() && matches!(e, sqlx::Error::Tls(_)) {
+        hint = format!("; TLS failed (sslmode={mode})");
+    }
     format!("{cause} ({text}){hint}")
 }
 

@@ -3,8 +3,9 @@
 //! hazards and the pooler. Install with `cargo install poolwatch-cli`.
 
 // Who uses whom, one way only: `text` (cleaning, durations) and `report` (the plain data found)
-// use no other module; `target` uses text; `args` uses target; `startup` uses report and text;
-// `doctor` (the checks) uses args, startup, report and text; `render` uses report and text.
+// use no other module; `target` uses text; `args` uses target; `startup` uses report, tls and text;
+// `tls` (the probe's rustls client) uses text; `doctor` (the checks) uses args, startup, tls,
+// report and text; `render` uses report and text.
 mod args;
 mod doctor;
 mod render;
@@ -12,6 +13,7 @@ mod report;
 mod startup;
 mod target;
 mod text;
+mod tls;
 
 // The sqlx the library is built with (one per build, chosen by this crate's features), with
 // TLS on: the CLI's own queries and logins go through it.

@@ -3,31 +3,41 @@
 //! is sent: the server's answer already says it is alive and willing.
 //!
 //! TLS: unless `sslmode=disable` (or `allow`), the probe first sends an SSLRequest, as libpq
-//! does. A server that answers `S` is reported as accepting TLS and the probe stops there: the
-//! startup inside TLS (certificate checks included) is the login's, through sqlx and rustls.
+//! does, completes the TLS handshake (rustls, checking the certificate as `sslmode` says, see
+//! tls.rs) and sends the startup packet inside TLS.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls::ClientConfig;
 use sqlx::postgres::PgSslMode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::report::Startup;
 use crate::text::clean;
 
+/// How the probe speaks TLS: the URL's `sslmode` and the client for it (`Err`: why none could
+/// be made, e.g. an unreadable `sslrootcert`).
+pub(crate) struct Tls {
+    pub(crate) mode: PgSslMode,
+    pub(crate) config: Result<Arc<ClientConfig>, String>,
+}
+
+/// The startup on `address`, one of `host`'s (the name a certificate is checked against).
 pub(crate) async fn probe(
     address: SocketAddr,
-    user: &str,
-    database: &str,
-    tls: PgSslMode,
+    host: &str,
+    login: (&str, &str),
+    tls: &Tls,
     timeout: Duration,
 ) -> Startup {
     let started = Instant::now();
-    let result = tokio::time::timeout(timeout, exchange(address, user, database, tls)).await;
+    let result = tokio::time::timeout(timeout, exchange(address, host, login, tls)).await;
     let seconds = started.elapsed().as_secs_f64();
     match result {
-        Ok(Ok((outcome, detail))) => Startup { outcome, detail: clean(&explain(&detail, tls)), seconds },
+        Ok(Ok((outcome, detail))) => Startup { outcome, detail: clean(&explain(&detail, tls.mode)), seconds },
         Ok(Err(e)) => {
             Startup { outcome: "failed", detail: format!("{} ({e})", poolwatch::Cause::of_io(e.kind())), seconds }
         }
@@ -39,20 +49,82 @@ pub(crate) async fn probe(
     }
 }
 
-/// Sends the startup packet and reads up to the server's first answer: the outcome and its
-/// detail, not yet cleaned.
+/// Connects, speaks TLS if `tls` says so, sends the startup packet and reads up to the
+/// server's first answer: the outcome and its detail, not yet cleaned.
 async fn exchange(
     address: SocketAddr,
-    user: &str,
-    database: &str,
-    tls: PgSslMode,
+    host: &str,
+    (user, database): (&str, &str),
+    tls: &Tls,
 ) -> std::io::Result<(&'static str, String)> {
     let mut stream = TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
-    if let Some(answer) = ssl_request(&mut stream, tls).await? {
-        return Ok(answer);
+    let mode = mode_name(tls.mode);
+    match ssl_request(&mut stream, tls.mode).await? {
+        Plain::Go(note) => return answer(&mut stream, user, database, note).await,
+        Plain::Stop(outcome, detail) => return Ok((outcome, detail)),
+        Plain::Tls => {}
     }
+    let config = match &tls.config {
+        Ok(config) => config.clone(),
+        Err(e) => return Ok(("failed", e.clone())),
+    };
+    let name = match crate::tls::server_name(host) {
+        Ok(name) => name,
+        Err(e) => return Ok(("failed", e)),
+    };
+    let mut stream = match tokio_rustls::TlsConnector::from(config).connect(name, stream).await {
+        Ok(s) => s,
+        Err(e) => {
+            let text = e.to_string();
+            return Ok(("failed", format!("TLS handshake: {text}{}", certificate_hint(&text, tls.mode))));
+        }
+    };
+    let version = match stream.get_ref().1.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLS 1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLS 1.2",
+        _ => "TLS",
+    };
+    let checked = match tls.mode {
+        PgSslMode::VerifyFull => format!("certificate verified for {host}"),
+        PgSslMode::VerifyCa => "certificate chain verified".to_owned(),
+        _ => format!("certificate not checked (sslmode={mode})"),
+    };
+    answer(&mut stream, user, database, format!("{version}, {checked}: ")).await
+}
+
+/// What a certificate error means for the user, from rustls's words (empty when none applies).
+pub(crate) fn certificate_hint(text: &str, mode: PgSslMode) -> String {
+    let mode = mode_name(mode);
+    if text.contains("UnknownIssuer") || text.contains("BadSignature") {
+        format!(
+            "; the server's certificate is not signed by a CA trusted here (sslmode={mode}): \
+             give the server's CA with sslrootcert=<file>"
+        )
+    } else if text.contains("NotValidForName") {
+        format!("; the server's certificate does not name the host connected to (sslmode={mode} checks it)")
+    } else if text.contains("Expired") || text.contains("NotValidYet") {
+        "; the server's certificate is outside its validity period".to_owned()
+    } else {
+        String::new()
+    }
+}
+
+/// Sends the startup packet on `stream` (plain or TLS) and reads the server's first answer;
+/// `note` (what TLS was used) comes first in the detail.
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    user: &str,
+    database: &str,
+    note: String,
+) -> std::io::Result<(&'static str, String)> {
     stream.write_all(&startup_packet(user, database)).await?;
+    let (outcome, detail) = first_answer(stream).await?;
+    Ok((outcome, format!("{note}{detail}")))
+}
+
+/// The server's first answer to the startup packet.
+async fn first_answer<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> std::io::Result<(&'static str, String)> {
     loop {
         let kind = stream.read_u8().await?;
         let len = stream.read_u32().await? as usize;
@@ -90,23 +162,29 @@ pub(crate) fn mode_name(mode: PgSslMode) -> &'static str {
     }
 }
 
-/// Sends an SSLRequest when `tls` asks for TLS first. `Some(outcome)`: the probe ends here
-/// (the server accepts TLS, or refuses it to a mode that needs it); `None`: go on in plain text.
-async fn ssl_request(stream: &mut TcpStream, tls: PgSslMode) -> std::io::Result<Option<(&'static str, String)>> {
+/// What the SSLRequest decided.
+enum Plain {
+    /// Go on without TLS; the note says why when TLS was asked for.
+    Go(String),
+    /// The server takes TLS: the handshake follows.
+    Tls,
+    /// The probe ends here: the outcome and its detail.
+    Stop(&'static str, String),
+}
+
+/// Sends an SSLRequest unless `tls` is `disable` or `allow` (as libpq and sqlx do).
+async fn ssl_request(stream: &mut TcpStream, tls: PgSslMode) -> std::io::Result<Plain> {
     if matches!(tls, PgSslMode::Disable | PgSslMode::Allow) {
-        return Ok(None);
+        return Ok(Plain::Go(String::new()));
     }
     // Length 8, then the SSLRequest code 1234.5679.
     stream.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
     let mode = mode_name(tls);
     Ok(match stream.read_u8().await? {
-        b'S' => Some((
-            "ok",
-            format!("accepts TLS (sslmode={mode}); the startup inside TLS is checked by the login, not probed here"),
-        )),
-        b'N' if matches!(tls, PgSslMode::Prefer) => None,
-        b'N' => Some(("rejected", format!("the server does not offer TLS, and sslmode={mode} requires it"))),
-        other => Some(("failed", format!("not a PostgreSQL answer to the SSLRequest ({:?})", other as char))),
+        b'S' => Plain::Tls,
+        b'N' if matches!(tls, PgSslMode::Prefer) => Plain::Go(String::new()),
+        b'N' => Plain::Stop("rejected", format!("the server does not offer TLS, and sslmode={mode} requires it")),
+        other => Plain::Stop("failed", format!("not a PostgreSQL answer to the SSLRequest ({:?})", other as char)),
     })
 }
 

@@ -13,6 +13,8 @@ pub(crate) struct Target {
     pub(crate) hosts: Vec<(String, u16)>,
     /// Options for the first host, password included: used to log in only.
     pub(crate) options: PgConnectOptions,
+    /// `sslrootcert` (or sqlx's spelling `ssl-root-cert`), else `$PGSSLROOTCERT`, as sqlx reads it.
+    pub(crate) ssl_root_cert: Option<std::path::PathBuf>,
     pub(crate) password_given: bool,
     /// Every form of the password as written and as decoded: scrubbed from all output.
     pub(crate) secrets: Vec<String>,
@@ -77,7 +79,14 @@ fn build(what: &str, p: Parts, warnings: Vec<String>) -> Result<Target, String> 
     if let Some(password) = &p.password {
         options = options.password(password);
     }
-    Ok(Target { hosts, options, password_given: p.password.is_some(), secrets, warnings })
+    let ssl_root_cert = p
+        .params
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "sslrootcert" || k == "ssl-root-cert")
+        .map(|(_, v)| v.into())
+        .or_else(|| std::env::var_os("PGSSLROOTCERT").map(Into::into));
+    Ok(Target { hosts, options, ssl_root_cert, password_given: p.password.is_some(), secrets, warnings })
 }
 
 /// `scheme://[user[:password]@]host[:port][,host2[:port2]...][/database][?key=value&...]`
