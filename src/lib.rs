@@ -69,8 +69,8 @@ pub use listener::status::ListenerHealth;
 pub use listener::watched::{ListenerConfig, WatchedListener};
 pub use watch::{PoolWatch, instrument_pool};
 
-/// Hooks for poolwatch's own tests and its `poolwatch` binary (other crates): not part of the
-/// API, and may change in any release.
+/// Hooks for poolwatch's own tests (other crates): not part of the API, and may change in any
+/// release.
 #[doc(hidden)]
 pub mod internals {
     pub use crate::schedule::Fault;

@@ -125,9 +125,8 @@ async fn a_saturated_pool_reaches_alertmanager_as_a_ticket_and_clears() {
     let watch = instrument_pool(&pool, fast_config("e2e")).unwrap();
 
     let (hook, received) = webhook().await;
-    let dir = std::env::temp_dir().join(format!("poolwatch-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let am_config = dir.join("alertmanager.yml");
+    let dir = tempfile::Builder::new().prefix("poolwatch-e2e-").tempdir().unwrap();
+    let am_config = dir.path().join("alertmanager.yml");
     std::fs::write(&am_config, test_alertmanager_config(hook)).unwrap();
     let alertmanager = Alertmanager::start(&am_config);
     let rules = fast_rules();
@@ -218,7 +217,7 @@ async fn a_saturated_pool_reaches_alertmanager_as_a_ticket_and_clears() {
 
     drop(prometheus);
     drop(alertmanager);
-    std::fs::remove_dir_all(&dir).ok();
+    drop(dir);
     watch.shutdown().await;
     pool.close().await;
     cluster.stop();
