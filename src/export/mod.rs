@@ -43,7 +43,7 @@ pub(crate) fn pool_ended(pool_name: &str) {
     let _ = pool_name;
 }
 
-#[cfg(feature = "telemetry")]
+#[cfg(feature = "prometheus")]
 pub(crate) use exporter::ListenField;
 #[cfg(feature = "prometheus")]
 pub use exporter::{DEFAULT_BUCKETS, Exporter};
