@@ -86,6 +86,13 @@ pub mod internals {
         let field = crate::export::ListenField { name: "metrics_listener", fix: "choose a free port" };
         crate::export::Exporter::new().serve_on(addr, field)
     }
+
+    /// `Exporter`'s `/metrics` listener serving `handle` on `listener`, until dropped (the
+    /// scrape bench measures it against other listeners on the same recorder).
+    #[cfg(feature = "prometheus")]
+    pub async fn serve_metrics(listener: tokio::net::TcpListener, handle: crate::export::PrometheusHandle) {
+        crate::export::serve(listener, handle).await;
+    }
 }
 
 /// The README's and docs' Rust examples, compiled as doctests.

@@ -45,6 +45,13 @@ pub(crate) fn pool_ended(pool_name: &str) {
 
 #[cfg(feature = "prometheus")]
 pub(crate) use exporter::ListenField;
+
+/// `Exporter`'s `/metrics` listener serving `handle` on `listener` (for the benches, through
+/// `internals`).
+#[cfg(feature = "prometheus")]
+pub(crate) async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+    http::serve(listener, handle).await;
+}
 #[cfg(feature = "prometheus")]
 pub use exporter::{DEFAULT_BUCKETS, Exporter};
 #[cfg(feature = "prometheus")]
