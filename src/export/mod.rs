@@ -19,6 +19,8 @@
 mod exporter;
 #[cfg(feature = "prometheus")]
 mod http;
+#[cfg(feature = "otel-metrics")]
+pub mod otel;
 #[cfg(feature = "prometheus")]
 mod prometheus;
 #[cfg(feature = "prometheus")]
