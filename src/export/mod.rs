@@ -8,6 +8,9 @@
 //! - `metrics-exporter-prometheus`, if the app already runs it: [`with_buckets`] on your
 //!   builder, or [`prometheus_builder`]. Its scrapes cost more per series
 //!   (`benches/render_cost.rs` prints both).
+//! - With feature `otel-metrics`, [`otel::OtelRecorder`]: poolwatch's metrics as
+//!   OpenTelemetry instruments (semantic-convention names and units, poolwatch's bounds) on
+//!   your SDK's meter, for OTLP export.
 //! - Any other recorder (e.g. the OpenTelemetry SDK through `metrics-exporter-opentelemetry`
 //!   or `metrics-util`): give each histogram of [`catalog::ALL`](crate::catalog::ALL) the
 //!   bounds of [`catalog::buckets`](crate::catalog::buckets) (an OTel `View` with an

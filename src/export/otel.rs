@@ -89,9 +89,9 @@ pub fn otel_attribute(label: &str) -> &str {
 /// metrics of the app keep the name and unit they were described with.
 ///
 /// ```no_run
-/// # fn run(provider: &opentelemetry_sdk::metrics::SdkMeterProvider) {
-/// use opentelemetry::metrics::MeterProvider as _;
-/// let recorder = poolwatch::export::otel::OtelRecorder::new(provider.meter("poolwatch"));
+/// # fn run(meter: opentelemetry::metrics::Meter) {
+/// // `meter`: your SDK `MeterProvider`'s `provider.meter("poolwatch")`.
+/// let recorder = poolwatch::export::otel::OtelRecorder::new(meter);
 /// metrics::set_global_recorder(recorder).expect("no other recorder installed");
 /// # }
 /// ```
