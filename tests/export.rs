@@ -634,3 +634,35 @@ async fn listener_bound_holds_with_kept_alive_connections() {
     assert!(exchange(&mut stream, get).await.is_some(), "no slot came back from the idle connections");
     task.abort();
 }
+
+/// A client that sends its request head a byte at a time, forever (slowloris), is cut off:
+/// the head deadline does not restart with each byte, and its slot comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_cuts_off_a_head_sent_byte_by_byte() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, task) = own_listener(1).await;
+    let (mut read, mut write) = tokio::net::TcpStream::connect(addr).await.expect("connect").into_split();
+    let closed = tokio::spawn(async move {
+        let mut answer = Vec::new();
+        let _ = read.read_to_end(&mut answer).await;
+        answer
+    });
+    write.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ").await.expect("send");
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut sent = 0u32;
+    // A byte every 250 ms, until the server closes the connection (or 120 s of bytes).
+    while !closed.is_finished() && sent < 480 {
+        tick.tick().await;
+        if write.write_all(b"a").await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let answer = tokio::time::timeout(Duration::from_secs(30), closed).await.expect("closed").expect("reader");
+    println!("cut off after {sent} bytes, a byte every 250 ms; answer: {:?}", String::from_utf8_lossy(&answer));
+    assert!(sent < 480, "a head trickled for 120 s was never cut off");
+    assert!(!String::from_utf8_lossy(&answer).contains("200 OK"), "the trickled head was answered");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    assert!(exchange(&mut stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.is_some(), "no scrape after it");
+    task.abort();
+}
