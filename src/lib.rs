@@ -76,6 +76,24 @@ pub mod internals {
     pub use crate::schedule::Fault;
     pub use crate::server_version::pretend_server_version;
     pub use crate::sqlx_adapter::fetch_all_text;
+
+    /// An `Exporter`'s `/metrics` listener on `addr` with its own recorder, not installed
+    /// (tests that hold its connections must not starve the installed one). Call it inside a
+    /// Tokio runtime; the listener stops when the returned task is aborted.
+    #[cfg(feature = "prometheus")]
+    pub fn metrics_listener(
+        addr: std::net::SocketAddr,
+    ) -> Result<(crate::export::PrometheusRecorder, tokio::task::JoinHandle<()>), crate::ConfigError> {
+        let field = crate::export::ListenField { name: "metrics_listener", fix: "choose a free port" };
+        crate::export::Exporter::new().serve_on(addr, field)
+    }
+
+    /// `Exporter`'s `/metrics` listener serving `handle` on `listener`, until dropped (the
+    /// scrape bench measures it against other listeners on the same recorder).
+    #[cfg(feature = "prometheus")]
+    pub async fn serve_metrics(listener: tokio::net::TcpListener, handle: crate::export::PrometheusHandle) {
+        crate::export::serve(listener, handle).await;
+    }
 }
 
 /// The README's and docs' Rust examples, compiled as doctests.

@@ -8,6 +8,8 @@ pub mod exact;
 pub mod logs;
 #[cfg(feature = "telemetry")]
 pub mod otlp;
+#[cfg(feature = "telemetry")]
+pub mod otlp_metrics;
 pub mod password;
 pub mod pgbouncer;
 pub mod prometheus;
