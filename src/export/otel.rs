@@ -19,7 +19,7 @@ use crate::config::Detail;
 /// The OpenTelemetry name and unit of a catalog metric: the semantic conventions' own for
 /// `db.client.connection.*`; for poolwatch's, `poolwatch.` and the rest of the name, its unit
 /// suffix moved to the unit (`_seconds` → `s`, `_bytes` → `By`) and `_total` dropped from
-/// counters (kept only where a gauge has the remaining name). Counts get an annotation
+/// counters (no gauge shares a counter's base name: `tests/names.rs`). Counts get an annotation
 /// (`{connection}`) when the name ends in a plural noun, else `1`. An OTLP → Prometheus
 /// translation gives back the catalog's name.
 pub fn otel_name(metric: &Metric) -> (String, String) {
@@ -39,7 +39,7 @@ pub fn otel_name(metric: &Metric) -> (String, String) {
     }
     let rest = metric.name.strip_prefix("poolwatch_").unwrap_or(metric.name);
     let rest = match rest.strip_suffix("_total") {
-        Some(base) if metric.kind == Kind::Counter && !gauge_named(base) => base,
+        Some(base) if metric.kind == Kind::Counter => base,
         _ => rest,
     };
     let (rest, unit) = if let Some(base) = rest.strip_suffix("_seconds") {
@@ -50,11 +50,6 @@ pub fn otel_name(metric: &Metric) -> (String, String) {
         (rest, count_unit(rest.strip_suffix("_total").unwrap_or(rest)))
     };
     (format!("poolwatch.{rest}"), unit)
-}
-
-/// Whether a catalog gauge is named `poolwatch_<base>`.
-fn gauge_named(base: &str) -> bool {
-    catalog::ALL.iter().any(|m| m.kind == Kind::Gauge && m.name.strip_prefix("poolwatch_") == Some(base))
 }
 
 /// `{connection}` for a name ending in `connections`, `1` for one that does not end in a
@@ -349,9 +344,8 @@ mod tests {
         );
         assert_eq!(named(&catalog::SERVER_ADDRESSES).1, "{address}");
         assert_eq!(named(&catalog::CENSUS_UP).1, "1");
-        // A counter beside a gauge of the same base keeps `_total`.
-        assert_eq!(named(&catalog::LEAK_SUSPECTS).0, "poolwatch.leak_suspects");
-        assert_eq!(named(&catalog::LEAK_SUSPECTS_TOTAL).0, "poolwatch.leak_suspects_total");
+        assert_eq!(named(&catalog::LEAK_SUSPECTS).0, "poolwatch.leak_suspect_connections");
+        assert_eq!(named(&catalog::LEAK_SUSPECTS_TOTAL).0, "poolwatch.leak_suspects");
     }
 
     #[test]
