@@ -46,8 +46,11 @@ pub(crate) fn pool_ended(pool_name: &str) {
 #[cfg(feature = "telemetry")]
 pub(crate) use exporter::ListenField;
 #[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use exporter::{DEFAULT_BUCKETS, Exporter};
 #[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use prometheus::{prometheus_builder, with_buckets};
 #[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use recorder::{PrometheusHandle, PrometheusRecorder};
