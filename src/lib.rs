@@ -19,6 +19,8 @@
 //! Every metric is listed once in [`catalog`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+// docs.rs (nightly, `--cfg docsrs`): a badge naming the feature on each feature-gated item.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 // The sqlx version seam: every `use sqlx::..` in the crate names the sqlx chosen by the
 // `sqlx-0_9` / `sqlx-0_8` feature; `sqlx_adapter` hides what differs between them.
@@ -44,6 +46,7 @@ mod registry;
 mod schedule;
 mod server_version;
 #[cfg(feature = "telemetry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "telemetry")))]
 pub mod telemetry;
 mod watch;
 

@@ -58,8 +58,11 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, handle: PrometheusH
     http::serve(listener, handle).await;
 }
 #[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use exporter::{DEFAULT_BUCKETS, Exporter};
 #[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use prometheus::{prometheus_builder, with_buckets};
 #[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use recorder::{PrometheusHandle, PrometheusRecorder};
