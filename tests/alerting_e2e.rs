@@ -48,45 +48,17 @@ fn test_alertmanager_config(webhook: SocketAddr) -> String {
     config.replace("http://127.0.0.1:9095/", &format!("http://{webhook}/")).replace("group_wait: 30s", "group_wait: 1s")
 }
 
-/// A webhook receiver: records `(path, body)` of every POST.
+/// A webhook receiver (axum): records `(path, body)` of every request.
 async fn webhook() -> (SocketAddr, Arc<Mutex<Vec<(String, String)>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let received = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&received);
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let sink = Arc::clone(&sink);
-            tokio::spawn(async move {
-                let mut data = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    let text = String::from_utf8_lossy(&data).into_owned();
-                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                        let length = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
-                            })
-                            .and_then(|v| v.parse::<usize>().ok())
-                            .unwrap_or(0);
-                        if body.len() >= length {
-                            let path = head.split_whitespace().nth(1).unwrap_or_default().to_owned();
-                            sink.lock().unwrap().push((path, body.to_owned()));
-                            let _ = stream
-                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                                .await;
-                            return;
-                        }
-                    }
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => data.extend_from_slice(&buf[..n]),
-                    }
-                }
-            });
-        }
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri, body: String| {
+        let sink = Arc::clone(&sink);
+        async move { sink.lock().unwrap().push((uri.to_string(), body)) }
     });
+    tokio::spawn(async move { axum::serve(listener, app).await });
     (addr, received)
 }
 
