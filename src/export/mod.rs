@@ -23,6 +23,7 @@ mod exporter;
 #[cfg(feature = "prometheus")]
 mod http;
 #[cfg(feature = "otel-metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otel-metrics")))]
 pub mod otel;
 #[cfg(feature = "prometheus")]
 mod prometheus;
