@@ -9,7 +9,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Parser, Subcommand};
 use sqlx::postgres::PgConnectOptions;
 
-use crate::target;
+use crate::target::{self, Target};
 
 /// `poolwatch`: see `poolwatch doctor --help`.
 #[derive(Parser)]
@@ -92,18 +92,8 @@ struct Flags {
 
 /// What `poolwatch doctor` was asked to do. No `Debug`: the options hold the password.
 pub(crate) struct Args {
-    /// Every `host:port` of the URL's host list, in order.
-    pub(crate) hosts: Vec<(String, u16)>,
-    /// The URL's options (first host), password and TLS settings included: used to log in only.
-    pub(crate) options: PgConnectOptions,
-    /// The URL's `sslrootcert` (else `$PGSSLROOTCERT`): the startup probe's extra CA.
-    pub(crate) ssl_root_cert: Option<std::path::PathBuf>,
-    /// Whether the URL carries a password (shown as a yes/no, never the value).
-    pub(crate) password_given: bool,
-    /// Every form of the passwords given (DATABASE_URL, --pooler-admin): scrubbed from output.
-    pub(crate) secrets: Vec<String>,
-    /// Advice about the URLs, for stderr.
-    pub(crate) warnings: Vec<String>,
+    /// DATABASE_URL, parsed; its `secrets` and `warnings` include `--pooler-admin`'s.
+    pub(crate) target: Target,
     pub(crate) max_connections: u32,
     pub(crate) min_connections: u32,
     pub(crate) idle_timeout: Option<Duration>,
@@ -152,28 +142,21 @@ fn resolve(f: Flags) -> Result<Args, String> {
     let url = f.url.into_iter().next().ok_or(
         "DATABASE_URL missing: poolwatch doctor postgres://user@host:5432/db (or set $DATABASE_URL)".to_owned(),
     )?;
-    let mut secrets = Vec::new();
-    let mut warnings = Vec::new();
-    let pooler_admin = match f.pooler_admin {
-        Some(admin) => {
-            let admin = target::parse("--pooler-admin", &admin)
-                .map_err(|e| format!("{e} (e.g. postgres://admin@127.0.0.1:6432/pgbouncer)"))?;
-            secrets.extend(admin.secrets);
-            warnings.extend(admin.warnings);
-            Some(admin.options)
-        }
+    let admin = match f.pooler_admin {
+        Some(admin) => Some(
+            target::parse("--pooler-admin", &admin)
+                .map_err(|e| format!("{e} (e.g. postgres://admin@127.0.0.1:6432/pgbouncer)"))?,
+        ),
         None => None,
     };
-    let t = target::parse("DATABASE_URL", &url)?;
-    secrets.extend(t.secrets);
-    warnings.extend(t.warnings);
+    let mut target = target::parse("DATABASE_URL", &url)?;
+    let pooler_admin = admin.map(|admin| {
+        target.secrets.extend(admin.secrets);
+        target.warnings.extend(admin.warnings);
+        admin.options
+    });
     Ok(Args {
-        hosts: t.hosts,
-        options: t.options,
-        ssl_root_cert: t.ssl_root_cert,
-        password_given: t.password_given,
-        secrets,
-        warnings,
+        target,
         max_connections: f.max_connections,
         min_connections: f.min_connections,
         idle_timeout: f.idle_timeout.0,
@@ -296,8 +279,8 @@ mod tests {
         else {
             panic!("did not parse")
         };
-        assert_eq!(a.hosts, [("127.0.0.1".into(), 5433), ("::1".into(), 5434), ("db".into(), 5432)]);
-        assert_eq!(a.options.get_port(), 5433);
+        assert_eq!(a.target.hosts, [("127.0.0.1".into(), 5433), ("::1".into(), 5434), ("db".into(), 5432)]);
+        assert_eq!(a.target.options.get_port(), 5433);
         assert_eq!(a.idle_timeout, None);
         assert!(usage(&["doctor", "x", "--replicas", "0"]).contains("--replicas"));
         assert!(usage(&["doctor", "--bogus"]).contains("--bogus"));

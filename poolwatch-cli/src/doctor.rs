@@ -34,13 +34,13 @@ pub(crate) async fn run(args: &Args) -> Report {
 
 /// The report before any check: what was asked, nothing found yet.
 fn blank_report(args: &Args) -> Report {
-    let o = &args.options;
+    let o = &args.target.options;
     Report {
         target: Target {
-            hosts: args.hosts.iter().map(|(h, p)| clean(&format!("{h}:{p}"))).collect(),
+            hosts: args.target.hosts.iter().map(|(h, p)| clean(&format!("{h}:{p}"))).collect(),
             user: clean(o.get_username()),
             database: clean(o.get_database().unwrap_or(o.get_username())),
-            password_given: args.password_given,
+            password_given: args.target.password_given,
         },
         addresses: Vec::new(),
         server: None,
@@ -85,7 +85,7 @@ struct HostProbe<'a> {
 /// startup succeeded, where the server is examined.
 async fn check_addresses(args: &Args, report: &mut Report) -> Option<(String, SocketAddr)> {
     let probes = probe_hosts(args).await;
-    for (host, _) in args.hosts.iter().filter(|(h, _)| h.starts_with('/')) {
+    for (host, _) in args.target.hosts.iter().filter(|(h, _)| h.starts_with('/')) {
         report.not_seen.push(format!("{}: a unix socket directory, not probed over TCP", clean(host)));
     }
     let mut live = None;
@@ -102,11 +102,11 @@ async fn check_addresses(args: &Args, report: &mut Report) -> Option<(String, So
 /// timeout per address, one after another, would add up).
 async fn probe_hosts(args: &Args) -> Vec<HostProbe<'_>> {
     // The startup packet carries the names as given; the report shows them cleaned.
-    let o = &args.options;
+    let o = &args.target.options;
     let (user, database) = (o.get_username(), o.get_database().unwrap_or(o.get_username()));
     let mode = o.get_ssl_mode();
-    let tls = startup::Tls { mode, config: crate::tls::config(mode, args.ssl_root_cert.as_deref()) };
-    let tcp_hosts = args.hosts.iter().filter(|(h, _)| !h.starts_with('/'));
+    let tls = startup::Tls { mode, config: crate::tls::config(mode, args.target.ssl_root_cert.as_deref()) };
+    let tcp_hosts = args.target.hosts.iter().filter(|(h, _)| !h.starts_with('/'));
     futures_join(tcp_hosts.map(|(host, port)| probe_one_host(args, host, *port, (user, database), &tls))).await
 }
 
@@ -213,12 +213,12 @@ struct Via {
 /// The server's settings (for the hazard lint), when a live address or the URL's unix socket
 /// let the doctor in.
 async fn examine_live(args: &Args, live: Option<(String, SocketAddr)>, report: &mut Report) -> Option<ServerSettings> {
-    let socket = args.hosts.iter().find(|(h, _)| h.starts_with('/'));
+    let socket = args.target.hosts.iter().find(|(h, _)| h.starts_with('/'));
     let via = match (live, socket) {
         (Some((host, address)), _) => Via { label: address.to_string(), options: tcp_login(args, &host, address) },
         (None, Some((dir, port))) => Via {
             label: clean(&format!("{dir} (unix socket, port {port})")),
-            options: named(args, args.options.clone().socket(dir).port(*port)),
+            options: named(args, args.target.options.clone().socket(dir).port(*port)),
         },
         (None, None) => {
             report
@@ -254,9 +254,9 @@ async fn examine(args: &Args, via: &Via, report: &mut Report) -> Result<ServerSe
 fn login_error(args: &Args, e: &sqlx::Error) -> String {
     let cause = poolwatch::Cause::of(e);
     let text = clean(&e.to_string());
-    let mode = startup::mode_name(args.options.get_ssl_mode());
+    let mode = startup::mode_name(args.target.options.get_ssl_mode());
     // rustls's error can come as `Tls` or, during the handshake, inside `Io`: read its words.
-    let mut hint = startup::certificate_hint(&text, args.options.get_ssl_mode());
+    let mut hint = startup::certificate_hint(&text, args.target.options.get_ssl_mode());
     if hint.is_empty() && matches!(e, sqlx::Error::Tls(_)) {
         hint = format!("; TLS failed (sslmode={mode})");
     }
@@ -266,10 +266,10 @@ fn login_error(args: &Args, e: &sqlx::Error) -> String {
 /// The URL's options on `address` of `host`. With `sslmode=verify-full` the login goes by the
 /// host's name, so that the certificate is checked against the name the user gave.
 fn tcp_login(args: &Args, host: &str, address: SocketAddr) -> PgConnectOptions {
-    let by_name = matches!(args.options.get_ssl_mode(), sqlx::postgres::PgSslMode::VerifyFull)
+    let by_name = matches!(args.target.options.get_ssl_mode(), sqlx::postgres::PgSslMode::VerifyFull)
         && host.parse::<std::net::IpAddr>().is_err();
     let target = if by_name { host.to_owned() } else { address.ip().to_string() };
-    named(args, args.options.clone().host(&target).port(address.port()))
+    named(args, args.target.options.clone().host(&target).port(address.port()))
 }
 
 /// `options` named, with the query bound also on the server's side.

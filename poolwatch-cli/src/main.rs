@@ -36,7 +36,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    for warning in &args.warnings {
+    for warning in &args.target.warnings {
         eprintln!("poolwatch: warning: {warning}");
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
@@ -50,15 +50,15 @@ fn main() -> ExitCode {
     // Server strings are cleaned where they are read; the whole output is cleaned and the
     // password scrubbed once more here, so that no path can print either.
     if args.json {
-        match render::json(&report, &args.secrets) {
+        match render::json(&report, &args.target.secrets) {
             Ok(json) => println!("{json}"),
             Err(e) => {
-                eprintln!("poolwatch: {}", target::scrub(&text::clean(&e.to_string()), &args.secrets));
+                eprintln!("poolwatch: {}", target::scrub(&text::clean(&e.to_string()), &args.target.secrets));
                 return ExitCode::from(2);
             }
         }
     } else {
-        print!("{}", target::scrub(&text::clean_output(&render::human(&report)), &args.secrets));
+        print!("{}", target::scrub(&text::clean_output(&render::human(&report)), &args.target.secrets));
     }
     // Probe tasks still waiting on a dead address are abandoned, not awaited.
     runtime.shutdown_background();
