@@ -9,6 +9,12 @@
 //! with 50 more pools at `Detail::Full` beside them (100 pools), against a recorder holding one
 //! bare counter. Under `cargo test` it runs a quick pass with 5 pools, and checks that both
 //! recorders render the same series.
+//!
+//! Then the same exposition scraped over loopback HTTP, in the same run: the hand-written
+//! listener poolwatch had before hyper (one request per connection, kept below as a baseline)
+//! and today's listener (a new connection per scrape, a kept-alive one, and a kept-alive one
+//! with `Accept-Encoding: gzip` as Prometheus sends), as the process's on-CPU time per scrape
+//! (server and client together) and wall time.
 
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
@@ -27,6 +33,7 @@ async fn main() {
     let (pools, rounds) = if full { (50, 300) } else { (5, 10) };
     let ours = poolwatch::export::Exporter::new().build_recorder();
     let ours_handle = ours.handle();
+    let served = ours.handle();
     let mep = poolwatch::export::prometheus_builder().build_recorder();
     let mep_handle = mep.handle();
     let fanout = metrics_util::layers::FanoutBuilder::default().add_recorder(ours).add_recorder(mep).build();
@@ -72,6 +79,7 @@ async fn main() {
                 bare.mean,
             );
         }
+        http_scrapes(&served, rounds, held.len()).await;
         // The on-CPU clock ticks coarsely: a ratio only when both read more than zero.
         let cpu_ratio = if figures[0].cpu > 0.0 && figures[1].cpu > 0.0 {
             format!("{:.1}x", figures[1].cpu / figures[0].cpu)
@@ -258,4 +266,160 @@ fn thread_cpu_ns() -> u64 {
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse().ok()))
         .unwrap_or(0)
+}
+
+/// Scrapes of `handle`'s exposition over loopback HTTP: the old hand-written listener against
+/// today's, `rounds` each, on this runtime (server and client in this process).
+async fn http_scrapes(handle: &poolwatch::export::PrometheusHandle, rounds: usize, pools: usize) {
+    let bind = || async { tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.expect("bind") };
+    let (old, new) = (bind().await, bind().await);
+    let (old_addr, new_addr) = (old.local_addr().expect("addr"), new.local_addr().expect("addr"));
+    let old_task = tokio::spawn(old_listener::serve(old, handle.clone()));
+    let new_task = tokio::spawn(poolwatch::internals::serve_metrics(new, handle.clone()));
+    let cases = [
+        ("old listener, a connection per scrape", old_addr, false, false),
+        ("hyper listener, a connection per scrape", new_addr, false, false),
+        ("hyper listener, kept alive", new_addr, true, false),
+        ("hyper listener, kept alive, gzip", new_addr, true, true),
+    ];
+    for (name, addr, keep, gzip) in cases {
+        let mut kept: Option<tokio::net::TcpStream> = None;
+        let mut ms = Vec::with_capacity(rounds);
+        let mut bytes = 0;
+        let cpu_before = process_cpu_ns();
+        for _ in 0..rounds {
+            let t = Instant::now();
+            let mut stream = match kept.take() {
+                Some(s) => s,
+                None => tokio::net::TcpStream::connect(addr).await.expect("connect"),
+            };
+            let close = if keep { "" } else { "Connection: close\r\n" };
+            let encoding = if gzip { "Accept-Encoding: gzip\r\n" } else { "" };
+            let request = format!("GET /metrics HTTP/1.1\r\nHost: bench\r\n{close}{encoding}\r\n");
+            bytes = scrape_once(&mut stream, &request).await;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+            if keep {
+                kept = Some(stream);
+            }
+        }
+        let cpu = (process_cpu_ns() - cpu_before) as f64 / 1e6 / rounds as f64;
+        ms.sort_by(f64::total_cmp);
+        println!(
+            "{pools:3} pools, scrape over HTTP, {name:42}: on-CPU {cpu:.2} ms (process), wall p50 {:.2} ms, p99 {:.2} ms; \
+             {} KB on the wire",
+            ms[rounds / 2],
+            ms[(rounds * 99 / 100).min(rounds - 1)],
+            bytes / 1024
+        );
+    }
+    old_task.abort();
+    new_task.abort();
+}
+
+/// One `GET` and its answer (read by `Content-Length`): the body's length, asserted 200.
+async fn scrape_once(stream: &mut tokio::net::TcpStream, request: &str) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let (end, length) = loop {
+        let n = stream.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "the listener closed before answering");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            let length = head.lines().find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok());
+            break (end + 4, length.expect("a Content-Length"));
+        }
+    };
+    while buf.len() < end + length {
+        let n = stream.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "the listener closed mid-answer");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    length
+}
+
+/// CPU time this process has used so far, every thread's (exited ones included: Tokio's
+/// blocking threads come and go, so a sum over the live threads' schedstat can shrink), in ns.
+fn process_cpu_ns() -> u64 {
+    // SAFETY: `getrusage` only writes the `rusage` it is given, which lives on this stack.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0;
+    }
+    let us =
+        |t: libc::timeval| u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(t.tv_usec).unwrap_or(0);
+    (us(usage.ru_utime) + us(usage.ru_stime)) * 1_000
+}
+
+/// The `/metrics` listener poolwatch had before hyper, kept as the bench's baseline: one
+/// request per connection, 32 connections at once, 5 s each, renders shared.
+mod old_listener {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use poolwatch::export::PrometheusHandle;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::{Mutex, Semaphore};
+
+    pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+        let slots = Arc::new(Semaphore::new(32));
+        let renders = Arc::new(Renders { handle, latest: Mutex::new(None) });
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            if let Ok(slot) = Arc::clone(&slots).try_acquire_owned() {
+                let renders = Arc::clone(&renders);
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, &renders)).await;
+                    drop(slot);
+                });
+            }
+        }
+    }
+
+    struct Renders {
+        handle: PrometheusHandle,
+        latest: Mutex<Option<(Instant, Arc<str>)>>,
+    }
+
+    impl Renders {
+        async fn body(&self, arrived: Instant) -> Option<Arc<str>> {
+            let mut latest = self.latest.lock().await;
+            if let Some((started, body)) = latest.as_ref()
+                && *started >= arrived
+            {
+                return Some(Arc::clone(body));
+            }
+            let started = Instant::now();
+            let handle = self.handle.clone();
+            let body: Arc<str> = Arc::from(tokio::task::spawn_blocking(move || handle.render()).await.ok()?);
+            *latest = Some((started, Arc::clone(&body)));
+            Some(body)
+        }
+    }
+
+    async fn answer(mut stream: TcpStream, renders: &Renders) {
+        let mut head = Vec::with_capacity(1024);
+        let mut buf = [0u8; 2048];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let Some(body) = renders.body(Instant::now()).await else { return };
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = async {
+            stream.write_all(response.as_bytes()).await?;
+            stream.write_all(body.as_bytes()).await?;
+            stream.shutdown().await
+        }
+        .await;
+    }
 }

@@ -19,6 +19,8 @@
 //! Every metric is listed once in [`catalog`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+// docs.rs (nightly, `--cfg docsrs`): a badge naming the feature on each feature-gated item.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 // The sqlx version seam: every `use sqlx::..` in the crate names the sqlx chosen by the
 // `sqlx-0_9` / `sqlx-0_8` feature; `sqlx_adapter` hides what differs between them.
@@ -44,6 +46,7 @@ mod registry;
 mod schedule;
 mod server_version;
 #[cfg(feature = "telemetry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "telemetry")))]
 pub mod telemetry;
 mod watch;
 
@@ -69,13 +72,31 @@ pub use listener::status::ListenerHealth;
 pub use listener::watched::{ListenerConfig, WatchedListener};
 pub use watch::{PoolWatch, instrument_pool};
 
-/// Hooks for poolwatch's own tests and its `poolwatch` binary (other crates): not part of the
-/// API, and may change in any release.
+/// Hooks for poolwatch's own tests (other crates): not part of the API, and may change in any
+/// release.
 #[doc(hidden)]
 pub mod internals {
     pub use crate::schedule::Fault;
     pub use crate::server_version::pretend_server_version;
     pub use crate::sqlx_adapter::fetch_all_text;
+
+    /// An `Exporter`'s `/metrics` listener on `addr` with its own recorder, not installed
+    /// (tests that hold its connections must not starve the installed one). Call it inside a
+    /// Tokio runtime; the listener stops when the returned task is aborted.
+    #[cfg(feature = "prometheus")]
+    pub fn metrics_listener(
+        addr: std::net::SocketAddr,
+    ) -> Result<(crate::export::PrometheusRecorder, tokio::task::JoinHandle<()>), crate::ConfigError> {
+        let field = crate::export::ListenField { name: "metrics_listener", fix: "choose a free port" };
+        crate::export::Exporter::new().serve_on(addr, field)
+    }
+
+    /// `Exporter`'s `/metrics` listener serving `handle` on `listener`, until dropped (the
+    /// scrape bench measures it against other listeners on the same recorder).
+    #[cfg(feature = "prometheus")]
+    pub async fn serve_metrics(listener: tokio::net::TcpListener, handle: crate::export::PrometheusHandle) {
+        crate::export::serve(listener, handle).await;
+    }
 }
 
 /// The README's and docs' Rust examples, compiled as doctests.

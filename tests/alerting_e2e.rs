@@ -48,45 +48,17 @@ fn test_alertmanager_config(webhook: SocketAddr) -> String {
     config.replace("http://127.0.0.1:9095/", &format!("http://{webhook}/")).replace("group_wait: 30s", "group_wait: 1s")
 }
 
-/// A webhook receiver: records `(path, body)` of every POST.
+/// A webhook receiver (axum): records `(path, body)` of every request.
 async fn webhook() -> (SocketAddr, Arc<Mutex<Vec<(String, String)>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let received = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&received);
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let sink = Arc::clone(&sink);
-            tokio::spawn(async move {
-                let mut data = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    let text = String::from_utf8_lossy(&data).into_owned();
-                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                        let length = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
-                            })
-                            .and_then(|v| v.parse::<usize>().ok())
-                            .unwrap_or(0);
-                        if body.len() >= length {
-                            let path = head.split_whitespace().nth(1).unwrap_or_default().to_owned();
-                            sink.lock().unwrap().push((path, body.to_owned()));
-                            let _ = stream
-                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                                .await;
-                            return;
-                        }
-                    }
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => data.extend_from_slice(&buf[..n]),
-                    }
-                }
-            });
-        }
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri, body: String| {
+        let sink = Arc::clone(&sink);
+        async move { sink.lock().unwrap().push((uri.to_string(), body)) }
     });
+    tokio::spawn(async move { axum::serve(listener, app).await });
     (addr, received)
 }
 
@@ -125,9 +97,8 @@ async fn a_saturated_pool_reaches_alertmanager_as_a_ticket_and_clears() {
     let watch = instrument_pool(&pool, fast_config("e2e")).unwrap();
 
     let (hook, received) = webhook().await;
-    let dir = std::env::temp_dir().join(format!("poolwatch-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let am_config = dir.join("alertmanager.yml");
+    let dir = tempfile::Builder::new().prefix("poolwatch-e2e-").tempdir().unwrap();
+    let am_config = dir.path().join("alertmanager.yml");
     std::fs::write(&am_config, test_alertmanager_config(hook)).unwrap();
     let alertmanager = Alertmanager::start(&am_config);
     let rules = fast_rules();
@@ -218,7 +189,7 @@ async fn a_saturated_pool_reaches_alertmanager_as_a_ticket_and_clears() {
 
     drop(prometheus);
     drop(alertmanager);
-    std::fs::remove_dir_all(&dir).ok();
+    drop(dir);
     watch.shutdown().await;
     pool.close().await;
     cluster.stop();

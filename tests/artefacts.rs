@@ -258,10 +258,9 @@ fn promtool_parses_every_dashboard_expression() {
             serde_json::to_string(&expr).unwrap()
         ));
     }
-    let path = std::env::temp_dir().join(format!("poolwatch-dashboard-exprs-{}.yml", std::process::id()));
-    std::fs::write(&path, rules).unwrap();
-    let out = run_tool("promtool", &["check", "rules", path.to_str().unwrap()]);
-    std::fs::remove_file(&path).ok();
+    let file = tempfile::Builder::new().prefix("poolwatch-dashboard-exprs-").suffix(".yml").tempfile().unwrap();
+    std::fs::write(file.path(), rules).unwrap();
+    let out = run_tool("promtool", &["check", "rules", file.path().to_str().unwrap()]);
     assert!(out.contains(&format!("SUCCESS: {n} rules found")), "{out}");
 }
 

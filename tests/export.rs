@@ -428,6 +428,8 @@ async fn listener_serves_metrics_only() {
     metrics::counter!("export_test_requests_total").increment(1);
     let ask = async |request: &str| {
         let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // One request per connection here: read to the end.
+        let request = request.replacen("\r\n", "\r\nConnection: close\r\n", 1);
         stream.write_all(request.as_bytes()).await.expect("send");
         let mut response = String::new();
         stream.read_to_string(&mut response).await.expect("read");
@@ -534,4 +536,175 @@ async fn closed_pools_leave_nothing_behind() {
         left.0,
         left.1
     );
+}
+
+/// A `/metrics` listener of its own (not the installed one, which other tests scrape), with
+/// `series` counters recorded in it.
+async fn own_listener(series: usize) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], support::cluster::free_port()));
+    let (recorder, task) = poolwatch::internals::metrics_listener(addr).expect("listen");
+    metrics::with_local_recorder(&recorder, || {
+        for i in 0..series {
+            metrics::counter!("own_listener_requests_total", "route" => format!("/route/{i}")).increment(i as u64);
+        }
+    });
+    // The recorder lives as long as the test process: its handle serves the listener.
+    std::mem::forget(recorder);
+    (addr, task)
+}
+
+/// One HTTP/1.1 response read off a kept-alive connection: its head, and its body (by
+/// `Content-Length`, empty for `HEAD`). `None` if the server closed the connection first.
+async fn response(stream: &mut tokio::net::TcpStream, head_only: bool) -> Option<(String, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().expect("length")))
+        .unwrap_or(0);
+    let mut body = buf[end + 4..].to_vec();
+    let length = if head_only { 0 } else { length };
+    while body.len() < length {
+        let mut chunk = vec![0u8; length - body.len()];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Some((head, body))
+}
+
+/// Sends `request` on `stream` and reads its response.
+async fn exchange(stream: &mut tokio::net::TcpStream, request: &str) -> Option<(String, Vec<u8>)> {
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(request.as_bytes()).await.ok()?;
+    response(stream, request.starts_with("HEAD ")).await
+}
+
+/// HTTP/1.1 keep-alive: several requests on one TCP connection are all answered, 404 and 405
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_keeps_connections_alive() {
+    let (addr, task) = own_listener(3).await;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (head, first) = exchange(&mut stream, get).await.expect("first answer");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(String::from_utf8_lossy(&first).contains("own_listener_requests_total{route=\"/route/2\"} 2"));
+    let (head, _) =
+        exchange(&mut stream, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("404 on the same connection");
+    assert!(head.starts_with("HTTP/1.1 404 Not Found"), "{head}");
+    let (head, _) = exchange(&mut stream, "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .expect("405 on the same connection");
+    assert!(head.starts_with("HTTP/1.1 405 ") && head.contains("Allow: GET, HEAD"), "{head}");
+    let (head, body) = exchange(&mut stream, "HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("HEAD");
+    assert!(head.starts_with("HTTP/1.1 200 OK") && body.is_empty(), "{head}");
+    let (head, second) = exchange(&mut stream, get).await.expect("second GET on the same connection");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert_eq!(first, second);
+    task.abort();
+}
+
+/// `Accept-Encoding: gzip` gets the exposition gzipped (`Content-Encoding: gzip`, `Vary`),
+/// which decodes to the plain answer byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_gzips_when_asked() {
+    use std::io::Read;
+    let (addr, task) = own_listener(200).await;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (plain_head, plain) =
+        exchange(&mut stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("plain answer");
+    assert!(!plain_head.to_ascii_lowercase().contains("content-encoding"), "{plain_head}");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (head, gzipped) = exchange(&mut stream, "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
+        .await
+        .expect("gzip answer");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("content-encoding: gzip") && lower.contains("vary: accept-encoding"), "{head}");
+    let mut decoded = Vec::new();
+    flate2::read::GzDecoder::new(&gzipped[..]).read_to_end(&mut decoded).expect("a gzip body");
+    println!("{} bytes plain, {} gzipped", plain.len(), gzipped.len());
+    assert!(gzipped.len() < plain.len() / 3, "{} bytes gzipped of {}", gzipped.len(), plain.len());
+    assert_eq!(String::from_utf8_lossy(&decoded), String::from_utf8_lossy(&plain));
+    task.abort();
+}
+
+/// The connection bound counts kept-alive connections: with 32 answered and held open, a new
+/// connection is closed unanswered; a slot comes back when a client closes, and the server
+/// closes kept-alive connections left idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_bound_holds_with_kept_alive_connections() {
+    use tokio::io::AsyncReadExt;
+    const BOUND: usize = 32;
+    let (addr, task) = own_listener(1).await;
+    let get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut held = Vec::new();
+    for i in 0..BOUND {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (head, _) = exchange(&mut stream, get).await.unwrap_or_else(|| panic!("connection {i} unanswered"));
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        held.push(stream);
+    }
+    let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    assert!(exchange(&mut extra, get).await.is_none(), "connection {} was answered past the bound", BOUND + 1);
+    // A client closes: its slot comes back.
+    drop(held.pop());
+    eventually(Duration::from_secs(30), "a slot freed by a client's close serves a new connection", async || {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        exchange(&mut stream, get).await.map(|_| held.push(stream))
+    })
+    .await;
+    // Left idle, every kept-alive connection is closed by the server.
+    for stream in &mut held {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(120), stream.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "an idle kept-alive connection stayed open: {read:?}");
+    }
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    assert!(exchange(&mut stream, get).await.is_some(), "no slot came back from the idle connections");
+    task.abort();
+}
+
+/// A client that sends its request head a byte at a time, forever (slowloris), is cut off:
+/// the head deadline does not restart with each byte, and its slot comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_cuts_off_a_head_sent_byte_by_byte() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, task) = own_listener(1).await;
+    let (mut read, mut write) = tokio::net::TcpStream::connect(addr).await.expect("connect").into_split();
+    let closed = tokio::spawn(async move {
+        let mut answer = Vec::new();
+        let _ = read.read_to_end(&mut answer).await;
+        answer
+    });
+    write.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ").await.expect("send");
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut sent = 0u32;
+    // A byte every 250 ms, until the server closes the connection (or 120 s of bytes).
+    while !closed.is_finished() && sent < 480 {
+        tick.tick().await;
+        if write.write_all(b"a").await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let answer = tokio::time::timeout(Duration::from_secs(30), closed).await.expect("closed").expect("reader");
+    println!("cut off after {sent} bytes, a byte every 250 ms; answer: {:?}", String::from_utf8_lossy(&answer));
+    assert!(sent < 480, "a head trickled for 120 s was never cut off");
+    assert!(!String::from_utf8_lossy(&answer).contains("200 OK"), "the trickled head was answered");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    assert!(exchange(&mut stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.is_some(), "no scrape after it");
+    task.abort();
 }

@@ -532,13 +532,12 @@ fn promtool_parses_every_runbook_expression() {
             }
         }
     }
-    let path = std::env::temp_dir().join(format!("poolwatch-runbook-exprs-{}.yml", std::process::id()));
-    std::fs::write(&path, rules).unwrap();
+    let file = tempfile::Builder::new().prefix("poolwatch-runbook-exprs-").suffix(".yml").tempfile().unwrap();
+    std::fs::write(file.path(), rules).unwrap();
     let out = Command::new("promtool")
-        .args(["check", "rules", path.to_str().unwrap()])
+        .args(["check", "rules", file.path().to_str().unwrap()])
         .output()
         .expect("promtool (Debian package `prometheus`; scripts/prereqs installs it)");
-    std::fs::remove_file(&path).ok();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.contains(&format!("SUCCESS: {n} rules found")), "{text}");
 }

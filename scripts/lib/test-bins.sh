@@ -11,11 +11,13 @@ export RUSTC_WORKSPACE_WRAPPER
 export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
 
 # build_tests LIST CARGO_ARGS...: builds every test target (lib, bins, integration tests,
-# benches, examples) and writes their executables to LIST.
+# benches, examples) of the workspace (the library and poolwatch-cli, in one build: the
+# library's tests then run on the sqlx the CLI enables, TLS included) and writes their
+# executables to LIST.
 build_tests() {
   local list=$1
   shift
-  cargo test --quiet --no-run --all-targets "$@" --message-format=json-render-diagnostics |
+  cargo test --quiet --no-run --workspace --all-targets "$@" --message-format=json-render-diagnostics |
     jq -r 'select(.reason == "compiler-artifact" and .profile.test and .executable != null) | .executable' >"$list"
   [ -s "$list" ] || { echo "no test executables built" >&2; return 1; }
 }

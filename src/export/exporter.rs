@@ -70,17 +70,20 @@ impl Exporter {
         self
     }
 
-    /// Serves the exposition over HTTP at `addr` (`GET` or `HEAD` on `/metrics`; other paths
-    /// answer 404) once installed.
+    /// Serves the exposition over HTTP/1.1 at `addr` (`GET` or `HEAD` on `/metrics`; other
+    /// paths answer 404, other methods 405) once installed, with keep-alive, and gzipped for
+    /// scrapers that send `Accept-Encoding: gzip`.
     ///
     /// **Exposure**: there is no authentication and no TLS, and every metric of the app is
     /// served (pool names, server addresses, your own series). Bind loopback (`127.0.0.1`) or a
     /// private interface your scraper reaches, never `0.0.0.0` on a host with a public address.
     ///
-    /// **Bounded**: at most 32 connections are served at once (more are closed as soon as they
-    /// are accepted, never queued), each has 5 s to send its request and take the answer, and
-    /// scrapes that arrive while a render is made share the next one (rendered on Tokio's
-    /// blocking pool). Idle or slow clients cannot use up the app's descriptors or CPU.
+    /// **Bounded**: at most 32 connections are held at once, kept-alive ones included (more
+    /// are closed as soon as they are accepted, never queued); each request head must arrive
+    /// within 20 s of the accept or of the previous answer (so idle kept-alive connections are
+    /// closed after 20 s), a connection where no byte moves for 20 s is dropped, and scrapes
+    /// that arrive while a render is made share the next one (rendered on Tokio's blocking
+    /// pool). Idle or slow clients cannot use up the app's descriptors or CPU.
     pub fn with_http_listener(mut self, addr: impl Into<SocketAddr>) -> Self {
         self.listen = Some(addr.into());
         self

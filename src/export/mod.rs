@@ -8,6 +8,9 @@
 //! - `metrics-exporter-prometheus`, if the app already runs it: [`with_buckets`] on your
 //!   builder, or [`prometheus_builder`]. Its scrapes cost more per series
 //!   (`benches/render_cost.rs` prints both).
+//! - With feature `otel-metrics`, [`otel::OtelRecorder`]: poolwatch's metrics as
+//!   OpenTelemetry instruments (semantic-convention names and units, poolwatch's bounds) on
+//!   your SDK's meter, for OTLP export.
 //! - Any other recorder (e.g. the OpenTelemetry SDK through `metrics-exporter-opentelemetry`
 //!   or `metrics-util`): give each histogram of [`catalog::ALL`](crate::catalog::ALL) the
 //!   bounds of [`catalog::buckets`](crate::catalog::buckets) (an OTel `View` with an
@@ -19,6 +22,9 @@
 mod exporter;
 #[cfg(feature = "prometheus")]
 mod http;
+#[cfg(feature = "otel-metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otel-metrics")))]
+pub mod otel;
 #[cfg(feature = "prometheus")]
 mod prometheus;
 #[cfg(feature = "prometheus")]
@@ -43,11 +49,21 @@ pub(crate) fn pool_ended(pool_name: &str) {
     let _ = pool_name;
 }
 
-#[cfg(feature = "telemetry")]
-pub(crate) use exporter::ListenField;
 #[cfg(feature = "prometheus")]
+pub(crate) use exporter::ListenField;
+
+/// `Exporter`'s `/metrics` listener serving `handle` on `listener` (for the benches, through
+/// `internals`).
+#[cfg(feature = "prometheus")]
+pub(crate) async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+    http::serve(listener, handle).await;
+}
+#[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use exporter::{DEFAULT_BUCKETS, Exporter};
 #[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use prometheus::{prometheus_builder, with_buckets};
 #[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use recorder::{PrometheusHandle, PrometheusRecorder};

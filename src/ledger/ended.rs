@@ -89,6 +89,8 @@ struct Follower {
     pending_base: Option<SessionEnds>,
     /// The pending sessions already waited one sample for the counters.
     waited: bool,
+    /// Samples in a row whose counters could not be read while gone sockets waited for them.
+    unread: u32,
 }
 
 /// One followed socket (by inode).
@@ -122,12 +124,17 @@ pub(crate) struct Suspect {
 pub(crate) enum Counters {
     /// Read; `None`: the server has none (before PostgreSQL 14).
     Read(Option<SessionEnds>),
-    /// The read failed: only sure suspects are counted.
+    /// The read failed: only sure suspects are counted; gone ones wait (up to
+    /// [`UNREAD_WAITS`] samples) for counters that can confirm them.
     Unread,
     /// The sessions end at a pooler: the server's counters do not count them; only sure
     /// suspects are counted.
     NotServer,
 }
+
+/// Samples that gone sockets wait for readable counters (the dedicated connection busy with a
+/// census, or reconnecting) before they are dropped unconfirmed: a minute at the defaults.
+const UNREAD_WAITS: u32 = 12;
 
 /// How long a counted port is remembered at least.
 const COUNTED_KEPT: Duration = Duration::from_secs(600);
@@ -363,6 +370,30 @@ impl Ledger {
     pub(crate) fn settle(&mut self, counters: Counters, evidence: Evidence) -> Vec<Cause> {
         let pending = std::mem::take(&mut self.follower.pending);
         let pending: Vec<Suspect> = pending.into_iter().filter(|s| !self.counted_since(s.port, s.born_after)).collect();
+        // Unreadable counters cannot confirm a gone socket: it waits for a reading rather than
+        // being dropped (a busy dedicated connection must not lose a killed session).
+        let unread = counters == Counters::Unread && pending.iter().any(|s| !s.sure);
+        let (pending, kept): (Vec<Suspect>, Vec<Suspect>) = if unread && self.follower.unread < UNREAD_WAITS {
+            self.follower.unread += 1;
+            pending.into_iter().partition(|s| s.sure)
+        } else {
+            (pending, Vec::new())
+        };
+        if !unread {
+            self.follower.unread = 0;
+        }
+        let causes = self.settle_now(pending, counters, evidence);
+        if !kept.is_empty() {
+            if self.follower.pending.is_empty() {
+                self.follower.pending_base = self.follower.pending_base.or(kept[0].base);
+            }
+            self.follower.pending.extend(kept);
+        }
+        causes
+    }
+
+    /// Counts `pending` against `counters` (see [`settle`](Self::settle)).
+    fn settle_now(&mut self, pending: Vec<Suspect>, counters: Counters, evidence: Evidence) -> Vec<Cause> {
         let base = self.follower.pending_base;
         let ends = match counters {
             Counters::Read(ends) => ends,
@@ -647,6 +678,30 @@ mod tests {
         let gone = sample(&mut ledger, &[], at(30));
         ledger.suspect_gone(gone, &[]);
         assert_eq!(ledger.settle(Counters::Read(ends(1, 0)), Evidence::default()), vec![Cause::AdminShutdown]);
+    }
+
+    /// The dedicated connection busy (a census holds it) or down: the counters cannot be read
+    /// for a while. A killed session whose socket went unseen in `close_wait` waits for them;
+    /// it is not dropped after one sample.
+    #[test]
+    fn a_gone_session_waits_while_the_counters_cannot_be_read() {
+        let ends = |killed, fatal| Some(SessionEnds { killed, fatal });
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_millis(s);
+        let mut ledger = Ledger::default();
+        ledger.update_read_at(HashMap::new(), &[], ends(0, 0), t0);
+        sample(&mut ledger, &[(1, 0), (2, 0)], at(10));
+        // 1 killed and seen in close_wait (sure); 2 killed and gone before a sample saw it.
+        let gone = sample(&mut ledger, &[(1, CLOSE_WAIT)], at(20));
+        ledger.suspect_gone(gone, &[]);
+        for _ in 0..3 {
+            let counted = ledger.settle(Counters::Unread, Evidence::default());
+            assert!(counted.len() <= 1, "{counted:?}");
+            assert!(ledger.pending(), "the gone one still waits");
+        }
+        let confirmed = ledger.settle(Counters::Read(ends(2, 0)), Evidence::default());
+        assert_eq!(confirmed, vec![Cause::AdminShutdown], "the kill the counters show is the gone one's");
+        assert!(!ledger.pending());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! loopback port. Stopped and removed on drop, also when a test panics. As root, the server
 //! binaries run as the `postgres` user (they refuse to run as root). With `DATABASE_URL` set,
 //! [`Cluster::start`] uses that server instead (settings need superuser; no restart).
+//! [`Cluster::start_tls`] makes one that accepts TLS connections only, with a certificate
+//! signed by a CA the test made (the `openssl` command).
 
 #![allow(dead_code)]
 
@@ -24,6 +26,8 @@ pub struct Cluster {
     database: Option<String>,
     /// The shared server's directory (its log), never removed by this handle.
     shared_dir: Option<PathBuf>,
+    /// With [`Cluster::start_tls`]: the directory of the CA and server certificates.
+    tls: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -43,7 +47,28 @@ impl Cluster {
 
     /// A fresh cluster with extra `postgresql.conf` settings, e.g. `("idle_session_timeout", "1s")`.
     pub fn start_with(settings: &[(&str, &str)]) -> Cluster {
-        if let Ok(url) = std::env::var("DATABASE_URL") {
+        Cluster::start_as(settings, false)
+    }
+
+    /// A fresh cluster that accepts TLS connections only (`ssl = on`; `pg_hba.conf` has
+    /// `hostssl` lines and rejects the rest), its certificate for `localhost` and 127.0.0.1
+    /// signed by [`Cluster::ca_cert`]. Always a throwaway cluster (never `DATABASE_URL`).
+    pub fn start_tls() -> Cluster {
+        Cluster::start_as(&[], true)
+    }
+
+    /// The CA that signed a [`Cluster::start_tls`] server's certificate (PEM).
+    pub fn ca_cert(&self) -> PathBuf {
+        self.tls.as_ref().expect("a TLS cluster (Cluster::start_tls)").join("ca.crt")
+    }
+
+    /// A CA that signed nothing of this server (PEM): verifying against it must fail.
+    pub fn wrong_ca_cert(&self) -> PathBuf {
+        self.tls.as_ref().expect("a TLS cluster (Cluster::start_tls)").join("wrong-ca.crt")
+    }
+
+    fn start_as(settings: &[(&str, &str)], tls: bool) -> Cluster {
+        if !tls && let Ok(url) = std::env::var("DATABASE_URL") {
             let options: PgConnectOptions = url.parse().expect("DATABASE_URL is not a postgres:// URL");
             let cluster = Cluster {
                 dir: None,
@@ -52,6 +77,7 @@ impl Cluster {
                 external: Some(options),
                 database: None,
                 shared_dir: None,
+                tls: None,
             };
             cluster.apply_external(settings);
             return cluster;
@@ -62,13 +88,7 @@ impl Cluster {
                  Install them: `apt-get install postgresql` (Debian/Ubuntu), or set DATABASE_URL to a server."
             )
         });
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "poolwatch-pg-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create cluster dir");
+        let dir = temp_dir("pg");
         let mut cluster = Cluster {
             dir: Some(dir.clone()),
             bin,
@@ -76,6 +96,7 @@ impl Cluster {
             external: None,
             database: None,
             shared_dir: None,
+            tls: tls.then(|| make_certificates(&dir)),
         };
         if is_root() {
             let status = Command::new("chown").arg("-R").arg("postgres:postgres").arg(&dir).status();
@@ -92,6 +113,9 @@ impl Cluster {
         );
         for (k, v) in settings {
             conf.push_str(&format!("{k} = '{v}'\n"));
+        }
+        if let Some(tls) = &cluster.tls {
+            conf.push_str(&tls_only(tls, &data));
         }
         let conf_path = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path).expect("read postgresql.conf");
@@ -147,6 +171,7 @@ impl Cluster {
             external: None,
             database: Some(database),
             shared_dir: server.shared_dir.clone(),
+            tls: None,
         }
     }
 
@@ -173,6 +198,11 @@ impl Cluster {
                 self.database.as_deref().unwrap_or("postgres")
             ),
         }
+    }
+
+    /// The directory of the server's unix socket (a throwaway cluster's own directory).
+    pub fn socket_dir(&self) -> Option<&Path> {
+        self.dir.as_deref().or(self.shared_dir.as_deref())
     }
 
     /// The port the server listens on.
@@ -290,23 +320,64 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// A fresh, empty directory `poolwatch-<what>-<pid>-<n>` under the system temp dir. A killed
-/// test process leaves its directories behind, and a later process can get the same pid: a
-/// name already taken is skipped (the flake check once ran `initdb` into a leftover).
+/// A fresh, empty directory `poolwatch-<what>-<random>` under the system temp dir (mode 0700),
+/// made by `tempfile` (a name never taken before, also after a killed test process left its
+/// directories behind). Kept: its owner removes it (a cluster on drop, a watchdog at exit).
 pub fn temp_dir(what: &str) -> PathBuf {
-    static SEQ: AtomicU32 = AtomicU32::new(0);
-    loop {
-        let dir = std::env::temp_dir().join(format!(
-            "poolwatch-{what}-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        match std::fs::create_dir(&dir) {
-            Ok(()) => return dir,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => panic!("create temp dir {}: {e}", dir.display()),
-        }
+    tempfile::Builder::new()
+        .prefix(&format!("poolwatch-{what}-"))
+        .tempdir()
+        .unwrap_or_else(|e| panic!("create a temp dir for {what}: {e}"))
+        .keep()
+}
+
+/// A test CA, a server certificate it signed (for `localhost` and 127.0.0.1) and another CA,
+/// in `<dir>/tls`, made with the `openssl` command. Returns that directory.
+fn make_certificates(dir: &Path) -> PathBuf {
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls).expect("create the tls dir");
+    let ext = "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+               extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n";
+    std::fs::write(tls.join("server.ext"), ext).expect("write server.ext");
+    let ca = |name: &str| {
+        format!(
+            "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=poolwatch-{name} \
+             -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+             -keyout {name}.key -out {name}.crt"
+        )
+    };
+    for args in [
+        ca("ca"),
+        ca("wrong-ca"),
+        "req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost \
+         -keyout server.key -out server.csr"
+            .to_owned(),
+        "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile server.ext \
+         -out server.crt"
+            .to_owned(),
+    ] {
+        let out = Command::new("openssl")
+            .args(args.split_whitespace())
+            .current_dir(&tls)
+            .output()
+            .unwrap_or_else(|e| panic!("run openssl (apt-get install openssl; scripts/prereqs does): {e}"));
+        assert!(out.status.success(), "openssl {args}: {}", String::from_utf8_lossy(&out.stderr));
     }
+    tls
+}
+
+/// The `postgresql.conf` lines for TLS with the certificates in `tls`, and a `pg_hba.conf` in
+/// `data` that lets loopback in over TLS only (a plain connection gets "no encryption").
+fn tls_only(tls: &Path, data: &Path) -> String {
+    let hba = "local all all trust\n\
+               hostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n\
+               hostssl all all ::1/128 trust\nhostnossl all all ::1/128 reject\n";
+    std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+    format!(
+        "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+        tls.join("server.crt").display(),
+        tls.join("server.key").display()
+    )
 }
 
 /// Whether this process runs as root (server binaries then run as `postgres`).

@@ -8,14 +8,17 @@ pub mod exact;
 pub mod logs;
 #[cfg(feature = "telemetry")]
 pub mod otlp;
+#[cfg(feature = "telemetry")]
+pub mod otlp_metrics;
 pub mod password;
 pub mod pgbouncer;
 pub mod prometheus;
 pub mod proxy;
 pub mod spans;
+pub mod wait;
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use poolwatch::sqlx;
@@ -24,6 +27,7 @@ use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, Executor, PgPool};
 
 pub use cluster::Cluster;
+pub use wait::eventually;
 
 /// The label naming a series' pool: the crate's own constant. Its literal value
 /// (`db_client_connection_pool_name`, what the dashboards and alerts read) stays pinned where
@@ -146,19 +150,4 @@ pub async fn sessions_like(admin: &mut PgConnection, pattern: &str) -> i64 {
     .fetch_one(admin)
     .await
     .expect("count sessions")
-}
-
-/// Polls `f` every 20 ms until it returns `Some`, or panics after `within` with `what`.
-/// `within` is a floor of 30 s whatever the caller asks: a loaded machine (CI, other builds,
-/// `scripts/flake-check`) may take that long, and a passing test never waits it out.
-pub async fn eventually<T>(within: Duration, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let within = within.max(Duration::from_secs(30));
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

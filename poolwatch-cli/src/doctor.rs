@@ -8,7 +8,6 @@ use poolwatch::Deployment;
 use poolwatch::hazards::ServerSettings;
 use poolwatch::hazards::{self, PoolSettings};
 use poolwatch::reach::{AddressFigures, Reachability, probe_host};
-use poolwatch::sqlx;
 use sqlx::postgres::{PgConnectOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 
@@ -35,13 +34,13 @@ pub(crate) async fn run(args: &Args) -> Report {
 
 /// The report before any check: what was asked, nothing found yet.
 fn blank_report(args: &Args) -> Report {
-    let o = &args.options;
+    let o = &args.target.options;
     Report {
         target: Target {
-            hosts: args.hosts.iter().map(|(h, p)| clean(&format!("{h}:{p}"))).collect(),
+            hosts: args.target.hosts.iter().map(|(h, p)| clean(&format!("{h}:{p}"))).collect(),
             user: clean(o.get_username()),
             database: clean(o.get_database().unwrap_or(o.get_username())),
-            password_given: args.password_given,
+            password_given: args.target.password_given,
         },
         addresses: Vec::new(),
         server: None,
@@ -84,15 +83,16 @@ struct HostProbe<'a> {
 
 /// Probes every address of every host and records them; returns the first address whose
 /// startup succeeded, where the server is examined.
-async fn check_addresses(args: &Args, report: &mut Report) -> Option<SocketAddr> {
+async fn check_addresses(args: &Args, report: &mut Report) -> Option<(String, SocketAddr)> {
     let probes = probe_hosts(args).await;
-    for (host, _) in args.hosts.iter().filter(|(h, _)| h.starts_with('/')) {
+    for (host, _) in args.target.hosts.iter().filter(|(h, _)| h.starts_with('/')) {
         report.not_seen.push(format!("{}: a unix socket directory, not probed over TCP", clean(host)));
     }
     let mut live = None;
     for probe in probes {
+        let host = probe.host.to_owned();
         if let Some(address) = record_host(probe, report) {
-            live.get_or_insert(address);
+            live.get_or_insert((host, address));
         }
     }
     live
@@ -102,16 +102,24 @@ async fn check_addresses(args: &Args, report: &mut Report) -> Option<SocketAddr>
 /// timeout per address, one after another, would add up).
 async fn probe_hosts(args: &Args) -> Vec<HostProbe<'_>> {
     // The startup packet carries the names as given; the report shows them cleaned.
-    let o = &args.options;
+    let o = &args.target.options;
     let (user, database) = (o.get_username(), o.get_database().unwrap_or(o.get_username()));
-    let tcp_hosts = args.hosts.iter().filter(|(h, _)| !h.starts_with('/'));
-    futures_join(tcp_hosts.map(|(host, port)| probe_one_host(args, host, *port, user, database))).await
+    let mode = o.get_ssl_mode();
+    let tls = startup::Tls { mode, config: crate::tls::config(mode, args.target.ssl_root_cert.as_deref()) };
+    let tcp_hosts = args.target.hosts.iter().filter(|(h, _)| !h.starts_with('/'));
+    futures_join(tcp_hosts.map(|(host, port)| probe_one_host(args, host, *port, (user, database), &tls))).await
 }
 
-async fn probe_one_host<'a>(args: &Args, host: &'a str, port: u16, user: &str, database: &str) -> HostProbe<'a> {
+async fn probe_one_host<'a>(
+    args: &Args,
+    host: &'a str,
+    port: u16,
+    login: (&str, &str),
+    tls: &startup::Tls,
+) -> HostProbe<'a> {
     let reach = probe_host(host, port, args.connect_timeout).await;
     let up: Vec<SocketAddr> = reach.addresses.iter().filter(|a| a.up).map(|a| a.address).collect();
-    let startups = futures_join(up.iter().map(|a| startup::probe(*a, user, database, args.startup_timeout))).await;
+    let startups = futures_join(up.iter().map(|a| startup::probe(*a, host, login, tls, args.startup_timeout))).await;
     HostProbe { host, reach, up, startups }
 }
 
@@ -194,44 +202,80 @@ async fn futures_join<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Out
     out.into_iter().flatten().collect()
 }
 
-// ---- 2. Log in on a live address and read the server ----
+// ---- 2. Log in on a live address (or the unix socket) and read the server ----
 
-/// The server's settings (for the hazard lint), when a live address let the doctor in.
-async fn examine_live(args: &Args, live: Option<SocketAddr>, report: &mut Report) -> Option<ServerSettings> {
-    let Some(address) = live else {
-        report.problems.push("no address answered the PostgreSQL startup: the server could not be examined".to_owned());
-        return None;
+/// Where the doctor logs in: shown as `label`, reached with `options`.
+struct Via {
+    label: String,
+    options: PgConnectOptions,
+}
+
+/// The server's settings (for the hazard lint), when a live address or the URL's unix socket
+/// let the doctor in.
+async fn examine_live(args: &Args, live: Option<(String, SocketAddr)>, report: &mut Report) -> Option<ServerSettings> {
+    let socket = args.target.hosts.iter().find(|(h, _)| h.starts_with('/'));
+    let via = match (live, socket) {
+        (Some((host, address)), _) => Via { label: address.to_string(), options: tcp_login(args, &host, address) },
+        (None, Some((dir, port))) => Via {
+            label: clean(&format!("{dir} (unix socket, port {port})")),
+            options: named(args, args.target.options.clone().socket(dir).port(*port)),
+        },
+        (None, None) => {
+            report
+                .problems
+                .push("no address answered the PostgreSQL startup: the server could not be examined".to_owned());
+            return None;
+        }
     };
-    match examine(args, address, report).await {
+    match examine(args, &via, report).await {
         Ok(settings) => Some(settings),
         Err(e) => {
-            report.problems.push(format!("logging in on {address} failed: {e}"));
+            report.problems.push(format!("logging in on {} failed: {e}", via.label));
             None
         }
     }
 }
 
-/// Logs in on `address` and fills the server, sessions, stuck sessions and advisory locks.
-async fn examine(args: &Args, address: SocketAddr, report: &mut Report) -> Result<ServerSettings, String> {
+/// Logs in through `via` and fills the server, sessions, stuck sessions and advisory locks.
+async fn examine(args: &Args, via: &Via, report: &mut Report) -> Result<ServerSettings, String> {
     let timeout = args.query_timeout;
     let started = Instant::now();
-    let mut conn = tokio::time::timeout(timeout, PgConnection::connect_with(&login_options(args, address)))
+    let mut conn = tokio::time::timeout(timeout, PgConnection::connect_with(&via.options))
         .await
         .map_err(|_| format!("timed out after {} ms", timeout.as_millis()))?
-        .map_err(|e| format!("{} ({})", poolwatch::Cause::of(&e), clean(&e.to_string())))?;
+        .map_err(|e| login_error(args, &e))?;
     let login_seconds = started.elapsed().as_secs_f64();
-    let result = examine_on(&mut conn, args, address, login_seconds, report).await;
+    let result = examine_on(&mut conn, args, &via.label, login_seconds, report).await;
     let _ = tokio::time::timeout(timeout, conn.close()).await;
     result
 }
 
-/// The URL's options on `address`, named, with the query bound also on the server's side.
-fn login_options(args: &Args, address: SocketAddr) -> PgConnectOptions {
+/// A failed login: its cause, sqlx's words, and for a certificate problem what to check.
+fn login_error(args: &Args, e: &sqlx::Error) -> String {
+    let cause = poolwatch::Cause::of(e);
+    let text = clean(&e.to_string());
+    let mode = startup::mode_name(args.target.options.get_ssl_mode());
+    // rustls's error can come as `Tls` or, during the handshake, inside `Io`: read its words.
+    let mut hint = startup::certificate_hint(&text, args.target.options.get_ssl_mode());
+    if hint.is_empty() && matches!(e, sqlx::Error::Tls(_)) {
+        hint = format!("; TLS failed (sslmode={mode})");
+    }
+    format!("{cause} ({text}){hint}")
+}
+
+/// The URL's options on `address` of `host`. With `sslmode=verify-full` the login goes by the
+/// host's name, so that the certificate is checked against the name the user gave.
+fn tcp_login(args: &Args, host: &str, address: SocketAddr) -> PgConnectOptions {
+    let by_name = matches!(args.target.options.get_ssl_mode(), sqlx::postgres::PgSslMode::VerifyFull)
+        && host.parse::<std::net::IpAddr>().is_err();
+    let target = if by_name { host.to_owned() } else { address.ip().to_string() };
+    named(args, args.target.options.clone().host(&target).port(address.port()))
+}
+
+/// `options` named, with the query bound also on the server's side.
+fn named(args: &Args, options: PgConnectOptions) -> PgConnectOptions {
     let ms = args.query_timeout.as_millis().max(1).to_string();
-    args.options
-        .clone()
-        .host(&address.ip().to_string())
-        .port(address.port())
+    options
         .application_name("poolwatch-doctor")
         .options([("statement_timeout", ms.as_str())])
         .disable_statement_logging()
@@ -242,7 +286,7 @@ fn login_options(args: &Args, address: SocketAddr) -> PgConnectOptions {
 async fn examine_on(
     conn: &mut PgConnection,
     args: &Args,
-    address: SocketAddr,
+    via: &str,
     login_seconds: f64,
     report: &mut Report,
 ) -> Result<ServerSettings, String> {
@@ -256,7 +300,7 @@ async fn examine_on(
     }
     report.stuck = read_stuck(conn, t, args.stuck_after).await?;
     report.advisory_locks = read_advisory_locks(conn, t).await?;
-    let server = server_of(&settings, who, address, login_seconds, client_sessions);
+    let server = server_of(&settings, who, via, login_seconds, client_sessions);
     if !report.stuck.is_empty() {
         report.problems.push(format!(
             "{} session(s) idle in transaction or active for more than {}",
@@ -272,11 +316,20 @@ async fn examine_on(
 }
 
 async fn query(conn: &mut PgConnection, timeout: Duration, sql: String) -> Result<Vec<PgRow>, String> {
-    match tokio::time::timeout(timeout, poolwatch::internals::fetch_all_text(conn, sql)).await {
+    match tokio::time::timeout(timeout, fetch_all(conn, sql)).await {
         Ok(Ok(rows)) => Ok(rows),
         Ok(Err(e)) => Err(clean(&e.to_string())),
         Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
     }
+}
+
+/// Runs SQL built at run time (from the doctor's own constants and numbers, never from input)
+/// with the simple protocol: sqlx 0.9 wants it marked `AssertSqlSafe`, 0.8 borrows it.
+async fn fetch_all(conn: &mut PgConnection, sql: String) -> Result<Vec<PgRow>, sqlx::Error> {
+    #[cfg(feature = "sqlx-0_9")]
+    return sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).fetch_all(conn).await;
+    #[cfg(not(feature = "sqlx-0_9"))]
+    return sqlx::raw_sql(&sql).fetch_all(conn).await;
 }
 
 /// A text column, cleaned of control characters (role names may hold any).
@@ -406,16 +459,10 @@ async fn read_advisory_locks(conn: &mut PgConnection, t: Duration) -> Result<Vec
         .collect())
 }
 
-fn server_of(
-    settings: &ServerSettings,
-    who: Who,
-    address: SocketAddr,
-    login_seconds: f64,
-    client_sessions: i64,
-) -> Server {
+fn server_of(settings: &ServerSettings, who: Who, via: &str, login_seconds: f64, client_sessions: i64) -> Server {
     let usable = settings.usable_connections();
     Server {
-        via: address.to_string(),
+        via: via.to_owned(),
         version: who.version,
         user: who.user,
         superuser: settings.superuser,

@@ -8,9 +8,24 @@ use crate::report::{
 };
 use crate::text::dur;
 
-/// The `--json` form: the report's fields as they are.
-pub(crate) fn json(r: &Report) -> serde_json::Result<String> {
-    serde_json::to_string_pretty(r)
+/// The `--json` form: the report's fields as they are, with every secret scrubbed from each
+/// string value of the tree (never from the JSON text: a one-letter password would eat its
+/// keys and quotes).
+pub(crate) fn json(r: &Report, secrets: &[String]) -> serde_json::Result<String> {
+    let mut tree = serde_json::to_value(r)?;
+    scrub_strings(&mut tree, secrets);
+    serde_json::to_string_pretty(&tree)
+}
+
+/// Scrubs every string of `v` (keys are the report's own field names, never server text).
+fn scrub_strings(v: &mut serde_json::Value, secrets: &[String]) {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => *s = crate::target::scrub(s, secrets),
+        Value::Array(items) => items.iter_mut().for_each(|i| scrub_strings(i, secrets)),
+        Value::Object(fields) => fields.values_mut().for_each(|f| scrub_strings(f, secrets)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
 }
 
 /// The human form: one section after another; what was not read is left out.

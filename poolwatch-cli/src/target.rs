@@ -3,7 +3,6 @@
 //! (a base64 password holds `/`, `+` and `=`; some hold `?`, `#` or `@`), and an error never
 //! quotes the input: it names the part that is wrong and the fix.
 
-use poolwatch::sqlx;
 use sqlx::postgres::PgConnectOptions;
 
 use crate::text::clean;
@@ -14,6 +13,8 @@ pub(crate) struct Target {
     pub(crate) hosts: Vec<(String, u16)>,
     /// Options for the first host, password included: used to log in only.
     pub(crate) options: PgConnectOptions,
+    /// `sslrootcert` (or sqlx's spelling `ssl-root-cert`), else `$PGSSLROOTCERT`, as sqlx reads it.
+    pub(crate) ssl_root_cert: Option<std::path::PathBuf>,
     pub(crate) password_given: bool,
     /// Every form of the password as written and as decoded: scrubbed from all output.
     pub(crate) secrets: Vec<String>,
@@ -78,7 +79,14 @@ fn build(what: &str, p: Parts, warnings: Vec<String>) -> Result<Target, String> 
     if let Some(password) = &p.password {
         options = options.password(password);
     }
-    Ok(Target { hosts, options, password_given: p.password.is_some(), secrets, warnings })
+    let ssl_root_cert = p
+        .params
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "sslrootcert" || k == "ssl-root-cert")
+        .map(|(_, v)| v.into())
+        .or_else(|| std::env::var_os("PGSSLROOTCERT").map(Into::into));
+    Ok(Target { hosts, options, ssl_root_cert, password_given: p.password.is_some(), secrets, warnings })
 }
 
 /// `scheme://[user[:password]@]host[:port][,host2[:port2]...][/database][?key=value&...]`
@@ -254,10 +262,17 @@ fn host_ports(what: &str, hosts: &[String], ports: &[String]) -> Result<Vec<(Str
     Ok(out)
 }
 
-/// `host:port`, `[v6]:port`, `[v6]`, `host`, or a socket directory.
+/// `host:port`, `[v6]:port`, `[v6]`, `host`, or a socket directory (percent-encoded in a URL's
+/// host list, where a `:port` may follow it as libpq reads it).
 fn split_port(h: &str) -> (&str, Option<&str>) {
-    if h.starts_with('/') || h.starts_with("%2F") || h.starts_with("%2f") {
+    if h.starts_with('/') {
         return (h, None);
+    }
+    if h.starts_with("%2F") || h.starts_with("%2f") {
+        return match h.rsplit_once(':') {
+            Some((dir, port)) if port.bytes().all(|b| b.is_ascii_digit()) => (dir, Some(port)),
+            _ => (h, None),
+        };
     }
     if let Some(v6) = h.strip_prefix('[') {
         return match v6.split_once(']') {
@@ -301,17 +316,11 @@ fn printable(s: &str) -> String {
     clean(s)
 }
 
-/// Replaces every secret (and its JSON-escaped form) with `***`.
+/// Replaces every secret with `***` in plain text (a string value, a line of the report).
 pub(crate) fn scrub(text: &str, secrets: &[String]) -> String {
     let mut out = text.to_owned();
     for s in secrets.iter().filter(|s| !s.is_empty()) {
         out = out.replace(s.as_str(), "***");
-        if let Ok(json) = serde_json::to_string(s) {
-            let inner = json.trim_matches('"');
-            if !inner.is_empty() {
-                out = out.replace(inner, "***");
-            }
-        }
     }
     out
 }
@@ -337,6 +346,9 @@ mod tests {
         assert_eq!(t.secrets, ["a b'c"]);
         let t = ok("postgres://app@/app?host=/run/postgresql");
         assert_eq!(t.hosts, [("/run/postgresql".to_owned(), 5432)]);
+        let t = ok("postgres://app@%2Frun%2Fpostgresql:5433/app");
+        assert_eq!(t.hosts, [("/run/postgresql".to_owned(), 5433)]);
+        assert_eq!(t.options.get_socket().map(|p| p.display().to_string()), Some("/run/postgresql".to_owned()));
     }
 
     #[test]

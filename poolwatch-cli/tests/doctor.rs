@@ -2,7 +2,17 @@
 //! and stuck sessions, a dead and a silent address beside a live one, a role without
 //! `pg_read_all_stats`, a password that must never show, and PgBouncer's admin console.
 
-mod support;
+// The library's test harness (one harness for the workspace): the parts the doctor needs.
+#[path = "../../tests/support"]
+#[allow(dead_code)]
+mod support {
+    pub mod cluster;
+    pub mod password;
+    pub mod pgbouncer;
+    pub mod wait;
+    pub use cluster::Cluster;
+    pub use wait::eventually;
+}
 
 use std::time::Duration;
 
@@ -184,8 +194,8 @@ async fn the_password_is_used_and_never_printed() {
     let cluster = Cluster::start();
     let secret = "Sh0uldNeverShow";
     let url = support::password::password_role(&cluster, "app_pw", secret).await;
-    for args in [vec![url.as_str()], vec![url.as_str(), "--json"]] {
-        let r = doctor(&args).await;
+    for args in [&[url.as_str()][..], &[url.as_str(), "--json"]] {
+        let r = doctor(args).await;
         assert_eq!(r.code, 0, "{}", r.stdout);
         assert!(!r.stdout.contains(secret) && !r.stderr.contains(secret), "the password leaked");
         assert!(r.stdout.contains("SCRAM-SHA-256"), "the startup shows what the server asks for");
@@ -474,4 +484,80 @@ async fn server_strings_cannot_drive_the_terminal() {
     assert!(runs[0].stdout.contains("evil?[2J"), "the lock holder is listed, cleaned: {}", runs[0].stdout);
     assert!(runs[2].stdout.contains("gh?[31most"), "the startup's FATAL is shown, cleaned: {}", runs[2].stdout);
     holder.close().await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_letter_password_leaves_the_json_whole() {
+    let cluster = Cluster::start();
+    // "e" is in nearly every key and value: scrubbing the JSON text would break it.
+    let url = support::password::password_role(&cluster, "app_e", "e").await;
+    let r = doctor(&[&url, "--json"]).await;
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    let j = r.json();
+    assert_eq!(j["target"]["password_given"], true, "{j}");
+    assert_eq!(j["server"]["max_connections"], 300, "keys and numbers untouched: {j}");
+    assert_eq!(j["addresses"][0]["tcp"], "up");
+}
+
+/// A TLS-only server's URL with `query` (sslmode and sslrootcert).
+fn tls_url(cluster: &Cluster, query: &str) -> String {
+    format!("postgres://postgres@127.0.0.1:{}/postgres?{query}", cluster.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_only_server_is_examined_over_tls() {
+    let cluster = Cluster::start_tls();
+    let ca = cluster.ca_cert().display().to_string();
+    // The startup probe completes TLS itself and checks the certificate as sslmode says.
+    for (query, checked) in [
+        ("sslmode=require".to_owned(), "certificate not checked (sslmode=require)"),
+        (format!("sslmode=verify-full&sslrootcert={ca}"), "certificate verified for 127.0.0.1"),
+    ] {
+        let r = doctor(&[&tls_url(&cluster, &query), "--json"]).await;
+        assert_eq!(r.code, 0, "{query}: {}{}", r.stdout, r.stderr);
+        let j = r.json();
+        let startup = &j["addresses"][0]["startup"];
+        assert_eq!(startup["outcome"], "ok", "{startup}");
+        let detail = startup["detail"].as_str().unwrap_or_default();
+        assert!(detail.starts_with("TLS 1.") && detail.contains(checked), "{startup}");
+        assert!(detail.contains("authentication ok"), "the startup inside TLS got its answer: {startup}");
+        assert!(j["server"]["version"].as_str().is_some_and(|v| v.starts_with(char::is_numeric)), "{j}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_only_server_refuses_a_wrong_ca_and_no_tls_with_clear_words() {
+    let cluster = Cluster::start_tls();
+    let wrong = cluster.wrong_ca_cert().display().to_string();
+    let r = doctor(&[&tls_url(&cluster, &format!("sslmode=verify-full&sslrootcert={wrong}"))]).await;
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(
+        r.stdout.contains("UnknownIssuer")
+            && r.stdout.contains("not signed by a CA")
+            && r.stdout.contains("sslrootcert"),
+        "the certificate problem is named: {}",
+        r.stdout
+    );
+    let r = doctor(&[&tls_url(&cluster, "sslmode=disable")]).await;
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(r.stdout.contains("the server requires TLS"), "{}", r.stdout);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_url_is_logged_in_through_not_looked_up() {
+    let cluster = Cluster::start();
+    let dir = cluster.socket_dir().expect("a throwaway cluster").display().to_string();
+    let port = cluster.port();
+    let encoded = dir.replace('/', "%2F");
+    for url in [
+        format!("postgres://postgres@/postgres?host={dir}&port={port}"),
+        format!("postgres://postgres@{encoded}:{port}/postgres"),
+    ] {
+        let r = doctor(&[&url, "--json"]).await;
+        assert_eq!(r.code, 0, "{url}: {}{}", r.stdout, r.stderr);
+        let j = r.json();
+        assert!(j["server"]["via"].as_str().is_some_and(|v| v.contains("unix socket")), "{j}");
+        assert_eq!(j["addresses"].as_array().map(Vec::len), Some(0), "no DNS lookup, no TCP probe: {j}");
+    }
 }
