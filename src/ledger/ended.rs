@@ -19,7 +19,9 @@
 //! within milliseconds, so the same rule also runs on every sample ([`Ledger::follow`]): each
 //! of the pool's sockets is followed by inode. One seen in `close_wait` (or reset), or one gone
 //! since the last sample with nothing of it left in the kernel but a `last_ack` (samples are
-//! far closer than a `time_wait` lasts), is a suspect. Suspects are counted when the server's
+//! far closer than a `time_wait` lasts), is a suspect. One that left only a `time_wait` may
+//! be a kill too (sqlx read the FATAL of a query in flight and closed before the FIN came):
+//! it takes only the counters' growth the others leave. Suspects are counted when the server's
 //! session-end counters, read then (one small query, only when something ended), have grown
 //! by as many; otherwise one sample later, the sure ones (`close_wait`) and as many gone ones
 //! as the counters grew. Behind a pooler nothing confirms a gone socket (a pool's own close
@@ -32,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use crate::cause::Cause;
 use crate::ledger::loss::{SessionEnds, explain_silent_loss};
-use crate::ledger::sockets::{CLOSE, CLOSE_WAIT, LAST_ACK, Socket};
+use crate::ledger::sockets::{CLOSE, CLOSE_WAIT, LAST_ACK, Socket, TIME_WAIT};
 
 /// Censuses further apart than this cannot trust a missing `time_wait` (Linux keeps one 60 s).
 pub(crate) const MAX_GAP: Duration = Duration::from_secs(50);
@@ -112,6 +114,11 @@ pub(crate) struct Suspect {
     /// Its socket was seen closed by the peer while the pool held it (`close_wait`, a reset):
     /// no close of the pool's own can look like that.
     sure: bool,
+    /// Gone leaving only a `time_wait`: the pool closed first, by itself or an instant before
+    /// the server's goodbye reached the socket (a kill that lands on a query in flight: sqlx
+    /// reads the FATAL and closes before the FIN arrives). Counted only from the counters'
+    /// growth that the other suspects leave unexplained.
+    raced: bool,
     born_after: Option<Instant>,
     /// The sample that found it ended.
     ended_by: Instant,
@@ -306,7 +313,7 @@ impl Ledger {
                 f.reported = true;
             } else if f.admitted {
                 f.reported = true;
-                found.push(Suspect { port, sure: true, born_after: f.born_after, ended_by: at, base });
+                found.push(Suspect { port, sure: true, raced: false, born_after: f.born_after, ended_by: at, base });
             }
         }
         let gone = self
@@ -315,7 +322,14 @@ impl Ledger {
             .iter()
             .filter(|(inode, f)| judged && f.admitted && !f.reported && !next.contains_key(inode))
             .filter(|(_, f)| !self.counted_since(f.port, f.born_after))
-            .map(|(_, f)| Suspect { port: f.port, sure: false, born_after: f.born_after, ended_by: at, base })
+            .map(|(_, f)| Suspect {
+                port: f.port,
+                sure: false,
+                raced: false,
+                born_after: f.born_after,
+                ended_by: at,
+                base,
+            })
             .collect();
         let old = std::mem::replace(&mut self.follower.sockets, next);
         if self.follower.missing.len() > COUNTED_MAX {
@@ -338,15 +352,27 @@ impl Ledger {
 
     /// Keeps the sockets gone since the last sample that the pool did not close first:
     /// nothing of them left in `list` (the kernel's sockets to the peers, orphans included)
-    /// but a `last_ack`. A `time_wait`, `fin_wait*` or `closing` is the pool's own close; an
-    /// open socket on the port (still alive but no longer the pool's, or the port reused)
-    /// tells nothing, so it is not counted.
+    /// but a `last_ack`. One that left only a `time_wait` is kept as `raced` (the pool closed
+    /// first: by itself, or on reading a kill's FATAL before its FIN), counted only when the
+    /// counters show a kill nothing else explains. `fin_wait*` or `closing` is the pool's own
+    /// close; an open socket on the port (still alive but no longer the pool's, or the port
+    /// reused) tells nothing, so it is not counted.
     pub(crate) fn suspect_gone(&mut self, gone: Vec<Suspect>, list: &[Socket]) {
-        let peer_closed = |g: &Suspect| {
-            let mut on_port = list.iter().filter(|s| s.local.port() == g.port);
-            on_port.all(|s| s.state == LAST_ACK && !s.owned)
+        let remains = |g: &Suspect, state: usize| {
+            let mut on_port = list.iter().filter(|s| s.local.port() == g.port).peekable();
+            let any = on_port.peek().is_some();
+            (any || state == LAST_ACK) && on_port.all(|s| s.state == state && !s.owned)
         };
-        let kept = gone.into_iter().filter(peer_closed).collect();
+        let kept = gone
+            .into_iter()
+            .filter_map(|g| {
+                if remains(&g, LAST_ACK) {
+                    Some(g)
+                } else {
+                    remains(&g, TIME_WAIT).then_some(Suspect { raced: true, ..g })
+                }
+            })
+            .collect();
         self.suspect(kept);
     }
 
@@ -415,9 +441,11 @@ impl Ledger {
             }
             _ => None,
         };
-        let waiting = i64::try_from(pending.len()).unwrap_or(i64::MAX);
+        // Raced ones neither make the others wait nor count without counters: most are the
+        // pool's own closes.
+        let waiting = i64::try_from(pending.iter().filter(|s| !s.raced).count()).unwrap_or(i64::MAX);
         let may_catch_up = counters != Counters::NotServer;
-        if may_catch_up && grew.is_some_and(|g| g < waiting) && !self.follower.waited && !pending.is_empty() {
+        if may_catch_up && grew.is_some_and(|g| g < waiting) && !self.follower.waited && waiting > 0 {
             // A backend leaves a moment before it flushes its counters: look again next sample.
             self.follower.pending = pending;
             self.follower.waited = true;
@@ -429,8 +457,14 @@ impl Ledger {
         let mut unsure_left = grew.map_or(i64::MAX, |g| g.saturating_sub(sure).max(0));
         let now = Instant::now();
         let mut causes = Vec::new();
+        let mut pending = pending;
+        // Raced ones take only the growth the others leave.
+        pending.sort_by_key(|s| s.raced);
         for s in pending {
             self.counted.insert(s.port, now);
+            if s.raced && grew.is_none() {
+                continue;
+            }
             if !s.sure {
                 if unsure_left <= 0 {
                     continue;
@@ -701,6 +735,41 @@ mod tests {
         }
         let confirmed = ledger.settle(Counters::Read(ends(2, 0)), Evidence::default());
         assert_eq!(confirmed, vec![Cause::AdminShutdown], "the kill the counters show is the gone one's");
+        assert!(!ledger.pending());
+    }
+
+    /// A kill that lands on a query in flight: sqlx reads the FATAL and closes before the
+    /// server's FIN arrives, so its socket leaves a `time_wait` as the pool's own close does.
+    /// Counted when the counters show a kill the other suspects leave unexplained; never
+    /// otherwise, nor without counters.
+    #[test]
+    fn a_kill_the_pool_closed_on_first_is_counted_from_the_counters_left_over() {
+        let ends = |killed, fatal| Some(SessionEnds { killed, fatal });
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_millis(s);
+        let mut ledger = Ledger::default();
+        ledger.update_read_at(HashMap::new(), &[], ends(0, 0), t0);
+        sample(&mut ledger, &[(1, 0), (2, 0), (3, 0)], at(10));
+        // All three killed: 1 and 2 gone without a trace, 3 gone leaving a time_wait.
+        let gone = sample(&mut ledger, &[], at(20));
+        ledger.suspect_gone(gone, &[socket(3, TIME_WAIT, false)]);
+        let counted = ledger.settle(Counters::Read(ends(3, 0)), Evidence::default());
+        assert_eq!(counted, vec![Cause::AdminShutdown; 3]);
+        // The pool closes one itself (a time_wait), the counters flat: not counted, no wait.
+        sample(&mut ledger, &[(4, 0)], at(30));
+        let gone = sample(&mut ledger, &[], at(40));
+        ledger.suspect_gone(gone, &[socket(4, TIME_WAIT, false)]);
+        assert!(ledger.settle(Counters::Read(ends(3, 0)), Evidence::default()).is_empty());
+        assert!(!ledger.pending(), "a raced one alone does not wait");
+        // A server without counters (before PostgreSQL 14): a time_wait is the pool's close.
+        sample(&mut ledger, &[(5, 0)], at(50));
+        let gone = sample(&mut ledger, &[], at(60));
+        ledger.suspect_gone(gone, &[socket(5, TIME_WAIT, false)]);
+        assert!(ledger.settle(Counters::Read(None), Evidence::default()).is_empty());
+        // A fin_wait (the pool's close under way) is never counted.
+        sample(&mut ledger, &[(6, 0)], at(70));
+        let gone = sample(&mut ledger, &[], at(80));
+        ledger.suspect_gone(gone, &[socket(6, 3, false)]);
         assert!(!ledger.pending());
     }
 

@@ -505,7 +505,6 @@ pub(crate) fn list(_: &[SocketAddr], _: Option<u16>) -> std::io::Result<Vec<Sock
 }
 
 /// Index of `time_wait` in [`TCP_STATES`].
-#[cfg(test)]
 pub(crate) const TIME_WAIT: usize = 5;
 /// Index of `close` in [`TCP_STATES`] (an owned socket the peer reset).
 pub(crate) const CLOSE: usize = 6;
