@@ -226,17 +226,17 @@ impl Lifecycle {
         let now = Instant::now();
         let age = u64::try_from(age.as_nanos()).unwrap_or(u64::MAX);
         let created = self.nanos(now).saturating_sub(age);
-        let stamp = if idle { self.stamp(now) | RELEASED } else { 0 };
+        let stamp = self.stamp(now);
         self.with_index(|index| {
             let Some(slot) = nearest(index, created, idle) else { return };
             if idle {
-                slot.idle_since.store(stamp, Ordering::Relaxed);
+                slot.idle_since.store(stamp | RELEASED, Ordering::Relaxed);
                 return;
             }
             let before = slot.idle_since.swap(0, Ordering::Relaxed);
             if before & RELEASED != 0 {
                 slot.popped_release.store(before & !RELEASED, Ordering::Relaxed);
-                slot.popped_at.store(self.stamp(now), Ordering::Relaxed);
+                slot.popped_at.store(stamp, Ordering::Relaxed);
             }
         });
     }
@@ -319,28 +319,44 @@ const NEIGHBOURS: usize = 8;
 /// acquire takes an idle connection, a release gives back one that was out). Without that
 /// preference, connects made together can swap, and an acquire that clears the wrong slot
 /// leaves a released mark on a connection the app holds.
+///
+/// The neighbours are visited nearest first, so the search usually stops at the first slot
+/// it reads.
 fn nearest(index: &Index, created: u64, release: bool) -> Option<&Arc<Slot>> {
     let at = index.created.partition_point(|c| *c <= created);
-    let lo = at.saturating_sub(NEIGHBOURS);
-    let hi = at.saturating_add(NEIGHBOURS).min(index.created.len());
+    let (floor, ceiling) = (at.saturating_sub(NEIGHBOURS), at.saturating_add(NEIGHBOURS).min(index.created.len()));
     let fits = |s: &Slot| {
         let v = s.idle_since.load(Ordering::Relaxed);
         if release { v & RELEASED == 0 } else { v != 0 }
     };
     let ambiguous = u64::try_from(AMBIGUOUS.as_nanos()).unwrap_or(u64::MAX);
-    let mut closest: Option<(u64, usize)> = None;
-    let mut fitting: Option<(u64, usize)> = None;
-    for (i, c) in index.created.iter().enumerate().take(hi).skip(lo) {
-        let d = c.abs_diff(created);
-        if closest.is_none_or(|(best, _)| d < best) {
-            closest = Some((d, i));
+    let distance = |i: usize| index.created.get(i).map_or(u64::MAX, |c| c.abs_diff(created));
+    // Below `at` the creation times fall going down, from `at` on they rise: merging the two
+    // runs visits the neighbours by distance (the earlier one first on a tie).
+    let (mut down, mut up) = (at, at);
+    let mut closest = None;
+    loop {
+        let i = match (down > floor, up < ceiling) {
+            (true, true) if distance(down - 1) <= distance(up) => down - 1,
+            (_, true) => up,
+            (true, false) => down - 1,
+            (false, false) => break,
+        };
+        if i < at {
+            down = i;
+        } else {
+            up = i + 1;
         }
-        if d <= ambiguous && fitting.is_none_or(|(best, _)| d < best) && index.slots.get(i).is_some_and(|s| fits(s)) {
-            fitting = Some((d, i));
+        closest.get_or_insert(i);
+        let slot = index.slots.get(i)?;
+        if distance(i) > ambiguous {
+            break;
+        }
+        if fits(slot) {
+            return Some(slot);
         }
     }
-    let (_, i) = fitting.or(closest)?;
-    index.slots.get(i)
+    closest.and_then(|i| index.slots.get(i))
 }
 
 fn oldest(conns: &[Conn]) -> usize {
@@ -481,6 +497,69 @@ mod tests {
         ledger.seen(created[1].elapsed(), true);
         assert_eq!(idle(&ledger), [true, true, true]);
         assert!(ledger.figures().oldest_age.unwrap() >= created[0].elapsed() - Duration::from_millis(1));
+    }
+
+    /// The search by distance picks what a scan of every neighbour picks (the nearest fitting
+    /// slot within `AMBIGUOUS`, else the nearest), on indexes with clustered connects.
+    #[test]
+    fn the_nearest_first_search_agrees_with_a_full_scan() {
+        fn by_scan(index: &Index, created: u64, release: bool) -> Option<usize> {
+            let at = index.created.partition_point(|c| *c <= created);
+            let (lo, hi) = (at.saturating_sub(NEIGHBOURS), (at + NEIGHBOURS).min(index.created.len()));
+            let ambiguous = AMBIGUOUS.as_nanos() as u64;
+            let fits = |s: &Slot| {
+                let v = s.idle_since.load(Ordering::Relaxed);
+                if release { v & RELEASED == 0 } else { v != 0 }
+            };
+            let (mut closest, mut fitting): (Option<(u64, usize)>, Option<(u64, usize)>) = (None, None);
+            for i in lo..hi {
+                let d = index.created[i].abs_diff(created);
+                if closest.is_none_or(|(b, _)| d < b) {
+                    closest = Some((d, i));
+                }
+                if d <= ambiguous && fitting.is_none_or(|(b, _)| d < b) && fits(&index.slots[i]) {
+                    fitting = Some((d, i));
+                }
+            }
+            fitting.or(closest).map(|(_, i)| i)
+        }
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for round in 0..300 {
+            let len = 1 + next(40) as usize;
+            // Connects in bursts: gaps from 1 ns to 2 s, so some runs are ambiguous, some not.
+            let mut at = 1_000_000_000_000u64;
+            let mut created = Vec::new();
+            for _ in 0..len {
+                at += [1, 1_000, 3_000_000, 400_000_000, 2_000_000_000][next(5) as usize] + next(1_000);
+                created.push(at);
+            }
+            let slots = created
+                .iter()
+                .map(|_| {
+                    let state = [0, 5, 5 | RELEASED][next(3) as usize];
+                    Arc::new(Slot {
+                        created: Instant::now(),
+                        idle_since: AtomicU64::new(state),
+                        popped_release: AtomicU64::new(0),
+                        popped_at: AtomicU64::new(0),
+                    })
+                })
+                .collect();
+            let index = Index { generation: 0, created, slots };
+            for _ in 0..50 {
+                let probe = index.created[next(len as u64) as usize].saturating_sub(next(600_000_000)) + next(5);
+                let release = next(2) == 0;
+                let got = nearest(&index, probe, release).map(|s| Arc::as_ptr(s));
+                let want = by_scan(&index, probe, release).map(|i| Arc::as_ptr(&index.slots[i]));
+                assert_eq!(got, want, "round {round}: probe {probe} in {:?}", index.created);
+            }
+        }
     }
 
     /// sqlx hands out the longest idle connection first: a release passed over by a later
