@@ -57,10 +57,16 @@ struct Slot {
 #[derive(Debug, Default)]
 struct Index {
     generation: u64,
-    /// The slots' creation times (ns from [`Lifecycle::base`]), sorted, side by side: the
-    /// search reads no slot and compares plain integers.
-    created: Vec<u64>,
-    slots: Vec<Arc<Slot>>,
+    /// The slots by creation time (ns from [`Lifecycle::base`]), sorted, each beside its
+    /// slot: the search compares plain integers, and its last step reads the line that holds
+    /// the slot's address (a pool of hundreds cycles through them, so each line is cold).
+    entries: Vec<(u64, Arc<Slot>)>,
+}
+
+impl Index {
+    fn slots(&self) -> impl Iterator<Item = &Arc<Slot>> {
+        self.entries.iter().map(|(_, s)| s)
+    }
 }
 
 /// How many pools' indexes a thread keeps copies of (the least recently added goes first).
@@ -117,8 +123,7 @@ impl Lifecycle {
     }
 
     fn stamp(&self, at: Instant) -> u64 {
-        let ns = u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX);
-        ns.min(RELEASED - 2).saturating_add(1)
+        stamp_of(self.nanos(at))
     }
 
     fn idle_since(&self, slot: &Slot) -> Option<Instant> {
@@ -136,8 +141,7 @@ impl Lifecycle {
         // `STUCK_AFTER` after an earlier release proves that earlier one was not in the queue.
         // Sorted by release, with the latest take of any release at or after each one.
         let mut proof: Vec<(u64, u64)> = index
-            .slots
-            .iter()
+            .slots()
             .map(|s| (s.popped_release.load(Ordering::Relaxed), s.popped_at.load(Ordering::Relaxed)))
             .filter(|(release, _)| *release != 0)
             .collect();
@@ -149,7 +153,7 @@ impl Lifecycle {
             let i = proof.partition_point(|(release, _)| *release <= at);
             proof.get(i).is_some_and(|(_, popped)| popped.saturating_sub(at) > stuck_after)
         };
-        for s in &index.slots {
+        for s in index.slots() {
             let v = s.idle_since.load(Ordering::Relaxed);
             if v == 0 {
                 r.handed_out += 1;
@@ -169,8 +173,8 @@ impl Lifecycle {
     /// Replaces the index with `slots` (sorted by creation time).
     fn replace(&self, index: &mut Arc<Index>, slots: Vec<Arc<Slot>>) {
         let generation = index.generation.wrapping_add(1);
-        let created = slots.iter().map(|s| self.nanos(s.created)).collect();
-        *index = Arc::new(Index { generation, created, slots });
+        let entries = slots.into_iter().map(|s| (self.nanos(s.created), s)).collect();
+        *index = Arc::new(Index { generation, entries });
         self.generation.store(generation, Ordering::Release);
     }
 
@@ -185,7 +189,7 @@ impl Lifecycle {
             popped_at: AtomicU64::new(0),
         });
         if let Ok(mut index) = self.index.lock() {
-            let mut slots = index.slots.clone();
+            let mut slots: Vec<Arc<Slot>> = index.slots().cloned().collect();
             let at = slots.partition_point(|s| s.created <= now);
             slots.insert(at, slot);
             self.replace(&mut index, slots);
@@ -211,7 +215,7 @@ impl Lifecycle {
                     }
                 };
                 let entry = cached.get_mut(at)?;
-                if entry.1.generation != generation || entry.1.slots.is_empty() {
+                if entry.1.generation != generation || entry.1.entries.is_empty() {
                     entry.1 = self.index.lock().ok()?.clone();
                 }
                 Some(f(&entry.1))
@@ -223,10 +227,9 @@ impl Lifecycle {
     /// `before_acquire` (`idle` = false) or `after_release` (true): the connection of age
     /// `age` (the one opened nearest `now - age`) changed hands.
     pub(crate) fn seen(&self, age: Duration, idle: bool) {
-        let now = Instant::now();
-        let age = u64::try_from(age.as_nanos()).unwrap_or(u64::MAX);
-        let created = self.nanos(now).saturating_sub(age);
-        let stamp = self.stamp(now);
+        let now = self.nanos(Instant::now());
+        let created = now.saturating_sub(u64::try_from(age.as_nanos()).unwrap_or(u64::MAX));
+        let stamp = stamp_of(now);
         self.with_index(|index| {
             let Some(slot) = nearest(index, created, idle) else { return };
             if idle {
@@ -249,11 +252,11 @@ impl Lifecycle {
         // Read under the lock: `after_connect` runs after the pool counted the connection, so
         // a connection being opened makes this read low, never high.
         let size = pool.size() as usize;
-        let gone = index.slots.len().saturating_sub(size);
+        let gone = index.entries.len().saturating_sub(size);
         if gone == 0 {
             return new;
         }
-        let mut slots = index.slots.clone();
+        let mut slots: Vec<Arc<Slot>> = index.slots().cloned().collect();
         let mut conns: Vec<Conn> =
             slots.iter().map(|s| Conn { created: s.created, idle_since: self.idle_since(s) }).collect();
         let options = pool.options();
@@ -283,8 +286,8 @@ impl Lifecycle {
         let now = Instant::now();
         let (open, oldest_age) = self.index.lock().map_or((0, None), |index| {
             // Sorted by creation time: the first is the oldest.
-            let oldest = index.slots.first().map(|s| now.saturating_duration_since(s.created));
-            (u32::try_from(index.slots.len()).unwrap_or(u32::MAX), oldest)
+            let oldest = index.slots().next().map(|s| now.saturating_duration_since(s.created));
+            (u32::try_from(index.entries.len()).unwrap_or(u32::MAX), oldest)
         });
         LifecycleFigures {
             opened: self.opened.load(Ordering::Relaxed),
@@ -293,6 +296,12 @@ impl Lifecycle {
             oldest_age,
         }
     }
+}
+
+/// A time `ns` from [`Lifecycle::base`] as a slot stores it: plus 1 (0 means none), below
+/// [`RELEASED`].
+fn stamp_of(ns: u64) -> u64 {
+    ns.min(RELEASED - 2).saturating_add(1)
 }
 
 /// The slots the hooks last saw given back or handed out (see [`Lifecycle::releases`]).
@@ -323,14 +332,14 @@ const NEIGHBOURS: usize = 8;
 /// The neighbours are visited nearest first, so the search usually stops at the first slot
 /// it reads.
 fn nearest(index: &Index, created: u64, release: bool) -> Option<&Arc<Slot>> {
-    let at = index.created.partition_point(|c| *c <= created);
-    let (floor, ceiling) = (at.saturating_sub(NEIGHBOURS), at.saturating_add(NEIGHBOURS).min(index.created.len()));
+    let at = index.entries.partition_point(|(c, _)| *c <= created);
+    let (floor, ceiling) = (at.saturating_sub(NEIGHBOURS), at.saturating_add(NEIGHBOURS).min(index.entries.len()));
     let fits = |s: &Slot| {
         let v = s.idle_since.load(Ordering::Relaxed);
         if release { v & RELEASED == 0 } else { v != 0 }
     };
     let ambiguous = u64::try_from(AMBIGUOUS.as_nanos()).unwrap_or(u64::MAX);
-    let distance = |i: usize| index.created.get(i).map_or(u64::MAX, |c| c.abs_diff(created));
+    let distance = |i: usize| index.entries.get(i).map_or(u64::MAX, |(c, _)| c.abs_diff(created));
     // Below `at` the creation times fall going down, from `at` on they rise: merging the two
     // runs visits the neighbours by distance (the earlier one first on a tie).
     let (mut down, mut up) = (at, at);
@@ -348,7 +357,7 @@ fn nearest(index: &Index, created: u64, release: bool) -> Option<&Arc<Slot>> {
             up = i + 1;
         }
         closest.get_or_insert(i);
-        let slot = index.slots.get(i)?;
+        let (_, slot) = index.entries.get(i)?;
         if distance(i) > ambiguous {
             break;
         }
@@ -356,7 +365,7 @@ fn nearest(index: &Index, created: u64, release: bool) -> Option<&Arc<Slot>> {
             return Some(slot);
         }
     }
-    closest.and_then(|i| index.slots.get(i))
+    closest.and_then(|i| index.entries.get(i)).map(|(_, s)| s)
 }
 
 fn oldest(conns: &[Conn]) -> usize {
@@ -487,11 +496,11 @@ mod tests {
             ledger.on_connect();
             std::thread::sleep(Duration::from_millis(20));
         }
-        let created: Vec<Instant> = ledger.index.lock().unwrap().slots.iter().map(|s| s.created).collect();
+        let created: Vec<Instant> = ledger.index.lock().unwrap().slots().map(|s| s.created).collect();
         // The middle one is handed out, then given back.
         ledger.seen(created[1].elapsed(), false);
         let idle = |l: &Lifecycle| -> Vec<bool> {
-            l.index.lock().unwrap().slots.iter().map(|s| l.idle_since(s).is_some()).collect()
+            l.index.lock().unwrap().slots().map(|s| l.idle_since(s).is_some()).collect()
         };
         assert_eq!(idle(&ledger), [true, false, true]);
         ledger.seen(created[1].elapsed(), true);
@@ -504,8 +513,8 @@ mod tests {
     #[test]
     fn the_nearest_first_search_agrees_with_a_full_scan() {
         fn by_scan(index: &Index, created: u64, release: bool) -> Option<usize> {
-            let at = index.created.partition_point(|c| *c <= created);
-            let (lo, hi) = (at.saturating_sub(NEIGHBOURS), (at + NEIGHBOURS).min(index.created.len()));
+            let at = index.entries.partition_point(|(c, _)| *c <= created);
+            let (lo, hi) = (at.saturating_sub(NEIGHBOURS), (at + NEIGHBOURS).min(index.entries.len()));
             let ambiguous = AMBIGUOUS.as_nanos() as u64;
             let fits = |s: &Slot| {
                 let v = s.idle_since.load(Ordering::Relaxed);
@@ -513,11 +522,11 @@ mod tests {
             };
             let (mut closest, mut fitting): (Option<(u64, usize)>, Option<(u64, usize)>) = (None, None);
             for i in lo..hi {
-                let d = index.created[i].abs_diff(created);
+                let d = index.entries[i].0.abs_diff(created);
                 if closest.is_none_or(|(b, _)| d < b) {
                     closest = Some((d, i));
                 }
-                if d <= ambiguous && fitting.is_none_or(|(b, _)| d < b) && fits(&index.slots[i]) {
+                if d <= ambiguous && fitting.is_none_or(|(b, _)| d < b) && fits(&index.entries[i].1) {
                     fitting = Some((d, i));
                 }
             }
@@ -539,25 +548,31 @@ mod tests {
                 at += [1, 1_000, 3_000_000, 400_000_000, 2_000_000_000][next(5) as usize] + next(1_000);
                 created.push(at);
             }
-            let slots = created
-                .iter()
-                .map(|_| {
+            let entries = created
+                .into_iter()
+                .map(|c| {
                     let state = [0, 5, 5 | RELEASED][next(3) as usize];
-                    Arc::new(Slot {
+                    let slot = Arc::new(Slot {
                         created: Instant::now(),
                         idle_since: AtomicU64::new(state),
                         popped_release: AtomicU64::new(0),
                         popped_at: AtomicU64::new(0),
-                    })
+                    });
+                    (c, slot)
                 })
                 .collect();
-            let index = Index { generation: 0, created, slots };
+            let index = Index { generation: 0, entries };
             for _ in 0..50 {
-                let probe = index.created[next(len as u64) as usize].saturating_sub(next(600_000_000)) + next(5);
+                let probe = index.entries[next(len as u64) as usize].0.saturating_sub(next(600_000_000)) + next(5);
                 let release = next(2) == 0;
                 let got = nearest(&index, probe, release).map(|s| Arc::as_ptr(s));
-                let want = by_scan(&index, probe, release).map(|i| Arc::as_ptr(&index.slots[i]));
-                assert_eq!(got, want, "round {round}: probe {probe} in {:?}", index.created);
+                let want = by_scan(&index, probe, release).map(|i| Arc::as_ptr(&index.entries[i].1));
+                assert_eq!(
+                    got,
+                    want,
+                    "round {round}: probe {probe} in {:?}",
+                    index.entries.iter().map(|e| e.0).collect::<Vec<_>>()
+                );
             }
         }
     }
@@ -574,7 +589,7 @@ mod tests {
         let secs = |s: u64| ledger.stamp(ledger.base + Duration::from_secs(s));
         {
             let index = ledger.index.lock().unwrap();
-            let [stuck, busy, other] = [0, 1, 2].map(|i| &index.slots[i]);
+            let [stuck, busy, other] = [0, 1, 2].map(|i| &index.entries[i].1);
             // Both given back at 10 s; `busy` was taken again at 12 s and given back at 12.5 s.
             stuck.idle_since.store(secs(10) | RELEASED, Ordering::Relaxed);
             busy.popped_release.store(secs(10) + 1, Ordering::Relaxed);
@@ -585,7 +600,7 @@ mod tests {
         let r = ledger.releases(ledger.base + Duration::from_millis(12_700));
         assert_eq!((r.handed_out, r.old, r.passed_over), (1, 1, 1));
         // Taken again too soon after the release to tell: no proof.
-        ledger.index.lock().unwrap().slots[1].popped_at.store(secs(10) + 900_000_000, Ordering::Relaxed);
+        ledger.index.lock().unwrap().entries[1].1.popped_at.store(secs(10) + 900_000_000, Ordering::Relaxed);
         let r = ledger.releases(ledger.base + Duration::from_millis(12_700));
         assert_eq!((r.old, r.passed_over), (1, 0));
     }
