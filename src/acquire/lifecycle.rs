@@ -520,7 +520,8 @@ mod tests {
                 let v = s.idle_since.load(Ordering::Relaxed);
                 if release { v & RELEASED == 0 } else { v != 0 }
             };
-            let (mut closest, mut fitting): (Option<(u64, usize)>, Option<(u64, usize)>) = (None, None);
+            let mut closest: Option<(u64, usize)> = None;
+            let mut fitting: Option<(u64, usize)> = None;
             for i in lo..hi {
                 let d = index.entries[i].0.abs_diff(created);
                 if closest.is_none_or(|(b, _)| d < b) {
@@ -565,7 +566,7 @@ mod tests {
             for _ in 0..50 {
                 let probe = index.entries[next(len as u64) as usize].0.saturating_sub(next(600_000_000)) + next(5);
                 let release = next(2) == 0;
-                let got = nearest(&index, probe, release).map(|s| Arc::as_ptr(s));
+                let got = nearest(&index, probe, release).map(Arc::as_ptr);
                 let want = by_scan(&index, probe, release).map(|i| Arc::as_ptr(&index.entries[i].1));
                 assert_eq!(
                     got,
