@@ -12,8 +12,9 @@
 //!
 //! (c) the named hooks alone, beside the bare pool, at 8 and at 512 connections (`BENCH_HOOK_SIZES`,
 //!     e.g. `8,512`; 8 and 32 in the quick run), 1 task (the acquiring thread's CPU added per
-//!     acquire + release pair) and 16 tasks (pairs per second: the loss to contention). Its own
-//!     server (`max_connections` 1,100). `BENCH_ONLY_C` runs only this part.
+//!     acquire + release pair) and 16 tasks (pairs per second: the loss to contention), and
+//!     sqlx's floor beside them: a pool whose three hooks do nothing. Its own server
+//!     (`max_connections` 1,700: three pools of 512). `BENCH_ONLY_C` runs only this part.
 //!
 //! `WatchedPool` always keeps the call site of every checkout (for the exhaustion snapshot
 //! and stranded slots), so both figures include that bookkeeping.
@@ -342,60 +343,102 @@ fn main() {
     });
 }
 
-/// (c): the named hooks beside the bare pool at each size, 1 and 16 tasks.
+/// (c): the named hooks beside the bare pool at each size, 1 and 16 tasks, with sqlx's own
+/// floor: the same three hooks doing nothing (what any hook costs inside sqlx: the connection's
+/// metadata, two clock reads, and the boxed call), so the hooks' own share can be told apart.
 async fn hooks_by_size(full: bool) {
     let sizes: Vec<u32> = std::env::var("BENCH_HOOK_SIZES")
         .ok()
         .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| if full { vec![8, 512] } else { vec![8, 32] });
     let (rounds_1, rounds_16) = if full { (61, 30) } else { (5, 3) };
-    let cluster = cluster::Cluster::start_with(&[("max_connections", "1100")]);
+    let cluster = cluster::Cluster::start_with(&[("max_connections", "1700")]);
     println!("(c) named hooks vs bare pool (no WatchedPool, no watch): the hooks' own cost by pool size");
+    println!("    floor = the same hooks doing nothing (sqlx's own cost of having hooks)");
+    const NAMES: [&str; 3] = ["bare", "floor", "hooks"];
     for size in sizes {
-        let open = async |hooks: bool| {
+        let open = async |variant: usize| {
             let options = PgPoolOptions::new().max_connections(size).min_connections(size).test_before_acquire(false);
-            let options =
-                if hooks { poolwatch::instrument_options_named(options, &format!("bench_c_{size}")) } else { options };
+            let options = match variant {
+                1 => noop_hooks(options),
+                2 => poolwatch::instrument_options_named(options, &format!("bench_c_{size}")),
+                _ => options,
+            };
             let pool = options.connect_with(cluster.options()).await.expect("connect");
             warm(&pool).await;
             pool
         };
-        let (bare, hooked) = (open(false).await, open(true).await);
-        let variants = [Handle::Bare(bare.clone()), Handle::Bare(hooked.clone())];
+        let pools = [open(0).await, open(1).await, open(2).await];
+        let variants: Vec<Handle> = pools.iter().map(|p| Handle::Bare(p.clone())).collect();
         for h in &variants {
             let _ = pairs(h).await;
         }
-        let mut own = [Vec::new(), Vec::new()];
+        let mut own = [Vec::new(), Vec::new(), Vec::new()];
         for r in 0..rounds_1 {
-            for k in 0..2 {
-                let i = (r + k) % 2;
+            for k in 0..3 {
+                let i = (r + k) % 3;
                 own[i].push(pairs(&variants[i]).await.2);
             }
         }
-        let added: Vec<f64> = own[1].iter().zip(&own[0]).map(|(h, b)| h - b).collect();
-        let (lo, hi) = interval(&added);
-        println!(
-            "    {size:>4} connections, 1 task:   bare {:>6.0} ns/pair, hooks added {:>+5.0} ns of the acquiring thread's CPU [{lo:+.0}, {hi:+.0}]",
-            median(own[0].clone()),
-            median(added)
-        );
-        let mut rate = [Vec::new(), Vec::new()];
+        for (v, base) in [(1, 0), (2, 0), (2, 1)] {
+            let added: Vec<f64> = own[v].iter().zip(&own[base]).map(|(h, b)| h - b).collect();
+            let (lo, hi) = interval(&added);
+            println!(
+                "    {size:>4} connections, 1 task:   {:<5} {:>6.0} ns/pair, {} added {:>+5.0} ns over {} of the acquiring thread's CPU [{lo:+.0}, {hi:+.0}]",
+                NAMES[base],
+                median(own[base].clone()),
+                NAMES[v],
+                median(added),
+                NAMES[base],
+            );
+        }
+        let mut rate = [Vec::new(), Vec::new(), Vec::new()];
         for r in 0..rounds_16 {
-            for k in 0..2 {
-                let i = (r + k) % 2;
+            for k in 0..3 {
+                let i = (r + k) % 3;
                 rate[i].push(pair_rate(&variants[i]).await);
             }
         }
-        let loss: Vec<f64> = rate[1].iter().zip(&rate[0]).map(|(h, b)| (1.0 - h / b) * 100.0).collect();
-        let (lo, hi) = interval(&loss);
-        println!(
-            "    {size:>4} connections, {TASKS} tasks: bare {:>8.0} pairs/s, hooks' throughput loss {:+.2} % [{lo:+.2}, {hi:+.2}]",
-            median(rate[0].clone()),
-            median(loss)
-        );
-        bare.close().await;
-        hooked.close().await;
+        for (v, base) in [(1, 0), (2, 0), (2, 1)] {
+            let loss: Vec<f64> = rate[v].iter().zip(&rate[base]).map(|(h, b)| (1.0 - h / b) * 100.0).collect();
+            let (lo, hi) = interval(&loss);
+            println!(
+                "    {size:>4} connections, {TASKS} tasks: {:<5} {:>8.0} pairs/s, {}' throughput loss {:+.2} % [{lo:+.2}, {hi:+.2}]",
+                NAMES[base],
+                median(rate[base].clone()),
+                NAMES[v],
+                median(loss)
+            );
+        }
+        for p in pools {
+            p.close().await;
+        }
     }
+}
+
+/// The three hooks `instrument_options_named` sets, doing nothing, with futures that need no
+/// allocation: what sqlx itself spends on a pool that has hooks.
+fn noop_hooks(options: PgPoolOptions) -> PgPoolOptions {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    struct Ready<T>(std::marker::PhantomData<T>);
+    impl Future for Ready<()> {
+        type Output = Result<(), sqlx::Error>;
+        fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Self::Output> {
+            Poll::Ready(Ok(()))
+        }
+    }
+    impl Future for Ready<bool> {
+        type Output = Result<bool, sqlx::Error>;
+        fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Self::Output> {
+            Poll::Ready(Ok(true))
+        }
+    }
+    options
+        .after_connect(|_conn, _meta| Box::pin(Ready::<()>(std::marker::PhantomData)))
+        .before_acquire(|_conn, _meta| Box::pin(Ready::<bool>(std::marker::PhantomData)))
+        .after_release(|_conn, _meta| Box::pin(Ready::<bool>(std::marker::PhantomData)))
 }
 
 /// Acquire + release pairs per second with 16 tasks, one round.

@@ -13,9 +13,12 @@
 //! stamps its pool in a thread-local that the layer takes. Without the hooks, an event is
 //! given to the only pool poolwatch knows, and dropped when there are several.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
+use std::task::{Context as TaskContext, Poll};
 
 use futures_core::future::BoxFuture;
 use metrics::{Counter, Histogram};
@@ -35,10 +38,19 @@ use crate::sqlx_adapter;
 /// sqlx's target for its acquire events.
 const ACQUIRE_TARGET: &str = "sqlx::pool::acquire";
 
+/// The pool whose acquire hook ran last on this thread, for the acquire event that follows.
+#[derive(Debug)]
+struct Stamp {
+    /// Set by the hook, taken by the event: an event with no hook before it is not this pool's.
+    armed: Cell<bool>,
+    /// Kept while the thread's acquires stay on one pool, so that a hook costs no reference
+    /// count change (a shared cache line under many tasks). Weak: a closed pool's figures
+    /// must not stay.
+    pool: RefCell<Weak<BareFigures>>,
+}
+
 thread_local! {
-    /// The pool whose acquire hook ran last on this thread, for the acquire event that follows.
-    /// Weak: without the layer nothing takes it, and a closed pool's figures must not stay.
-    static STAMP: RefCell<Option<Weak<BareFigures>>> = const { RefCell::new(None) };
+    static STAMP: Stamp = const { Stamp { armed: Cell::new(false), pool: RefCell::new(Weak::new()) } };
 }
 
 /// [`sqlx_acquire_layer`] was created: from then on every known pool exports its slow-acquire
@@ -67,7 +79,7 @@ pub(crate) struct BareFigures {
 /// Forgets the pool stamped on this thread: a `WatchedPool` acquire's poll is over, and
 /// sqlx's event inside it was left to the `WatchedPool`, which records the wait itself.
 pub(crate) fn forget_stamp() {
-    STAMP.with(|s| s.borrow_mut().take());
+    let _ = STAMP.try_with(|s| s.armed.set(false));
 }
 
 /// The figures of `pool_name`, created (counters at 0) on first use.
@@ -154,23 +166,58 @@ pub fn instrument_options_named(options: PgPoolOptions, pool_name: &str) -> PgPo
             on_connect.hooks().connects.increment(1);
             l_connect.on_connect();
             stamp(&on_connect);
-            Box::pin(std::future::ready(Ok(())))
+            Box::pin(Done)
         })
         .before_acquire(move |_conn: &mut PgConnection, meta| -> BoxFuture<'_, Result<bool, sqlx::Error>> {
             on_acquire.hooks().idle_acquires.increment(1);
             l_acquire.seen(meta.age, false);
             stamp(&on_acquire);
-            Box::pin(std::future::ready(Ok(true)))
+            Box::pin(Keep)
         })
         .after_release(move |_conn: &mut PgConnection, meta| -> BoxFuture<'_, Result<bool, sqlx::Error>> {
             on_release.hooks().releases.increment(1);
             l_release.seen(meta.age, true);
-            Box::pin(std::future::ready(Ok(true)))
+            Box::pin(Keep)
         })
 }
 
+/// A hook's `Ok(())`, ready at once. Zero-sized, so sqlx's box of it allocates nothing (a
+/// `std::future::ready` is boxed on the heap on every call).
+#[derive(Debug)]
+pub(crate) struct Done;
+
+impl Future for Done {
+    type Output = Result<(), sqlx::Error>;
+    fn poll(self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A hook's `Ok(true)` (keep the connection), ready at once; zero-sized like [`Done`].
+#[derive(Debug)]
+struct Keep;
+
+impl Future for Keep {
+    type Output = Result<bool, sqlx::Error>;
+    fn poll(self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        Poll::Ready(Ok(true))
+    }
+}
+
 fn stamp(f: &Arc<BareFigures>) {
-    STAMP.with(|s| *s.borrow_mut() = Some(Arc::downgrade(f)));
+    let _ = STAMP.try_with(|s| {
+        s.armed.set(true);
+        if let Ok(mut pool) = s.pool.try_borrow_mut()
+            && !std::ptr::eq(pool.as_ptr(), Arc::as_ptr(f))
+        {
+            *pool = Arc::downgrade(f);
+        }
+    });
+}
+
+/// The pool stamped on this thread by the hook of the acquire whose event this is, if any.
+fn take_stamp() -> Option<Arc<BareFigures>> {
+    STAMP.try_with(|s| if s.armed.replace(false) { s.pool.try_borrow().ok()?.upgrade() } else { None }).ok().flatten()
 }
 
 /// A `tracing` layer that reads sqlx's own acquire events (target `sqlx::pool::acquire`) into
@@ -206,7 +253,7 @@ impl<S: Subscriber> Layer<S> for AcquireEvents {
         if event.metadata().target() != ACQUIRE_TARGET {
             return;
         }
-        let stamped = STAMP.with(|s| s.borrow_mut().take()).and_then(|w| w.upgrade());
+        let stamped = take_stamp();
         if stamps::in_watched() {
             return;
         }

@@ -57,10 +57,16 @@ struct Slot {
 #[derive(Debug, Default)]
 struct Index {
     generation: u64,
-    /// The slots' creation times (ns from [`Lifecycle::base`]), sorted, side by side: the
-    /// search reads no slot and compares plain integers.
-    created: Vec<u64>,
-    slots: Vec<Arc<Slot>>,
+    /// The slots by creation time (ns from [`Lifecycle::base`]), sorted, each beside its
+    /// slot: the search compares plain integers, and its last step reads the line that holds
+    /// the slot's address (a pool of hundreds cycles through them, so each line is cold).
+    entries: Vec<(u64, Arc<Slot>)>,
+}
+
+impl Index {
+    fn slots(&self) -> impl Iterator<Item = &Arc<Slot>> {
+        self.entries.iter().map(|(_, s)| s)
+    }
 }
 
 /// How many pools' indexes a thread keeps copies of (the least recently added goes first).
@@ -117,8 +123,7 @@ impl Lifecycle {
     }
 
     fn stamp(&self, at: Instant) -> u64 {
-        let ns = u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX);
-        ns.min(RELEASED - 2).saturating_add(1)
+        stamp_of(self.nanos(at))
     }
 
     fn idle_since(&self, slot: &Slot) -> Option<Instant> {
@@ -136,8 +141,7 @@ impl Lifecycle {
         // `STUCK_AFTER` after an earlier release proves that earlier one was not in the queue.
         // Sorted by release, with the latest take of any release at or after each one.
         let mut proof: Vec<(u64, u64)> = index
-            .slots
-            .iter()
+            .slots()
             .map(|s| (s.popped_release.load(Ordering::Relaxed), s.popped_at.load(Ordering::Relaxed)))
             .filter(|(release, _)| *release != 0)
             .collect();
@@ -149,7 +153,7 @@ impl Lifecycle {
             let i = proof.partition_point(|(release, _)| *release <= at);
             proof.get(i).is_some_and(|(_, popped)| popped.saturating_sub(at) > stuck_after)
         };
-        for s in &index.slots {
+        for s in index.slots() {
             let v = s.idle_since.load(Ordering::Relaxed);
             if v == 0 {
                 r.handed_out += 1;
@@ -169,8 +173,8 @@ impl Lifecycle {
     /// Replaces the index with `slots` (sorted by creation time).
     fn replace(&self, index: &mut Arc<Index>, slots: Vec<Arc<Slot>>) {
         let generation = index.generation.wrapping_add(1);
-        let created = slots.iter().map(|s| self.nanos(s.created)).collect();
-        *index = Arc::new(Index { generation, created, slots });
+        let entries = slots.into_iter().map(|s| (self.nanos(s.created), s)).collect();
+        *index = Arc::new(Index { generation, entries });
         self.generation.store(generation, Ordering::Release);
     }
 
@@ -185,7 +189,7 @@ impl Lifecycle {
             popped_at: AtomicU64::new(0),
         });
         if let Ok(mut index) = self.index.lock() {
-            let mut slots = index.slots.clone();
+            let mut slots: Vec<Arc<Slot>> = index.slots().cloned().collect();
             let at = slots.partition_point(|s| s.created <= now);
             slots.insert(at, slot);
             self.replace(&mut index, slots);
@@ -211,7 +215,7 @@ impl Lifecycle {
                     }
                 };
                 let entry = cached.get_mut(at)?;
-                if entry.1.generation != generation || entry.1.slots.is_empty() {
+                if entry.1.generation != generation || entry.1.entries.is_empty() {
                     entry.1 = self.index.lock().ok()?.clone();
                 }
                 Some(f(&entry.1))
@@ -223,20 +227,19 @@ impl Lifecycle {
     /// `before_acquire` (`idle` = false) or `after_release` (true): the connection of age
     /// `age` (the one opened nearest `now - age`) changed hands.
     pub(crate) fn seen(&self, age: Duration, idle: bool) {
-        let now = Instant::now();
-        let age = u64::try_from(age.as_nanos()).unwrap_or(u64::MAX);
-        let created = self.nanos(now).saturating_sub(age);
-        let stamp = if idle { self.stamp(now) | RELEASED } else { 0 };
+        let now = self.nanos(Instant::now());
+        let created = now.saturating_sub(u64::try_from(age.as_nanos()).unwrap_or(u64::MAX));
+        let stamp = stamp_of(now);
         self.with_index(|index| {
             let Some(slot) = nearest(index, created, idle) else { return };
             if idle {
-                slot.idle_since.store(stamp, Ordering::Relaxed);
+                slot.idle_since.store(stamp | RELEASED, Ordering::Relaxed);
                 return;
             }
             let before = slot.idle_since.swap(0, Ordering::Relaxed);
             if before & RELEASED != 0 {
                 slot.popped_release.store(before & !RELEASED, Ordering::Relaxed);
-                slot.popped_at.store(self.stamp(now), Ordering::Relaxed);
+                slot.popped_at.store(stamp, Ordering::Relaxed);
             }
         });
     }
@@ -249,11 +252,11 @@ impl Lifecycle {
         // Read under the lock: `after_connect` runs after the pool counted the connection, so
         // a connection being opened makes this read low, never high.
         let size = pool.size() as usize;
-        let gone = index.slots.len().saturating_sub(size);
+        let gone = index.entries.len().saturating_sub(size);
         if gone == 0 {
             return new;
         }
-        let mut slots = index.slots.clone();
+        let mut slots: Vec<Arc<Slot>> = index.slots().cloned().collect();
         let mut conns: Vec<Conn> =
             slots.iter().map(|s| Conn { created: s.created, idle_since: self.idle_since(s) }).collect();
         let options = pool.options();
@@ -283,8 +286,8 @@ impl Lifecycle {
         let now = Instant::now();
         let (open, oldest_age) = self.index.lock().map_or((0, None), |index| {
             // Sorted by creation time: the first is the oldest.
-            let oldest = index.slots.first().map(|s| now.saturating_duration_since(s.created));
-            (u32::try_from(index.slots.len()).unwrap_or(u32::MAX), oldest)
+            let oldest = index.slots().next().map(|s| now.saturating_duration_since(s.created));
+            (u32::try_from(index.entries.len()).unwrap_or(u32::MAX), oldest)
         });
         LifecycleFigures {
             opened: self.opened.load(Ordering::Relaxed),
@@ -293,6 +296,12 @@ impl Lifecycle {
             oldest_age,
         }
     }
+}
+
+/// A time `ns` from [`Lifecycle::base`] as a slot stores it: plus 1 (0 means none), below
+/// [`RELEASED`].
+fn stamp_of(ns: u64) -> u64 {
+    ns.min(RELEASED - 2).saturating_add(1)
 }
 
 /// The slots the hooks last saw given back or handed out (see [`Lifecycle::releases`]).
@@ -319,28 +328,44 @@ const NEIGHBOURS: usize = 8;
 /// acquire takes an idle connection, a release gives back one that was out). Without that
 /// preference, connects made together can swap, and an acquire that clears the wrong slot
 /// leaves a released mark on a connection the app holds.
+///
+/// The neighbours are visited nearest first, so the search usually stops at the first slot
+/// it reads.
 fn nearest(index: &Index, created: u64, release: bool) -> Option<&Arc<Slot>> {
-    let at = index.created.partition_point(|c| *c <= created);
-    let lo = at.saturating_sub(NEIGHBOURS);
-    let hi = at.saturating_add(NEIGHBOURS).min(index.created.len());
+    let at = index.entries.partition_point(|(c, _)| *c <= created);
+    let (floor, ceiling) = (at.saturating_sub(NEIGHBOURS), at.saturating_add(NEIGHBOURS).min(index.entries.len()));
     let fits = |s: &Slot| {
         let v = s.idle_since.load(Ordering::Relaxed);
         if release { v & RELEASED == 0 } else { v != 0 }
     };
     let ambiguous = u64::try_from(AMBIGUOUS.as_nanos()).unwrap_or(u64::MAX);
-    let mut closest: Option<(u64, usize)> = None;
-    let mut fitting: Option<(u64, usize)> = None;
-    for (i, c) in index.created.iter().enumerate().take(hi).skip(lo) {
-        let d = c.abs_diff(created);
-        if closest.is_none_or(|(best, _)| d < best) {
-            closest = Some((d, i));
+    let distance = |i: usize| index.entries.get(i).map_or(u64::MAX, |(c, _)| c.abs_diff(created));
+    // Below `at` the creation times fall going down, from `at` on they rise: merging the two
+    // runs visits the neighbours by distance (the earlier one first on a tie).
+    let (mut down, mut up) = (at, at);
+    let mut closest = None;
+    loop {
+        let i = match (down > floor, up < ceiling) {
+            (true, true) if distance(down - 1) <= distance(up) => down - 1,
+            (_, true) => up,
+            (true, false) => down - 1,
+            (false, false) => break,
+        };
+        if i < at {
+            down = i;
+        } else {
+            up = i + 1;
         }
-        if d <= ambiguous && fitting.is_none_or(|(best, _)| d < best) && index.slots.get(i).is_some_and(|s| fits(s)) {
-            fitting = Some((d, i));
+        closest.get_or_insert(i);
+        let (_, slot) = index.entries.get(i)?;
+        if distance(i) > ambiguous {
+            break;
+        }
+        if fits(slot) {
+            return Some(slot);
         }
     }
-    let (_, i) = fitting.or(closest)?;
-    index.slots.get(i)
+    closest.and_then(|i| index.entries.get(i)).map(|(_, s)| s)
 }
 
 fn oldest(conns: &[Conn]) -> usize {
@@ -471,16 +496,86 @@ mod tests {
             ledger.on_connect();
             std::thread::sleep(Duration::from_millis(20));
         }
-        let created: Vec<Instant> = ledger.index.lock().unwrap().slots.iter().map(|s| s.created).collect();
+        let created: Vec<Instant> = ledger.index.lock().unwrap().slots().map(|s| s.created).collect();
         // The middle one is handed out, then given back.
         ledger.seen(created[1].elapsed(), false);
         let idle = |l: &Lifecycle| -> Vec<bool> {
-            l.index.lock().unwrap().slots.iter().map(|s| l.idle_since(s).is_some()).collect()
+            l.index.lock().unwrap().slots().map(|s| l.idle_since(s).is_some()).collect()
         };
         assert_eq!(idle(&ledger), [true, false, true]);
         ledger.seen(created[1].elapsed(), true);
         assert_eq!(idle(&ledger), [true, true, true]);
         assert!(ledger.figures().oldest_age.unwrap() >= created[0].elapsed() - Duration::from_millis(1));
+    }
+
+    /// The search by distance picks what a scan of every neighbour picks (the nearest fitting
+    /// slot within `AMBIGUOUS`, else the nearest), on indexes with clustered connects.
+    #[test]
+    fn the_nearest_first_search_agrees_with_a_full_scan() {
+        fn by_scan(index: &Index, created: u64, release: bool) -> Option<usize> {
+            let at = index.entries.partition_point(|(c, _)| *c <= created);
+            let (lo, hi) = (at.saturating_sub(NEIGHBOURS), (at + NEIGHBOURS).min(index.entries.len()));
+            let ambiguous = AMBIGUOUS.as_nanos() as u64;
+            let fits = |s: &Slot| {
+                let v = s.idle_since.load(Ordering::Relaxed);
+                if release { v & RELEASED == 0 } else { v != 0 }
+            };
+            let mut closest: Option<(u64, usize)> = None;
+            let mut fitting: Option<(u64, usize)> = None;
+            for i in lo..hi {
+                let d = index.entries[i].0.abs_diff(created);
+                if closest.is_none_or(|(b, _)| d < b) {
+                    closest = Some((d, i));
+                }
+                if d <= ambiguous && fitting.is_none_or(|(b, _)| d < b) && fits(&index.entries[i].1) {
+                    fitting = Some((d, i));
+                }
+            }
+            fitting.or(closest).map(|(_, i)| i)
+        }
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for round in 0..300 {
+            let len = 1 + next(40) as usize;
+            // Connects in bursts: gaps from 1 ns to 2 s, so some runs are ambiguous, some not.
+            let mut at = 1_000_000_000_000u64;
+            let mut created = Vec::new();
+            for _ in 0..len {
+                at += [1, 1_000, 3_000_000, 400_000_000, 2_000_000_000][next(5) as usize] + next(1_000);
+                created.push(at);
+            }
+            let entries = created
+                .into_iter()
+                .map(|c| {
+                    let state = [0, 5, 5 | RELEASED][next(3) as usize];
+                    let slot = Arc::new(Slot {
+                        created: Instant::now(),
+                        idle_since: AtomicU64::new(state),
+                        popped_release: AtomicU64::new(0),
+                        popped_at: AtomicU64::new(0),
+                    });
+                    (c, slot)
+                })
+                .collect();
+            let index = Index { generation: 0, entries };
+            for _ in 0..50 {
+                let probe = index.entries[next(len as u64) as usize].0.saturating_sub(next(600_000_000)) + next(5);
+                let release = next(2) == 0;
+                let got = nearest(&index, probe, release).map(Arc::as_ptr);
+                let want = by_scan(&index, probe, release).map(|i| Arc::as_ptr(&index.entries[i].1));
+                assert_eq!(
+                    got,
+                    want,
+                    "round {round}: probe {probe} in {:?}",
+                    index.entries.iter().map(|e| e.0).collect::<Vec<_>>()
+                );
+            }
+        }
     }
 
     /// sqlx hands out the longest idle connection first: a release passed over by a later
@@ -495,7 +590,7 @@ mod tests {
         let secs = |s: u64| ledger.stamp(ledger.base + Duration::from_secs(s));
         {
             let index = ledger.index.lock().unwrap();
-            let [stuck, busy, other] = [0, 1, 2].map(|i| &index.slots[i]);
+            let [stuck, busy, other] = [0, 1, 2].map(|i| &index.entries[i].1);
             // Both given back at 10 s; `busy` was taken again at 12 s and given back at 12.5 s.
             stuck.idle_since.store(secs(10) | RELEASED, Ordering::Relaxed);
             busy.popped_release.store(secs(10) + 1, Ordering::Relaxed);
@@ -506,7 +601,7 @@ mod tests {
         let r = ledger.releases(ledger.base + Duration::from_millis(12_700));
         assert_eq!((r.handed_out, r.old, r.passed_over), (1, 1, 1));
         // Taken again too soon after the release to tell: no proof.
-        ledger.index.lock().unwrap().slots[1].popped_at.store(secs(10) + 900_000_000, Ordering::Relaxed);
+        ledger.index.lock().unwrap().entries[1].1.popped_at.store(secs(10) + 900_000_000, Ordering::Relaxed);
         let r = ledger.releases(ledger.base + Duration::from_millis(12_700));
         assert_eq!((r.old, r.passed_over), (1, 0));
     }

@@ -35,7 +35,7 @@ const EXHAUSTION_WARN_EVERY: Duration = Duration::from_secs(10);
 pub fn instrument_options(options: PgPoolOptions) -> PgPoolOptions {
     options.after_connect(|_conn: &mut PgConnection, _meta| -> BoxFuture<'_, Result<(), sqlx::Error>> {
         mark_connected();
-        Box::pin(std::future::ready(Ok(())))
+        Box::pin(crate::acquire::bare::Done)
     })
 }
 
