@@ -325,6 +325,7 @@ fn refused(e: &std::io::Error) -> bool {
 /// socket of this process can be in).
 #[cfg(target_os = "linux")]
 fn dump_all(dumper: &mut netlink::Dumper, peers: &[SocketAddr], states: Option<u32>) -> std::io::Result<Vec<Row>> {
+    let _dump = tracing::trace_span!("poolwatch.census.phase", phase = "dump").entered();
     let mut rows = Vec::new();
     for v4 in [true, false] {
         let wanted: Vec<SocketAddr> = peers.iter().copied().filter(|p| p.is_ipv4() == v4).collect();
@@ -516,6 +517,7 @@ pub(crate) const LAST_ACK: usize = 8;
 
 #[cfg(target_os = "linux")]
 fn own_socket_inodes() -> std::io::Result<HashSet<u64>> {
+    let _walk = tracing::trace_span!("poolwatch.census.phase", phase = "fd_walk").entered();
     let mut inodes = HashSet::new();
     for entry in std::fs::read_dir("/proc/self/fd")?.flatten() {
         if let Ok(target) = std::fs::read_link(entry.path()) {
@@ -741,6 +743,7 @@ mod netlink {
         /// Each of `known` looked up by its exact address pair and cookie (no dump); a socket
         /// that is gone, or another socket on the same pair, is left out.
         pub(super) fn lookup(&mut self, known: &[Row]) -> std::io::Result<Vec<Row>> {
+            let _lookup = tracing::trace_span!("poolwatch.census.phase", phase = "lookup").entered();
             let mut found = Vec::with_capacity(known.len());
             for k in known {
                 self.seq = self.seq.wrapping_add(1);
