@@ -211,18 +211,39 @@ impl SocketReader {
     /// hint, means a full read. Blocking.
     #[cfg(target_os = "linux")]
     pub fn read_with_hint(&mut self, peers: &[SocketAddr], hint: u32) -> std::io::Result<SocketCensus> {
-        let key = (hint, peers.to_vec());
-        if self.known_hint.as_ref() == Some(&key)
-            && !self.known.is_empty()
-            && let Some(dumper) = self.netlink.as_mut()
-            && let Ok(rows) = dumper.lookup(&self.known)
-            && rows.len() == self.known.len()
-        {
-            return Ok(SocketCensus::of(rows.iter().filter_map(client_socket).collect(), SocketSource::Netlink));
+        if let Some(census) = self.lookup_known(peers, hint) {
+            return Ok(census);
         }
         let census = self.read(peers)?;
-        self.known_hint = Some(key);
+        self.known_hint = Some((hint, peers.to_vec()));
         Ok(census)
+    }
+
+    /// The sockets of the last full read looked up again by their exact address pairs (no
+    /// dump, no `/proc`): `None` unless `hint` and `peers` are those of that read and every
+    /// one of them is still there. Blocking.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn lookup_known(&mut self, peers: &[SocketAddr], hint: u32) -> Option<SocketCensus> {
+        let same = self.known_hint.as_ref().is_some_and(|(h, p)| *h == hint && p == peers);
+        if !same || self.known.is_empty() {
+            return None;
+        }
+        let rows = self.netlink.as_mut()?.lookup(&self.known).ok()?;
+        (rows.len() == self.known.len())
+            .then(|| SocketCensus::of(rows.iter().filter_map(client_socket).collect(), SocketSource::Netlink))
+    }
+
+    /// Not Linux: nothing is known.
+    #[cfg(not(target_os = "linux"))]
+    pub(crate) fn lookup_known(&mut self, _: &[SocketAddr], _: u32) -> Option<SocketCensus> {
+        None
+    }
+
+    /// Keeps only the sockets `keep` names (by inode) for the next lookups: the caller's own
+    /// among the process's (each lookup is a round trip to the kernel; a big app holds many
+    /// other sockets to the same database that no figure counts).
+    pub(crate) fn retain_known(&mut self, keep: impl Fn(u64) -> bool) {
+        self.known.retain(|r| keep(r.inode));
     }
 
     /// Not Linux: no socket census.
@@ -370,6 +391,20 @@ pub(crate) struct Socket {
     /// Bytes queued to send (not yet acknowledged by the peer) and received but unread.
     pub(crate) send: u32,
     pub(crate) recv: u32,
+}
+
+impl Socket {
+    /// A socket this process holds, as a read of the client-side ledger found it.
+    pub(crate) fn of_client(s: &ClientSocket) -> Option<Socket> {
+        Some(Socket {
+            local: s.local,
+            state: TCP_STATES.iter().position(|n| *n == s.state)?,
+            owned: true,
+            inode: s.inode,
+            send: s.send_queue,
+            recv: s.recv_queue,
+        })
+    }
 }
 
 impl SocketCensus {

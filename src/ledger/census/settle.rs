@@ -85,6 +85,9 @@ type PoolerView = (PoolerFigures, Vec<pooler::Client>, Option<Duration>);
 struct Moment {
     /// This process's sockets toward the pool's address, listed before the queries.
     list: Option<Vec<Socket>>,
+    /// The list holds only the pool's sockets, looked up (the pool was steady): the other
+    /// clients' sockets are not in it.
+    looked_up: bool,
     keys: Option<Vec<String>>,
     read_at: Instant,
     sessions: Vec<Session>,
@@ -130,20 +133,23 @@ impl Census<'_> {
         let peer = peers.as_ref().and_then(|p| p.first().copied());
         // Peers are resolved here, rarely; every sample reuses them.
         self.client.set_peers(peers.as_deref().unwrap_or_default());
-        // The process's sockets right after: established ones that are none of the pool's
-        // sessions belong to other clients of the app (only while the pool's count stood still).
-        let attribution = phase("attribution");
-        let then = self.client.read_all().instrument(attribution.clone()).await;
-        let then = then.filter(|_| self.pool.size() == moment.pool.open);
+        let sockets = list.zip(peer).map(|(l, peer)| SocketCensus::of_list(&l, peer));
+        // The established sockets a full listing found that are none of the pool's sessions
+        // belong to other clients of the app (only while the pool's count stood still from
+        // the listing to now: a socket opened after it moved the count). A looked-up list
+        // has only the pool's sockets: what is known of the others stands.
+        let still = moment.before == moment.pool.open && self.pool.size() == moment.pool.open;
+        let still = still && !moment.looked_up;
         let clients = moment.pooler.as_ref().map(|(_, c, _)| c.as_slice());
-        attribution.in_scope(|| self.client.learn(&pool_ports(clients, &moment.server), then.as_ref()));
-        drop(attribution);
+        phase("attribution").in_scope(|| {
+            self.client.learn(&pool_ports(clients, &moment.server), sockets.as_ref().filter(|_| still));
+        });
         let client_idle_timeout = moment.pooler.as_ref().and_then(|(_, _, t)| *t);
         let snapshot = Snapshot {
             phantom: moment.real.map(|r| i64::from(moment.pool.open) - i64::from(r)),
             pool: moment.pool,
             server: Some(moment.server),
-            sockets: list.zip(peer).map(|(l, peer)| SocketCensus::of_list(&l, peer)),
+            sockets,
             census_up: true,
             pooler: moment.pooler.map(|(f, _, _)| f),
             sessions_ended: 0,
@@ -157,8 +163,16 @@ impl Census<'_> {
     async fn read(&self, direct: &mut DirectConnection, peers: Option<&[SocketAddr]>) -> Result<Moment, Cause> {
         let before = self.pool.size();
         // Listed before the queries: a connection opened after the listing moves the pool's
-        // count and forces a re-read.
-        let list = sockets::list_blocking(peers, direct.local_port).instrument(phase("list")).await;
+        // count and forces a re-read. A steady pool's sockets are looked up (no dump).
+        let steady = match peers {
+            Some(_) => self.client.steady_list(before).instrument(phase("list")).await,
+            None => None,
+        };
+        let looked_up = steady.is_some();
+        let list = match steady {
+            Some(list) => Some(list),
+            None => sockets::list_blocking(peers, direct.local_port).instrument(phase("list")).await,
+        };
         let owned: Vec<SocketAddr> = list.iter().flatten().filter(|s| s.owned).map(|s| s.local).collect();
         let keys = match (self.by_port && self.path == NetworkPath::Direct, &list) {
             (true, Some(_)) => Some(query::port_keys(owned.iter().copied())),
@@ -190,7 +204,21 @@ impl Census<'_> {
             (None, _) if !exact => None,
             (None, _) => Some(server.total()),
         };
-        Ok(Moment { list, keys, read_at, sessions, facts, hidden, server, pooler, admin_ports, before, pool, real })
+        Ok(Moment {
+            list,
+            looked_up,
+            keys,
+            read_at,
+            sessions,
+            facts,
+            hidden,
+            server,
+            pooler,
+            admin_ports,
+            before,
+            pool,
+            real,
+        })
     }
 
     /// Whether the pool's sessions can be counted exactly. A census role without
