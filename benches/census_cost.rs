@@ -15,12 +15,12 @@
 //! `SELECT 1` against one protocol-level ping (what the heartbeats could send instead).
 //!
 //! Each whole-census figure is followed by its phases (wall time per census, from the census's
-//! trace spans): `list` (the socket list before the queries: a netlink `dump`, and an
-//! `fd_walk` of `/proc/self/fd` when a socket not seen before shows up), `sql` (the
-//! session-end counters and the census query, round trips included), `settle` (the ledger of
-//! ended sessions), `attribution` (the process's sockets read again, the pool's ports learnt),
-//! and the sample that follows (`census_now` = census + sample). `dump`, `lookup` and
-//! `fd_walk` are counted inside the phase that ran them.
+//! trace spans): `list` (the socket list before the queries: while the pool is steady a
+//! `lookup` of each of its sockets by address pair, else a netlink `dump`, and an `fd_walk` of
+//! `/proc/self/fd` when a socket not seen before shows up), `sql` (the session-end counters
+//! and the census query, round trips included), `settle` (the ledger of ended sessions),
+//! `attribution` (the pool's ports learnt), and the sample that follows (`census_now` =
+//! census + sample). `dump`, `lookup` and `fd_walk` are counted inside the phase that ran them.
 //!
 //! Then the census through a real PgBouncer with the pooler census (`pooler_admin`: `SHOW
 //! CLIENTS` + `SHOW POOLS` on the admin console, 200 other clients on the pooler).
@@ -118,7 +118,10 @@ mod phases {
         for name in ["list", "sql", "settle", "attribution"] {
             line += &format!(" {name} {:.3}", per(name));
         }
-        line += &format!(" + rest {:.3}", census - ["list", "sql", "settle", "attribution"].iter().map(|n| per(n)).sum::<f64>());
+        line += &format!(
+            " + rest {:.3}",
+            census - ["list", "sql", "settle", "attribution"].iter().map(|n| per(n)).sum::<f64>()
+        );
         line += &format!("; sample {:.3}", whole_ms - census);
         println!("{line}");
         let mut inner = String::from("       inside them:");

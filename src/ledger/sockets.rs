@@ -4,8 +4,10 @@
 //! bytecode filter keeps only sockets whose peer is the database's address and port, so the
 //! kernel copies out a handful of sockets, not the namespace's whole table. A socket is this
 //! process's when its inode is one of `/proc/self/fd`'s; that directory is read only when a
-//! socket with an inode not seen before shows up (inode numbers are never reused), so a
-//! steady pool costs one dump per sample. Where netlink is refused (some sandboxes), the
+//! socket with an inode not seen before shows up (inode numbers are never reused). A steady
+//! pool costs no dump at all: its sockets, once found, are looked up one by one by their
+//! address pair (a hash lookup in the kernel), by the samples and by the census alike
+//! ([`SocketReader::read_with_hint`]). Where netlink is refused (some sandboxes), the
 //! census falls back to `/proc/self/net/tcp{,6}`, which makes the kernel walk its whole TCP
 //! hash table (~5 ms): the figures are the same, the cost is not ([`SocketCensus::source`]).
 //!
