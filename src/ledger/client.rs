@@ -172,6 +172,11 @@ impl ClientLedger {
         is_steady(&census, pool_size).then(|| census.sockets.iter().filter_map(Socket::of_client).collect())
     }
 
+    /// Every socket of the process to the peers, but poolwatch's own (a full read).
+    pub(crate) async fn read_all(&self) -> Option<SocketCensus> {
+        self.blocking(|reader, peers, id| Some(attribute(id, reader.read(peers).ok()?, false))).await
+    }
+
     /// Runs `f` on the reader and the peers, on Tokio's blocking pool.
     async fn blocking<T: Send + 'static>(
         &self,

@@ -133,23 +133,25 @@ impl Census<'_> {
         let peer = peers.as_ref().and_then(|p| p.first().copied());
         // Peers are resolved here, rarely; every sample reuses them.
         self.client.set_peers(peers.as_deref().unwrap_or_default());
-        let sockets = list.zip(peer).map(|(l, peer)| SocketCensus::of_list(&l, peer));
-        // The established sockets a full listing found that are none of the pool's sessions
-        // belong to other clients of the app (only while the pool's count stood still from
-        // the listing to now: a socket opened after it moved the count). A looked-up list
-        // has only the pool's sockets: what is known of the others stands.
-        let still = moment.before == moment.pool.open && self.pool.size() == moment.pool.open;
-        let still = still && !moment.looked_up;
+        // The process's sockets right after: established ones that are none of the pool's
+        // sessions belong to other clients of the app (only while the pool's count stood
+        // still). A steady pool's census looked its own sockets up and learns only its ports:
+        // what is known of the others stands, and no second full read is needed.
+        let attribution = phase("attribution");
+        let then = match moment.looked_up {
+            true => None,
+            false => self.client.read_all().instrument(attribution.clone()).await,
+        };
+        let then = then.filter(|_| self.pool.size() == moment.pool.open);
         let clients = moment.pooler.as_ref().map(|(_, c, _)| c.as_slice());
-        phase("attribution").in_scope(|| {
-            self.client.learn(&pool_ports(clients, &moment.server), sockets.as_ref().filter(|_| still));
-        });
+        attribution.in_scope(|| self.client.learn(&pool_ports(clients, &moment.server), then.as_ref()));
+        drop(attribution);
         let client_idle_timeout = moment.pooler.as_ref().and_then(|(_, _, t)| *t);
         let snapshot = Snapshot {
             phantom: moment.real.map(|r| i64::from(moment.pool.open) - i64::from(r)),
             pool: moment.pool,
             server: Some(moment.server),
-            sockets,
+            sockets: list.zip(peer).map(|(l, peer)| SocketCensus::of_list(&l, peer)),
             census_up: true,
             pooler: moment.pooler.map(|(f, _, _)| f),
             sessions_ended: 0,
