@@ -80,9 +80,11 @@ async fn a_steady_census_dumps_no_socket_table_and_walks_no_descriptors() {
 /// A session as `(client port, state, advisory locks held)`.
 type Seen = BTreeSet<(i32, Option<String>, i64)>;
 
+/// One row of `CENSUS_SQL`.
+type CensusRow = (Option<String>, Option<i32>, Option<f64>, bool, i64);
+
 async fn census_rows(conn: &mut PgConnection, tag: &str, keys: Option<&[String]>) -> Seen {
-    let rows: Vec<(Option<String>, Option<i32>, Option<f64>, bool, i64)> =
-        sqlx::query_as(CENSUS_SQL).bind(tag).bind(keys).fetch_all(conn).await.unwrap();
+    let rows: Vec<CensusRow> = sqlx::query_as(CENSUS_SQL).bind(tag).bind(keys).fetch_all(conn).await.unwrap();
     rows.into_iter().map(|(state, port, _, _, locks)| (port.unwrap(), state, locks)).collect()
 }
 
