@@ -14,6 +14,14 @@
 //! started, statements (`pg_stat_statements`), the server CPU of the watch's backends, and one
 //! `SELECT 1` against one protocol-level ping (what the heartbeats could send instead).
 //!
+//! Each whole-census figure is followed by its phases (wall time per census, from the census's
+//! trace spans): `list` (the socket list before the queries: while the pool is steady a
+//! `lookup` of each of its sockets by address pair, else a netlink `dump`, and an `fd_walk` of
+//! `/proc/self/fd` when a socket not seen before shows up), `sql` (the session-end counters
+//! and the census query, round trips included), `settle` (the ledger of ended sessions),
+//! `attribution` (the pool's ports learnt), and the sample that follows (`census_now` =
+//! census + sample). `dump`, `lookup` and `fd_walk` are counted inside the phase that ran them.
+//!
 //! Then the census through a real PgBouncer with the pooler census (`pooler_admin`: `SHOW
 //! CLIENTS` + `SHOW POOLS` on the admin console, 200 other clients on the pooler).
 
@@ -33,8 +41,105 @@ use sqlx::{Connection, Executor};
 
 const REPLICAS: f64 = 1000.0;
 
+/// Wall time of the census's phases, from its trace spans (`poolwatch.census` and
+/// `poolwatch.census.phase`).
+mod phases {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id};
+    use tracing_subscriber::layer::{Context, Layer};
+    use tracing_subscriber::registry::LookupSpan;
+
+    static TOTALS: Mutex<BTreeMap<String, (u64, Duration)>> = Mutex::new(BTreeMap::new());
+
+    struct Started(String, Instant);
+
+    #[derive(Default)]
+    struct PhaseName(Option<String>);
+
+    impl Visit for PhaseName {
+        fn record_str(&mut self, field: &Field, value: &str) {
+            if field.name() == "phase" {
+                self.0 = Some(value.to_owned());
+            }
+        }
+        fn record_debug(&mut self, _: &Field, _: &dyn std::fmt::Debug) {}
+    }
+
+    pub struct Phases;
+
+    impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Phases {
+        fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+            let name = match attrs.metadata().name() {
+                "poolwatch.census" => Some("census".to_owned()),
+                "poolwatch.census.phase" => {
+                    let mut v = PhaseName::default();
+                    attrs.record(&mut v);
+                    v.0
+                }
+                _ => None,
+            };
+            if let (Some(name), Some(span)) = (name, ctx.span(id)) {
+                span.extensions_mut().insert(Started(name, Instant::now()));
+            }
+        }
+
+        fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+            let Some(span) = ctx.span(&id) else { return };
+            if let Some(Started(name, at)) = span.extensions_mut().remove::<Started>() {
+                let mut totals = TOTALS.lock().unwrap();
+                let e = totals.entry(name).or_default();
+                e.0 += 1;
+                e.1 += at.elapsed();
+            }
+        }
+    }
+
+    pub fn install() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let filter = tracing_subscriber::filter::Targets::new().with_target("poolwatch", tracing::Level::TRACE);
+        let subscriber = tracing_subscriber::registry().with(Phases.with_filter(filter));
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+    }
+
+    pub fn reset() {
+        TOTALS.lock().unwrap().clear();
+    }
+
+    /// Prints each phase's wall time per census (and how many times it ran per census).
+    pub fn print(censuses: usize, whole_ms: f64) {
+        let totals = std::mem::take(&mut *TOTALS.lock().unwrap());
+        let per = |name: &str| totals.get(name).map_or(0.0, |(_, d)| d.as_secs_f64() * 1e3 / censuses as f64);
+        let census = per("census");
+        let mut line = format!("       phases (mean ms per census): census {census:.3} =");
+        for name in ["list", "sql", "settle", "attribution"] {
+            line += &format!(" {name} {:.3}", per(name));
+        }
+        line += &format!(
+            " + rest {:.3}",
+            census - ["list", "sql", "settle", "attribution"].iter().map(|n| per(n)).sum::<f64>()
+        );
+        line += &format!("; sample {:.3}", whole_ms - census);
+        println!("{line}");
+        let mut inner = String::from("       inside them:");
+        for name in ["dump", "lookup", "fd_walk"] {
+            let (n, d) = totals.get(name).copied().unwrap_or_default();
+            inner += &format!(
+                " {name} {:.3} ms ({:.1} per census)",
+                d.as_secs_f64() * 1e3 / censuses as f64,
+                n as f64 / censuses as f64
+            );
+        }
+        println!("{inner}");
+    }
+}
+
 #[tokio::main]
 async fn main() {
+    phases::install();
     let full = std::env::args().any(|a| a == "--bench");
     if let Some(secs) = std::env::var("CENSUS_COST_STEADY").ok().and_then(|s| s.parse().ok()) {
         steady_state(Duration::from_secs(secs)).await;
@@ -75,6 +180,7 @@ async fn main() {
         }
         let cpu_before = schedstat_ns(census_pid);
         let mut ms = Vec::with_capacity(rounds);
+        phases::reset();
         for _ in 0..rounds {
             let t = Instant::now();
             watch.census_now().await.unwrap();
@@ -82,7 +188,9 @@ async fn main() {
         }
         let server_ms = (schedstat_ns(census_pid) - cpu_before) as f64 / 1e6 / rounds as f64;
         census_cpu_at_1000 = server_ms;
+        let mean = ms.iter().sum::<f64>() / rounds as f64;
         report(&format!("  {backends:>4} other backends, whole census (+ a sample):"), ms);
+        phases::print(rounds, mean);
         println!("  {backends:>4} other backends, census server CPU: {server_ms:.3} ms per census");
         beside_descriptors(&watch, backends, rounds).await;
         query_alone(&mut probe, &app_name, backends, rounds).await;
@@ -197,12 +305,15 @@ async fn beside_descriptors(watch: &poolwatch::PoolWatch, backends: usize, round
         watch.census_now().await.unwrap();
     }
     let mut ms = Vec::with_capacity(rounds);
+    phases::reset();
     for _ in 0..rounds {
         let t = Instant::now();
         watch.census_now().await.unwrap();
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    let mean = ms.iter().sum::<f64>() / rounds as f64;
     report(&format!("  {backends:>4} other backends + 1,000 open descriptors, whole census (+ a sample):"), ms);
+    phases::print(rounds, mean);
     drop(held);
 }
 

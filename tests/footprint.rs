@@ -16,7 +16,7 @@ use sqlx::postgres::{PgConnection, PgPoolOptions};
 use support::{Cluster, eventually, recorder};
 
 /// The census's statement, as `pg_stat_statements` normalises it.
-const CENSUS: &str = "%FROM pg_stat_activity a%pg_locks%";
+const CENSUS: &str = "%pg_stat_get_backend_idset()%pg_locks%";
 
 /// How many times the server ran the census's statement so far.
 async fn censuses(admin: &mut PgConnection) -> i64 {

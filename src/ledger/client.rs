@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::ledger::sockets::{self, SocketCensus, SocketReader};
+use crate::ledger::sockets::{self, Socket, SocketCensus, SocketReader};
 use crate::registry;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -143,35 +143,59 @@ impl ClientLedger {
         // found fewer sockets than the pool's size; looking only those up again, at the same
         // size, would miss the new socket for as long as the size stands still.
         let hint = self.steady.load(Ordering::Relaxed).then_some(pool_size);
-        let census = attribute(self.id, self.read_sockets(hint).await?, true);
-        let steady = census.get("established") == pool_size && census.sockets.iter().all(|s| s.state == "established");
-        self.steady.store(steady, Ordering::Relaxed);
+        let census = self.blocking(move |reader, peers, id| {
+            let census = match hint {
+                Some(size) => reader.read_with_hint(peers, size).ok()?,
+                None => reader.read(peers).ok()?,
+            };
+            let kept = attribute(id, census, true);
+            // Only the pool's sockets are looked up at the next steady read.
+            let inodes: HashSet<u64> = kept.sockets.iter().map(|s| s.inode).collect();
+            reader.retain_known(|inode| inodes.contains(&inode));
+            Some(kept)
+        });
+        let census = census.await?;
+        self.steady.store(is_steady(&census, pool_size), Ordering::Relaxed);
         Some(census)
+    }
+
+    /// The pool's sockets for a census without a dump: while the last sample found them
+    /// steady at this pool size, each is looked up by its address pair, and the list stands
+    /// when every one is still there and established. `None`: read the full list.
+    pub(crate) async fn steady_list(&self, pool_size: u32) -> Option<Vec<Socket>> {
+        if !self.steady.load(Ordering::Relaxed) {
+            return None;
+        }
+        let census = self
+            .blocking(move |reader, peers, id| Some(attribute(id, reader.lookup_known(peers, pool_size)?, true)))
+            .await?;
+        is_steady(&census, pool_size).then(|| census.sockets.iter().filter_map(Socket::of_client).collect())
     }
 
     /// Every socket of the process to the peers, but poolwatch's own (a full read).
     pub(crate) async fn read_all(&self) -> Option<SocketCensus> {
-        self.read_sockets(None).await
+        self.blocking(|reader, peers, id| Some(attribute(id, reader.read(peers).ok()?, false))).await
     }
 
-    async fn read_sockets(&self, hint: Option<u32>) -> Option<SocketCensus> {
+    /// Runs `f` on the reader and the peers, on Tokio's blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut SocketReader, &[SocketAddr], u64) -> Option<T> + Send + 'static,
+    ) -> Option<T> {
         let peers = self.peers();
         if peers.is_empty() {
             return None;
         }
         let reader = Arc::clone(&self.reader);
         let id = self.id;
-        let census = tokio::task::spawn_blocking(move || {
-            let mut reader = reader.lock().ok()?;
-            match hint {
-                Some(size) => reader.read_with_hint(&peers, size).ok(),
-                None => reader.read(&peers).ok(),
-            }
-        })
-        .await
-        .ok()??;
-        Some(attribute(id, census, false))
+        tokio::task::spawn_blocking(move || f(&mut *reader.lock().ok()?, &peers, id)).await.ok()?
     }
+}
+
+/// Whether a read found exactly the pool's count of sockets, all established: only then may
+/// the next read look those sockets up instead of dumping (a lookup never sees a new one).
+fn is_steady(census: &SocketCensus, pool_size: u32) -> bool {
+    census.get("established") == pool_size && census.sockets.iter().all(|s| s.state == "established")
 }
 
 impl Drop for ClientLedger {

@@ -4,8 +4,10 @@
 //! bytecode filter keeps only sockets whose peer is the database's address and port, so the
 //! kernel copies out a handful of sockets, not the namespace's whole table. A socket is this
 //! process's when its inode is one of `/proc/self/fd`'s; that directory is read only when a
-//! socket with an inode not seen before shows up (inode numbers are never reused), so a
-//! steady pool costs one dump per sample. Where netlink is refused (some sandboxes), the
+//! socket with an inode not seen before shows up (inode numbers are never reused). A steady
+//! pool costs no dump at all: its sockets, once found, are looked up one by one by their
+//! address pair (a hash lookup in the kernel), by the samples and by the census alike
+//! ([`SocketReader::read_with_hint`]). Where netlink is refused (some sandboxes), the
 //! census falls back to `/proc/self/net/tcp{,6}`, which makes the kernel walk its whole TCP
 //! hash table (~5 ms): the figures are the same, the cost is not ([`SocketCensus::source`]).
 //!
@@ -211,18 +213,39 @@ impl SocketReader {
     /// hint, means a full read. Blocking.
     #[cfg(target_os = "linux")]
     pub fn read_with_hint(&mut self, peers: &[SocketAddr], hint: u32) -> std::io::Result<SocketCensus> {
-        let key = (hint, peers.to_vec());
-        if self.known_hint.as_ref() == Some(&key)
-            && !self.known.is_empty()
-            && let Some(dumper) = self.netlink.as_mut()
-            && let Ok(rows) = dumper.lookup(&self.known)
-            && rows.len() == self.known.len()
-        {
-            return Ok(SocketCensus::of(rows.iter().filter_map(client_socket).collect(), SocketSource::Netlink));
+        if let Some(census) = self.lookup_known(peers, hint) {
+            return Ok(census);
         }
         let census = self.read(peers)?;
-        self.known_hint = Some(key);
+        self.known_hint = Some((hint, peers.to_vec()));
         Ok(census)
+    }
+
+    /// The sockets of the last full read looked up again by their exact address pairs (no
+    /// dump, no `/proc`): `None` unless `hint` and `peers` are those of that read and every
+    /// one of them is still there. Blocking.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn lookup_known(&mut self, peers: &[SocketAddr], hint: u32) -> Option<SocketCensus> {
+        let same = self.known_hint.as_ref().is_some_and(|(h, p)| *h == hint && p == peers);
+        if !same || self.known.is_empty() {
+            return None;
+        }
+        let rows = self.netlink.as_mut()?.lookup(&self.known).ok()?;
+        (rows.len() == self.known.len())
+            .then(|| SocketCensus::of(rows.iter().filter_map(client_socket).collect(), SocketSource::Netlink))
+    }
+
+    /// Not Linux: nothing is known.
+    #[cfg(not(target_os = "linux"))]
+    pub(crate) fn lookup_known(&mut self, _: &[SocketAddr], _: u32) -> Option<SocketCensus> {
+        None
+    }
+
+    /// Keeps only the sockets `keep` names (by inode) for the next lookups: the caller's own
+    /// among the process's (each lookup is a round trip to the kernel; a big app holds many
+    /// other sockets to the same database that no figure counts).
+    pub(crate) fn retain_known(&mut self, keep: impl Fn(u64) -> bool) {
+        self.known.retain(|r| keep(r.inode));
     }
 
     /// Not Linux: no socket census.
@@ -325,6 +348,7 @@ fn refused(e: &std::io::Error) -> bool {
 /// socket of this process can be in).
 #[cfg(target_os = "linux")]
 fn dump_all(dumper: &mut netlink::Dumper, peers: &[SocketAddr], states: Option<u32>) -> std::io::Result<Vec<Row>> {
+    let _dump = tracing::trace_span!("poolwatch.census.phase", phase = "dump").entered();
     let mut rows = Vec::new();
     for v4 in [true, false] {
         let wanted: Vec<SocketAddr> = peers.iter().copied().filter(|p| p.is_ipv4() == v4).collect();
@@ -369,6 +393,20 @@ pub(crate) struct Socket {
     /// Bytes queued to send (not yet acknowledged by the peer) and received but unread.
     pub(crate) send: u32,
     pub(crate) recv: u32,
+}
+
+impl Socket {
+    /// A socket this process holds, as a read of the client-side ledger found it.
+    pub(crate) fn of_client(s: &ClientSocket) -> Option<Socket> {
+        Some(Socket {
+            local: s.local,
+            state: TCP_STATES.iter().position(|n| *n == s.state)?,
+            owned: true,
+            inode: s.inode,
+            send: s.send_queue,
+            recv: s.recv_queue,
+        })
+    }
 }
 
 impl SocketCensus {
@@ -515,6 +553,7 @@ pub(crate) const LAST_ACK: usize = 8;
 
 #[cfg(target_os = "linux")]
 fn own_socket_inodes() -> std::io::Result<HashSet<u64>> {
+    let _walk = tracing::trace_span!("poolwatch.census.phase", phase = "fd_walk").entered();
     let mut inodes = HashSet::new();
     for entry in std::fs::read_dir("/proc/self/fd")?.flatten() {
         if let Ok(target) = std::fs::read_link(entry.path()) {
@@ -740,6 +779,7 @@ mod netlink {
         /// Each of `known` looked up by its exact address pair and cookie (no dump); a socket
         /// that is gone, or another socket on the same pair, is left out.
         pub(super) fn lookup(&mut self, known: &[Row]) -> std::io::Result<Vec<Row>> {
+            let _lookup = tracing::trace_span!("poolwatch.census.phase", phase = "lookup").entered();
             let mut found = Vec::with_capacity(known.len());
             for k in known {
                 self.seq = self.seq.wrapping_add(1);

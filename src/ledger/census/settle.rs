@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
+use tracing::Instrument;
 
 use crate::cause::Cause;
 use crate::direct::DirectConnection;
@@ -84,6 +85,9 @@ type PoolerView = (PoolerFigures, Vec<pooler::Client>, Option<Duration>);
 struct Moment {
     /// This process's sockets toward the pool's address, listed before the queries.
     list: Option<Vec<Socket>>,
+    /// The list holds only the pool's sockets, looked up (the pool was steady): the other
+    /// clients' sockets are not in it.
+    looked_up: bool,
     keys: Option<Vec<String>>,
     read_at: Instant,
     sessions: Vec<Session>,
@@ -124,16 +128,24 @@ impl Census<'_> {
         };
         self.warn_unknown_states(&moment.server);
         let list = own_excluded(moment.list.take(), &moment.admin_ports, direct.local_port);
-        let ended = self.vanished(&mut direct, &moment, list.as_deref()).await;
+        let ended = self.vanished(&mut direct, &moment, list.as_deref()).instrument(phase("settle")).await;
         drop(direct);
         let peer = peers.as_ref().and_then(|p| p.first().copied());
         // Peers are resolved here, rarely; every sample reuses them.
         self.client.set_peers(peers.as_deref().unwrap_or_default());
         // The process's sockets right after: established ones that are none of the pool's
-        // sessions belong to other clients of the app (only while the pool's count stood still).
-        let then = self.client.read_all().await.filter(|_| self.pool.size() == moment.pool.open);
+        // sessions belong to other clients of the app (only while the pool's count stood
+        // still). A steady pool's census looked its own sockets up and learns only its ports:
+        // what is known of the others stands, and no second full read is needed.
+        let attribution = phase("attribution");
+        let then = match moment.looked_up {
+            true => None,
+            false => self.client.read_all().instrument(attribution.clone()).await,
+        };
+        let then = then.filter(|_| self.pool.size() == moment.pool.open);
         let clients = moment.pooler.as_ref().map(|(_, c, _)| c.as_slice());
-        self.client.learn(&pool_ports(clients, &moment.server), then.as_ref());
+        attribution.in_scope(|| self.client.learn(&pool_ports(clients, &moment.server), then.as_ref()));
+        drop(attribution);
         let client_idle_timeout = moment.pooler.as_ref().and_then(|(_, _, t)| *t);
         let snapshot = Snapshot {
             phantom: moment.real.map(|r| i64::from(moment.pool.open) - i64::from(r)),
@@ -153,8 +165,16 @@ impl Census<'_> {
     async fn read(&self, direct: &mut DirectConnection, peers: Option<&[SocketAddr]>) -> Result<Moment, Cause> {
         let before = self.pool.size();
         // Listed before the queries: a connection opened after the listing moves the pool's
-        // count and forces a re-read.
-        let list = sockets::list_blocking(peers, direct.local_port).await;
+        // count and forces a re-read. A steady pool's sockets are looked up (no dump).
+        let steady = match peers {
+            Some(_) => self.client.steady_list(before).instrument(phase("list")).await,
+            None => None,
+        };
+        let looked_up = steady.is_some();
+        let list = match steady {
+            Some(list) => Some(list),
+            None => sockets::list_blocking(peers, direct.local_port).instrument(phase("list")).await,
+        };
         let owned: Vec<SocketAddr> = list.iter().flatten().filter(|s| s.owned).map(|s| s.local).collect();
         let keys = match (self.by_port && self.path == NetworkPath::Direct, &list) {
             (true, Some(_)) => Some(query::port_keys(owned.iter().copied())),
@@ -173,6 +193,7 @@ impl Census<'_> {
                 let sessions = query::take(c, app_name, keys.as_deref()).await?;
                 Ok((sessions, facts))
             })
+            .instrument(phase("sql"))
             .await?;
         let hidden = keys.is_some() && sessions.iter().any(|s| s.port.is_none());
         let exact = self.exact(hidden);
@@ -185,7 +206,21 @@ impl Census<'_> {
             (None, _) if !exact => None,
             (None, _) => Some(server.total()),
         };
-        Ok(Moment { list, keys, read_at, sessions, facts, hidden, server, pooler, admin_ports, before, pool, real })
+        Ok(Moment {
+            list,
+            looked_up,
+            keys,
+            read_at,
+            sessions,
+            facts,
+            hidden,
+            server,
+            pooler,
+            admin_ports,
+            before,
+            pool,
+            real,
+        })
     }
 
     /// Whether the pool's sessions can be counted exactly. A census role without
@@ -275,6 +310,12 @@ impl Census<'_> {
         };
         self.ended.lock().map(|mut l| l.judge_census(&vanished, evidence)).unwrap_or_default()
     }
+}
+
+/// A trace span around one phase of a census (`census_cost` sums their wall times to explain
+/// a census's).
+fn phase(name: &'static str) -> tracing::Span {
+    tracing::trace_span!("poolwatch.census.phase", phase = name)
 }
 
 /// The sockets listed, without poolwatch's own: the admin console's, and the dedicated
