@@ -212,6 +212,11 @@ impl Heartbeat {
                 calm.next(quiet, trouble.load(std::sync::atomic::Ordering::Relaxed), base)
             };
             let mut due = crate::schedule::after(started, wait);
+            if let Some(at) = cycle.last_lint {
+                // A stretched beat does not hold back the re-read: it runs at its own time.
+                let recheck = recheck_after(config.hazard_recheck_interval, self.unchanged_reads());
+                due = due.min(crate::schedule::after(at.into(), recheck));
+            }
             activity.set_stretched(wait > base);
             loop {
                 tokio::select! {
