@@ -212,8 +212,9 @@ impl Heartbeat {
                 calm.next(quiet, trouble.load(std::sync::atomic::Ordering::Relaxed), base)
             };
             let mut due = crate::schedule::after(started, wait);
-            if let Some(at) = cycle.last_lint {
-                // A stretched beat does not hold back the re-read: it runs at its own time.
+            if let Some(at) = cycle.last_lint.filter(|_| !cycle.lint_due) {
+                // A stretched beat does not hold back the re-read: it runs at its own time. (A
+                // pending one, e.g. after a failed read, is retried at the beats' cadence.)
                 let recheck = recheck_after(config.hazard_recheck_interval, self.unchanged_reads());
                 due = due.min(crate::schedule::after(at.into(), recheck));
             }
@@ -356,7 +357,8 @@ impl Heartbeat {
         let started = Instant::now();
         // A protocol-level ping (`Sync`, answered by the backend): no statement to parse
         // or plan, a third of a `SELECT 1`'s server CPU, and it still needs the network and
-        // the backend process to answer.
+        // the backend process to answer (PgBouncer forwards it to a server, and waits for one
+        // like for a statement when the server is gone).
         let run = conn.run(async |c: &mut PgConnection| c.ping().await);
         let result = match tokio::time::timeout(timeout, run).await {
             Ok(r) => r,
