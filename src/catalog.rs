@@ -156,7 +156,7 @@ pub const WAIT_BUCKETS: &[f64] = &[0.01, 0.1, 1.0, 10.0];
 pub const USE_BUCKETS: &[f64] = &[0.01, 0.1, 1.0, 10.0];
 /// Connect: `PoolwatchSlowConnects` reads the share above 2.5 s.
 pub const CREATE_BUCKETS: &[f64] = &[0.01, 0.1, 2.5];
-/// Heartbeat `SELECT 1`: healthy (< 100 ms) or slow; `poolwatch_heartbeat_up` says down.
+/// Heartbeat (a ping or `SELECT 1`): healthy (< 100 ms) or slow; `poolwatch_heartbeat_up` says down.
 pub const HEARTBEAT_BUCKETS: &[f64] = &[0.1];
 /// Listener downtime: a clean reconnect (< 1 s) to a long outage.
 pub const DOWNTIME_BUCKETS: &[f64] = &[1.0, 10.0, 60.0];
@@ -222,15 +222,15 @@ pub const LISTENER_LAST_NOTIFICATION: Metric = gauge(
 );
 
 // --- heartbeats and config hazards ---
-/// Label key of the heartbeat metrics: `pool` (acquire + `SELECT 1`) or `direct` (the
-/// dedicated connection outside the pool).
+/// Label key of the heartbeat metrics: `pool` (an acquire through the pool) or `direct` (a
+/// ping on the dedicated connection outside the pool).
 pub const PATH: &str = "path";
 /// Label key of `poolwatch_config_hazard_active`: a [`Hazard`](crate::health::hazards::Hazard) name.
 pub const HAZARD: &str = "hazard";
 /// How long each heartbeat took, by path.
 pub const HEARTBEAT_DURATION: Metric = histogram(
     "poolwatch_heartbeat_duration_seconds",
-    "How long each SELECT 1 heartbeat took, by path (pool = acquire + query, direct = dedicated connection), failures included.",
+    "How long each heartbeat took, by path (pool = acquire, pinged by the pool or followed by SELECT 1; direct = ping on the dedicated connection), failures included.",
     &[PATH],
 );
 /// How many configuration hazards the last lint found (always present, unlike the

@@ -37,8 +37,9 @@ pub struct Config {
     /// Connect and statement timeout of the census's dedicated connection. Default 5 s; at
     /// most 2,147,483,647 ms (PostgreSQL's limit for `statement_timeout`).
     pub census_timeout: Duration,
-    /// How often both heartbeats run (`SELECT 1` through the pool and on the dedicated
-    /// connection). Default 10 s.
+    /// How often both heartbeats run (an acquire through the pool and a ping on the dedicated
+    /// connection). Default 10 s. While the replica is quiet (no app acquire, both paths
+    /// healthy) the wait doubles up to 12 × this, at most 120 s; activity brings it back.
     pub heartbeat_interval: Duration,
     /// The bound of each heartbeat (acquire + query). Default 5 s.
     pub heartbeat_timeout: Duration,
@@ -50,10 +51,11 @@ pub struct Config {
     /// Default: one replica, nothing else declared. The declaring setters below write here.
     pub deployment: Deployment,
     /// How often the [hazard lint](crate::health::hazards) re-reads the server settings while
-    /// poolwatch's connection stays up; while they stay the same the wait doubles, up to 5 ×
-    /// this interval (60 s, 120 s, 240 s, 300 s), and a change found brings it back. So a live
-    /// `ALTER ROLE .. SET` or `ALTER SYSTEM` + reload is flagged within 5 ×
-    /// `hazard_recheck_interval` + `heartbeat_interval` + `heartbeat_timeout`. Each re-read is
+    /// poolwatch's connection stays up; while they stay the same the wait doubles, up to 30 ×
+    /// this interval (60 s, 120 s … 1,800 s), and a change found brings it back. So a live
+    /// `ALTER ROLE .. SET` or `ALTER SYSTEM` + reload is flagged within 30 ×
+    /// `hazard_recheck_interval` + one heartbeat wait (up to 120 s on a quiet replica) +
+    /// `heartbeat_timeout`. Each re-read is
     /// one query on poolwatch's own connection (no new session). Default 60 s.
     pub hazard_recheck_interval: Duration,
     /// How long a connection checked out through [`WatchedPool`](crate::acquire::watched_pool::WatchedPool) may be

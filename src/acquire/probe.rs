@@ -56,6 +56,8 @@ pub(crate) struct Probe {
     /// Connect trouble seen by acquires (errors, timeouts, creates over [`SLOW_CREATE`]):
     /// a change makes the reachability probe run.
     pub(crate) trouble: std::sync::atomic::AtomicU64,
+    /// App acquires, for the heartbeat's stretch on a quiet replica.
+    pub(crate) activity: crate::health::quiet::Activity,
 }
 
 /// Acquires waiting now and since when: entered only when an acquire has to wait, so an
@@ -128,6 +130,7 @@ impl Probe {
             last_warn: Mutex::new(None),
             suppressed: AtomicU64::new(0),
             trouble: std::sync::atomic::AtomicU64::new(0),
+            activity: crate::health::quiet::Activity::default(),
             host: options.get_host().to_owned(),
             port: options.get_port(),
             pool: pool.clone(),
@@ -165,6 +168,7 @@ impl Probe {
     ) -> Result<(PoolConnection<Postgres>, Ticket), sqlx::Error> {
         let now = Instant::now();
         let waited = now - started;
+        self.activity.touch();
         if let Some(at) = connected {
             let took = at.saturating_duration_since(started);
             self.metrics.create.record(took.as_secs_f64());

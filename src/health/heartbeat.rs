@@ -1,10 +1,13 @@
 //! Heartbeats on two paths, side by side, and the hazard lint they trigger.
 //!
-//! Every `heartbeat_interval`, both at once, each bounded by `heartbeat_timeout`:
-//! - `path="pool"`: `pool.acquire()` + `SELECT 1`, the connection released at once. This is
-//!   poolwatch's one use of a pool slot: it measures what the app experiences.
-//! - `path="direct"`: `SELECT 1` on poolwatch's dedicated connection outside the pool (the
-//!   census's, shared behind its lock; the time waiting for the lock is not measured).
+//! Every `heartbeat_interval`, both at once, each bounded by `heartbeat_timeout`; while the
+//! replica is quiet the wait doubles up to 12 intervals (at most 120 s, [`quiet`]):
+//! - `path="pool"`: `pool.acquire()`, the connection released at once; the acquire pings the
+//!   connection when the pool's `test_before_acquire` is on (sqlx's default), else a
+//!   `SELECT 1` follows. This is poolwatch's one use of a pool slot: it measures what the app
+//!   experiences.
+//! - `path="direct"`: a protocol-level ping on poolwatch's dedicated connection outside the
+//!   pool (the census's, shared behind its lock; the time waiting for the lock is not measured).
 //!
 //! Pool failing while direct succeeds: the pool is exhausted or leaked. Both failing: the
 //! database or the network. After a direct failure the next attempts wait
@@ -12,8 +15,8 @@
 //!
 //! The [hazard lint](crate::health::hazards) runs at start-up, again after each reconnect of the
 //! dedicated connection, and every [`Config::hazard_recheck_interval`], doubling while the
-//! settings stay the same up to 5 × that interval (so a live settings change is flagged within
-//! 5 intervals plus one heartbeat tick; one change found brings the interval back). At
+//! settings stay the same up to 30 × that interval (so a live settings change is flagged within
+//! 30 intervals plus one heartbeat; one change found brings the interval back). At
 //! start-up and after a reconnect it reads on a short-lived connection with the pool's own connect options (same role,
 //! database and pooler, so per-role settings apply; `application_name`
 //! `poolwatch-lint:<pool>`), never on a pool slot. The periodic re-read opens nothing: it runs
@@ -22,6 +25,7 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgConnection;
@@ -31,6 +35,7 @@ use tokio::sync::oneshot;
 use crate::direct::DirectConnection;
 use crate::health::followed::{self, Baseline};
 use crate::health::hazards::{self, Finding, Hazard, PoolSettings, ServerSettings};
+use crate::health::quiet::{self, Activity};
 use crate::listener::status;
 use crate::publish::health::HeartbeatMetrics;
 use crate::{cause::Cause, config::Config, config::Deployment};
@@ -56,9 +61,9 @@ pub struct PathFigures {
 /// The heartbeat figures of both paths.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HeartbeatFigures {
-    /// `path="pool"`: acquire + `SELECT 1`.
+    /// `path="pool"`: an acquire (with its ping, or `SELECT 1` without one).
     pub pool: PathFigures,
-    /// `path="direct"`: `SELECT 1` on the dedicated connection.
+    /// `path="direct"`: a protocol-level ping on the dedicated connection.
     pub direct: PathFigures,
 }
 
@@ -104,11 +109,12 @@ struct State {
 }
 
 /// The longest wait between two re-reads of unchanged settings, in
-/// `hazard_recheck_interval`s (5 min at the default 60 s).
-pub(crate) const RECHECK_STRETCH: u32 = 5;
+/// `hazard_recheck_interval`s (30 min at the default 60 s): a spaced re-read costs the server
+/// ≈ 1.3 ms of CPU, 0.7 µs/s at this stretch (docs/performance.md).
+pub(crate) const RECHECK_STRETCH: u32 = 30;
 
 /// The wait before the next re-read: `every` × 2^`unchanged`, at most [`RECHECK_STRETCH`] ×
-/// `every` (60 s, 120 s, 240 s, 300 s …). Settings seldom change; a re-read costs the server
+/// `every` (60 s, 120 s, 240 s … 1,920 s capped at 1,800 s). Settings seldom change; a re-read costs the server
 /// about 1 ms of CPU (docs/performance.md), and one that finds a change brings `every` back.
 fn recheck_after(every: Duration, unchanged: u32) -> Duration {
     let factor = 1u32.checked_shl(unchanged.min(31)).unwrap_or(u32::MAX).min(RECHECK_STRETCH);
@@ -172,44 +178,77 @@ impl Heartbeat {
     }
 
     /// Runs until `stop` fires or the pool closes. Never panics; every wait is bounded.
-    pub(crate) async fn run(
-        &self,
-        pool: &PgPool,
-        direct: &tokio::sync::Mutex<DirectConnection>,
-        config: &Config,
-        lint_app_name: &str,
-        stop: &mut oneshot::Receiver<()>,
-    ) {
+    /// While the replica is quiet the wait between beats stretches ([`quiet`]); `activity`
+    /// wakes a stretched wait, `trouble` is the acquires' connect-trouble count.
+    pub(crate) async fn run(&self, parts: Parts<'_>, config: &Config, stop: &mut oneshot::Receiver<()>) {
+        let Parts { pool, direct, lint_app_name, activity, trouble } = parts;
         let closed = pool.close_event();
         tokio::pin!(closed);
-        let mut tick = crate::schedule::interval(config.heartbeat_interval);
+        let base = config.heartbeat_interval;
         let mut cycle = Cycle {
-            backoff: Backoff::new(config.heartbeat_interval, config.heartbeat_max_backoff),
+            backoff: Backoff::new(base, config.heartbeat_max_backoff),
             seen_connects: 0,
             lint_due: true,
             fresh_due: true,
             first: true,
             last_lint: None,
         };
+        let mut calm = Calm { quiet: 0, trouble: trouble.load(std::sync::atomic::Ordering::Relaxed) };
         loop {
-            tokio::select! {
-                biased;
-                _ = &mut *stop => break,
-                _ = &mut closed => break,
-                _ = tick.tick() => {}
-            }
+            let started = tokio::time::Instant::now();
             tokio::select! {
                 biased;
                 _ = &mut *stop => break,
                 _ = &mut closed => break,
                 _ = self.beat(&mut cycle, pool, direct, config, lint_app_name) => {}
             }
-            if self.figures().pool.up == Some(false) {
+            let wait = if self.figures().pool.up == Some(false) {
                 // Failing: the next try after the interval ±20 %, so a fleet that saw one
                 // outage does not retry against the recovering server at one instant.
-                tick.reset_after(crate::schedule::jitter(config.heartbeat_interval));
+                calm.quiet = 0;
+                crate::schedule::jitter(base)
+            } else {
+                let quiet = self.was_quiet(&cycle, config, activity);
+                calm.next(quiet, trouble.load(std::sync::atomic::Ordering::Relaxed), base)
+            };
+            let mut due = crate::schedule::after(started, wait);
+            if let Some(at) = cycle.last_lint.filter(|_| !cycle.lint_due) {
+                // A stretched beat does not hold back the re-read: it runs at its own time. (A
+                // pending one, e.g. after a failed read, is retried at the beats' cadence.)
+                let recheck = recheck_after(config.hazard_recheck_interval, self.unchanged_reads());
+                due = due.min(crate::schedule::after(at.into(), recheck));
             }
+            activity.set_stretched(wait > base);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut *stop => return,
+                    _ = &mut closed => return,
+                    _ = tokio::time::sleep_until(due) => break,
+                    _ = activity.woken(), if wait > base => {
+                        // The app is back: the next beat at the base interval from now.
+                        due = due.min(crate::schedule::after(tokio::time::Instant::now(), base));
+                        calm.quiet = 0;
+                    }
+                }
+            }
+            activity.set_stretched(false);
         }
+    }
+
+    /// Whether the beat just made found the replica quiet: no app activity since the last
+    /// beat, both paths up and fast, no connect trouble, the lint not pending.
+    fn was_quiet(&self, cycle: &Cycle, config: &Config, activity: &Activity) -> bool {
+        let active = activity.take();
+        let f = self.figures();
+        let slow = config.heartbeat_timeout / 4;
+        let fast = |p: &PathFigures| p.last_duration.is_some_and(|d| d < slow);
+        !active
+            && f.diagnosis() == Some(Diagnosis::Healthy)
+            && fast(&f.pool)
+            && fast(&f.direct)
+            && cycle.backoff.failures == 0
+            && !cycle.lint_due
     }
 
     /// One tick: both heartbeats at once, then the lint if it is due.
@@ -269,8 +308,10 @@ impl Heartbeat {
         cycle.first = false;
     }
 
-    /// One pool heartbeat: acquire + `SELECT 1` within `timeout`.
+    /// One pool heartbeat within `timeout`: an acquire, plus `SELECT 1` unless the pool's
+    /// `test_before_acquire` (sqlx's default) already pinged the connection.
     async fn pool_once(&self, pool: &PgPool, timeout: Duration) -> (Result<(), Cause>, Duration) {
+        let pinged = pool.options().get_test_before_acquire();
         let started = Instant::now();
         let result = async {
             // A wait that outlasts our bound is what the app sees as a full pool.
@@ -280,6 +321,11 @@ impl Heartbeat {
                 Ok(Ok(conn)) => conn,
             };
             let _held = Holding::new(&self.holding);
+            if pinged {
+                // The acquire pinged the idle connection it handed out (or opened a new one):
+                // the server answered on this slot already.
+                return Ok(());
+            }
             let left = timeout.saturating_sub(started.elapsed());
             let query = tokio::time::timeout(left, conn.execute(sqlx::raw_sql("SELECT 1"))).await;
             let result = match query {
@@ -309,7 +355,11 @@ impl Heartbeat {
             return ((Err(Cause::TimedOut), timeout), None);
         };
         let started = Instant::now();
-        let run = conn.run(async |c: &mut PgConnection| c.execute(sqlx::raw_sql("SELECT 1")).await.map(|_| ()));
+        // A protocol-level ping (`Sync`, answered by the backend): no statement to parse
+        // or plan, a third of a `SELECT 1`'s server CPU, and it still needs the network and
+        // the backend process to answer (PgBouncer forwards it to a server, and waits for one
+        // like for a statement when the server is gone).
+        let run = conn.run(async |c: &mut PgConnection| c.ping().await);
         let result = match tokio::time::timeout(timeout, run).await {
             Ok(r) => r,
             Err(_) => {
@@ -524,6 +574,34 @@ impl Heartbeat {
     }
 }
 
+/// What the heartbeat task works with besides its `Config`.
+pub(crate) struct Parts<'a> {
+    pub(crate) pool: &'a PgPool,
+    pub(crate) direct: &'a tokio::sync::Mutex<DirectConnection>,
+    /// The `application_name` of the lint's short-lived connection.
+    pub(crate) lint_app_name: &'a str,
+    pub(crate) activity: &'a Activity,
+    /// Connect trouble seen by acquires so far: a change ends a stretch.
+    pub(crate) trouble: &'a AtomicU64,
+}
+
+/// The heartbeat's stretch: quiet beats in a row, and the trouble count at the last beat.
+#[derive(Debug)]
+struct Calm {
+    quiet: u32,
+    trouble: u64,
+}
+
+impl Calm {
+    /// Records whether the last beat was quiet and the trouble count now; returns the wait
+    /// before the next beat.
+    fn next(&mut self, quiet: bool, trouble: u64, base: Duration) -> Duration {
+        let calm = quiet && std::mem::replace(&mut self.trouble, trouble) == trouble;
+        self.quiet = if calm { self.quiet.saturating_add(1) } else { 0 };
+        quiet::beat_wait(base, self.quiet)
+    }
+}
+
 /// What one heartbeat tick carries over to the next.
 #[derive(Debug)]
 struct Cycle {
@@ -636,18 +714,18 @@ mod tests {
     }
 
     #[test]
-    fn re_reads_of_unchanged_settings_stretch_to_five_intervals() {
+    fn re_reads_of_unchanged_settings_stretch_to_thirty_intervals() {
         let every = Duration::from_secs(60);
-        let waits: Vec<u64> = (0..6).map(|n| recheck_after(every, n).as_secs()).collect();
-        assert_eq!(waits, [60, 120, 240, 300, 300, 300]);
+        let waits: Vec<u64> = (0..7).map(|n| recheck_after(every, n).as_secs()).collect();
+        assert_eq!(waits, [60, 120, 240, 480, 960, 1800, 1800]);
         assert_eq!(recheck_after(Duration::MAX, u32::MAX), Duration::MAX);
-        // Over an hour of unchanged settings: 13 re-reads instead of 60.
+        // Over an hour of unchanged settings: 6 re-reads instead of 60.
         let (mut at, mut reads) = (0u64, 0u32);
         while at < 3600 {
             at += recheck_after(every, reads).as_secs();
             reads += 1;
         }
-        assert!(reads <= 14, "{reads} re-reads in an hour");
+        assert!(reads <= 6, "{reads} re-reads in an hour");
     }
 
     #[test]

@@ -128,10 +128,13 @@ impl Limits {
     pub(crate) fn of(c: &crate::config::Config) -> Limits {
         let slack = c.census_timeout.saturating_mul(4);
         let sample = c.sample_interval.saturating_mul(3).saturating_add(slack);
-        // A heartbeat is seen at a sample: never stale sooner than the sample is.
-        let beat = c
-            .heartbeat_interval
-            .saturating_mul(3)
+        // A heartbeat is seen at a sample: never stale sooner than the sample is. A quiet
+        // replica's beats stretch (up to 120 s at the defaults): the longest wait plus two
+        // base intervals, so a stretched beat is never stale and a stopped task shows
+        // (160 s at the defaults, within `PoolwatchWatchStalled`'s 300 s).
+        let beat_every = crate::health::quiet::longest_beat_wait(c.heartbeat_interval);
+        let beat = beat_every
+            .saturating_add(c.heartbeat_interval.saturating_mul(2))
             .saturating_add(c.heartbeat_timeout.saturating_mul(2))
             .saturating_add(c.census_timeout.saturating_mul(2))
             .max(sample);
@@ -146,7 +149,7 @@ impl Limits {
             census,
             census_every,
             heartbeat: beat,
-            heartbeat_every: c.heartbeat_interval,
+            heartbeat_every: beat_every,
         }
     }
 }
@@ -159,7 +162,8 @@ mod tests {
     fn limits_at_the_defaults_and_at_the_extremes() {
         let l = Limits::of(&crate::config::Config::new("a"));
         assert_eq!(l.sample, Duration::from_secs(35), "3 × 5 s + 4 × 5 s");
-        assert_eq!(l.heartbeat, Duration::from_secs(50));
+        assert_eq!(l.heartbeat, Duration::from_secs(160), "120 s (the stretched beat) + 2 × 10 s + 2 × 5 s + 2 × 5 s");
+        assert_eq!(l.heartbeat_every, Duration::from_secs(120));
         assert_eq!(l.census, Duration::from_secs(51840 + 20 + 35), "2.4 × 6 h (the stretched census) + slack");
         let max = crate::config::Config::new("a")
             .sample_interval(Duration::MAX)

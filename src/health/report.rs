@@ -107,9 +107,9 @@ impl From<PathFigures> for PathHealth {
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct HeartbeatHealth {
-    /// `SELECT 1` through the pool.
+    /// An acquire through the pool (pinged, or followed by `SELECT 1`).
     pub pool: PathHealth,
-    /// `SELECT 1` on poolwatch's own connection, outside the pool.
+    /// A ping on poolwatch's own connection, outside the pool.
     pub direct: PathHealth,
     /// `healthy`, `pool_side`, `database_or_network` or `direct_only`; `None` before both ran.
     pub diagnosis: Option<&'static str>,
@@ -406,13 +406,13 @@ fn pool_path_reason(
     }
     if pool.open < pool.max {
         let message = format!(
-            "SELECT 1 through the pool fails ({failing}) with {} of {} connections open while the database answers poolwatch's own connection: the pool cannot open a connection (the server or the role is out of connection slots, 53300, or new connects hang); do not restart, it would drop the connections it has",
+            "The pool heartbeat fails ({failing}) with {} of {} connections open while the database answers poolwatch's own connection: the pool cannot open a connection (the server or the role is out of connection slots, 53300, or new connects hang); do not restart, it would drop the connections it has",
             pool.open, pool.max
         );
         return Some(("pool_cannot_grow", message));
     }
     let message = format!(
-        "SELECT 1 through the pool fails ({failing}) with all {} slots checked out while the database answers poolwatch's own connection: this process holds its slots (exhausted or leaking)",
+        "The pool heartbeat fails ({failing}) with all {} slots checked out while the database answers poolwatch's own connection: this process holds its slots (exhausted or leaking)",
         pool.max
     );
     Some(("pool_heartbeat_failing", message))

@@ -74,7 +74,14 @@ pub(super) async fn supervise_heartbeat(s: Arc<Shared>, mut stop: oneshot::Recei
         let beat = async {
             // Not before the idle connections are re-tagged and back in the pool.
             s.ledger.retagged.get_or_init(|| s.retag_idle()).await;
-            s.health.heartbeat.run(&s.pool, &s.ledger.direct, &s.config, &lint_app_name, &mut stop).await
+            let parts = crate::health::heartbeat::Parts {
+                pool: &s.pool,
+                direct: &s.ledger.direct,
+                lint_app_name: &lint_app_name,
+                activity: &s.acquire.probe.activity,
+                trouble: &s.acquire.probe.trouble,
+            };
+            s.health.heartbeat.run(parts, &s.config, &mut stop).await
         };
         match schedule::Supervised::new(beat, &s.state.faults[1]).await {
             Ok(()) => return,
@@ -132,6 +139,9 @@ impl Shared {
     /// One sample, its liveness stamp, and whether a reachability probe is wanted.
     async fn sample_tick(&self) -> bool {
         self.sample().await;
+        let mine = u32::try_from(self.health.heartbeat.holding()).unwrap_or(u32::MAX);
+        let pool = crate::ledger::snapshot::PoolFigures::of(&self.pool);
+        self.acquire.probe.activity.look(pool.open, pool.used > mine);
         self.health.liveness.sampled(self.heartbeat_count());
         self.health.reach.wanted(self.connect_trouble(), self.config.sample_interval.saturating_mul(10))
     }
