@@ -170,7 +170,7 @@ local d = import '../lib/dashboard.libsonnet';
       panels: [
         d.panel(
           "Heartbeat duration p99 by path",
-          "SELECT 1 round trip through the pool (path=pool, includes the acquire wait) and on poolwatch's dedicated connection (path=direct). pool slow + direct fast = the pool is the bottleneck; both slow = the database or network.",
+          "Heartbeat round trip through the pool (path=pool: the acquire, which pings the connection, or acquire + SELECT 1 when test_before_acquire is off) and a ping on poolwatch's dedicated connection (path=direct; the beats space out to 120 s on a quiet replica). pool slow + direct fast = the pool is the bottleneck; both slow = the database or network.",
           "s",
           [
             ["histogram_quantile(0.99, sum by (db_client_connection_pool_name, path, le) (rate(poolwatch_heartbeat_duration_seconds_bucket{%(sel)s}[$__rate_interval])))", "{{db_client_connection_pool_name}} {{path}} p99"],
