@@ -3,8 +3,8 @@
 //! Every `heartbeat_interval`, both at once, each bounded by `heartbeat_timeout`; while the
 //! replica is quiet the wait doubles up to 12 intervals (at most 120 s, [`quiet`]):
 //! - `path="pool"`: `pool.acquire()`, the connection released at once; the acquire pings the
-//!   connection when the pool's `test_before_acquire` is on (sqlx's default), else a
-//!   `SELECT 1` follows. This is poolwatch's one use of a pool slot: it measures what the app
+//!   idle connection it hands out when the pool's `test_before_acquire` is on (sqlx's
+//!   default); otherwise, or on a connection opened for the beat, a `SELECT 1` follows. This is poolwatch's one use of a pool slot: it measures what the app
 //!   experiences.
 //! - `path="direct"`: a protocol-level ping on poolwatch's dedicated connection outside the
 //!   pool (the census's, shared behind its lock; the time waiting for the lock is not measured).
@@ -309,9 +309,11 @@ impl Heartbeat {
     }
 
     /// One pool heartbeat within `timeout`: an acquire, plus `SELECT 1` unless the pool's
-    /// `test_before_acquire` (sqlx's default) already pinged the connection.
+    /// `test_before_acquire` (sqlx's default) already pinged the idle connection it handed
+    /// out. A connection opened for the beat runs `SELECT 1`: behind a pooler, a new client
+    /// connection proves nothing about the servers behind it.
     async fn pool_once(&self, pool: &PgPool, timeout: Duration) -> (Result<(), Cause>, Duration) {
-        let pinged = pool.options().get_test_before_acquire();
+        let (idle_before, size_before) = (pool.num_idle(), pool.size());
         let started = Instant::now();
         let result = async {
             // A wait that outlasts our bound is what the app sees as a full pool.
@@ -321,9 +323,10 @@ impl Heartbeat {
                 Ok(Ok(conn)) => conn,
             };
             let _held = Holding::new(&self.holding);
-            if pinged {
-                // The acquire pinged the idle connection it handed out (or opened a new one):
-                // the server answered on this slot already.
+            // Reused: no connection opened meanwhile (when unsure, the beat queries).
+            let reused = idle_before > 0 && pool.size() <= size_before;
+            if reused && pool.options().get_test_before_acquire() {
+                // The acquire pinged the idle connection: the server answered on this slot.
                 return Ok(());
             }
             let left = timeout.saturating_sub(started.elapsed());
