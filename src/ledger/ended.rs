@@ -501,10 +501,13 @@ impl Ledger {
             };
             return explain_silent_loss(idle, evidence.idle_session_timeout, base, ends).0;
         }
-        let linked = matches!(census, Some((_, Seen::PoolerClient(true))));
         match evidence.client_idle_timeout {
-            // PgBouncer applies client_idle_timeout only to clients not linked to a server.
-            Some(t) if !linked && age >= t => Cause::PoolerIdleTimeout,
+            // PgBouncer applies client_idle_timeout only to clients not linked to a server;
+            // one linked at a census at least the timeout before it ended may have idled since
+            // (a census taken while a beat or a query ran on it).
+            Some(t) if age >= t && !matches!(census, Some((since, Seen::PoolerClient(true))) if since < t) => {
+                Cause::PoolerIdleTimeout
+            }
             _ => Cause::ConnectionEnded,
         }
     }
@@ -580,8 +583,9 @@ fn cause(seen: Seen, gap: Duration, ends_before: Option<SessionEnds>, evidence: 
             explain_silent_loss(idle_for, evidence.idle_session_timeout, ends_before, evidence.ends).0
         }
         Seen::PoolerClient(linked) => match evidence.client_idle_timeout {
-            // PgBouncer applies client_idle_timeout only to clients not linked to a server.
-            Some(_) if !linked => Cause::PoolerIdleTimeout,
+            // PgBouncer applies client_idle_timeout only to clients not linked to a server;
+            // one linked at a census at least the timeout before may have idled since.
+            Some(t) if !linked || gap >= t => Cause::PoolerIdleTimeout,
             _ => Cause::ConnectionEnded,
         },
     }
@@ -771,6 +775,27 @@ mod tests {
         let gone = sample(&mut ledger, &[], at(80));
         ledger.suspect_gone(gone, &[socket(6, 3, false)]);
         assert!(!ledger.pending());
+    }
+
+    /// A census that caught a pooler client linked (a beat or a query on it) says nothing of
+    /// it once the pooler's idle timeout has passed since: it may have idled and been ended.
+    #[test]
+    fn a_client_linked_at_an_old_census_may_have_idled_since() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let timeout = Evidence { client_idle_timeout: Some(Duration::from_secs(2)), ..Evidence::default() };
+        let mut ledger = Ledger::default();
+        ledger.update_read_at([(1, Seen::PoolerClient(true)), (2, Seen::PoolerClient(true))].into(), &[], None, t0);
+        ledger.follow(&[(1, 1, 0), (2, 2, 0)], at(10), 5);
+        ledger.follow(&[(1, 1, CLOSE_WAIT), (2, 2, 0)], at(1_000), 5);
+        assert_eq!(ledger.settle(Counters::NotServer, timeout), vec![Cause::ConnectionEnded], "linked 1 s before");
+        ledger.follow(&[(2, 2, CLOSE_WAIT)], at(3_000), 5);
+        assert_eq!(ledger.settle(Counters::NotServer, timeout), vec![Cause::PoolerIdleTimeout], "linked 3 s before");
+        // The census's own rule: linked at a census longer than the timeout before.
+        let later = ledger.update_read_at([(3, Seen::PoolerClient(true))].into(), &[], None, at(4_000));
+        assert!(later.is_empty());
+        let gone = ledger.update_read_at(HashMap::new(), &[socket(3, CLOSE_WAIT, true)], None, at(7_000));
+        assert_eq!(gone.causes(timeout), vec![Cause::PoolerIdleTimeout]);
     }
 
     #[test]
