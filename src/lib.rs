@@ -42,6 +42,7 @@ mod health;
 mod ledger;
 mod listener;
 mod publish;
+mod quiet;
 mod registry;
 mod schedule;
 mod server_version;

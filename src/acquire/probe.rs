@@ -57,7 +57,7 @@ pub(crate) struct Probe {
     /// a change makes the reachability probe run.
     pub(crate) trouble: std::sync::atomic::AtomicU64,
     /// App acquires, for the heartbeat's stretch on a quiet replica.
-    pub(crate) activity: crate::health::quiet::Activity,
+    pub(crate) activity: crate::quiet::Activity,
 }
 
 /// Acquires waiting now and since when: entered only when an acquire has to wait, so an
@@ -130,7 +130,7 @@ impl Probe {
             last_warn: Mutex::new(None),
             suppressed: AtomicU64::new(0),
             trouble: std::sync::atomic::AtomicU64::new(0),
-            activity: crate::health::quiet::Activity::default(),
+            activity: crate::quiet::Activity::default(),
             host: options.get_host().to_owned(),
             port: options.get_port(),
             pool: pool.clone(),

@@ -35,9 +35,9 @@ use tokio::sync::oneshot;
 use crate::direct::DirectConnection;
 use crate::health::followed::{self, Baseline};
 use crate::health::hazards::{self, Finding, Hazard, PoolSettings, ServerSettings};
-use crate::health::quiet::{self, Activity};
 use crate::listener::status;
 use crate::publish::health::HeartbeatMetrics;
+use crate::quiet::{self, Activity};
 use crate::{cause::Cause, config::Config, config::Deployment};
 
 /// The two heartbeat paths (the `path` label values).

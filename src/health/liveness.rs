@@ -132,7 +132,7 @@ impl Limits {
         // replica's beats stretch (up to 120 s at the defaults): the longest wait plus two
         // base intervals, so a stretched beat is never stale and a stopped task shows
         // (160 s at the defaults, within `PoolwatchWatchStalled`'s 300 s).
-        let beat_every = crate::health::quiet::longest_beat_wait(c.heartbeat_interval);
+        let beat_every = crate::quiet::longest_beat_wait(c.heartbeat_interval);
         let beat = beat_every
             .saturating_add(c.heartbeat_interval.saturating_mul(2))
             .saturating_add(c.heartbeat_timeout.saturating_mul(2))

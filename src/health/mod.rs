@@ -5,6 +5,5 @@ pub mod hazards;
 pub(crate) mod heartbeat;
 pub(crate) mod liveness;
 pub(crate) mod progress;
-pub(crate) mod quiet;
 pub mod reach;
 pub mod report;
