@@ -29,6 +29,13 @@ pub(crate) fn beat_wait(base: Duration, quiet: u32) -> Duration {
     base.saturating_mul(factor).min(longest_beat_wait(base))
 }
 
+/// The longest wait that keeps the pool's idle connection open between beats: half the pool's
+/// `idle_timeout` when it keeps no minimum, so a stretched beat never finds its connection
+/// reaped and opens a new backend each time (`None`: no bound).
+pub(crate) fn idle_bound(idle_timeout: Option<Duration>, min_connections: u32) -> Option<Duration> {
+    idle_timeout.filter(|_| min_connections == 0).map(|t| t / 2)
+}
+
 /// App activity seen since the last beat. The hot path (an acquire) pays an atomic load,
 /// a store the first time after a beat, and a wake-up only while a stretched wait sleeps.
 #[derive(Debug, Default)]
@@ -98,6 +105,15 @@ mod tests {
         assert_eq!(beat_wait(Duration::from_secs(600), 10), Duration::from_secs(600));
         assert_eq!(beat_wait(Duration::MAX, u32::MAX), Duration::MAX);
         assert_eq!(beat_wait(Duration::from_millis(100), 10), Duration::from_millis(1200));
+    }
+
+    #[test]
+    fn a_stretched_wait_stays_within_half_the_idle_timeout_of_a_pool_without_a_minimum() {
+        let t = Duration::from_secs(30);
+        assert_eq!(idle_bound(Some(t), 0), Some(Duration::from_secs(15)));
+        assert_eq!(idle_bound(Some(t), 1), None, "the pool keeps its minimum open");
+        assert_eq!(idle_bound(None, 0), None);
+        assert_eq!(idle_bound(Some(Duration::MAX), 0), Some(Duration::MAX / 2));
     }
 
     #[test]

@@ -231,6 +231,33 @@ async fn a_quiet_pool_beats_less_often_until_the_app_acquires() {
     drop((quiet, clock));
 }
 
+/// A pool without a minimum whose `idle_timeout` is shorter than the stretch: the beats stay
+/// within half of it, so the pool heartbeat's idle connection is never reaped between beats
+/// and no beat opens a new backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_pool_with_a_short_idle_timeout_opens_no_backend_per_beat() {
+    recorder();
+    let cluster = Cluster::start();
+    let mut admin = support::lasting_admin(&cluster).await;
+    let config = |name: &str| {
+        Config::new(name).heartbeat_interval(Duration::from_millis(100)).heartbeat_timeout(Duration::from_secs(2))
+    };
+    let short = PgPoolOptions::new().max_connections(2).idle_timeout(Duration::from_millis(600));
+    let quiet_pool = short.connect_with(cluster.options()).await.unwrap();
+    let busy_pool = PgPoolOptions::new().max_connections(2).connect_with(cluster.options()).await.unwrap();
+    let quiet = instrument_pool(&quiet_pool, config("fp_idle_quiet")).unwrap();
+    let clock = instrument_pool(&busy_pool, config("fp_idle_busy")).unwrap();
+    let work = busy(&clock);
+    beats_of(&quiet, 10, &clock).await;
+    let before = sessions(&mut admin).await;
+    let ticks = beats_of(&clock, 60, &clock).await;
+    let opened = sessions(&mut admin).await - before;
+    println!("over {ticks} beats of the busy pool, {opened} backends started");
+    assert!(opened <= 2, "{opened} backends over {ticks} beats: the quiet pool's beats outlast its idle_timeout");
+    work.abort();
+    drop((quiet, clock));
+}
+
 /// How many times the server ran `SELECT 1` so far.
 async fn select_ones(admin: &mut PgConnection) -> i64 {
     sqlx::query_scalar("SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements WHERE query = 'SELECT $1'")

@@ -194,6 +194,8 @@ impl Heartbeat {
             last_lint: None,
         };
         let mut calm = Calm { quiet: 0, trouble: trouble.load(std::sync::atomic::Ordering::Relaxed) };
+        let options = pool.options();
+        let idle_bound = quiet::idle_bound(options.get_idle_timeout(), options.get_min_connections());
         loop {
             let started = tokio::time::Instant::now();
             tokio::select! {
@@ -209,7 +211,8 @@ impl Heartbeat {
                 crate::schedule::jitter(base)
             } else {
                 let quiet = self.was_quiet(&cycle, config, activity);
-                calm.next(quiet, trouble.load(std::sync::atomic::Ordering::Relaxed), base)
+                let wait = calm.next(quiet, trouble.load(std::sync::atomic::Ordering::Relaxed), base);
+                idle_bound.map_or(wait, |b| wait.min(b)).max(base)
             };
             let mut due = crate::schedule::after(started, wait);
             if let Some(at) = cycle.last_lint.filter(|_| !cycle.lint_due) {
